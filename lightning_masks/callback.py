@@ -1,0 +1,320 @@
+"""MaskPruningCallback: the Lightning glue around masks, initializers, schedules and selection."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from .init import InitSpec, get_initializer
+from .masks import MaskedTensor, TargetSpec, attach, fold, gates_disabled, masked_tensors, restore_masks_on_load
+from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule, resolve_span
+from .select import Selector, parse_granularity
+
+__all__ = ["MaskPruningCallback"]
+
+DEFAULT_SPARSITY = 0.9
+
+
+class MaskPruningCallback(Callback):
+    """Prune any LightningModule with learnable, weight-dependent masks ``w * sigmoid(scores / T) * keep``.
+
+    At ``setup`` the selected weights get masks whose scores ``init`` derives from the weights (before the
+    optimizers exist, so an unmodified ``configure_optimizers`` trains them); the keep-masks follow
+    ``schedule`` up to ``sparsity``; at the end of fit the masks are folded into plain weights with
+    exact zeros.
+
+    Args:
+        sparsity: final fraction of pruned entries, in [0, 1). Default 0.9 (or ``1 - N/M`` for N:M).
+        init: initializer name (see :func:`~lightning_masks.init.list_initializers`), an
+            :class:`~lightning_masks.init.Initializer`, or a callable ``weight -> scores``.
+        schedule: a shape name (``cubic``, ``linear``, ...), a :class:`~lightning_masks.schedule.Schedule`
+            (a :class:`~lightning_masks.schedule.ThresholdSchedule` prunes by gate threshold), or a callable
+            ``t -> sparsity`` with ``t`` the epoch index or global step.
+        start, end: the ramp of a named schedule: ``int`` epochs (or steps when ``update_every`` is an int)
+            or ``float`` fractions of training. Default: over the first two thirds.
+        update_every: ``"epoch"`` (masks updated as each epoch starts) or ``N`` (every N optimizer steps).
+        targets, exclude: what to mask (globs on qualified names, or module types); default every
+            Linear, Conv1d/2d/3d and MultiheadAttention projection weight.
+        init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
+        temperature: the gate's ``T > 0``.
+        rescale_gate: divide each gate by its initial value so training starts from the dense function.
+        mode, importance, layer_floor, regrow, granularity: see :class:`~lightning_masks.select.Selector`.
+        mask_lr, mask_weight_decay: learning rate and weight decay of the scores, in their own param group of
+            the optimizer that trains the weight. ``None`` leaves the scores where ``configure_optimizers``
+            put them.
+        fold_on_fit_end: leave a plain model (no parametrizations, exact zeros) when fit ends.
+        seed: seed for random initializers; ``None`` uses torch's global generator.
+
+    Raises:
+        ValueError: any argument out of range, at construction; an unsupported strategy, a target that
+            matches nothing, NaN/Inf weights or an unbounded training length, in ``setup``.
+
+    Example:
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[MaskPruningCallback(sparsity=0.9)])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        sparsity: Optional[float] = None,
+        init: InitSpec = "magnitude",
+        schedule: ScheduleSpec = "cubic",
+        *,
+        start: Union[int, float] = 0,
+        end: Union[int, float] = 2 / 3,
+        update_every: Union[str, int] = "epoch",
+        targets: Optional[Iterable[TargetSpec]] = None,
+        exclude: Iterable[TargetSpec] = (),
+        init_kwargs: Optional[Mapping[str, Any]] = None,
+        temperature: float = 1.0,
+        rescale_gate: bool = False,
+        mode: str = "global",
+        importance: str = "effective_weight",
+        layer_floor: float = 0.25,
+        regrow: bool = False,
+        granularity: str = "element",
+        mask_lr: Optional[float] = None,
+        mask_weight_decay: Optional[float] = None,
+        fold_on_fit_end: bool = True,
+        seed: Optional[int] = None,
+    ) -> None:
+        nm_sparsity = parse_granularity(granularity).sparsity
+        if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}; e.g. sparsity=0.9 prunes 90%")
+        if nm_sparsity is not None and sparsity is not None and not math.isclose(sparsity, nm_sparsity):
+            raise ValueError(f"granularity {granularity!r} fixes sparsity at {nm_sparsity}, got sparsity={sparsity}; "
+                             "leave sparsity unset")
+        final = sparsity if sparsity is not None else (nm_sparsity if nm_sparsity is not None else DEFAULT_SPARSITY)
+        if update_every != "epoch" and not (isinstance(update_every, int) and update_every > 0):
+            raise ValueError(f"update_every must be 'epoch' or a positive int (steps), got {update_every!r}")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r}; try 1.0 (lower is a harder gate)")
+        for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value!r}")
+
+        self.sparsity = final
+        self.initializer = get_initializer(init, **dict(init_kwargs or {}))
+        self.cadence = "epoch" if update_every == "epoch" else "step"
+        unit = {"unit": self.cadence} if isinstance(schedule, str) else {}
+        self.schedule = get_schedule(schedule, final, start=start, end=end, **unit) if isinstance(schedule, str) \
+            else get_schedule(schedule, final)
+        self.update_every = 1 if update_every == "epoch" else update_every
+        self.targets = list(targets) if targets is not None else None
+        self.exclude = list(exclude)
+        self.temperature = float(temperature)
+        self.rescale_gate = rescale_gate
+        self.selector = Selector(mode, importance, layer_floor, regrow, granularity)
+        self.mask_lr = mask_lr
+        self.mask_weight_decay = mask_weight_decay
+        self.fold_on_fit_end = fold_on_fit_end
+        self.seed = seed
+
+        self.position: Optional[float] = None  # t of the last mask update
+        self.target: float = 0.0  # target of the last update (sparsity, or gate threshold)
+        self.pruned: int = 0  # entries pruned by the last update
+        self.scores_initialized = False
+        self._span = (0.0, 0.0)
+        self._masked: list[MaskedTensor] = []
+        self._load_hook = None
+        self._masked_at_setup = False
+
+    # ----------------------------------------------------------------------------------------- setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _check_strategy(trainer.strategy)
+        self._masked_at_setup = bool(masked_tensors(pl_module))
+        self._load_hook = restore_masks_on_load(pl_module)
+        if stage != "fit":
+            return
+        if getattr(self.schedule, "uses_fractions", False) and _unbounded(trainer):
+            raise ValueError(
+                "the schedule's start/end are fractions of training, but training length is unbounded "
+                f"(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}); set max_epochs or max_steps, "
+                "or give the schedule int start/end"
+            )
+        if self.initializer.needs_grad and not pl_module.automatic_optimization:
+            raise ValueError(f"{self.initializer!r} scores one automatic-optimization training step; this module "
+                             "uses manual optimization: pick another init")
+        self._masked = masked_tensors(pl_module) or self._attach(pl_module)
+        self.selector.check(self._masked)
+
+    def _attach(self, pl_module: pl.LightningModule) -> list[MaskedTensor]:
+        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        init = torch.zeros_like if self.initializer.needs_grad else (
+            lambda weight: self.initializer(weight, generator=generator))
+        masked = attach(pl_module, self.targets, self.exclude, init=init, temperature=self.temperature,
+                        rescale=self.rescale_gate)
+        self.scores_initialized = not self.initializer.needs_grad
+        total = sum(entry.numel for entry in masked)
+        rank_zero_info(f"lightning_masks: masking {len(masked)} tensors ({total:,} weights), "
+                       f"init={self.initializer!r}, final sparsity {self.sparsity}")
+        return masked
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _place_scores(trainer, self._masked, self.mask_lr, self.mask_weight_decay)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.scores_initialized:
+            self._score_from_one_batch(trainer, pl_module)
+        total_steps, steps_per_epoch = _training_length(trainer)
+        total = total_steps if self.cadence == "step" else math.ceil(total_steps / steps_per_epoch)
+        self._span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.update_every)
+
+    def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Initialise gradient-based scores (e.g. SNIP) from one training batch of the dense network."""
+        batch = next(iter(CombinedLoader(trainer.train_dataloader, "max_size_cycle")))[0]
+        batch = trainer.strategy.batch_to_device(batch)
+        weights = [entry.weight for entry in self._masked]
+        with gates_disabled(self._masked), _logging_disabled(pl_module), torch.enable_grad():
+            output = pl_module.training_step(batch, 0)
+            loss = output["loss"] if isinstance(output, Mapping) else output
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        for entry, grad in zip(self._masked, grads):
+            grad = torch.zeros_like(entry.weight) if grad is None else grad
+            entry.gate.reset_scores(self.initializer(entry.weight.detach(), grad=grad))
+        self.scores_initialized = True
+
+    # ----------------------------------------------------------------------------------------- updates
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.cadence == "epoch":
+            self._update(trainer.current_epoch)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.cadence == "step" and trainer.global_step % self.update_every == 0:
+            self._update(trainer.global_step)
+
+    def _update(self, t: int) -> None:
+        if self.position == t:
+            return
+        self.target = self.schedule.value(t, *self._span)
+        if isinstance(self.schedule, ThresholdSchedule):
+            self.pruned = self.selector.threshold(self._masked, self.target)
+        else:
+            self.pruned = self.selector(self._masked, self.target)
+        self.position = t
+
+    # ----------------------------------------------------------------------------------------- the end
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.fold_on_fit_end:
+            fold(pl_module)
+            self._masked = []
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+        if stage != "fit" and self.fold_on_fit_end and not self._masked_at_setup:
+            fold(pl_module)  # masks restored from a checkpoint for this evaluation only
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "target": self.target, "pruned": self.pruned,
+                "scores_initialized": self.scores_initialized}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.position = state_dict["position"]
+        self.target = state_dict["target"]
+        self.pruned = state_dict["pruned"]
+        self.scores_initialized = state_dict["scores_initialized"]
+
+
+def _check_strategy(strategy: Any) -> None:
+    unsupported = isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
+    if unsupported or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(
+            f"MaskPruningCallback does not support the {type(strategy).__name__} strategy: it shards or wraps "
+            "parameters, which would give wrong masks. Use a single device, 'ddp' or 'ddp_spawn'"
+        )
+
+
+def _unbounded(trainer: pl.Trainer) -> bool:
+    return trainer.max_epochs in (None, -1) and trainer.max_steps == -1
+
+
+def _training_length(trainer: pl.Trainer) -> tuple[float, float]:
+    """Return ``(total optimizer steps, optimizer steps per epoch)`` of this fit."""
+    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches) \
+        if math.isfinite(trainer.num_training_batches) else math.inf
+    by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
+    by_steps = trainer.max_steps if trainer.max_steps != -1 else math.inf
+    total = min(by_epochs, by_steps)
+    if not math.isfinite(per_epoch):
+        per_epoch = total
+    return total, max(per_epoch, 1)
+
+
+class _logging_disabled:
+    """Make ``self.log``/``self.log_dict`` no-ops on a module for a block (a step run outside the loop)."""
+
+    def __init__(self, pl_module: pl.LightningModule) -> None:
+        self.pl_module = pl_module
+
+    def __enter__(self) -> None:
+        self.pl_module.log = self.pl_module.log_dict = lambda *args, **kwargs: None
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.pl_module.log, self.pl_module.log_dict
+
+
+def _place_scores(trainer: pl.Trainer, masked: list[MaskedTensor], lr: Optional[float],
+                  weight_decay: Optional[float]) -> None:
+    """Put the scores in the optimizers: their own param group when ``lr``/``weight_decay`` is set.
+
+    A score goes to the optimizer holding it, else the one holding its weight, else the first. Scores
+    the user's optimizers already train are left alone unless an own group is asked for.
+    """
+    optimizers = trainer.optimizers
+    if not optimizers or not masked:
+        return
+
+    def holder(param: torch.Tensor) -> Optional[tuple[int, dict]]:
+        for index, optimizer in enumerate(optimizers):
+            for group in optimizer.param_groups:
+                if any(p is param for p in group["params"]):
+                    return index, group
+        return None
+
+    own_group = lr is not None or weight_decay is not None
+    placement: dict[int, tuple[dict, list[torch.Tensor]]] = {}
+    for entry in masked:
+        scores = entry.gate.scores
+        found = holder(scores)
+        if found is not None and not own_group:
+            continue
+        index, source = found or holder(entry.weight) or (0, optimizers[0].param_groups[0])
+        placement.setdefault(index, (source, []))[1].append(scores)
+    moving = {id(s) for _, params in placement.values() for s in params}
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in moving]
+    for index, (source, params) in placement.items():
+        group_lr = lr if lr is not None else source["lr"]
+        decay = weight_decay if weight_decay is not None else source.get("weight_decay", 0.0)
+        optimizers[index].add_param_group({"params": params, "lr": group_lr, "weight_decay": decay,
+                                           "initial_lr": group_lr})
+        for config in trainer.lr_scheduler_configs:
+            if config.scheduler.optimizer is optimizers[index] and hasattr(config.scheduler, "base_lrs"):
+                config.scheduler.base_lrs.append(group_lr)

@@ -1,0 +1,224 @@
+"""Initializers: map a weight tensor to the initial mask scores, and the registry that names them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Constant",
+    "FunctionInitializer",
+    "Initializer",
+    "InitSpec",
+    "Kaiming",
+    "Magnitude",
+    "MagnitudeNoise",
+    "Snip",
+    "StdDev",
+    "Uniform",
+    "get_initializer",
+    "list_initializers",
+    "register_initializer",
+]
+
+_INITIALIZERS: dict[str, Callable[..., "Initializer"]] = {}
+
+
+def register_initializer(name: str, *, override: bool = False) -> Callable:
+    """Register an :class:`Initializer` subclass, or a function ``weight -> scores``, under ``name``.
+
+    Returns a decorator that registers its argument and returns it unchanged.
+
+    Example:
+        >>> @register_initializer("negated_magnitude")
+        ... def negated_magnitude(weight):
+        ...     return -weight.abs()
+    """
+
+    def decorator(obj: Any) -> Any:
+        if name in _INITIALIZERS and not override:
+            raise ValueError(f"initializer {name!r} is registered already; pass override=True to replace it")
+        if isinstance(obj, type) and issubclass(obj, Initializer):
+            _INITIALIZERS[name] = obj
+        elif callable(obj):
+            _INITIALIZERS[name] = lambda **kwargs: FunctionInitializer(obj, **kwargs)
+        else:
+            raise TypeError(f"register_initializer expects an Initializer subclass or a callable, got {obj!r}")
+        return obj
+
+    return decorator
+
+
+def list_initializers() -> list[str]:
+    """Return the registered initializer names, sorted."""
+    return sorted(_INITIALIZERS)
+
+
+class Initializer:
+    """Base class: ``scores = scale * normalize(raw(weight)) + shift``.
+
+    Args:
+        scale: multiplies the scores (after normalisation).
+        shift: added last; e.g. ``shift=3`` starts every gate near ``sigmoid(3) = 0.95``.
+        normalize: standardise the raw scores per tensor (zero mean, unit std), so layers of different
+            weight scale start alike.
+    """
+
+    #: True when the initializer needs ``dL/dw`` from one training batch.
+    needs_grad: ClassVar[bool] = False
+
+    def __init__(self, *, scale: float = 1.0, shift: float = 0.0, normalize: bool = False) -> None:
+        for name, value in (("scale", scale), ("shift", shift)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite float, got {value!r}")
+        self.scale = float(scale)
+        self.shift = float(shift)
+        self.normalize = bool(normalize)
+
+    def raw(self, weight: Tensor, *, grad: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """Return the unscaled scores for ``weight``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(
+        self, weight: Tensor, *, grad: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        scores = self.raw(weight, grad=grad, generator=generator).to(device=weight.device, dtype=weight.dtype)
+        if self.normalize:
+            std = scores.std() if scores.numel() > 1 else scores.new_zeros(())
+            scores = (scores - scores.mean()) / std.clamp_min(torch.finfo(scores.dtype).tiny)
+        return scores * self.scale + self.shift
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+def _noise(weight: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise of the weight's shape, drawn on the CPU so a seed gives the same draw anywhere."""
+    return torch.randn(weight.shape, generator=generator, dtype=torch.float32)
+
+
+@register_initializer("magnitude")
+class Magnitude(Initializer):
+    """``scores = |w|`` (the seed article's magnitude init)."""
+
+    def raw(self, weight, *, grad, generator):
+        return weight.abs()
+
+
+@register_initializer("stddev")
+class StdDev(Initializer):
+    """Every score equals ``std(w)`` (the seed article's stddev init)."""
+
+    def raw(self, weight, *, grad, generator):
+        std = weight.float().std() if weight.numel() > 1 else weight.new_zeros(())
+        return torch.full_like(weight, float(std))
+
+
+@register_initializer("magnitude_noise")
+class MagnitudeNoise(Initializer):
+    """``scores = |w| + N(0, noise_scale)`` (the seed article's magnitude + noise init).
+
+    Args:
+        noise_scale: standard deviation of the added Gaussian noise, ``>= 0``.
+    """
+
+    def __init__(self, noise_scale: float = 0.01, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not (math.isfinite(noise_scale) and noise_scale >= 0):
+            raise ValueError(f"noise_scale must be a finite float >= 0, got {noise_scale!r}; try 0.01")
+        self.noise_scale = float(noise_scale)
+
+    def raw(self, weight, *, grad, generator):
+        return weight.abs() + self.noise_scale * _noise(weight, generator).to(weight.device)
+
+
+@register_initializer("constant")
+class Constant(Initializer):
+    """Every score equals ``value`` (with ``value=0`` every gate starts at 0.5)."""
+
+    def __init__(self, value: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.value = float(value)
+
+    def raw(self, weight, *, grad, generator):
+        return torch.full_like(weight, self.value)
+
+
+@register_initializer("uniform")
+class Uniform(Initializer):
+    """Scores drawn from ``U(low, high)``, independent of the weight."""
+
+    def __init__(self, low: float = 0.0, high: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not low < high:
+            raise ValueError(f"uniform init needs low < high, got low={low!r}, high={high!r}")
+        self.low, self.high = float(low), float(high)
+
+    def raw(self, weight, *, grad, generator):
+        draw = torch.rand(weight.shape, generator=generator, dtype=torch.float32)
+        return (self.low + (self.high - self.low) * draw).to(weight.device)
+
+
+@register_initializer("kaiming")
+class Kaiming(Initializer):
+    """Kaiming-uniform scores, bound ``1/sqrt(fan_in)``, as edge-popup (https://arxiv.org/abs/1911.13299)."""
+
+    def raw(self, weight, *, grad, generator):
+        fan_in = weight[0].numel() if weight.dim() > 1 else weight.numel()
+        draw = torch.rand(weight.shape, generator=generator, dtype=torch.float32)
+        return ((2 * draw - 1) / math.sqrt(max(fan_in, 1))).to(weight.device)
+
+
+@register_initializer("snip")
+class Snip(Initializer):
+    """``scores = |w * dL/dw|`` from one training batch (SNIP, https://arxiv.org/abs/1810.02340)."""
+
+    needs_grad = True
+
+    def raw(self, weight, *, grad, generator):
+        if grad is None:
+            raise ValueError("the snip initializer needs the weight's gradient from one batch (grad=...)")
+        return (weight * grad).abs()
+
+
+class FunctionInitializer(Initializer):
+    """Wrap any callable ``weight -> scores`` as an initializer."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fn = fn
+
+    def raw(self, weight, *, grad, generator):
+        return self.fn(weight)
+
+
+#: What :func:`get_initializer` accepts.
+InitSpec = Union[str, Initializer, Callable[[Tensor], Tensor]]
+
+
+def get_initializer(spec: InitSpec, **kwargs: Any) -> Initializer:
+    """Return an :class:`Initializer` from a registered name (with its ``kwargs``), an instance or a callable.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones), or kwargs with a non-name spec.
+    """
+    if isinstance(spec, Initializer):
+        if kwargs:
+            raise ValueError(f"options {sorted(kwargs)} apply to a named initializer, not to {spec!r}")
+        return spec
+    if isinstance(spec, str):
+        if spec not in _INITIALIZERS:
+            raise ValueError(
+                f"unknown initializer {spec!r}; known initializers: {list_initializers()}. "
+                "Pass one of these names, an Initializer, or a callable weight -> scores"
+            )
+        return _INITIALIZERS[spec](**kwargs)
+    if callable(spec):
+        return FunctionInitializer(spec, **kwargs)
+    raise TypeError(f"init must be a name, an Initializer or a callable weight -> scores, got {spec!r}")

@@ -1,0 +1,370 @@
+"""Learnable weight masks as a parametrization: ``w -> w * sigmoid(scores / T) * keep``.
+
+This module knows nothing of Lightning: :func:`attach` and :func:`fold` work on any ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "MaskGate",
+    "MaskedTensor",
+    "TargetSpec",
+    "attach",
+    "find_targets",
+    "fold",
+    "gate_value",
+    "gates_disabled",
+    "masked_tensors",
+    "masked_value",
+    "restore_masks_on_load",
+]
+
+#: Module types masked by default, with the tensors masked on each.
+DEFAULT_TARGETS: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.Linear: ("weight",),
+    nn.Conv1d: ("weight",),
+    nn.Conv2d: ("weight",),
+    nn.Conv3d: ("weight",),
+    nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
+}
+
+#: A target: a glob on fully-qualified module or tensor names, or a module type.
+TargetSpec = Union[str, type]
+
+PARAMETRIZATION_MARK = ".parametrizations."
+
+
+def gate_value(scores: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None) -> Tensor:
+    """Return the soft gate ``sigmoid(scores / T)``, times ``gate_scale`` when one is set."""
+    gate = torch.sigmoid(scores / temperature)
+    return gate if gate_scale is None else gate * gate_scale
+
+
+def masked_value(
+    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
+) -> Tensor:
+    """Return ``weight * gate * keep`` with pruned entries exactly zero (the fold formula)."""
+    value = weight * gate_value(scores, temperature, gate_scale)
+    return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device))
+
+
+class MaskGate(nn.Module):
+    """Parametrization ``w -> w * sigmoid(scores / T) * keep`` with learnable ``scores``.
+
+    Args:
+        scores: initial scores, the weight's shape.
+        temperature: ``T > 0``; lower is a harder gate.
+        rescale: divide the gate by its initial value, so the masked network starts as the dense one
+            (as Continuous Sparsification does, https://arxiv.org/abs/1912.04427).
+    """
+
+    def __init__(self, scores: Tensor, temperature: float = 1.0, *, rescale: bool = False) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}; pass a positive float such as 1.0")
+        self.scores = nn.Parameter(scores.detach().clone())
+        self.register_buffer("keep", torch.ones_like(scores, dtype=torch.bool))
+        self.register_buffer("temperature", torch.tensor(float(temperature), device=scores.device))
+        self.register_buffer("gate_scale", torch.ones_like(scores) if rescale else None)
+        self.enabled = True
+        self.reset_scores(scores)
+
+    @torch.no_grad()
+    def reset_scores(self, scores: Tensor) -> None:
+        """Set the scores (and, when rescaling, the gate's initial value) in place."""
+        self.scores.copy_(scores)
+        if self.gate_scale is not None:
+            self.gate_scale.copy_(1.0 / gate_value(self.scores, self.temperature))
+
+    def gate(self) -> Tensor:
+        """Return the soft gate (scaled when ``rescale`` was set)."""
+        return gate_value(self.scores, self.temperature, self.gate_scale)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if not self.enabled:
+            return weight
+        return weight * (self.gate() * self.keep)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.scores.shape)}, temperature={self.temperature.item():g}"
+
+
+@dataclass
+class MaskedTensor:
+    """One masked tensor: its gate, the original weight and every ``(module, tensor_name)`` sharing it."""
+
+    name: str
+    gate: MaskGate
+    weight: Tensor
+    owners: list[tuple[nn.Module, str]] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.weight.numel()
+
+
+def _tensor_slots(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, Tensor]]:
+    """Yield ``(qualified_name, module_name, module, tensor_name, parameter)`` for every parameter slot.
+
+    Shared modules and tied parameters are yielded once per place they appear. A parametrized tensor
+    is yielded under its user-facing name with its ``original`` parameter.
+    """
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, (parametrize.ParametrizationList, MaskGate)):
+            continue
+        names = list(module._parameters)
+        if parametrize.is_parametrized(module):
+            names += [n for n in module.parametrizations if n not in names]
+        for tensor_name in names:
+            if parametrize.is_parametrized(module, tensor_name):
+                tensor = module.parametrizations[tensor_name].original
+            else:
+                tensor = module._parameters[tensor_name]
+            if tensor is None:
+                continue
+            qualified = f"{module_name}.{tensor_name}" if module_name else tensor_name
+            yield qualified, module_name, module, tensor_name, tensor
+
+
+def _default_tensor_names(module: nn.Module) -> tuple[str, ...]:
+    for kind, names in DEFAULT_TARGETS.items():
+        if isinstance(module, kind):
+            return names
+    return ()
+
+
+def _is_masked(module: nn.Module, tensor_name: str) -> bool:
+    return parametrize.is_parametrized(module, tensor_name) and any(
+        isinstance(p, MaskGate) for p in module.parametrizations[tensor_name]
+    )
+
+
+def _no_match_error(pattern: TargetSpec, candidates: Sequence[str]) -> ValueError:
+    shown = difflib.get_close_matches(str(pattern), candidates, n=8, cutoff=0.3) or list(candidates[:8])
+    return ValueError(
+        f"target pattern {pattern!r} matches no module or tensor of the model; candidates include "
+        f"{shown}. Fix the pattern (globs match fully-qualified names such as 'encoder.0.weight') or pass a type"
+    )
+
+
+def find_targets(
+    model: nn.Module,
+    targets: Iterable[TargetSpec] | None = None,
+    exclude: Iterable[TargetSpec] = (),
+) -> dict[str, list[tuple[nn.Module, str]]]:
+    """Return the tensors to mask, keyed by the first qualified name of each, with every owner.
+
+    Args:
+        model: the module to search.
+        targets: globs on fully-qualified module names (select that module's default tensors) or tensor
+            names (select that tensor, of any module type), or module types. ``None`` selects the
+            :data:`DEFAULT_TARGETS`.
+        exclude: the same kinds of spec, removed from the selection.
+
+    Frozen (``requires_grad=False``), lazy and already-masked tensors are skipped. A parameter shared by
+    several modules (tied weights) is one entry with several owners.
+
+    Raises:
+        ValueError: a target or exclude pattern that matches nothing, naming candidates.
+    """
+    slots = list(_tensor_slots(model))
+    by_param: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for qualified, _, module, tensor_name, tensor in slots:
+        by_param.setdefault(id(tensor), []).append((qualified, module, tensor_name))
+
+    def matches(spec: TargetSpec, qualified: str, module_name: str, module: nn.Module, tensor_name: str) -> bool:
+        if isinstance(spec, type):
+            return isinstance(module, spec) and tensor_name in (_default_tensor_names(module) or ("weight",))
+        if fnmatch.fnmatchcase(qualified, spec):
+            return True
+        return fnmatch.fnmatchcase(module_name, spec) and tensor_name in _default_tensor_names(module)
+
+    def select(specs: Iterable[TargetSpec]) -> set[int]:
+        chosen: set[int] = set()
+        for spec in specs:
+            if not isinstance(spec, (str, type)):
+                raise TypeError(f"a target must be a glob string or a module type, got {spec!r}")
+            hits = {id(t) for q, mn, m, tn, t in slots if matches(spec, q, mn, m, tn)}
+            if not hits:
+                raise _no_match_error(spec, [q for q, *_ in slots])
+            chosen |= hits
+        return chosen
+
+    if targets is None:
+        wanted = {id(t) for q, mn, m, tn, t in slots if tn in _default_tensor_names(m)}
+    else:
+        wanted = select(list(targets))
+    wanted -= select(list(exclude))
+
+    chosen: dict[str, list[tuple[nn.Module, str]]] = {}
+    for _, _, _, _, tensor in slots:
+        key = id(tensor)
+        if key not in wanted or not tensor.requires_grad or isinstance(tensor, nn.parameter.UninitializedParameter):
+            continue
+        owners = by_param[key]
+        if any(_is_masked(m, tn) for _, m, tn in owners):
+            continue
+        chosen.setdefault(owners[0][0], [(m, tn) for _, m, tn in owners])
+    return chosen
+
+
+def attach(
+    model: nn.Module,
+    targets: Iterable[TargetSpec] | None = None,
+    exclude: Iterable[TargetSpec] = (),
+    *,
+    init: Callable[[Tensor], Tensor] = torch.abs,
+    temperature: float = 1.0,
+    rescale: bool = False,
+) -> list[MaskedTensor]:
+    """Mask the selected tensors of ``model`` in place and return them.
+
+    Args:
+        model: any ``nn.Module``.
+        targets, exclude: see :func:`find_targets`.
+        init: maps a weight to its initial scores (same shape); ``torch.abs`` is magnitude.
+        temperature: the gate's ``T``.
+        rescale: divide each gate by its initial value (see :class:`MaskGate`).
+
+    Raises:
+        ValueError: a pattern that matches nothing, a weight holding NaN/Inf, scores of the wrong shape,
+            or no maskable tensor at all. The model is left unchanged.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> [m.name for m in attach(net)]
+        ['0.weight', '2.weight']
+    """
+    found = find_targets(model, targets, exclude)
+    if not found:
+        raise ValueError(
+            "no maskable tensor found: the model has no trainable Linear/Conv/MultiheadAttention weight "
+            "(or all are frozen or masked already); pass `targets` naming the tensors to mask"
+        )
+    prepared = []
+    for name, owners in found.items():
+        module, tensor_name = owners[0]
+        weight = getattr(module, tensor_name)
+        if not torch.isfinite(weight).all():
+            raise ValueError(
+                f"weight {name!r} holds NaN or Inf values; fix the model's initialisation or exclude it "
+                f"with `exclude=[{name!r}]`"
+            )
+        with torch.no_grad():
+            scores = init(weight.detach())
+        if scores.shape != weight.shape:
+            raise ValueError(f"init returned scores of shape {tuple(scores.shape)} for {name!r} of shape "
+                             f"{tuple(weight.shape)}; an initializer must keep the weight's shape")
+        prepared.append((name, owners, MaskGate(scores.to(weight), temperature, rescale=rescale)))
+
+    done: list[tuple[nn.Module, str]] = []
+    masked = []
+    try:
+        for name, owners, gate in prepared:
+            for module, tensor_name in owners:
+                original = _original(module, tensor_name)
+                parametrize.register_parametrization(module, tensor_name, gate)
+                done.append((module, tensor_name))
+            masked.append(MaskedTensor(name, gate, original, list(owners)))
+    except Exception:
+        for module, tensor_name in reversed(done):
+            _remove_gate(module, tensor_name)
+        raise
+    return masked
+
+
+def _original(module: nn.Module, tensor_name: str) -> Tensor:
+    if parametrize.is_parametrized(module, tensor_name):
+        return module.parametrizations[tensor_name].original
+    return module._parameters[tensor_name]
+
+
+def _remove_gate(module: nn.Module, tensor_name: str) -> None:
+    """Remove our gate from ``module.tensor_name``, keeping the original parameter object."""
+    plist = module.parametrizations[tensor_name]
+    others = [p for p in plist if not isinstance(p, MaskGate)]
+    if not others:
+        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        return
+    for index in reversed(range(len(plist))):
+        if isinstance(plist[index], MaskGate):
+            del plist[index]
+
+
+def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
+    """Return every masked tensor of ``model`` once (tied tensors share one entry), in module order."""
+    found: dict[int, MaskedTensor] = {}
+    for qualified, _, module, tensor_name, tensor in _tensor_slots(model):
+        if not _is_masked(module, tensor_name):
+            continue
+        gate = next(p for p in module.parametrizations[tensor_name] if isinstance(p, MaskGate))
+        entry = found.setdefault(id(gate), MaskedTensor(qualified, gate, tensor))
+        entry.owners.append((module, tensor_name))
+    return list(found.values())
+
+
+@torch.no_grad()
+def fold(model: nn.Module) -> nn.Module:
+    """Bake the masks into the weights and remove them, leaving a plain module with exact zeros.
+
+    The original ``nn.Parameter`` objects are kept (so optimizers and tied weights stay valid) and
+    receive ``w * gate * keep``. Returns ``model``.
+    """
+    for entry in masked_tensors(model):
+        gate = entry.gate
+        value = masked_value(entry.weight, gate.scores, gate.keep, gate.temperature, gate.gate_scale)
+        for module, tensor_name in entry.owners:
+            _remove_gate(module, tensor_name)
+        entry.weight.copy_(value)
+    return model
+
+
+@contextmanager
+def gates_disabled(masked: Iterable[MaskedTensor]) -> Iterator[None]:
+    """Within the block, masked tensors read as their plain weights (e.g. to score the dense network)."""
+    gates = [entry.gate for entry in masked]
+    for gate in gates:
+        gate.enabled = False
+    try:
+        yield
+    finally:
+        for gate in gates:
+            gate.enabled = True
+
+
+def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Let ``model.load_state_dict`` accept a masked state dict while ``model`` is plain.
+
+    Before loading, tensors whose keys say they were masked (``<path>.parametrizations.<name>.original``
+    beside ``...0.scores``) get a gate attached; the load then fills scores, keep and temperature.
+    Returns the hook handle; call ``.remove()`` to stop.
+    """
+
+    def pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        slots = {q: (m, tn) for q, _, m, tn, _ in _tensor_slots(module)}
+        wanted = []
+        for key in state_dict:
+            if not key.startswith(prefix) or not key.endswith(".scores") or PARAMETRIZATION_MARK not in key:
+                continue
+            path, _, rest = key[len(prefix):].partition(PARAMETRIZATION_MARK)
+            tensor_name = rest.split(".")[0]
+            qualified = f"{path}.{tensor_name}" if path else tensor_name
+            if qualified in slots and not _is_masked(*slots[qualified]):
+                wanted.append(qualified)
+        if wanted:
+            rescale = any(k.endswith(".gate_scale") for k in state_dict)
+            attach(module, wanted, init=torch.zeros_like, rescale=rescale)
+
+    return model._register_load_state_dict_pre_hook(pre_hook)

@@ -1,0 +1,186 @@
+"""Sparsity and threshold schedules: pure functions of training progress."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+__all__ = [
+    "CallableSchedule",
+    "Schedule",
+    "ScheduleSpec",
+    "ThresholdSchedule",
+    "Unit",
+    "cubic",
+    "get_schedule",
+    "list_schedules",
+    "resolve_span",
+]
+
+Unit = Literal["epoch", "step"]
+
+
+def cubic(p: float) -> float:
+    """Zhu & Gupta 2017 (https://arxiv.org/abs/1710.01878): ``s_t = s_f + (s_i - s_f)(1 - p)^3``.
+
+    Returns the fraction of the way from ``s_i`` to ``s_f`` at ramp progress ``p`` in [0, 1].
+    """
+    return 1.0 - (1.0 - p) ** 3
+
+
+#: Shapes: ramp progress ``p`` in [0, 1] -> fraction of the way from the initial to the final value.
+#: ``exponential`` is handled apart: the density ``1 - s`` falls geometrically.
+_SHAPES: dict[str, Callable[[float], float]] = {
+    "constant": lambda p: 1.0,
+    "linear": lambda p: p,
+    "cubic": cubic,
+    "cosine": lambda p: (1.0 - math.cos(math.pi * p)) / 2.0,
+    "one_shot": lambda p: 1.0 if p >= 1.0 else 0.0,
+    "exponential": lambda p: p,
+}
+
+
+def list_schedules() -> list[str]:
+    """Return the names of the built-in schedule shapes."""
+    return sorted(_SHAPES)
+
+
+Position = Union[int, float]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Target sparsity as a function of training progress.
+
+    Args:
+        shape: one of :func:`list_schedules` (``cubic`` is Zhu & Gupta 2017).
+        final: the final value; ``None`` takes the callback's ``sparsity``.
+        initial: the value before ``start``.
+        start, end: where the ramp begins and reaches ``final``. An ``int`` counts ``unit``\\ s
+            (epochs or optimizer steps); a ``float`` is a fraction of the whole training run.
+        unit: what an ``int`` start/end counts.
+
+    ``constant`` holds ``final`` from ``start`` on; ``one_shot`` jumps to it at ``end``; ``exponential``
+    lowers the density ``1 - s`` geometrically from ``1 - initial`` to ``1 - final``.
+    """
+
+    shape: str = "cubic"
+    final: Optional[float] = None
+    initial: float = 0.0
+    start: Position = 0
+    end: Position = 2 / 3
+    unit: Unit = "epoch"
+
+    def __post_init__(self) -> None:
+        if self.shape not in _SHAPES:
+            raise ValueError(f"unknown schedule {self.shape!r}; known schedules: {list_schedules()}")
+        if self.unit not in ("epoch", "step"):
+            raise ValueError(f"unit must be 'epoch' or 'step', got {self.unit!r}")
+        for name in ("initial", "final"):
+            value = getattr(self, name)
+            if value is not None:
+                self._check_value(name, value)
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 ({self.unit}s) or a float fraction in [0, 1], "
+                                 f"got {value!r}")
+            if isinstance(value, float) and value > 1:
+                raise ValueError(f"{name}={value!r} is a float, read as a fraction of training, so it must be "
+                                 f"in [0, 1]; pass an int to count {self.unit}s")
+
+    def _check_value(self, name: str, value: float) -> None:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} sparsity must be in [0, 1), got {value!r}; e.g. 0.9 prunes 90%")
+
+    @property
+    def uses_fractions(self) -> bool:
+        return isinstance(self.start, float) or isinstance(self.end, float)
+
+    def with_final(self, final: float) -> "Schedule":
+        """Return a copy whose ``final`` is set."""
+        return dataclasses.replace(self, final=final)
+
+    def value(self, t: float, start: float, end: float) -> float:
+        """Return the target at position ``t``, with ``start``/``end`` resolved to the same unit as ``t``."""
+        if self.final is None:
+            raise ValueError("this schedule has no final value; call with_final() first")
+        if t < start:
+            return self.initial
+        p = 1.0 if end <= start else min(max((t - start) / (end - start), 0.0), 1.0)
+        fraction = _SHAPES[self.shape](p)
+        if self.shape == "exponential":
+            return 1.0 - (1.0 - self.initial) * ((1.0 - self.final) / (1.0 - self.initial)) ** fraction
+        return self.initial + (self.final - self.initial) * fraction
+
+
+@dataclass(frozen=True)
+class ThresholdSchedule(Schedule):
+    """A schedule of a threshold on the gate: entries whose gate is below it are pruned.
+
+    The sparsity is then whatever the learnt gates give, not a fixed count.
+    """
+
+    final: Optional[float] = 0.5
+
+    def _check_value(self, name: str, value: float) -> None:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} gate threshold must be in [0, 1), got {value!r}; e.g. 0.5")
+
+
+@dataclass(frozen=True)
+class CallableSchedule:
+    """Any callable ``t -> sparsity``, ``t`` the epoch index or global step (the callback's cadence)."""
+
+    fn: Callable[[int], float]
+
+    def value(self, t: float, start: float = 0, end: float = 0) -> float:
+        target = float(self.fn(int(t)))
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"schedule callable {self.fn!r} returned {target!r} at t={t}; it must return a "
+                             "sparsity in [0, 1)")
+        return target
+
+
+ScheduleSpec = Union[str, Schedule, Callable[[int], float]]
+
+
+def get_schedule(spec: ScheduleSpec, final: float, **kwargs) -> Union[Schedule, CallableSchedule]:
+    """Return a schedule from a shape name (``final`` and ``kwargs`` fill it), a :class:`Schedule`, or a callable.
+
+    A :class:`Schedule` with ``final=None`` takes ``final``.
+    """
+    if isinstance(spec, str):
+        return Schedule(shape=spec, final=final, **kwargs)
+    if isinstance(spec, Schedule):
+        return spec if spec.final is not None else spec.with_final(final)
+    if callable(spec):
+        return CallableSchedule(spec)
+    raise TypeError(f"schedule must be a name in {list_schedules()}, a Schedule or a callable t -> sparsity, "
+                    f"got {spec!r}")
+
+
+def resolve_span(
+    schedule: Union[Schedule, CallableSchedule], cadence: Unit, total: float, steps_per_epoch: float, every: int = 1
+) -> tuple[float, float]:
+    """Return the schedule's ``(start, end)`` in the cadence's unit (epoch index or global step).
+
+    Fractions are of ``total`` (epochs or steps, in the cadence's unit); an ``int`` in the other unit is
+    converted with ``steps_per_epoch``. ``end`` is clamped to the last update point, ``total - 1`` rounded
+    down to a multiple of ``every``, so the final value is always reached.
+    """
+    if isinstance(schedule, CallableSchedule):
+        return 0.0, 0.0
+
+    def convert(position: Position) -> float:
+        if isinstance(position, float):
+            return position * total
+        if schedule.unit == cadence:
+            return float(position)
+        return position * steps_per_epoch if cadence == "step" else position / steps_per_epoch
+
+    last = max(((total - 1) // every) * every, 0)
+    return min(convert(schedule.start), last), min(convert(schedule.end), last)

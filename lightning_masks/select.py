@@ -1,0 +1,234 @@
+"""Scores -> keep-masks: exact counts, global or per layer, element or N:M, without a model-sized copy.
+
+Global selection finds the exact k-th smallest importance with a three-pass radix select over the
+float bit patterns, one tensor (in bounded slices) at a time: no concatenation, no ``torch.quantile``
+(limited to 2^24 elements), and ties broken by position (tensor order, then flat index).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .masks import MaskedTensor
+
+__all__ = [
+    "IMPORTANCE",
+    "Granularity",
+    "Selector",
+    "kth_smallest",
+    "parse_granularity",
+]
+
+_SLICE = 1 << 22
+_RADIX_PASSES = ((21, 11), (10, 11), (0, 10))  # (shift, bits): 32 key bits, high to low
+
+
+def _gate_importance(entry: MaskedTensor) -> Tensor:
+    """Log of the gate: orders like the gate without saturating at 1."""
+    gate = entry.gate
+    log_gate = torch.nn.functional.logsigmoid(gate.scores.detach().float() / gate.temperature)
+    return log_gate if gate.gate_scale is None else log_gate + gate.gate_scale.float().log()
+
+
+def _effective_weight_importance(entry: MaskedTensor) -> Tensor:
+    """Log of ``|w * gate|``: the weight-dependent criterion, the magnitude of the effective weight."""
+    return entry.weight.detach().float().abs().log() + _gate_importance(entry)
+
+
+#: Importance criteria: a masked tensor -> a float32 tensor of its shape (higher is kept first).
+IMPORTANCE: dict[str, Callable[[MaskedTensor], Tensor]] = {
+    "gate": _gate_importance,
+    "effective_weight": _effective_weight_importance,
+}
+
+
+def _keys(values: Tensor) -> Tensor:
+    """Map float32 values to int64 keys in [0, 2^32) with the same order (-inf lowest)."""
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
+
+
+def _slices(tensors: Callable[[], Iterator[Tensor]]) -> Iterator[Tensor]:
+    for tensor in tensors():
+        yield from tensor.reshape(-1).split(_SLICE)
+
+
+def kth_smallest(tensors: Callable[[], Iterator[Tensor]], k: int) -> tuple[int, int]:
+    """Return ``(key, ties)``: the k-th smallest key (1-based) over all tensors ``tensors()`` yields.
+
+    ``ties`` is how many entries with exactly that key are among the k smallest. ``tensors`` is called
+    once per radix pass, so it may compute each tensor on the fly.
+    """
+    prefix, remaining, done_bits = 0, k, 0
+    for shift, bits in _RADIX_PASSES:
+        hist = torch.zeros(1 << bits, dtype=torch.int64)
+        for piece in _slices(tensors):
+            keys = _keys(piece)
+            if done_bits:
+                keys = keys[(keys >> (shift + bits)) == prefix]
+            hist += torch.bincount((keys >> shift) & ((1 << bits) - 1), minlength=1 << bits).cpu()
+        cumulative = hist.cumsum(0)
+        digit = int(torch.searchsorted(cumulative, remaining))
+        if digit >= cumulative.numel():
+            raise ValueError(f"cannot select {k} entries out of {int(cumulative[-1])}")
+        if digit:
+            remaining -= int(cumulative[digit - 1])
+        prefix, done_bits = (prefix << bits) | digit, done_bits + bits
+    return prefix, remaining
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """``element`` (``n = m = 0``) or ``N:M``: in every group of ``m`` consecutive weights, ``n`` are kept."""
+
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @property
+    def sparsity(self) -> float | None:
+        return 1.0 - self.n / self.m if self.is_nm else None
+
+
+def parse_granularity(spec: str) -> Granularity:
+    """Parse ``"element"`` or an ``"N:M"`` spec such as ``"2:4"`` (``0 < N < M``)."""
+    if spec == "element":
+        return Granularity()
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(spec))
+    if not match or not 0 < int(match[1]) < int(match[2]):
+        raise ValueError(f"invalid granularity {spec!r}; use 'element' or an N:M spec with 0 < N < M, e.g. '2:4'")
+    return Granularity(int(match[1]), int(match[2]))
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Sets the keep-masks for a target sparsity.
+
+    Args:
+        mode: ``"global"`` ranks all masked tensors together; ``"layer"`` prunes each to the target.
+        importance: a name in :data:`IMPORTANCE`: ``"gate"`` or the weight-dependent ``"effective_weight"``.
+        layer_floor: in global mode every tensor keeps at least ``ceil(layer_floor * (1 - target) * numel)``
+            entries, a fraction of what a uniform split would give it, so no layer is wiped out. 0 disables.
+        regrow: let pruned entries come back when their importance rises; off, pruned stays pruned.
+        granularity: ``"element"`` or ``"N:M"``.
+    """
+
+    mode: str = "global"
+    importance: str = "effective_weight"
+    layer_floor: float = 0.25
+    regrow: bool = False
+    granularity: str = "element"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("global", "layer"):
+            raise ValueError(f"mode must be 'global' or 'layer', got {self.mode!r}")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"unknown importance {self.importance!r}; known criteria: {sorted(IMPORTANCE)}")
+        if not 0.0 <= self.layer_floor <= 1.0:
+            raise ValueError(f"layer_floor must be in [0, 1], got {self.layer_floor!r}; 0 disables the floor")
+        parse_granularity(self.granularity)
+
+    @property
+    def nm(self) -> Granularity:
+        return parse_granularity(self.granularity)
+
+    def check(self, masked: Sequence[MaskedTensor]) -> None:
+        """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M)."""
+        m = self.nm.m
+        for entry in masked:
+            row = entry.weight[0].numel() if entry.weight.dim() > 1 else entry.numel
+            if m and row % m:
+                raise ValueError(f"{self.granularity} needs rows divisible by {m}, but {entry.name!r} of shape "
+                                 f"{tuple(entry.weight.shape)} has rows of {row}; exclude it or pick another M")
+
+    def _importance(self, entry: MaskedTensor) -> Tensor:
+        values = IMPORTANCE[self.importance](entry)
+        if torch.isnan(values).any():
+            raise ValueError(f"mask importance of {entry.name!r} is NaN: its weight or scores hold NaN; "
+                             "lower the learning rate or check the model for a divergence")
+        if not self.regrow:
+            values = values.masked_fill(~entry.gate.keep, -math.inf)
+        return values
+
+    @torch.no_grad()
+    def __call__(self, masked: Sequence[MaskedTensor], target: float) -> int:
+        """Set every ``gate.keep`` for ``target`` sparsity; return the number of pruned entries."""
+        if self.nm.is_nm:
+            return sum(self._select_nm(entry, target) for entry in masked)
+        if self.mode == "layer":
+            return sum(self._select(entry_list, target, floor=0.0) for entry_list in ([e] for e in masked))
+        return self._select(masked, target, floor=self.layer_floor)
+
+    def _select(self, masked: Sequence[MaskedTensor], target: float, floor: float) -> int:
+        total = sum(entry.numel for entry in masked)
+        already = sum(int((~entry.gate.keep).sum()) for entry in masked) if not self.regrow else 0
+        count = max(round(target * total), already)
+        protected = {}
+        if floor > 0:
+            for entry in masked:
+                minimum = math.ceil(floor * (1.0 - target) * entry.numel)
+                values = self._importance(entry).reshape(-1)
+                alive = int(torch.isfinite(values).sum()) if not self.regrow else entry.numel
+                protected[id(entry)] = values.topk(min(minimum, alive)).indices
+        prunable = total - sum(index.numel() for index in protected.values())
+        if count > prunable:
+            raise ValueError(
+                f"target sparsity {target} needs {count} of {total} entries pruned, but layer_floor={floor} "
+                f"keeps {total - prunable}; lower layer_floor or the target"
+            )
+
+        def importances() -> Iterator[Tensor]:
+            for entry in masked:
+                values = self._importance(entry)
+                if id(entry) in protected:
+                    values.view(-1)[protected[id(entry)]] = math.inf
+                yield values
+
+        if count == 0:
+            for entry in masked:
+                entry.gate.keep.fill_(True)
+            return 0
+        key, ties = kth_smallest(importances, count)
+        for entry, values in zip(masked, importances()):
+            keys = _keys(values)
+            equal = keys == key
+            pruned = keys < key
+            n_equal = int(equal.sum())
+            if ties >= n_equal:
+                pruned |= equal
+            elif ties > 0:
+                pruned.view(-1)[equal.view(-1).nonzero()[:ties, 0]] = True
+            ties = max(ties - n_equal, 0)
+            entry.gate.keep.copy_(~pruned)
+        return count
+
+    def _select_nm(self, entry: MaskedTensor, target: float) -> int:
+        n, m = self.nm.n, self.nm.m
+        per_group = round(min(target / self.nm.sparsity, 1.0) * (m - n))
+        keep = torch.ones((entry.numel // m, m), dtype=torch.bool, device=entry.weight.device)
+        if per_group:
+            lowest = self._importance(entry).reshape(-1, m).topk(per_group, dim=1, largest=False).indices
+            keep.scatter_(1, lowest, False)
+        entry.gate.keep.copy_(keep.view_as(entry.gate.keep))
+        return per_group * (entry.numel // m)
+
+    @torch.no_grad()
+    def threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> int:
+        """Prune every entry whose gate is below ``threshold``; return the number of pruned entries."""
+        pruned = 0
+        for entry in masked:
+            keep = _gate_importance(entry) >= math.log(threshold) if threshold > 0 else entry.gate.keep | True
+            if not self.regrow:
+                keep &= entry.gate.keep
+            entry.gate.keep.copy_(keep)
+            pruned += int((~keep).sum())
+        return pruned
