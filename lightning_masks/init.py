@@ -89,8 +89,8 @@ class Initializer:
     ) -> Tensor:
         scores = self.raw(weight, grad=grad, generator=generator).to(device=weight.device, dtype=weight.dtype)
         if self.normalize:
-            std = scores.std() if scores.numel() > 1 else scores.new_zeros(())
-            scores = (scores - scores.mean()) / std.clamp_min(torch.finfo(scores.dtype).tiny)
+            centered = scores - scores.mean()
+            scores = centered / scores.std() if scores.max() > scores.min() else torch.zeros_like(scores)
         return scores * self.scale + self.shift
 
     def __repr__(self) -> str:

@@ -168,9 +168,9 @@ def find_targets(
 
     Args:
         model: the module to search.
-        targets: globs on fully-qualified module names (select that module's default tensors) or tensor
-            names (select that tensor, of any module type), or module types. ``None`` selects the
-            :data:`DEFAULT_TARGETS`.
+        targets: globs on fully-qualified module names (selecting the matched modules' default tensors) or,
+            when a glob matches no such module, on tensor names (selecting those tensors, of any module
+            type, e.g. ``"embed.weight"``); or module types. ``None`` selects the :data:`DEFAULT_TARGETS`.
         exclude: the same kinds of spec, removed from the selection.
 
     Frozen (``requires_grad=False``), lazy and already-masked tensors are skipped. A parameter shared by
@@ -184,19 +184,20 @@ def find_targets(
     for qualified, _, module, tensor_name, tensor in slots:
         by_param.setdefault(id(tensor), []).append((qualified, module, tensor_name))
 
-    def matches(spec: TargetSpec, qualified: str, module_name: str, module: nn.Module, tensor_name: str) -> bool:
+    def by_module(spec: TargetSpec, module_name: str, module: nn.Module, tensor_name: str) -> bool:
         if isinstance(spec, type):
             return isinstance(module, spec) and tensor_name in (_default_tensor_names(module) or ("weight",))
-        if fnmatch.fnmatchcase(qualified, spec):
-            return True
         return fnmatch.fnmatchcase(module_name, spec) and tensor_name in _default_tensor_names(module)
 
     def select(specs: Iterable[TargetSpec]) -> set[int]:
+        """A spec selects the default tensors of the modules it matches, else the tensors it names."""
         chosen: set[int] = set()
         for spec in specs:
             if not isinstance(spec, (str, type)):
                 raise TypeError(f"a target must be a glob string or a module type, got {spec!r}")
-            hits = {id(t) for q, mn, m, tn, t in slots if matches(spec, q, mn, m, tn)}
+            hits = {id(t) for _, mn, m, tn, t in slots if by_module(spec, mn, m, tn)}
+            if not hits and isinstance(spec, str):
+                hits = {id(t) for q, _, _, _, t in slots if fnmatch.fnmatchcase(q, spec)}
             if not hits:
                 raise _no_match_error(spec, [q for q, *_ in slots])
             chosen |= hits
@@ -367,4 +368,4 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
             rescale = any(k.endswith(".gate_scale") for k in state_dict)
             attach(module, wanted, init=torch.zeros_like, rescale=rescale)
 
-    return model._register_load_state_dict_pre_hook(pre_hook)
+    return model._register_load_state_dict_pre_hook(pre_hook, with_module=True)

@@ -1,0 +1,185 @@
+"""Selection: exact counts, ties, floors, regrowth, N:M, thresholds and scale beyond torch.quantile."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TiedLM
+from lightning_masks import Selector, attach
+from lightning_masks.select import IMPORTANCE, _keys, kth_smallest, parse_granularity
+
+
+def model_with_masks(seed=0, sizes=((30, 20), (20, 10), (10, 5))):
+    torch.manual_seed(seed)
+    model = nn.Sequential(*[nn.Linear(i, o) for i, o in sizes])
+    return model, attach(model, init=lambda w: w.abs() + torch.rand_like(w))
+
+
+def brute_force_keep(masked, importance, target):
+    values = torch.cat([IMPORTANCE[importance](e).flatten() for e in masked])
+    count = round(target * values.numel())
+    order = sorted(range(values.numel()), key=lambda i: (values[i].item(), i))
+    keep = torch.ones(values.numel(), dtype=torch.bool)
+    keep[order[:count]] = False
+    return keep
+
+
+def test_keys_preserve_float_order():
+    values = torch.tensor([-math.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 7.5, math.inf])
+    keys = _keys(values)
+    assert torch.all(keys[1:] >= keys[:-1]) and keys.min() >= 0 and keys.max() < 2**32
+
+
+@pytest.mark.parametrize("importance", sorted(IMPORTANCE))
+@pytest.mark.parametrize("target", [0.0, 0.1, 0.5, 0.9, 0.97])
+def test_global_selection_matches_a_brute_force_sort(importance, target):
+    _, masked = model_with_masks()
+    expected = brute_force_keep(masked, importance, target)
+    pruned = Selector(importance=importance, layer_floor=0.0)(masked, target)
+    got = torch.cat([e.gate.keep.flatten() for e in masked])
+    assert pruned == round(target * got.numel()) == int((~got).sum())
+    assert torch.equal(got, expected)
+
+
+def test_ties_are_broken_by_position_deterministically():
+    layer = nn.Linear(10, 10)
+    [entry] = attach(layer, init=torch.zeros_like)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.fill_(1.0)
+    Selector(layer_floor=0.0)([entry], 0.37)
+    assert torch.equal(entry.gate.keep.flatten(), torch.arange(100) >= 37)
+
+
+def test_layer_mode_prunes_each_layer_to_the_target():
+    _, masked = model_with_masks()
+    total = Selector(mode="layer")(masked, 0.7)
+    counts = [int((~e.gate.keep).sum()) for e in masked]
+    assert counts == [round(0.7 * e.numel) for e in masked] and total == sum(counts)
+
+
+def test_pruned_entries_stay_pruned_unless_regrowth():
+    _, masked = model_with_masks()
+    Selector(layer_floor=0.0)(masked, 0.5)
+    before = [e.gate.keep.clone() for e in masked]
+    with torch.no_grad():  # make pruned entries the most important now
+        for e in masked:
+            e.gate.scores[~e.gate.keep] += 100.0
+    Selector(layer_floor=0.0)(masked, 0.6)
+    assert all(torch.all(b | ~e.gate.keep) for b, e in zip(before, masked))  # nothing came back
+    assert sum(int((~e.gate.keep).sum()) for e in masked) == round(0.6 * sum(e.numel for e in masked))
+    Selector(layer_floor=0.0, regrow=True)(masked, 0.6)
+    assert any(torch.any(~b & e.gate.keep) for b, e in zip(before, masked))  # regrown
+    assert sum(int((~e.gate.keep).sum()) for e in masked) == round(0.6 * sum(e.numel for e in masked))
+
+
+def test_lower_target_does_not_regrow_without_regrowth():
+    _, masked = model_with_masks()
+    Selector()(masked, 0.8)
+    assert Selector()(masked, 0.5) == round(0.8 * sum(e.numel for e in masked))
+
+
+def test_layer_floor_keeps_every_layer_alive_on_a_tied_embedding_model():
+    torch.manual_seed(0)
+    model = TiedLM()
+    masked = attach(model, targets=["head.weight", "hidden.*"])
+    numel = sum(e.numel for e in masked)
+    unfloored = [e.gate.keep.clone() for e in masked]
+    Selector(layer_floor=0.0)([_with_keep(e, k) for e, k in zip(masked, unfloored)], 0.9)
+    wiped = [e.name for e in masked if not e.gate.keep.any()]
+    assert set(wiped) == {"hidden.0.weight", "hidden.2.weight"}  # the failure the floor exists for
+    for e in masked:
+        e.gate.keep.fill_(True)
+    pruned = Selector(layer_floor=0.25)(masked, 0.9)
+    assert pruned == round(0.9 * numel) == sum(int((~e.gate.keep).sum()) for e in masked)
+    for e in masked:
+        assert int(e.gate.keep.sum()) >= math.ceil(0.25 * 0.1 * e.numel), e.name
+
+
+def _with_keep(entry, keep):
+    entry.gate.keep.copy_(keep)
+    return entry
+
+
+def test_unreachable_target_under_the_floor_is_refused():
+    _, masked = model_with_masks(sizes=((4, 4), (4, 4)))
+    with pytest.raises(ValueError, match="lower layer_floor or the target"):
+        Selector(layer_floor=1.0)(masked, 0.6)
+
+
+@pytest.mark.parametrize("spec", ["2:4", "1:4", "3:8"])
+def test_nm_every_group_keeps_exactly_n(spec):
+    granularity = parse_granularity(spec)
+    _, masked = model_with_masks(sizes=((16, 8), (8, 8)))
+    selector = Selector(granularity=spec)
+    selector.check(masked)
+    pruned = selector(masked, granularity.sparsity)
+    for e in masked:
+        groups = e.gate.keep.reshape(-1, granularity.m).sum(1)
+        assert torch.all(groups == granularity.n)
+    assert pruned == sum(e.numel for e in masked) * (granularity.m - granularity.n) // granularity.m
+    # halfway along the ramp, half of the pruned share per group
+    _, masked = model_with_masks(sizes=((16, 8),))
+    Selector(granularity="2:4")(masked, 0.25)
+    assert torch.all(masked[0].gate.keep.reshape(-1, 4).sum(1) == 3)
+
+
+@pytest.mark.parametrize("spec", ["4:2", "0:4", "2-4", "2:2", "channel"])
+def test_invalid_nm_spec_is_refused(spec):
+    with pytest.raises(ValueError, match=rf"invalid granularity '{spec}'"):
+        parse_granularity(spec)
+
+
+def test_nm_needs_divisible_rows():
+    _, masked = model_with_masks(sizes=((6, 4),))
+    with pytest.raises(ValueError, match=r"2:4 needs rows divisible by 4, but '0.weight' of shape \(4, 6\)"):
+        Selector(granularity="2:4").check(masked)
+
+
+def test_threshold_prunes_gates_below_it():
+    _, masked = model_with_masks()
+    pruned = Selector().threshold(masked, 0.7)
+    gates = torch.cat([torch.sigmoid(e.gate.scores.detach()).flatten() for e in masked])
+    assert pruned == int((gates < 0.7).sum()) > 0
+    assert torch.equal(torch.cat([e.gate.keep.flatten() for e in masked]), gates >= 0.7)
+
+
+def test_nan_scores_are_named():
+    _, masked = model_with_masks()
+    with torch.no_grad():
+        masked[1].gate.scores[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"importance of '1.weight' is NaN"):
+        Selector()(masked, 0.5)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mode": "local"}, "mode must be 'global' or 'layer'"),
+    ({"importance": "taylor"}, r"unknown importance 'taylor'; known criteria: \['effective_weight', 'gate'\]"),
+    ({"layer_floor": 1.5}, r"layer_floor must be in \[0, 1\], got 1.5"),
+])
+def test_bad_selector_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Selector(**kwargs)
+
+
+@pytest.mark.slow
+def test_exact_count_beyond_quantile_limit_at_thirty_million():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5000, 4000, bias=False), nn.Linear(4000, 2500, bias=False))
+    with torch.no_grad():
+        model[1].weight[:100] = 0.01  # 400,000 exact ties
+    masked = attach(model)
+    total = sum(e.numel for e in masked)
+    assert total == 30_000_000 > 2**24
+    count = round(0.9 * total)
+    assert Selector(layer_floor=0.0)(masked, 0.9) == count
+    assert sum(int((~e.gate.keep).sum()) for e in masked) == count
+    values = [IMPORTANCE["effective_weight"](e) for e in masked]
+    highest_pruned = max(v[~e.gate.keep].max() for v, e in zip(values, masked))
+    lowest_kept = min(v[e.gate.keep].min() for v, e in zip(values, masked))
+    assert highest_pruned <= lowest_kept
+    # the k-th value agrees with a brute force (the test may concatenate; the library must not)
+    key, ties = kth_smallest(lambda: iter(values), count)
+    kth = torch.cat([v.flatten() for v in values]).kthvalue(count).values
+    assert _keys(kth.reshape(1)).item() == key and ties >= 1
