@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from .init import InitSpec, get_initializer
-from .masks import MaskedTensor, TargetSpec, attach, fold, gates_disabled, masked_tensors, restore_masks_on_load
+from .masks import MaskedTensor, TargetSpec, attach, detach, fold, gates_disabled, masked_tensors, restore_masks_on_load
 from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule, resolve_span
 from .select import Selector, parse_granularity
 
@@ -150,8 +150,14 @@ class MaskPruningCallback(Callback):
         if self.initializer.needs_grad and not pl_module.automatic_optimization:
             raise ValueError(f"{self.initializer!r} scores one automatic-optimization training step; this module "
                              "uses manual optimization: pick another init")
-        self._masked = masked_tensors(pl_module) or self._attach(pl_module)
-        self.selector.check(self._masked)
+        attached = not masked_tensors(pl_module)
+        self._masked = self._attach(pl_module) if attached else masked_tensors(pl_module)
+        try:
+            self.selector.check(self._masked)
+        except ValueError:
+            if attached:
+                detach(pl_module)
+            raise
 
     def _attach(self, pl_module: pl.LightningModule) -> list[MaskedTensor]:
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None

@@ -22,6 +22,7 @@ __all__ = [
     "MaskedTensor",
     "TargetSpec",
     "attach",
+    "detach",
     "find_targets",
     "fold",
     "gate_value",
@@ -314,6 +315,14 @@ def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
         entry = found.setdefault(id(gate), MaskedTensor(qualified, gate, tensor))
         entry.owners.append((module, tensor_name))
     return list(found.values())
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove every mask and leave the original weights exactly as they were (the masks are lost)."""
+    for entry in masked_tensors(model):
+        for module, tensor_name in entry.owners:
+            _remove_gate(module, tensor_name)
+    return model
 
 
 @torch.no_grad()

@@ -1,0 +1,346 @@
+"""MaskPruningCallback in real Trainer runs: schedule, optimizers, cadence, folding and bad input."""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from torch import nn
+from torch.nn.utils import parametrize
+
+from conftest import TinyModule, make_trainer, synthetic_loader
+from lightning_masks import MaskPruningCallback, ThresholdSchedule, masked_tensors
+from lightning_masks.callback import _check_strategy
+from lightning_masks.zoo import MLP, DigitsDataModule
+
+
+class Probe(Callback):
+    """Records the pruning callback's state as each epoch or batch starts (it runs after the callback)."""
+
+    def __init__(self, pruner):
+        self.pruner = pruner
+        self.epochs, self.steps = [], []
+
+    def _record(self, pl_module):
+        masked = masked_tensors(pl_module)
+        pruned = sum(int((~e.gate.keep).sum()) for e in masked)
+        return self.pruner.position, self.pruner.target, pruned, sum(e.numel for e in masked)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append(self._record(pl_module))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append((trainer.global_step, *self._record(pl_module)))
+
+
+def linear_weights(model):
+    return [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def zeros_and_total(model):
+    weights = linear_weights(model)
+    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+
+
+@pytest.mark.slow
+def test_digits_mlp_reaches_the_exact_sparsity_within_a_few_points_of_dense():
+    def run(callbacks):
+        pl.seed_everything(0, verbose=False)
+        model, data = MLP(hidden=(256, 128), lr=3e-3), DigitsDataModule()
+        trainer = make_trainer(max_epochs=20, callbacks=callbacks)
+        trainer.fit(model, data)
+        return model, trainer.test(model, data, verbose=False)[0]["test/acc"]
+
+    dense, dense_acc = run([])
+    pruned, pruned_acc = run([MaskPruningCallback()])
+    zeros, total = zeros_and_total(pruned)
+    assert zeros == round(0.9 * total)
+    assert not any(parametrize.is_parametrized(m) for m in pruned.modules())
+    assert pruned_acc >= dense_acc - 0.03, (pruned_acc, dense_acc)
+    assert zeros_and_total(dense)[0] == 0
+
+
+def test_default_schedule_is_cubic_to_0_9_over_the_first_two_thirds(tiny_module):
+    pruner = MaskPruningCallback()
+    probe = Probe(pruner)
+    make_trainer(max_epochs=6, callbacks=[pruner, probe]).fit(tiny_module)
+    end = 4.0  # two thirds of 6 epochs
+    for epoch, (position, target, pruned, total) in enumerate(probe.epochs):
+        expected = 0.9 * (1 - (1 - min(epoch / end, 1)) ** 3)
+        assert position == epoch and target == pytest.approx(expected)
+        assert pruned == round(expected * total)
+    assert probe.epochs[-1][1] == pytest.approx(0.9)
+    zeros, total = zeros_and_total(tiny_module)
+    assert zeros == round(0.9 * total)
+
+
+def test_update_every_n_steps_with_a_fractional_end(tiny_module):
+    pruner = MaskPruningCallback(0.5, schedule="linear", end=1.0, update_every=3)
+    probe = Probe(pruner)
+    make_trainer(max_steps=10, callbacks=[pruner, probe]).fit(tiny_module)
+    positions = sorted({p for _, p, *_ in probe.steps})
+    assert positions == [0, 3, 6, 9]
+    for step, position, target, pruned, total in probe.steps:
+        assert position == step // 3 * 3
+        assert target == pytest.approx(0.5 * position / 9) and pruned == round(target * total)
+
+
+def test_scores_are_trained_by_the_unmodified_configure_optimizers(tiny_module):
+    pruner = MaskPruningCallback(fold_on_fit_end=False)
+    trainer = make_trainer(max_steps=3, callbacks=[pruner])
+    initial = None
+
+    class Snapshot(Callback):
+        def on_train_start(self, trainer, pl_module):
+            nonlocal initial
+            initial = [e.gate.scores.detach().clone() for e in masked_tensors(pl_module)]
+
+    trainer.callbacks.append(Snapshot())
+    trainer.fit(tiny_module)
+    [optimizer] = trainer.optimizers
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    masked = masked_tensors(tiny_module)
+    assert all(id(e.gate.scores) in in_optimizer for e in masked)
+    assert len(optimizer.param_groups) == 1  # left where configure_optimizers put them
+    assert all(not torch.equal(a, e.gate.scores) for a, e in zip(initial, masked))
+
+
+class ScheduledModule(TinyModule):
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.05)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
+
+
+def test_mask_lr_and_weight_decay_get_their_own_param_group():
+    pl.seed_everything(0, verbose=False)
+    module = ScheduledModule()
+    pruner = MaskPruningCallback(mask_lr=0.1, mask_weight_decay=0.0, fold_on_fit_end=False)
+    trainer = make_trainer(max_epochs=2, callbacks=[pruner])
+    trainer.fit(module)
+    [optimizer] = trainer.optimizers
+    user, masks = optimizer.param_groups
+    scores = {id(e.gate.scores) for e in masked_tensors(module)}
+    assert {id(p) for p in masks["params"]} == scores
+    assert not scores & {id(p) for p in user["params"]}
+    assert masks["weight_decay"] == 0.0 and user["weight_decay"] == 0.05
+    assert masks["lr"] == pytest.approx(0.1 * 0.5**2) and user["lr"] == pytest.approx(1e-2 * 0.5**2)
+
+
+class TwoOptimizers(TinyModule):
+    """Manual optimization with one optimizer per sub-network (as in a GAN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.other = nn.Linear(3, 3)
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.other(self(x)), y)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.1), torch.optim.Adam(self.other.parameters(), lr=1e-2)
+
+
+def test_several_optimizers_each_train_the_scores_of_their_weights():
+    pl.seed_everything(0, verbose=False)
+    module = TwoOptimizers()
+    trainer = make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, mask_lr=0.05, fold_on_fit_end=False)])
+    trainer.fit(module)
+    net_scores = {id(e.gate.scores) for e in masked_tensors(module.net)}
+    other_scores = {id(e.gate.scores) for e in masked_tensors(module.other)}
+    first, second = trainer.optimizers
+    assert {id(p) for p in first.param_groups[-1]["params"]} == net_scores
+    assert {id(p) for p in second.param_groups[-1]["params"]} == other_scores
+    assert sum(int((~e.gate.keep).sum()) for e in masked_tensors(module)) == round(
+        0.5 * sum(e.numel for e in masked_tensors(module)))
+
+
+class AttentionClassifier(TinyModule):
+    """A one-block Transformer encoder over 4 tokens of 8 features (exercises nn.MultiheadAttention)."""
+
+    def __init__(self):
+        super().__init__(features=32)
+        self.net = nn.Sequential(
+            nn.Unflatten(1, (4, 8)),
+            nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1),
+            nn.Flatten(),
+            nn.Linear(32, 3),
+        )
+
+
+def test_transformer_with_multihead_attention_is_masked_and_folded():
+    pl.seed_everything(0, verbose=False)
+    module = AttentionClassifier()
+    pruner = MaskPruningCallback(0.8, end=2)
+    make_trainer(max_epochs=3, callbacks=[pruner]).fit(module)
+    attention = module.net[1].layers[0].self_attn
+    assert not parametrize.is_parametrized(attention)
+    weights = [attention.in_proj_weight, attention.out_proj.weight, module.net[3].weight,
+               module.net[1].layers[0].linear1.weight, module.net[1].layers[0].linear2.weight]
+    total = sum(w.numel() for w in weights)
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * total)
+    assert (attention.in_proj_weight == 0).any()
+
+
+class ConvBatchNorm(TinyModule):
+    def __init__(self):
+        super().__init__(features=16)
+        self.net = nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                 nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+
+
+def test_conv_with_batchnorm_and_frozen_layer():
+    pl.seed_everything(0, verbose=False)
+    module = ConvBatchNorm()
+    module.net[5].weight.requires_grad_(False)
+    frozen = module.net[5].weight.detach().clone()
+    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, end=1)]).fit(module)
+    assert torch.equal(module.net[5].weight, frozen)
+    conv = module.net[1].weight
+    assert int((conv == 0).sum()) == round(0.5 * conv.numel())
+    assert not (module.net[2].weight == 0).any()
+
+
+def test_fit_twice_does_not_mask_twice(tiny_module):
+    pruner = MaskPruningCallback(0.5, end=1, fold_on_fit_end=False)
+    make_trainer(max_epochs=2, callbacks=[pruner]).fit(tiny_module)
+    first = masked_tensors(tiny_module)
+    make_trainer(max_epochs=2, callbacks=[pruner]).fit(tiny_module)
+    assert [e.gate for e in masked_tensors(tiny_module)] == [e.gate for e in first]
+    assert all(len(m.parametrizations.weight) == 1 for m in tiny_module.net if hasattr(m, "parametrizations"))
+
+
+def test_fold_on_fit_end_false_keeps_the_masks(tiny_module):
+    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, end=1, fold_on_fit_end=False)]).fit(tiny_module)
+    assert len(masked_tensors(tiny_module)) == 2
+
+
+def test_threshold_schedule_and_callable_schedule(tiny_module):
+    pruner = MaskPruningCallback(schedule=ThresholdSchedule("linear", final=0.6, end=1), fold_on_fit_end=False)
+    make_trainer(max_epochs=2, callbacks=[pruner]).fit(tiny_module)
+    for entry in masked_tensors(tiny_module):
+        gates = torch.sigmoid(entry.gate.scores.detach())
+        assert not torch.any(entry.gate.keep & (gates < 0.6))
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule()
+    pruner = MaskPruningCallback(schedule=lambda epoch: [0.0, 0.3, 0.7][epoch], fold_on_fit_end=False)
+    probe = Probe(pruner)
+    make_trainer(max_epochs=3, callbacks=[pruner, probe]).fit(module)
+    assert [target for _, target, _, _ in probe.epochs] == [0.0, 0.3, 0.7]
+
+
+def test_snip_scores_come_from_one_batch_of_the_dense_network():
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule()
+    dense = TinyModule()
+    dense.load_state_dict(module.state_dict())
+    x, y = next(iter(synthetic_loader()))
+    loss = nn.functional.cross_entropy(dense(x), y)
+    grads = torch.autograd.grad(loss, [dense.net[0].weight, dense.net[2].weight])
+    expected = [(w * g).abs() for w, g in zip([dense.net[0].weight, dense.net[2].weight], grads)]
+    seen = []
+
+    class Snapshot(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.extend(e.gate.scores.detach().clone() for e in masked_tensors(pl_module))
+
+    make_trainer(max_steps=1, callbacks=[MaskPruningCallback(init="snip"), Snapshot()]).fit(module)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(seen, expected))
+
+
+def test_seed_gives_the_same_scores():
+    def scores(seed):
+        pl.seed_everything(0, verbose=False)
+        module = TinyModule()
+        pruner = MaskPruningCallback(init="magnitude_noise", seed=seed)
+        pruner.setup(make_trainer(max_epochs=1), module, "fit")
+        return torch.cat([e.gate.scores.detach().flatten() for e in masked_tensors(module)])
+
+    assert torch.equal(scores(7), scores(7)) and not torch.equal(scores(7), scores(8))
+
+
+def test_state_dict_round_trip():
+    pruner = MaskPruningCallback()
+    pruner.position, pruner.target, pruner.pruned = 3, 0.5, 12
+    other = MaskPruningCallback()
+    other.load_state_dict(pruner.state_dict())
+    assert (other.position, other.target, other.pruned, other.scores_initialized) == (3, 0.5, 12, False)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1.0"),
+    ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\), got -0.1"),
+    ({"sparsity": 1.5}, r"sparsity must be in \[0, 1\), got 1.5"),
+    ({"init": "magnitde"}, r"unknown initializer 'magnitde'; known initializers: \['constant', 'kaiming'"),
+    ({"init": "magnitude_noise", "init_kwargs": {"noise_scale": -1.0}}, r"noise_scale must be .* >= 0, got -1.0"),
+    ({"temperature": 0}, r"temperature must be > 0, got 0"),
+    ({"temperature": -2.0}, r"temperature must be > 0, got -2.0"),
+    ({"granularity": "4:2"}, r"invalid granularity '4:2'; use 'element' or an N:M spec"),
+    ({"granularity": "2:4", "sparsity": 0.9}, r"granularity '2:4' fixes sparsity at 0.5, got sparsity=0.9"),
+    ({"schedule": "quadratic"}, r"unknown schedule 'quadratic'"),
+    ({"update_every": 0}, r"update_every must be 'epoch' or a positive int"),
+    ({"mask_lr": -1.0}, r"mask_lr must be >= 0 or None, got -1.0"),
+    ({"importance": "taylor"}, r"unknown importance 'taylor'"),
+])
+def test_bad_arguments_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MaskPruningCallback(**kwargs)
+
+
+def fit_expecting(error_match, module, **trainer_kwargs):
+    """Fit, expect a ValueError before any step, and check the module was left as it was."""
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    steps = []
+
+    class Steps(Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
+    trainer_kwargs["callbacks"] = [*trainer_kwargs["callbacks"], Steps()]
+    with pytest.raises(ValueError, match=error_match):
+        make_trainer(**trainer_kwargs).fit(module)
+    assert not steps
+    assert not any(parametrize.is_parametrized(m) for m in module.modules())
+    after = module.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_target_matching_nothing_is_refused_in_setup(tiny_module):
+    fit_expecting(r"'decoder\.\*' matches no module.*candidates include \[.*'net\.0\.weight'", tiny_module,
+                  max_epochs=1, callbacks=[MaskPruningCallback(targets=["decoder.*"])])
+
+
+def test_nan_weight_is_named_in_setup(tiny_module):
+    with torch.no_grad():
+        tiny_module.net[2].weight[1, 1] = float("inf")
+    fit_expecting(r"weight 'net.2.weight' holds NaN or Inf", tiny_module, max_epochs=1,
+                  callbacks=[MaskPruningCallback()])
+
+
+def test_unbounded_training_with_fractional_schedule_is_refused(tiny_module):
+    fit_expecting(r"training length is unbounded \(max_epochs=-1, max_steps=-1\); set max_epochs or max_steps",
+                  tiny_module, max_epochs=-1, callbacks=[MaskPruningCallback()])
+
+
+def test_nm_rows_not_divisible_are_refused_in_setup(tiny_module):
+    fit_expecting(r"2:5 needs rows divisible by 5, but 'net.0.weight'", tiny_module, max_epochs=1,
+                  callbacks=[MaskPruningCallback(granularity="2:5")])
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy(), ModelParallelStrategy()])
+def test_sharding_strategies_are_refused(strategy):
+    # FSDP and model parallelism need GPUs to run, so the decision is tested on the real strategy objects
+    with pytest.raises(ValueError, match=rf"does not support the {type(strategy).__name__} strategy.*'ddp_spawn'"):
+        _check_strategy(strategy)
+    _check_strategy(DDPStrategy())
+    _check_strategy(SingleDeviceStrategy("cpu"))
