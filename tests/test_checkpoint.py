@@ -1,0 +1,88 @@
+"""Checkpoints: exact resume mid-schedule, evaluation from a checkpoint, folding a checkpoint."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.nn.utils import parametrize
+
+from conftest import TinyModule, make_trainer, synthetic_loader
+from lightning_masks import MaskPruningCallback, fold_checkpoint, masked_tensors
+
+
+def fit(tmp_path, max_epochs, ckpt_path=None, **callback_kwargs):
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule()
+    pruner = MaskPruningCallback(0.8, end=4, fold_on_fit_end=False, **callback_kwargs)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    trainer = make_trainer(max_epochs=max_epochs, callbacks=[pruner, saver], deterministic=True,
+                           enable_checkpointing=True)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return module, pruner, trainer
+
+
+def test_resume_mid_schedule_reaches_the_same_masks_position_and_metrics(tmp_path):
+    whole, whole_pruner, whole_trainer = fit(tmp_path / "whole", 6, mask_lr=0.05)
+    checkpoint = tmp_path / "whole" / "epoch=1.ckpt"
+    state = torch.load(checkpoint, weights_only=False)
+    [callback_state] = [v for k, v in state["callbacks"].items() if k.startswith("MaskPruningCallback")]
+    assert 0 < callback_state["target"] < 0.8  # mid-schedule
+    resumed, resumed_pruner, resumed_trainer = fit(tmp_path / "resumed", 6, ckpt_path=checkpoint, mask_lr=0.05)
+    assert (resumed_pruner.position, resumed_pruner.target, resumed_pruner.pruned) == (
+        whole_pruner.position, whole_pruner.target, whole_pruner.pruned)
+    for a, b in zip(masked_tensors(whole), masked_tensors(resumed)):
+        assert torch.equal(a.gate.keep, b.gate.keep)
+        assert torch.allclose(a.gate.scores, b.gate.scores, atol=1e-6)
+        assert torch.allclose(a.weight, b.weight, atol=1e-6)
+    for key in ("train_loss", "val_loss"):
+        assert resumed_trainer.callback_metrics[key] == pytest.approx(whole_trainer.callback_metrics[key].item(),
+                                                                      abs=1e-6)
+
+
+@pytest.fixture
+def masked_checkpoint(tmp_path):
+    """A checkpoint written mid-schedule and the masked model's predictions at that point."""
+    module, _, trainer = fit(tmp_path, 3)
+    path = tmp_path / "epoch=2.ckpt"
+    x = next(iter(synthetic_loader(seed=1)))[0]
+    return path, module(x).detach(), x
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_evaluation_with_ckpt_path_restores_the_masks(masked_checkpoint, stage):
+    path, expected, x = masked_checkpoint
+    pl.seed_everything(1, verbose=False)
+    module = TinyModule()  # plain and differently initialised
+    trainer = make_trainer(callbacks=[MaskPruningCallback()])
+    result = getattr(trainer, stage)(module, ckpt_path=path)
+    assert result
+    assert not any(parametrize.is_parametrized(m) for m in module.modules())  # folded back afterwards
+    assert torch.allclose(module(x), expected, atol=1e-6)
+
+
+def test_folded_checkpoint_loads_with_no_callback(masked_checkpoint, tmp_path):
+    path, expected, x = masked_checkpoint
+    plain_path = fold_checkpoint(path, tmp_path / "plain.ckpt")
+    module = TinyModule.load_from_checkpoint(plain_path)
+    assert not any(parametrize.is_parametrized(m) for m in module.modules())
+    assert torch.allclose(module(x), expected, atol=1e-6)
+    state = torch.load(path, weights_only=False)
+    keep = [v for k, v in state["state_dict"].items() if k.endswith(".keep")]
+    weights = [module.net[0].weight, module.net[2].weight]
+    assert [int((w == 0).sum()) for w in weights] == [int((~k).sum()) for k in keep]
+    assert sum(int((~k).sum()) for k in keep) > 0
+
+
+def test_corrupt_checkpoint_gets_a_clear_error_and_the_destination_is_kept(masked_checkpoint, tmp_path):
+    path, _, _ = masked_checkpoint
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(path.read_bytes()[:500])
+    destination = tmp_path / "plain.ckpt"
+    destination.write_bytes(b"what the user had")
+    with pytest.raises(ValueError, match=r"could not read checkpoint '.*corrupt.ckpt'.*pass a checkpoint file"):
+        fold_checkpoint(corrupt, destination)
+    assert destination.read_bytes() == b"what the user had"
+    torch.save({"weights": torch.zeros(1)}, corrupt)
+    with pytest.raises(ValueError, match=r"is not a Lightning checkpoint \(no 'state_dict'\)"):
+        fold_checkpoint(corrupt, destination)
+    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == []
