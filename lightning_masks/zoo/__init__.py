@@ -1,6 +1,17 @@
 """Small models and data modules for the recipes, the default run and the tests."""
 
-from .data import DigitsDataModule
-from .models import MLP, Classifier
+from .data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, SyntheticDataModule, read_idx
+from .models import MLP, Classifier, LeNet5, ResNet20, TransformerClassifier
 
-__all__ = ["MLP", "Classifier", "DigitsDataModule"]
+__all__ = [
+    "CIFAR10DataModule",
+    "Classifier",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "LeNet5",
+    "MLP",
+    "ResNet20",
+    "SyntheticDataModule",
+    "TransformerClassifier",
+    "read_idx",
+]

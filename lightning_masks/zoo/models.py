@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["MLP", "Classifier"]
+__all__ = ["MLP", "Classifier", "LeNet5", "ResNet20", "TransformerClassifier"]
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+#: Constructor arguments that are factories, not values: kept out of the saved hyperparameters.
+NOT_HYPERPARAMETERS = ["optimizer", "scheduler"]
 
 
 class Classifier(pl.LightningModule):
@@ -20,12 +28,17 @@ class Classifier(pl.LightningModule):
         num_classes: number of classes.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        optimizer: ``params -> optimizer`` (e.g. a Hydra ``_partial_`` of ``torch.optim.SGD``) used instead of
+            Adam; ``lr`` and ``weight_decay`` are then ignored.
+        scheduler: ``optimizer -> LR scheduler``, stepped once per epoch.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+    def __init__(self, net: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.0,
+                 optimizer: Optional[OptimizerFactory] = None, scheduler: Optional[SchedulerFactory] = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.metrics = nn.ModuleDict({stage: MulticlassAccuracy(num_classes, average="micro")
                                       for stage in ("train_", "val_", "test_")})
 
@@ -54,8 +67,14 @@ class Classifier(pl.LightningModule):
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self(batch[0]).argmax(dim=1)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        else:
+            optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
 
 class MLP(Classifier):
@@ -65,15 +84,146 @@ class MLP(Classifier):
         in_features: input size (flattened).
         num_classes: number of classes.
         hidden: hidden layer widths.
-        lr, weight_decay: see :class:`Classifier`.
+        lr, weight_decay, optimizer, scheduler: see :class:`Classifier`.
     """
 
     def __init__(self, in_features: int = 64, num_classes: int = 10, hidden: Sequence[int] = (128, 64),
-                 lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+                 lr: float = 1e-3, weight_decay: float = 0.0, **training: Any) -> None:
         widths = [in_features, *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for width_in, width_out in zip(widths, widths[1:]):
             layers += [nn.Linear(width_in, width_out), nn.ReLU()]
         layers.append(nn.Linear(widths[-1], num_classes))
-        super().__init__(nn.Sequential(*layers), num_classes, lr, weight_decay)
-        self.save_hyperparameters()
+        super().__init__(nn.Sequential(*layers), num_classes, lr, weight_decay, **training)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+
+
+class LeNet5(Classifier):
+    """LeNet-5 (LeCun et al. 1998): two 5x5 conv + max-pool stages, then 120-84-classes linear layers.
+
+    Args:
+        in_channels: image channels.
+        image_size: side of the square input (28 for MNIST-like, 32 for CIFAR).
+        num_classes: number of classes.
+        lr, weight_decay, optimizer, scheduler: see :class:`Classifier`.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, **training: Any) -> None:
+        side = ((image_size // 2) - 4) // 2  # conv(pad 2), pool, conv(no pad), pool
+        if side < 1:
+            raise ValueError(f"LeNet5 needs image_size >= 12, got {image_size}")
+        net = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(16 * side * side, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
+        )
+        super().__init__(net, num_classes, **training)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+
+
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and a parameter-free shortcut (subsample, zero-pad channels: option A)."""
+
+    def __init__(self, width_in: int, width_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width_in, width_out, 3, stride, 1, bias=False), nn.BatchNorm2d(width_out), nn.ReLU(),
+            nn.Conv2d(width_out, width_out, 3, 1, 1, bias=False), nn.BatchNorm2d(width_out),
+        )
+        self.stride, self.extra = stride, width_out - width_in
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        shortcut = inputs[:, :, ::self.stride, ::self.stride]
+        if self.extra:
+            shortcut = nn.functional.pad(shortcut, (0, 0, 0, 0, 0, self.extra))
+        return torch.relu(self.body(inputs) + shortcut)
+
+
+class ResNet20(Classifier):
+    """ResNet-20 for 32x32 images (He et al. 2016, https://arxiv.org/abs/1512.03385, section 4.2).
+
+    Three stages of ``blocks`` basic blocks at ``width``, ``2*width``, ``4*width`` channels
+    (``blocks=3`` is ResNet-20, 5 is ResNet-32), global average pooling and a linear classifier.
+
+    Args:
+        in_channels: image channels.
+        num_classes: number of classes.
+        width: channels of the first stage.
+        blocks: basic blocks per stage.
+        lr, weight_decay, optimizer, scheduler: see :class:`Classifier`.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16, blocks: int = 3,
+                 **training: Any) -> None:
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                   nn.ReLU()]
+        widths = [width, width, 2 * width, 4 * width]
+        for stage in range(3):
+            for block in range(blocks):
+                first = block == 0
+                layers.append(_BasicBlock(widths[stage] if first else widths[stage + 1], widths[stage + 1],
+                                          2 if first and stage > 0 else 1))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes)]
+        super().__init__(nn.Sequential(*layers), num_classes, **training)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+
+
+class _EncoderBlock(nn.Module):
+    """Pre-norm Transformer encoder block built on :class:`torch.nn.MultiheadAttention`."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim),
+                                 nn.Dropout(dropout))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        normed = self.norm1(tokens)
+        tokens = tokens + self.attention(normed, normed, normed, need_weights=False)[0]
+        return tokens + self.mlp(self.norm2(tokens))
+
+
+class _Tokens(nn.Module):
+    """Cut each input into ``seq_len`` tokens (rows of an image, or chunks of a flat vector) and embed them."""
+
+    def __init__(self, seq_len: int, token_dim: int, dim: int) -> None:
+        super().__init__()
+        self.seq_len, self.token_dim = seq_len, token_dim
+        self.embed = nn.Linear(token_dim, dim)
+        self.position = nn.Parameter(torch.zeros(1, seq_len, dim))
+        nn.init.normal_(self.position, std=0.02)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.embed(inputs.reshape(len(inputs), self.seq_len, self.token_dim)) + self.position
+
+
+class _MeanPool(nn.Module):
+    def forward(self, tokens: Tensor) -> Tensor:
+        return tokens.mean(dim=1)
+
+
+class TransformerClassifier(Classifier):
+    """A small Transformer encoder classifier: tokens from rows of the input, mean-pooled.
+
+    Each input is reshaped to ``seq_len x token_dim`` (an 8x8 digit: 8 rows of 8 pixels; a 28x28 image:
+    28 rows of 28), embedded, passed through ``depth`` encoder blocks and mean-pooled.
+
+    Args:
+        seq_len, token_dim: the token grid; ``seq_len * token_dim`` must equal the input size.
+        num_classes: number of classes.
+        dim, depth, heads, mlp_ratio, dropout: the encoder's width, blocks, attention heads, MLP
+            expansion and dropout.
+        lr, weight_decay, optimizer, scheduler: see :class:`Classifier`.
+    """
+
+    def __init__(self, seq_len: int = 8, token_dim: int = 8, num_classes: int = 10, dim: int = 32, depth: int = 2,
+                 heads: int = 4, mlp_ratio: int = 2, dropout: float = 0.0, **training: Any) -> None:
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        net = nn.Sequential(_Tokens(seq_len, token_dim, dim),
+                            *(_EncoderBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth)),
+                            nn.LayerNorm(dim), _MeanPool(), nn.Linear(dim, num_classes))
+        super().__init__(net, num_classes, **training)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+
