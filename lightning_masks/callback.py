@@ -127,6 +127,7 @@ class MaskPruningCallback(Callback):
         self.position: Optional[float] = None  # t of the last mask update
         self.target: float = 0.0  # target of the last update (sparsity, or gate threshold)
         self.pruned: int = 0  # entries pruned by the last update
+        self.threshold: Optional[float] = None  # the cut of the last update (see select.Selection)
         self.scores_initialized = False
         self._span = (0.0, 0.0)
         self._masked: list[MaskedTensor] = []
@@ -214,9 +215,10 @@ class MaskPruningCallback(Callback):
             return
         self.target = self.schedule.value(t, *self._span)
         if isinstance(self.schedule, ThresholdSchedule):
-            self.pruned = self.selector.threshold(self._masked, self.target)
+            selection = self.selector.threshold(self._masked, self.target)
         else:
-            self.pruned = self.selector(self._masked, self.target)
+            selection = self.selector(self._masked, self.target)
+        self.pruned, self.threshold = selection
         self.position = t
 
     # ----------------------------------------------------------------------------------------- the end

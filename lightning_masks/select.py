@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from .masks import MaskedTensor
 __all__ = [
     "IMPORTANCE",
     "Granularity",
+    "Selection",
     "Selector",
     "kth_smallest",
     "parse_granularity",
@@ -81,6 +83,25 @@ def kth_smallest(tensors: Callable[[], Iterator[Tensor]], k: int) -> tuple[int, 
             remaining -= int(cumulative[digit - 1])
         prefix, done_bits = (prefix << bits) | digit, done_bits + bits
     return prefix, remaining
+
+
+def _key_value(key: int) -> float:
+    """Invert :func:`_keys` for one key."""
+    bits = key - (1 << 31)
+    bits = bits ^ 0x7FFFFFFF if bits < 0 else bits
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+class Selection(NamedTuple):
+    """What one mask update did: the entries now pruned, and the cut on the importance (or gate).
+
+    ``threshold`` is the importance of the last pruned entry in linear scale (``|w * gate|`` or the gate)
+    for global selection, the gate threshold for threshold schedules, and ``None`` where each tensor
+    has its own cut (per layer, N:M) or nothing was pruned.
+    """
+
+    pruned: int
+    threshold: Optional[float]
 
 
 @dataclass(frozen=True)
@@ -160,15 +181,15 @@ class Selector:
         return values
 
     @torch.no_grad()
-    def __call__(self, masked: Sequence[MaskedTensor], target: float) -> int:
-        """Set every ``gate.keep`` for ``target`` sparsity; return the number of pruned entries."""
+    def __call__(self, masked: Sequence[MaskedTensor], target: float) -> Selection:
+        """Set every ``gate.keep`` for ``target`` sparsity."""
         if self.nm.is_nm:
-            return sum(self._select_nm(entry, target) for entry in masked)
+            return Selection(sum(self._select_nm(entry, target) for entry in masked), None)
         if self.mode == "layer":
-            return sum(self._select(entry_list, target, floor=0.0) for entry_list in ([e] for e in masked))
+            return Selection(sum(self._select([entry], target, floor=0.0).pruned for entry in masked), None)
         return self._select(masked, target, floor=self.layer_floor)
 
-    def _select(self, masked: Sequence[MaskedTensor], target: float, floor: float) -> int:
+    def _select(self, masked: Sequence[MaskedTensor], target: float, floor: float) -> Selection:
         total = sum(entry.numel for entry in masked)
         already = sum(int((~entry.gate.keep).sum()) for entry in masked) if not self.regrow else 0
         count = max(round(target * total), already)
@@ -196,7 +217,7 @@ class Selector:
         if count == 0:
             for entry in masked:
                 entry.gate.keep.fill_(True)
-            return 0
+            return Selection(0, None)
         key, ties = kth_smallest(importances, count)
         for entry, values in zip(masked, importances()):
             keys = _keys(values)
@@ -209,7 +230,7 @@ class Selector:
                 pruned.view(-1)[equal.view(-1).nonzero()[:ties, 0]] = True
             ties = max(ties - n_equal, 0)
             entry.gate.keep.copy_(~pruned)
-        return count
+        return Selection(count, math.exp(_key_value(key)))
 
     def _select_nm(self, entry: MaskedTensor, target: float) -> int:
         n, m = self.nm.n, self.nm.m
@@ -222,13 +243,13 @@ class Selector:
         return per_group * (entry.numel // m)
 
     @torch.no_grad()
-    def threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> int:
-        """Prune every entry whose gate is below ``threshold``; return the number of pruned entries."""
+    def threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
+        """Prune every entry whose gate is below ``threshold``."""
         pruned = 0
         for entry in masked:
-            keep = _gate_importance(entry) >= math.log(threshold) if threshold > 0 else entry.gate.keep | True
+            keep = _gate_importance(entry) >= math.log(threshold) if threshold > 0 else torch.ones_like(entry.gate.keep)
             if not self.regrow:
                 keep &= entry.gate.keep
             entry.gate.keep.copy_(keep)
             pruned += int((~keep).sum())
-        return pruned
+        return Selection(pruned, threshold)

@@ -1,6 +1,5 @@
 """MaskPruningCallback in real Trainer runs: schedule, optimizers, cadence, folding and bad input."""
 
-import math
 
 import lightning.pytorch as pl
 import pytest

@@ -37,10 +37,13 @@ def test_keys_preserve_float_order():
 def test_global_selection_matches_a_brute_force_sort(importance, target):
     _, masked = model_with_masks()
     expected = brute_force_keep(masked, importance, target)
-    pruned = Selector(importance=importance, layer_floor=0.0)(masked, target)
+    pruned, threshold = Selector(importance=importance, layer_floor=0.0)(masked, target)
     got = torch.cat([e.gate.keep.flatten() for e in masked])
     assert pruned == round(target * got.numel()) == int((~got).sum())
     assert torch.equal(got, expected)
+    if pruned:
+        values = torch.cat([IMPORTANCE[importance](e).flatten() for e in masked])
+        assert math.log(threshold) == pytest.approx(values[~got].max().item(), rel=1e-6)
 
 
 def test_ties_are_broken_by_position_deterministically():
@@ -54,7 +57,8 @@ def test_ties_are_broken_by_position_deterministically():
 
 def test_layer_mode_prunes_each_layer_to_the_target():
     _, masked = model_with_masks()
-    total = Selector(mode="layer")(masked, 0.7)
+    total, threshold = Selector(mode="layer")(masked, 0.7)
+    assert threshold is None
     counts = [int((~e.gate.keep).sum()) for e in masked]
     assert counts == [round(0.7 * e.numel) for e in masked] and total == sum(counts)
 
@@ -77,7 +81,7 @@ def test_pruned_entries_stay_pruned_unless_regrowth():
 def test_lower_target_does_not_regrow_without_regrowth():
     _, masked = model_with_masks()
     Selector()(masked, 0.8)
-    assert Selector()(masked, 0.5) == round(0.8 * sum(e.numel for e in masked))
+    assert Selector()(masked, 0.5).pruned == round(0.8 * sum(e.numel for e in masked))
 
 
 def test_layer_floor_keeps_every_layer_alive_on_a_tied_embedding_model():
@@ -91,7 +95,7 @@ def test_layer_floor_keeps_every_layer_alive_on_a_tied_embedding_model():
     assert set(wiped) == {"hidden.0.weight", "hidden.2.weight"}  # the failure the floor exists for
     for e in masked:
         e.gate.keep.fill_(True)
-    pruned = Selector(layer_floor=0.25)(masked, 0.9)
+    pruned = Selector(layer_floor=0.25)(masked, 0.9).pruned
     assert pruned == round(0.9 * numel) == sum(int((~e.gate.keep).sum()) for e in masked)
     for e in masked:
         assert int(e.gate.keep.sum()) >= math.ceil(0.25 * 0.1 * e.numel), e.name
@@ -114,7 +118,7 @@ def test_nm_every_group_keeps_exactly_n(spec):
     _, masked = model_with_masks(sizes=((16, 8), (8, 8)))
     selector = Selector(granularity=spec)
     selector.check(masked)
-    pruned = selector(masked, granularity.sparsity)
+    pruned = selector(masked, granularity.sparsity).pruned
     for e in masked:
         groups = e.gate.keep.reshape(-1, granularity.m).sum(1)
         assert torch.all(groups == granularity.n)
@@ -139,7 +143,8 @@ def test_nm_needs_divisible_rows():
 
 def test_threshold_prunes_gates_below_it():
     _, masked = model_with_masks()
-    pruned = Selector().threshold(masked, 0.7)
+    pruned, threshold = Selector().threshold(masked, 0.7)
+    assert threshold == 0.7
     gates = torch.cat([torch.sigmoid(e.gate.scores.detach()).flatten() for e in masked])
     assert pruned == int((gates < 0.7).sum()) > 0
     assert torch.equal(torch.cat([e.gate.keep.flatten() for e in masked]), gates >= 0.7)
@@ -173,7 +178,7 @@ def test_exact_count_beyond_quantile_limit_at_thirty_million():
     total = sum(e.numel for e in masked)
     assert total == 30_000_000 > 2**24
     count = round(0.9 * total)
-    assert Selector(layer_floor=0.0)(masked, 0.9) == count
+    assert Selector(layer_floor=0.0)(masked, 0.9).pruned == count
     assert sum(int((~e.gate.keep).sum()) for e in masked) == count
     values = [IMPORTANCE["effective_weight"](e) for e in masked]
     highest_pruned = max(v[~e.gate.keep].max() for v, e in zip(values, masked))
