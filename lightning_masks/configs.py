@@ -1,0 +1,82 @@
+"""What the shipped Hydra configs point at: recipe registration, resolvers and the initializer adapter.
+
+The configs ship inside the package: ``conf/`` as :mod:`lightning_masks.conf` and ``recipes/`` as
+:mod:`lightning_masks.recipes` (see ``[tool.setuptools.package-dir]`` in ``pyproject.toml``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib import resources
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from .init import Initializer, get_initializer
+
+__all__ = ["CONFIG_MODULE", "RECIPE_MODULE", "initializer", "list_recipes", "register"]
+
+CONFIG_MODULE = "lightning_masks.conf"
+RECIPE_MODULE = "lightning_masks.recipes"
+PACKAGE_HEADER = "# @package"
+
+
+def initializer(name: str, noise_scale: Optional[float] = None, **options: Any) -> Initializer:
+    """Build the registered initializer ``name``, giving ``noise_scale`` only to one that takes it.
+
+    Every ``masks/init`` config carries ``noise_scale`` so that one sweep can cross init strategies with noise
+    scales (``masks/init=magnitude,magnitude_noise masks.init.noise_scale=0.01,0.1``); an initializer without
+    noise ignores it, and the sweep report marks it unused.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones) or a bad option.
+    """
+    built = get_initializer(name, **options)
+    if noise_scale is None or "noise_scale" not in inspect.signature(type(built)).parameters:
+        return built
+    return get_initializer(name, noise_scale=noise_scale, **options)
+
+
+def list_recipes() -> list[str]:
+    """Return the names of the shipped recipes (``recipe=NAME``)."""
+    return sorted(entry.name[:-5] for entry in resources.files(RECIPE_MODULE).iterdir()
+                  if entry.name.endswith(".yaml"))
+
+
+def _package(text: str) -> Optional[str]:
+    """Return the ``# @package`` header of a config file, if any."""
+    for line in text.splitlines():
+        if line.startswith(PACKAGE_HEADER):
+            return line[len(PACKAGE_HEADER):].strip()
+    return None
+
+
+def _run_name() -> str:
+    """The job's overrides as one string (``a=1,b=2``), or the job name when there are none."""
+    job = HydraConfig.get().job
+    return job.override_dirname or job.name
+
+
+def _sweep_group() -> Optional[str]:
+    """The sweep folder (shared by every job of a multirun), or ``None`` for a single run."""
+    hydra_cfg = HydraConfig.get()
+    return str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def register() -> None:
+    """Store every shipped recipe in Hydra's ConfigStore (group ``recipe``) and register the resolvers.
+
+    Recipes live in the top-level ``recipes/`` folder rather than in ``conf/recipe/``; storing them here
+    makes ``recipe=NAME`` work from a source checkout, an editable install and a wheel alike.
+    """
+    store = ConfigStore.instance()
+    folder = resources.files(RECIPE_MODULE)
+    for name in list_recipes():
+        text = folder.joinpath(f"{name}.yaml").read_text()
+        store.store(name=name, node=OmegaConf.create(text), group="recipe", package=_package(text),
+                    provider="lightning_masks")
+    for resolver_name, resolver in (("lm.run_name", _run_name), ("lm.sweep_group", _sweep_group)):
+        OmegaConf.register_new_resolver(resolver_name, resolver, replace=True)
