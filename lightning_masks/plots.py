@@ -1,21 +1,49 @@
-"""PNG pictures of pruning runs, as plain functions of plain data (rows of dicts, tensors)."""
+"""The PNG pictures: per-layer sparsity over training, gate histograms (and the sweep plot)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["plot_sweep"]
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["gate_histograms", "plot_sweep", "sparsity_heatmap"]
 
 
-def _pyplot():
-    import matplotlib
+def sparsity_heatmap(layers: Sequence[str], history: Sequence[Sequence[float]], positions: Sequence[float],
+                     path: Path, unit: str = "epoch") -> Path:
+    """Write a layers x updates heatmap of per-layer sparsity; ``history[i][j]`` is layer j at update i."""
+    data = np.asarray(history, dtype=float).T if len(history) else np.zeros((len(layers), 0))
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.5 * data.shape[1] + 3), max(2.0, 0.35 * len(layers) + 1.2)))
+    image = axes.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    axes.set_yticks(range(len(layers)), labels=layers, fontsize=8)
+    step = max(1, len(positions) // 12)
+    axes.set_xticks(range(0, len(positions), step), labels=[f"{p:g}" for p in positions[::step]], fontsize=8)
+    axes.set_xlabel(f"mask update ({unit})")
+    axes.set_title("sparsity per layer")
+    figure.colorbar(image, ax=axes, label="sparsity")
+    return _save(figure, path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def gate_histograms(histograms: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
+    """Write one small bar chart per layer of ``name -> (counts, edges)`` gate histograms."""
+    count = max(len(histograms), 1)
+    columns = min(count, 3)
+    rows = -(-count // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(4 * columns, 2.6 * rows), squeeze=False)
+    for axes, (name, (counts, edges)) in zip(grid.flat, histograms.items()):
+        counts, edges = np.asarray(counts), np.asarray(edges)
+        axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue")
+        axes.set_title(name, fontsize=9)
+        axes.set_xlabel("gate (kept entries)", fontsize=8)
+    for axes in list(grid.flat)[len(histograms):]:
+        axes.axis("off")
+    return _save(figure, path)
 
 
 def _by_series(rows: Sequence[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any]]]:
@@ -39,7 +67,6 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
         title: the figure's title.
         x, y, series, noise: the keys to plot.
     """
-    plt = _pyplot()
     done = [row for row in rows if row.get("status") == "ok" and row.get(x) is not None and row.get(y) is not None]
     noisy = [row for row in done if row.get("noise_used") and row.get(noise) is not None]
     show_noise = len({row[noise] for row in noisy}) > 1
@@ -74,8 +101,13 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
     caption = f"{len(done)} of {len(rows)} jobs plotted" + (f"; {left_out} failed, missing or without result"
                                                              if left_out else "")
     figure.suptitle(f"{title}\n{caption}" if title else caption, fontsize="medium")
-    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
     path = Path(path)
-    figure.savefig(path, dpi=80)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
