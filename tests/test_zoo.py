@@ -1,0 +1,112 @@
+"""The zoo's data modules read their file formats, fail clearly on missing files, and its models run."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from datafiles import idx_bytes, write_cifar10, write_fashion_mnist
+from lightning_masks.zoo import (
+    MLP,
+    CIFAR10DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    LeNet5,
+    ResNet20,
+    SyntheticDataModule,
+    TransformerClassifier,
+    read_idx,
+)
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_read_idx_round_trips(tmp_path, zipped):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / ("a.gz" if zipped else "a")
+    path.write_bytes(gzip.compress(idx_bytes(array)) if zipped else idx_bytes(array))
+    assert torch.equal(read_idx(path), torch.from_numpy(array))
+
+
+def test_read_idx_rejects_other_files(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(idx_bytes(np.zeros((4, 2), dtype=np.uint8))[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+def test_fashion_mnist_reads_gz_and_plain_files(tmp_path):
+    data = FashionMNISTDataModule(write_fashion_mnist(tmp_path, train=40, test=12), val_size=8, batch_size=16)
+    data.setup()
+    assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (32, 8, 12)
+    images, labels = next(iter(data.train_dataloader()))
+    assert images.shape == (16, 1, 28, 28) and labels.dtype == torch.long
+    train_images = torch.cat([data.train_set.tensors[0], data.val_set.tensors[0]])
+    assert abs(float(train_images.mean())) < 1e-4 and abs(float(train_images.std()) - 1) < 1e-2  # standardised
+
+
+def test_fashion_mnist_missing_file_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte.*apt-get install dataset-fashion-mnist"):
+        FashionMNISTDataModule(tmp_path).setup()
+
+
+def test_cifar10_reads_pickle_batches(tmp_path):
+    write_cifar10(tmp_path / "cifar-10-batches-py", per_batch=10)
+    data = CIFAR10DataModule(tmp_path, val_size=10, batch_size=8)  # the parent folder works too
+    data.setup()
+    assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (40, 10, 10)
+    images, labels = next(iter(data.train_dataloader()))
+    assert images.shape == (8, 3, 32, 32) and int(labels.max()) < 10
+
+
+def test_cifar10_missing_batches_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_batch_1..5, test_batch"):
+        CIFAR10DataModule(tmp_path).setup()
+    write_cifar10(tmp_path)
+    (tmp_path / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        CIFAR10DataModule(tmp_path).setup()
+
+
+def test_synthetic_and_digits_splits_are_seeded_and_disjoint():
+    first, second = SyntheticDataModule(num_samples=40, input_shape=[2, 3]), SyntheticDataModule(num_samples=40,
+                                                                                                input_shape=[2, 3])
+    first.setup(), second.setup()
+    assert torch.equal(first.train_set.tensors[0], second.train_set.tensors[0])
+    assert first.train_set.tensors[0].shape == (40, 2, 3) and len(first.val_set) == 10
+    digits = DigitsDataModule(seed=1)
+    digits.setup()
+    seen = [set(map(tuple, part.tensors[0].tolist())) for part in (digits.train_set, digits.test_set)]
+    assert len(seen[0] & seen[1]) < 10  # (a few digits are exact duplicates in the data set itself)
+    assert len(digits.train_set) + len(digits.val_set) + len(digits.test_set) == 1797
+
+
+@pytest.mark.parametrize("model, shape", [
+    (MLP(in_features=784, hidden=[30, 20]), (2, 1, 28, 28)),
+    (LeNet5(), (2, 1, 28, 28)),
+    (LeNet5(in_channels=3, image_size=32), (2, 3, 32, 32)),
+    (ResNet20(width=4, blocks=1), (2, 3, 32, 32)),
+    (TransformerClassifier(seq_len=28, token_dim=28, dim=16, heads=2), (2, 1, 28, 28)),
+])
+def test_models_map_inputs_to_class_logits(model, shape):
+    assert model(torch.randn(shape)).shape == (2, 10)
+
+
+def test_model_arguments_are_checked():
+    with pytest.raises(ValueError, match="divisible by heads"):
+        TransformerClassifier(dim=10, heads=4)
+    with pytest.raises(ValueError, match="image_size"):
+        LeNet5(image_size=8)
+
+
+def test_optimizer_and_scheduler_factories_are_used():
+    model = MLP(optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+                scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 1))
+    configured = model.configure_optimizers()
+    assert isinstance(configured["optimizer"], torch.optim.SGD) and configured["optimizer"].defaults["lr"] == 0.5
+    assert "optimizer" not in model.hparams
+    assert isinstance(MLP().configure_optimizers(), torch.optim.Adam)
