@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -20,6 +21,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from . import loggers, plots, stats
 from .init import InitSpec, get_initializer
 from .masks import MaskedTensor, TargetSpec, attach, detach, fold, gates_disabled, masked_tensors, restore_masks_on_load
 from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule, resolve_span
@@ -59,6 +61,11 @@ class MaskPruningCallback(Callback):
             put them.
         fold_on_fit_end: leave a plain model (no parametrizations, exact zeros) when fit ends.
         seed: seed for random initializers; ``None`` uses torch's global generator.
+        log_every_n_steps: cadence of the ``masks/...`` scalars during training (``None``: the Trainer's;
+            0: only as each epoch ends). Statistics are computed (and synced to the host) only then.
+        log_histograms: log gate and score histograms (TensorBoard, W&B) as each epoch ends.
+        plots: at the end of fit, write a per-layer sparsity heatmap and gate histograms (PNG) into the
+            run folder and log them to W&B.
 
     Raises:
         ValueError: any argument out of range, at construction; an unsupported strategy, a target that
@@ -91,6 +98,9 @@ class MaskPruningCallback(Callback):
         mask_weight_decay: Optional[float] = None,
         fold_on_fit_end: bool = True,
         seed: Optional[int] = None,
+        log_every_n_steps: Optional[int] = None,
+        log_histograms: bool = True,
+        plots: bool = True,
     ) -> None:
         nm_sparsity = parse_granularity(granularity).sparsity
         if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
@@ -103,6 +113,8 @@ class MaskPruningCallback(Callback):
             raise ValueError(f"update_every must be 'epoch' or a positive int (steps), got {update_every!r}")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be > 0, got {temperature!r}; try 1.0 (lower is a harder gate)")
+        if log_every_n_steps is not None and not (isinstance(log_every_n_steps, int) and log_every_n_steps >= 0):
+            raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}")
         for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value!r}")
@@ -123,12 +135,17 @@ class MaskPruningCallback(Callback):
         self.mask_weight_decay = mask_weight_decay
         self.fold_on_fit_end = fold_on_fit_end
         self.seed = seed
+        self.log_every_n_steps = log_every_n_steps
+        self.log_histograms = log_histograms
+        self.plots = plots
 
         self.position: Optional[float] = None  # t of the last mask update
         self.target: float = 0.0  # target of the last update (sparsity, or gate threshold)
         self.pruned: int = 0  # entries pruned by the last update
         self.threshold: Optional[float] = None  # the cut of the last update (see select.Selection)
         self.scores_initialized = False
+        self.history: dict[str, list] = {"layers": [], "positions": [], "sparsity": []}  # per update
+        self._churn: dict[str, torch.Tensor] = {}
         self._span = (0.0, 0.0)
         self._masked: list[MaskedTensor] = []
         self._load_hook = None
@@ -214,16 +231,91 @@ class MaskPruningCallback(Callback):
         if self.position == t:
             return
         self.target = self.schedule.value(t, *self._span)
+        previous = [entry.gate.keep.clone() for entry in self._masked]
         if isinstance(self.schedule, ThresholdSchedule):
             selection = self.selector.threshold(self._masked, self.target)
         else:
             selection = self.selector(self._masked, self.target)
         self.pruned, self.threshold = selection
         self.position = t
+        self._churn = stats.churn(self._masked, previous)
+        rows = stats.layer_rows(self._masked)
+        self.history["layers"] = [row["name"] for row in rows]
+        self.history["positions"].append(t)
+        self.history["sparsity"].append([row["sparsity"] for row in rows])
+
+    # ----------------------------------------------------------------------------------------- logging
+    @property
+    def sparsity_now(self) -> float:
+        """The global sparsity after the last update (host value, no sync)."""
+        total = sum(entry.numel for entry in self._masked)
+        return self.pruned / total if total else 0.0
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        pl_module.log("masks/sparsity", self.sparsity_now, prog_bar=True, logger=False, on_step=True,
+                      on_epoch=False)
+        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        if every and trainer.global_step % every == 0:
+            self._log_stats(trainer, histograms=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_stats(trainer, histograms=self.log_histograms)
+
+    def _log_stats(self, trainer: pl.Trainer, histograms: bool) -> None:
+        if not (trainer.loggers and trainer.is_global_zero and self._masked):
+            return
+        values = stats.mask_stats(self._masked, self._churn)
+        numbers = torch.stack([v.float().cpu() for v in values.values()]).tolist()  # the one host sync
+        metrics = {f"masks/{key}": number for key, number in zip(values, numbers)}
+        metrics["masks/global/target"] = self.target
+        if self.threshold is not None:
+            metrics["masks/global/threshold"] = self.threshold
+        loggers.log_scalars(trainer.loggers, metrics, trainer.global_step)
+        if histograms:
+            loggers.log_histograms(trainer.loggers, self._histograms(), trainer.global_step)
+
+    def _histograms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        result = {}
+        for entry in self._masked:
+            scores = entry.gate.scores.detach()
+            gates = torch.sigmoid(scores / entry.gate.temperature)[entry.gate.keep]
+            result[f"masks/{entry.name}/gates"] = stats.histogram(gates)
+            result[f"masks/{entry.name}/scores"] = stats.histogram(scores, low=scores.min().item(),
+                                                                  high=scores.max().item())
+        return result
+
+    def _report(self, trainer: pl.Trainer) -> None:
+        """The end-of-fit console table, W&B table and summary, and the pictures."""
+        rows = stats.layer_rows(self._masked)
+        rank_zero_info(stats.format_layer_table(rows))
+        if not (trainer.loggers and trainer.is_global_zero):
+            return
+        loggers.log_table(trainer.loggers, "masks/layers", rows)
+        total = sum(row["total"] for row in rows)
+        pruned = total - sum(row["kept"] for row in rows)
+        summary = {"masks/final_sparsity": pruned / total, "masks/pruned": pruned, "masks/total": total}
+        summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k})
+        loggers.log_summary(trainer.loggers, summary)
+        if self.plots:
+            folder = Path(trainer.log_dir or trainer.default_root_dir) / "masks"
+            gate_histograms = {key.split("/", 1)[1].rsplit("/", 1)[0]: (c.cpu().numpy(), e.cpu().numpy())
+                               for key, (c, e) in self._histograms().items() if key.endswith("/gates")}
+            images = {
+                "masks/sparsity_heatmap": plots.sparsity_heatmap(
+                    self.history["layers"], self.history["sparsity"], self.history["positions"],
+                    folder / "sparsity_heatmap.png", unit=self.cadence),
+                "masks/gate_histograms": plots.gate_histograms(gate_histograms, folder / "gate_histograms.png"),
+            }
+            loggers.log_images(trainer.loggers, images, trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- the end
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._masked:
+            self._report(trainer)
         if self.fold_on_fit_end:
             fold(pl_module)
             self._masked = []
@@ -239,7 +331,8 @@ class MaskPruningCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "target": self.target, "pruned": self.pruned,
-                "scores_initialized": self.scores_initialized}
+                "threshold": self.threshold, "scores_initialized": self.scores_initialized,
+                "history": self.history}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -247,6 +340,8 @@ class MaskPruningCallback(Callback):
         self.target = state_dict["target"]
         self.pruned = state_dict["pruned"]
         self.scores_initialized = state_dict["scores_initialized"]
+        self.threshold = state_dict.get("threshold")
+        self.history = state_dict.get("history", self.history)
 
 
 def _check_strategy(strategy: Any) -> None:

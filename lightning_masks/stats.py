@@ -1,0 +1,129 @@
+"""Mask statistics as plain tensors and rows: no logging here, no host sync until the caller asks.
+
+Gate statistics are over the kept entries (the live gates) and use the raw gate ``sigmoid(scores / T)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .masks import MaskedTensor
+
+__all__ = [
+    "UNDECIDED",
+    "churn",
+    "format_layer_table",
+    "histogram",
+    "layer_rows",
+    "mask_stats",
+    "tensor_stats",
+]
+
+#: A gate strictly between these is undecided.
+UNDECIDED = (0.1, 0.9)
+
+
+def _gates(entry: MaskedTensor) -> Tensor:
+    gate = entry.gate
+    return torch.sigmoid(gate.scores.detach().float() / gate.temperature)
+
+
+def churn(masked: Sequence[MaskedTensor], previous_keeps: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Per tensor, the number of entries whose keep bit differs from ``previous_keeps`` (0-dim tensors)."""
+    return {entry.name: (entry.gate.keep != previous).sum() for entry, previous in zip(masked, previous_keeps)}
+
+
+def _moments(entry: MaskedTensor, churned: Optional[Tensor]) -> dict[str, Tensor]:
+    """Sums from which per-tensor and global statistics are both derived (0-dim tensors)."""
+    keep = entry.gate.keep
+    live = _gates(entry)[keep]
+    nan = torch.tensor(float("nan"), device=keep.device)
+    zero = torch.zeros((), device=keep.device)
+    return {
+        "total": torch.tensor(float(entry.numel), device=keep.device),
+        "kept": keep.sum().float(),
+        "gate_sum": live.sum(),
+        "gate_sumsq": (live * live).sum(),
+        "gate_min": live.min() if live.numel() else nan,
+        "gate_max": live.max() if live.numel() else nan,
+        "undecided": ((live > UNDECIDED[0]) & (live < UNDECIDED[1])).sum().float(),
+        "churn": churned.float() if churned is not None else zero,
+    }
+
+
+def _finish(m: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    kept = m["kept"]
+    mean = m["gate_sum"] / kept
+    variance = (m["gate_sumsq"] / kept - mean * mean).clamp_min(0) * kept / (kept - 1).clamp_min(1)
+    return {
+        "sparsity": 1 - kept / m["total"],
+        "kept": kept,
+        "gate_mean": mean,
+        "gate_std": variance.sqrt(),
+        "gate_min": m["gate_min"],
+        "gate_max": m["gate_max"],
+        "undecided": m["undecided"] / kept,
+        "churn": m["churn"],
+    }
+
+
+def tensor_stats(entry: MaskedTensor, churned: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Statistics of one masked tensor as 0-dim tensors on its device.
+
+    ``sparsity`` (hard, from the keep bits), ``kept`` (count), ``gate_mean``/``gate_std``/``gate_min``/
+    ``gate_max`` and ``undecided`` (the share of gates in (0.1, 0.9)) over kept entries, and ``churn``
+    as given (see :func:`churn`; 0 without it).
+    """
+    return _finish(_moments(entry, churned))
+
+
+def mask_stats(masked: Sequence[MaskedTensor], churned: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+    """Per-tensor statistics keyed ``"<name>/<stat>"`` and global ones keyed ``"global/<stat>"``."""
+    churned = churned or {}
+    moments = [_moments(entry, churned.get(entry.name)) for entry in masked]
+    result = {}
+    for entry, m in zip(masked, moments):
+        result.update({f"{entry.name}/{k}": v for k, v in _finish(m).items()})
+    if moments:
+        combined = {k: torch.stack([m[k].to(moments[0][k].device) for m in moments]) for k in moments[0]}
+        totals = {k: v.sum() for k, v in combined.items()}
+        totals["gate_min"] = combined["gate_min"].nan_to_num(float("inf")).min()
+        totals["gate_max"] = combined["gate_max"].nan_to_num(float("-inf")).max()
+        result.update({f"global/{k}": v for k, v in _finish(totals).items()})
+    return result
+
+
+def histogram(values: Tensor, bins: int = 64, low: float = 0.0, high: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Return ``(counts, edges)`` of ``values`` over ``[low, high]`` (computed on the values' device)."""
+    values = values.detach().float().flatten()
+    if high <= low:
+        high = low + 1.0
+    counts = torch.histc(values, bins=bins, min=low, max=high)
+    return counts, torch.linspace(low, high, bins + 1)
+
+
+def layer_rows(masked: Sequence[MaskedTensor]) -> list[dict]:
+    """One row per masked tensor: name, shape, kept, total, sparsity (host values)."""
+    rows = []
+    for entry in masked:
+        kept = int(entry.gate.keep.sum())
+        rows.append({"name": entry.name, "shape": "x".join(map(str, entry.weight.shape)), "kept": kept,
+                     "total": entry.numel, "sparsity": 1 - kept / entry.numel})
+    return rows
+
+
+def format_layer_table(rows: Sequence[Mapping]) -> str:
+    """The console table of :func:`layer_rows`, ending with ``pruned a/N (x%)``."""
+    header = ("layer", "shape", "kept / total", "sparsity")
+    lines = [(r["name"], r["shape"], f"{r['kept']:,} / {r['total']:,}", f"{100 * r['sparsity']:.2f}%") for r in rows]
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
+    fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+    total = sum(r["total"] for r in rows)
+    pruned = total - sum(r["kept"] for r in rows)
+    body = [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*line) for line in lines)]
+    body.append(f"pruned {pruned:,}/{total:,} ({100 * pruned / max(total, 1):.2f}%)")
+    return "\n".join(body)

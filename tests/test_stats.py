@@ -1,0 +1,70 @@
+"""Mask statistics against a brute-force recount."""
+
+import math
+
+import torch
+from torch import nn
+
+from lightning_masks import Selector, attach
+from lightning_masks.stats import churn, format_layer_table, histogram, layer_rows, mask_stats, tensor_stats
+
+
+def masked_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(7, 5), nn.Linear(5, 3))
+    masked = attach(model, init=lambda w: torch.randn_like(w) * 3)
+    return model, masked
+
+
+def recount(entries):
+    gates = [torch.sigmoid(e.gate.scores.detach()).flatten()[e.gate.keep.flatten()].tolist() for e in entries]
+    flat = [g for layer in gates for g in layer]
+    total = sum(e.numel for e in entries)
+    mean = sum(flat) / len(flat)
+    return {
+        "sparsity": 1 - len(flat) / total,
+        "kept": len(flat),
+        "gate_mean": mean,
+        "gate_std": math.sqrt(sum((g - mean) ** 2 for g in flat) / (len(flat) - 1)),
+        "gate_min": min(flat),
+        "gate_max": max(flat),
+        "undecided": sum(0.1 < g < 0.9 for g in flat) / len(flat),
+    }
+
+
+def test_statistics_match_a_brute_force_recount():
+    _, masked = masked_model()
+    Selector(layer_floor=0.0)(masked, 0.4)
+    values = {k: v.item() for k, v in mask_stats(masked).items()}
+    for entry in masked:
+        for key, expected in recount([entry]).items():
+            assert math.isclose(values[f"{entry.name}/{key}"], expected, rel_tol=1e-5, abs_tol=1e-6), key
+        assert tensor_stats(entry)["kept"].item() == recount([entry])["kept"]
+    for key, expected in recount(masked).items():
+        assert math.isclose(values[f"global/{key}"], expected, rel_tol=1e-5, abs_tol=1e-6), key
+
+
+def test_churn_counts_exactly_the_flipped_keep_bits():
+    _, masked = masked_model()
+    Selector(layer_floor=0.0)(masked, 0.3)
+    previous = [e.gate.keep.clone() for e in masked]
+    with torch.no_grad():
+        masked[0].gate.keep[0, :3] = ~masked[0].gate.keep[0, :3]
+        masked[1].gate.keep[2, 4] = ~masked[1].gate.keep[2, 4]
+    counts = churn(masked, previous)
+    assert [counts[e.name].item() for e in masked] == [3, 1]
+    values = mask_stats(masked, counts)
+    assert values["global/churn"].item() == 4 and values["1.weight/churn"].item() == 1
+    assert mask_stats(masked)["global/churn"].item() == 0
+
+
+def test_histogram_and_layer_table():
+    counts, edges = histogram(torch.tensor([0.05, 0.5, 0.55, 0.95]), bins=10)
+    assert counts.tolist() == [1, 0, 0, 0, 0, 2, 0, 0, 0, 1] and len(edges) == 11
+    _, masked = masked_model()
+    Selector(layer_floor=0.0)(masked, 0.5)
+    rows = layer_rows(masked)
+    assert [(r["name"], r["shape"], r["total"]) for r in rows] == [("0.weight", "5x7", 35), ("1.weight", "3x5", 15)]
+    assert sum(r["kept"] for r in rows) == 25
+    table = format_layer_table(rows)
+    assert "0.weight" in table and "5x7" in table and table.endswith("pruned 25/50 (50.00%)")
