@@ -82,6 +82,7 @@ def test_wandb_offline_run_holds_curves_histograms_table_images_and_summary(tiny
     summary = wandb_reader.summary(run_file)
     assert summary["masks/final_sparsity"] == pytest.approx(round(0.8 * TOTAL) / TOTAL)
     assert summary["masks/pruned"] == round(0.8 * TOTAL)
+    assert 0 <= summary["val_acc"] <= 1
 
 
 def test_console_table_and_pictures(tiny_module, tmp_path, caplog, monkeypatch):
