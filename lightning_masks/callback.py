@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.nn.utils import parametrize
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -146,6 +147,7 @@ class MaskPruningCallback(Callback):
         self.scores_initialized = False
         self.history: dict[str, list] = {"layers": [], "positions": [], "sparsity": []}  # per update
         self._churn: dict[str, torch.Tensor] = {}
+        self._gate_cache = None
         self._span = (0.0, 0.0)
         self._masked: list[MaskedTensor] = []
         self._load_hook = None
@@ -310,6 +312,22 @@ class MaskPruningCallback(Callback):
                 "masks/gate_histograms": plots.gate_histograms(gate_histograms, folder / "gate_histograms.png"),
             }
             loggers.log_images(trainer.loggers, images, trainer.global_step)
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def _cache_gates(self) -> None:
+        """Compute each masked weight once per evaluation loop instead of once per batch."""
+        if self._gate_cache is None:
+            self._gate_cache = parametrize.cached()
+            self._gate_cache.__enter__()
+
+    def _drop_gate_cache(self, *args: Any) -> None:
+        if self._gate_cache is not None:
+            cache, self._gate_cache = self._gate_cache, None
+            cache.__exit__(None, None, None)
+
+    on_validation_start = on_test_start = on_predict_start = override(lambda self, *args: self._cache_gates())
+    on_validation_end = on_test_end = on_predict_end = override(_drop_gate_cache)
+    on_exception = override(_drop_gate_cache)
 
     # ----------------------------------------------------------------------------------------- the end
     @override

@@ -343,3 +343,18 @@ def test_sharding_strategies_are_refused(strategy):
         _check_strategy(strategy)
     _check_strategy(DDPStrategy())
     _check_strategy(SingleDeviceStrategy("cpu"))
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_gates_are_computed_once_per_evaluation_loop(tiny_module, stage):
+    pruner = MaskPruningCallback(0.5, end=1, fold_on_fit_end=False)
+    make_trainer(max_epochs=1, callbacks=[pruner], limit_val_batches=0).fit(tiny_module)
+    calls = []
+    for entry in masked_tensors(tiny_module):
+        entry.gate.register_forward_hook(lambda *args: calls.append(1))
+    getattr(make_trainer(callbacks=[pruner]), stage)(tiny_module)  # 4 batches
+    assert len(calls) == 2  # one per masked tensor, not one per batch
+    assert parametrize._cache_enabled == 0 and not parametrize._cache
+    x = torch.randn(2, 8)
+    tiny_module(x)
+    assert len(calls) == 4  # outside evaluation, computed on every access again

@@ -67,6 +67,7 @@ def test_wandb_offline_run_holds_curves_histograms_table_images_and_summary(tiny
     fit_with(logger, tiny_module)
     wandb.finish()
     [run_file] = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    wandb_reader.wait_until_finished(run_file)
     rows = wandb_reader.history(run_file)
     sparsity = [row["masks/global/sparsity"] for row in rows if "masks/global/sparsity" in row]
     assert len(sparsity) >= 6 and sparsity[-1] == pytest.approx(round(0.8 * TOTAL) / TOTAL)

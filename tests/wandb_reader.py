@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -44,6 +45,15 @@ def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
             records.append(record)
             parts = []
     return records
+
+
+def wait_until_finished(path: str | Path, timeout: float = 60.0) -> None:
+    """Wait until the run's ``exit`` record is in the file (the writer may still be flushing)."""
+    deadline = time.monotonic() + timeout
+    while not any(r.WhichOneof("record_type") == "exit" for r in read_records(path)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} has no exit record after {timeout}s")
+        time.sleep(0.2)
 
 
 def history(path: str | Path) -> list[dict]:
