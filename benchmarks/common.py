@@ -1,0 +1,106 @@
+"""Shared pieces of the benchmarks: data, models, the pruned weights, the sparsity schedule, result files."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_masks import Schedule
+from lightning_masks.zoo import MLP, FashionMNISTDataModule, LeNet5
+
+__all__ = [
+    "MODELS",
+    "RESULTS",
+    "append_jsonl",
+    "build_model",
+    "load_fashion_mnist",
+    "markdown_table",
+    "mean_std",
+    "prunable",
+    "read_jsonl",
+    "sparsity_counts",
+    "target_count",
+    "target_sparsity",
+]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: Model name -> constructor of the LightningModule (Adam lr 1e-3 unless told otherwise).
+MODELS = {
+    "lenet300": lambda lr: MLP(in_features=784, hidden=(300, 100), lr=lr),
+    "lenet5": lambda lr: LeNet5(lr=lr),
+}
+
+
+def build_model(name: str, lr: float = 1e-3) -> nn.Module:
+    """Return a fresh model by name (seed torch first for a reproducible init)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    return MODELS[name](lr)
+
+
+def load_fashion_mnist() -> dict[str, tuple[Tensor, Tensor]]:
+    """Return Fashion-MNIST as in-memory ``(inputs, targets)`` for ``train`` (55k), ``val`` (5k) and ``test`` (10k)."""
+    splits = FashionMNISTDataModule().load()
+    return {name: tuple(split.tensors) for name, split in zip(("train", "val", "test"), splits)}
+
+
+def prunable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every Linear/Conv2d: the weights every method prunes."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            yield name, module
+
+
+def sparsity_counts(model: nn.Module) -> tuple[int, int]:
+    """Return ``(exact zeros, total)`` over the prunable weights as they are now (measured, not assumed)."""
+    zeros = total = 0
+    for _, module in prunable(model):
+        weight = module.weight.detach()
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros, total
+
+
+def target_sparsity(final: float, epoch: int, start: int, end: int) -> float:
+    """The common cubic schedule (Zhu & Gupta 2017): the target as epoch ``epoch`` starts."""
+    return Schedule("cubic", final=final, start=start, end=end).value(epoch, start, end)
+
+
+def target_count(final: float, epoch: int, start: int, end: int, total: int) -> int:
+    """The number of weights pruned at the start of ``epoch``: ``round(target * total)``."""
+    return round(target_sparsity(final, epoch, start, end) * total)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one record as a JSON line (flushed, so a killed grid keeps what finished)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read every record of a JSONL file (none when it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """Render a markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,233 @@
+"""What the masks cost: training-step and evaluation-step time and memory relative to dense, and one mask update.
+
+Plain loops (forward, backward, ``optimizer.step``) on the bare networks, no Lightning loop, so the numbers are
+about the masking itself. Methods, each on its own copy of the same network, 90% sparse:
+
+    dense    the plain network
+    prune    ``torch.nn.utils.prune`` global L1 masks (what Lightning's ModelPruning installs)
+    masks    ``lightning_masks.attach`` + ``Selector()``: ``w * sigmoid(s) * keep``, scores trained by Adam
+
+Methods are interleaved (rotated each round) and each time is the median over rounds after warm-up.
+Memory is measured in bytes of tensors: the persistent state (parameters, gradients, optimizer state, buffers
+and masks) plus the tensors autograd saves for backward in one step (deduplicated by storage), the part that
+grows with the masks. Writes ``results/overhead.md`` and ``results/overhead.json``.
+
+Times are this thread's CPU time (``time.thread_time``), robust to other processes on shared cores.
+
+Example:
+    python benchmarks/overhead.py            # about 2 minutes on one core
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize, prune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, build_model, markdown_table, prunable
+
+import lightning_masks
+
+SPARSITY = 0.9
+INPUT = {"lenet300": (784,), "lenet5": (1, 28, 28)}
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def with_prune(net: nn.Module) -> nn.Module:
+    """Install global L1 masks at 90% (forward pre-hooks computing ``weight_orig * weight_mask``)."""
+    parameters = [(module, "weight") for _, module in prunable(net)]
+    prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured, amount=SPARSITY)
+    return net
+
+
+def with_masks(net: nn.Module) -> nn.Module:
+    """Attach our masks and select 90% of them."""
+    lightning_masks.Selector()(lightning_masks.attach(net), SPARSITY)
+    return net
+
+
+METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {"dense": lambda net: net, "prune": with_prune,
+                                                        "masks": with_masks}
+
+
+class Case:
+    """One method on one network copy, with its optimizer and a fixed batch."""
+
+    def __init__(self, net: nn.Module, inputs: Tensor, targets: Tensor) -> None:
+        self.net, self.inputs, self.targets = net, inputs, targets
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def train_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(self.net(self.inputs), self.targets).backward()
+        self.optimizer.step()
+
+
+def make_cases(model: str, batch: int, methods: list[str]) -> dict[str, Case]:
+    torch.manual_seed(0)
+    base = build_model(model).net
+    inputs, targets = torch.randn(batch, *INPUT[model]), torch.randint(0, 10, (batch,))
+    return {name: Case(METHODS[name](copy.deepcopy(base)), inputs, targets) for name in methods}
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, repeat: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, timed ``repeat`` calls at a time, methods rotated per round.
+
+    The clock is this thread's CPU time (torch runs on one thread here), so other processes sharing the cores
+    do not inflate the numbers.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            began = time.thread_time()
+            for _ in range(repeat):
+                fns[name]()
+            samples[name].append((time.thread_time() - began) / repeat)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def evaluator(net: nn.Module, inputs: Tensor, cached: bool = False) -> Callable[[], Tensor]:
+    """An evaluation step (no grad, eval mode), with the parametrizations computed once per call when ``cached``."""
+
+    @torch.no_grad()
+    def run() -> Tensor:
+        if not cached:
+            return net(inputs)
+        with parametrize.cached():
+            return net(inputs)
+
+    net.eval()
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def tensor_bytes(tensors: list[Tensor], seen: set[int]) -> int:
+    """Bytes of the tensors' storages not in ``seen`` (which is updated)."""
+    total = 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def memory(case: Case) -> dict[str, int]:
+    """Persistent bytes (parameters, grads, optimizer state, buffers) and bytes saved for backward in one step."""
+    saved: list[Tensor] = []
+
+    def pack(tensor: Tensor) -> Tensor:
+        saved.append(tensor)
+        return tensor
+
+    case.optimizer.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = nn.functional.cross_entropy(case.net(case.inputs), case.targets)
+    loss.backward()
+    case.optimizer.step()
+    params = list(case.net.parameters())
+    state = [v for s in case.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
+    seen: set[int] = {case.inputs.untyped_storage().data_ptr()}
+    persistent = tensor_bytes(params + [p.grad for p in params if p.grad is not None] + state
+                             + list(case.net.buffers()), seen)
+    return {"persistent": persistent, "saved": tensor_bytes(saved, seen)}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def measure_train(model: str, batch: int, rounds: int, repeat: int) -> dict:
+    """Training-step times and memory of every method, and the mask update, for one model and batch size."""
+    cases = make_cases(model, batch, list(METHODS))
+    train = interleaved({name: case.train_step for name, case in cases.items()}, rounds, repeat)
+    mem = {name: memory(case) for name, case in cases.items()}
+    masked = lightning_masks.masked_tensors(cases["masks"].net)
+    update = interleaved({"update": lambda: lightning_masks.Selector()(masked, SPARSITY)}, max(rounds // 3, 3), 1)
+    return {"model": model, "batch": batch, "train_s": train, "memory": mem, "update_s": update["update"]}
+
+
+def measure_eval(model: str, batch: int, rounds: int, repeat: int) -> dict:
+    """Evaluation-step times of every method (ours also under ``parametrize.cached()``) for one model."""
+    cases = make_cases(model, batch, list(METHODS))
+    evals = {name: evaluator(case.net, case.inputs) for name, case in cases.items()}
+    evals["masks (cached)"] = evaluator(cases["masks"].net, cases["masks"].inputs, cached=True)
+    return {"model": model, "batch": batch, "eval_s": interleaved(evals, rounds, repeat)}
+
+
+def ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}×"
+
+
+def render(results: list[dict], evaluations: list[dict]) -> str:
+    """Markdown: train and memory per model/batch, eval per model, the update against a step."""
+    header = ["model", "batch", "method", "train step", "× dense", "saved for backward", "× dense", "total memory",
+              "× dense"]
+    rows = []
+    for r in results:
+        dense_mem = r["memory"]["dense"]
+        for name, seconds in r["train_s"].items():
+            mem = r["memory"][name]
+            rows.append([r["model"], str(r["batch"]), name, f"{1e3 * seconds:.2f} ms",
+                         ratio(seconds, r["train_s"]["dense"]), f"{mem['saved'] / 2**20:.2f} MiB",
+                         ratio(mem["saved"], dense_mem["saved"]),
+                         f"{(mem['saved'] + mem['persistent']) / 2**20:.2f} MiB",
+                         ratio(mem["saved"] + mem["persistent"], dense_mem["saved"] + dense_mem["persistent"])])
+    eval_rows = [[r["model"], str(r["batch"]), name, f"{1e3 * seconds:.2f} ms", ratio(seconds, r["eval_s"]["dense"])]
+                 for r in evaluations for name, seconds in r["eval_s"].items()]
+    update_rows = []
+    for r in results:
+        update_rows.append([r["model"], str(r["batch"]), f"{1e3 * r['update_s']:.2f} ms",
+                            f"{1e3 * r['train_s']['masks']:.2f} ms", ratio(r["update_s"], r["train_s"]["masks"])])
+    return ("# Overhead of the masks (CPU, one thread, medians)\n\n"
+            f"`python benchmarks/overhead.py`; {SPARSITY:.0%} sparse; torch {torch.__version__}.\n\n"
+            "## Training step (forward, backward, Adam step)\n\n" + markdown_table(header, rows)
+            + "\n\n## Evaluation step (no grad)\n\n"
+            + markdown_table(["model", "batch", "method", "eval step", "× dense"], eval_rows)
+            + "\n\n## One mask update (`Selector()(masked_tensors(model), 0.9)`) against a masked training step\n\n"
+            + markdown_table(["model", "batch", "update", "train step (masks)", "update / step"], update_rows) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["lenet300", "lenet5"], choices=sorted(INPUT))
+    parser.add_argument("--batches", nargs="+", type=int, default=[128, 512])
+    parser.add_argument("--eval-batch", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds per method (the median is taken)")
+    parser.add_argument("--repeat", type=int, default=4, help="steps per timed round")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results, evaluations = [], []
+    for model in args.models:
+        for batch in args.batches:
+            results.append(measure_train(model, batch, args.rounds, args.repeat))
+            print(f"{model} batch {batch}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in
+                                                          results[-1]["train_s"].items()), flush=True)
+        evaluations.append(measure_eval(model, args.eval_batch, args.rounds, max(args.repeat // 2, 1)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps({"train": results, "eval": evaluations}, indent=1))
+    text = render(results, evaluations)
+    (args.out / "overhead.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
