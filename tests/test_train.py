@@ -1,0 +1,193 @@
+"""The Hydra app: every config group composes and instantiates, the default and every recipe run, bad input fails fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from datafiles import write_cifar10, write_fashion_mnist
+from lightning_masks import MaskPruningCallback, get_initializer, list_initializers
+from lightning_masks.configs import CONFIG_MODULE, list_recipes
+from lightning_masks.schedule import Schedule
+from lightning_masks.train import RESULT_FILE, layer_table, run
+
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def options(group: str) -> list[str]:
+    """The YAML choices of a config group shipped in conf/."""
+    folder = resources.files(CONFIG_MODULE).joinpath(group)
+    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def compose_config(overrides=(), output_dir: Path | None = None, mode: RunMode | None = None):
+    """Compose the app's config as the command would, with the Hydra runtime set (for ${hydra:...})."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = mode or cfg.hydra.mode or RunMode.RUN
+        cfg.hydra.runtime.output_dir = str(output_dir or Path.cwd())
+        cfg.hydra.job.override_dirname = ",".join(sorted(overrides))
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as Hydra hands the config to the app
+    return cfg
+
+
+def command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``python -m lightning_masks.train ARGS`` in ``cwd``, offline."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "lightning_masks.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ------------------------------------------------------------------------------------- every group composes
+@pytest.mark.parametrize("group, option", [(g, o) for g in ("data", "model", "trainer", "logger")
+                                           for o in options(g) if o != "default"])
+def test_every_config_group_option_instantiates(group, option, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    extra = {"data": ["data.root=/anywhere"] if option == "cifar10" else [],
+             "trainer": ["trainer.accelerator=cpu"]}.get(group, [])  # no GPU needed to build a gpu/ddp Trainer
+    cfg = compose_config([f"{group}={option}", *extra], tmp_path)
+    node = cfg[group]
+    built = [instantiate(value) for value in node.values()] if group == "logger" else [instantiate(node)]
+    expected = {"data": "DataModule", "model": "", "trainer": "Trainer", "logger": "Logger"}[group]
+    assert all(type(obj).__name__.endswith(expected) for obj in built)
+    assert (group != "logger") or len(built) == (option != "none")
+
+
+@pytest.mark.parametrize("name", list_initializers())
+def test_every_registered_initializer_has_a_config(name):
+    assert name in options("masks/init"), f"conf/masks/init/{name}.yaml is missing"
+    initializer = instantiate(compose_config([f"masks/init={name}"]).masks.init)
+    assert type(initializer) is type(get_initializer(name))
+
+
+@pytest.mark.parametrize("schedule", options("masks/schedule"))
+def test_every_schedule_config_builds_the_callback(schedule):
+    callback = instantiate(compose_config([f"masks/schedule={schedule}", "masks.sparsity=0.8"]).masks)
+    assert isinstance(callback, MaskPruningCallback) and isinstance(callback.schedule, Schedule)
+    assert callback.schedule.shape == ("cubic" if schedule == "threshold" else schedule)
+    assert callback.schedule.final == (0.5 if schedule == "threshold" else 0.8)
+
+
+def test_noise_scale_reaches_only_initializers_that_take_it():
+    noisy = instantiate(compose_config(["masks/init=magnitude_noise", "masks.init.noise_scale=0.1"]).masks.init)
+    assert noisy.noise_scale == 0.1
+    plain = instantiate(compose_config(["masks/init=magnitude", "masks.init.noise_scale=0.1"]).masks.init)
+    assert not hasattr(plain, "noise_scale")
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])
+def test_launcher_choices_compose(launcher):
+    compose_config([f"hydra/launcher={launcher}"])
+    assert launcher.split("_")[0] in HydraConfig.get().launcher._target_.lower()
+
+
+def test_hparams_search_is_an_optuna_sweep_over_init_noise_and_mask_lr():
+    cfg = compose_config(["hparams_search=masks_optuna"])
+    sweeper = HydraConfig.get().sweeper
+    assert "optuna" in sweeper._target_.lower() and HydraConfig.get().mode == RunMode.MULTIRUN
+    assert set(sweeper.params) == {"masks/init", "masks.init.noise_scale", "masks.mask_lr"}
+    assert cfg.optimized_metric == "val/acc"
+
+
+def test_wandb_runs_are_named_by_overrides_and_grouped_by_sweep(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = ["logger=wandb", "masks/init=stddev"]
+    cfg = compose_config(overrides, tmp_path, mode=RunMode.MULTIRUN)
+    assert cfg.logger.wandb.name == "logger=wandb,masks/init=stddev"
+    assert cfg.logger.wandb.group == HydraConfig.get().sweep.dir
+    assert compose_config(overrides, tmp_path).logger.wandb.group is None  # a single run has no group
+
+
+# ------------------------------------------------------------------------------------- runs
+def run_config(overrides, tmp_path):
+    cfg = compose_config(["logger=csv", "trainer.fast_dev_run=true", *QUIET, *overrides], tmp_path)
+    return run(cfg)
+
+
+def check_result(result, sparsity):
+    assert result["status"] == "ok"
+    assert {"test/acc", "val/acc"} <= set(result["metrics"])
+    assert result["sparsity"] == pytest.approx(sparsity, abs=1e-3)
+    assert result["layers"] and all(0 <= row["kept"] <= row["total"] for row in result["layers"])
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_every_recipe_runs(recipe, tmp_path):
+    data_root = {"fashion": lambda: write_fashion_mnist(tmp_path / "fashion"),
+                 "cifar10": lambda: write_cifar10(tmp_path / "cifar", per_batch=8)}
+    prefix = recipe.split("_")[0]
+    extra = [f"data.root={data_root[prefix]()}", "data.num_workers=0"] if prefix in data_root else []
+    extra += ["trainer=cpu"] if prefix == "cifar10" else []
+    cfg = compose_config([f"recipe={recipe}", "trainer.fast_dev_run=true", *QUIET, *extra], tmp_path)
+    result = run(cfg)
+    check_result(result, cfg.masks.sparsity)
+    names = {row["name"] for row in result["layers"]}
+    if recipe.endswith("transformer"):
+        assert any(name.endswith("in_proj_weight") for name in names)
+    if "lenet5" in recipe or "resnet" in recipe:
+        assert any(len(row["shape"]) == 4 for row in result["layers"])  # conv weights are masked
+
+
+def test_layer_table_counts_exact_zeros():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    model[0].weight.data[0] = 0.0
+    rows = layer_table(model)
+    assert [(row["name"], row["kept"], row["total"]) for row in rows] == [("0.weight", 8, 12), ("2.weight", 6, 6)]
+    assert rows[0]["sparsity"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.slow
+def test_default_command_trains_and_prints_accuracy_and_sparsity(tmp_path):
+    done = command("trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    headline = next(line for line in done.stdout.splitlines() if "final sparsity" in line)
+    assert "test/acc" in headline and "net.1.weight" in done.stdout
+    (result_file,) = tmp_path.glob(f"outputs/*/*/{RESULT_FILE}")
+    result = json.loads(result_file.read_text())
+    assert result["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert result["metrics"]["test/acc"] > 0.8
+    assert f"{result['metrics']['test/acc']:.4f}" in headline
+    assert (result_file.parent / ".hydra" / "config.yaml").is_file()
+    assert (result_file.parent / "csv" / "metrics.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_unknown_init_name_lists_the_known_ones(tmp_path):
+    with pytest.raises(Exception, match=r"unknown initializer 'nope'; known initializers: \[.*magnitude"):
+        run_config(["masks.init.name=nope"], tmp_path)
+    with pytest.raises(ConfigCompositionException, match="(?s)masks/init.*magnitude_noise"):
+        compose_config(["masks/init=nope"])
+
+
+def test_missing_data_file_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"dataset-fashion-mnist.*data.root"):
+        run_config(["data=fashion_mnist", f"data.root={tmp_path}", "model=lenet300"], tmp_path)
+
+
+def test_bad_sparsity_fails_before_training_with_a_clear_message(tmp_path):
+    done = command("masks.sparsity=1.5", "logger=none", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "sparsity must be in [0, 1), got 1.5" in done.stderr
+    assert "Epoch" not in done.stdout + done.stderr
+    (result_file,) = tmp_path.glob(f"outputs/*/*/{RESULT_FILE}")
+    result = json.loads(result_file.read_text())
+    assert result["status"] == "failed" and "1.5" in result["error"]
