@@ -10,7 +10,6 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.nn.utils import parametrize
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -20,6 +19,7 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from . import loggers, plots, stats
@@ -327,7 +327,12 @@ class MaskPruningCallback(Callback):
 
     on_validation_start = on_test_start = on_predict_start = override(lambda self, *args: self._cache_gates())
     on_validation_end = on_test_end = on_predict_end = override(_drop_gate_cache)
-    on_exception = override(_drop_gate_cache)
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._drop_gate_cache()
+        if self._masked and not self._masked_at_setup and self.position is None:
+            detach(pl_module)  # failed before any mask update: give the user back the plain model
+            self._masked = []
 
     # ----------------------------------------------------------------------------------------- the end
     @override

@@ -14,7 +14,9 @@ from typing import Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -130,7 +132,7 @@ def _tensor_slots(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, 
             names += [n for n in module.parametrizations if n not in names]
         for tensor_name in names:
             if parametrize.is_parametrized(module, tensor_name):
-                tensor = module.parametrizations[tensor_name].original
+                tensor = getattr(module.parametrizations[tensor_name], "original", None)  # None: several originals
             else:
                 tensor = module._parameters[tensor_name]
             if tensor is None:
@@ -144,6 +146,21 @@ def _default_tensor_names(module: nn.Module) -> tuple[str, ...]:
         if isinstance(module, kind):
             return names
     return ()
+
+
+def _foreign_reason(module: nn.Module) -> str | None:
+    """Why a default-target module cannot take a mask: its weight is already computed by something else."""
+    hooks = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
+    if any(isinstance(hook, hooks) for hook in module._forward_pre_hooks.values()):
+        return "already pruned or normalised through a forward pre-hook (torch.nn.utils.prune / weight_norm / " \
+               "spectral_norm); call torch.nn.utils.prune.remove(module, 'weight') or remove the norm first"
+    for name in _default_tensor_names(module):
+        if parametrize.is_parametrized(module, name):
+            others = [type(p).__name__ for p in module.parametrizations[name] if not isinstance(p, MaskGate)]
+            if others:
+                return (f"already parametrized by {others} on {name!r}; remove it first with "
+                        f"torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})")
+    return None
 
 
 def _is_masked(module: nn.Module, tensor_name: str) -> bool:
@@ -181,6 +198,7 @@ def find_targets(
         ValueError: a target or exclude pattern that matches nothing, naming candidates.
     """
     slots = list(_tensor_slots(model))
+    module_names = [name for name, _ in model.named_modules()]
     by_param: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for qualified, _, module, tensor_name, tensor in slots:
         by_param.setdefault(id(tensor), []).append((qualified, module, tensor_name))
@@ -199,7 +217,7 @@ def find_targets(
             hits = {id(t) for _, mn, m, tn, t in slots if by_module(spec, mn, m, tn)}
             if not hits and isinstance(spec, str):
                 hits = {id(t) for q, _, _, _, t in slots if fnmatch.fnmatchcase(q, spec)}
-            if not hits:
+            if not hits and not any(isinstance(spec, str) and fnmatch.fnmatchcase(n, spec) for n in module_names):
                 raise _no_match_error(spec, [q for q, *_ in slots])
             chosen |= hits
         return chosen
@@ -209,6 +227,7 @@ def find_targets(
     else:
         wanted = select(list(targets))
     wanted -= select(list(exclude))
+    _refuse_foreign(model, targets, exclude)
 
     chosen: dict[str, list[tuple[nn.Module, str]]] = {}
     for _, _, _, _, tensor in slots:
@@ -220,6 +239,23 @@ def find_targets(
             continue
         chosen.setdefault(owners[0][0], [(m, tn) for _, m, tn in owners])
     return chosen
+
+
+def _refuse_foreign(model: nn.Module, targets: Iterable[TargetSpec] | None, exclude: Iterable[TargetSpec]) -> None:
+    """Raise if a module that would be masked already has its weight computed by a hook or parametrization."""
+
+    def matched(specs: Iterable[TargetSpec], name: str, module: nn.Module) -> bool:
+        return any(isinstance(module, s) if isinstance(s, type) else fnmatch.fnmatchcase(name, s) for s in specs)
+
+    for name, module in model.named_modules():
+        if not _default_tensor_names(module) or matched(exclude, name, module):
+            continue
+        if targets is not None and not matched(targets, name, module):
+            continue
+        reason = _foreign_reason(module)
+        if reason:
+            raise ValueError(f"{type(module).__name__} {name!r} is {reason}; or leave it unmasked with "
+                             f"exclude=[{name!r}]")
 
 
 def attach(
@@ -355,14 +391,15 @@ def gates_disabled(masked: Iterable[MaskedTensor]) -> Iterator[None]:
 
 
 def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Let ``model.load_state_dict`` accept a masked state dict while ``model`` is plain.
+    """Let ``model.load_state_dict`` accept a masked state dict while ``model`` is plain, and check it.
 
     Before loading, tensors whose keys say they were masked (``<path>.parametrizations.<name>.original``
-    beside ``...0.scores``) get a gate attached; the load then fills scores, keep and temperature.
-    Returns the hook handle; call ``.remove()`` to stop.
+    beside ``...0.scores``) get a gate attached; the load then fills scores, keep and temperature. A
+    strict load whose mask tensors are missing or mis-shaped raises before anything is loaded. Returns
+    the hook handle; call ``.remove()`` to stop.
     """
 
-    def pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    def pre_hook(module: nn.Module, state_dict: dict, prefix: str, metadata: dict, strict: bool, *args) -> None:
         slots = {q: (m, tn) for q, _, m, tn, _ in _tensor_slots(module)}
         wanted = []
         for key in state_dict:
@@ -373,8 +410,48 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
             qualified = f"{path}.{tensor_name}" if path else tensor_name
             if qualified in slots and not _is_masked(*slots[qualified]):
                 wanted.append(qualified)
+        attached = []
         if wanted:
             rescale = any(k.endswith(".gate_scale") for k in state_dict)
-            attach(module, wanted, init=torch.zeros_like, rescale=rescale)
+            attached = attach(module, wanted, init=torch.zeros_like, rescale=rescale)
+        try:
+            if strict:
+                _check_mask_keys(module, state_dict, prefix)
+        except ValueError:
+            for entry in attached:
+                for owner, tensor_name in entry.owners:
+                    _remove_gate(owner, tensor_name)
+            raise
 
     return model._register_load_state_dict_pre_hook(pre_hook, with_module=True)
+
+
+def _check_mask_keys(model: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Raise if the state dict lacks, or mis-shapes, a mask tensor of ``model`` (before any is loaded)."""
+    problems = []
+    masked = {q for q, _, m, tn, _ in _tensor_slots(model) if _is_masked(m, tn)}
+    for key in state_dict:
+        if key.startswith(prefix) and PARAMETRIZATION_MARK in key:
+            path, _, rest = key[len(prefix):].partition(PARAMETRIZATION_MARK)
+            tensor_name = rest.split(".")[0]
+            if (f"{path}.{tensor_name}" if path else tensor_name) not in masked:
+                problems.append(f"{key!r} is a mask tensor of a weight the model does not mask")
+    for _, module_name, module, tensor_name, tensor in _tensor_slots(model):
+        if not _is_masked(module, tensor_name):
+            continue
+        gate = module.parametrizations[tensor_name][0]
+        base = f"{prefix}{module_name + '.' if module_name else ''}parametrizations.{tensor_name}."
+        expected = {"original": tensor.shape, "0.scores": gate.scores.shape, "0.keep": gate.keep.shape,
+                    "0.temperature": gate.temperature.shape}
+        for suffix, shape in expected.items():
+            value = state_dict.get(base + suffix)
+            if value is None:
+                problems.append(f"{base + suffix!r} is missing")
+            elif tuple(value.shape) != tuple(shape):
+                problems.append(f"{base + suffix!r} has shape {tuple(value.shape)}, the model has {tuple(shape)}")
+    if problems:
+        raise ValueError(
+            f"the state dict does not match the model's masks ({len(problems)} problems: "
+            f"{'; '.join(problems[:4])}{'; ...' if len(problems) > 4 else ''}); nothing was loaded. Load a "
+            "checkpoint written with the same model and mask targets, or fold it with fold_checkpoint first"
+        )
