@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -101,15 +102,15 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, repeat: int, 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def evaluator(net: nn.Module, inputs: Tensor, cached: bool = False) -> Callable[[], Tensor]:
-    """An evaluation step (no grad, eval mode), with the parametrizations computed once per call when ``cached``."""
+def evaluator(net: nn.Module, inputs: Tensor, batches: int, cached: bool = False) -> Callable[[], None]:
+    """One evaluation pass of ``batches`` batches (no grad, eval mode); ``cached`` computes the masked weights
+    once for the whole pass (``parametrize.cached()``) instead of once per batch."""
 
     @torch.no_grad()
-    def run() -> Tensor:
-        if not cached:
-            return net(inputs)
-        with parametrize.cached():
-            return net(inputs)
+    def run() -> None:
+        with parametrize.cached() if cached else contextlib.nullcontext():
+            for _ in range(batches):
+                net(inputs)
 
     net.eval()
     return run
@@ -156,15 +157,18 @@ def measure_train(model: str, batch: int, rounds: int, repeat: int) -> dict:
     mem = {name: memory(case) for name, case in cases.items()}
     masked = lightning_masks.masked_tensors(cases["masks"].net)
     update = interleaved({"update": lambda: lightning_masks.Selector()(masked, SPARSITY)}, max(rounds // 3, 3), 1)
-    return {"model": model, "batch": batch, "train_s": train, "memory": mem, "update_s": update["update"]}
+    return {"model": model, "batch": batch, "rounds": rounds, "repeat": repeat, "train_s": train, "memory": mem,
+            "update_s": update["update"]}
 
 
-def measure_eval(model: str, batch: int, rounds: int, repeat: int) -> dict:
-    """Evaluation-step times of every method (ours also under ``parametrize.cached()``) for one model."""
+def measure_eval(model: str, batch: int, batches: int, rounds: int) -> dict:
+    """Per-batch evaluation time of every method (ours also under ``parametrize.cached()``) for one model."""
     cases = make_cases(model, batch, list(METHODS))
-    evals = {name: evaluator(case.net, case.inputs) for name, case in cases.items()}
-    evals["masks (cached)"] = evaluator(cases["masks"].net, cases["masks"].inputs, cached=True)
-    return {"model": model, "batch": batch, "eval_s": interleaved(evals, rounds, repeat)}
+    evals = {name: evaluator(case.net, case.inputs, batches) for name, case in cases.items()}
+    evals["masks (cached)"] = evaluator(cases["masks"].net, cases["masks"].inputs, batches, cached=True)
+    per_pass = interleaved(evals, rounds, 1, warmup=1)
+    return {"model": model, "batch": batch, "batches": batches,
+            "eval_s": {name: seconds / batches for name, seconds in per_pass.items()}}
 
 
 def ratio(value: float, reference: float) -> str:
@@ -192,9 +196,10 @@ def render(results: list[dict], evaluations: list[dict]) -> str:
         update_rows.append([r["model"], str(r["batch"]), f"{1e3 * r['update_s']:.2f} ms",
                             f"{1e3 * r['train_s']['masks']:.2f} ms", ratio(r["update_s"], r["train_s"]["masks"])])
     return ("# Overhead of the masks (CPU, one thread, medians)\n\n"
-            f"`python benchmarks/overhead.py`; {SPARSITY:.0%} sparse; torch {torch.__version__}.\n\n"
+            f"`python benchmarks/overhead.py`; {SPARSITY:.0%} sparse; torch {torch.__version__}; thread CPU time, "
+            f"median of {results[0]['rounds']} rounds of {results[0]['repeat']} steps after warm-up.\n\n"
             "## Training step (forward, backward, Adam step)\n\n" + markdown_table(header, rows)
-            + "\n\n## Evaluation step (no grad)\n\n"
+            + f"\n\n## Evaluation step (no grad), per batch of a {evaluations[0]['batches']}-batch pass\n\n"
             + markdown_table(["model", "batch", "method", "eval step", "× dense"], eval_rows)
             + "\n\n## One mask update (`Selector()(masked_tensors(model), 0.9)`) against a masked training step\n\n"
             + markdown_table(["model", "batch", "update", "train step (masks)", "update / step"], update_rows) + "\n")
@@ -205,7 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=["lenet300", "lenet5"], choices=sorted(INPUT))
     parser.add_argument("--batches", nargs="+", type=int, default=[128, 512])
     parser.add_argument("--eval-batch", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=30, help="timed rounds per method (the median is taken)")
+    parser.add_argument("--eval-batches", type=int, default=5, help="batches per timed evaluation pass")
+    parser.add_argument("--eval-rounds", type=int, default=10, help="timed evaluation passes per method")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds per method (the median is taken)")
     parser.add_argument("--repeat", type=int, default=4, help="steps per timed round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(measure_train(model, batch, args.rounds, args.repeat))
             print(f"{model} batch {batch}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in
                                                           results[-1]["train_s"].items()), flush=True)
-        evaluations.append(measure_eval(model, args.eval_batch, args.rounds, max(args.repeat // 2, 1)))
+        evaluations.append(measure_eval(model, args.eval_batch, args.eval_batches, args.eval_rounds))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps({"train": results, "eval": evaluations}, indent=1))
     text = render(results, evaluations)

@@ -348,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="results file stem (default quality_<model>)")
     parser.add_argument("--render-only", action="store_true", help="only rebuild the table and plot")
+    parser.add_argument("--reuse", nargs="*", type=Path, default=[],
+                        help="JSONL files whose runs of the same configuration are copied instead of re-run")
     return parser.parse_args(argv)
 
 
@@ -360,6 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     path = args.out / f"{args.name or 'quality_' + args.model}.jsonl"
     if not args.render_only:
         done = {key(r) for r in read_jsonl(path)}
+        reusable = {key(r): r for source in args.reuse for r in read_jsonl(source)}
+        for config in grid(args):
+            if key(config) not in done and key(config) in reusable:
+                append_jsonl(path, reusable[key(config)])
+                done.add(key(config))
         todo = [c for c in grid(args) if key(c) not in done]
         print(f"{len(todo)} runs to do ({len(done)} in {path})", flush=True)
         data = load_fashion_mnist()
