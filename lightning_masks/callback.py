@@ -148,6 +148,7 @@ class MaskPruningCallback(Callback):
         self.history: dict[str, list] = {"layers": [], "positions": [], "sparsity": []}  # per update
         self._churn: dict[str, torch.Tensor] = {}
         self._gate_cache = None
+        self._logged_step: Optional[int] = None  # step of the last scalar log, not to log a step twice
         self._span = (0.0, 0.0)
         self._masked: list[MaskedTensor] = []
         self._load_hook = None
@@ -269,22 +270,27 @@ class MaskPruningCallback(Callback):
     def _log_stats(self, trainer: pl.Trainer, histograms: bool) -> None:
         if not (trainer.loggers and trainer.is_global_zero and self._masked):
             return
-        values = stats.mask_stats(self._masked, self._churn)
-        numbers = torch.stack([v.float().cpu() for v in values.values()]).tolist()  # the one host sync
-        metrics = {f"masks/{key}": number for key, number in zip(values, numbers)}
-        metrics["masks/global/target"] = self.target
-        if self.threshold is not None:
-            metrics["masks/global/threshold"] = self.threshold
-        loggers.log_scalars(trainer.loggers, metrics, trainer.global_step)
+        if self._logged_step != trainer.global_step:
+            self._logged_step = trainer.global_step
+            values = stats.mask_stats(self._masked, self._churn)
+            numbers = torch.stack([v.float().cpu() for v in values.values()]).tolist()  # the one host sync
+            metrics = {f"masks/{key}": number for key, number in zip(values, numbers)}
+            metrics["masks/global/target"] = self.target
+            if self.threshold is not None:
+                metrics["masks/global/threshold"] = self.threshold
+            loggers.log_scalars(trainer.loggers, metrics, trainer.global_step)
         if histograms:
             loggers.log_histograms(trainer.loggers, self._histograms(), trainer.global_step)
 
+    def _gate_histograms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per masked tensor, the histogram of its live (kept) gates."""
+        return {entry.name: stats.histogram(torch.sigmoid(entry.gate.scores.detach() / entry.gate.temperature)
+                                            [entry.gate.keep]) for entry in self._masked}
+
     def _histograms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        result = {}
+        result = {f"masks/{name}/gates": value for name, value in self._gate_histograms().items()}
         for entry in self._masked:
             scores = entry.gate.scores.detach()
-            gates = torch.sigmoid(scores / entry.gate.temperature)[entry.gate.keep]
-            result[f"masks/{entry.name}/gates"] = stats.histogram(gates)
             result[f"masks/{entry.name}/scores"] = stats.histogram(scores, low=scores.min().item(),
                                                                   high=scores.max().item())
         return result
@@ -293,7 +299,10 @@ class MaskPruningCallback(Callback):
         """The end-of-fit console table, W&B table and summary, and the pictures."""
         rows = stats.layer_rows(self._masked)
         rank_zero_info(stats.format_layer_table(rows))
-        if not (trainer.loggers and trainer.is_global_zero):
+        if not trainer.loggers:
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "masks"  # a collective call: all ranks
+        if not trainer.is_global_zero:
             return
         loggers.log_table(trainer.loggers, "masks/layers", rows)
         total = sum(row["total"] for row in rows)
@@ -302,16 +311,18 @@ class MaskPruningCallback(Callback):
         summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k})
         loggers.log_summary(trainer.loggers, summary)
         if self.plots:
-            folder = Path(trainer.log_dir or trainer.default_root_dir) / "masks"
-            gate_histograms = {key.split("/", 1)[1].rsplit("/", 1)[0]: (c.cpu().numpy(), e.cpu().numpy())
-                               for key, (c, e) in self._histograms().items() if key.endswith("/gates")}
-            images = {
-                "masks/sparsity_heatmap": plots.sparsity_heatmap(
-                    self.history["layers"], self.history["sparsity"], self.history["positions"],
-                    folder / "sparsity_heatmap.png", unit=self.cadence),
-                "masks/gate_histograms": plots.gate_histograms(gate_histograms, folder / "gate_histograms.png"),
-            }
-            loggers.log_images(trainer.loggers, images, trainer.global_step)
+            loggers.log_images(trainer.loggers, self._pictures(folder), trainer.global_step)
+
+    def _pictures(self, folder: Path) -> dict[str, Path]:
+        """Write the sparsity heatmap and gate histograms into ``folder``; return them by W&B key."""
+        gates = {name: (c.cpu().numpy(), e.cpu().numpy()) for name, (c, e) in self._gate_histograms().items()}
+        history = self.history
+        return {
+            "masks/sparsity_heatmap": plots.sparsity_heatmap(history["layers"], history["sparsity"],
+                                                             history["positions"], folder / "sparsity_heatmap.png",
+                                                             unit=self.cadence),
+            "masks/gate_histograms": plots.gate_histograms(gates, folder / "gate_histograms.png"),
+        }
 
     # ----------------------------------------------------------------------------------------- evaluation
     def _cache_gates(self) -> None:
