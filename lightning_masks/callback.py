@@ -234,14 +234,12 @@ class MaskPruningCallback(Callback):
         if self.position == t:
             return
         self.target = self.schedule.value(t, *self._span)
-        previous = [entry.gate.keep.clone() for entry in self._masked]
         if isinstance(self.schedule, ThresholdSchedule):
             selection = self.selector.threshold(self._masked, self.target)
         else:
             selection = self.selector(self._masked, self.target)
-        self.pruned, self.threshold = selection
+        self.pruned, self.threshold, self._churn = selection
         self.position = t
-        self._churn = stats.churn(self._masked, previous)
         rows = stats.layer_rows(self._masked)
         self.history["layers"] = [row["name"] for row in rows]
         self.history["positions"].append(t)

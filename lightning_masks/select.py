@@ -93,15 +93,23 @@ def _key_value(key: int) -> float:
 
 
 class Selection(NamedTuple):
-    """What one mask update did: the entries now pruned, and the cut on the importance (or gate).
+    """What one mask update did: the entries now pruned, the cut, and the keep bits it flipped.
 
     ``threshold`` is the importance of the last pruned entry in linear scale (``|w * gate|`` or the gate)
     for global selection, the gate threshold for threshold schedules, and ``None`` where each tensor
-    has its own cut (per layer, N:M) or nothing was pruned.
+    has its own cut (per layer, N:M) or nothing was pruned. ``flipped`` maps each tensor's name to the
+    number of its keep bits this update changed (0-dim tensors on its device: no host sync).
     """
 
     pruned: int
     threshold: Optional[float]
+    flipped: dict[str, Tensor]
+
+
+def _set_keep(entry: MaskedTensor, keep: Tensor, flipped: dict[str, Tensor]) -> None:
+    """Write ``keep`` into the tensor's mask, counting the bits that change."""
+    flipped[entry.name] = (entry.gate.keep != keep).sum()
+    entry.gate.keep.copy_(keep)
 
 
 @dataclass(frozen=True)
@@ -184,9 +192,11 @@ class Selector:
     def __call__(self, masked: Sequence[MaskedTensor], target: float) -> Selection:
         """Set every ``gate.keep`` for ``target`` sparsity."""
         if self.nm.is_nm:
-            return Selection(sum(self._select_nm(entry, target) for entry in masked), None)
+            flipped: dict[str, Tensor] = {}
+            return Selection(sum(self._select_nm(entry, target, flipped) for entry in masked), None, flipped)
         if self.mode == "layer":
-            return Selection(sum(self._select([entry], target, floor=0.0).pruned for entry in masked), None)
+            each = [self._select([entry], target, floor=0.0) for entry in masked]
+            return Selection(sum(s.pruned for s in each), None, {k: v for s in each for k, v in s.flipped.items()})
         return self._select(masked, target, floor=self.layer_floor)
 
     def _select(self, masked: Sequence[MaskedTensor], target: float, floor: float) -> Selection:
@@ -214,10 +224,11 @@ class Selector:
                     values.view(-1)[protected[id(entry)]] = math.inf
                 yield values
 
+        flipped: dict[str, Tensor] = {}
         if count == 0:
             for entry in masked:
-                entry.gate.keep.fill_(True)
-            return Selection(0, None)
+                _set_keep(entry, torch.ones_like(entry.gate.keep), flipped)
+            return Selection(0, None, flipped)
         key, ties = kth_smallest(importances, count)
         for entry, values in zip(masked, importances()):
             keys = _keys(values)
@@ -229,27 +240,27 @@ class Selector:
             elif ties > 0:
                 pruned.view(-1)[equal.view(-1).nonzero()[:ties, 0]] = True
             ties = max(ties - n_equal, 0)
-            entry.gate.keep.copy_(~pruned)
-        return Selection(count, math.exp(_key_value(key)))
+            _set_keep(entry, ~pruned, flipped)
+        return Selection(count, math.exp(_key_value(key)), flipped)
 
-    def _select_nm(self, entry: MaskedTensor, target: float) -> int:
+    def _select_nm(self, entry: MaskedTensor, target: float, flipped: dict[str, Tensor]) -> int:
         n, m = self.nm.n, self.nm.m
         per_group = round(min(target / self.nm.sparsity, 1.0) * (m - n))
         keep = torch.ones((entry.numel // m, m), dtype=torch.bool, device=entry.weight.device)
         if per_group:
             lowest = self._importance(entry).reshape(-1, m).topk(per_group, dim=1, largest=False).indices
             keep.scatter_(1, lowest, False)
-        entry.gate.keep.copy_(keep.view_as(entry.gate.keep))
+        _set_keep(entry, keep.view_as(entry.gate.keep), flipped)
         return per_group * (entry.numel // m)
 
     @torch.no_grad()
     def threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
         """Prune every entry whose gate is below ``threshold``."""
-        pruned = 0
+        pruned, flipped = 0, {}
         for entry in masked:
             keep = _gate_importance(entry) >= math.log(threshold) if threshold > 0 else torch.ones_like(entry.gate.keep)
             if not self.regrow:
                 keep &= entry.gate.keep
-            entry.gate.keep.copy_(keep)
+            _set_keep(entry, keep, flipped)
             pruned += int((~keep).sum())
-        return Selection(pruned, threshold)
+        return Selection(pruned, threshold, flipped)

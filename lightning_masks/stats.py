@@ -15,7 +15,6 @@ from .masks import MaskedTensor
 
 __all__ = [
     "UNDECIDED",
-    "churn",
     "format_layer_table",
     "histogram",
     "layer_rows",
@@ -30,11 +29,6 @@ UNDECIDED = (0.1, 0.9)
 def _gates(entry: MaskedTensor) -> Tensor:
     gate = entry.gate
     return torch.sigmoid(gate.scores.detach().float() / gate.temperature)
-
-
-def churn(masked: Sequence[MaskedTensor], previous_keeps: Sequence[Tensor]) -> dict[str, Tensor]:
-    """Per tensor, the number of entries whose keep bit differs from ``previous_keeps`` (0-dim tensors)."""
-    return {entry.name: (entry.gate.keep != previous).sum() for entry, previous in zip(masked, previous_keeps)}
 
 
 def _moments(entry: MaskedTensor, churned: Optional[Tensor]) -> dict[str, Tensor]:
@@ -76,7 +70,7 @@ def tensor_stats(entry: MaskedTensor, churned: Optional[Tensor] = None) -> dict[
 
     ``sparsity`` (hard, from the keep bits), ``kept`` (count), ``gate_mean``/``gate_std``/``gate_min``/
     ``gate_max`` and ``undecided`` (the share of gates in (0.1, 0.9)) over kept entries, and ``churn``
-    as given (see :func:`churn`; 0 without it).
+    as given: the keep bits the last update flipped (``Selection.flipped``; 0 without it).
     """
     return _finish(_moments(entry, churned))
 

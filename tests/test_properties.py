@@ -29,7 +29,7 @@ def masked_layers(shape_list, seed, ties):
        st.sampled_from(["global", "layer"]))
 def test_selection_count_is_exact_and_keeps_the_most_important(shape_list, target, seed, ties, importance, mode):
     masked = masked_layers(shape_list, seed, ties)
-    pruned, _ = Selector(mode=mode, importance=importance, layer_floor=0.0)(masked, target)
+    pruned, *_ = Selector(mode=mode, importance=importance, layer_floor=0.0)(masked, target)
     keeps = [e.gate.keep for e in masked]
     assert pruned == sum(int((~k).sum()) for k in keeps)
     if mode == "global":

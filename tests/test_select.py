@@ -37,7 +37,7 @@ def test_keys_preserve_float_order():
 def test_global_selection_matches_a_brute_force_sort(importance, target):
     _, masked = model_with_masks()
     expected = brute_force_keep(masked, importance, target)
-    pruned, threshold = Selector(importance=importance, layer_floor=0.0)(masked, target)
+    pruned, threshold, _ = Selector(importance=importance, layer_floor=0.0)(masked, target)
     got = torch.cat([e.gate.keep.flatten() for e in masked])
     assert pruned == round(target * got.numel()) == int((~got).sum())
     assert torch.equal(got, expected)
@@ -57,7 +57,7 @@ def test_ties_are_broken_by_position_deterministically():
 
 def test_layer_mode_prunes_each_layer_to_the_target():
     _, masked = model_with_masks()
-    total, threshold = Selector(mode="layer")(masked, 0.7)
+    total, threshold, _ = Selector(mode="layer")(masked, 0.7)
     assert threshold is None
     counts = [int((~e.gate.keep).sum()) for e in masked]
     assert counts == [round(0.7 * e.numel) for e in masked] and total == sum(counts)
@@ -143,7 +143,7 @@ def test_nm_needs_divisible_rows():
 
 def test_threshold_prunes_gates_below_it():
     _, masked = model_with_masks()
-    pruned, threshold = Selector().threshold(masked, 0.7)
+    pruned, threshold, _ = Selector().threshold(masked, 0.7)
     assert threshold == 0.7
     gates = torch.cat([torch.sigmoid(e.gate.scores.detach()).flatten() for e in masked])
     assert pruned == int((gates < 0.7).sum()) > 0

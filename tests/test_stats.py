@@ -2,11 +2,12 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
 from lightning_masks import Selector, attach
-from lightning_masks.stats import churn, format_layer_table, histogram, layer_rows, mask_stats, tensor_stats
+from lightning_masks.stats import format_layer_table, histogram, layer_rows, mask_stats, tensor_stats
 
 
 def masked_model(seed=0):
@@ -44,17 +45,22 @@ def test_statistics_match_a_brute_force_recount():
         assert math.isclose(values[f"global/{key}"], expected, rel_tol=1e-5, abs_tol=1e-6), key
 
 
-def test_churn_counts_exactly_the_flipped_keep_bits():
+@pytest.mark.parametrize("regrow", [False, True])
+def test_churn_counts_exactly_the_flipped_keep_bits(regrow):
     _, masked = masked_model()
-    Selector(layer_floor=0.0)(masked, 0.3)
+    selector = Selector(layer_floor=0.0, regrow=regrow)
+    first = selector(masked, 0.3)
+    assert sum(v.item() for v in first.flipped.values()) == first.pruned  # all from the dense start
     previous = [e.gate.keep.clone() for e in masked]
-    with torch.no_grad():
-        masked[0].gate.keep[0, :3] = ~masked[0].gate.keep[0, :3]
-        masked[1].gate.keep[2, 4] = ~masked[1].gate.keep[2, 4]
-    counts = churn(masked, previous)
-    assert [counts[e.name].item() for e in masked] == [3, 1]
-    values = mask_stats(masked, counts)
-    assert values["global/churn"].item() == 4 and values["1.weight/churn"].item() == 1
+    with torch.no_grad():  # reshuffle importance so the next update moves entries around
+        for e in masked:
+            e.gate.scores.copy_(torch.randn_like(e.gate.scores) * 3)
+    second = selector(masked, 0.6)
+    recount = [int((p != e.gate.keep).sum()) for p, e in zip(previous, masked)]
+    assert [second.flipped[e.name].item() for e in masked] == recount
+    values = mask_stats(masked, second.flipped)
+    assert values["global/churn"].item() == sum(recount)
+    assert values["1.weight/churn"].item() == recount[1]
     assert mask_stats(masked)["global/churn"].item() == 0
 
 
