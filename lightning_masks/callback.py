@@ -25,6 +25,7 @@ from typing_extensions import override
 from . import loggers, plots, stats
 from .init import InitSpec, get_initializer
 from .masks import MaskedTensor, TargetSpec, attach, detach, fold, gates_disabled, masked_tensors, restore_masks_on_load
+from .optim import place_scores
 from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule, resolve_span
 from .select import Selector, parse_granularity
 
@@ -194,7 +195,8 @@ class MaskPruningCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _place_scores(trainer, self._masked, self.mask_lr, self.mask_weight_decay)
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        place_scores(trainer.optimizers, schedulers, self._masked, self.mask_lr, self.mask_weight_decay)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -412,44 +414,3 @@ class _logging_disabled:
 
     def __exit__(self, *exc: Any) -> None:
         del self.pl_module.log, self.pl_module.log_dict
-
-
-def _place_scores(trainer: pl.Trainer, masked: list[MaskedTensor], lr: Optional[float],
-                  weight_decay: Optional[float]) -> None:
-    """Put the scores in the optimizers: their own param group when ``lr``/``weight_decay`` is set.
-
-    A score goes to the optimizer holding it, else the one holding its weight, else the first. Scores
-    the user's optimizers already train are left alone unless an own group is asked for.
-    """
-    optimizers = trainer.optimizers
-    if not optimizers or not masked:
-        return
-
-    def holder(param: torch.Tensor) -> Optional[tuple[int, dict]]:
-        for index, optimizer in enumerate(optimizers):
-            for group in optimizer.param_groups:
-                if any(p is param for p in group["params"]):
-                    return index, group
-        return None
-
-    own_group = lr is not None or weight_decay is not None
-    placement: dict[int, tuple[dict, list[torch.Tensor]]] = {}
-    for entry in masked:
-        scores = entry.gate.scores
-        found = holder(scores)
-        if found is not None and not own_group:
-            continue
-        index, source = found or holder(entry.weight) or (0, optimizers[0].param_groups[0])
-        placement.setdefault(index, (source, []))[1].append(scores)
-    moving = {id(s) for _, params in placement.values() for s in params}
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in moving]
-    for index, (source, params) in placement.items():
-        group_lr = lr if lr is not None else source["lr"]
-        decay = weight_decay if weight_decay is not None else source.get("weight_decay", 0.0)
-        optimizers[index].add_param_group({"params": params, "lr": group_lr, "weight_decay": decay,
-                                           "initial_lr": group_lr})
-        for config in trainer.lr_scheduler_configs:
-            if config.scheduler.optimizer is optimizers[index] and hasattr(config.scheduler, "base_lrs"):
-                config.scheduler.base_lrs.append(group_lr)

@@ -1,0 +1,54 @@
+"""Put the mask scores into the user's optimizers, with their own learning rate and weight decay if asked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from .masks import MaskedTensor
+
+__all__ = ["place_scores"]
+
+
+def place_scores(optimizers: Sequence[Optimizer], schedulers: Sequence[Any], masked: Sequence[MaskedTensor],
+                 lr: Optional[float] = None, weight_decay: Optional[float] = None) -> None:
+    """Put the mask scores in the optimizers: in a param group of their own when ``lr``/``weight_decay`` is set.
+
+    A score goes to the optimizer holding it, else the one holding its weight, else the first. Scores
+    the optimizers already train are left alone unless an own group is asked for. LR schedulers of an
+    optimizer that gains a group get its base learning rate appended.
+    """
+    if not optimizers or not masked:
+        return
+
+    def holder(param: torch.Tensor) -> Optional[tuple[int, dict]]:
+        for index, optimizer in enumerate(optimizers):
+            for group in optimizer.param_groups:
+                if any(p is param for p in group["params"]):
+                    return index, group
+        return None
+
+    own_group = lr is not None or weight_decay is not None
+    placement: dict[int, tuple[dict, list[torch.Tensor]]] = {}
+    for entry in masked:
+        scores = entry.gate.scores
+        found = holder(scores)
+        if found is not None and not own_group:
+            continue
+        index, source = found or holder(entry.weight) or (0, optimizers[0].param_groups[0])
+        placement.setdefault(index, (source, []))[1].append(scores)
+    moving = {id(s) for _, params in placement.values() for s in params}
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in moving]
+    for index, (source, params) in placement.items():
+        group_lr = lr if lr is not None else source["lr"]
+        decay = weight_decay if weight_decay is not None else source.get("weight_decay", 0.0)
+        optimizers[index].add_param_group({"params": params, "lr": group_lr, "weight_decay": decay,
+                                           "initial_lr": group_lr})
+        for scheduler in schedulers:
+            if getattr(scheduler, "optimizer", None) is optimizers[index] and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs.append(group_lr)
