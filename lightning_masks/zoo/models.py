@@ -51,7 +51,7 @@ class Classifier(pl.LightningModule):
         loss = nn.functional.cross_entropy(logits, targets)
         accuracy = self.metrics[f"{stage}_"]
         accuracy(logits, targets)
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "train")
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "train", sync_dist=stage != "train")
         self.log(f"{stage}/acc", accuracy, prog_bar=True)
         return loss
 
