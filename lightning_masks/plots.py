@@ -71,14 +71,17 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
     noisy = [row for row in done if row.get("noise_used") and row.get(noise) is not None]
     show_noise = len({row[noise] for row in noisy}) > 1
     figure, axes = plt.subplots(1, 2 if show_noise else 1, figsize=(10 if show_noise else 5.5, 4), squeeze=False)
-    colors = {name: f"C{i}" for i, name in enumerate(sorted(_by_series(done, series)))}
+    names = sorted(_by_series(done, series))
+    colors = {name: f"C{i}" for i, name in enumerate(names)}
+    markers = {name: "os^Dvp*"[i % 7] for i, name in enumerate(names)}
 
     left = axes[0][0]
     for name, members in sorted(_by_series(done, series).items()):
         members = sorted(members, key=lambda row: row[x])
-        left.plot([row[x] for row in members], [row[y] for row in members], "o-", color=colors[name], label=name,
-                  alpha=0.8)
-    left.set(xlabel=f"final {x}", ylabel=y, title=f"{y} vs {x}")
+        style = "-" if len({row[x] for row in members}) > 1 else ""  # a line only along varying sparsity
+        left.plot([row[x] for row in members], [row[y] for row in members], markers[name] + style,
+                  color=colors[name], label=name, alpha=0.7, markersize=8)
+    left.set(xlabel=f"final {x}", ylabel=y, title=f"{y} vs final {x}")
     left.grid(alpha=0.3)
     if done:
         left.legend(title=series, fontsize="small")
@@ -87,8 +90,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
         right = axes[0][1]
         for name, members in sorted(_by_series(noisy, series).items()):
             members = sorted(members, key=lambda row: row[noise])
-            right.plot([row[noise] for row in members], [row[y] for row in members], "o-", color=colors[name],
-                       label=name)
+            right.plot([row[noise] for row in members], [row[y] for row in members], markers[name] + "-",
+                       color=colors[name], label=name)
         for name, members in sorted(_by_series([r for r in done if not r.get("noise_used")], series).items()):
             mean = sum(row[y] for row in members) / len(members)
             right.axhline(mean, linestyle="--", color=colors[name], label=f"{name} (no noise)")
