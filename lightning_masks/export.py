@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
 import tempfile
 from pathlib import Path
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import safetensors.torch
 import torch
-from torch import Tensor
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from .masks import PARAMETRIZATION_MARK, fold, masked_value
 
 __all__ = [
+    "ShrinkReport",
     "SparseFileInfo",
     "fold",
     "fold_checkpoint",
     "fold_state_dict",
+    "load_checkpoint",
     "load_sparse",
+    "save_program",
     "save_sparse",
+    "shrink",
 ]
 
 _GATE_FIELDS = ("scores", "keep", "temperature", "gate_scale")
@@ -235,3 +242,203 @@ def load_sparse(source: Union[str, os.PathLike]) -> dict[str, Tensor]:
             dense[keep] = tensor
             state[name] = dense.reshape(shape)
     return state
+
+
+# --- physical shrink ---------------------------------------------------------------------------------------------
+
+_PRUNED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PASSED_THROUGH = (tp.ops._ElementWiseOp, tp.ops._ReshapeOp, tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._SliceOp,
+                   nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass
+class ShrinkReport:
+    """What :func:`shrink` did, per layer name: channels removed, of those folded into a bias, and kept."""
+
+    params_before: int
+    params_after: int
+    removed: dict[str, int] = field(default_factory=dict)
+    folded: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """Add ``weight[:, idxs] @ values`` (summed over the kernel) to ``layer``'s bias before ``idxs`` go."""
+
+    layer: nn.Module
+    idxs: list[int]
+    values: Tensor
+
+
+def _out_pruner(layer: nn.Module) -> Callable:
+    return tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+
+
+def _prunable(layer: nn.Module) -> bool:
+    return isinstance(layer, _PRUNED_LAYERS) and getattr(layer, "groups", 1) == 1
+
+
+def _zero_rows(layer: nn.Module) -> list[int]:
+    """Output channels whose weights are all exactly zero."""
+    return torch.nonzero(layer.weight.detach().flatten(1).ne(0).sum(1) == 0).flatten().tolist()
+
+
+def _pads_with_zeros(layer: nn.Module) -> bool:
+    """Whether a conv pads its input with zeros (then a constant input channel is not constant in its output)."""
+    if isinstance(layer, nn.Linear) or layer.padding_mode != "zeros":
+        return False
+    if layer.padding == "same":
+        return any(k > 1 for k in layer.kernel_size)
+    return layer.padding != "valid" and any(p > 0 for p in layer.padding)
+
+
+def _call(model: nn.Module, example_inputs) -> object:
+    return model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
+
+
+@torch.no_grad()
+def _layer_inputs(model: nn.Module, example_inputs) -> dict[nn.Module, Tensor]:
+    """Each prunable layer's input on ``example_inputs``, as ``(features or channels, samples)``."""
+    seen: dict[nn.Module, Tensor] = {}
+
+    def record(layer, args):
+        x = args[0]
+        seen[layer] = x.reshape(-1, x.shape[-1]).T if isinstance(layer, nn.Linear) else x.transpose(0, 1).flatten(1)
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if _prunable(m)]
+    try:
+        _call(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _plan_channel(graph, layer: nn.Module, channel: int, inputs: dict[nn.Module, Tensor]) -> Union[list[_Fold], str]:
+    """The bias folds that make removing ``channel`` of ``layer`` exact, or why it cannot be removed."""
+    folds: list[_Fold] = []
+    consumers = 0
+    for item in graph.get_pruning_group(layer, _out_pruner(layer), idxs=[channel]):
+        module, idxs = item.dep.target.module, [int(i) for i in item.idxs]
+        action = getattr(item.dep.handler, "__name__", "")
+        if isinstance(module, _PRUNED_LAYERS) and max(idxs) >= module.weight.shape[action == "prune_in_channels"]:
+            return "the dependency graph maps it past a layer's channels (an op it does not follow, e.g. a pad)"
+        if isinstance(module, _PRUNED_LAYERS) and action == "prune_out_channels":
+            if module.weight.detach()[idxs].ne(0).any():
+                return "coupled to a nonzero channel of another layer (e.g. a residual sum)"
+        elif isinstance(module, _PRUNED_LAYERS) and action == "prune_in_channels":
+            if not _prunable(module) or module not in inputs:
+                return f"read by a {type(module).__name__} that shrink does not handle"
+            consumers += 1
+            rows = inputs[module][idxs]
+            if not torch.equal(rows, rows[:, :1].expand_as(rows)):
+                return f"reaches a {type(module).__name__} input that varies with the input"
+            if rows[:, 0].ne(0).any():
+                if _pads_with_zeros(module):
+                    return "constant output read by a zero-padded conv: not foldable into its bias"
+                folds.append(_Fold(module, idxs, rows[:, 0].clone()))
+        elif not isinstance(module, _PASSED_THROUGH):
+            return f"reaches a {type(module).__name__} that shrink does not handle"
+    return folds if consumers else "feeds the model output"
+
+
+@torch.no_grad()
+def _apply_fold(fold_: _Fold) -> None:
+    """Add the constant inputs' contribution to the layer's bias (created when the layer has none)."""
+    layer = fold_.layer
+    weight = layer.weight.detach()[:, fold_.idxs]
+    if weight.dim() > 2:  # a conv without zero padding sees the constant at every tap of the kernel
+        weight = weight.flatten(2).sum(2)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+    layer.bias += weight @ fold_.values.to(weight.dtype)
+
+
+def _shrink_layer(graph, name: str, layer: nn.Module, inputs: dict[nn.Module, Tensor], report: ShrinkReport) -> None:
+    """Remove the removable zero output channels of one layer, folding constants into biases first.
+
+    ``inputs`` (from :func:`_layer_inputs`) loses the rows of the input channels removed here.
+    """
+    zero = _zero_rows(layer)
+    plans = {c: _plan_channel(graph, layer, c, inputs) for c in zero}
+    removable = [c for c, plan in plans.items() if not isinstance(plan, str)]
+    reasons = sorted({plan for plan in plans.values() if isinstance(plan, str)})
+    if reasons:
+        report.skipped[name] = f"{len(zero) - len(removable)} zero channels kept: " + "; ".join(reasons)
+    if removable and len(removable) == layer.weight.shape[0]:
+        report.skipped[name] = f"all {len(removable)} channels are zero: the layer is kept whole"
+        return
+    if not removable:
+        return
+    for c in removable:
+        for fold_ in plans[c]:
+            _apply_fold(fold_)
+    group = graph.get_pruning_group(layer, _out_pruner(layer), idxs=removable)
+    readers = [(item.dep.target.module, [int(i) for i in item.idxs]) for item in group
+               if getattr(item.dep.handler, "__name__", "") == "prune_in_channels" and item.dep.target.module in inputs]
+    group.prune()
+    for reader, idxs in readers:
+        kept = torch.ones(len(inputs[reader]), dtype=torch.bool)
+        kept[idxs] = False
+        inputs[reader] = inputs[reader][kept]
+    report.removed[name] = len(removable)
+    report.folded[name] = sum(bool(plans[c]) for c in removable)
+
+
+def _max_difference(before, after) -> float:
+    pairs = list(zip(tree_leaves(before), tree_leaves(after)))
+    if len(tree_leaves(before)) != len(tree_leaves(after)) or any(a.shape != b.shape for a, b in pairs):
+        return float("inf")
+    return max((float((a - b).abs().max()) for a, b in pairs if a.numel()), default=0.0)
+
+
+def shrink(model: nn.Module, example_inputs, *, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[nn.Module,
+                                                                                                   ShrinkReport]:
+    """Return an eval-mode copy of a folded model with its exactly-zero output channels removed, and a report.
+
+    A channel of a Conv/Linear (``groups=1``) is removed when all its weights are zero, together with the
+    BatchNorm entries and the input channels of the layers that read it (Torch-Pruning's dependency graph).
+    When such a channel outputs a nonzero constant (its bias, a BatchNorm shift) the constant is added to the
+    reading layer's bias, which is exact for a Linear or a conv without zero padding; elsewhere the channel
+    is kept and the reason is in ``report.skipped``. ``model`` itself is not changed.
+
+    Args:
+        model: a plain model (fold masks first) with some exactly-zero output channels.
+        example_inputs: a representative batch (two or more samples), a tensor or a tuple of positional inputs.
+        rtol, atol: how close the shrunk model's outputs on ``example_inputs`` must be to ``model``'s.
+
+    Raises:
+        ValueError: the model still holds masks, or the shrunk model's outputs differ (a graph shrink cannot
+            follow); the input model is unchanged either way.
+    """
+    if any(PARAMETRIZATION_MARK in key for key in model.state_dict()):
+        raise ValueError("the model still carries masks; call lightning_masks.fold(model) before shrink")
+    small = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        expected = _call(small, example_inputs)
+    report = ShrinkReport(_count_parameters(small), 0)
+    graph = tp.DependencyGraph().build_dependency(small, example_inputs=example_inputs)
+    inputs = _layer_inputs(small, example_inputs)
+    for name, layer in list(small.named_modules()):
+        if _prunable(layer):
+            _shrink_layer(graph, name, layer, inputs, report)
+    with torch.no_grad():
+        difference = _max_difference(expected, _call(small, example_inputs))
+    scale = max(float(t.abs().max()) for t in tree_leaves(expected) if t.numel())
+    if difference > atol + rtol * scale:
+        raise ValueError(f"shrinking changed the outputs by up to {difference:.3g} (scale {scale:.3g}), so a "
+                         "dependency was not followed; the model is left as it was: export it unshrunk")
+    report.params_after = _count_parameters(small)
+    return small, report
+
+
+def _count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_program(model: nn.Module, example_inputs, destination: Union[str, os.PathLike]) -> Path:
+    """Save ``model`` as a ``torch.export`` program: ``torch.export.load(path).module()`` runs it, no classes needed."""
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    program = torch.export.export(model.eval(), args)
+    return atomic_write(destination, lambda temporary: torch.export.save(program, temporary))

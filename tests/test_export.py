@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_masks.export import load_sparse, save_sparse
+from lightning_masks import attach
+from lightning_masks.export import load_sparse, save_program, save_sparse, shrink
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -119,4 +120,122 @@ expected, actual = torch.load({str(tmp_path / 'expected.pt')!r}), load_sparse({s
 assert sorted(expected) == sorted(actual)
 raw = lambda t: t.reshape(-1).contiguous().view(torch.uint8)
 assert all(torch.equal(raw(expected[k]), raw(actual[k])) and expected[k].shape == actual[k].shape for k in expected)
+""")
+
+
+# --- shrink ------------------------------------------------------------------------------------------------------
+
+class ConvNet(nn.Module):
+    """LeNet-5-like: conv-BN-ReLU, unpadded conv-BN-ReLU, pool, then a two-layer classifier."""
+
+    def __init__(self, pad_second: int = 0) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                      nn.Conv2d(6, 8, 3, padding=pad_second, bias=False), nn.BatchNorm2d(8),
+                                      nn.ReLU(), nn.MaxPool2d(2))
+        side = 6 if pad_second else 5
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * side * side, 24), nn.ReLU(), nn.Linear(24, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def trained_like(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine terms, as training would."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                for tensor in (module.weight, module.bias, module.running_mean):
+                    tensor.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+@torch.no_grad()
+def zero_channels(layer: nn.Module, channels: list[int], bn: nn.Module | None = None, bias: bool = False) -> None:
+    """Zero output ``channels`` of ``layer`` (and the bias, and ``bn``'s affine terms when asked)."""
+    layer.weight[channels] = 0
+    if bias and layer.bias is not None:
+        layer.bias[channels] = 0
+    if bn is not None:
+        bn.weight[channels], bn.bias[channels] = 0, 0
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def assert_same_function(small: nn.Module, model: nn.Module, shape) -> None:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))  # not the example batch
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shrink_mlp_removes_zero_rows_and_folds_constant_outputs_into_the_next_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    zero_channels(model[0], [0, 1, 2], bias=True)       # output exactly 0: removed outright
+    zero_channels(model[0], [5, 6, 9])                  # constant relu(bias): folded into model[2].bias
+    with torch.no_grad():
+        model[0].bias[[5, 6, 9]] = torch.tensor([0.5, 0.7, -0.3])  # the last is 0 after ReLU: nothing to fold
+    zero_channels(model[2], [3, 4, 7, 8])
+    before = [p.clone() for p in model.parameters()]
+    small, report = shrink(model, torch.randn(16, 8))
+    assert (small[0].out_features, small[2].in_features, small[2].out_features, small[4].in_features) == (10, 10,
+                                                                                                          12, 12)
+    assert report.removed == {"0": 6, "2": 4} and report.folded["0"] == 2
+    assert params(small) == report.params_after == params(model) - 6 * (8 + 1) - 6 * 16 - 4 * (10 + 1) - 4 * 3
+    assert_same_function(small, model, (32, 8))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the input model is unchanged
+
+
+def test_shrink_conv_bn_net_removes_channels_through_batchnorm_and_flatten():
+    model = trained_like(ConvNet())
+    zero_channels(model.features[0], [0, 1, 2])         # BN shift makes a constant: folded into the unpadded conv
+    zero_channels(model.features[3], [1, 4], model.features[4])         # BN zeroed too: removed outright
+    zero_channels(model.features[3], [6])               # constant BN shift after ReLU and pool: folded into Linear
+    zero_channels(model.classifier[1], [0, 10, 20], bias=True)
+    small, report = shrink(model, torch.randn(4, 1, 12, 12))
+    assert [small.features[0].out_channels, small.features[1].num_features, small.features[3].in_channels,
+            small.features[3].out_channels, small.features[4].num_features] == [3, 3, 3, 5, 5]
+    assert small.classifier[1].in_features == 5 * 25 and small.classifier[1].out_features == 21
+    assert report.removed == {"features.0": 3, "features.3": 3, "classifier.1": 3}
+    # conv 3x(9+1), BN 3x2, conv 5x3x9 plus the bias the fold created (5), BN 5x2, Linear 125x21+21, Linear 21x10+10
+    assert params(small) == report.params_after == 30 + 6 + 135 + 5 + 10 + 2646 + 220 < params(model) * 0.55
+    assert_same_function(small, model, (3, 1, 12, 12))
+
+
+def test_shrink_keeps_constant_channels_a_zero_padded_conv_reads_and_the_output_layer():
+    model = trained_like(ConvNet(pad_second=1))
+    zero_channels(model.features[0], [0, 1])
+    with torch.no_grad():
+        model.features[1].bias[:2] = 3.0                 # a positive constant after ReLU, then zero padding
+    zero_channels(model.classifier[3], [0])
+    small, report = shrink(model, torch.randn(4, 1, 12, 12))
+    assert small.features[0].out_channels == 6 and small.classifier[3].out_features == 10
+    assert "zero-padded conv" in report.skipped["features.0"]
+    assert "feeds the model output" in report.skipped["classifier.3"]
+    assert report.params_after == params(model)
+    assert_same_function(small, model, (3, 1, 12, 12))
+
+
+def test_shrink_refuses_a_masked_model_and_the_message_names_the_fix():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    attach(model)
+    with pytest.raises(ValueError, match=r"still carries masks; call lightning_masks.fold\(model\)"):
+        shrink(model, torch.randn(2, 4))
+
+
+def test_shrunk_program_runs_in_plain_pytorch(tmp_path):
+    model = trained_like(ConvNet())
+    zero_channels(model.features[3], [0, 2, 3], model.features[4])
+    small, report = shrink(model, torch.randn(4, 1, 12, 12))
+    x = torch.randn(2, 1, 12, 12)
+    save_program(small, x, tmp_path / "small.pt2")
+    torch.save({"x": x, "y": model(x).detach()}, tmp_path / "io.pt")
+    run_plain(f"""import torch
+io = torch.load({str(tmp_path / 'io.pt')!r})
+program = torch.export.load({str(tmp_path / 'small.pt2')!r}).module()
+torch.testing.assert_close(program(io["x"]), io["y"], rtol=1e-5, atol=1e-5)
 """)
