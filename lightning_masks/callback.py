@@ -186,7 +186,7 @@ class MaskPruningCallback(Callback):
         init = torch.zeros_like if self.initializer.needs_grad else (
             lambda weight: self.initializer(weight, generator=generator))
         masked = attach(pl_module, self.targets, self.exclude, init=init, temperature=self.temperature,
-                        rescale=self.rescale_gate)
+                        rescale=self.rescale_gate, per_channel=self.selector.grain.channel)
         self.scores_initialized = not self.initializer.needs_grad
         total = sum(entry.numel for entry in masked)
         rank_zero_info(f"lightning_masks: masking {len(masked)} tensors ({total:,} weights), "
@@ -250,8 +250,8 @@ class MaskPruningCallback(Callback):
     # ----------------------------------------------------------------------------------------- logging
     @property
     def sparsity_now(self) -> float:
-        """The global sparsity after the last update (host value, no sync)."""
-        total = sum(entry.numel for entry in self._masked)
+        """The global sparsity, in masked units, after the last update (host value, no sync)."""
+        total = sum(entry.units for entry in self._masked)
         return self.pruned / total if total else 0.0
 
     @override

@@ -24,6 +24,7 @@ __all__ = [
     "MaskedTensor",
     "TargetSpec",
     "attach",
+    "channel_shape",
     "detach",
     "find_targets",
     "fold",
@@ -63,11 +64,23 @@ def masked_value(
     return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
 
+def channel_shape(weight: Tensor) -> tuple[int, ...]:
+    """The shape of per-output-channel scores for ``weight``: ``(out, 1, 1, ...)``."""
+    return (weight.shape[0],) + (1,) * (weight.dim() - 1)
+
+
+def _reduce_to(scores: Tensor, shape: torch.Size) -> Tensor:
+    """Average ``scores`` over the dimensions that ``shape`` keeps at size 1."""
+    dims = [d for d, (have, want) in enumerate(zip(scores.shape, shape)) if want == 1 and have != 1]
+    return scores.mean(dim=dims, keepdim=True) if dims else scores
+
+
 class MaskGate(nn.Module):
     """Parametrization ``w -> w * sigmoid(scores / T) * keep`` with learnable ``scores``.
 
     Args:
-        scores: initial scores, the weight's shape.
+        scores: initial scores, the weight's shape (element masks) or broadcastable to it (e.g. one per
+            output channel, shape ``(out, 1, ...)``).
         temperature: ``T > 0``; lower is a harder gate.
         rescale: divide the gate by its initial value, so the masked network starts as the dense one
             (as Continuous Sparsification does, https://arxiv.org/abs/1912.04427).
@@ -86,8 +99,11 @@ class MaskGate(nn.Module):
 
     @torch.no_grad()
     def reset_scores(self, scores: Tensor) -> None:
-        """Set the scores (and, when rescaling, the gate's initial value) in place."""
-        self.scores.copy_(scores)
+        """Set the scores (and, when rescaling, the gate's initial value) in place.
+
+        Weight-shaped scores are averaged down to per-channel scores when the gate is per channel.
+        """
+        self.scores.copy_(_reduce_to(scores, self.scores.shape))
         if self.gate_scale is not None:
             self.gate_scale.copy_(1.0 / gate_value(self.scores, self.temperature))
 
@@ -115,7 +131,18 @@ class MaskedTensor:
 
     @property
     def numel(self) -> int:
+        """Number of weights."""
         return self.weight.numel()
+
+    @property
+    def units(self) -> int:
+        """Number of maskable units: weights, or output channels with per-channel masks."""
+        return self.gate.keep.numel()
+
+    @property
+    def unit_size(self) -> int:
+        """Weights per unit (1 for element masks, the channel's size for per-channel masks)."""
+        return self.numel // self.units
 
 
 def _tensor_slots(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, Tensor]]:
@@ -266,6 +293,7 @@ def attach(
     init: Callable[[Tensor], Tensor] = torch.abs,
     temperature: float = 1.0,
     rescale: bool = False,
+    per_channel: bool = False,
 ) -> list[MaskedTensor]:
     """Mask the selected tensors of ``model`` in place and return them.
 
@@ -275,6 +303,8 @@ def attach(
         init: maps a weight to its initial scores (same shape); ``torch.abs`` is magnitude.
         temperature: the gate's ``T``.
         rescale: divide each gate by its initial value (see :class:`MaskGate`).
+        per_channel: one score per output channel (dim 0), the mean of ``init``'s scores over the channel;
+            pruning a unit then zeroes the whole channel.
 
     Raises:
         ValueError: a pattern that matches nothing, a weight holding NaN/Inf, scores of the wrong shape,
@@ -305,6 +335,8 @@ def attach(
         if scores.shape != weight.shape:
             raise ValueError(f"init returned scores of shape {tuple(scores.shape)} for {name!r} of shape "
                              f"{tuple(weight.shape)}; an initializer must keep the weight's shape")
+        if per_channel:
+            scores = _reduce_to(scores, torch.Size(channel_shape(weight)))
         prepared.append((name, owners, MaskGate(scores.to(weight), temperature, rescale=rescale)))
 
     done: list[tuple[nn.Module, str]] = []
@@ -400,20 +432,19 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
     """
 
     def pre_hook(module: nn.Module, state_dict: dict, prefix: str, metadata: dict, strict: bool, *args) -> None:
-        slots = {q: (m, tn) for q, _, m, tn, _ in _tensor_slots(module)}
-        wanted = []
-        for key in state_dict:
+        slots = {q: (m, tn, t) for q, _, m, tn, t in _tensor_slots(module)}
+        wanted: dict[bool, list[str]] = {False: [], True: []}  # per_channel -> tensors
+        for key, value in state_dict.items():
             if not key.startswith(prefix) or not key.endswith(".scores") or PARAMETRIZATION_MARK not in key:
                 continue
             path, _, rest = key[len(prefix):].partition(PARAMETRIZATION_MARK)
             tensor_name = rest.split(".")[0]
             qualified = f"{path}.{tensor_name}" if path else tensor_name
-            if qualified in slots and not _is_masked(*slots[qualified]):
-                wanted.append(qualified)
-        attached = []
-        if wanted:
-            rescale = any(k.endswith(".gate_scale") for k in state_dict)
-            attached = attach(module, wanted, init=torch.zeros_like, rescale=rescale)
+            if qualified in slots and not _is_masked(*slots[qualified][:2]):
+                wanted[value.shape != slots[qualified][2].shape].append(qualified)
+        rescale = any(k.endswith(".gate_scale") for k in state_dict)
+        attached = [entry for per_channel, names in wanted.items() if names
+                    for entry in attach(module, names, init=torch.zeros_like, rescale=rescale, per_channel=per_channel)]
         try:
             if strict:
                 _check_mask_keys(module, state_dict, prefix)

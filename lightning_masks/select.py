@@ -39,8 +39,11 @@ def _gate_importance(entry: MaskedTensor) -> Tensor:
 
 
 def _effective_weight_importance(entry: MaskedTensor) -> Tensor:
-    """Log of ``|w * gate|``: the weight-dependent criterion, the magnitude of the effective weight."""
-    return entry.weight.detach().float().abs().log() + _gate_importance(entry)
+    """Log of ``|w * gate|``: the weight-dependent criterion (per channel, the channel's mean ``|w|``)."""
+    magnitude = entry.weight.detach().float().abs()
+    if entry.unit_size > 1:
+        magnitude = magnitude.reshape(entry.units, -1).mean(1).reshape(entry.gate.keep.shape)
+    return magnitude.log() + _gate_importance(entry)
 
 
 #: Importance criteria: a masked tensor -> a float32 tensor of its shape (higher is kept first).
@@ -114,10 +117,12 @@ def _set_keep(entry: MaskedTensor, keep: Tensor, flipped: dict[str, Tensor]) -> 
 
 @dataclass(frozen=True)
 class Granularity:
-    """``element`` (``n = m = 0``) or ``N:M``: in every group of ``m`` consecutive weights, ``n`` are kept."""
+    """``element``, ``channel`` (one mask per output channel) or ``N:M`` (in every group of ``m``
+    consecutive weights, ``n`` are kept)."""
 
     n: int = 0
     m: int = 0
+    channel: bool = False
 
     @property
     def is_nm(self) -> bool:
@@ -129,12 +134,15 @@ class Granularity:
 
 
 def parse_granularity(spec: str) -> Granularity:
-    """Parse ``"element"`` or an ``"N:M"`` spec such as ``"2:4"`` (``0 < N < M``)."""
+    """Parse ``"element"``, ``"channel"`` or an ``"N:M"`` spec such as ``"2:4"`` (``0 < N < M``)."""
     if spec == "element":
         return Granularity()
+    if spec == "channel":
+        return Granularity(channel=True)
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(spec))
     if not match or not 0 < int(match[1]) < int(match[2]):
-        raise ValueError(f"invalid granularity {spec!r}; use 'element' or an N:M spec with 0 < N < M, e.g. '2:4'")
+        raise ValueError(f"invalid granularity {spec!r}; use 'element', 'channel' or an N:M spec with 0 < N < M, "
+                         "e.g. '2:4'")
     return Granularity(int(match[1]), int(match[2]))
 
 
@@ -145,10 +153,11 @@ class Selector:
     Args:
         mode: ``"global"`` ranks all masked tensors together; ``"layer"`` prunes each to the target.
         importance: a name in :data:`IMPORTANCE`: ``"gate"`` or the weight-dependent ``"effective_weight"``.
-        layer_floor: in global mode every tensor keeps at least ``ceil(layer_floor * (1 - target) * numel)``
+        layer_floor: in global mode every tensor keeps at least ``ceil(layer_floor * (1 - target) * units)``
             entries, a fraction of what a uniform split would give it, so no layer is wiped out. 0 disables.
         regrow: let pruned entries come back when their importance rises; off, pruned stays pruned.
-        granularity: ``"element"`` or ``"N:M"``.
+        granularity: ``"element"``, ``"channel"`` or ``"N:M"``. Counts are in masked units: weights, or
+            output channels.
     """
 
     mode: str = "global"
@@ -167,12 +176,12 @@ class Selector:
         parse_granularity(self.granularity)
 
     @property
-    def nm(self) -> Granularity:
+    def grain(self) -> Granularity:
         return parse_granularity(self.granularity)
 
     def check(self, masked: Sequence[MaskedTensor]) -> None:
         """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M)."""
-        m = self.nm.m
+        m = self.grain.m
         for entry in masked:
             row = entry.weight[0].numel() if entry.weight.dim() > 1 else entry.numel
             if m and row % m:
@@ -191,7 +200,7 @@ class Selector:
     @torch.no_grad()
     def __call__(self, masked: Sequence[MaskedTensor], target: float) -> Selection:
         """Set every ``gate.keep`` for ``target`` sparsity."""
-        if self.nm.is_nm:
+        if self.grain.is_nm:
             flipped: dict[str, Tensor] = {}
             return Selection(sum(self._select_nm(entry, target, flipped) for entry in masked), None, flipped)
         if self.mode == "layer":
@@ -200,15 +209,15 @@ class Selector:
         return self._select(masked, target, floor=self.layer_floor)
 
     def _select(self, masked: Sequence[MaskedTensor], target: float, floor: float) -> Selection:
-        total = sum(entry.numel for entry in masked)
+        total = sum(entry.units for entry in masked)
         already = sum(int((~entry.gate.keep).sum()) for entry in masked) if not self.regrow else 0
         count = max(round(target * total), already)
         protected = {}
         if floor > 0:
             for entry in masked:
-                minimum = math.ceil(floor * (1.0 - target) * entry.numel)
+                minimum = math.ceil(floor * (1.0 - target) * entry.units)
                 values = self._importance(entry).reshape(-1)
-                alive = int(torch.isfinite(values).sum()) if not self.regrow else entry.numel
+                alive = int(torch.isfinite(values).sum()) if not self.regrow else entry.units
                 protected[id(entry)] = values.topk(min(minimum, alive)).indices
         prunable = total - sum(index.numel() for index in protected.values())
         if count > prunable:
@@ -244,8 +253,8 @@ class Selector:
         return Selection(count, math.exp(_key_value(key)), flipped)
 
     def _select_nm(self, entry: MaskedTensor, target: float, flipped: dict[str, Tensor]) -> int:
-        n, m = self.nm.n, self.nm.m
-        per_group = round(min(target / self.nm.sparsity, 1.0) * (m - n))
+        n, m = self.grain.n, self.grain.m
+        per_group = round(min(target / self.grain.sparsity, 1.0) * (m - n))
         keep = torch.ones((entry.numel // m, m), dtype=torch.bool, device=entry.weight.device)
         if per_group:
             lowest = self._importance(entry).reshape(-1, m).topk(per_group, dim=1, largest=False).indices

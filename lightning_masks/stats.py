@@ -39,7 +39,8 @@ def _moments(entry: MaskedTensor, churned: Optional[Tensor]) -> dict[str, Tensor
     zero = torch.zeros((), device=keep.device)
     return {
         "total": torch.tensor(float(entry.numel), device=keep.device),
-        "kept": keep.sum().float(),
+        "kept": keep.sum().float() * entry.unit_size,
+        "live": keep.sum().float(),
         "gate_sum": live.sum(),
         "gate_sumsq": (live * live).sum(),
         "gate_min": live.min() if live.numel() else nan,
@@ -50,9 +51,9 @@ def _moments(entry: MaskedTensor, churned: Optional[Tensor]) -> dict[str, Tensor
 
 
 def _finish(m: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    kept = m["kept"]
-    mean = m["gate_sum"] / kept
-    variance = (m["gate_sumsq"] / kept - mean * mean).clamp_min(0) * kept / (kept - 1).clamp_min(1)
+    kept, live = m["kept"], m["live"]
+    mean = m["gate_sum"] / live
+    variance = (m["gate_sumsq"] / live - mean * mean).clamp_min(0) * live / (live - 1).clamp_min(1)
     return {
         "sparsity": 1 - kept / m["total"],
         "kept": kept,
@@ -60,7 +61,7 @@ def _finish(m: Mapping[str, Tensor]) -> dict[str, Tensor]:
         "gate_std": variance.sqrt(),
         "gate_min": m["gate_min"],
         "gate_max": m["gate_max"],
-        "undecided": m["undecided"] / kept,
+        "undecided": m["undecided"] / live,
         "churn": m["churn"],
     }
 
@@ -68,7 +69,7 @@ def _finish(m: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def tensor_stats(entry: MaskedTensor, churned: Optional[Tensor] = None) -> dict[str, Tensor]:
     """Statistics of one masked tensor as 0-dim tensors on its device.
 
-    ``sparsity`` (hard, from the keep bits), ``kept`` (count), ``gate_mean``/``gate_std``/``gate_min``/
+    ``sparsity`` (hard, from the keep bits) and ``kept`` (count), in weights; ``gate_mean``/``gate_std``/``gate_min``/
     ``gate_max`` and ``undecided`` (the share of gates in (0.1, 0.9)) over kept entries, and ``churn``
     as given: the keep bits the last update flipped (``Selection.flipped``; 0 without it).
     """
@@ -104,7 +105,7 @@ def layer_rows(masked: Sequence[MaskedTensor]) -> list[dict]:
     """One row per masked tensor: name, shape, kept, total, sparsity (host values)."""
     rows = []
     for entry in masked:
-        kept = int(entry.gate.keep.sum())
+        kept = int(entry.gate.keep.sum()) * entry.unit_size
         rows.append({"name": entry.name, "shape": "x".join(map(str, entry.weight.shape)), "kept": kept,
                      "total": entry.numel, "sparsity": 1 - kept / entry.numel})
     return rows

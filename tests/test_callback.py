@@ -4,12 +4,12 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import TinyModule, make_trainer, synthetic_loader
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import nn
 from torch.nn.utils import parametrize
 
-from conftest import TinyModule, make_trainer, synthetic_loader
 from lightning_masks import MaskPruningCallback, ThresholdSchedule, masked_tensors
 from lightning_masks.callback import _check_strategy
 from lightning_masks.zoo import MLP, DigitsDataModule
@@ -284,7 +284,7 @@ def test_state_dict_round_trip():
     ({"init": "magnitude_noise", "init_kwargs": {"noise_scale": -1.0}}, r"noise_scale must be .* >= 0, got -1.0"),
     ({"temperature": 0}, r"temperature must be > 0, got 0"),
     ({"temperature": -2.0}, r"temperature must be > 0, got -2.0"),
-    ({"granularity": "4:2"}, r"invalid granularity '4:2'; use 'element' or an N:M spec"),
+    ({"granularity": "4:2"}, r"invalid granularity '4:2'; use 'element', 'channel' or an N:M spec"),
     ({"granularity": "2:4", "sparsity": 0.9}, r"granularity '2:4' fixes sparsity at 0.5, got sparsity=0.9"),
     ({"schedule": "quadratic"}, r"unknown schedule 'quadratic'"),
     ({"update_every": 0}, r"update_every must be 'epoch' or a positive int"),
@@ -358,3 +358,24 @@ def test_gates_are_computed_once_per_evaluation_loop(tiny_module, stage):
     x = torch.randn(2, 8)
     tiny_module(x)
     assert len(calls) == 4  # outside evaluation, computed on every access again
+
+
+def test_channel_granularity_zeroes_whole_channels_and_restores_from_a_checkpoint(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    module = ConvBatchNorm()
+    pruner = MaskPruningCallback(0.5, end=1, granularity="channel", fold_on_fit_end=False)
+    trainer = make_trainer(max_epochs=2, callbacks=[pruner])
+    trainer.fit(module)
+    trainer.save_checkpoint(tmp_path / "channel.ckpt")
+    conv, linear = module.net[1], module.net[5]
+    assert pruner.pruned == round(0.5 * (4 + 3))
+    x = torch.randn(5, 16)
+    expected = module(x)
+    plain = ConvBatchNorm()
+    evaluator = make_trainer(callbacks=[MaskPruningCallback(granularity="channel")])
+    evaluator.validate(plain, ckpt_path=tmp_path / "channel.ckpt")
+    assert torch.allclose(plain(x), expected, atol=1e-6)
+    zero_rows = [int((layer.weight.reshape(layer.weight.shape[0], -1) == 0).all(1).sum())
+                 for layer in (plain.net[1], plain.net[5])]
+    assert sum(zero_rows) == pruner.pruned and conv.parametrizations.weight[0].scores.shape == (4, 1, 1, 1)
+    assert linear.parametrizations.weight[0].scores.shape == (3, 1)

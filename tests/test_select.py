@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import TiedLM
 from torch import nn
 
-from conftest import TiedLM
-from lightning_masks import Selector, attach
+from lightning_masks import Selector, attach, fold
 from lightning_masks.select import IMPORTANCE, _keys, kth_smallest, parse_granularity
 
 
@@ -129,7 +129,7 @@ def test_nm_every_group_keeps_exactly_n(spec):
     assert torch.all(masked[0].gate.keep.reshape(-1, 4).sum(1) == 3)
 
 
-@pytest.mark.parametrize("spec", ["4:2", "0:4", "2-4", "2:2", "channel"])
+@pytest.mark.parametrize("spec", ["4:2", "0:4", "2-4", "2:2", "channels"])
 def test_invalid_nm_spec_is_refused(spec):
     with pytest.raises(ValueError, match=rf"invalid granularity '{spec}'"):
         parse_granularity(spec)
@@ -188,3 +188,26 @@ def test_exact_count_beyond_quantile_limit_at_thirty_million():
     key, ties = kth_smallest(lambda: iter(values), count)
     kth = torch.cat([v.flatten() for v in values]).kthvalue(count).values
     assert _keys(kth.reshape(1)).item() == key and ties >= 1
+
+
+@pytest.mark.parametrize("mode", ["global", "layer"])
+def test_channel_selection_prunes_whole_output_channels_exactly(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 6))
+    masked = attach(model, per_channel=True)
+    assert [tuple(e.gate.scores.shape) for e in masked] == [(8, 1, 1, 1), (6, 1)]
+    assert torch.allclose(masked[0].gate.scores.flatten(), model[0].parametrizations.weight.original.abs()
+                          .mean(dim=(1, 2, 3)))  # channel magnitude: the filter's mean |w|
+    pruned = Selector(mode=mode, granularity="channel", layer_floor=0.0)(masked, 0.5).pruned
+    assert pruned == (7 if mode == "global" else 4 + 3) == sum(int((~e.gate.keep).sum()) for e in masked)
+    if mode == "global":  # the channels with the lowest mean |w * gate| go
+        values = [IMPORTANCE["effective_weight"](e) for e in masked]
+        cut = max(v[~e.gate.keep].max() for v, e in zip(values, masked) if (~e.gate.keep).any())
+        assert cut <= min(v[e.gate.keep].min() for v, e in zip(values, masked) if e.gate.keep.any())
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    fold(model)
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    for layer, entry in ((model[0], masked[0]), (model[2], masked[1])):
+        rows = layer.weight.reshape(layer.weight.shape[0], -1)
+        assert torch.equal((rows == 0).all(1), ~entry.gate.keep.flatten())
