@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 
-from lightning_masks import attach
-from lightning_masks.export import load_sparse, save_program, save_sparse, shrink
+from conftest import TinyModule, make_trainer
+from lightning_masks import MaskPruningCallback, attach, fold_checkpoint, fold_state_dict
+from lightning_masks.export import load_checkpoint, load_sparse, main, save_program, save_sparse, shrink
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -239,3 +241,63 @@ io = torch.load({str(tmp_path / 'io.pt')!r})
 program = torch.export.load({str(tmp_path / 'small.pt2')!r}).module()
 torch.testing.assert_close(program(io["x"]), io["y"], rtol=1e-5, atol=1e-5)
 """)
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def masked_checkpoint(tmp_path_factory):
+    """A checkpoint of TinyModule pruned to 95% by the callback, masks not folded."""
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule(hidden=32)
+    trainer = make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.95, end=1, fold_on_fit_end=False)])
+    trainer.fit(module)
+    path = tmp_path_factory.mktemp("ckpt") / "masked.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_command_saves_sparse_and_shrinks_a_masked_checkpoint(masked_checkpoint, tmp_path, capsys):
+    output = tmp_path / "out" / "tiny.safetensors"
+    main([str(masked_checkpoint), "-o", str(output), "--shrink", "--module-class", "conftest:TinyModule",
+          "--input-shape", "16,8"])
+    printed = capsys.readouterr().out
+    ratio = float(re.search(r": [\d,]+ bytes, ([\d.]+) of the dense", printed).group(1))
+    assert ratio < 0.5
+    folded = fold_state_dict(load_checkpoint(masked_checkpoint)["state_dict"])
+    assert_bit_equal(folded, load_sparse(output))
+    model = TinyModule.load_from_checkpoint(fold_checkpoint(masked_checkpoint, tmp_path / "plain.ckpt")).eval()
+    assert re.search(r"tiny.pt2: [\d,]+ of [\d,]+ parameters", printed)
+    program = torch.export.load(output.with_suffix(".pt2")).module()
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
+    hidden_zero_rows = int((model.net[0].weight == 0).all(1).sum())
+    assert hidden_zero_rows > 0 and f"{hidden_zero_rows} channels removed" in printed
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["missing.ckpt"], r"checkpoint '.*missing.ckpt' does not exist"),
+    (["{corrupt}"], r"could not read checkpoint '.*corrupt.ckpt'"),
+    (["{masked}", "--shrink", "--input-shape", "4,8"], r"--shrink needs --module-class"),
+    (["{masked}", "--shrink", "--module-class", "conftest.TinyModule", "--input-shape", "4,8"],
+     r"not of the form pkg.module:ClassName"),
+    (["{masked}", "--shrink", "--module-class", "conftest:Nope", "--input-shape", "4,8"], r"could not be imported"),
+    (["{masked}", "--shrink", "--module-class", "conftest:TinyModule", "--input-shape", "4,x"], r"is not a shape"),
+])
+def test_command_errors_name_the_value_and_keep_the_output(masked_checkpoint, tmp_path, capsys, arguments, message):
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(masked_checkpoint.read_bytes()[:300])
+    output = tmp_path / "kept.safetensors"
+    output.write_bytes(b"what the user had")
+    arguments = [a.format(corrupt=corrupt, masked=masked_checkpoint) for a in arguments]
+    with pytest.raises(SystemExit) as exit_:
+        main([arguments[0].replace("missing.ckpt", str(tmp_path / "missing.ckpt")), "-o", str(output),
+              *arguments[1:]])
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert output.read_bytes() == b"what the user had"
+
+
+def test_console_script_points_at_main():
+    text = (README.parent / "pyproject.toml").read_text()
+    assert 'lightning-masks-export = "lightning_masks.export:main"' in text
