@@ -15,7 +15,8 @@ from lightning_masks.report import collect, main as report
 from lightning_masks.train import RESULT_FILE
 from wandb_reader import read_records
 
-QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "masks.plots=false"]
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "masks.plots=false",
+         "masks.log_histograms=false"]
 ONE_BATCH = ["trainer.fast_dev_run=true"]  # (fast_dev_run turns the loggers off)
 FEW_BATCHES = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                "trainer.limit_test_batches=1"]
@@ -25,7 +26,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def sweep(tmp_path: Path, *overrides: str) -> Path:
     """Run ``lightning-masks-train -m OVERRIDES`` (fast) into ``tmp_path/sweep`` and return that folder."""
     folder = tmp_path / "sweep"
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "lightning_masks.train", "-m", *overrides, *QUIET,
                            f"hydra.sweep.dir={folder}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -25,6 +25,7 @@ from lightning_masks.schedule import Schedule
 from lightning_masks.train import RESULT_FILE, layer_table, run
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+NO_PICTURES = ["masks.plots=false", "masks.log_histograms=false"]  # (the callback's own tests cover them)
 
 
 def options(group: str) -> list[str]:
@@ -50,7 +51,7 @@ def compose_config(overrides=(), output_dir: Path | None = None, mode: RunMode |
 
 def command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run ``python -m lightning_masks.train ARGS`` in ``cwd``, offline."""
-    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "lightning_masks.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -117,7 +118,7 @@ def test_wandb_runs_are_named_by_overrides_and_grouped_by_sweep(tmp_path, monkey
 
 # ------------------------------------------------------------------------------------- runs
 def run_config(overrides, tmp_path):
-    cfg = compose_config(["logger=csv", "trainer.fast_dev_run=true", *QUIET, *overrides], tmp_path)
+    cfg = compose_config(["logger=csv", "trainer.fast_dev_run=true", *QUIET, *NO_PICTURES, *overrides], tmp_path)
     return run(cfg)
 
 
@@ -135,7 +136,7 @@ def test_every_recipe_runs(recipe, tmp_path):
     prefix = recipe.split("_")[0]
     extra = [f"data.root={data_root[prefix]()}", "data.num_workers=0"] if prefix in data_root else []
     extra += ["trainer=cpu"] if prefix == "cifar10" else []
-    cfg = compose_config([f"recipe={recipe}", "trainer.fast_dev_run=true", *QUIET, *extra], tmp_path)
+    cfg = compose_config([f"recipe={recipe}", "trainer.fast_dev_run=true", *QUIET, *NO_PICTURES, *extra], tmp_path)
     result = run(cfg)
     check_result(result, cfg.masks.sparsity)
     names = {row["name"] for row in result["layers"]}
