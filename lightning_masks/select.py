@@ -240,16 +240,19 @@ class Selector:
             return Selection(0, None, flipped)
         key, ties = kth_smallest(importances, count)
         for entry, values in zip(masked, importances()):
-            keys = _keys(values)
-            equal = keys == key
-            pruned = keys < key
-            n_equal = int(equal.sum())
-            if ties >= n_equal:
-                pruned |= equal
-            elif ties > 0:
-                pruned.view(-1)[equal.view(-1).nonzero()[:ties, 0]] = True
-            ties = max(ties - n_equal, 0)
-            _set_keep(entry, ~pruned, flipped)
+            keep = torch.empty(values.numel(), dtype=torch.bool, device=values.device)
+            for piece, out in zip(values.reshape(-1).split(_SLICE), keep.split(_SLICE)):
+                keys = _keys(piece)
+                equal = keys == key
+                pruned = keys < key
+                n_equal = int(equal.sum())
+                if ties >= n_equal:
+                    pruned |= equal
+                elif ties > 0:  # the first ties, in position order, are pruned
+                    pruned[equal.nonzero()[:ties, 0]] = True
+                ties = max(ties - n_equal, 0)
+                torch.logical_not(pruned, out=out)
+            _set_keep(entry, keep.view_as(entry.gate.keep), flipped)
         return Selection(count, math.exp(_key_value(key)), flipped)
 
     def _select_nm(self, entry: MaskedTensor, target: float, flipped: dict[str, Tensor]) -> int:
