@@ -1,13 +1,15 @@
 """What the shipped Hydra configs point at: recipe registration, resolvers and the initializer adapter.
 
 The configs ship inside the package: ``conf/`` as :mod:`lightning_masks.conf` and ``recipes/`` as
-:mod:`lightning_masks.recipes` (see ``[tool.setuptools.package-dir]`` in ``pyproject.toml``).
+:mod:`lightning_masks.recipes` (see ``[tool.setuptools.package-dir]`` in ``pyproject.toml``). Run from a
+source checkout that is not installed (or shadows a non-editable install), they are the checkout's folders.
 """
 
 from __future__ import annotations
 
 import inspect
 from importlib import resources
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -17,11 +19,22 @@ from omegaconf import OmegaConf
 
 from .init import Initializer, get_initializer
 
-__all__ = ["CONFIG_MODULE", "RECIPE_MODULE", "initializer", "list_recipes", "register"]
+__all__ = ["CONFIG_DIR", "RECIPE_DIR", "initializer", "list_recipes", "register"]
 
-CONFIG_MODULE = "lightning_masks.conf"
-RECIPE_MODULE = "lightning_masks.recipes"
 PACKAGE_HEADER = "# @package"
+
+
+def _shipped(module: str, folder: str) -> Path:
+    """Return the folder of ``module`` (installed), else the source checkout's top-level ``folder``."""
+    try:
+        return Path(str(resources.files(module)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / folder
+
+
+#: The Hydra config tree (``conf/``) and the recipes (``recipes/``).
+CONFIG_DIR = _shipped("lightning_masks.conf", "conf")
+RECIPE_DIR = _shipped("lightning_masks.recipes", "recipes")
 
 
 def initializer(name: str, noise_scale: Optional[float] = None, **options: Any) -> Initializer:
@@ -42,8 +55,7 @@ def initializer(name: str, noise_scale: Optional[float] = None, **options: Any) 
 
 def list_recipes() -> list[str]:
     """Return the names of the shipped recipes (``recipe=NAME``)."""
-    return sorted(entry.name[:-5] for entry in resources.files(RECIPE_MODULE).iterdir()
-                  if entry.name.endswith(".yaml"))
+    return sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
 
 
 def _package(text: str) -> Optional[str]:
@@ -73,9 +85,8 @@ def register() -> None:
     makes ``recipe=NAME`` work from a source checkout, an editable install and a wheel alike.
     """
     store = ConfigStore.instance()
-    folder = resources.files(RECIPE_MODULE)
     for name in list_recipes():
-        text = folder.joinpath(f"{name}.yaml").read_text()
+        text = (RECIPE_DIR / f"{name}.yaml").read_text()
         store.store(name=name, node=OmegaConf.create(text), group="recipe", package=_package(text),
                     provider="lightning_masks")
     for resolver_name, resolver in (("lm.run_name", _run_name), ("lm.sweep_group", _sweep_group)):

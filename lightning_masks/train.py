@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .configs import CONFIG_MODULE, register
+from .configs import CONFIG_DIR, register
 from .masks import find_targets
 
 __all__ = ["RESULT_FILE", "format_result", "layer_table", "main", "run"]
@@ -109,7 +109,7 @@ def _write(folder: str, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result, indent=2, default=str))
 
 
-@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
     """Run one job; write ``result.json`` (also when it fails) and return ``cfg.optimized_metric`` to a sweeper."""
     folder = cfg.paths.output_dir

@@ -6,11 +6,10 @@ import json
 import os
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
@@ -20,7 +19,7 @@ from omegaconf import open_dict
 
 from datafiles import write_cifar10, write_fashion_mnist
 from lightning_masks import MaskPruningCallback, get_initializer, list_initializers
-from lightning_masks.configs import CONFIG_MODULE, list_recipes
+from lightning_masks.configs import CONFIG_DIR, list_recipes
 from lightning_masks.schedule import Schedule
 from lightning_masks.train import RESULT_FILE, layer_table, run
 
@@ -30,14 +29,13 @@ NO_PICTURES = ["masks.plots=false", "masks.log_histograms=false"]  # (the callba
 
 def options(group: str) -> list[str]:
     """The YAML choices of a config group shipped in conf/."""
-    folder = resources.files(CONFIG_MODULE).joinpath(group)
-    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+    return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
 
 
 def compose_config(overrides=(), output_dir: Path | None = None, mode: RunMode | None = None):
     """Compose the app's config as the command would, with the Hydra runtime set (for ${hydra:...})."""
     GlobalHydra.instance().clear()
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.mode = mode or cfg.hydra.mode or RunMode.RUN
