@@ -8,6 +8,7 @@ source checkout that is not installed (or shadows a non-editable install), they 
 from __future__ import annotations
 
 import inspect
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -42,13 +43,16 @@ def initializer(name: str, noise_scale: Optional[float] = None, **options: Any) 
 
     Every ``masks/init`` config carries ``noise_scale`` so that one sweep can cross init strategies with noise
     scales (``masks/init=magnitude,magnitude_noise masks.init.noise_scale=0.01,0.1``); an initializer without
-    noise ignores it, and the sweep report marks it unused.
+    noise ignores it (with a logged note), and the sweep report marks it unused.
 
     Raises:
         ValueError: an unknown name (the message lists the known ones) or a bad option.
     """
     built = get_initializer(name, **options)
-    if noise_scale is None or "noise_scale" not in inspect.signature(type(built)).parameters:
+    if noise_scale is None:
+        return built
+    if "noise_scale" not in inspect.signature(type(built)).parameters:
+        logging.getLogger(__name__).info("noise_scale=%s is not used by the %r initializer", noise_scale, name)
         return built
     return get_initializer(name, noise_scale=noise_scale, **options)
 
