@@ -9,9 +9,9 @@ import io
 import math
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Union
 
 import safetensors.torch
@@ -59,6 +59,10 @@ def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
                              "checkpoint into the model with the callback and call lightning_masks.fold instead")
         masks.setdefault(target, {})[field.removeprefix("0.")] = value
     for target, parts in masks.items():
+        if target.endswith("bias") and set(parts) == {"original"}:  # gated by its layer's per-channel mask
+            parts = {**masks.get(target[: -len("bias")] + "weight", {}), "original": parts["original"]}
+            shape = parts["original"].shape
+            parts.update({k: parts[k].reshape(shape) for k in ("scores", "keep", "gate_scale") if k in parts})
         missing = [f for f in ("original", "scores", "keep", "temperature") if f not in parts]
         if missing:
             raise ValueError(f"masked tensor {target!r} misses {missing} in the checkpoint; it is incomplete")

@@ -20,6 +20,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "ChannelBias",
     "MaskGate",
     "MaskedTensor",
     "TargetSpec",
@@ -118,6 +119,24 @@ class MaskGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scores.shape)}, temperature={self.temperature.item():g}"
+
+
+class ChannelBias(nn.Module):
+    """Parametrization of a bias by its layer's per-channel gate: ``b -> b * gate * keep``.
+
+    With it a pruned output channel is entirely zero (weight row and bias), so it can be removed. The
+    gate is shared with the weight's :class:`MaskGate` and is not a submodule: its tensors are saved once.
+    """
+
+    def __init__(self, gate: MaskGate) -> None:
+        super().__init__()
+        object.__setattr__(self, "gate", gate)
+
+    def forward(self, bias: Tensor) -> Tensor:
+        gate = self.gate
+        if not gate.enabled:
+            return bias
+        return bias * (gate.gate() * gate.keep).reshape(bias.shape)
 
 
 @dataclass
@@ -347,12 +366,22 @@ def attach(
                 original = _original(module, tensor_name)
                 parametrize.register_parametrization(module, tensor_name, gate)
                 done.append((module, tensor_name))
+                if per_channel and _gated_bias(module, tensor_name, gate):
+                    parametrize.register_parametrization(module, "bias", ChannelBias(gate))
+                    done.append((module, "bias"))
             masked.append(MaskedTensor(name, gate, original, list(owners)))
     except Exception:
         for module, tensor_name in reversed(done):
             _remove_gate(module, tensor_name)
         raise
     return masked
+
+
+def _gated_bias(module: nn.Module, tensor_name: str, gate: MaskGate) -> bool:
+    """Whether a per-channel gate on ``module.weight`` should gate its bias too (one bias per channel)."""
+    bias = module._parameters.get("bias")
+    return (tensor_name == "weight" and isinstance(bias, nn.Parameter) and bias.requires_grad
+            and bias.shape == (gate.keep.shape[0],) and not parametrize.is_parametrized(module, "bias"))
 
 
 def _original(module: nn.Module, tensor_name: str) -> Tensor:
@@ -364,13 +393,25 @@ def _original(module: nn.Module, tensor_name: str) -> Tensor:
 def _remove_gate(module: nn.Module, tensor_name: str) -> None:
     """Remove our gate from ``module.tensor_name``, keeping the original parameter object."""
     plist = module.parametrizations[tensor_name]
-    others = [p for p in plist if not isinstance(p, MaskGate)]
-    if not others:
+    ours = (MaskGate, ChannelBias)
+    if all(isinstance(p, ours) for p in plist):
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         return
     for index in reversed(range(len(plist))):
-        if isinstance(plist[index], MaskGate):
+        if isinstance(plist[index], ours):
             del plist[index]
+
+
+def _per_channel(gate: MaskGate, shape: torch.Size) -> tuple:
+    """The gate's ``(scores, keep, temperature, gate_scale)`` reshaped for a per-channel bias."""
+    scale = None if gate.gate_scale is None else gate.gate_scale.reshape(shape)
+    return gate.scores.reshape(shape), gate.keep.reshape(shape), gate.temperature, scale
+
+
+def _biases(entry: MaskedTensor) -> list[nn.Module]:
+    """The owner modules whose bias this entry's gate also gates."""
+    return [m for m, _ in entry.owners if parametrize.is_parametrized(m, "bias")
+            and any(isinstance(p, ChannelBias) and p.gate is entry.gate for p in m.parametrizations["bias"])]
 
 
 def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
@@ -388,6 +429,8 @@ def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
 def detach(model: nn.Module) -> nn.Module:
     """Remove every mask and leave the original weights exactly as they were (the masks are lost)."""
     for entry in masked_tensors(model):
+        for module in _biases(entry):
+            _remove_gate(module, "bias")
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)
     return model
@@ -403,6 +446,11 @@ def fold(model: nn.Module) -> nn.Module:
     for entry in masked_tensors(model):
         gate = entry.gate
         value = masked_value(entry.weight, gate.scores, gate.keep, gate.temperature, gate.gate_scale)
+        for module in _biases(entry):
+            bias = module.parametrizations["bias"].original
+            bias_value = masked_value(bias, *_per_channel(gate, bias.shape))
+            _remove_gate(module, "bias")
+            bias.copy_(bias_value)
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)
         entry.weight.copy_(value)
@@ -441,7 +489,9 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
             tensor_name = rest.split(".")[0]
             qualified = f"{path}.{tensor_name}" if path else tensor_name
             if qualified in slots and not _is_masked(*slots[qualified][:2]):
-                wanted[value.shape != slots[qualified][2].shape].append(qualified)
+                original = slots[qualified][2]
+                per_channel = tuple(value.shape) == channel_shape(original) != tuple(original.shape)
+                wanted[per_channel].append(qualified)
         rescale = any(k.endswith(".gate_scale") for k in state_dict)
         attached = [entry for per_channel, names in wanted.items() if names
                     for entry in attach(module, names, init=torch.zeros_like, rescale=rescale, per_channel=per_channel)]
@@ -460,7 +510,7 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
 def _check_mask_keys(model: nn.Module, state_dict: dict, prefix: str) -> None:
     """Raise if the state dict lacks, or mis-shapes, a mask tensor of ``model`` (before any is loaded)."""
     problems = []
-    masked = {q for q, _, m, tn, _ in _tensor_slots(model) if _is_masked(m, tn)}
+    masked = {q for q, _, m, tn, _ in _tensor_slots(model) if parametrize.is_parametrized(m, tn)}
     for key in state_dict:
         if key.startswith(prefix) and PARAMETRIZATION_MARK in key:
             path, _, rest = key[len(prefix):].partition(PARAMETRIZATION_MARK)

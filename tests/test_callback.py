@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_masks import MaskPruningCallback, ThresholdSchedule, masked_tensors
+from lightning_masks import MaskPruningCallback, ThresholdSchedule, fold_checkpoint, masked_tensors
 from lightning_masks.callback import _check_strategy
 from lightning_masks.zoo import MLP, DigitsDataModule
 
@@ -370,12 +370,15 @@ def test_channel_granularity_zeroes_whole_channels_and_restores_from_a_checkpoin
     conv, linear = module.net[1], module.net[5]
     assert pruner.pruned == round(0.5 * (4 + 3))
     x = torch.randn(5, 16)
-    expected = module(x)
+    expected = module.eval()(x)  # eval: BatchNorm uses (and keeps) its running statistics
     plain = ConvBatchNorm()
     evaluator = make_trainer(callbacks=[MaskPruningCallback(granularity="channel")])
     evaluator.validate(plain, ckpt_path=tmp_path / "channel.ckpt")
-    assert torch.allclose(plain(x), expected, atol=1e-6)
+    assert torch.allclose(plain.eval()(x), expected, atol=1e-6)
     zero_rows = [int((layer.weight.reshape(layer.weight.shape[0], -1) == 0).all(1).sum())
                  for layer in (plain.net[1], plain.net[5])]
     assert sum(zero_rows) == pruner.pruned and conv.parametrizations.weight[0].scores.shape == (4, 1, 1, 1)
+    assert int((plain.net[1].bias == 0).sum()) + int((plain.net[5].bias == 0).sum()) == pruner.pruned
+    folded = fold_checkpoint(tmp_path / "channel.ckpt", tmp_path / "plain.ckpt")
+    assert torch.allclose(ConvBatchNorm.load_from_checkpoint(folded).eval()(x), expected, atol=1e-6)
     assert linear.parametrizations.weight[0].scores.shape == (3, 1)

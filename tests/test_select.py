@@ -211,3 +211,4 @@ def test_channel_selection_prunes_whole_output_channels_exactly(mode):
     for layer, entry in ((model[0], masked[0]), (model[2], masked[1])):
         rows = layer.weight.reshape(layer.weight.shape[0], -1)
         assert torch.equal((rows == 0).all(1), ~entry.gate.keep.flatten())
+        assert torch.equal(layer.bias == 0, ~entry.gate.keep.flatten())  # the whole channel, bias too
