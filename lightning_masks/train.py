@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -102,6 +103,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def _finish_wandb(failed: bool) -> None:
+    """End the job's W&B run, so that the next job of a sweep in this process starts its own run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
 @rank_zero_only
 def _write(folder: str, result: dict[str, Any]) -> None:
     path = Path(folder) / RESULT_FILE
@@ -118,8 +126,10 @@ def main(cfg: DictConfig) -> Optional[float]:
     except Exception as error:
         _write(folder, {"status": "failed", "error": f"{type(error).__name__}: {error}",
                         "traceback": traceback.format_exc(), "overrides": _overrides()})
+        _finish_wandb(failed=True)
         raise
     _write(folder, result)
+    _finish_wandb(failed=False)
     rank_zero_only(print)(format_result(result))
     return result["metrics"].get(cfg.get("optimized_metric"))
 

@@ -71,19 +71,21 @@ def test_issue_sweep_runs_and_the_report_lists_every_job(tmp_path):
 
 @pytest.mark.slow
 def test_joblib_sweep_writes_each_job_folder_and_names_wandb_runs(tmp_path):
-    folder = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "masks/init=magnitude,stddev",
-                   "logger=[csv,wandb]", "data=synthetic", *FEW_BATCHES)
-    for job in ("0", "1"):
+    # 3 jobs on 2 workers: one worker runs two jobs, which must still get a W&B run each
+    folder = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   "masks/init=magnitude,stddev,magnitude_noise", "logger=[csv,wandb]", "data=synthetic", *FEW_BATCHES)
+    for job in ("0", "1", "2"):
         assert json.loads((folder / job / RESULT_FILE).read_text())["status"] == "ok"
         assert (folder / job / ".hydra" / "config.yaml").is_file()
         assert (folder / job / "csv" / "metrics.csv").is_file()
     runs = [next(r.run for r in read_records(path) if r.WhichOneof("record_type") == "run")
             for path in sorted(folder.glob("*/wandb/offline-run-*/run-*.wandb"))]
-    assert sorted(run.display_name.split(",")[0] for run in runs) == ["data=synthetic"] * 2
-    assert {run.display_name.count("masks/init=") for run in runs} == {1}
+    names = {run.display_name for run in runs}
+    assert len(runs) == 3 and len(names) == 3 and {run.run_id for run in runs}.__len__() == 3
+    assert all(name.startswith("data=synthetic") and name.count("masks/init=") == 1 for name in names)
     assert {run.run_group for run in runs} == {str(folder)}
     assert report([str(folder)]) == 0
-    assert [row["status"] for row in collect(folder)] == ["ok", "ok"]
+    assert [row["status"] for row in collect(folder)] == ["ok", "ok", "ok"]
 
 
 @pytest.mark.slow
