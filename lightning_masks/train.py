@@ -6,6 +6,7 @@ pruned to 90%; ``--help`` lists the config groups. Each run writes ``result.json
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .configs import CONFIG_DIR, register
-from .masks import find_targets
+from .masks import find_targets, fold, masked_tensors
 
 __all__ = ["RESULT_FILE", "format_result", "layer_table", "main", "run"]
 
@@ -90,7 +91,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test", True):
         trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update(_scalars(trainer.callback_metrics))
-    layers = layer_table(model, callback.targets, callback.exclude)
+    plain = fold(copy.deepcopy(model)) if masked_tensors(model) else model  # masks.fold_on_fit_end=false
+    layers = layer_table(plain, callback.targets, callback.exclude)
     total = sum(row["total"] for row in layers)
     return {
         "status": "ok",

@@ -144,6 +144,11 @@ def test_every_recipe_runs(recipe, tmp_path):
         assert any(len(row["shape"]) == 4 for row in result["layers"])  # conv weights are masked
 
 
+def test_unfolded_model_is_measured_through_its_masks(tmp_path):
+    result = run_config(["masks.fold_on_fit_end=false", "masks.sparsity=0.75"], tmp_path)
+    check_result(result, 0.75)
+
+
 def test_layer_table_counts_exact_zeros():
     from torch import nn
 
