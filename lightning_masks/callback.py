@@ -189,8 +189,10 @@ class MaskPruningCallback(Callback):
                         rescale=self.rescale_gate, per_channel=self.selector.grain.channel)
         self.scores_initialized = not self.initializer.needs_grad
         total = sum(entry.numel for entry in masked)
+        goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
+                else f"final sparsity {self.sparsity}")
         rank_zero_info(f"lightning_masks: masking {len(masked)} tensors ({total:,} weights), "
-                       f"init={self.initializer!r}, final sparsity {self.sparsity}")
+                       f"init={self.initializer!r}, {goal}")
         return masked
 
     @override

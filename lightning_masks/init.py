@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar, Union
@@ -198,6 +199,15 @@ class FunctionInitializer(Initializer):
         return self.fn(weight)
 
 
+def _options(factory: Callable[..., Initializer]) -> list[str]:
+    """The keyword options an initializer class accepts (its own and the base class's)."""
+    classes = factory.__mro__ if isinstance(factory, type) else (FunctionInitializer, Initializer)
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return sorted({name for cls in classes if "__init__" in vars(cls) and issubclass(cls, Initializer)
+                   for name, p in inspect.signature(cls.__init__).parameters.items()
+                   if p.kind in named and name not in ("self", "fn")})
+
+
 #: What :func:`get_initializer` accepts.
 InitSpec = Union[str, Initializer, Callable[[Tensor], Tensor]]
 
@@ -218,7 +228,13 @@ def get_initializer(spec: InitSpec, **kwargs: Any) -> Initializer:
                 f"unknown initializer {spec!r}; known initializers: {list_initializers()}. "
                 "Pass one of these names, an Initializer, or a callable weight -> scores"
             )
-        return _INITIALIZERS[spec](**kwargs)
+        factory = _INITIALIZERS[spec]
+        try:
+            return factory(**kwargs)
+        except TypeError as error:
+            options = _options(factory)
+            raise ValueError(f"initializer {spec!r} does not take {sorted(kwargs)} ({error}); its options are "
+                             f"{options}") from error
     if callable(spec):
         return FunctionInitializer(spec, **kwargs)
     raise TypeError(f"init must be a name, an Initializer or a callable weight -> scores, got {spec!r}")

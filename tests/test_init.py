@@ -98,3 +98,11 @@ def test_unknown_name_lists_the_known_ones():
 def test_negative_noise_scale_is_refused(bad):
     with pytest.raises(ValueError, match=r"noise_scale must be a finite float >= 0, got"):
         get_initializer("magnitude_noise", noise_scale=bad)
+
+
+def test_an_option_the_initializer_does_not_take_is_named_with_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"initializer 'magnitude' does not take \['noise_scale'\].*"
+                                         r"its options are \['normalize', 'scale', 'shift'\]"):
+        get_initializer("magnitude", noise_scale=0.1)
+    with pytest.raises(ValueError, match=r"its options are \['noise_scale', 'normalize', 'scale', 'shift'\]"):
+        get_initializer("magnitude_noise", noise_scal=0.1)
