@@ -56,11 +56,12 @@ class MaskPruningCallback(Callback):
             Linear, Conv1d/2d/3d and MultiheadAttention projection weight.
         init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
         temperature: the gate's ``T > 0``.
-        rescale_gate: divide each gate by its initial value so training starts from the dense function.
+        rescale_gate: divide each gate by its initial value so training starts from the dense function
+            (on by default: benchmarks/results/study_lenet300_s99.md).
         mode, importance, layer_floor, regrow, granularity: see :class:`~lightning_masks.select.Selector`.
         mask_lr, mask_weight_decay: learning rate and weight decay of the scores, in their own param group of
-            the optimizer that trains the weight. ``None`` leaves the scores where ``configure_optimizers``
-            put them.
+            the optimizer that trains the weight (default ``mask_lr=0.01``, the weight decay of the weight's
+            group). Both ``None`` leaves the scores where ``configure_optimizers`` put them.
         fold_on_fit_end: leave a plain model (no parametrizations, exact zeros) when fit ends.
         seed: seed for random initializers; ``None`` uses torch's global generator.
         log_every_n_steps: cadence of the ``masks/...`` scalars during training (``None``: the Trainer's;
@@ -90,13 +91,13 @@ class MaskPruningCallback(Callback):
         exclude: Iterable[TargetSpec] = (),
         init_kwargs: Optional[Mapping[str, Any]] = None,
         temperature: float = 1.0,
-        rescale_gate: bool = False,
+        rescale_gate: bool = True,
         mode: str = "global",
         importance: str = "effective_weight",
         layer_floor: float = 0.25,
         regrow: bool = False,
         granularity: str = "element",
-        mask_lr: Optional[float] = None,
+        mask_lr: Optional[float] = 1e-2,
         mask_weight_decay: Optional[float] = None,
         fold_on_fit_end: bool = True,
         seed: Optional[int] = None,

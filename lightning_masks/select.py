@@ -31,11 +31,16 @@ _SLICE = 1 << 22
 _RADIX_PASSES = ((21, 11), (10, 11), (0, 10))  # (shift, bits): 32 key bits, high to low
 
 
-def _gate_importance(entry: MaskedTensor) -> Tensor:
-    """Log of the gate: orders like the gate without saturating at 1."""
+def _log_sigmoid(entry: MaskedTensor) -> Tensor:
+    """Log of the raw gate ``sigmoid(scores / T)``: orders like the gate without saturating at 1."""
     gate = entry.gate
-    log_gate = torch.nn.functional.logsigmoid(gate.scores.detach().float() / gate.temperature)
-    return log_gate if gate.gate_scale is None else log_gate + gate.gate_scale.float().log()
+    return torch.nn.functional.logsigmoid(gate.scores.detach().float() / gate.temperature)
+
+
+def _gate_importance(entry: MaskedTensor) -> Tensor:
+    """Log of the gate as the network applies it (rescaled when ``rescale_gate`` is on)."""
+    scale = entry.gate.gate_scale
+    return _log_sigmoid(entry) if scale is None else _log_sigmoid(entry) + scale.float().log()
 
 
 def _effective_weight_importance(entry: MaskedTensor) -> Tensor:
@@ -267,10 +272,10 @@ class Selector:
 
     @torch.no_grad()
     def threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
-        """Prune every entry whose gate is below ``threshold``."""
+        """Prune every entry whose raw gate ``sigmoid(scores / T)`` is below ``threshold``."""
         pruned, flipped = 0, {}
         for entry in masked:
-            keep = _gate_importance(entry) >= math.log(threshold) if threshold > 0 else torch.ones_like(entry.gate.keep)
+            keep = _log_sigmoid(entry) >= math.log(threshold) if threshold > 0 else torch.ones_like(entry.gate.keep)
             if not self.regrow:
                 keep &= entry.gate.keep
             _set_keep(entry, keep, flipped)

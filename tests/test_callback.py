@@ -87,7 +87,7 @@ def test_update_every_n_steps_with_a_fractional_end(tiny_module):
 
 
 def test_scores_are_trained_by_the_unmodified_configure_optimizers(tiny_module):
-    pruner = MaskPruningCallback(fold_on_fit_end=False)
+    pruner = MaskPruningCallback(fold_on_fit_end=False, mask_lr=None)
     trainer = make_trainer(max_steps=3, callbacks=[pruner])
     initial = None
 
@@ -102,7 +102,7 @@ def test_scores_are_trained_by_the_unmodified_configure_optimizers(tiny_module):
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     masked = masked_tensors(tiny_module)
     assert all(id(e.gate.scores) in in_optimizer for e in masked)
-    assert len(optimizer.param_groups) == 1  # left where configure_optimizers put them
+    assert len(optimizer.param_groups) == 1  # with mask_lr=None, left where configure_optimizers put them
     assert all(not torch.equal(a, e.gate.scores) for a, e in zip(initial, masked))
 
 
