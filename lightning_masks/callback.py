@@ -125,9 +125,8 @@ class MaskPruningCallback(Callback):
         self.sparsity = final
         self.initializer = get_initializer(init, **dict(init_kwargs or {}))
         self.cadence = "epoch" if update_every == "epoch" else "step"
-        unit = {"unit": self.cadence} if isinstance(schedule, str) else {}
-        self.schedule = get_schedule(schedule, final, start=start, end=end, **unit) if isinstance(schedule, str) \
-            else get_schedule(schedule, final)
+        ramp = {"start": start, "end": end, "unit": self.cadence} if isinstance(schedule, str) else {}
+        self.schedule = get_schedule(schedule, final, **ramp)
         self.update_every = 1 if update_every == "epoch" else update_every
         self.targets = list(targets) if targets is not None else None
         self.exclude = list(exclude)
