@@ -28,7 +28,8 @@ __all__ = [
 ]
 
 _SLICE = 1 << 22
-_RADIX_PASSES = ((21, 11), (10, 11), (0, 10))  # (shift, bits): 32 key bits, high to low
+_CACHE_ELEMENTS = 1 << 23  # importance values kept between passes (32 MiB of float32), not more
+_RADIX_PASSES = ((16, 16), (0, 16))  # (shift, bits): 32 key bits, high to low
 
 
 def _log_sigmoid(entry: MaskedTensor) -> Tensor:
@@ -112,6 +113,24 @@ class Selection(NamedTuple):
     pruned: int
     threshold: Optional[float]
     flipped: dict[str, Tensor]
+
+
+class _BoundedCache:
+    """Per-tensor importance kept across the passes of one selection while the cached total stays under
+    ``_CACHE_ELEMENTS``: small models compute it once, large ones recompute it per pass (bounded memory)."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, Tensor] = {}
+        self.size = 0
+
+    def get(self, entry: MaskedTensor, compute: Callable[[MaskedTensor], Tensor]) -> Tensor:
+        if id(entry) in self.values:
+            return self.values[id(entry)]
+        values = compute(entry)
+        if self.size + values.numel() <= _CACHE_ELEMENTS:
+            self.values[id(entry)] = values
+            self.size += values.numel()
+        return values
 
 
 def _set_keep(entry: MaskedTensor, keep: Tensor, flipped: dict[str, Tensor]) -> None:
@@ -217,11 +236,12 @@ class Selector:
         total = sum(entry.units for entry in masked)
         already = sum(int((~entry.gate.keep).sum()) for entry in masked) if not self.regrow else 0
         count = max(round(target * total), already)
+        cache = _BoundedCache()
         protected = {}
         if floor > 0:
             for entry in masked:
                 minimum = math.ceil(floor * (1.0 - target) * entry.units)
-                values = self._importance(entry).reshape(-1)
+                values = cache.get(entry, self._importance).reshape(-1)
                 alive = int(torch.isfinite(values).sum()) if not self.regrow else entry.units
                 protected[id(entry)] = values.topk(min(minimum, alive)).indices
         prunable = total - sum(index.numel() for index in protected.values())
@@ -231,12 +251,17 @@ class Selector:
                 f"keeps {total - prunable}; lower layer_floor or the target"
             )
 
+        def protect(entry: MaskedTensor) -> Tensor:
+            values = cache.get(entry, self._importance)  # the floor's values are not needed any more
+            if id(entry) in protected:
+                values.view(-1)[protected[id(entry)]] = math.inf
+            return values
+
+        final = _BoundedCache()
+
         def importances() -> Iterator[Tensor]:
             for entry in masked:
-                values = self._importance(entry)
-                if id(entry) in protected:
-                    values.view(-1)[protected[id(entry)]] = math.inf
-                yield values
+                yield final.get(entry, protect)
 
         flipped: dict[str, Tensor] = {}
         if count == 0:
