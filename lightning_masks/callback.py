@@ -286,8 +286,7 @@ class MaskPruningCallback(Callback):
 
     def _gate_histograms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per masked tensor, the histogram of its live (kept) gates."""
-        return {entry.name: stats.histogram(torch.sigmoid(entry.gate.scores.detach() / entry.gate.temperature)
-                                            [entry.gate.keep]) for entry in self._masked}
+        return {entry.name: stats.histogram(stats.live_gates(entry)) for entry in self._masked}
 
     def _histograms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         result = {f"masks/{name}/gates": value for name, value in self._gate_histograms().items()}
@@ -340,6 +339,7 @@ class MaskPruningCallback(Callback):
 
     on_validation_start = on_test_start = on_predict_start = override(lambda self, *args: self._cache_gates())
     on_validation_end = on_test_end = on_predict_end = override(_drop_gate_cache)
+
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._drop_gate_cache()

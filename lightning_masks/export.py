@@ -20,7 +20,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from .masks import PARAMETRIZATION_MARK, fold, masked_value
+from .masks import PARAMETRIZATION_MARK, fold, masked_value, split_mask_key
 
 __all__ = [
     "ShrinkReport",
@@ -48,12 +48,11 @@ def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     folded: dict[str, Tensor] = {}
     masks: dict[str, dict[str, Tensor]] = {}
     for key, value in state_dict.items():
-        if PARAMETRIZATION_MARK not in key:
+        split = split_mask_key(key)
+        if split is None:
             folded[key] = value
             continue
-        path, _, rest = key.partition(PARAMETRIZATION_MARK)
-        tensor_name, _, field = rest.partition(".")
-        target = f"{path}.{tensor_name}" if path else tensor_name
+        target, field = split
         if field != "original" and field.removeprefix("0.") not in _GATE_FIELDS:
             raise ValueError(f"{key!r} belongs to a parametrization other than lightning_masks' alone; load the "
                              "checkpoint into the model with the callback and call lightning_masks.fold instead")

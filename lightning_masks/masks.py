@@ -34,6 +34,7 @@ __all__ = [
     "masked_tensors",
     "masked_value",
     "restore_masks_on_load",
+    "split_mask_key",
 ]
 
 #: Module types masked by default, with the tensors masked on each.
@@ -49,6 +50,18 @@ DEFAULT_TARGETS: dict[type[nn.Module], tuple[str, ...]] = {
 TargetSpec = Union[str, type]
 
 PARAMETRIZATION_MARK = ".parametrizations."
+
+
+def split_mask_key(key: str) -> tuple[str, str] | None:
+    """Split a parametrized state-dict key into ``(tensor, field)``, or ``None`` for any other key.
+
+    ``"net.0.parametrizations.weight.0.scores"`` gives ``("net.0.weight", "0.scores")``.
+    """
+    path, mark, rest = ("." + key).partition(PARAMETRIZATION_MARK)  # the dot also finds a root module's keys
+    if not mark:
+        return None
+    tensor_name, _, field = rest.partition(".")
+    return (f"{path[1:]}.{tensor_name}" if path else tensor_name), field
 
 
 def gate_value(scores: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None) -> Tensor:
@@ -428,12 +441,17 @@ def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
 
 def detach(model: nn.Module) -> nn.Module:
     """Remove every mask and leave the original weights exactly as they were (the masks are lost)."""
-    for entry in masked_tensors(model):
+    _detach_entries(masked_tensors(model))
+    return model
+
+
+def _detach_entries(entries: Iterable[MaskedTensor]) -> None:
+    """Remove these entries' gates (and the channel biases they gate), leaving the originals as they are."""
+    for entry in entries:
         for module in _biases(entry):
             _remove_gate(module, "bias")
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)
-    return model
 
 
 @torch.no_grad()
@@ -483,11 +501,10 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
         slots = {q: (m, tn, t) for q, _, m, tn, t in _tensor_slots(module)}
         wanted: dict[bool, list[str]] = {False: [], True: []}  # per_channel -> tensors
         for key, value in state_dict.items():
-            if not key.startswith(prefix) or not key.endswith(".scores") or PARAMETRIZATION_MARK not in key:
+            split = split_mask_key(key[len(prefix):]) if key.startswith(prefix) else None
+            if split is None or not key.endswith(".scores"):
                 continue
-            path, _, rest = key[len(prefix):].partition(PARAMETRIZATION_MARK)
-            tensor_name = rest.split(".")[0]
-            qualified = f"{path}.{tensor_name}" if path else tensor_name
+            qualified = split[0]
             if qualified in slots and not _is_masked(*slots[qualified][:2]):
                 original = slots[qualified][2]
                 per_channel = tuple(value.shape) == channel_shape(original) != tuple(original.shape)
@@ -499,9 +516,7 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
             if strict:
                 _check_mask_keys(module, state_dict, prefix)
         except ValueError:
-            for entry in attached:
-                for owner, tensor_name in entry.owners:
-                    _remove_gate(owner, tensor_name)
+            _detach_entries(attached)
             raise
 
     return model._register_load_state_dict_pre_hook(pre_hook, with_module=True)
@@ -512,11 +527,9 @@ def _check_mask_keys(model: nn.Module, state_dict: dict, prefix: str) -> None:
     problems = []
     masked = {q for q, _, m, tn, _ in _tensor_slots(model) if parametrize.is_parametrized(m, tn)}
     for key in state_dict:
-        if key.startswith(prefix) and PARAMETRIZATION_MARK in key:
-            path, _, rest = key[len(prefix):].partition(PARAMETRIZATION_MARK)
-            tensor_name = rest.split(".")[0]
-            if (f"{path}.{tensor_name}" if path else tensor_name) not in masked:
-                problems.append(f"{key!r} is a mask tensor of a weight the model does not mask")
+        split = split_mask_key(key[len(prefix):]) if key.startswith(prefix) else None
+        if split is not None and split[0] not in masked:
+            problems.append(f"{key!r} is a mask tensor of a weight the model does not mask")
     for _, module_name, module, tensor_name, tensor in _tensor_slots(model):
         if not _is_masked(module, tensor_name):
             continue

@@ -11,13 +11,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .masks import MaskedTensor
+from .masks import MaskedTensor, gate_value
 
 __all__ = [
     "UNDECIDED",
     "format_layer_table",
     "histogram",
     "layer_rows",
+    "live_gates",
     "mask_stats",
     "tensor_stats",
 ]
@@ -26,15 +27,16 @@ __all__ = [
 UNDECIDED = (0.1, 0.9)
 
 
-def _gates(entry: MaskedTensor) -> Tensor:
+def live_gates(entry: MaskedTensor) -> Tensor:
+    """The raw gates ``sigmoid(scores / T)`` of the kept units, flattened."""
     gate = entry.gate
-    return torch.sigmoid(gate.scores.detach().float() / gate.temperature)
+    return gate_value(gate.scores.detach().float(), gate.temperature)[gate.keep]
 
 
 def _moments(entry: MaskedTensor, churned: Optional[Tensor]) -> dict[str, Tensor]:
     """Sums from which per-tensor and global statistics are both derived (0-dim tensors)."""
     keep = entry.gate.keep
-    live = _gates(entry)[keep]
+    live = live_gates(entry)
     nan = torch.tensor(float("nan"), device=keep.device)
     zero = torch.zeros((), device=keep.device)
     return {

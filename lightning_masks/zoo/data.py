@@ -1,4 +1,4 @@
-"""Data modules that need no download: digits (scikit-learn), Fashion-MNIST (IDX files), CIFAR-10 (pickles), synthetic."""
+"""Data modules that need no download: digits, Fashion-MNIST (IDX files), CIFAR-10 (pickles), synthetic."""
 
 from __future__ import annotations
 
