@@ -44,9 +44,9 @@ def build_model(name: str, lr: float = 1e-3) -> nn.Module:
     return MODELS[name](lr)
 
 
-def load_fashion_mnist() -> dict[str, tuple[Tensor, Tensor]]:
+def load_fashion_mnist(root: str | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Return Fashion-MNIST as in-memory ``(inputs, targets)`` for ``train`` (55k), ``val`` (5k) and ``test`` (10k)."""
-    splits = FashionMNISTDataModule().load()
+    splits = (FashionMNISTDataModule(root) if root else FashionMNISTDataModule()).load()
     return {name: tuple(split.tensors) for name, split in zip(("train", "val", "test"), splits)}
 
 

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
+import json
+import multiprocessing
 import re
 import sys
 import time
@@ -58,6 +61,12 @@ DEFAULT_METHODS = ["dense", "model_pruning", "wns", "masks", *(f"masks[init={nam
 KEY_FIELDS = ("model", "method", "sparsity", "seed", "epochs", "start", "end", "lr", "batch_size")
 
 
+def callback_defaults() -> str:
+    """The callback's keyword defaults (JSON of reprs), recorded with every ``masks`` run."""
+    parameters = inspect.signature(MaskPruningCallback).parameters.values()
+    return json.dumps({p.name: repr(p.default) for p in parameters if p.default is not inspect.Parameter.empty})
+
+
 # ------------------------------------------------------------------------------------------------ methods
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """Split ``name[k=v,...]`` into the name and its options (values read as Python literals, else strings)."""
@@ -77,8 +86,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 class Plan:
     """The common schedule: ``final`` sparsity reached by a cubic ramp from epoch ``start`` to ``end``."""
 
-    def __init__(self, final: float, start: int, end: int) -> None:
-        self.final, self.start, self.end = final, start, end
+    def __init__(self, final: float, start: int, end: int, steps_per_epoch: int) -> None:
+        self.final, self.start, self.end, self.steps_per_epoch = final, start, end, steps_per_epoch
 
     def target(self, epoch: int) -> float:
         return target_sparsity(self.final, epoch, self.start, self.end)
@@ -137,8 +146,12 @@ def wns(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
 
 
 def masks(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
-    """lightning_masks: the shipped defaults, with the common schedule and any options given."""
-    return [MaskPruningCallback(sparsity=plan.final, start=plan.start, end=plan.end, **options)]
+    """lightning_masks: the shipped defaults, with the common schedule and any options given.
+
+    With ``update_every=N`` steps the ramp's epochs are given in steps (the same cubic curve, sampled finer).
+    """
+    per = plan.steps_per_epoch if isinstance(options.get("update_every"), int) else 1
+    return [MaskPruningCallback(sparsity=plan.final, start=plan.start * per, end=plan.end * per, **options)]
 
 
 METHODS: dict[str, Callable[..., list[Callback]]] = {
@@ -167,12 +180,13 @@ def layer_zeros(model: nn.Module) -> dict[str, list[int]]:
     return {name: [int((m.weight == 0).sum()), m.weight.numel()] for name, m in prunable(model)}
 
 
-def run_one(config: dict[str, Any], data: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Any]:
+def run_one(config: dict[str, Any], data: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, Any]:
     """Train one configuration and return its record (test accuracy, measured sparsity, time)."""
+    data = data if data is not None else DATA
     pl.seed_everything(config["seed"], verbose=False)
     model = build_model(config["model"], config["lr"])
     name, options = parse_method(config["method"])
-    plan = Plan(config["sparsity"], config["start"], config["end"])
+    plan = Plan(config["sparsity"], config["start"], config["end"], -(-len(data["train"][1]) // config["batch_size"]))
     trainer = pl.Trainer(max_epochs=config["epochs"], callbacks=METHODS[name](model, plan, **options),
                          accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -186,6 +200,26 @@ def run_one(config: dict[str, Any], data: dict[str, tuple[Tensor, Tensor]]) -> d
             "layers": layer_zeros(model), "seconds": round(seconds, 1)}
 
 
+DATA: dict[str, tuple[Tensor, Tensor]] = {}  # the data set, loaded once before worker processes fork
+
+
+def run_all(todo: list[dict[str, Any]], path: Path, jobs: int) -> None:
+    """Run configurations (``jobs`` forked processes of one thread each), appending each record as it finishes."""
+    def finished(record: dict[str, Any]) -> None:
+        append_jsonl(path, record)
+        print(f"{label(record):>28} s={record['sparsity']:<6} seed={record['seed']} "
+              f"acc={100 * record['accuracy']:.2f} sparsity={100 * record['achieved']:.3f}% "
+              f"({record['zeros'] - record['target_zeros']:+d}) {record['seconds']}s", flush=True)
+
+    if jobs <= 1:
+        for config in todo:
+            finished(run_one(config))
+        return
+    with multiprocessing.get_context("fork").Pool(jobs, torch.set_num_threads, (1,), maxtasksperchild=1) as pool:
+        for record in pool.imap_unordered(run_one, todo):
+            finished(record)
+
+
 def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The configurations to run, seed-major so a partial grid covers every method."""
     common = {"model": args.model, "epochs": args.epochs, "start": args.start, "end": args.end, "lr": args.lr,
@@ -197,12 +231,34 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                 is_dense = parse_method(method)[0] == "dense"
                 if is_dense and sparsity != args.sparsities[0]:
                     continue
-                configs.append({**common, "method": method, "sparsity": 0.0 if is_dense else sparsity, "seed": seed})
+                defaults = callback_defaults() if parse_method(method)[0] == "masks" else ""
+                configs.append({**common, "method": method, "sparsity": 0.0 if is_dense else sparsity, "seed": seed,
+                                "defaults": defaults})
     return configs
 
 
+def label(record: dict[str, Any]) -> str:
+    """A run's method as it reads under today's defaults.
+
+    A ``masks`` run made under other callback defaults is named by the options it differs in, e.g. the
+    ``masks`` of older defaults becomes ``masks[rescale_gate=False,mask_lr=None]``, and an explicit option
+    equal to today's default disappears from the name.
+    """
+    name, options = parse_method(record["method"])
+    if name != "masks":
+        return record["method"]
+    current = json.loads(callback_defaults())
+    ran = {**json.loads(record.get("defaults") or "{}"), **{k: repr(v) for k, v in options.items()}}
+    differ = {k: v for k, v in ran.items() if current.get(k) != v}
+    order = [*options, *(k for k in differ if k not in options)]
+    shown = [f"{k}={ast.literal_eval(differ[k]) if differ[k].startswith(chr(39)) else differ[k]}"
+             for k in order if k in differ]
+    return f"masks[{','.join(shown)}]" if shown else "masks"
+
+
 def key(record: dict[str, Any]) -> tuple:
-    return tuple(record[field] for field in KEY_FIELDS)
+    """What identifies a run: its settings, with the method as :func:`label` names it."""
+    return tuple(label(record) if field == "method" else record[field] for field in KEY_FIELDS)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -211,7 +267,7 @@ def collect(records: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[
     unique = {key(r): r for r in records}
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for record in unique.values():
-        groups.setdefault((record["method"], record["sparsity"]), []).append(record)
+        groups.setdefault((label(record), record["sparsity"]), []).append(record)
     return groups
 
 
@@ -275,7 +331,7 @@ def verdicts(groups: dict, candidate: str = "masks") -> str:
         note = f"gap {gap:+.2f}, spread {spread:.2f}, seeds {seeds}" + ("" if seeds >= 3 else " (target asks 3)")
         lines.append(f"| {100 * sparsity:g}% | − {other} ≥ {needed:+.1f} | {'met' if met else '**NOT met**'} "
                      f"| {note} |")
-    inexact = sorted({r["method"] for runs in groups.values() for r in runs if r["zeros"] != r["target_zeros"]})
+    inexact = sorted({label(r) for runs in groups.values() for r in runs if r["zeros"] != r["target_zeros"]})
     lines.append(f"| all | achieved sparsity exact | {'met' if not inexact else '**NOT met**'} | "
                  f"{'inexact: ' + ', '.join(inexact) if inexact else 'every run, every method'} |")
     return "| sparsity | target | verdict | evidence |\n|---|---|---|---|\n" + "\n".join(lines)
@@ -346,6 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (forked processes)")
+    parser.add_argument("--data-root", default=None, help="folder of the Fashion-MNIST IDX files")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="results file stem (default quality_<model>)")
     parser.add_argument("--render-only", action="store_true", help="only rebuild the table and plot")
@@ -372,13 +430,8 @@ def main(argv: list[str] | None = None) -> None:
                 done.add(key(config))
         todo = [c for c in grid(args) if key(c) not in done]
         print(f"{len(todo)} runs to do ({len(done)} in {path})", flush=True)
-        data = load_fashion_mnist()
-        for config in todo:
-            record = run_one(config, data)
-            append_jsonl(path, record)
-            print(f"{record['method']:>28} s={record['sparsity']:<6} seed={record['seed']} "
-                  f"acc={100 * record['accuracy']:.2f} sparsity={100 * record['achieved']:.3f}% "
-                  f"({record['zeros'] - record['target_zeros']:+d}) {record['seconds']}s", flush=True)
+        DATA.update(load_fashion_mnist(args.data_root))
+        run_all(todo, path, args.jobs)
     print(render(path, args.methods, args.candidates))
 
 
