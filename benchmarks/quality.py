@@ -86,8 +86,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 class Plan:
     """The common schedule: ``final`` sparsity reached by a cubic ramp from epoch ``start`` to ``end``."""
 
-    def __init__(self, final: float, start: int, end: int, steps_per_epoch: int) -> None:
-        self.final, self.start, self.end, self.steps_per_epoch = final, start, end, steps_per_epoch
+    def __init__(self, final: float, start: int, end: int) -> None:
+        self.final, self.start, self.end = final, start, end
 
     def target(self, epoch: int) -> float:
         return target_sparsity(self.final, epoch, self.start, self.end)
@@ -146,12 +146,8 @@ def wns(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
 
 
 def masks(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
-    """lightning_masks: the shipped defaults, with the common schedule and any options given.
-
-    With ``update_every=N`` steps the ramp's epochs are given in steps (the same cubic curve, sampled finer).
-    """
-    per = plan.steps_per_epoch if isinstance(options.get("update_every"), int) else 1
-    return [MaskPruningCallback(sparsity=plan.final, start=plan.start * per, end=plan.end * per, **options)]
+    """lightning_masks: the shipped defaults, with the common schedule and any options given."""
+    return [MaskPruningCallback(sparsity=plan.final, start=plan.start, end=plan.end, **options)]
 
 
 METHODS: dict[str, Callable[..., list[Callback]]] = {
@@ -186,9 +182,10 @@ def run_one(config: dict[str, Any], data: dict[str, tuple[Tensor, Tensor]] | Non
     pl.seed_everything(config["seed"], verbose=False)
     model = build_model(config["model"], config["lr"])
     name, options = parse_method(config["method"])
-    plan = Plan(config["sparsity"], config["start"], config["end"], -(-len(data["train"][1]) // config["batch_size"]))
+    plan = Plan(config["sparsity"], config["start"], config["end"])
     trainer = pl.Trainer(max_epochs=config["epochs"], callbacks=METHODS[name](model, plan, **options),
-                         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         accelerator=config.get("accelerator", "cpu"), devices=1, logger=False,
+                         enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0)
     began = time.perf_counter()
@@ -223,7 +220,7 @@ def run_all(todo: list[dict[str, Any]], path: Path, jobs: int) -> None:
 def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The configurations to run, seed-major so a partial grid covers every method."""
     common = {"model": args.model, "epochs": args.epochs, "start": args.start, "end": args.end, "lr": args.lr,
-              "batch_size": args.batch_size}
+              "batch_size": args.batch_size, "accelerator": args.accelerator}
     configs = []
     for seed in args.seeds:
         for sparsity in args.sparsities:
@@ -403,6 +400,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (forked processes)")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of every run (cpu, gpu)")
     parser.add_argument("--data-root", default=None, help="folder of the Fashion-MNIST IDX files")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="results file stem (default quality_<model>)")

@@ -26,12 +26,13 @@ from . import loggers, plots, stats
 from .init import InitSpec, get_initializer
 from .masks import MaskedTensor, TargetSpec, attach, detach, fold, gates_disabled, masked_tensors, restore_masks_on_load
 from .optim import place_scores
-from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule, resolve_span
+from .schedule import Schedule, ScheduleSpec, ThresholdSchedule, get_schedule, resolve_span
 from .select import Selector, parse_granularity
 
 __all__ = ["MaskPruningCallback"]
 
 DEFAULT_SPARSITY = 0.9
+AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto"
 
 
 class MaskPruningCallback(Callback):
@@ -49,9 +50,14 @@ class MaskPruningCallback(Callback):
         schedule: a shape name (``cubic``, ``linear``, ...), a :class:`~lightning_masks.schedule.Schedule`
             (a :class:`~lightning_masks.schedule.ThresholdSchedule` prunes by gate threshold), or a callable
             ``t -> sparsity`` with ``t`` the epoch index or global step.
-        start, end: the ramp of a named schedule: ``int`` epochs (or steps when ``update_every`` is an int)
-            or ``float`` fractions of training. Default: over the first two thirds.
-        update_every: ``"epoch"`` (masks updated as each epoch starts) or ``N`` (every N optimizer steps).
+        start, end: the ramp of a named schedule: ``int`` epochs or ``float`` fractions of training (for
+            steps, pass a :class:`~lightning_masks.schedule.Schedule` with ``unit="step"``). Default: over the
+            first two thirds.
+        update_every: when the keep-masks are updated: ``"auto"`` (every N optimizer steps, N chosen so that
+            about 100 updates follow the ramp: a finer ramp prunes better, benchmarks/results/study_cadence.md),
+            ``"epoch"`` (as each epoch starts) or an int ``N`` (every N steps). Updates whose target equals the
+            last one are skipped (nothing would change). A callable ``schedule`` is called per epoch under
+            ``"auto"``.
         targets, exclude: what to mask (globs on qualified names, or module types); default every
             Linear, Conv1d/2d/3d and MultiheadAttention projection weight.
         init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
@@ -86,7 +92,7 @@ class MaskPruningCallback(Callback):
         *,
         start: Union[int, float] = 0,
         end: Union[int, float] = 2 / 3,
-        update_every: Union[str, int] = "epoch",
+        update_every: Union[str, int] = "auto",
         targets: Optional[Iterable[TargetSpec]] = None,
         exclude: Iterable[TargetSpec] = (),
         init_kwargs: Optional[Mapping[str, Any]] = None,
@@ -112,8 +118,8 @@ class MaskPruningCallback(Callback):
             raise ValueError(f"granularity {granularity!r} fixes sparsity at {nm_sparsity}, got sparsity={sparsity}; "
                              "leave sparsity unset")
         final = sparsity if sparsity is not None else (nm_sparsity if nm_sparsity is not None else DEFAULT_SPARSITY)
-        if update_every != "epoch" and not (isinstance(update_every, int) and update_every > 0):
-            raise ValueError(f"update_every must be 'epoch' or a positive int (steps), got {update_every!r}")
+        if update_every not in ("auto", "epoch") and not (isinstance(update_every, int) and update_every > 0):
+            raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got {update_every!r}")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be > 0, got {temperature!r}; try 1.0 (lower is a harder gate)")
         if log_every_n_steps is not None and not (isinstance(log_every_n_steps, int) and log_every_n_steps >= 0):
@@ -124,10 +130,13 @@ class MaskPruningCallback(Callback):
 
         self.sparsity = final
         self.initializer = get_initializer(init, **dict(init_kwargs or {}))
-        self.cadence = "epoch" if update_every == "epoch" else "step"
-        ramp = {"start": start, "end": end, "unit": self.cadence} if isinstance(schedule, str) else {}
+        ramp = {"start": start, "end": end, "unit": "epoch"} if isinstance(schedule, str) else {}
         self.schedule = get_schedule(schedule, final, **ramp)
-        self.update_every = 1 if update_every == "epoch" else update_every
+        if update_every == "auto" and not isinstance(self.schedule, Schedule):
+            update_every = "epoch"
+        self.cadence = "epoch" if update_every == "epoch" else "step"
+        self.update_every = update_every if isinstance(update_every, int) else 1
+        self._auto_cadence = update_every == "auto"
         self.targets = list(targets) if targets is not None else None
         self.exclude = list(exclude)
         self.temperature = float(temperature)
@@ -207,6 +216,10 @@ class MaskPruningCallback(Callback):
         total_steps, steps_per_epoch = _training_length(trainer)
         total = total_steps if self.cadence == "step" else math.ceil(total_steps / steps_per_epoch)
         self._span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.update_every)
+        if self._auto_cadence:
+            start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
+            self.update_every = max(1, round((end - start) / AUTO_UPDATES))
+            self._span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.update_every)
 
     def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise gradient-based scores (e.g. SNIP) from one training batch of the dense network."""
@@ -237,7 +250,12 @@ class MaskPruningCallback(Callback):
     def _update(self, t: int) -> None:
         if self.position == t:
             return
-        self.target = self.schedule.value(t, *self._span)
+        target = self.schedule.value(t, *self._span)
+        if (self.position is not None and target == self.target and not self.selector.regrow
+                and not isinstance(self.schedule, ThresholdSchedule)):
+            self.position = t  # the same count with no regrowth: nothing would change
+            return
+        self.target = target
         if isinstance(self.schedule, ThresholdSchedule):
             selection = self.selector.threshold(self._masked, self.target)
         else:

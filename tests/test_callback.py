@@ -61,8 +61,22 @@ def test_digits_mlp_reaches_the_exact_sparsity_within_a_few_points_of_dense():
     assert zeros_and_total(dense)[0] == 0
 
 
-def test_default_schedule_is_cubic_to_0_9_over_the_first_two_thirds(tiny_module):
+def test_default_schedule_is_cubic_to_0_9_over_the_first_two_thirds_updated_every_step(tiny_module):
     pruner = MaskPruningCallback()
+    probe = Probe(pruner)
+    make_trainer(max_epochs=6, callbacks=[pruner, probe]).fit(tiny_module)
+    assert pruner.update_every == 1  # 24 steps: a ramp of 16 steps is shorter than 100 updates
+    end = 16.0  # two thirds of 6 epochs of 4 steps
+    for step, position, target, pruned, total in probe.steps:
+        expected = 0.9 * (1 - (1 - min(step / end, 1)) ** 3)
+        assert position == step and target == pytest.approx(expected)
+        assert pruned == round(expected * total)
+    zeros, total = zeros_and_total(tiny_module)
+    assert zeros == round(0.9 * total)
+
+
+def test_epoch_cadence_updates_as_each_epoch_starts(tiny_module):
+    pruner = MaskPruningCallback(update_every="epoch")
     probe = Probe(pruner)
     make_trainer(max_epochs=6, callbacks=[pruner, probe]).fit(tiny_module)
     end = 4.0  # two thirds of 6 epochs
@@ -70,9 +84,26 @@ def test_default_schedule_is_cubic_to_0_9_over_the_first_two_thirds(tiny_module)
         expected = 0.9 * (1 - (1 - min(epoch / end, 1)) ** 3)
         assert position == epoch and target == pytest.approx(expected)
         assert pruned == round(expected * total)
-    assert probe.epochs[-1][1] == pytest.approx(0.9)
-    zeros, total = zeros_and_total(tiny_module)
-    assert zeros == round(0.9 * total)
+
+
+def test_auto_cadence_spreads_about_a_hundred_updates_over_the_ramp(tiny_module):
+    pruner = MaskPruningCallback(0.5, schedule="linear", start=15, end=65)  # 4 steps an epoch: steps 60..260
+    probe = Probe(pruner)
+    make_trainer(max_epochs=75, callbacks=[pruner, probe]).fit(tiny_module)
+    assert pruner.update_every == 2
+    assert len(pruner.history["positions"]) == 1 + 100  # the first (empty) update, then the ramp's
+    for step, position, target, pruned, total in probe.steps:
+        assert position == step // 2 * 2
+        assert target == pytest.approx(0.5 * min(max(position - 60, 0) / 200, 1)) and pruned == round(target * total)
+
+
+def test_int_start_and_end_count_epochs_whatever_the_cadence(tiny_module):
+    pruner = MaskPruningCallback(0.5, schedule="linear", start=1, end=3, update_every=2)
+    probe = Probe(pruner)
+    make_trainer(max_epochs=4, callbacks=[pruner, probe]).fit(tiny_module)
+    for step, position, target, pruned, total in probe.steps:
+        assert position == step // 2 * 2
+        assert target == pytest.approx(0.5 * min(max(position - 4, 0) / 8, 1))
 
 
 def test_update_every_n_steps_with_a_fractional_end(tiny_module):
@@ -287,7 +318,7 @@ def test_state_dict_round_trip():
     ({"granularity": "4:2"}, r"invalid granularity '4:2'; use 'element', 'channel' or an N:M spec"),
     ({"granularity": "2:4", "sparsity": 0.9}, r"granularity '2:4' fixes sparsity at 0.5, got sparsity=0.9"),
     ({"schedule": "quadratic"}, r"unknown schedule 'quadratic'"),
-    ({"update_every": 0}, r"update_every must be 'epoch' or a positive int"),
+    ({"update_every": 0}, r"update_every must be 'auto', 'epoch' or a positive int"),
     ({"mask_lr": -1.0}, r"mask_lr must be >= 0 or None, got -1.0"),
     ({"importance": "taylor"}, r"unknown importance 'taylor'"),
 ])

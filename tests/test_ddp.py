@@ -31,7 +31,8 @@ def assert_same(a, b):
 def test_ranks_agree_and_sparsity_is_exact(tmp_path, strategy):
     first, second = run(strategy, tmp_path)
     assert_same(first, second)
-    assert first["position"] == 3 and first["pruned"] == round(0.8 * first["total"])
+    # the default cadence updates every step: 32 examples a rank in batches of 16 -> steps 0..7 over 4 epochs
+    assert first["position"] == 7 and first["pruned"] == round(0.8 * first["total"])
     assert sum(int((~k).sum()) for k in first["keep"]) == first["pruned"]
     with open(next(tmp_path.glob("logs/version_*/metrics.csv"))) as handle:
         steps = [row["step"] for row in csv.DictReader(handle) if row.get("masks/global/sparsity")]
