@@ -58,8 +58,8 @@ def test_interrupted_fit_leaves_model_and_checkpoint_consistent(tmp_path):
     pl.seed_everything(0, verbose=False)
     module = TinyModule()
     saver = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    trainer = make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, end=2), saver, Crash()],
-                           enable_checkpointing=True)
+    pruner = MaskPruningCallback(0.5, end=2, update_every="epoch")
+    trainer = make_trainer(max_epochs=3, callbacks=[pruner, saver, Crash()], enable_checkpointing=True)
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.fit(module)
     masked = masked_tensors(module)
