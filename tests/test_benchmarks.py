@@ -1,0 +1,37 @@
+"""The quality benchmark's bookkeeping: run names under changing defaults, and one tiny run end to end."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import quality  # noqa: E402
+
+
+def record(method, **defaults):
+    return {"method": method, "defaults": json.dumps({**json.loads(quality.callback_defaults()), **defaults})}
+
+
+def test_runs_are_named_by_how_they_differ_from_todays_defaults():
+    assert quality.label(record("masks")) == "masks"
+    assert quality.label(record("masks[init=snip]")) == "masks[init=snip]"
+    old = {"rescale_gate": "False", "update_every": "'epoch'"}
+    assert quality.label(record("masks", **old)) == "masks[update_every=epoch,rescale_gate=False]"
+    # an option that equals today's default disappears: these two runs are the same configuration
+    assert quality.label(record("masks[rescale_gate=True,update_every='auto']", **old)) == "masks"
+    assert quality.label({"method": "model_pruning"}) == "model_pruning"
+
+
+def test_a_tiny_grid_run_reaches_the_exact_sparsity_for_every_method():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(96, 1, 28, 28, generator=generator)
+    data = {"train": (inputs, torch.randint(0, 10, (96,), generator=generator)), "test": (inputs[:32],
+            torch.randint(0, 10, (32,), generator=generator))}
+    common = {"model": "lenet300", "epochs": 3, "start": 0, "end": 2, "lr": 1e-3, "batch_size": 32, "seed": 0,
+              "sparsity": 0.9}
+    for method in ("model_pruning", "wns", "masks", "masks[update_every=epoch]"):
+        result = quality.run_one({**common, "method": method}, data)
+        assert result["zeros"] == result["target_zeros"] == round(0.9 * result["total"]), method
+        assert 0.0 <= result["accuracy"] <= 1.0
