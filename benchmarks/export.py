@@ -1,12 +1,23 @@
-"""What export buys: parameters, FLOPs, file size and CPU latency of shrunk LeNet-5 and ResNet-20, and the
-sparse file size of element-pruned ones.
+"""What export buys, beside the accuracy it costs: Fashion-MNIST test accuracy, parameters, FLOPs, file size
+and CPU latency of LeNet-5 and ResNet-20 trained with channel masks and shrunk, and the sparse file size of
+element-pruned ones.
 
-Channel masks are simulated (the callback's ``channel`` granularity was not in when this was written): in every
-Conv/Linear but the output layer the lowest-L1 share of output channels is zeroed, and so are the affine terms
-of a BatchNorm that follows (what a channel mask covering the BN does). Models are freshly initialised: the
-numbers are about size and speed, not accuracy. FLOPs are counted by ``torch.utils.flop_counter`` (a
-multiply-add is 2). Latency: eager forward, ``torch.set_num_threads(1)``, dense and shrunk models timed in
-interleaved rounds (median, ~3 s each) on a shared 2-core CPU: batch-1 figures are noisy. Run: ``python benchmarks/export.py`` (about 1 minute).
+Channel rows (``--train``, the default): each model is trained on Fashion-MNIST (Adam 1e-3, the same epochs for
+all) dense, and with ``MaskPruningCallback(granularity="channel", sparsity=s, mode="layer")`` for each ``s``,
+masks left unfolded. Reported: test accuracy of the dense model, of the masked model, of the folded one
+(``lightning_masks.fold``) and of the shrunk one (``shrink`` of the folded ``net``; its logits must match the
+folded model's, the largest difference is listed). What is masked: LeNet-5, every Conv/Linear but the output
+layer; ResNet-20 (``in_channels=1``, 28x28 input), the first BatchNorm of each residual block, so a pruned
+channel's scale and shift are both zero and ``shrink`` removes it with the conv before and the input channels
+of the conv after. Masking the convs themselves would leave each pruned channel at the BatchNorm's shift, a
+constant that the next (zero-padded) conv reads, which cannot be removed exactly; and the channels of the
+residual stream are shared by every block of a stage, so independent masks on them would zero channels that
+no shrink can remove. With ``--no-train`` the masks are simulated on untrained models (lowest-L1 channels
+zeroed with their BatchNorm terms) in the same layers.
+
+FLOPs are counted by ``torch.utils.flop_counter`` (a multiply-add is 2). Latency: eager forward on the CPU,
+``torch.set_num_threads(1)``, dense and shrunk models timed in interleaved rounds (median); batch-1 figures
+are noisy on a shared CPU. Element rows: untrained models, smallest-magnitude weights zeroed, ``save_sparse``.
 """
 
 from __future__ import annotations
@@ -14,45 +25,58 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import matplotlib
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_masks import MaskPruningCallback, fold
 from lightning_masks.export import save_sparse, shrink
-from lightning_masks.zoo import LeNet5, ResNet20
+from lightning_masks.zoo import FashionMNISTDataModule, LeNet5, ResNet20
+from lightning_masks.zoo.data import FASHION_MNIST_ROOT
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = {"lenet5": (lambda: LeNet5(), (1, 28, 28)), "resnet20": (lambda: ResNet20(), (3, 32, 32))}
+#: name -> (LightningModule factory, input shape, tensors the channel masks cover, tensors they leave alone).
+MODELS = {
+    "lenet5": (lambda: LeNet5(), (1, 28, 28), None, ["net.11"]),
+    "resnet20": (lambda: ResNet20(in_channels=1), (1, 28, 28), ["net.*.body.1.weight"], ()),
+}
 CHANNEL_SPARSITIES = (0.5, 0.75, 0.9)
 ELEMENT_SPARSITIES = (0.9, 0.95, 0.99)
 
 
-def layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None]]:
-    """Each Conv/Linear but the last, with the BatchNorm right after it in module order (or None)."""
-    modules = list(model.modules())
-    found = [(m, modules[i + 1] if i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d) else None)
+def masked_layers(net: nn.Module, name: str) -> list[tuple[nn.Module, nn.Module | None]]:
+    """The layers the channel masks cover (``--no-train``): (Conv/Linear, BatchNorm after it or None)."""
+    modules = list(net.modules())
+    pairs = [(m, modules[i + 1] if i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d) else None)
              for i, m in enumerate(modules) if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return found[:-1]
+    if name == "resnet20":  # the first conv of each block
+        return [(block.body[0], block.body[1]) for block in net.modules() if hasattr(block, "body")]
+    return pairs[:-1]
 
 
 @torch.no_grad()
-def zero_channels(model: nn.Module, sparsity: float) -> nn.Module:
-    """Zero the lowest-L1 ``sparsity`` share of output channels of every layer (and their BN affine terms)."""
-    for layer, norm in layers(model):
-        channels = layer.weight.flatten(1).abs().sum(1).argsort()[: int(sparsity * layer.weight.shape[0])]
+def zero_channels(net: nn.Module, name: str, sparsity: float) -> nn.Module:
+    """Zero the lowest-L1 ``sparsity`` share of output channels of the masked layers (and their BN terms)."""
+    for layer, norm in masked_layers(net, name):
+        channels = layer.weight.flatten(1).abs().sum(1).argsort()[: round(sparsity * layer.weight.shape[0])]
         layer.weight[channels] = 0
+        if layer.bias is not None:
+            layer.bias[channels] = 0
         if norm is not None:
             norm.weight[channels], norm.bias[channels] = 0, 0
-    return model
+    return net
 
 
 @torch.no_grad()
@@ -93,20 +117,86 @@ def latencies_ms(models: list[nn.Module], x: torch.Tensor, budget_s: float) -> l
     return [1000 * statistics.median(own) for own in times]
 
 
-def channel_rows(name: str, budget_s: float) -> list[dict]:
-    """Dense and shrunk models at each channel sparsity: size, FLOPs and latency (batch 1 and 64)."""
-    build, shape = MODELS[name]
-    torch.manual_seed(0)
-    models, rows = [build().eval()], [{"model": name, "sparsity": 0.0, "removed": 0, "skipped_layers": 0}]
-    for sparsity in CHANNEL_SPARSITIES:
-        torch.manual_seed(0)
-        small, report = shrink(zero_channels(build().eval(), sparsity), torch.randn(8, *shape))
-        models.append(small)
-        rows.append({"model": name, "sparsity": sparsity, "removed": sum(report.removed.values()),
-                     "skipped_layers": len(report.skipped)})
-    for batch in (1, 64):
-        for row, ms in zip(rows, latencies_ms(models, torch.randn(batch, *shape), budget_s)):
-            row[f"ms_b{batch}"] = ms
+@torch.no_grad()
+def logits(net: nn.Module, inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The eval-mode logits of ``net`` on ``inputs`` (on ``device``, batches of 1000), on the CPU."""
+    net.eval().to(device)
+    return torch.cat([net(batch.to(device)).float().cpu() for batch in inputs.split(1000)])
+
+
+def accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    return float((scores.argmax(1) == targets).float().mean())
+
+
+def train(name: str, sparsity: float | None, data: FashionMNISTDataModule, args: argparse.Namespace) -> pl.LightningModule:
+    """Train one model for ``args.epochs`` epochs, dense (``sparsity=None``) or with channel masks left unfolded."""
+    build, _, targets, exclude = MODELS[name]
+    pl.seed_everything(args.seed, verbose=False)
+    module = build()
+    callbacks = []
+    if sparsity is not None:
+        batches = args.limit_train_batches or len(data.train_set) // data.batch_size + 1
+        steps = int(batches if batches > 1 else batches * (len(data.train_set) // data.batch_size + 1)) * args.epochs
+        callbacks.append(MaskPruningCallback(sparsity, granularity="channel", mode="layer", targets=targets,
+                                             exclude=exclude, update_every=max(1, steps // 30), fold_on_fit_end=False,
+                                             seed=args.seed, log_histograms=False, plots=False))
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=args.devices, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_train_batches=args.limit_train_batches, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=callbacks)
+    trainer.fit(module, datamodule=data)
+    return module
+
+
+def trained_models(name: str, data: FashionMNISTDataModule, args: argparse.Namespace, device: torch.device):
+    """Yield ``(row, plain net)`` for the dense model and each shrunk one, with the accuracies filled in."""
+    inputs, targets = data.test_set.tensors
+    example = inputs[:16]
+    dense = train(name, None, data, args).net
+    dense_acc = accuracy(logits(dense, inputs, device), targets)
+    yield {"model": name, "sparsity": 0.0, "acc_dense": dense_acc, "acc_masked": dense_acc, "acc_folded": dense_acc,
+           "acc_shrunk": dense_acc, "max_logit_diff": 0.0, "removed": 0, "skipped_layers": 0}, dense.cpu()
+    for sparsity in args.sparsities:
+        start = time.perf_counter()
+        net = train(name, sparsity, data, args).net
+        masked = logits(net, inputs, device)
+        folded = logits(fold(net), inputs, device)
+        small, report = shrink(net.cpu(), example)
+        shrunk = logits(small, inputs, device)
+        row = {"model": name, "sparsity": sparsity, "acc_dense": dense_acc, "acc_masked": accuracy(masked, targets),
+               "acc_folded": accuracy(folded, targets), "acc_shrunk": accuracy(shrunk, targets),
+               "max_logit_diff": float((shrunk - folded).abs().max()), "removed": sum(report.removed.values()),
+               "skipped_layers": len(report.skipped), "train_s": time.perf_counter() - start}
+        print(f"{name} {sparsity:.0%}: accuracy masked {row['acc_masked']:.4f} folded {row['acc_folded']:.4f} "
+              f"shrunk {row['acc_shrunk']:.4f} (dense {dense_acc:.4f}); {row['removed']} channels removed", flush=True)
+        yield row, small.cpu()
+
+
+def simulated_models(name: str, args: argparse.Namespace):
+    """Yield ``(row, plain net)`` for an untrained dense model and shrunk ones with simulated channel masks."""
+    build, shape, _, _ = MODELS[name]
+    torch.manual_seed(args.seed)
+    yield {"model": name, "sparsity": 0.0, "removed": 0, "skipped_layers": 0}, build().net.eval()
+    for sparsity in args.sparsities:
+        torch.manual_seed(args.seed)
+        small, report = shrink(zero_channels(build().net.eval(), name, sparsity), torch.randn(16, *shape))
+        yield {"model": name, "sparsity": sparsity, "removed": sum(report.removed.values()),
+               "skipped_layers": len(report.skipped)}, small
+
+
+def channel_rows(name: str, args: argparse.Namespace, data, device) -> list[dict]:
+    """Dense and shrunk models at each channel sparsity: accuracy, size, FLOPs and latency (batch 1 and 64)."""
+    _, shape, _, _ = MODELS[name]
+    pairs = list(trained_models(name, data, args, device) if args.train else simulated_models(name, args))
+    rows, models = [row for row, _ in pairs], [model.cpu().eval() for _, model in pairs]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for batch in (1, 64):
+            for row, ms in zip(rows, latencies_ms(models, torch.randn(batch, *shape), args.budget)):
+                row[f"ms_b{batch}"] = ms
+    finally:
+        torch.set_num_threads(threads)
     for row, model in zip(rows, models):
         row.update(params=sum(p.numel() for p in model.parameters()), flops=flops(model, torch.randn(1, *shape)),
                    file_bytes=file_bytes(model))
@@ -114,26 +204,30 @@ def channel_rows(name: str, budget_s: float) -> list[dict]:
 
 
 def element_rows(name: str) -> list[dict]:
-    build, _ = MODELS[name]
+    build = MODELS[name][0]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for sparsity in ELEMENT_SPARSITIES:
             torch.manual_seed(0)
-            info = save_sparse(zero_elements(build(), sparsity), Path(folder) / "m.safetensors")
+            info = save_sparse(zero_elements(build().net, sparsity), Path(folder) / "m.safetensors")
             rows.append({"model": name, "sparsity": sparsity, "dense_bytes": info.dense_bytes,
                          "sparse_bytes": info.sparse_bytes, "ratio": info.ratio})
     return rows
 
 
 def channel_table(rows: list[dict]) -> str:
-    lines = ["| model | channels pruned | params | FLOPs (batch 1) | file | ms batch 1 | ms batch 64 | "
+    trained = "acc_dense" in rows[0]
+    accuracy_head = "test acc dense / masked / folded / shrunk | max logit diff | " if trained else ""
+    lines = [f"| model | channels pruned | {accuracy_head}params | FLOPs (batch 1) | file | ms batch 1 | ms batch 64 | "
              "params / dense | FLOPs / dense | latency b1 / dense | latency b64 / dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|" + "---|---|" * trained + "---|" * 9]
     for row in rows:
         base = next(r for r in rows if r["model"] == row["model"] and r["sparsity"] == 0)
-        lines.append(f"| {row['model']} | {row['sparsity']:.0%} | {row['params']:,} | {row['flops']:,} | "
-                     f"{row['file_bytes'] / 1024:.0f} KiB | {row['ms_b1']:.2f} | {row['ms_b64']:.1f} | "
-                     f"{row['params'] / base['params']:.3f} | {row['flops'] / base['flops']:.3f} | "
+        accuracy_cells = (f"{row['acc_dense']:.4f} / {row['acc_masked']:.4f} / {row['acc_folded']:.4f} / "
+                          f"{row['acc_shrunk']:.4f} | {row['max_logit_diff']:.1e} | ") if trained else ""
+        lines.append(f"| {row['model']} | {row['sparsity']:.0%} | {accuracy_cells}{row['params']:,} | "
+                     f"{row['flops']:,} | {row['file_bytes'] / 1024:.0f} KiB | {row['ms_b1']:.2f} | "
+                     f"{row['ms_b64']:.1f} | {row['params'] / base['params']:.3f} | {row['flops'] / base['flops']:.3f} | "
                      f"{row['ms_b1'] / base['ms_b1']:.2f} | {row['ms_b64'] / base['ms_b64']:.2f} |")
     return "\n".join(lines)
 
@@ -146,36 +240,98 @@ def element_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in MODELS:
+    trained = "acc_dense" in rows[0]
+    figure, axes = plt.subplots(1, 2 + trained, figsize=(16 if trained else 11, 4))
+    for name in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == name]
         base, x = mine[0], [r["sparsity"] for r in mine]
         axes[0].plot(x, [r["params"] / base["params"] for r in mine], "o-", label=f"{name} params")
         axes[0].plot(x, [r["flops"] / base["flops"] for r in mine], "s--", label=f"{name} FLOPs")
         for batch, style in (("b1", "o-"), ("b64", "s--")):
             axes[1].plot(x, [r[f"ms_{batch}"] / base[f"ms_{batch}"] for r in mine], style, label=f"{name} {batch}")
-    for axis, title in zip(axes, ("size after shrink / dense", "CPU latency / dense (1 thread)")):
-        axis.set(xlabel="share of output channels pruned", title=title, ylim=(0, 1.1))
+        if trained:
+            axes[2].plot(x, [r["acc_shrunk"] for r in mine], "o-", label=f"{name} shrunk")
+            axes[2].axhline(base["acc_dense"], linestyle=":", color=axes[2].lines[-1].get_color(),
+                            label=f"{name} dense")
+    titles = ("size after shrink / dense", "CPU latency / dense (1 thread)", "Fashion-MNIST test accuracy")
+    for axis, title in zip(axes, titles):
+        axis.set(xlabel="share of output channels pruned", title=title)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    axes[0].set_ylim(0, 1.1)
+    axes[1].set_ylim(0, 1.1)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
-def main() -> None:
+def settings(args: argparse.Namespace, device: torch.device) -> str:
+    """One paragraph saying where and how these figures were made."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    if not args.train:
+        return f"Settings: untrained models, simulated masks (`--no-train`), seed {args.seed}, torch {torch.__version__}."
+    limit = f", `--limit-train-batches {args.limit_train_batches}`" if args.limit_train_batches else ""
+    return (f"Settings: `--epochs {args.epochs} --batch-size {args.batch_size}`{limit}, trained on {where} (`--accelerator {args.accelerator}`), "
+            f"seed {args.seed}, torch {torch.__version__}, lightning {pl.__version__}; latency on this machine's CPU "
+            f"({args.budget:g} s of timing per figure).")
+
+
+def positive_fraction_or_count(text: str) -> float | int:
+    value = float(text)
+    if value <= 0 or (value > 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a fraction in (0, 1] or a whole number of batches")
+    return int(value) if value > 1 else value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
+                        help="train on Fashion-MNIST and report accuracy (default); --no-train: untrained models")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs of every model (dense and masked)")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    parser.add_argument("--limit-train-batches", type=positive_fraction_or_count, default=None,
+                        help="batches (or fraction) per training epoch, for a quick run")
+    parser.add_argument("--accelerator", "--device", default="auto", help="Lightning accelerator: cpu, gpu, auto")
+    parser.add_argument("--devices", type=int, default=1, help="number of devices (training is single-device)")
+    parser.add_argument("--data-root", default=FASHION_MNIST_ROOT, help="folder of the four Fashion-MNIST IDX files")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {sorted(MODELS)}")
+    parser.add_argument("--sparsities", default=",".join(map(str, CHANNEL_SPARSITIES)),
+                        help="comma-separated channel sparsities")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per latency figure")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="export", help="results/<OUTPUT>.md, .json and .png are written")
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {sorted(MODELS)}")
+    args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    data, device = None, torch.device("cpu")
+    if args.train:
+        data = FashionMNISTDataModule(args.data_root, batch_size=args.batch_size, seed=args.seed)
+        data.setup()
+        accelerator = pl.Trainer(accelerator=args.accelerator, devices=1, logger=False).accelerator
+        device = torch.device("cuda") if type(accelerator).__name__ == "CUDAAccelerator" else device
+        if device.type == "cuda":  # full fp32, so the shrunk model's logits can be compared with the folded one's
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     RESULTS.mkdir(exist_ok=True)
-    channels = [row for name in MODELS for row in channel_rows(name, args.budget)]
-    elements = [row for name in MODELS for row in element_rows(name)]
-    (RESULTS / "export.json").write_text(json.dumps({"channel": channels, "element": elements}, indent=1))
-    plot(channels, RESULTS / "export.png")
-    text = (f"# Export: shrink and sparse save\n\n{__doc__.split(chr(10), 2)[2]}\n"
+    channels = [row for name in args.models for row in channel_rows(name, args, data, device)]
+    elements = [row for name in args.models for row in element_rows(name)]
+    note = settings(args, device)
+    (RESULTS / f"{args.output}.json").write_text(json.dumps({"settings": note, "channel": channels,
+                                                             "element": elements}, indent=1))
+    plot(channels, RESULTS / f"{args.output}.png")
+    text = (f"# Export: shrink and sparse save\n\n{__doc__.split(chr(10), 2)[2]}\n{note} "
+            f"Wall time {time.perf_counter() - start:.0f} s. Run: `python benchmarks/export.py "
+            f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
             f"## Channel pruning, then `shrink`\n\n{channel_table(channels)}\n\n"
             f"## Element pruning, then `save_sparse`\n\n{element_table(elements)}\n")
-    (RESULTS / "export.md").write_text(text)
+    (RESULTS / f"{args.output}.md").write_text(text)
     print(text)
 
 

@@ -259,13 +259,15 @@ _PASSED_THROUGH = (tp.ops._ElementWiseOp, tp.ops._ReshapeOp, tp.ops._ConcatOp, t
 
 @dataclass
 class ShrinkReport:
-    """What :func:`shrink` did, per layer name: channels removed, of those folded into a bias, and kept."""
+    """What :func:`shrink` did, per layer name: channels removed, of those folded into a bias, and kept;
+    ``silenced`` counts the channels zeroed because the BatchNorm after them has zero scale and shift."""
 
     params_before: int
     params_after: int
     removed: dict[str, int] = field(default_factory=dict)
     folded: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    silenced: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -361,6 +363,29 @@ def _apply_fold(fold_: _Fold) -> None:
     layer.bias += weight @ fold_.values.to(weight.dtype)
 
 
+@torch.no_grad()
+def _silence_dead_norms(graph, model: nn.Module, report: ShrinkReport) -> None:
+    """Zero the output channels of a layer whose only reader is a BatchNorm with zero scale and shift there.
+
+    Such a BatchNorm outputs exactly zero on those channels whatever its input (a channel mask on the
+    BatchNorm, as in Network Slimming), so zeroing the layer's rows (and bias) changes nothing and lets
+    :func:`shrink` remove the channel with the BatchNorm entry.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    for norm, node in graph.module2node.items():
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not norm.affine or len(node.inputs) != 1:
+            continue
+        layer = node.inputs[0].module
+        if not _prunable(layer) or [n.module for n in graph.module2node[layer].outputs] != [norm]:
+            continue
+        dead = (norm.weight == 0) & (norm.bias == 0) & layer.weight.flatten(1).ne(0).any(1)
+        if dead.any():
+            layer.weight[dead] = 0
+            if layer.bias is not None:
+                layer.bias[dead] = 0
+            report.silenced[names[layer]] = int(dead.sum())
+
+
 def _shrink_layer(graph, name: str, layer: nn.Module, inputs: dict[nn.Module, Tensor], report: ShrinkReport) -> None:
     """Remove the removable zero output channels of one layer, folding constants into biases first.
 
@@ -407,7 +432,9 @@ def shrink(model: nn.Module, example_inputs, *, rtol: float = 1e-4, atol: float 
     BatchNorm entries and the input channels of the layers that read it (Torch-Pruning's dependency graph).
     When such a channel outputs a nonzero constant (its bias, a BatchNorm shift) the constant is added to the
     reading layer's bias, which is exact for a Linear or a conv without zero padding; elsewhere the channel
-    is kept and the reason is in ``report.skipped``. ``model`` itself is not changed.
+    is kept and the reason is in ``report.skipped``. A channel whose only reader is a BatchNorm with zero scale
+    and shift there (a channel mask put on the BatchNorm) outputs exactly zero, so it is removed too
+    (``report.silenced``). ``model`` itself is not changed.
 
     Args:
         model: a plain model (fold masks first) with some exactly-zero output channels.
@@ -425,6 +452,7 @@ def shrink(model: nn.Module, example_inputs, *, rtol: float = 1e-4, atol: float 
         expected = _call(small, example_inputs)
     report = ShrinkReport(_count_parameters(small), 0)
     graph = tp.DependencyGraph().build_dependency(small, example_inputs=example_inputs)
+    _silence_dead_norms(graph, small, report)
     inputs = _layer_inputs(small, example_inputs)
     for name, layer in list(small.named_modules()):
         if _prunable(layer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -220,6 +221,28 @@ def test_shrink_keeps_constant_channels_a_zero_padded_conv_reads_and_the_output_
     assert "feeds the model output" in report.skipped["classifier.3"]
     assert report.params_after == params(model)
     assert_same_function(small, model, (3, 1, 12, 12))
+
+
+def test_shrink_removes_channels_whose_batchnorm_has_zero_scale_and_shift():
+    model = trained_like(ConvNet())
+    with torch.no_grad():  # a channel mask on the BatchNorm: the conv rows stay, the BN outputs exactly 0
+        model.features[1].weight[[0, 2]], model.features[1].bias[[0, 2]] = 0, 0
+        model.features[4].weight[5] = 0                 # scale alone: the shift remains, nothing to silence
+    small, report = shrink(model, torch.randn(4, 1, 12, 12))
+    assert report.silenced == {"features.0": 2} and report.removed == {"features.0": 2}
+    assert small.features[0].out_channels == small.features[3].in_channels == 4
+    assert small.features[3].out_channels == 8 and torch.count_nonzero(model.features[0].weight[[0, 2]]) > 0
+    assert_same_function(small, model, (3, 1, 12, 12))
+
+
+def test_semi_structured_benchmark_exits_with_a_message_without_cuda():
+    results = README.parent / "benchmarks" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in results.glob("semi_structured.*")}
+    done = subprocess.run([sys.executable, str(README.parent / "benchmarks" / "semi_structured.py")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 1
+    assert "needs a CUDA GPU" in done.stderr and "Nothing was written" in done.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in results.glob("semi_structured.*")} == before
 
 
 def test_shrink_refuses_a_masked_model_and_the_message_names_the_fix():

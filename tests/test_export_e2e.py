@@ -1,0 +1,59 @@
+"""End to end: train with channel masks and ModelCheckpoint, export the checkpoint with the command, load the
+outputs in a plain interpreter that never imports lightning_masks."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import TinyModule, make_trainer
+from lightning_masks import MaskPruningCallback, fold_checkpoint
+from lightning_masks.export import main
+from test_export import readme_loader
+
+
+def test_channel_checkpoint_exports_to_smaller_files_that_plain_pytorch_runs(tmp_path, capsys):
+    pl.seed_everything(0, verbose=False)
+    pruner = MaskPruningCallback(0.75, granularity="channel", exclude=["net.2"], end=1, plots=False)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, enable_checkpointing=True,
+                           callbacks=[pruner, saver])
+    trainer.fit(TinyModule(hidden=32))
+    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    assert "net.0.parametrizations.weight.0.scores" in torch.load(checkpoint, weights_only=False)["state_dict"]
+
+    output = tmp_path / "export" / "tiny.safetensors"
+    main([str(checkpoint), "-o", str(output), "--shrink", "--module-class", "conftest:TinyModule",
+          "--input-shape", "16,8"])
+    assert "24 channels removed" in capsys.readouterr().out  # 75% of the 32 hidden channels
+
+    folded = TinyModule.load_from_checkpoint(fold_checkpoint(checkpoint, tmp_path / "plain.ckpt")).eval()
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.save({"x": x, "y": folded(x), "params": sum(p.numel() for p in folded.parameters())},
+                   tmp_path / "io.pt")
+    code = readme_loader() + f"""
+import sys
+from torch import nn
+io = torch.load({str(tmp_path / 'io.pt')!r})
+state = {{k.removeprefix("net."): v for k, v in load_sparse({str(output)!r}).items()}}
+dense = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+dense.load_state_dict(state)
+small = torch.export.load({str(output.with_suffix('.pt2'))!r}).module()
+with torch.no_grad():
+    torch.testing.assert_close(dense(io["x"]), io["y"], rtol=0, atol=0)
+    torch.testing.assert_close(small(io["x"]), io["y"], rtol=1e-5, atol=1e-5)
+small_params = sum(p.numel() for p in small.parameters())
+assert small_params < io["params"], (small_params, io["params"])
+assert not any(m.startswith("lightning_masks") for m in sys.modules), "imported lightning_masks"
+print("params", small_params, io["params"])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    small_params, dense_params = map(int, re.search(r"params (\d+) (\d+)", done.stdout).groups())
+    assert small_params == 8 * 8 + 8 + 8 * 3 + 3 < dense_params == 8 * 32 + 32 + 32 * 3 + 3
