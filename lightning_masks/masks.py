@@ -78,6 +78,84 @@ def masked_value(
     return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
 
+def _divisor(temperature: Tensor | float) -> Tensor | float | None:
+    """``T``, or ``None`` where it is known to be exactly 1 without a device sync (the division is skipped)."""
+    if isinstance(temperature, Tensor):
+        if temperature.device.type != "cpu" or temperature.requires_grad or torch.compiler.is_compiling():
+            return temperature
+        return None if temperature.item() == 1.0 else temperature
+    return None if temperature == 1.0 else temperature
+
+
+def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None) -> Tensor:
+    """``sigmoid(scores / T) * keep`` in one fresh buffer (the keep bits multiply as 0/1 bytes: exact and fast)."""
+    raw = torch.sigmoid(scores if divisor is None else scores / divisor)
+    return raw.mul_(keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
+
+
+class _Gated(torch.autograd.Function):
+    """``weight * sigmoid(scores / T) * keep [* gate_scale]`` with a hand-written backward.
+
+    Forward: one sigmoid and two (three with a scale) multiplications. Saved for backward: the weight (a
+    parameter already), the scale (a buffer) and ``k = sigmoid(scores / T) * keep``, one gate-sized buffer
+    where autograd's chain saves several. Backward::
+
+        grad_weight = grad * k [* scale]
+        grad_scores = sigmoid_backward(sum_to_scores(grad * weight) [* scale], k) / T   # = ... * (1 - k) * k
+
+    which is autograd's chain for the plain formula with the same operations in the same order (``keep``
+    is 0 or 1, so ``k`` is the sigmoid where kept, and a pruned entry's gradient is exactly zero), but for
+    ``grad_weight``'s product order with a scale (equal up to rounding), on fresh buffers updated in place.
+    Each gradient is computed only when its input requires it.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, scores: Tensor, keep: Tensor, divisor, scale: Tensor | None) -> Tensor:
+        kept = _keep_gate(scores, keep, divisor)
+        ctx.save_for_backward(weight, kept, scale)
+        ctx.divisor = divisor
+        return weight * (kept if scale is None else kept * scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        weight, kept, scale = ctx.saved_tensors
+        grad_weight = grad_scores = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = grad * kept  # the weight's shape, fresh: kept and scale broadcast to it
+            if scale is not None:
+                grad_weight.mul_(scale)
+        if ctx.needs_input_grad[1]:
+            product = (grad * weight).sum_to_size(kept.shape).to(kept.dtype)  # fresh: updated in place below
+            if scale is not None:
+                product.mul_(scale)
+            grad_scores = torch.ops.aten.sigmoid_backward.grad_input(product, kept, grad_input=product)
+            if ctx.divisor is not None:
+                grad_scores.div_(ctx.divisor)
+        return grad_weight, grad_scores, None, None, None
+
+
+def gated(
+    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
+) -> Tensor:
+    """Return ``weight * sigmoid(scores / T) * keep`` (times ``gate_scale`` when set), the masked tensor.
+
+    The values are exactly ``weight * (gate_value(...) * keep)``; with gradients on, a fused
+    :class:`torch.autograd.Function` computes them and keeps one gate-sized buffer for backward, against
+    autograd's chain of several saved intermediates.
+    """
+    divisor = _divisor(temperature)
+    if torch.is_grad_enabled() and (weight.requires_grad or scores.requires_grad or
+                                    (gate_scale is not None and gate_scale.requires_grad)):
+        trained = [t for t in (gate_scale, temperature) if isinstance(t, Tensor) and t.requires_grad]
+        if not trained and not torch._C._are_functorch_transforms_active():
+            return _Gated.apply(weight, scores, keep, divisor, gate_scale)
+        # A trained scale or temperature, or torch.func transforms (grad, vmap): plain autograd handles them all.
+        return weight * (gate_value(scores, temperature, gate_scale) * keep)
+    kept = _keep_gate(scores, keep, divisor)
+    return weight * (kept if gate_scale is None else kept * gate_scale)
+
+
 def channel_shape(weight: Tensor) -> tuple[int, ...]:
     """The shape of per-output-channel scores for ``weight``: ``(out, 1, 1, ...)``."""
     return (weight.shape[0],) + (1,) * (weight.dim() - 1)
@@ -128,7 +206,7 @@ class MaskGate(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
-        return weight * (self.gate() * self.keep)
+        return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scores.shape)}, temperature={self.temperature.item():g}"
@@ -149,7 +227,7 @@ class ChannelBias(nn.Module):
         gate = self.gate
         if not gate.enabled:
             return bias
-        return bias * (gate.gate() * gate.keep).reshape(bias.shape)
+        return gated(bias, *_per_channel(gate, bias.shape))
 
 
 @dataclass

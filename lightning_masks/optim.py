@@ -14,16 +14,55 @@ __all__ = ["place_scores"]
 
 
 def place_scores(optimizers: Sequence[Optimizer], schedulers: Sequence[Any], masked: Sequence[MaskedTensor],
-                 lr: Optional[float] = None, weight_decay: Optional[float] = None) -> None:
+                 lr: Optional[float] = None, weight_decay: Optional[float] = None, *, fuse: bool = True) -> None:
     """Put the mask scores in the optimizers: in a param group of their own when ``lr``/``weight_decay`` is set.
 
     A score goes to the optimizer holding it, else the one holding its weight, else the first. Scores
     the optimizers already train are left alone unless an own group is asked for. LR schedulers of an
     optimizer that gains a group get its base learning rate appended.
+
+    With ``fuse`` (the default), a CPU ``Adam``/``AdamW`` param group that trains scores and left the
+    implementation to torch (``foreach=None, fused=None``) runs torch's fused kernel instead of its
+    per-tensor loop: the same update up to float rounding, but a pruned entry's exactly-zero gradient
+    sends the loop's ``exp_avg_sq.sqrt()`` down a ~7x slower path for zeros (measured on this CPU
+    build), which made the optimizer step of a 90%-sparse LeNet-300-100 5x the dense one.
+    Groups with optimizer state already, or any non-float or non-CPU tensor, are left as they are.
     """
     if not optimizers or not masked:
         return
+    _place(optimizers, schedulers, masked, lr, weight_decay)
+    if fuse:
+        _fuse_score_groups(optimizers, {id(entry.gate.scores) for entry in masked})
 
+
+_FUSABLE = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def _fuse_score_groups(optimizers: Sequence[Optimizer], scores: set[int]) -> None:
+    """Switch the CPU Adam/AdamW groups holding scores to ``fused=True`` where that is safe (see place_scores)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        if "cpu" not in _get_fused_kernels_supported_devices():
+            return
+    except (ImportError, AttributeError):
+        return
+    for optimizer in optimizers:
+        if type(optimizer) not in _FUSABLE:
+            continue
+        for group in optimizer.param_groups:
+            params = group["params"]
+            if not any(id(p) in scores for p in params):
+                continue
+            if group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable") \
+                    or group.get("capturable"):
+                continue
+            if all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and not p.is_sparse
+                   and not optimizer.state.get(p) for p in params):
+                group["fused"] = True
+
+
+def _place(optimizers: Sequence[Optimizer], schedulers: Sequence[Any], masked: Sequence[MaskedTensor],
+           lr: Optional[float], weight_decay: Optional[float]) -> None:
     def holder(param: torch.Tensor) -> Optional[tuple[int, dict]]:
         for index, optimizer in enumerate(optimizers):
             for group in optimizer.param_groups:

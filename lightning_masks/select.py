@@ -1,14 +1,16 @@
 """Scores -> keep-masks: exact counts, global or per layer, element or N:M, without a model-sized copy.
 
-Global selection finds the exact k-th smallest importance with a three-pass radix select over the
-float bit patterns, one tensor (in bounded slices) at a time: no concatenation, no ``torch.quantile``
-(limited to 2^24 elements), and ties broken by position (tensor order, then flat index).
+Global selection finds the exact k-th smallest importance with a two-pass radix select (16 bits a pass)
+over int32 keys that order like the floats, one tensor (in bounded slices) at a time: no concatenation, no
+``torch.quantile`` (limited to 2^24 elements), and ties broken by position (tensor order, then flat index).
+Without regrowth a pruned entry's key lies below every importance (even ``-inf``), so it stays pruned.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -16,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .masks import MaskedTensor
+from .masks import MaskedTensor, _divisor
 
 __all__ = [
     "IMPORTANCE",
@@ -28,20 +30,24 @@ __all__ = [
 ]
 
 _SLICE = 1 << 22
-_CACHE_ELEMENTS = 1 << 23  # importance values kept between passes (32 MiB of float32), not more
+_CACHE_ELEMENTS = 1 << 23  # importance keys kept between passes (32 MiB of int32), not more
 _RADIX_PASSES = ((16, 16), (0, 16))  # (shift, bits): 32 key bits, high to low
+_PRUNED = -(1 << 31)  # int32 key of an entry that must stay pruned: below every float's key (-inf's included)
+_PROTECTED = (1 << 31) - 1  # int32 key of an entry the layer floor keeps: above every float's key
 
 
 def _log_sigmoid(entry: MaskedTensor) -> Tensor:
     """Log of the raw gate ``sigmoid(scores / T)``: orders like the gate without saturating at 1."""
     gate = entry.gate
-    return torch.nn.functional.logsigmoid(gate.scores.detach().float() / gate.temperature)
+    divisor = _divisor(gate.temperature)  # None at T == 1: no division pass (dividing by 1 is exact anyway)
+    scores = gate.scores.detach().float()
+    return torch.nn.functional.logsigmoid(scores if divisor is None else scores / divisor)
 
 
 def _gate_importance(entry: MaskedTensor) -> Tensor:
     """Log of the gate as the network applies it (rescaled when ``rescale_gate`` is on)."""
     scale = entry.gate.gate_scale
-    return _log_sigmoid(entry) if scale is None else _log_sigmoid(entry) + scale.float().log()
+    return _log_sigmoid(entry) if scale is None else _log_sigmoid(entry).add_(scale.float().log())
 
 
 def _effective_weight_importance(entry: MaskedTensor) -> Tensor:
@@ -49,7 +55,7 @@ def _effective_weight_importance(entry: MaskedTensor) -> Tensor:
     magnitude = entry.weight.detach().float().abs()
     if entry.unit_size > 1:
         magnitude = magnitude.reshape(entry.units, -1).mean(1).reshape(entry.gate.keep.shape)
-    return magnitude.log() + _gate_importance(entry)
+    return magnitude.log_().add_(_gate_importance(entry))
 
 
 #: Importance criteria: a masked tensor -> a float32 tensor of its shape (higher is kept first).
@@ -99,6 +105,83 @@ def _key_value(key: int) -> float:
     bits = key - (1 << 31)
     bits = bits ^ 0x7FFFFFFF if bits < 0 else bits
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+def _keys32(values: Tensor) -> Tensor:
+    """Map float32 values to int32 keys with the same order: :func:`_keys` minus 2^31, three int32 passes."""
+    bits = values.float().contiguous().view(torch.int32)
+    return (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
+
+
+def _mark_pruned(keys: Tensor, keep: Tensor) -> Tensor:
+    """Set the keys of pruned entries (``keep`` False) to ``_PRUNED``, in place, with integer arithmetic."""
+    kept = keep.reshape(-1).view(torch.uint8).to(torch.int32)  # 1 kept, 0 pruned (bool ops are slow on CPU)
+    return keys.mul_(kept).add_(kept.sub_(1).bitwise_and_(_PRUNED))
+
+
+def _high_digits(keys: Tensor, out: Tensor) -> Tensor:
+    """Write ``(keys >> 16) + 2^15``, in [0, 2^16), into the int32 ``out``: the high half read as int16 where the
+    layout allows (an int32 shift is several times slower on CPU)."""
+    if sys.byteorder == "little" and keys.is_contiguous():
+        out.copy_(keys.view(torch.int16)[1::2])
+    else:
+        torch.bitwise_right_shift(keys, 16, out=out)
+    return out.add_(1 << 15)
+
+
+def _histogram(pieces: Iterator[Tensor], digits: Callable[[Tensor, Tensor], Tensor], bins: int, size: int) -> Tensor:
+    """Sum over ``pieces`` of the bincount of ``digits(piece, out)``, batched into one int32 buffer of up to
+    ``size`` values per bincount (each bincount fills and adds a ``bins``-long histogram)."""
+    hist = torch.zeros(bins, dtype=torch.int64)
+    buffer, used = None, 0
+    for piece in pieces:
+        if buffer is not None and (used + piece.numel() > buffer.numel() or buffer.device != piece.device):
+            hist += torch.bincount(buffer[:used], minlength=bins).cpu()
+            used = 0
+        if buffer is None or buffer.device != piece.device or piece.numel() > buffer.numel():
+            buffer = torch.empty(max(size, piece.numel()), dtype=torch.int32, device=piece.device)
+        digits(piece.reshape(-1), buffer[used:used + piece.numel()])
+        used += piece.numel()
+    if used:
+        hist += torch.bincount(buffer[:used], minlength=bins).cpu()
+    return hist
+
+
+def _kth_key(pieces: Callable[[], Iterator[Tensor]], k: int, total: int | None = None) -> tuple[int, int, int]:
+    """Return ``(key, below, equal)``: the k-th smallest int32 key (1-based) over everything ``pieces()`` yields,
+    how many keys are smaller and how many equal it. ``pieces`` is called twice (once per radix pass); ``total``
+    (their count, if known) sizes the digit buffer.
+
+    Pass 1 histograms the high 16 bits; pass 2 the low 16 bits of the keys in the chosen bucket, the others
+    clamped into two overflow bins (no boolean masks: integer clamps and bincounts only).
+    """
+    size = 1 << 16
+    batch = min(_SLICE, total) if total else _SLICE
+    cumulative = _histogram(pieces(), _high_digits, size, batch).cumsum(0)
+    digit = int(torch.searchsorted(cumulative, k))
+    if digit >= size:
+        raise ValueError(f"cannot select {k} entries out of {int(cumulative[-1])}")
+    below = int(cumulative[digit - 1]) if digit else 0
+    base = (digit - (1 << 15)) << 16  # the smallest key of the bucket
+    low = base - 1 if digit > 0 else base  # one overflow bin below the bucket, where a key can be below it
+    high = base + size if digit < size - 1 else base + size - 1
+
+    def offsets(piece: Tensor, out: Tensor) -> Tensor:
+        return torch.clamp(piece, low, high, out=out).sub_(low)
+
+    counts = _histogram(pieces(), offsets, high - low + 1, batch)
+    bucket = counts[base - low:base - low + size]
+    inside = bucket.cumsum(0)
+    offset = int(torch.searchsorted(inside, k - below))
+    return base + offset, below + (int(inside[offset - 1]) if offset else 0), int(bucket[offset])
+
+
+def _top_positions(keys: Tensor, m: int) -> Tensor:
+    """Flat indices of the ``m`` highest keys, ties broken towards later positions (the order selection keeps)."""
+    cut = int(keys.kthvalue(keys.numel() - m + 1).values)
+    above = (keys > cut).nonzero().view(-1)
+    tied = (keys == cut).nonzero().view(-1)
+    return torch.cat([above, tied[tied.numel() - (m - above.numel()):]])
 
 
 class Selection(NamedTuple):
@@ -234,56 +317,72 @@ class Selector:
 
     def _select(self, masked: Sequence[MaskedTensor], target: float, floor: float) -> Selection:
         total = sum(entry.units for entry in masked)
-        already = sum(int((~entry.gate.keep).sum()) for entry in masked) if not self.regrow else 0
-        count = max(round(target * total), already)
-        cache = _BoundedCache()
-        protected = {}
-        if floor > 0:
-            for entry in masked:
-                minimum = math.ceil(floor * (1.0 - target) * entry.units)
-                values = cache.get(entry, self._importance).reshape(-1)
-                alive = int(torch.isfinite(values).sum()) if not self.regrow else entry.units
-                protected[id(entry)] = values.topk(min(minimum, alive)).indices
-        prunable = total - sum(index.numel() for index in protected.values())
-        if count > prunable:
+        alive = [entry.units if self.regrow else int(entry.gate.keep.count_nonzero()) for entry in masked]
+        count = max(round(target * total), total - sum(alive))
+        floors = [min(math.ceil(floor * (1.0 - target) * entry.units), n) if floor > 0 else 0
+                  for entry, n in zip(masked, alive)]
+        if count > total - sum(floors):
             raise ValueError(
                 f"target sparsity {target} needs {count} of {total} entries pruned, but layer_floor={floor} "
-                f"keeps {total - prunable}; lower layer_floor or the target"
+                f"keeps {sum(floors)}; lower layer_floor or the target"
             )
-
-        def protect(entry: MaskedTensor) -> Tensor:
-            values = cache.get(entry, self._importance)  # the floor's values are not needed any more
-            if id(entry) in protected:
-                values.view(-1)[protected[id(entry)]] = math.inf
-            return values
-
-        final = _BoundedCache()
-
-        def importances() -> Iterator[Tensor]:
-            for entry in masked:
-                yield final.get(entry, protect)
-
         flipped: dict[str, Tensor] = {}
         if count == 0:
             for entry in masked:
                 _set_keep(entry, torch.ones_like(entry.gate.keep), flipped)
             return Selection(0, None, flipped)
-        key, ties = kth_smallest(importances, count)
-        for entry, values in zip(masked, importances()):
-            keep = torch.empty(values.numel(), dtype=torch.bool, device=values.device)
-            for piece, out in zip(values.reshape(-1).split(_SLICE), keep.split(_SLICE)):
-                keys = _keys(piece)
-                equal = keys == key
-                pruned = keys < key
-                n_equal = int(equal.sum())
-                if ties >= n_equal:
-                    pruned |= equal
-                elif ties > 0:  # the first ties, in position order, are pruned
-                    pruned[equal.nonzero()[:ties, 0]] = True
-                ties = max(ties - n_equal, 0)
-                torch.logical_not(pruned, out=out)
+        key, keeps = self._cut(masked, count, {})
+        if any(f and int(keep.count_nonzero()) < f for keep, f in zip(keeps, floors)):
+            # The floor binds: protect each tensor's top entries and cut again. Where it does not, protecting
+            # would change nothing (a tensor's kept entries are its top ones in the same order), so it is skipped.
+            protected = {id(entry): _top_positions(self._keys(entry), f) for entry, f in zip(masked, floors) if f}
+            key, keeps = self._cut(masked, count, protected)
+        for entry, keep in zip(masked, keeps):
             _set_keep(entry, keep.view_as(entry.gate.keep), flipped)
-        return Selection(count, math.exp(_key_value(key)), flipped)
+        return Selection(count, 0.0 if key == _PRUNED else math.exp(_key_value(key + (1 << 31))), flipped)
+
+    def _keys(self, entry: MaskedTensor) -> Tensor:
+        """Flat int32 keys of the entry's importance; without regrowth, pruned entries get ``_PRUNED``."""
+        values = IMPORTANCE[self.importance](entry)
+        if torch.isnan(values.max()):  # max propagates NaN: one reduction instead of a boolean mask
+            raise ValueError(f"mask importance of {entry.name!r} is NaN: its weight or scores hold NaN; "
+                             "lower the learning rate or check the model for a divergence")
+        keys = _keys32(values).reshape(-1)
+        return keys if self.regrow else _mark_pruned(keys, entry.gate.keep)
+
+    def _cut(self, masked: Sequence[MaskedTensor], count: int,
+             protected: dict[int, Tensor]) -> tuple[int, list[Tensor]]:
+        """Prune the ``count`` lowest keys (ties by position); return the cut key and each tensor's new keep."""
+
+        def keyed(entry: MaskedTensor) -> Tensor:
+            keys = self._keys(entry)
+            if id(entry) in protected:
+                keys[protected[id(entry)]] = _PROTECTED
+            return keys
+
+        cache = _BoundedCache()
+
+        def pieces() -> Iterator[Tensor]:
+            for entry in masked:
+                yield from cache.get(entry, keyed).split(_SLICE)
+
+        key, below, equal = _kth_key(pieces, count, sum(entry.units for entry in masked))
+        ties = count - below  # how many of the entries equal to the cut are pruned: the first ones in position
+        keeps = []
+        for entry in masked:
+            keys = cache.get(entry, keyed)
+            keep = torch.gt(keys, key)
+            if ties < equal:
+                tied = keys == key
+                if ties > 0:
+                    n_tied = int(tied.count_nonzero())
+                    if n_tied > ties:
+                        keep[tied.nonzero().view(-1)[ties:]] = True
+                    ties = max(ties - n_tied, 0)
+                else:
+                    keep |= tied
+            keeps.append(keep)
+        return key, keeps
 
     def _select_nm(self, entry: MaskedTensor, target: float, flipped: dict[str, Tensor]) -> int:
         n, m = self.grain.n, self.grain.m

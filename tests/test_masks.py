@@ -1,5 +1,7 @@
 """The parametrization, target selection, attach and fold, without a Trainer."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -161,3 +163,191 @@ def test_rescale_keeps_the_initial_function():
 def test_temperature_must_be_positive():
     with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
         MaskGate(torch.zeros(2), temperature=0)
+
+
+# ------------------------------------------------------------------------------------------- the fused gate
+from lightning_masks.masks import ChannelBias, gate_value, gated  # noqa: E402
+
+
+def plain_gate(weight, scores, keep, temperature, scale=None):
+    """The formula as plain autograd would run it: ``weight * (gate * keep)``."""
+    return weight * (gate_value(scores, temperature, scale) * keep)
+
+
+def gate_inputs(dtype=torch.float64, per_channel=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(5, 6, generator=generator, dtype=dtype)
+    shape = (5, 1) if per_channel else (5, 6)
+    scores = torch.randn(shape, generator=generator, dtype=dtype)
+    keep = torch.rand(shape, generator=generator) > 0.4
+    keep.view(-1)[0] = False
+    scale = 1.0 / torch.sigmoid(torch.randn(shape, generator=generator, dtype=dtype))
+    return weight, scores, keep, scale
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_gate_gradients_pass_gradcheck_in_float64(per_channel, rescale, temperature):
+    weight, scores, keep, scale = gate_inputs(per_channel=per_channel)
+    weight.requires_grad_()
+    scores.requires_grad_()
+    scale = scale if rescale else None
+    temperature = torch.tensor(temperature, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda w, s: gated(w, s, keep, temperature, scale), (weight, scores))
+    # and the fused function really ran (not the plain-autograd fallback)
+    assert type(gated(weight, scores, keep, temperature, scale).grad_fn).__name__ == "_GatedBackward"
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_fused_gate_matches_the_plain_formula_in_float32(per_channel, rescale, temperature):
+    weight, scores, keep, scale = gate_inputs(torch.float32, per_channel)
+    scale = scale if rescale else None
+    temperature = torch.tensor(temperature)
+    grad = torch.randn(5, 6)
+    results = []
+    for fn in (plain_gate, gated):
+        w, s = weight.clone().requires_grad_(), scores.clone().requires_grad_()
+        out = fn(w, s, keep, temperature, scale)
+        out.backward(grad)
+        results.append((out.detach(), w.grad, s.grad))
+    (out_a, gw_a, gs_a), (out_b, gw_b, gs_b) = results
+    assert torch.equal(out_a, out_b)  # same values, bit for bit
+    assert torch.allclose(gw_a, gw_b, rtol=1e-6, atol=0) and torch.allclose(gs_a, gs_b, rtol=1e-6, atol=0)
+    assert torch.all(gs_b[~keep] == 0) and torch.all(gs_b[keep] != 0)  # pruned scores get exactly zero
+    with torch.no_grad():
+        assert torch.equal(gated(weight, scores, keep, temperature, scale), out_a)  # the no-grad path agrees
+
+
+def test_fused_gate_computes_only_the_gradients_asked_for():
+    weight, scores, keep, scale = gate_inputs(torch.float32)
+    for frozen in ("weight", "scores"):
+        grads = []
+        for fn in (plain_gate, gated):
+            w = weight.clone().requires_grad_(frozen != "weight")
+            s = scores.clone().requires_grad_(frozen != "scores")
+            fn(w, s, keep, torch.tensor(0.5), scale).sum().backward()
+            assert (w.grad is None) == (frozen == "weight") and (s.grad is None) == (frozen == "scores")
+            grads.append(s.grad if frozen == "weight" else w.grad)
+        assert torch.allclose(*grads, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_fused_gate_saves_one_gate_sized_buffer_for_backward(rescale):
+    weight, scores, keep, scale = gate_inputs(torch.float32)
+    scale = scale if rescale else None
+    w, s = weight.clone().requires_grad_(), scores.clone().requires_grad_()
+    inputs = {w.data_ptr(), s.data_ptr(), keep.data_ptr()} | ({scale.data_ptr()} if rescale else set())
+
+    def saved_bytes(fn):
+        fresh = []
+
+        def pack(tensor):
+            if tensor.data_ptr() not in inputs:
+                fresh.append(tensor.untyped_storage().nbytes())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(w, s, keep, torch.tensor(0.5), scale)
+        return sum(fresh)
+
+    assert saved_bytes(gated) == scores.numel() * 4 < saved_bytes(plain_gate)  # k = sigmoid * keep, only
+
+
+def test_masked_module_trains_the_same_as_the_plain_formula():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    weight = layer.weight.detach().clone()
+    [entry] = attach(layer, rescale=True, temperature=0.5, per_channel=False)
+    entry.gate.keep.view(-1)[::3] = False
+    x = torch.randn(7, 6)
+    layer(x).square().sum().backward()
+    s = entry.gate.scores.detach().clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = x @ plain_gate(w, s, entry.gate.keep, entry.gate.temperature, entry.gate.gate_scale).t() + layer.bias
+    out.square().sum().backward()
+    assert torch.allclose(entry.weight.grad, w.grad, rtol=1e-5) and torch.allclose(entry.gate.scores.grad, s.grad,
+                                                                                    rtol=1e-5)
+
+
+def test_channel_bias_goes_through_the_fused_gate_with_the_same_values():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    bias = layer.bias.detach().clone()
+    [entry] = attach(layer, rescale=True, per_channel=True)
+    entry.gate.keep[1] = False
+    gate = entry.gate
+    expected = bias * (gate.gate() * gate.keep).reshape(bias.shape)
+    assert isinstance(layer.parametrizations.bias[0], ChannelBias)
+    assert torch.equal(layer.bias, expected) and layer.bias[1] == 0
+    layer.bias.sum().backward()
+    assert gate.scores.grad[1].item() == 0 and gate.scores.grad[0].item() != 0
+
+
+def test_gate_forward_values_are_unchanged_under_cached_evaluation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 2))
+    masked = attach(model, rescale=True, temperature=2.0)
+    masked[0].gate.keep[0] = False
+    x = torch.randn(3, 5)
+    training = model(x)
+    with torch.no_grad(), parametrize.cached():
+        assert torch.equal(model(x), training.detach())
+
+
+def test_place_scores_switches_cpu_adam_holding_scores_to_the_fused_kernel():
+    from lightning_masks.optim import place_scores
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    masked = attach(model)
+    chosen = torch.optim.Adam(model.parameters(), foreach=False)
+    default = torch.optim.Adam(model.parameters())
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    for optimizer in (chosen, default, sgd):
+        place_scores([optimizer], [], masked)
+    assert default.param_groups[0]["fused"] is True  # no choice made: the fused kernel
+    assert chosen.param_groups[0]["fused"] is None and chosen.param_groups[0]["foreach"] is False  # user's choice
+    assert sgd.param_groups[0].get("fused") is None  # only Adam/AdamW
+    kept = torch.optim.Adam(model.parameters())
+    place_scores([kept], [], masked, fuse=False)
+    assert kept.param_groups[0]["fused"] is None
+
+
+def test_fused_adam_trains_masks_like_the_loop():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    results = []
+    for fuse in (False, True):
+        from lightning_masks.optim import place_scores
+
+        model = copy.deepcopy(base)
+        masked = attach(model, rescale=True)
+        masked[0].gate.keep.view(-1)[::2] = False
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        place_scores([optimizer], [], masked, fuse=fuse)
+        x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
+        for _ in range(20):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*results))
+
+
+def test_masked_module_works_under_torch_func_transforms():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    [entry] = attach(layer, rescale=True)
+    entry.gate.keep[0, 0] = False
+    params = dict(layer.named_parameters())
+    x = torch.randn(5, 4)
+
+    def loss(p):
+        return torch.func.functional_call(layer, p, (x,)).square().sum()
+
+    grads = torch.func.grad(loss)(params)
+    loss(params).backward()  # the fused path
+    assert torch.allclose(grads["parametrizations.weight.original"], entry.weight.grad, rtol=1e-5)
+    assert torch.allclose(grads["parametrizations.weight.0.scores"], entry.gate.scores.grad, rtol=1e-5)

@@ -212,3 +212,108 @@ def test_channel_selection_prunes_whole_output_channels_exactly(mode):
         rows = layer.weight.reshape(layer.weight.shape[0], -1)
         assert torch.equal((rows == 0).all(1), ~entry.gate.keep.flatten())
         assert torch.equal(layer.bias == 0, ~entry.gate.keep.flatten())  # the whole channel, bias too
+
+
+# ------------------------------------------------------------------------------- int32 keys and the radix cut
+from lightning_masks import select as select_module  # noqa: E402
+from lightning_masks.select import _PRUNED, _PROTECTED, _keys32, _kth_key  # noqa: E402
+
+
+def test_int32_keys_are_the_int64_keys_shifted():
+    values = torch.tensor([-math.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 7.5, math.inf])
+    values = torch.cat([values, torch.randn(1000) * 10 ** torch.randint(-30, 30, (1000,)).float()])
+    assert torch.equal(_keys32(values).long(), _keys(values) - 2**31)
+    assert _PRUNED < int(_keys32(torch.tensor([-math.inf]))) and _PROTECTED > int(_keys32(torch.tensor([math.inf])))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kth_key_matches_a_sort_with_ties_and_extremes(seed):
+    generator = torch.Generator().manual_seed(seed)
+    pieces = [torch.randint(-2**31, 2**31, (n,), generator=generator, dtype=torch.int64).to(torch.int32)
+              for n in (700, 1, 300)]
+    pieces[0][:200] = _PRUNED  # the lowest possible key, bucket 0
+    pieces[2][:50] = _PROTECTED  # the highest, bucket 2^16 - 1
+    pieces[1][:] = 12345
+    pieces[0][200:260] = 12345  # ties across tensors
+    pieces[2][50:60] = 12345 + 65536 * 3  # same low bits, another bucket
+    everything = torch.sort(torch.cat(pieces)).values
+    for k in (1, 150, 200, 201, 230, 400, 500, 950, 951, 1001):
+        key, below, equal = _kth_key(lambda: iter(pieces), k)
+        assert key == int(everything[k - 1])
+        assert below == int((everything < key).sum()) and equal == int((everything == key).sum())
+
+
+def reference_keep(masked, importance, target, floor, regrow):
+    """Brute force of the documented rule: pruned entries first (without regrowth), each tensor's top
+    ``min(ceil(floor * (1 - target) * units), alive)`` entries protected (ties: later positions), then the
+    ``count`` lowest by (importance, position)."""
+    entries, offset = [], 0
+    total = sum(e.units for e in masked)
+    alive = [e.units if regrow else int(e.gate.keep.sum()) for e in masked]
+    count = max(round(target * total), total - sum(alive))
+    for e, n_alive in zip(masked, alive):
+        values = IMPORTANCE[importance](e).flatten().tolist()
+        flags = [1 if regrow else int(k) for k in e.gate.keep.flatten().tolist()]
+        ranked = sorted(range(len(values)), key=lambda i: (flags[i], values[i], i))
+        m = min(math.ceil(floor * (1.0 - target) * e.units), n_alive) if floor > 0 else 0
+        top = set(ranked[len(ranked) - m:]) if m else set()
+        entries += [(int(i in top), flags[i], values[i], offset + i) for i in range(len(values))]
+        offset += len(values)
+    keep = torch.ones(total, dtype=torch.bool)
+    for *_, position in sorted(entries)[:count]:
+        keep[position] = False
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_selection_matches_the_brute_force_rule_with_floors_ties_and_history(seed):
+    torch.manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 9), nn.Linear(9, 4), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(0.01)  # a small-scale layer the floor has to protect
+        if seed % 2:
+            model[0].weight.copy_((model[0].weight * 4).round() / 4)  # many exact ties, zeros (-inf) among them
+    masked = attach(model, rescale=seed % 3 == 0, init=lambda w: (w.abs() * 3).round())
+    importance = ("gate", "effective_weight")[seed % 2]
+    regrow = seed % 4 == 1
+    for target, floor in ((0.3, 0.25), (0.6, 0.9), (0.85, 0.25), (0.85, 0.0)):
+        with torch.no_grad():  # scores move between updates
+            for e in masked:
+                e.gate.scores.add_(torch.randn(e.gate.scores.shape, generator=rng).round())
+        expected = reference_keep(masked, importance, target, floor, regrow)
+        result = Selector(importance=importance, layer_floor=floor, regrow=regrow)(masked, target)
+        got = torch.cat([e.gate.keep.flatten() for e in masked])
+        assert torch.equal(got, expected), (target, floor)
+        assert result.pruned == int((~got).sum())
+
+
+def test_pruned_entries_stay_pruned_even_below_alive_entries_of_importance_minus_infinity():
+    torch.manual_seed(0)
+    layer = nn.Linear(10, 10)
+    [entry] = attach(layer)
+    Selector(layer_floor=0.0)([entry], 0.3)
+    pruned_before = ~entry.gate.keep.clone()
+    with torch.no_grad():  # zero the last alive weights: their importance is log|0| = -inf
+        alive = entry.gate.keep.flatten().nonzero().flatten()
+        layer.parametrizations.weight.original.view(-1)[alive[-20:]] = 0.0
+    result = Selector(layer_floor=0.0)([entry], 0.4)
+    pruned = ~entry.gate.keep
+    assert torch.all(pruned[pruned_before])  # nothing came back, though the zeros tie with them at -inf
+    assert int(pruned.sum()) == 40 == result.pruned
+    assert set(pruned.flatten().nonzero().flatten().tolist()) - set(pruned_before.flatten().nonzero().flatten()
+                                                                     .tolist()) == set(alive[-20:-10].tolist())
+
+
+def test_selection_without_the_cache_and_in_small_slices_gives_the_same_masks(monkeypatch):
+    results = []
+    for cache, slice_size in ((select_module._CACHE_ELEMENTS, select_module._SLICE), (0, 7)):
+        monkeypatch.setattr(select_module, "_CACHE_ELEMENTS", cache)
+        monkeypatch.setattr(select_module, "_SLICE", slice_size)
+        _, masked = model_with_masks(seed=3)
+        with torch.no_grad():
+            masked[0].gate.scores[:5] = 0.5  # ties
+        Selector()(masked, 0.4)
+        selection = Selector(regrow=True)(masked, 0.7)
+        results.append((torch.cat([e.gate.keep.flatten() for e in masked]), selection.pruned, selection.threshold))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1:] == results[1][1:]
