@@ -215,11 +215,10 @@ class MaskPruningCallback(Callback):
             self._score_from_one_batch(trainer, pl_module)
         total_steps, steps_per_epoch = _training_length(trainer)
         total = total_steps if self.cadence == "step" else math.ceil(total_steps / steps_per_epoch)
-        self._span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.update_every)
         if self._auto_cadence:
             start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
             self.update_every = max(1, round((end - start) / AUTO_UPDATES))
-            self._span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.update_every)
+        self._span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.update_every)
 
     def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise gradient-based scores (e.g. SNIP) from one training batch of the dense network."""
