@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import inspect
 import json
 import multiprocessing
@@ -61,6 +62,7 @@ DEFAULT_METHODS = ["dense", "model_pruning", "wns", "masks", *(f"masks[init={nam
 KEY_FIELDS = ("model", "method", "sparsity", "seed", "epochs", "start", "end", "lr", "batch_size")
 
 
+@functools.cache
 def callback_defaults() -> str:
     """The callback's keyword defaults (JSON of reprs), recorded with every ``masks`` run."""
     parameters = inspect.signature(MaskPruningCallback).parameters.values()
@@ -238,8 +240,9 @@ def label(record: dict[str, Any]) -> str:
     """A run's method as it reads under today's defaults.
 
     A ``masks`` run made under other callback defaults is named by the options it differs in, e.g. the
-    ``masks`` of older defaults becomes ``masks[rescale_gate=False,mask_lr=None]``, and an explicit option
-    equal to today's default disappears from the name.
+    ``masks`` of session 1 becomes ``masks[update_every=epoch,rescale_gate=False,mask_lr=None]``, and an
+    explicit option equal to today's default disappears from the name. Values are shown as options are
+    written (strings unquoted).
     """
     name, options = parse_method(record["method"])
     if name != "masks":
@@ -248,8 +251,7 @@ def label(record: dict[str, Any]) -> str:
     ran = {**json.loads(record.get("defaults") or "{}"), **{k: repr(v) for k, v in options.items()}}
     differ = {k: v for k, v in ran.items() if current.get(k) != v}
     order = [*options, *(k for k in differ if k not in options)]
-    shown = [f"{k}={ast.literal_eval(differ[k]) if differ[k].startswith(chr(39)) else differ[k]}"
-             for k in order if k in differ]
+    shown = [k + "=" + differ[k].strip("'") for k in order if k in differ]
     return f"masks[{','.join(shown)}]" if shown else "masks"
 
 
