@@ -65,6 +65,9 @@ class MaskPruningCallback(Callback):
         rescale_gate: divide each gate by its initial value so training starts from the dense function
             (on by default: benchmarks/results/study_lenet300_s99.md).
         mode, importance, layer_floor, regrow, granularity: see :class:`~lightning_masks.select.Selector`.
+        tie: groups of globs on masked tensor names pruned together unit by unit (see
+            :class:`~lightning_masks.select.Selector`), e.g. the BatchNorms that add into one residual stream,
+            so that export can remove the stream's pruned channels.
         mask_lr, mask_weight_decay: learning rate and weight decay of the scores, in their own param group of
             the optimizer that trains the weight (default ``mask_lr=0.01``, the weight decay of the weight's
             group). Both ``None`` leaves the scores where ``configure_optimizers`` put them.
@@ -103,6 +106,7 @@ class MaskPruningCallback(Callback):
         layer_floor: float = 0.25,
         regrow: bool = False,
         granularity: str = "element",
+        tie: Iterable[Iterable[str]] = (),
         mask_lr: Optional[float] = 1e-2,
         mask_weight_decay: Optional[float] = None,
         fold_on_fit_end: bool = True,
@@ -141,7 +145,7 @@ class MaskPruningCallback(Callback):
         self.exclude = list(exclude)
         self.temperature = float(temperature)
         self.rescale_gate = rescale_gate
-        self.selector = Selector(mode, importance, layer_floor, regrow, granularity)
+        self.selector = Selector(mode, importance, layer_floor, regrow, granularity, tie)
         self.mask_lr = mask_lr
         self.mask_weight_decay = mask_weight_decay
         self.fold_on_fit_end = fold_on_fit_end

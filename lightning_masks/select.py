@@ -8,12 +8,13 @@ Without regrowth a pruned entry's key lies below every importance (even ``-inf``
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -25,6 +26,7 @@ __all__ = [
     "Granularity",
     "Selection",
     "Selector",
+    "TiedUnits",
     "kth_smallest",
     "parse_granularity",
 ]
@@ -216,10 +218,45 @@ class _BoundedCache:
         return values
 
 
-def _set_keep(entry: MaskedTensor, keep: Tensor, flipped: dict[str, Tensor]) -> None:
-    """Write ``keep`` into the tensor's mask, counting the bits that change."""
-    flipped[entry.name] = (entry.gate.keep != keep).sum()
-    entry.gate.keep.copy_(keep)
+@dataclass(eq=False)
+class TiedUnits:
+    """Masked tensors pruned together, unit by unit: one keep decision per unit, written to every member.
+
+    E.g. the BatchNorms that all add into one residual stream: a stream channel is then zero in every
+    block, so :func:`~lightning_masks.export.shrink` can remove it. A unit's importance is the sum of its
+    members' (``logsumexp`` of their log importances); it is alive while any member keeps it.
+    """
+
+    members: list[MaskedTensor]
+
+    @property
+    def name(self) -> str:
+        return "+".join(member.name for member in self.members)
+
+    @property
+    def units(self) -> int:
+        return self.members[0].units
+
+    @property
+    def keep(self) -> Tensor:
+        keeps = [member.gate.keep.reshape(-1) for member in self.members]
+        return (keeps[0] if len(keeps) == 1 else torch.stack(keeps).any(0)).view_as(self.members[0].gate.keep)
+
+
+#: What selection ranks: one masked tensor, or tensors tied unit by unit.
+Ranked = Union[MaskedTensor, TiedUnits]
+
+
+def _keep_of(entry: Ranked) -> Tensor:
+    return entry.keep if isinstance(entry, TiedUnits) else entry.gate.keep
+
+
+def _set_keep(entry: Ranked, keep: Tensor, flipped: dict[str, Tensor]) -> None:
+    """Write ``keep`` into the mask (every member's, for tied tensors), counting the bits that change."""
+    for member in entry.members if isinstance(entry, TiedUnits) else [entry]:
+        target = member.gate.keep
+        flipped[member.name] = (target.reshape(-1) != keep.reshape(-1)).sum()
+        target.copy_(keep.reshape(target.shape))
 
 
 @dataclass(frozen=True)
@@ -265,6 +302,9 @@ class Selector:
         regrow: let pruned entries come back when their importance rises; off, pruned stays pruned.
         granularity: ``"element"``, ``"channel"`` or ``"N:M"``. Counts are in masked units: weights, or
             output channels.
+        tie: groups of globs on masked tensor names; the tensors of a group are pruned together, unit by
+            unit (see :class:`TiedUnits`), e.g. ``[["stem.bn.weight", "stage1.*.bn2.weight"]]``. Members
+            need the same number of units; not with N:M.
     """
 
     mode: str = "global"
@@ -272,6 +312,7 @@ class Selector:
     layer_floor: float = 0.25
     regrow: bool = False
     granularity: str = "element"
+    tie: Sequence[Sequence[str]] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in ("global", "layer"):
@@ -280,20 +321,70 @@ class Selector:
             raise ValueError(f"unknown importance {self.importance!r}; known criteria: {sorted(IMPORTANCE)}")
         if not 0.0 <= self.layer_floor <= 1.0:
             raise ValueError(f"layer_floor must be in [0, 1], got {self.layer_floor!r}; 0 disables the floor")
-        parse_granularity(self.granularity)
+        grain = parse_granularity(self.granularity)
+        if isinstance(self.tie, str) or any(isinstance(group, str) or not group or
+                                            not all(isinstance(p, str) for p in group) for group in self.tie):
+            raise ValueError(f"tie must be a list of groups, each a non-empty list of glob strings, got {self.tie!r}; "
+                             "e.g. tie=[['stem.bn.weight', 'stage1.*.bn2.weight']]")
+        object.__setattr__(self, "tie", tuple(tuple(group) for group in self.tie))
+        if self.tie and grain.is_nm:
+            raise ValueError(f"tie cannot be combined with N:M granularity ({self.granularity!r}): N:M keeps N of "
+                             "every M inside each tensor; use 'element' or 'channel'")
 
     @property
     def grain(self) -> Granularity:
         return parse_granularity(self.granularity)
 
     def check(self, masked: Sequence[MaskedTensor]) -> None:
-        """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M)."""
+        """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M) or ``tie`` does not
+        fit the masked tensors."""
         m = self.grain.m
         for entry in masked:
             row = entry.weight[0].numel() if entry.weight.dim() > 1 else entry.numel
             if m and row % m:
                 raise ValueError(f"{self.granularity} needs rows divisible by {m}, but {entry.name!r} of shape "
                                  f"{tuple(entry.weight.shape)} has rows of {row}; exclude it or pick another M")
+        self.tied(masked)
+
+    def tied(self, masked: Sequence[MaskedTensor]) -> list[Ranked]:
+        """``masked`` with each ``tie`` group merged into one :class:`TiedUnits`, at its first member's place."""
+        if not self.tie:
+            return list(masked)
+        group_of: dict[int, int] = {}
+        for index, group in enumerate(self.tie):
+            for pattern in group:
+                matched = [entry for entry in masked if fnmatch.fnmatchcase(entry.name, pattern)]
+                if not matched:
+                    raise ValueError(f"tie pattern {pattern!r} matches no masked tensor; masked tensors: "
+                                     f"{[entry.name for entry in masked][:12]}. Fix the glob or mask that tensor")
+                for entry in matched:
+                    if group_of.setdefault(id(entry), index) != index:
+                        raise ValueError(f"{entry.name!r} is in two tie groups ({self.tie[group_of[id(entry)]]} and "
+                                         f"{group}); a tensor can be tied in one group only")
+        members: dict[int, list[MaskedTensor]] = {}
+        ranked: list[Ranked] = []
+        for entry in masked:
+            index = group_of.get(id(entry))
+            if index is None:
+                ranked.append(entry)
+            elif index in members:
+                members[index].append(entry)
+            else:
+                members[index] = [entry]
+                ranked.append(TiedUnits(members[index]))
+        for group in members.values():
+            if len({entry.units for entry in group}) > 1:
+                raise ValueError("tied tensors need the same number of units, got " +
+                                 ", ".join(f"{entry.name!r}: {entry.units}" for entry in group) +
+                                 "; tie only tensors with as many channels (or elements) as each other")
+        return ranked
+
+    def _values(self, entry: Ranked) -> Tensor:
+        """The importance of each unit (the keep-mask's shape); for tied tensors, of their sum."""
+        if not isinstance(entry, TiedUnits):
+            return IMPORTANCE[self.importance](entry)
+        values = torch.stack([IMPORTANCE[self.importance](member).reshape(-1) for member in entry.members])
+        return torch.logsumexp(values, 0).view_as(entry.members[0].gate.keep)
 
     def _importance(self, entry: MaskedTensor) -> Tensor:
         values = IMPORTANCE[self.importance](entry)
@@ -310,14 +401,15 @@ class Selector:
         if self.grain.is_nm:
             flipped: dict[str, Tensor] = {}
             return Selection(sum(self._select_nm(entry, target, flipped) for entry in masked), None, flipped)
+        ranked = self.tied(masked)
         if self.mode == "layer":
-            each = [self._select([entry], target, floor=0.0) for entry in masked]
+            each = [self._select([entry], target, floor=0.0) for entry in ranked]
             return Selection(sum(s.pruned for s in each), None, {k: v for s in each for k, v in s.flipped.items()})
-        return self._select(masked, target, floor=self.layer_floor)
+        return self._select(ranked, target, floor=self.layer_floor)
 
-    def _select(self, masked: Sequence[MaskedTensor], target: float, floor: float) -> Selection:
+    def _select(self, masked: Sequence[Ranked], target: float, floor: float) -> Selection:
         total = sum(entry.units for entry in masked)
-        alive = [entry.units if self.regrow else int(entry.gate.keep.count_nonzero()) for entry in masked]
+        alive = [entry.units if self.regrow else int(_keep_of(entry).count_nonzero()) for entry in masked]
         count = max(round(target * total), total - sum(alive))
         floors = [min(math.ceil(floor * (1.0 - target) * entry.units), n) if floor > 0 else 0
                   for entry, n in zip(masked, alive)]
@@ -329,7 +421,7 @@ class Selector:
         flipped: dict[str, Tensor] = {}
         if count == 0:
             for entry in masked:
-                _set_keep(entry, torch.ones_like(entry.gate.keep), flipped)
+                _set_keep(entry, torch.ones_like(_keep_of(entry)), flipped)
             return Selection(0, None, flipped)
         key, keeps = self._cut(masked, count, {})
         if any(f and int(keep.count_nonzero()) < f for keep, f in zip(keeps, floors)):
@@ -338,23 +430,23 @@ class Selector:
             protected = {id(entry): _top_positions(self._keys(entry), f) for entry, f in zip(masked, floors) if f}
             key, keeps = self._cut(masked, count, protected)
         for entry, keep in zip(masked, keeps):
-            _set_keep(entry, keep.view_as(entry.gate.keep), flipped)
+            _set_keep(entry, keep, flipped)
         return Selection(count, 0.0 if key == _PRUNED else math.exp(_key_value(key + (1 << 31))), flipped)
 
-    def _keys(self, entry: MaskedTensor) -> Tensor:
+    def _keys(self, entry: Ranked) -> Tensor:
         """Flat int32 keys of the entry's importance; without regrowth, pruned entries get ``_PRUNED``."""
-        values = IMPORTANCE[self.importance](entry)
+        values = self._values(entry)
         if torch.isnan(values.max()):  # max propagates NaN: one reduction instead of a boolean mask
             raise ValueError(f"mask importance of {entry.name!r} is NaN: its weight or scores hold NaN; "
                              "lower the learning rate or check the model for a divergence")
         keys = _keys32(values).reshape(-1)
-        return keys if self.regrow else _mark_pruned(keys, entry.gate.keep)
+        return keys if self.regrow else _mark_pruned(keys, _keep_of(entry))
 
-    def _cut(self, masked: Sequence[MaskedTensor], count: int,
+    def _cut(self, masked: Sequence[Ranked], count: int,
              protected: dict[int, Tensor]) -> tuple[int, list[Tensor]]:
         """Prune the ``count`` lowest keys (ties by position); return the cut key and each tensor's new keep."""
 
-        def keyed(entry: MaskedTensor) -> Tensor:
+        def keyed(entry: Ranked) -> Tensor:
             keys = self._keys(entry)
             if id(entry) in protected:
                 keys[protected[id(entry)]] = _PROTECTED
@@ -398,10 +490,14 @@ class Selector:
     def threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
         """Prune every entry whose raw gate ``sigmoid(scores / T)`` is below ``threshold``."""
         pruned, flipped = 0, {}
-        for entry in masked:
-            keep = _log_sigmoid(entry) >= math.log(threshold) if threshold > 0 else torch.ones_like(entry.gate.keep)
+        for entry in self.tied(masked):
+            members = entry.members if isinstance(entry, TiedUnits) else [entry]
+            keep = torch.ones_like(_keep_of(entry))
+            if threshold > 0:  # tied: a unit stays while any member's gate is at the threshold
+                keep = torch.stack([(_log_sigmoid(m) >= math.log(threshold)).reshape(-1) for m in members]).any(0)
+                keep = keep.view_as(_keep_of(entry))
             if not self.regrow:
-                keep &= entry.gate.keep
+                keep &= _keep_of(entry)
             _set_keep(entry, keep, flipped)
             pruned += int((~keep).sum())
         return Selection(pruned, threshold, flipped)

@@ -57,3 +57,29 @@ print("params", small_params, io["params"])
     assert done.returncode == 0, done.stderr
     small_params, dense_params = map(int, re.search(r"params (\d+) (\d+)", done.stdout).groups())
     assert small_params == 8 * 8 + 8 + 8 * 3 + 3 < dense_params == 8 * 32 + 32 + 32 * 3 + 3
+
+
+def test_tied_stream_masks_let_shrink_narrow_a_resnets_residual_streams():
+    from lightning_masks.export import shrink
+    from lightning_masks.zoo import ResNet20, SyntheticDataModule
+
+    pl.seed_everything(0, verbose=False)
+    model = ResNet20(in_channels=1, num_classes=3, width=4, blocks=2, shortcut="projection")
+    streams = model.residual_streams()
+    assert [len(s) for s in streams] == [3, 3, 3]  # stem BN + two blocks; then shortcut BN + two blocks
+    pruner = MaskPruningCallback(0.5, granularity="channel", mode="layer", targets=[*sum(streams, []),
+                                 "net.*.body.1.weight"], tie=streams, end=1, plots=False)
+    data = SyntheticDataModule(64, (1, 8, 8), 3, batch_size=16)
+    make_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[pruner]).fit(model, data)
+    net = model.net.eval()
+    for stream in streams:  # one keep per stage: every BN writing the stream has the same zero channels
+        zero = [(net.get_submodule(name.removeprefix("net.").removesuffix(".weight")).weight == 0) for name in stream]
+        assert all(torch.equal(z, zero[0]) for z in zero) and int(zero[0].sum()) == len(zero[0]) // 2
+    x = torch.randn(4, 1, 8, 8)
+    small, report = shrink(net, x)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x), rtol=1e-4, atol=1e-5)
+    # the streams went from 4/8/16 channels to 2/4/8: stem conv, shortcut convs and the classifier read them
+    assert small[0].out_channels == 2 and small[-1].in_features == 8
+    assert [small[i].shortcut[0].out_channels for i in (5, 7)] == [4, 8]
+    assert report.params_after < report.params_before / 3

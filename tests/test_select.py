@@ -317,3 +317,70 @@ def test_selection_without_the_cache_and_in_small_slices_gives_the_same_masks(mo
         selection = Selector(regrow=True)(masked, 0.7)
         results.append((torch.cat([e.gate.keep.flatten() for e in masked]), selection.pruned, selection.threshold))
     assert torch.equal(results[0][0], results[1][0]) and results[0][1:] == results[1][1:]
+
+
+def tied_bns(seed=0):
+    """Three BatchNorms of 8 channels (as if adding into one stream) and one of 6, masked per channel."""
+    torch.manual_seed(seed)
+    model = nn.ModuleDict({name: nn.BatchNorm1d(c) for name, c in (("a", 8), ("b", 8), ("c", 8), ("other", 6))})
+    for bn in model.values():
+        nn.init.uniform_(bn.weight, 0.1, 2.0)
+        nn.init.uniform_(bn.bias, 0.1, 1.0)
+    return model, attach(model, targets=["*.weight"], per_channel=True)
+
+
+@pytest.mark.parametrize("mode", ["global", "layer"])
+def test_tied_tensors_prune_the_same_units_ranked_by_their_summed_importance(mode):
+    model, masked = tied_bns()
+    selector = Selector(mode=mode, granularity="channel", layer_floor=0.0, tie=[["a.weight", "[bc].weight"]])
+    selection = selector(masked, 0.5)
+    a, b, c, other = (e.gate.keep for e in masked)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    if mode == "layer":  # the group is one layer of 8 units
+        assert int((~a).sum()) == 4 and int((~other).sum()) == 3
+    assert selection.pruned == int((~a).sum()) + int((~other).sum()) == (4 + 3 if mode == "layer" else 7)
+    assert set(selection.flipped) == {"a.weight", "b.weight", "c.weight", "other.weight"}
+    # the tied units that go are those of the lowest summed |w * gate|, whatever each member alone says
+    summed = sum(IMPORTANCE["effective_weight"](e).exp() for e in masked[:3])
+    assert summed[~a].max() <= summed[a].min()
+    # pruned stays pruned: the tie holds over raising the target
+    before = a.clone()
+    selector(masked, 0.75)
+    assert torch.equal(masked[0].gate.keep, masked[1].gate.keep) and not (masked[0].gate.keep & ~before).any()
+    fold(model)
+    for name in "abc":
+        assert torch.equal(model[name].weight == 0, ~masked[0].gate.keep) and torch.equal(
+            model[name].bias == 0, ~masked[0].gate.keep)  # scale and shift: the channel outputs exact zeros
+
+
+def test_tied_units_follow_a_gate_threshold_together():
+    _, masked = tied_bns()
+    with torch.no_grad():
+        masked[0].gate.scores[:2] = -9.0  # only a's gate is low on channels 0 and 1
+        masked[1].gate.scores[:2] = -9.0
+        masked[2].gate.scores[1] = -9.0
+    Selector(granularity="channel", tie=[["[abc].weight"]]).threshold(masked, 0.1)
+    assert masked[0].gate.keep.tolist() == [True, False] + [True] * 6  # a unit stays while any member keeps it
+    assert all(torch.equal(e.gate.keep, masked[0].gate.keep) for e in masked[1:3]) and masked[3].gate.keep.all()
+
+
+@pytest.mark.parametrize("tie, message", [
+    ([["a.weight", "nothing.*"]], "'nothing.*' matches no masked tensor"),
+    ([["a.weight", "b.weight"], ["b.weight", "c.weight"]], "'b.weight' is in two tie groups"),
+    ([["a.weight", "other.weight"]], "the same number of units"),
+])
+def test_bad_tie_groups_are_refused_by_check_naming_the_problem(tie, message):
+    _, masked = tied_bns()
+    with pytest.raises(ValueError, match=message):
+        Selector(granularity="channel", tie=tie).check(masked)
+    assert all(e.gate.keep.all() for e in masked)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tie": "a.weight"}, "tie must be a list of groups"),
+    ({"tie": [[]]}, "tie must be a list of groups"),
+    ({"tie": [["a.*"]], "granularity": "2:4"}, "tie cannot be combined with N:M"),
+])
+def test_malformed_tie_is_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Selector(**kwargs)

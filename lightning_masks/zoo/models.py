@@ -122,17 +122,23 @@ class LeNet5(Classifier):
 
 
 class _BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers and a parameter-free shortcut (subsample, zero-pad channels: option A)."""
+    """Two 3x3 conv-BN layers and a shortcut: where the shape changes, subsample and zero-pad channels
+    (``"pad"``, option A: no parameters) or a strided 1x1 conv-BN (``"projection"``, option B)."""
 
-    def __init__(self, width_in: int, width_out: int, stride: int) -> None:
+    def __init__(self, width_in: int, width_out: int, stride: int, shortcut: str = "pad") -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(width_in, width_out, 3, stride, 1, bias=False), nn.BatchNorm2d(width_out), nn.ReLU(),
             nn.Conv2d(width_out, width_out, 3, 1, 1, bias=False), nn.BatchNorm2d(width_out),
         )
         self.stride, self.extra = stride, width_out - width_in
+        changes = stride > 1 or width_out != width_in
+        self.shortcut = nn.Sequential(nn.Conv2d(width_in, width_out, 1, stride, bias=False),
+                                      nn.BatchNorm2d(width_out)) if shortcut == "projection" and changes else None
 
     def forward(self, inputs: Tensor) -> Tensor:
+        if self.shortcut is not None:
+            return torch.relu(self.body(inputs) + self.shortcut(inputs))
         shortcut = inputs[:, :, ::self.stride, ::self.stride]
         if self.extra:
             shortcut = nn.functional.pad(shortcut, (0, 0, 0, 0, 0, self.extra))
@@ -150,11 +156,17 @@ class ResNet20(Classifier):
         num_classes: number of classes.
         width: channels of the first stage.
         blocks: basic blocks per stage.
+        shortcut: ``"pad"`` (option A of the paper, no parameters) or ``"projection"`` (option B, a 1x1
+            conv-BN where the shape changes). With projections each stage's residual stream is written only
+            by BatchNorms (the stem's or a shortcut's, and each block's second), so channel masks tied across
+            them (``MaskPruningCallback(tie=...)``) free stream channels that export can remove.
         lr, weight_decay, optimizer, scheduler: see :class:`Classifier`.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16, blocks: int = 3,
-                 **training: Any) -> None:
+                 shortcut: str = "pad", **training: Any) -> None:
+        if shortcut not in ("pad", "projection"):
+            raise ValueError(f"shortcut must be 'pad' or 'projection', got {shortcut!r}")
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
                                    nn.ReLU()]
         widths = [width, width, 2 * width, 4 * width]
@@ -162,10 +174,33 @@ class ResNet20(Classifier):
             for block in range(blocks):
                 first = block == 0
                 layers.append(_BasicBlock(widths[stage] if first else widths[stage + 1], widths[stage + 1],
-                                          2 if first and stage > 0 else 1))
+                                          2 if first and stage > 0 else 1, shortcut))
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes)]
         super().__init__(nn.Sequential(*layers), num_classes, **training)
         self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+
+    def residual_streams(self) -> list[list[str]]:
+        """The BatchNorm weights that write each stage's residual stream, one list per stage: the ``tie``
+        groups (with ``targets`` covering them) that prune stream channels in every block at once.
+
+        Example:
+            >>> net = ResNet20(shortcut="projection", blocks=1)
+            >>> net.residual_streams()
+            [['net.1.weight', 'net.3.body.4.weight'], ['net.4.body.4.weight', 'net.4.shortcut.1.weight'], \
+['net.5.body.4.weight', 'net.5.shortcut.1.weight']]
+        """
+        if self.hparams.shortcut != "projection":
+            raise ValueError("the 'pad' shortcut carries a stage's stream channels into the next stage by "
+                             "position, which no tie per stage can free; build ResNet20(shortcut='projection')")
+        streams: list[list[str]] = [["net.1.weight"]]
+        for index, block in enumerate(self.net):
+            if isinstance(block, _BasicBlock):
+                if block.shortcut is not None:
+                    streams.append([])
+                streams[-1].append(f"net.{index}.body.4.weight")
+                if block.shortcut is not None:
+                    streams[-1].append(f"net.{index}.shortcut.1.weight")
+        return streams
 
 
 class _EncoderBlock(nn.Module):
