@@ -6,14 +6,22 @@ Channel rows (``--train``, the default): each model is trained on Fashion-MNIST 
 all) dense, and with ``MaskPruningCallback(granularity="channel", sparsity=s, mode="layer")`` for each ``s``,
 masks left unfolded. Reported: test accuracy of the dense model, of the masked model, of the folded one
 (``lightning_masks.fold``) and of the shrunk one (``shrink`` of the folded ``net``; its logits must match the
-folded model's, the largest difference is listed). What is masked: LeNet-5, every Conv/Linear but the output
-layer; ResNet-20 (``in_channels=1``, 28x28 input), the first BatchNorm of each residual block, so a pruned
-channel's scale and shift are both zero and ``shrink`` removes it with the conv before and the input channels
-of the conv after. Masking the convs themselves would leave each pruned channel at the BatchNorm's shift, a
-constant that the next (zero-padded) conv reads, which cannot be removed exactly; and the channels of the
-residual stream are shared by every block of a stage, so independent masks on them would zero channels that
-no shrink can remove. With ``--no-train`` the masks are simulated on untrained models (lowest-L1 channels
-zeroed with their BatchNorm terms) in the same layers.
+folded model's, the largest difference is listed). What is masked:
+
+- ``lenet5``: every Conv/Linear but the output layer.
+- ``resnet20`` (``in_channels=1``, 28x28 input, option-A ``"pad"`` shortcuts): the first BatchNorm of each residual
+  block, so a pruned channel's scale and shift are both zero and ``shrink`` removes it with the conv before and
+  the input channels of the conv after. (Masking the convs themselves would leave each pruned channel at the
+  BatchNorm's shift, a constant that the next zero-padded conv reads, which cannot be removed exactly.) The
+  residual streams stay whole: every block of a stage adds into them, and the pad shortcut carries a stage's
+  channels into the next one by position.
+- ``resnet20_streams`` (``ResNet20(shortcut="projection")``, option-B 1x1 conv-BN shortcuts): the same, plus the
+  BatchNorms that write each stage's residual stream (the stem's or the shortcut's, and each block's second),
+  tied per stage (``tie=module.residual_streams()``): one keep per stream channel, so a pruned stream channel is
+  zero in every block and ``shrink`` removes it everywhere.
+
+With ``--no-train`` the masks are simulated on untrained models: the lowest mean-``|w|`` channels of the same
+layers (tied groups by their sum) are pruned as the callback's first selection would, then folded.
 
 FLOPs are counted by ``torch.utils.flop_counter`` (a multiply-add is 2). Latency: eager forward on the CPU,
 ``torch.set_num_threads(1)``, dense and shrunk models timed in interleaved rounds (median); batch-1 figures
@@ -30,6 +38,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -38,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_masks import MaskPruningCallback, fold
+from lightning_masks import MaskPruningCallback, Selector, attach, fold
 from lightning_masks.export import save_sparse, shrink
 from lightning_masks.zoo import FashionMNISTDataModule, LeNet5, ResNet20
 from lightning_masks.zoo.data import FASHION_MNIST_ROOT
@@ -47,36 +57,39 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: name -> (LightningModule factory, input shape, tensors the channel masks cover, tensors they leave alone).
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A benchmarked model: its LightningModule, input shape, and what its channel masks cover (the
+    ``targets``/``exclude``/``tie`` options of ``MaskPruningCallback``, from the built module)."""
+
+    build: Callable[[], pl.LightningModule]
+    shape: tuple[int, ...]
+    masks: Callable[[pl.LightningModule], dict]
+
+
+def _streams(module: ResNet20) -> dict:
+    streams = module.residual_streams()
+    return {"targets": ["net.*.body.1.weight", *(name for stream in streams for name in stream)], "tie": streams}
+
+
 MODELS = {
-    "lenet5": (lambda: LeNet5(), (1, 28, 28), None, ["net.11"]),
-    "resnet20": (lambda: ResNet20(in_channels=1), (1, 28, 28), ["net.*.body.1.weight"], ()),
+    "lenet5": Spec(lambda: LeNet5(), (1, 28, 28), lambda module: {"exclude": ["net.11"]}),
+    "resnet20": Spec(lambda: ResNet20(in_channels=1), (1, 28, 28), lambda module: {"targets": ["net.*.body.1.weight"]}),
+    "resnet20_streams": Spec(lambda: ResNet20(in_channels=1, shortcut="projection"), (1, 28, 28), _streams),
 }
 CHANNEL_SPARSITIES = (0.5, 0.75, 0.9)
 ELEMENT_SPARSITIES = (0.9, 0.95, 0.99)
 
 
-def masked_layers(net: nn.Module, name: str) -> list[tuple[nn.Module, nn.Module | None]]:
-    """The layers the channel masks cover (``--no-train``): (Conv/Linear, BatchNorm after it or None)."""
-    modules = list(net.modules())
-    pairs = [(m, modules[i + 1] if i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d) else None)
-             for i, m in enumerate(modules) if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if name == "resnet20":  # the first conv of each block
-        return [(block.body[0], block.body[1]) for block in net.modules() if hasattr(block, "body")]
-    return pairs[:-1]
-
-
-@torch.no_grad()
-def zero_channels(net: nn.Module, name: str, sparsity: float) -> nn.Module:
-    """Zero the lowest-L1 ``sparsity`` share of output channels of the masked layers (and their BN terms)."""
-    for layer, norm in masked_layers(net, name):
-        channels = layer.weight.flatten(1).abs().sum(1).argsort()[: round(sparsity * layer.weight.shape[0])]
-        layer.weight[channels] = 0
-        if layer.bias is not None:
-            layer.bias[channels] = 0
-        if norm is not None:
-            norm.weight[channels], norm.bias[channels] = 0, 0
-    return net
+def simulated_masks(module: pl.LightningModule, spec: Spec, sparsity: float) -> nn.Module:
+    """Prune ``sparsity`` of the masked channels of an untrained model by mean ``|w|`` (tied groups by their sum),
+    as the callback's first selection would, and return its folded ``net``."""
+    masks = spec.masks(module)
+    masked = attach(module, masks.get("targets"), masks.get("exclude", ()), per_channel=True)
+    Selector(mode="layer", granularity="channel", tie=masks.get("tie", ()))(masked, sparsity)
+    return fold(module).net.eval()
 
 
 @torch.no_grad()
@@ -130,15 +143,15 @@ def accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
 
 def train(name: str, sparsity: float | None, data: FashionMNISTDataModule, args: argparse.Namespace) -> pl.LightningModule:
     """Train one model for ``args.epochs`` epochs, dense (``sparsity=None``) or with channel masks left unfolded."""
-    build, _, targets, exclude = MODELS[name]
+    spec = MODELS[name]
     pl.seed_everything(args.seed, verbose=False)
-    module = build()
+    module = spec.build()
     callbacks = []
     if sparsity is not None:
         batches = args.limit_train_batches or len(data.train_set) // data.batch_size + 1
         steps = int(batches if batches > 1 else batches * (len(data.train_set) // data.batch_size + 1)) * args.epochs
-        callbacks.append(MaskPruningCallback(sparsity, granularity="channel", mode="layer", targets=targets,
-                                             exclude=exclude, update_every=max(1, steps // 30), fold_on_fit_end=False,
+        callbacks.append(MaskPruningCallback(sparsity, granularity="channel", mode="layer", **spec.masks(module),
+                                             update_every=max(1, steps // 30), fold_on_fit_end=False,
                                              seed=args.seed, log_histograms=False, plots=False))
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=args.devices, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -174,19 +187,19 @@ def trained_models(name: str, data: FashionMNISTDataModule, args: argparse.Names
 
 def simulated_models(name: str, args: argparse.Namespace):
     """Yield ``(row, plain net)`` for an untrained dense model and shrunk ones with simulated channel masks."""
-    build, shape, _, _ = MODELS[name]
+    spec = MODELS[name]
     torch.manual_seed(args.seed)
-    yield {"model": name, "sparsity": 0.0, "removed": 0, "skipped_layers": 0}, build().net.eval()
+    yield {"model": name, "sparsity": 0.0, "removed": 0, "skipped_layers": 0}, spec.build().net.eval()
     for sparsity in args.sparsities:
         torch.manual_seed(args.seed)
-        small, report = shrink(zero_channels(build().net.eval(), name, sparsity), torch.randn(16, *shape))
+        small, report = shrink(simulated_masks(spec.build(), spec, sparsity), torch.randn(16, *spec.shape))
         yield {"model": name, "sparsity": sparsity, "removed": sum(report.removed.values()),
                "skipped_layers": len(report.skipped)}, small
 
 
 def channel_rows(name: str, args: argparse.Namespace, data, device) -> list[dict]:
     """Dense and shrunk models at each channel sparsity: accuracy, size, FLOPs and latency (batch 1 and 64)."""
-    _, shape, _, _ = MODELS[name]
+    shape = MODELS[name].shape
     pairs = list(trained_models(name, data, args, device) if args.train else simulated_models(name, args))
     rows, models = [row for row, _ in pairs], [model.cpu().eval() for _, model in pairs]
     threads = torch.get_num_threads()
@@ -204,7 +217,7 @@ def channel_rows(name: str, args: argparse.Namespace, data, device) -> list[dict
 
 
 def element_rows(name: str) -> list[dict]:
-    build = MODELS[name][0]
+    build = MODELS[name].build
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for sparsity in ELEMENT_SPARSITIES:

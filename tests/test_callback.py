@@ -321,6 +321,8 @@ def test_state_dict_round_trip():
     ({"update_every": 0}, r"update_every must be 'auto', 'epoch' or a positive int"),
     ({"mask_lr": -1.0}, r"mask_lr must be >= 0 or None, got -1.0"),
     ({"importance": "taylor"}, r"unknown importance 'taylor'"),
+    ({"tie": ["net.0.weight", "net.2.weight"]}, r"tie must be a list of groups, each a non-empty list of glob"),
+    ({"tie": [["net.*"]], "granularity": "2:4"}, r"tie cannot be combined with N:M granularity"),
 ])
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -365,6 +367,16 @@ def test_unbounded_training_with_fractional_schedule_is_refused(tiny_module):
 def test_nm_rows_not_divisible_are_refused_in_setup(tiny_module):
     fit_expecting(r"2:5 needs rows divisible by 5, but 'net.0.weight'", tiny_module, max_epochs=1,
                   callbacks=[MaskPruningCallback(granularity="2:5")])
+
+
+@pytest.mark.parametrize("tie, message", [
+    ([["net.0.weight", "net.9.weight"]], r"tie pattern 'net.9.weight' matches no masked tensor; masked tensors: "
+                                         r"\['net.0.weight', 'net.2.weight'\]"),
+    ([["net.0.weight", "net.2.weight"]], r"the same number of units, got 'net.0.weight': 16, 'net.2.weight': 3"),
+])
+def test_bad_tie_groups_are_refused_in_setup(tiny_module, tie, message):
+    fit_expecting(message, tiny_module, max_epochs=1,
+                  callbacks=[MaskPruningCallback(granularity="channel", tie=tie)])
 
 
 @pytest.mark.parametrize("strategy", [FSDPStrategy(), ModelParallelStrategy()])

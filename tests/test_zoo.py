@@ -90,6 +90,7 @@ def test_synthetic_and_digits_splits_are_seeded_and_disjoint():
     (LeNet5(), (2, 1, 28, 28)),
     (LeNet5(in_channels=3, image_size=32), (2, 3, 32, 32)),
     (ResNet20(width=4, blocks=1), (2, 3, 32, 32)),
+    (ResNet20(width=4, blocks=1, shortcut="projection"), (2, 3, 32, 32)),
     (TransformerClassifier(seq_len=28, token_dim=28, dim=16, heads=2), (2, 1, 28, 28)),
 ])
 def test_models_map_inputs_to_class_logits(model, shape):
@@ -101,6 +102,22 @@ def test_model_arguments_are_checked():
         TransformerClassifier(dim=10, heads=4)
     with pytest.raises(ValueError, match="image_size"):
         LeNet5(image_size=8)
+    with pytest.raises(ValueError, match="shortcut must be 'pad' or 'projection'"):
+        ResNet20(shortcut="conv")
+
+
+def test_resnet_projection_shortcuts_and_the_batchnorms_writing_each_stream():
+    pad, projection = ResNet20(width=4, blocks=2), ResNet20(width=4, blocks=2, shortcut="projection")
+    extra = sum(p.numel() for p in projection.parameters()) - sum(p.numel() for p in pad.parameters())
+    assert extra == (4 * 8 + 2 * 8) + (8 * 16 + 2 * 16)  # two 1x1 conv-BN shortcuts, where the width doubles
+    streams = projection.residual_streams()
+    assert streams == [["net.1.weight", "net.3.body.4.weight", "net.4.body.4.weight"],
+                       ["net.5.body.4.weight", "net.5.shortcut.1.weight", "net.6.body.4.weight"],
+                       ["net.7.body.4.weight", "net.7.shortcut.1.weight", "net.8.body.4.weight"]]
+    widths = [{projection.get_parameter(name).numel() for name in stream} for stream in streams]
+    assert widths == [{4}, {8}, {16}]
+    with pytest.raises(ValueError, match="shortcut='projection'"):
+        pad.residual_streams()
 
 
 def test_optimizer_and_scheduler_factories_are_used():

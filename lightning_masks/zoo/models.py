@@ -184,10 +184,8 @@ class ResNet20(Classifier):
         groups (with ``targets`` covering them) that prune stream channels in every block at once.
 
         Example:
-            >>> net = ResNet20(shortcut="projection", blocks=1)
-            >>> net.residual_streams()
-            [['net.1.weight', 'net.3.body.4.weight'], ['net.4.body.4.weight', 'net.4.shortcut.1.weight'], \
-['net.5.body.4.weight', 'net.5.shortcut.1.weight']]
+            >>> ResNet20(shortcut="projection", blocks=1).residual_streams()[1]
+            ['net.4.body.4.weight', 'net.4.shortcut.1.weight']
         """
         if self.hparams.shortcut != "projection":
             raise ValueError("the 'pad' shortcut carries a stage's stream channels into the next stage by "
