@@ -17,7 +17,7 @@ folded model's, the largest difference is listed). What is masked:
   channels into the next one by position.
 - ``resnet20_streams`` (``ResNet20(shortcut="projection")``, option-B 1x1 conv-BN shortcuts): the same, plus the
   BatchNorms that write each stage's residual stream (the stem's or the shortcut's, and each block's second),
-  tied per stage (``tie=module.residual_streams()``): one keep per stream channel, so a pruned stream channel is
+  tied per stage (``tie=coupled_channels(module, example)``): one keep per stream channel, so a pruned stream channel is
   zero in every block and ``shrink`` removes it everywhere.
 
 With ``--no-train`` the masks are simulated on untrained models: the lowest mean-``|w|`` channels of the same
@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_masks import MaskPruningCallback, Selector, attach, fold
+from lightning_masks.coupling import coupled_channels
 from lightning_masks.export import save_sparse, shrink
 from lightning_masks.zoo import FashionMNISTDataModule, LeNet5, ResNet20
 from lightning_masks.zoo.data import FASHION_MNIST_ROOT
@@ -70,7 +71,7 @@ class Spec:
 
 
 def _streams(module: ResNet20) -> dict:
-    streams = module.residual_streams()
+    streams = coupled_channels(module, torch.randn(2, 1, 28, 28))
     return {"targets": ["net.*.body.1.weight", *(name for stream in streams for name in stream)], "tie": streams}
 
 

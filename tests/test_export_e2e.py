@@ -60,12 +60,13 @@ print("params", small_params, io["params"])
 
 
 def test_tied_stream_masks_let_shrink_narrow_a_resnets_residual_streams():
+    from lightning_masks.coupling import coupled_channels
     from lightning_masks.export import shrink
     from lightning_masks.zoo import ResNet20, SyntheticDataModule
 
     pl.seed_everything(0, verbose=False)
     model = ResNet20(in_channels=1, num_classes=3, width=4, blocks=2, shortcut="projection")
-    streams = model.residual_streams()
+    streams = coupled_channels(model, torch.randn(2, 1, 8, 8))
     assert [len(s) for s in streams] == [3, 3, 3]  # stem BN + two blocks; then shortcut BN + two blocks
     pruner = MaskPruningCallback(0.5, granularity="channel", mode="layer", targets=[*sum(streams, []),
                                  "net.*.body.1.weight"], tie=streams, end=1, plots=False)

@@ -159,7 +159,8 @@ class ResNet20(Classifier):
         shortcut: ``"pad"`` (option A of the paper, no parameters) or ``"projection"`` (option B, a 1x1
             conv-BN where the shape changes). With projections each stage's residual stream is written only
             by BatchNorms (the stem's or a shortcut's, and each block's second), so channel masks tied across
-            them (``MaskPruningCallback(tie=...)``) free stream channels that export can remove.
+            them (``MaskPruningCallback(tie=coupled_channels(model, example))``) free stream channels that
+            export can remove.
         lr, weight_decay, optimizer, scheduler: see :class:`Classifier`.
     """
 
@@ -178,27 +179,6 @@ class ResNet20(Classifier):
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes)]
         super().__init__(nn.Sequential(*layers), num_classes, **training)
         self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
-
-    def residual_streams(self) -> list[list[str]]:
-        """The BatchNorm weights that write each stage's residual stream, one list per stage: the ``tie``
-        groups (with ``targets`` covering them) that prune stream channels in every block at once.
-
-        Example:
-            >>> ResNet20(shortcut="projection", blocks=1).residual_streams()[1]
-            ['net.4.body.4.weight', 'net.4.shortcut.1.weight']
-        """
-        if self.hparams.shortcut != "projection":
-            raise ValueError("the 'pad' shortcut carries a stage's stream channels into the next stage by "
-                             "position, which no tie per stage can free; build ResNet20(shortcut='projection')")
-        streams: list[list[str]] = [["net.1.weight"]]
-        for index, block in enumerate(self.net):
-            if isinstance(block, _BasicBlock):
-                if block.shortcut is not None:
-                    streams.append([])
-                streams[-1].append(f"net.{index}.body.4.weight")
-                if block.shortcut is not None:
-                    streams[-1].append(f"net.{index}.shortcut.1.weight")
-        return streams
 
 
 class _EncoderBlock(nn.Module):
