@@ -10,7 +10,7 @@ Methods (``--methods``):
     model_pruning         Lightning's ModelPruning, global l1_unstructured; ``amount`` gives the exact count to
                           prune at each epoch's end so the cumulative sparsity follows the common schedule
     wns                   torch.ao.pruning.WeightNormSparsifier, per layer, element blocks, stepped as each
-                          epoch starts (2-D weights only)
+                          epoch starts (conv weights through their 2-D view)
     masks                 MaskPruningCallback(sparsity=s, start=, end=): the shipped defaults
     masks[k=v,...]        the same with options, e.g. ``masks[init=stddev]``, ``masks[rescale_gate=True]``
 
@@ -32,6 +32,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -119,18 +120,31 @@ def model_pruning(model: nn.Module, plan: Plan, **options: Any) -> list[Callback
                          use_global_unstructured=True, make_pruning_permanent=True, verbose=0, **options)]
 
 
+class FlatWeightNormSparsifier(WeightNormSparsifier):
+    """``WeightNormSparsifier`` that prunes a conv weight through its 2-D view ``(out, in * kh * kw)``: the
+    parent reads the last two dimensions as the matrix, which for a conv is one kernel."""
+
+    def update_mask(self, module, tensor_name, sparsity_level, sparse_block_shape, zeros_per_block, **kwargs):
+        mask = getattr(module.parametrizations, tensor_name)[0].mask
+        if mask.dim() == 2:
+            return super().update_mask(module, tensor_name, sparsity_level, sparse_block_shape, zeros_per_block,
+                                       **kwargs)
+        holder = SimpleNamespace(mask=mask.detach().reshape(mask.shape[0], -1).clone())
+        flat = SimpleNamespace(parametrizations=SimpleNamespace(**{tensor_name: [holder]}),
+                               **{tensor_name: getattr(module, tensor_name).reshape(mask.shape[0], -1)})
+        super().update_mask(flat, tensor_name, sparsity_level, sparse_block_shape, zeros_per_block, **kwargs)
+        mask.data = holder.mask.reshape(mask.shape).to(mask.dtype)
+
+
 class SparsifierStepper(Callback):
     """Prepare a ``torch.ao.pruning`` sparsifier at setup, step it to the schedule as each epoch starts."""
 
     def __init__(self, plan: Plan, **options: Any) -> None:
         self.plan = plan
-        self.sparsifier = WeightNormSparsifier(sparse_block_shape=(1, 1), zeros_per_block=1, **options)
+        self.sparsifier = FlatWeightNormSparsifier(sparse_block_shape=(1, 1), zeros_per_block=1, **options)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         layers = list(prunable(pl_module))
-        flat = [name for name, module in layers if module.weight.dim() != 2]
-        if flat:
-            raise ValueError(f"WeightNormSparsifier prunes 2-D weights only; {flat} are not: use a linear model")
         self.sparsifier.prepare(pl_module, [{"tensor_fqn": f"{name}.weight"} for name, _ in layers])
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -24,14 +25,20 @@ def test_runs_are_named_by_how_they_differ_from_todays_defaults():
     assert quality.label({"method": "model_pruning"}) == "model_pruning"
 
 
-def test_a_tiny_grid_run_reaches_the_exact_sparsity_for_every_method():
+@pytest.mark.parametrize("model, methods", [
+    ("lenet300", ("model_pruning", "wns", "masks", "masks[update_every=epoch]")),
+    ("lenet5", ("wns",)),  # WeightNormSparsifier on conv weights, through their 2-D view
+])
+def test_a_tiny_grid_run_reaches_the_exact_sparsity_for_every_method(model, methods):
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(96, 1, 28, 28, generator=generator)
     data = {"train": (inputs, torch.randint(0, 10, (96,), generator=generator)), "test": (inputs[:32],
             torch.randint(0, 10, (32,), generator=generator))}
-    common = {"model": "lenet300", "epochs": 3, "start": 0, "end": 2, "lr": 1e-3, "batch_size": 32, "seed": 0,
+    common = {"model": model, "epochs": 3, "start": 0, "end": 2, "lr": 1e-3, "batch_size": 32, "seed": 0,
               "sparsity": 0.9}
-    for method in ("model_pruning", "wns", "masks", "masks[update_every=epoch]"):
+    for method in methods:
         result = quality.run_one({**common, "method": method}, data)
         assert result["zeros"] == result["target_zeros"] == round(0.9 * result["total"]), method
         assert 0.0 <= result["accuracy"] <= 1.0
+    if model == "lenet5":  # every layer, convs included, at the target: the smallest |w| of each went
+        assert [round(zeros / total, 3) for zeros, total in result["layers"].values()] == [0.9] * 5
