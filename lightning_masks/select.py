@@ -38,30 +38,39 @@ _PRUNED = -(1 << 31)  # int32 key of an entry that must stay pruned: below every
 _PROTECTED = (1 << 31) - 1  # int32 key of an entry the layer floor keeps: above every float's key
 
 
-def _log_sigmoid(entry: MaskedTensor) -> Tensor:
+def _at(tensor: Tensor, index: Optional[Tensor]) -> Tensor:
+    """The whole unit-shaped ``tensor``, or its flat entries at ``index``."""
+    return tensor if index is None else tensor.reshape(-1).index_select(0, index)
+
+
+def _log_sigmoid(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
     """Log of the raw gate ``sigmoid(scores / T)``: orders like the gate without saturating at 1."""
     gate = entry.gate
     divisor = _divisor(gate.temperature)  # None at T == 1: no division pass (dividing by 1 is exact anyway)
-    scores = gate.scores.detach().float()
+    scores = _at(gate.scores.detach(), index).float()
     return torch.nn.functional.logsigmoid(scores if divisor is None else scores / divisor)
 
 
-def _gate_importance(entry: MaskedTensor) -> Tensor:
+def _gate_importance(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
     """Log of the gate as the network applies it (rescaled when ``rescale_gate`` is on)."""
     scale = entry.gate.gate_scale
-    return _log_sigmoid(entry) if scale is None else _log_sigmoid(entry).add_(scale.float().log())
+    values = _log_sigmoid(entry, index)
+    return values if scale is None else values.add_(_at(scale, index).float().log())
 
 
-def _effective_weight_importance(entry: MaskedTensor) -> Tensor:
+def _effective_weight_importance(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
     """Log of ``|w * gate|``: the weight-dependent criterion (per channel, the channel's mean ``|w|``)."""
-    magnitude = entry.weight.detach().float().abs()
+    weight = entry.weight.detach()
     if entry.unit_size > 1:
-        magnitude = magnitude.reshape(entry.units, -1).mean(1).reshape(entry.gate.keep.shape)
-    return magnitude.log_().add_(_gate_importance(entry))
+        magnitude = _at(weight.float().abs().reshape(entry.units, -1).mean(1).reshape(entry.gate.keep.shape), index)
+    else:
+        magnitude = _at(weight, index).float().abs()
+    return magnitude.log_().add_(_gate_importance(entry, index))
 
 
-#: Importance criteria: a masked tensor -> a float32 tensor of its shape (higher is kept first).
-IMPORTANCE: dict[str, Callable[[MaskedTensor], Tensor]] = {
+#: Importance criteria: ``(masked tensor, index=None)`` -> float32 importance of each unit (the keep-mask's
+#: shape), or of the flat units at ``index`` (selection skips the pruned ones); higher is kept first.
+IMPORTANCE: dict[str, Callable[..., Tensor]] = {
     "gate": _gate_importance,
     "effective_weight": _effective_weight_importance,
 }
@@ -255,7 +264,7 @@ def _set_keep(entry: Ranked, keep: Tensor, flipped: dict[str, Tensor]) -> None:
     """Write ``keep`` into the mask (every member's, for tied tensors), counting the bits that change."""
     for member in entry.members if isinstance(entry, TiedUnits) else [entry]:
         target = member.gate.keep
-        flipped[member.name] = (target.reshape(-1) != keep.reshape(-1)).sum()
+        flipped[member.name] = torch.ne(target.reshape(-1), keep.reshape(-1)).count_nonzero()  # no int64 copy
         target.copy_(keep.reshape(target.shape))
 
 
@@ -379,12 +388,14 @@ class Selector:
                                  "; tie only tensors with as many channels (or elements) as each other")
         return ranked
 
-    def _values(self, entry: Ranked) -> Tensor:
-        """The importance of each unit (the keep-mask's shape); for tied tensors, of their sum."""
+    def _values(self, entry: Ranked, index: Optional[Tensor] = None) -> Tensor:
+        """The importance of each unit (the keep-mask's shape; the flat units at ``index`` if given); for tied
+        tensors, of their sum."""
         if not isinstance(entry, TiedUnits):
-            return IMPORTANCE[self.importance](entry)
-        values = torch.stack([IMPORTANCE[self.importance](member).reshape(-1) for member in entry.members])
-        return torch.logsumexp(values, 0).view_as(entry.members[0].gate.keep)
+            return IMPORTANCE[self.importance](entry, index)
+        values = torch.stack([IMPORTANCE[self.importance](member, index).reshape(-1) for member in entry.members])
+        values = torch.logsumexp(values, 0)
+        return values if index is not None else values.view_as(entry.members[0].gate.keep)
 
     def _importance(self, entry: MaskedTensor) -> Tensor:
         values = IMPORTANCE[self.importance](entry)
@@ -423,31 +434,41 @@ class Selector:
             for entry in masked:
                 _set_keep(entry, torch.ones_like(_keep_of(entry)), flipped)
             return Selection(0, None, flipped)
-        key, keeps = self._cut(masked, count, {})
+        # Without regrowth a mostly pruned tensor is ranked on its live units only (the pruned ones stay below
+        # every key): importance, keys and histograms then cost a fraction of the tensor.
+        ranked = {id(entry): _keep_of(entry).reshape(-1).nonzero().view(-1)
+                  if not self.regrow and 2 * n <= entry.units else None for entry, n in zip(masked, alive)}
+        key, keeps = self._cut(masked, count, ranked, {})
         if any(f and int(keep.count_nonzero()) < f for keep, f in zip(keeps, floors)):
             # The floor binds: protect each tensor's top entries and cut again. Where it does not, protecting
             # would change nothing (a tensor's kept entries are its top ones in the same order), so it is skipped.
-            protected = {id(entry): _top_positions(self._keys(entry), f) for entry, f in zip(masked, floors) if f}
-            key, keeps = self._cut(masked, count, protected)
+            protected = {id(entry): _top_positions(self._keys(entry, ranked[id(entry)]), f)
+                         for entry, f in zip(masked, floors) if f}
+            key, keeps = self._cut(masked, count, ranked, protected)
         for entry, keep in zip(masked, keeps):
             _set_keep(entry, keep, flipped)
         return Selection(count, 0.0 if key == _PRUNED else math.exp(_key_value(key + (1 << 31))), flipped)
 
-    def _keys(self, entry: Ranked) -> Tensor:
-        """Flat int32 keys of the entry's importance; without regrowth, pruned entries get ``_PRUNED``."""
-        values = self._values(entry)
-        if torch.isnan(values.max()):  # max propagates NaN: one reduction instead of a boolean mask
+    def _keys(self, entry: Ranked, index: Optional[Tensor] = None) -> Tensor:
+        """Flat int32 keys of the entry's importance, of its units at ``index`` if given (live ones); otherwise,
+        without regrowth, pruned units get ``_PRUNED``."""
+        values = self._values(entry, index)
+        if values.numel() and torch.isnan(values.max()):  # max propagates NaN: one reduction, no boolean mask
             raise ValueError(f"mask importance of {entry.name!r} is NaN: its weight or scores hold NaN; "
                              "lower the learning rate or check the model for a divergence")
         keys = _keys32(values).reshape(-1)
-        return keys if self.regrow else _mark_pruned(keys, _keep_of(entry))
+        return keys if self.regrow or index is not None else _mark_pruned(keys, _keep_of(entry))
 
-    def _cut(self, masked: Sequence[Ranked], count: int,
+    def _cut(self, masked: Sequence[Ranked], count: int, ranked: dict[int, Optional[Tensor]],
              protected: dict[int, Tensor]) -> tuple[int, list[Tensor]]:
-        """Prune the ``count`` lowest keys (ties by position); return the cut key and each tensor's new keep."""
+        """Prune the ``count`` lowest keys (ties by position); return the cut key and each tensor's new keep.
+
+        ``ranked`` gives, per entry, the flat positions of the units it ranks (its live ones; ``None``: all);
+        the others are pruned and count as the lowest keys. ``protected`` positions index the ranked units.
+        """
 
         def keyed(entry: Ranked) -> Tensor:
-            keys = self._keys(entry)
+            keys = self._keys(entry, ranked[id(entry)])
             if id(entry) in protected:
                 keys[protected[id(entry)]] = _PROTECTED
             return keys
@@ -458,8 +479,12 @@ class Selector:
             for entry in masked:
                 yield from cache.get(entry, keyed).split(_SLICE)
 
-        key, below, equal = _kth_key(pieces, count, sum(entry.units for entry in masked))
-        ties = count - below  # how many of the entries equal to the cut are pruned: the first ones in position
+        left_out = sum(entry.units - len(ranked[id(entry)]) for entry in masked if ranked[id(entry)] is not None)
+        if count == left_out:  # only the pruned units go: nothing changes
+            return _PRUNED, [_keep_of(entry).clone() for entry in masked]
+        size = sum(entry.units if ranked[id(entry)] is None else len(ranked[id(entry)]) for entry in masked)
+        key, below, equal = _kth_key(pieces, count - left_out, size)
+        ties = count - left_out - below  # how many of the entries equal to the cut are pruned: the first ones
         keeps = []
         for entry in masked:
             keys = cache.get(entry, keyed)
@@ -473,6 +498,11 @@ class Selector:
                     ties = max(ties - n_tied, 0)
                 else:
                     keep |= tied
+            index = ranked[id(entry)]
+            if index is not None:  # the ranked units are the live ones: prune the few that go, keep the rest
+                pruned = index[~keep]
+                keep = _keep_of(entry).reshape(-1).clone()
+                keep[pruned] = False
             keeps.append(keep)
         return key, keeps
 

@@ -384,3 +384,23 @@ def test_bad_tie_groups_are_refused_by_check_naming_the_problem(tie, message):
 def test_malformed_tie_is_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Selector(**kwargs)
+
+
+@pytest.mark.parametrize("importance", sorted(IMPORTANCE))
+@pytest.mark.parametrize("first, then", [(0.3, 0.9), (0.5, 0.8), (0.7, 0.7), (0.6, 0.95)])
+def test_raising_a_mostly_pruned_selection_ranks_only_live_units_like_a_brute_force_sort(importance, first, then):
+    _, masked = model_with_masks(seed=3)
+    with torch.no_grad():  # coarse weights: many exact ties, broken by position (tensor order, then flat index)
+        for e in masked:
+            e.weight.copy_((e.weight * 8).round() / 8)
+    Selector(importance=importance, layer_floor=0.0)(masked, first)
+    before = torch.cat([e.gate.keep.flatten() for e in masked])
+    values = torch.cat([IMPORTANCE[importance](e).flatten() for e in masked])
+    live = before.nonzero().flatten().tolist()
+    count = round(then * values.numel()) - int((~before).sum())
+    order = sorted(live, key=lambda i: (values[i].item(), i))
+    expected = before.clone()
+    expected[order[:max(count, 0)]] = False
+    selection = Selector(importance=importance, layer_floor=0.0)(masked, then)
+    assert torch.equal(torch.cat([e.gate.keep.flatten() for e in masked]), expected)
+    assert selection.pruned == int((~expected).sum())
