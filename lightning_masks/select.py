@@ -453,7 +453,11 @@ class Selector:
         """Flat int32 keys of the entry's importance, of its units at ``index`` if given (live ones); otherwise,
         without regrowth, pruned units get ``_PRUNED``."""
         values = self._values(entry, index)
-        if values.numel() and torch.isnan(values.max()):  # max propagates NaN: one reduction, no boolean mask
+        checked = [values]
+        if index is not None:  # a NaN among the pruned units still reaches the output (NaN * 0 is NaN)
+            members = entry.members if isinstance(entry, TiedUnits) else [entry]
+            checked += [t.detach() for member in members for t in (member.weight, member.gate.scores)]
+        if any(t.numel() and torch.isnan(t.max()) for t in checked):  # max propagates NaN: one reduction, no mask
             raise ValueError(f"mask importance of {entry.name!r} is NaN: its weight or scores hold NaN; "
                              "lower the learning rate or check the model for a divergence")
         keys = _keys32(values).reshape(-1)
