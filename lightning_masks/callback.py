@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from . import loggers, plots, stats
+from .coupling import coupled_channels
 from .init import InitSpec, get_initializer
 from .masks import MaskedTensor, TargetSpec, attach, detach, fold, gates_disabled, masked_tensors, restore_masks_on_load
 from .optim import place_scores
@@ -67,7 +69,9 @@ class MaskPruningCallback(Callback):
         mode, importance, layer_floor, regrow, granularity: see :class:`~lightning_masks.select.Selector`.
         tie: groups of globs on masked tensor names pruned together unit by unit (see
             :class:`~lightning_masks.select.Selector`), e.g. the BatchNorms that add into one residual stream,
-            so that export can remove the stream's pruned channels.
+            so that export can remove the stream's pruned channels. ``"auto"``: the masked BatchNorms whose
+            channels meet in a sum (:func:`~lightning_masks.coupling.coupled_channels` on the module's
+            ``example_input_array``).
         mask_lr, mask_weight_decay: learning rate and weight decay of the scores, in their own param group of
             the optimizer that trains the weight (default ``mask_lr=0.01``, the weight decay of the weight's
             group). Both ``None`` leaves the scores where ``configure_optimizers`` put them.
@@ -106,7 +110,7 @@ class MaskPruningCallback(Callback):
         layer_floor: float = 0.25,
         regrow: bool = False,
         granularity: str = "element",
-        tie: Iterable[Iterable[str]] = (),
+        tie: Union[str, Iterable[Iterable[str]]] = (),
         mask_lr: Optional[float] = 1e-2,
         mask_weight_decay: Optional[float] = None,
         fold_on_fit_end: bool = True,
@@ -145,7 +149,10 @@ class MaskPruningCallback(Callback):
         self.exclude = list(exclude)
         self.temperature = float(temperature)
         self.rescale_gate = rescale_gate
-        self.selector = Selector(mode, importance, layer_floor, regrow, granularity, tie)
+        if isinstance(tie, str) and tie != "auto":
+            raise ValueError(f"tie must be 'auto' or a list of groups of globs, got {tie!r}")
+        self.auto_tie = tie == "auto"
+        self.selector = Selector(mode, importance, layer_floor, regrow, granularity, () if self.auto_tie else tie)
         self.mask_lr = mask_lr
         self.mask_weight_decay = mask_weight_decay
         self.fold_on_fit_end = fold_on_fit_end
@@ -186,8 +193,14 @@ class MaskPruningCallback(Callback):
             raise ValueError(f"{self.initializer!r} scores one automatic-optimization training step; this module "
                              "uses manual optimization: pick another init")
         attached = not masked_tensors(pl_module)
+        groups = _coupled_norms(pl_module) if self.auto_tie else None
         self._masked = self._attach(pl_module) if attached else masked_tensors(pl_module)
         try:
+            if groups is not None:
+                names = {entry.name for entry in self._masked}
+                tie = [kept for group in groups if len(kept := [name for name in group if name in names]) > 1]
+                self.selector = dataclasses.replace(self.selector, tie=tie)
+                rank_zero_info(f"lightning_masks: tie='auto' ties {len(tie)} groups: {tie}")
             self.selector.check(self._masked)
         except ValueError:
             if attached:
@@ -437,3 +450,13 @@ class _logging_disabled:
 
     def __exit__(self, *exc: Any) -> None:
         del self.pl_module.log, self.pl_module.log_dict
+
+
+def _coupled_norms(pl_module: pl.LightningModule) -> list[list[str]]:
+    """The BatchNorm groups of ``tie="auto"``, traced on the module's ``example_input_array``."""
+    example = pl_module.example_input_array
+    if example is None:
+        raise ValueError("tie='auto' traces the model on pl_module.example_input_array, which is not set; set it "
+                         "to a batch the model's forward takes, or pass the groups (lightning_masks.coupling."
+                         "coupled_channels) as tie=[[...], ...]")
+    return coupled_channels(pl_module, example)

@@ -323,6 +323,7 @@ def test_state_dict_round_trip():
     ({"importance": "taylor"}, r"unknown importance 'taylor'"),
     ({"tie": ["net.0.weight", "net.2.weight"]}, r"tie must be a list of groups, each a non-empty list of glob"),
     ({"tie": [["net.*"]], "granularity": "2:4"}, r"tie cannot be combined with N:M granularity"),
+    ({"tie": "automatic"}, r"tie must be 'auto' or a list of groups of globs, got 'automatic'"),
 ])
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -377,6 +378,11 @@ def test_nm_rows_not_divisible_are_refused_in_setup(tiny_module):
 def test_bad_tie_groups_are_refused_in_setup(tiny_module, tie, message):
     fit_expecting(message, tiny_module, max_epochs=1,
                   callbacks=[MaskPruningCallback(granularity="channel", tie=tie)])
+
+
+def test_automatic_ties_need_an_example_input_array(tiny_module):
+    fit_expecting(r"tie='auto' traces the model on pl_module.example_input_array, which is not set", tiny_module,
+                  max_epochs=1, callbacks=[MaskPruningCallback(tie="auto")])
 
 
 @pytest.mark.parametrize("strategy", [FSDPStrategy(), ModelParallelStrategy()])

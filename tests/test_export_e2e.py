@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -59,7 +60,8 @@ print("params", small_params, io["params"])
     assert small_params == 8 * 8 + 8 + 8 * 3 + 3 < dense_params == 8 * 32 + 32 + 32 * 3 + 3
 
 
-def test_tied_stream_masks_let_shrink_narrow_a_resnets_residual_streams():
+@pytest.mark.parametrize("auto", [False, True])
+def test_tied_stream_masks_let_shrink_narrow_a_resnets_residual_streams(auto):
     from lightning_masks.coupling import coupled_channels
     from lightning_masks.export import shrink
     from lightning_masks.zoo import ResNet20, SyntheticDataModule
@@ -68,8 +70,14 @@ def test_tied_stream_masks_let_shrink_narrow_a_resnets_residual_streams():
     model = ResNet20(in_channels=1, num_classes=3, width=4, blocks=2, shortcut="projection")
     streams = coupled_channels(model, torch.randn(2, 1, 8, 8))
     assert [len(s) for s in streams] == [3, 3, 3]  # stem BN + two blocks; then shortcut BN + two blocks
-    pruner = MaskPruningCallback(0.5, granularity="channel", mode="layer", targets=[*sum(streams, []),
-                                 "net.*.body.1.weight"], tie=streams, end=1, plots=False)
+    if auto:  # the callback finds the same groups itself, on the module's example_input_array
+        model.example_input_array = torch.randn(2, 1, 8, 8)
+        norms = ["net.1.weight", "*.body.1.weight", "*.body.4.weight", "*.shortcut.1.weight"]
+        pruner = MaskPruningCallback(0.5, granularity="channel", mode="layer", targets=norms, tie="auto", end=1,
+                                     plots=False)
+    else:
+        pruner = MaskPruningCallback(0.5, granularity="channel", mode="layer", targets=[*sum(streams, []),
+                                     "net.*.body.1.weight"], tie=streams, end=1, plots=False)
     data = SyntheticDataModule(64, (1, 8, 8), 3, batch_size=16)
     make_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[pruner]).fit(model, data)
     net = model.net.eval()
@@ -84,3 +92,4 @@ def test_tied_stream_masks_let_shrink_narrow_a_resnets_residual_streams():
     assert small[0].out_channels == 2 and small[-1].in_features == 8
     assert [small[i].shortcut[0].out_channels for i in (5, 7)] == [4, 8]
     assert report.params_after < report.params_before / 3
+    assert pruner.selector.tie == tuple(map(tuple, streams))  # with "auto", resolved to the same traced groups
