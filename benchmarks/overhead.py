@@ -11,6 +11,10 @@ Methods, each on its own copy of the same network, 90% sparse:
                        ``MaskPruningCallback()`` installs: ``w * sigmoid(s) * keep * scale``, scores trained by the
                        user's Adam, which ``place_scores`` switches to torch's fused kernel (CPU Adam, no choice made)
     masks (Adam loop)  the same masks with the Adam left as given (torch's per-tensor loop on CPU)
+    masks, scores frozen   ``masks`` with the scores not trained: the gate's cost without its score gradient and
+                       the scores' Adam update
+    masks, gate off    ``masks`` with every gate disabled (``MaskGate.enabled = False``) and the scores frozen:
+                       what the parametrization alone costs
 
 Methods are interleaved (rotated each round) and each time is the median over rounds after warm-up.
 Memory is measured in bytes of tensors: the persistent state (parameters, gradients, optimizer state, buffers
@@ -57,10 +61,19 @@ def with_prune(net: nn.Module) -> nn.Module:
     return net
 
 
-def with_masks(net: nn.Module) -> nn.Module:
-    """Attach our masks as the callback does (``rescale_gate`` on) and select 90% of them."""
-    lightning_masks.Selector()(lightning_masks.attach(net, rescale=True), SPARSITY)
+def with_masks(net: nn.Module, train_scores: bool = True, gate: bool = True) -> nn.Module:
+    """Attach our masks as the callback does (``rescale_gate`` on) and select 90% of them; for the breakdown rows,
+    freeze the scores or disable the gates."""
+    masked = lightning_masks.attach(net, rescale=True)
+    lightning_masks.Selector()(masked, SPARSITY)
+    for entry in masked:
+        entry.gate.scores.requires_grad_(train_scores)
+        entry.gate.enabled = gate
     return net
+
+
+def fuse(net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    place_scores([optimizer], [], lightning_masks.masked_tensors(net))
 
 
 #: name -> (network transform, optimizer setup after ``Adam(net.parameters())``).
@@ -68,9 +81,11 @@ METHODS: dict[str, tuple[Callable[[nn.Module], nn.Module], Callable[[nn.Module, 
     "dense": (lambda net: net, lambda net, optimizer: None),
     "dense (fused)": (lambda net: net, lambda net, optimizer: optimizer.param_groups[0].update(fused=True)),
     "prune": (with_prune, lambda net, optimizer: None),
-    "masks": (with_masks, lambda net, optimizer: place_scores([optimizer], [], lightning_masks.masked_tensors(net))),
+    "masks": (with_masks, fuse),
     "masks (Adam loop)": (with_masks, lambda net, optimizer: place_scores(
         [optimizer], [], lightning_masks.masked_tensors(net), fuse=False)),
+    "masks, scores frozen": (lambda net: with_masks(net, train_scores=False), fuse),
+    "masks, gate off": (lambda net: with_masks(net, train_scores=False, gate=False), fuse),
 }
 
 
