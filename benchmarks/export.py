@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     (RESULTS / f"{args.output}.json").write_text(json.dumps({"settings": note, "channel": channels,
                                                              "element": elements}, indent=1))
     plot(channels, RESULTS / f"{args.output}.png")
-    text = (f"# Export: shrink and sparse save\n\n{__doc__.split(chr(10), 2)[2]}\n{note} "
+    text = (f"# Export: shrink and sparse save\n\n{__doc__.split(chr(10) * 2, 1)[1]}\n{note} "
             f"Wall time {time.perf_counter() - start:.0f} s. Run: `python benchmarks/export.py "
             f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
             f"## Channel pruning, then `shrink`\n\n{channel_table(channels)}\n\n"
