@@ -42,6 +42,7 @@ def coupled_channels(model: nn.Module, example_inputs,
     finally:
         model.train(was_training)
     names = {module: name for name, module in model.named_modules()}
+    order = {module: index for index, module in enumerate(model.modules())}
     groups, seen = [], set()
     for module in model.modules():
         if not isinstance(module, tuple(layers)) or module in seen or module not in graph.module2node:
@@ -56,11 +57,10 @@ def coupled_channels(model: nn.Module, example_inputs,
         seen.update(members)
         if len(members) < 2:
             continue
-        widths = {names[m]: pruner.get_out_channels(m) for m in members}
+        widths = {names[m]: graph.get_pruner_of_module(m).get_out_channels(m) for m in members}
         if len(set(widths.values())) > 1:
             raise ValueError(f"the output channels of {widths} (name: channels) are coupled but differ in number: "
                              "they meet through an op that joins channels by position, such as a channel pad "
                              "(ResNet option-A shortcuts), which cannot be pruned together; use projection shortcuts")
-        order = {m: i for i, m in enumerate(model.modules())}
         groups.append([f"{names[m]}.weight" for m in sorted(members, key=order.__getitem__)])
     return groups
