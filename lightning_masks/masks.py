@@ -93,6 +93,11 @@ def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None) -> 
     return raw.mul_(keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
 
 
+def _times(weight: Tensor, kept: Tensor, scale: Tensor | None) -> Tensor:
+    """``weight * (kept [* scale])``: the masked tensor from the kept gate."""
+    return weight * (kept if scale is None else kept * scale)
+
+
 class _Gated(torch.autograd.Function):
     """``weight * sigmoid(scores / T) * keep [* gate_scale]`` with a hand-written backward.
 
@@ -114,7 +119,7 @@ class _Gated(torch.autograd.Function):
         kept = _keep_gate(scores, keep, divisor)
         ctx.save_for_backward(weight, kept, scale)
         ctx.divisor = divisor
-        return weight * (kept if scale is None else kept * scale)
+        return _times(weight, kept, scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -152,8 +157,7 @@ def gated(
             return _Gated.apply(weight, scores, keep, divisor, gate_scale)
         # A trained scale or temperature, or torch.func transforms (grad, vmap): plain autograd handles them all.
         return weight * (gate_value(scores, temperature, gate_scale) * keep)
-    kept = _keep_gate(scores, keep, divisor)
-    return weight * (kept if gate_scale is None else kept * gate_scale)
+    return _times(weight, _keep_gate(scores, keep, divisor), gate_scale)
 
 
 def channel_shape(weight: Tensor) -> tuple[int, ...]:

@@ -256,13 +256,24 @@ class TiedUnits:
 Ranked = Union[MaskedTensor, TiedUnits]
 
 
+def _members(entry: Ranked) -> list[MaskedTensor]:
+    return entry.members if isinstance(entry, TiedUnits) else [entry]
+
+
 def _keep_of(entry: Ranked) -> Tensor:
     return entry.keep if isinstance(entry, TiedUnits) else entry.gate.keep
 
 
+def _refuse_nan(entry: Ranked, *tensors: Tensor) -> None:
+    """Raise, naming the tensor, if any of ``tensors`` holds NaN (``max`` propagates it: one reduction, no mask)."""
+    if any(t.numel() and torch.isnan(t.max()) for t in tensors):
+        raise ValueError(f"mask importance of {entry.name!r} is NaN: its weight or scores hold NaN; "
+                         "lower the learning rate or check the model for a divergence")
+
+
 def _set_keep(entry: Ranked, keep: Tensor, flipped: dict[str, Tensor]) -> None:
     """Write ``keep`` into the mask (every member's, for tied tensors), counting the bits that change."""
-    for member in entry.members if isinstance(entry, TiedUnits) else [entry]:
+    for member in _members(entry):
         target = member.gate.keep
         flipped[member.name] = torch.ne(target.reshape(-1), keep.reshape(-1)).count_nonzero()  # no int64 copy
         target.copy_(keep.reshape(target.shape))
@@ -393,15 +404,13 @@ class Selector:
         tensors, of their sum."""
         if not isinstance(entry, TiedUnits):
             return IMPORTANCE[self.importance](entry, index)
-        values = torch.stack([IMPORTANCE[self.importance](member, index).reshape(-1) for member in entry.members])
+        values = torch.stack([IMPORTANCE[self.importance](member, index).reshape(-1) for member in _members(entry)])
         values = torch.logsumexp(values, 0)
         return values if index is not None else values.view_as(entry.members[0].gate.keep)
 
     def _importance(self, entry: MaskedTensor) -> Tensor:
         values = IMPORTANCE[self.importance](entry)
-        if torch.isnan(values).any():
-            raise ValueError(f"mask importance of {entry.name!r} is NaN: its weight or scores hold NaN; "
-                             "lower the learning rate or check the model for a divergence")
+        _refuse_nan(entry, values)
         if not self.regrow:
             values = values.masked_fill(~entry.gate.keep, -math.inf)
         return values
@@ -453,13 +462,9 @@ class Selector:
         """Flat int32 keys of the entry's importance, of its units at ``index`` if given (live ones); otherwise,
         without regrowth, pruned units get ``_PRUNED``."""
         values = self._values(entry, index)
-        checked = [values]
-        if index is not None:  # a NaN among the pruned units still reaches the output (NaN * 0 is NaN)
-            members = entry.members if isinstance(entry, TiedUnits) else [entry]
-            checked += [t.detach() for member in members for t in (member.weight, member.gate.scores)]
-        if any(t.numel() and torch.isnan(t.max()) for t in checked):  # max propagates NaN: one reduction, no mask
-            raise ValueError(f"mask importance of {entry.name!r} is NaN: its weight or scores hold NaN; "
-                             "lower the learning rate or check the model for a divergence")
+        # Ranking live units only, still check the pruned ones: a NaN there reaches the output (NaN * 0 is NaN).
+        unranked = [] if index is None else [t.detach() for m in _members(entry) for t in (m.weight, m.gate.scores)]
+        _refuse_nan(entry, values, *unranked)
         keys = _keys32(values).reshape(-1)
         return keys if self.regrow or index is not None else _mark_pruned(keys, _keep_of(entry))
 
@@ -525,13 +530,13 @@ class Selector:
         """Prune every entry whose raw gate ``sigmoid(scores / T)`` is below ``threshold``."""
         pruned, flipped = 0, {}
         for entry in self.tied(masked):
-            members = entry.members if isinstance(entry, TiedUnits) else [entry]
-            keep = torch.ones_like(_keep_of(entry))
+            current = _keep_of(entry)
+            keep = torch.ones_like(current)
             if threshold > 0:  # tied: a unit stays while any member's gate is at the threshold
-                keep = torch.stack([(_log_sigmoid(m) >= math.log(threshold)).reshape(-1) for m in members]).any(0)
-                keep = keep.view_as(_keep_of(entry))
+                keep = torch.stack([(_log_sigmoid(m) >= math.log(threshold)).reshape(-1)
+                                    for m in _members(entry)]).any(0).view_as(current)
             if not self.regrow:
-                keep &= _keep_of(entry)
+                keep &= current
             _set_keep(entry, keep, flipped)
             pruned += int((~keep).sum())
         return Selection(pruned, threshold, flipped)
