@@ -140,64 +140,20 @@ class _Gated(torch.autograd.Function):
         return grad_weight, grad_scores, None, None, None
 
 
-class _LiveGated(torch.autograd.Function):
-    """:class:`_Gated` for element gates with most entries pruned: the gate is computed on the kept entries only.
-
-    ``live`` holds the flat positions of the kept entries. The sigmoid, the scale and the score gradient run
-    on those alone and are scattered into zero buffers; only ``weight * gate`` and ``grad * gate`` stay
-    weight-sized. The values are those of :class:`_Gated` (a pruned entry's gate and score gradient are
-    exactly zero either way), with ``grad_weight = grad * (k * scale)``, autograd's own order.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, scores: Tensor, live: Tensor, divisor, scale: Tensor | None) -> Tensor:
-        chosen = scores.reshape(-1).index_select(0, live)
-        sigmoid = torch.sigmoid(chosen if divisor is None else chosen / divisor)
-        scale_live = None if scale is None else scale.reshape(-1).index_select(0, live)
-        gate = scores.new_zeros(scores.shape)
-        gate.view(-1).index_copy_(0, live, sigmoid if scale_live is None else sigmoid * scale_live)
-        ctx.save_for_backward(weight, gate, live, sigmoid, scale_live)
-        ctx.divisor = divisor
-        return weight * gate
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        weight, gate, live, sigmoid, scale_live = ctx.saved_tensors
-        grad_weight = grad_scores = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = grad * gate
-        if ctx.needs_input_grad[1]:
-            product = grad.reshape(-1).index_select(0, live).mul_(weight.reshape(-1).index_select(0, live))
-            product = product.to(sigmoid.dtype)
-            if scale_live is not None:
-                product.mul_(scale_live)
-            torch.ops.aten.sigmoid_backward.grad_input(product, sigmoid, grad_input=product)
-            if ctx.divisor is not None:
-                product.div_(ctx.divisor)
-            grad_scores = sigmoid.new_zeros(gate.shape)
-            grad_scores.view(-1).index_copy_(0, live, product)
-        return grad_weight, grad_scores, None, None, None
-
-
 def gated(
-    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None,
-    live: Tensor | None = None,
+    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
 ) -> Tensor:
     """Return ``weight * sigmoid(scores / T) * keep`` (times ``gate_scale`` when set), the masked tensor.
 
     The values are exactly ``weight * (gate_value(...) * keep)``; with gradients on, a fused
     :class:`torch.autograd.Function` computes them and keeps one gate-sized buffer for backward, against
-    autograd's chain of several saved intermediates. ``live``, the flat positions where ``keep`` is True
-    (:meth:`MaskGate.live_index`), lets element gates compute the sigmoid on those entries alone.
+    autograd's chain of several saved intermediates.
     """
     divisor = _divisor(temperature)
     if torch.is_grad_enabled() and (weight.requires_grad or scores.requires_grad or
                                     (gate_scale is not None and gate_scale.requires_grad)):
         trained = [t for t in (gate_scale, temperature) if isinstance(t, Tensor) and t.requires_grad]
         if not trained and not torch._C._are_functorch_transforms_active():
-            if live is not None and scores.shape == weight.shape:
-                return _LiveGated.apply(weight, scores, live, divisor, gate_scale)
             return _Gated.apply(weight, scores, keep, divisor, gate_scale)
         # A trained scale or temperature, or torch.func transforms (grad, vmap): plain autograd handles them all.
         return weight * (gate_value(scores, temperature, gate_scale) * keep)
@@ -235,8 +191,6 @@ class MaskGate(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature), device=scores.device))
         self.register_buffer("gate_scale", torch.ones_like(scores) if rescale else None)
         self.enabled = True
-        self._live: Tensor | None = None
-        self._live_of: tuple[Tensor, int] | None = None  # the keep tensor and version _live was computed from
         self.reset_scores(scores)
 
     @torch.no_grad()
@@ -253,26 +207,10 @@ class MaskGate(nn.Module):
         """Return the soft gate (scaled when ``rescale`` was set)."""
         return gate_value(self.scores, self.temperature, self.gate_scale)
 
-    def live_index(self) -> Tensor | None:
-        """The flat positions of the kept entries where at most half are kept (on the CPU), else ``None``.
-
-        :func:`gated` then computes the gate on those entries alone. Cached until ``keep`` changes (its
-        version counter): a mask update pays one ``nonzero``, a step nothing.
-        """
-        keep = self.keep
-        if keep.device.type != "cpu" or keep.is_inference() or torch.compiler.is_compiling():
-            return None
-        seen = self._live_of
-        if seen is None or seen[0] is not keep or seen[1] != keep._version:
-            flat = keep.reshape(-1)
-            live = flat.nonzero().view(-1)
-            self._live, self._live_of = (live if 2 * live.numel() <= flat.numel() else None), (keep, keep._version)
-        return self._live
-
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
-        return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale, self.live_index())
+        return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scores.shape)}, temperature={self.temperature.item():g}"

@@ -1,7 +1,6 @@
 """The parametrization, target selection, attach and fold, without a Trainer."""
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -186,41 +185,30 @@ def gate_inputs(dtype=torch.float64, per_channel=False, seed=0):
     return weight, scores, keep, scale
 
 
-def live_of(keep):
-    """The flat positions of the kept entries, as MaskGate.live_index gives them."""
-    return keep.reshape(-1).nonzero().view(-1)
-
-
-#: (per-channel scores, gate on the kept entries only): the live path takes element gates.
-GATE_PATHS = [(False, False), (True, False), (False, True)]
-
-
-@pytest.mark.parametrize("per_channel, live", GATE_PATHS)
+@pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fused_gate_gradients_pass_gradcheck_in_float64(per_channel, live, rescale, temperature):
+def test_fused_gate_gradients_pass_gradcheck_in_float64(per_channel, rescale, temperature):
     weight, scores, keep, scale = gate_inputs(per_channel=per_channel)
     weight.requires_grad_()
     scores.requires_grad_()
     scale = scale if rescale else None
     temperature = torch.tensor(temperature, dtype=torch.float64)
-    index = live_of(keep) if live else None
-    assert torch.autograd.gradcheck(lambda w, s: gated(w, s, keep, temperature, scale, index), (weight, scores))
+    assert torch.autograd.gradcheck(lambda w, s: gated(w, s, keep, temperature, scale), (weight, scores))
     # and the fused function really ran (not the plain-autograd fallback)
-    ran = type(gated(weight, scores, keep, temperature, scale, index).grad_fn).__name__
-    assert ran == ("_LiveGatedBackward" if live else "_GatedBackward")
+    assert type(gated(weight, scores, keep, temperature, scale).grad_fn).__name__ == "_GatedBackward"
 
 
-@pytest.mark.parametrize("per_channel, live", GATE_PATHS)
+@pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.3])
-def test_fused_gate_matches_the_plain_formula_in_float32(per_channel, live, rescale, temperature):
+def test_fused_gate_matches_the_plain_formula_in_float32(per_channel, rescale, temperature):
     weight, scores, keep, scale = gate_inputs(torch.float32, per_channel)
     scale = scale if rescale else None
     temperature = torch.tensor(temperature)
     grad = torch.randn(5, 6)
     results = []
-    for fn in (plain_gate, functools.partial(gated, live=live_of(keep) if live else None)):
+    for fn in (plain_gate, gated):
         w, s = weight.clone().requires_grad_(), scores.clone().requires_grad_()
         out = fn(w, s, keep, temperature, scale)
         out.backward(grad)
@@ -282,42 +270,6 @@ def test_masked_module_trains_the_same_as_the_plain_formula():
     out.square().sum().backward()
     assert torch.allclose(entry.weight.grad, w.grad, rtol=1e-5) and torch.allclose(entry.gate.scores.grad, s.grad,
                                                                                     rtol=1e-5)
-
-
-def test_a_mostly_pruned_gate_computes_on_its_kept_entries_and_follows_every_change_of_keep():
-    torch.manual_seed(0)
-    layer = nn.Linear(20, 10)
-    [entry] = attach(layer, rescale=True, temperature=0.5)
-    gate, x = entry.gate, torch.randn(3, 20)
-
-    def check(kept_fraction_at_most_half):
-        layer.zero_grad()
-        out = layer(x)
-        live = gate.live_index()
-        assert (live is not None) == kept_fraction_at_most_half
-        if live is not None:
-            assert torch.equal(live, live_of(gate.keep))
-        out.square().sum().backward()
-        w = entry.weight.detach().clone().requires_grad_()
-        s = gate.scores.detach().clone().requires_grad_()
-        expected = x @ plain_gate(w, s, gate.keep, gate.temperature, gate.gate_scale).t() + layer.bias
-        expected.square().sum().backward()
-        assert torch.allclose(out, expected, rtol=1e-6, atol=1e-7)
-        assert torch.allclose(entry.weight.grad, w.grad, rtol=1e-5, atol=1e-7)
-        assert torch.allclose(gate.scores.grad, s.grad, rtol=1e-5, atol=1e-7)
-        assert torch.all(gate.scores.grad[~gate.keep] == 0)
-
-    check(False)  # all kept: the whole gate
-    gate.keep.view(-1)[torch.randperm(200)[:170]] = False  # in place: 30 kept
-    check(True)
-    gate.keep.view(-1)[gate.keep.view(-1).nonzero()[:10]] = False  # 20 kept: a new index, not the cached one
-    check(True)
-    layer.load_state_dict({**layer.state_dict(), "parametrizations.weight.0.keep": torch.ones(10, 20, dtype=bool)})
-    check(False)  # loaded: all kept again
-    gate.keep = torch.rand(10, 20) < 0.2  # a new tensor altogether
-    check(True)
-    with torch.no_grad():  # evaluation takes the whole-gate path and gives the same values
-        assert torch.allclose(layer(x), x @ (entry.weight * gate.gate() * gate.keep).t() + layer.bias, atol=1e-7)
 
 
 def test_channel_bias_goes_through_the_fused_gate_with_the_same_values():
