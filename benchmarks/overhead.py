@@ -23,6 +23,11 @@ grows with the masks. Writes ``results/overhead.md`` and ``results/overhead.json
 
 Times are this thread's CPU time (``time.thread_time``), robust to other processes on shared cores.
 
+``Lightning fit`` times the same comparison as a Lightning user meets it: ``Trainer.fit`` of the benchmark's
+LightningModule (its own Adam) with no callback, with ``ModelPruning`` and with ``MaskPruningCallback``, the
+callbacks set up as in ``quality.py`` to reach 90% at the end of the first epoch; a step's time is the CPU time of
+a later epoch over its steps (loop, hooks and epoch-end work included), the fits interleaved.
+
 Example:
     python benchmarks/overhead.py            # about 4 minutes on one core
 """
@@ -33,18 +38,22 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, build_model, markdown_table, prunable
+import quality
+from common import RESULTS, build_model, markdown_table, prunable, sparsity_counts
 
 import lightning_masks
 from lightning_masks.optim import place_scores
@@ -220,11 +229,54 @@ def measure_eval(model: str, batch: int, batches: int, rounds: int) -> dict:
             "eval_s": {name: seconds / batches for name, seconds in per_pass.items()}}
 
 
+# ------------------------------------------------------------------------------------------------ Lightning fit
+FIT_METHODS = ("dense", "model_pruning", "masks")
+
+
+class EpochClock(pl.Callback):
+    """This thread's CPU time of each training epoch."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.began = time.thread_time()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds.append(time.thread_time() - self.began)
+
+
+def fit_step(model: str, method: str, batch: int, steps: int, epochs: int = 3) -> tuple[float, float]:
+    """``(seconds per step, final sparsity)`` of a Lightning fit; the step's time is the fastest epoch after the
+    first, which prunes to 90% (``quality.py``'s callbacks on a ramp ending at epoch 1)."""
+    torch.manual_seed(0)
+    module = build_model(model)
+    inputs, targets = torch.randn(batch * steps, *INPUT[model]), torch.randint(0, 10, (batch * steps,))
+    clock = EpochClock()
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[*quality.METHODS[method](module, quality.Plan(SPARSITY, 0, 1)),
+                                                       clock],
+                         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, quality.train_loader(inputs, targets, batch, seed=0))
+    zeros, total = sparsity_counts(module)
+    return min(clock.seconds[1:]) / steps, zeros / total
+
+
+def measure_fit(model: str, batch: int, steps: int, rounds: int) -> dict:
+    """Median seconds per step of each method's Lightning fit, fits interleaved (method order rotated per round)."""
+    samples: dict[str, list[float]] = {name: [] for name in FIT_METHODS}
+    for index in range(rounds):
+        for name in FIT_METHODS[index % 3:] + FIT_METHODS[:index % 3]:
+            samples[name].append(fit_step(model, name, batch, steps)[0])
+    return {"model": model, "batch": batch, "steps": steps, "rounds": rounds,
+            "step_s": {name: statistics.median(values) for name, values in samples.items()}}
+
+
 def ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}×"
 
 
-def render(results: list[dict], evaluations: list[dict]) -> str:
+def render(results: list[dict], evaluations: list[dict], fits: list[dict]) -> str:
     """Markdown: train and memory per model/batch, eval per model, the update against a step."""
     header = ["model", "batch", "method", "train step", "× dense", "× dense (fused)", "saved for backward", "× dense",
               "total memory", "× dense"]
@@ -241,6 +293,8 @@ def render(results: list[dict], evaluations: list[dict]) -> str:
                          ratio(mem["saved"] + mem["persistent"], dense_mem["saved"] + dense_mem["persistent"])])
     eval_rows = [[r["model"], str(r["batch"]), name, f"{1e3 * seconds:.2f} ms", ratio(seconds, r["eval_s"]["dense"])]
                  for r in evaluations for name, seconds in r["eval_s"].items()]
+    fit_rows = [[r["model"], str(r["batch"]), name, f"{1e3 * seconds:.2f} ms", ratio(seconds, r["step_s"]["dense"])]
+                for r in fits for name, seconds in r["step_s"].items()]
     update_rows = []
     for r in results:
         step = r["train_s"]["masks"]
@@ -254,6 +308,10 @@ def render(results: list[dict], evaluations: list[dict]) -> str:
             "`× dense` compares with the user's network and optimizer as written; `× dense (fused)` with the dense network "
             "under the fused Adam kernel that `place_scores` gives `masks`: the cost of the masks alone.\n\n"
             + markdown_table(header, rows)
+            + "\n\n## Lightning fit (`Trainer.fit`, the module's own Adam), per training step at 90%\n\n"
+            + (f"Median of {fits[0]['rounds']} interleaved fits of {fits[0]['steps']} steps an epoch; each fit's fastest "
+               "epoch after the pruning one.\n\n" if fits else "")
+            + markdown_table(["model", "batch", "method", "train step", "× dense"], fit_rows)
             + f"\n\n## Evaluation step (no grad), per batch of a {evaluations[0]['batches']}-batch pass\n\n"
             + markdown_table(["model", "batch", "method", "eval step", "× dense"], eval_rows)
             + "\n\n## One mask update (`Selector()(masked_tensors(model), 0.9)`), in masked training steps\n\n"
@@ -272,6 +330,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-rounds", type=int, default=10, help="timed evaluation passes per method")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per method (the median is taken)")
     parser.add_argument("--repeat", type=int, default=4, help="steps per timed round")
+    parser.add_argument("--fit-batch", type=int, default=128, help="batch of the Lightning fits")
+    parser.add_argument("--fit-steps", type=int, default=100, help="steps an epoch of each Lightning fit")
+    parser.add_argument("--fit-rounds", type=int, default=5, help="fits per method (the median is taken)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
@@ -280,16 +341,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    results, evaluations = [], []
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    results, evaluations, fits = [], [], []
     for model in args.models:
         for batch in args.batches:
             results.append(measure_train(model, batch, args.rounds, args.repeat))
             print(f"{model} batch {batch}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in
                                                           results[-1]["train_s"].items()), flush=True)
         evaluations.append(measure_eval(model, args.eval_batch, args.eval_batches, args.eval_rounds))
+        if args.fit_rounds:
+            fits.append(measure_fit(model, args.fit_batch, args.fit_steps, args.fit_rounds))
+            print(f"{model} fit: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in fits[-1]["step_s"].items()),
+                  flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead.json").write_text(json.dumps({"train": results, "eval": evaluations}, indent=1))
-    text = render(results, evaluations)
+    (args.out / "overhead.json").write_text(json.dumps({"train": results, "eval": evaluations, "fit": fits}, indent=1))
+    text = render(results, evaluations, fits)
     (args.out / "overhead.md").write_text(text)
     print(text)
 

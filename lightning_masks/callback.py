@@ -170,6 +170,7 @@ class MaskPruningCallback(Callback):
         self._churn: dict[str, torch.Tensor] = {}
         self._gate_cache = None
         self._logged_step: Optional[int] = None  # step of the last scalar log, not to log a step twice
+        self._shown_sparsity: Optional[float] = None  # the progress bar's masks/sparsity, logged when it moves
         self._span = (0.0, 0.0)
         self._masked: list[MaskedTensor] = []
         self._load_hook = None
@@ -293,8 +294,10 @@ class MaskPruningCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        pl_module.log("masks/sparsity", self.sparsity_now, prog_bar=True, logger=False, on_step=True,
-                      on_epoch=False)
+        sparsity = self.sparsity_now
+        if batch_idx == 0 or sparsity != self._shown_sparsity:  # a log call costs more than the step's masks here
+            pl_module.log("masks/sparsity", sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+            self._shown_sparsity = sparsity
         every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
         if every and trainer.global_step % every == 0:
             self._log_stats(trainer, histograms=False)

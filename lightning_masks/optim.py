@@ -21,25 +21,28 @@ def place_scores(optimizers: Sequence[Optimizer], schedulers: Sequence[Any], mas
     the optimizers already train are left alone unless an own group is asked for. LR schedulers of an
     optimizer that gains a group get its base learning rate appended.
 
-    With ``fuse`` (the default), a CPU ``Adam``/``AdamW`` param group that trains scores and left the
-    implementation to torch (``foreach=None, fused=None``) runs torch's fused kernel instead of its
-    per-tensor loop: the same update up to float rounding, but a pruned entry's exactly-zero gradient
-    sends the loop's ``exp_avg_sq.sqrt()`` down a ~7x slower path for zeros (measured on this CPU
-    build), which made the optimizer step of a 90%-sparse LeNet-300-100 5x the dense one.
+    With ``fuse`` (the default), a CPU ``Adam``/``AdamW`` param group that trains scores or masked weights and
+    left the implementation to torch (``foreach=None, fused=None``) runs torch's fused kernel instead of its
+    per-tensor loop: the same update up to float rounding. A pruned entry's gradient is exactly zero, in the
+    scores and in the weight alike, and the loop's ``sqrt`` and division on the zero (later denormal) state
+    it leaves take a slow path on some CPUs (9x for ``sqrt`` of zeros on this one): the loop's step on a
+    90%-sparse LeNet-300-100 took 5x the dense one for the scores, and the weights' loop made a Lightning
+    fit 1.4x the dense fit where the fused kernel makes it 1.04x (``benchmarks/results/overhead.md``).
     Groups with optimizer state already, or any non-float or non-CPU tensor, are left as they are.
     """
     if not optimizers or not masked:
         return
     _place(optimizers, schedulers, masked, lr, weight_decay)
     if fuse:
-        _fuse_score_groups(optimizers, {id(entry.gate.scores) for entry in masked})
+        _fuse_groups(optimizers, {id(t) for entry in masked for t in (entry.gate.scores, entry.weight)})
 
 
 _FUSABLE = (torch.optim.Adam, torch.optim.AdamW)
 
 
-def _fuse_score_groups(optimizers: Sequence[Optimizer], scores: set[int]) -> None:
-    """Switch the CPU Adam/AdamW groups holding scores to ``fused=True`` where that is safe (see place_scores)."""
+def _fuse_groups(optimizers: Sequence[Optimizer], masked: set[int]) -> None:
+    """Switch the CPU Adam/AdamW groups holding scores or masked weights (ids in ``masked``) to ``fused=True``
+    where that is safe (see place_scores)."""
     try:
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
         if "cpu" not in _get_fused_kernels_supported_devices():
@@ -51,7 +54,7 @@ def _fuse_score_groups(optimizers: Sequence[Optimizer], scores: set[int]) -> Non
             continue
         for group in optimizer.param_groups:
             params = group["params"]
-            if not any(id(p) in scores for p in params):
+            if not any(id(p) in masked for p in params):
                 continue
             if group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable") \
                     or group.get("capturable"):

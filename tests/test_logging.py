@@ -4,6 +4,7 @@ import csv
 import logging
 import os
 
+import lightning.pytorch as pl
 import matplotlib.image
 import pytest
 import wandb_reader
@@ -38,6 +39,18 @@ def test_csv_gets_the_scalars_at_the_cadence(tiny_module, tmp_path):
             assert last[f"masks/{layer}/{stat}"] != "", (layer, stat)
     assert sum(float(row["masks/global/churn"]) for row in rows if int(row["step"]) % 4 == 0) > 0
     assert "masks/sparsity" in trainer.progress_bar_metrics
+
+
+def test_the_progress_bar_shows_the_sparsity_of_every_step(tiny_module):
+    class Reader(pl.Callback):  # runs after the pruner's hook, as the progress bar's refresh does
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.progress_bar_metrics["masks/sparsity"], pruner.sparsity_now))
+
+    seen = []
+    pruner = MaskPruningCallback(0.8, end=2)
+    make_trainer(max_epochs=3, callbacks=[pruner, Reader()]).fit(tiny_module)
+    shown, actual = zip(*seen)
+    assert shown == pytest.approx(actual) and len(set(actual)) > 2 and actual[-1] == pytest.approx(0.8, abs=0.01)
 
 
 def test_tensorboard_gets_scalars_and_histograms(tiny_module, tmp_path):

@@ -297,7 +297,7 @@ def test_gate_forward_values_are_unchanged_under_cached_evaluation():
         assert torch.equal(model(x), training.detach())
 
 
-def test_place_scores_switches_cpu_adam_holding_scores_to_the_fused_kernel():
+def test_place_scores_switches_cpu_adam_holding_scores_or_masked_weights_to_the_fused_kernel():
     from lightning_masks.optim import place_scores
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
@@ -313,6 +313,14 @@ def test_place_scores_switches_cpu_adam_holding_scores_to_the_fused_kernel():
     kept = torch.optim.Adam(model.parameters())
     place_scores([kept], [], masked, fuse=False)
     assert kept.param_groups[0]["fused"] is None
+    # scores in a group of their own: the masked weights' group gets the fused kernel too (their pruned entries'
+    # gradients are exact zeros as well); a group of other parameters only is left alone
+    others = nn.Linear(2, 2)
+    split = torch.optim.Adam([{"params": list(model.parameters())}, {"params": list(others.parameters())}])
+    place_scores([split], [], masked, lr=0.01)
+    weights, other, scores = split.param_groups
+    assert weights["fused"] is True and scores["fused"] is True and other["fused"] is None
+    assert {id(p) for p in scores["params"]} == {id(entry.gate.scores) for entry in masked}
 
 
 def test_fused_adam_trains_masks_like_the_loop():
