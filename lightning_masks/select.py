@@ -9,6 +9,8 @@ Without regrowth a pruned entry's key lies below every importance (even ``-inf``
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 import math
 import re
 import sys
@@ -69,11 +71,29 @@ def _effective_weight_importance(entry: MaskedTensor, index: Optional[Tensor] = 
 
 
 #: Importance criteria: ``(masked tensor, index=None)`` -> float32 importance of each unit (the keep-mask's
-#: shape), or of the flat units at ``index`` (selection skips the pruned ones); higher is kept first.
+#: shape), or of the flat units at ``index`` (selection skips the pruned ones); higher is kept first. A
+#: criterion added here may take the masked tensor alone: it is then computed whole and indexed.
 IMPORTANCE: dict[str, Callable[..., Tensor]] = {
     "gate": _gate_importance,
     "effective_weight": _effective_weight_importance,
 }
+
+
+@functools.cache
+def _takes_index(criterion: Callable[..., Tensor]) -> bool:
+    try:
+        inspect.signature(criterion).bind(None, None)
+    except TypeError:
+        return False
+    return True
+
+
+def _importance_at(name: str, entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
+    """``IMPORTANCE[name]`` of the entry's units, or of its flat units at ``index``."""
+    criterion = IMPORTANCE[name]
+    if index is None or _takes_index(criterion):
+        return criterion(entry, index) if index is not None else criterion(entry)
+    return _at(criterion(entry), index)
 
 
 def _keys(values: Tensor) -> Tensor:
@@ -403,13 +423,13 @@ class Selector:
         """The importance of each unit (the keep-mask's shape; the flat units at ``index`` if given); for tied
         tensors, of their sum."""
         if not isinstance(entry, TiedUnits):
-            return IMPORTANCE[self.importance](entry, index)
-        values = torch.stack([IMPORTANCE[self.importance](member, index).reshape(-1) for member in _members(entry)])
+            return _importance_at(self.importance, entry, index)
+        values = torch.stack([_importance_at(self.importance, member, index).reshape(-1) for member in _members(entry)])
         values = torch.logsumexp(values, 0)
         return values if index is not None else values.view_as(entry.members[0].gate.keep)
 
     def _importance(self, entry: MaskedTensor) -> Tensor:
-        values = IMPORTANCE[self.importance](entry)
+        values = _importance_at(self.importance, entry)
         _refuse_nan(entry, values)
         if not self.regrow:
             values = values.masked_fill(~entry.gate.keep, -math.inf)

@@ -8,7 +8,7 @@ from conftest import TiedLM
 from torch import nn
 
 from lightning_masks import Selector, attach, fold
-from lightning_masks.select import IMPORTANCE, _keys, kth_smallest, parse_granularity
+from lightning_masks.select import IMPORTANCE, _effective_weight_importance, _keys, kth_smallest, parse_granularity
 
 
 def model_with_masks(seed=0, sizes=((30, 20), (20, 10), (10, 5))):
@@ -404,3 +404,14 @@ def test_raising_a_mostly_pruned_selection_ranks_only_live_units_like_a_brute_fo
     selection = Selector(importance=importance, layer_floor=0.0)(masked, then)
     assert torch.equal(torch.cat([e.gate.keep.flatten() for e in masked]), expected)
     assert selection.pruned == int((~expected).sum())
+
+
+def test_a_criterion_that_takes_the_masked_tensor_alone_selects_like_the_built_in(monkeypatch):
+    monkeypatch.setitem(IMPORTANCE, "whole", lambda entry: _effective_weight_importance(entry))
+    picks = []
+    for importance in ("effective_weight", "whole"):
+        _, masked = model_with_masks(seed=3)
+        Selector(importance=importance)(masked, 0.6)
+        Selector(importance=importance)(masked, 0.9)  # mostly pruned: the live units are ranked
+        picks.append(torch.cat([e.gate.keep.flatten() for e in masked]))
+    assert torch.equal(*picks) and 0 < int(picks[0].sum()) < picks[0].numel()
