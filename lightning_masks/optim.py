@@ -27,7 +27,7 @@ def place_scores(optimizers: Sequence[Optimizer], schedulers: Sequence[Any], mas
     scores and in the weight alike, and the loop's ``sqrt`` and division on the zero (later denormal) state
     it leaves take a slow path on some CPUs (9x for ``sqrt`` of zeros on this one): the loop's step on a
     90%-sparse LeNet-300-100 took 5x the dense one for the scores, and the weights' loop made a Lightning
-    fit 1.4x the dense fit where the fused kernel makes it 1.04x (``benchmarks/results/overhead.md``).
+    fit 1.43x the dense fit where the fused kernel makes it 1.04-1.11x (``benchmarks/README.md``).
     Groups with optimizer state already, or any non-float or non-CPU tensor, are left as they are.
     """
     if not optimizers or not masked:
