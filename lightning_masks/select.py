@@ -81,6 +81,7 @@ IMPORTANCE: dict[str, Callable[..., Tensor]] = {
 
 @functools.cache
 def _takes_index(criterion: Callable[..., Tensor]) -> bool:
+    """Whether ``criterion`` accepts ``(entry, index)``."""
     try:
         inspect.signature(criterion).bind(None, None)
     except TypeError:
@@ -91,9 +92,9 @@ def _takes_index(criterion: Callable[..., Tensor]) -> bool:
 def _importance_at(name: str, entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
     """``IMPORTANCE[name]`` of the entry's units, or of its flat units at ``index``."""
     criterion = IMPORTANCE[name]
-    if index is None or _takes_index(criterion):
-        return criterion(entry, index) if index is not None else criterion(entry)
-    return _at(criterion(entry), index)
+    if index is None:
+        return criterion(entry)
+    return criterion(entry, index) if _takes_index(criterion) else _at(criterion(entry), index)
 
 
 def _keys(values: Tensor) -> Tensor:
