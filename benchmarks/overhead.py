@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -121,6 +121,12 @@ def make_cases(model: str, batch: int, methods: list[str]) -> dict[str, Case]:
 
 
 # ------------------------------------------------------------------------------------------------ timing
+def rotated(names: Sequence[str], index: int) -> list[str]:
+    """``names`` started at position ``index`` (wrapping): each round of an interleaved timing begins elsewhere."""
+    start = index % len(names)
+    return [*names[start:], *names[:start]]
+
+
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, repeat: int, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each function, timed ``repeat`` calls at a time, methods rotated per round.
 
@@ -133,7 +139,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, repeat: int, 
             fns[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds):
-        for name in names[index % len(names):] + names[:index % len(names)]:
+        for name in rotated(names, index):
             began = time.thread_time()
             for _ in range(repeat):
                 fns[name]()
@@ -266,7 +272,7 @@ def measure_fit(model: str, batch: int, steps: int, rounds: int) -> dict:
     """Median seconds per step of each method's Lightning fit, fits interleaved (method order rotated per round)."""
     samples: dict[str, list[float]] = {name: [] for name in FIT_METHODS}
     for index in range(rounds):
-        for name in FIT_METHODS[index % 3:] + FIT_METHODS[:index % 3]:
+        for name in rotated(FIT_METHODS, index):
             samples[name].append(fit_step(model, name, batch, steps)[0])
     return {"model": model, "batch": batch, "steps": steps, "rounds": rounds,
             "step_s": {name: statistics.median(values) for name, values in samples.items()}}
