@@ -31,7 +31,6 @@ __all__ = [
     "fold",
     "gate_value",
     "gates_disabled",
-    "keep_factor",
     "masked_tensors",
     "masked_value",
     "restore_masks_on_load",
@@ -88,80 +87,77 @@ def _divisor(temperature: Tensor | float) -> Tensor | float | None:
     return None if temperature == 1.0 else temperature
 
 
-def keep_factor(keep: Tensor, gate_scale: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``keep [* gate_scale]`` as ``dtype``: what multiplies the sigmoid, exactly 0 where pruned."""
-    with torch.no_grad():
-        factor = keep.to(dtype)
-        return factor if gate_scale is None else factor.mul_(gate_scale)
+def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None) -> Tensor:
+    """``sigmoid(scores / T) * keep`` in one fresh buffer (the keep bits multiply as 0/1 bytes: exact and fast)."""
+    raw = torch.sigmoid(scores if divisor is None else scores / divisor)
+    return raw.mul_(keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
 
 
-def _sigmoid(scores: Tensor, divisor: Tensor | float | None) -> Tensor:
-    return torch.sigmoid(scores if divisor is None else scores / divisor)
+def _times(weight: Tensor, kept: Tensor, scale: Tensor | None) -> Tensor:
+    """``weight * (kept [* scale])``: the masked tensor from the kept gate."""
+    return weight * (kept if scale is None else kept * scale)
 
 
 class _Gated(torch.autograd.Function):
-    """``weight * (sigmoid(scores / T) * factor)``, ``factor = keep [* gate_scale]``, with a hand-written backward.
+    """``weight * sigmoid(scores / T) * keep [* gate_scale]`` with a hand-written backward.
 
-    Forward: one sigmoid and two multiplications, all on operands of one dtype (a bool ``keep`` would take
-    a slower mixed-dtype path every step: the factor is computed when the mask changes, see
-    :meth:`MaskGate.factor`). Saved for backward: the weight and the factor (a parameter and a cached
-    buffer already), the sigmoid ``y`` and the gate ``g = y * factor``, two gate-sized buffers where autograd's
-    chain saves more. Backward::
+    Forward: one sigmoid and two (three with a scale) multiplications. Saved for backward: the weight (a
+    parameter already), the scale (a buffer) and ``k = sigmoid(scores / T) * keep``, one gate-sized buffer
+    where autograd's chain saves several. Backward::
 
-        grad_weight = grad * g
-        grad_scores = sigmoid_backward(sum_to_scores(grad * weight) * factor, y) / T   # = ... * (1 - y) * y
+        grad_weight = grad * k [* scale]
+        grad_scores = sigmoid_backward(sum_to_scores(grad * weight) [* scale], k) / T   # = ... * (1 - k) * k
 
-    which is autograd's chain for the formula, with the same operations in the same order but for the product
-    order of ``grad * g`` (equal up to rounding), on fresh buffers updated in place: a step is memory-bound
-    on a CPU, and each weight-sized pass counts. A pruned entry's factor is 0, so both its gradients are
-    exactly zero. Each gradient is computed only when its input requires it.
+    which is autograd's chain for the plain formula with the same operations in the same order (``keep``
+    is 0 or 1, so ``k`` is the sigmoid where kept, and a pruned entry's gradient is exactly zero), but for
+    ``grad_weight``'s product order with a scale (equal up to rounding), on fresh buffers updated in place.
+    Each gradient is computed only when its input requires it.
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, scores: Tensor, factor: Tensor, divisor) -> Tensor:
-        sigmoid = _sigmoid(scores, divisor)
-        gate = sigmoid * factor
-        ctx.save_for_backward(weight, factor, sigmoid, gate)
+    def forward(ctx, weight: Tensor, scores: Tensor, keep: Tensor, divisor, scale: Tensor | None) -> Tensor:
+        kept = _keep_gate(scores, keep, divisor)
+        ctx.save_for_backward(weight, kept, scale)
         ctx.divisor = divisor
-        return weight * gate
+        return _times(weight, kept, scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        weight, factor, sigmoid, gate = ctx.saved_tensors
+        weight, kept, scale = ctx.saved_tensors
         grad_weight = grad_scores = None
         if ctx.needs_input_grad[0]:
-            grad_weight = grad * gate  # the weight's shape: a per-channel gate broadcasts to it
+            grad_weight = grad * kept  # the weight's shape, fresh: kept and scale broadcast to it
+            if scale is not None:
+                grad_weight.mul_(scale)
         if ctx.needs_input_grad[1]:
-            product = (grad * weight).sum_to_size(sigmoid.shape).to(sigmoid.dtype)  # fresh: updated in place below
-            product.mul_(factor)
-            grad_scores = torch.ops.aten.sigmoid_backward.grad_input(product, sigmoid, grad_input=product)
+            product = (grad * weight).sum_to_size(kept.shape).to(kept.dtype)  # fresh: updated in place below
+            if scale is not None:
+                product.mul_(scale)
+            grad_scores = torch.ops.aten.sigmoid_backward.grad_input(product, kept, grad_input=product)
             if ctx.divisor is not None:
                 grad_scores.div_(ctx.divisor)
-        return grad_weight, grad_scores, None, None
+        return grad_weight, grad_scores, None, None, None
 
 
 def gated(
-    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None,
-    *, factor: Tensor | None = None,
+    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
 ) -> Tensor:
     """Return ``weight * sigmoid(scores / T) * keep`` (times ``gate_scale`` when set), the masked tensor.
 
     The values are exactly ``weight * (gate_value(...) * keep)``; with gradients on, a fused
-    :class:`torch.autograd.Function` computes them with fewer weight-sized passes and saved buffers than
-    autograd's chain. ``factor`` is :func:`keep_factor` of ``keep`` and ``gate_scale`` if already computed.
+    :class:`torch.autograd.Function` computes them and keeps one gate-sized buffer for backward, against
+    autograd's chain of several saved intermediates.
     """
     divisor = _divisor(temperature)
     if torch.is_grad_enabled() and (weight.requires_grad or scores.requires_grad or
                                     (gate_scale is not None and gate_scale.requires_grad)):
         trained = [t for t in (gate_scale, temperature) if isinstance(t, Tensor) and t.requires_grad]
         if not trained and not torch._C._are_functorch_transforms_active():
-            factor = keep_factor(keep, gate_scale, scores.dtype) if factor is None else factor
-            return _Gated.apply(weight, scores, factor, divisor)
+            return _Gated.apply(weight, scores, keep, divisor, gate_scale)
         # A trained scale or temperature, or torch.func transforms (grad, vmap): plain autograd handles them all.
         return weight * (gate_value(scores, temperature, gate_scale) * keep)
-    gate = _sigmoid(scores, divisor).mul_(keep_factor(keep, gate_scale, scores.dtype) if factor is None else factor)
-    return gate.mul_(weight) if gate.shape == weight.shape and gate.dtype == weight.dtype else weight * gate
+    return _times(weight, _keep_gate(scores, keep, divisor), gate_scale)
 
 
 def channel_shape(weight: Tensor) -> tuple[int, ...]:
@@ -195,7 +191,6 @@ class MaskGate(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature), device=scores.device))
         self.register_buffer("gate_scale", torch.ones_like(scores) if rescale else None)
         self.enabled = True
-        self._factor: tuple = ()
         self.reset_scores(scores)
 
     @torch.no_grad()
@@ -212,25 +207,10 @@ class MaskGate(nn.Module):
         """Return the soft gate (scaled when ``rescale`` was set)."""
         return gate_value(self.scores, self.temperature, self.gate_scale)
 
-    def factor(self) -> Tensor:
-        """:func:`keep_factor` of this gate, computed again only when ``keep`` or ``gate_scale`` changes.
-
-        A change is a new tensor, a new dtype of the scores or a bump of a version counter, which every
-        in-place write makes (``copy_``, ``load_state_dict``, indexing), but not a write through ``.data``.
-        """
-        keep, scale, dtype = self.keep, self.gate_scale, self.scores.dtype
-        stamp = (keep, keep._version, scale, None if scale is None else scale._version, dtype)
-        cached = self._factor
-        if not cached or any(a is not b if isinstance(a, Tensor) else a != b for a, b in zip(cached, stamp)):
-            with torch.inference_mode(False):  # usable by a later training step when first made in a test loop
-                cached = self._factor = (*stamp, keep_factor(keep, scale, dtype))
-        return cached[-1]
-
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
-        factor = None if torch.compiler.is_compiling() or self.keep.is_inference() else self.factor()
-        return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale, factor=factor)
+        return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scores.shape)}, temperature={self.temperature.item():g}"

@@ -166,7 +166,7 @@ def test_temperature_must_be_positive():
 
 
 # ------------------------------------------------------------------------------------------- the fused gate
-from lightning_masks.masks import ChannelBias, gate_value, gated, keep_factor  # noqa: E402
+from lightning_masks.masks import ChannelBias, gate_value, gated  # noqa: E402
 
 
 def plain_gate(weight, scores, keep, temperature, scale=None):
@@ -235,12 +235,11 @@ def test_fused_gate_computes_only_the_gradients_asked_for():
 
 
 @pytest.mark.parametrize("rescale", [False, True])
-def test_fused_gate_saves_two_gate_sized_buffers_for_backward(rescale):
+def test_fused_gate_saves_one_gate_sized_buffer_for_backward(rescale):
     weight, scores, keep, scale = gate_inputs(torch.float32)
     scale = scale if rescale else None
     w, s = weight.clone().requires_grad_(), scores.clone().requires_grad_()
-    factor = keep_factor(keep, scale, torch.float32)  # computed once per mask, as MaskGate.factor() caches it
-    inputs = {w.data_ptr(), s.data_ptr(), keep.data_ptr(), factor.data_ptr()} | ({scale.data_ptr()} if rescale else set())
+    inputs = {w.data_ptr(), s.data_ptr(), keep.data_ptr()} | ({scale.data_ptr()} if rescale else set())
 
     def saved_bytes(fn):
         fresh = []
@@ -254,50 +253,7 @@ def test_fused_gate_saves_two_gate_sized_buffers_for_backward(rescale):
             fn(w, s, keep, torch.tensor(0.5), scale)
         return sum(fresh)
 
-    fused = saved_bytes(lambda *args: gated(*args, factor=factor))
-    assert fused == 2 * scores.numel() * 4 < saved_bytes(plain_gate)  # the sigmoid and the gate, only
-
-
-@pytest.mark.parametrize("rescale", [True, False])
-def test_the_gate_follows_every_change_of_keep_and_scale_through_its_cached_factor(rescale):
-    torch.manual_seed(0)
-    layer = nn.Linear(6, 4)
-    [entry] = attach(layer, rescale=rescale)
-    gate = entry.gate
-
-    def check():
-        for grad in (True, False):  # the fused function, and the no-grad path
-            with torch.set_grad_enabled(grad):
-                assert torch.equal(layer.weight, plain_gate(entry.weight, gate.scores, gate.keep, gate.temperature,
-                                                            gate.gate_scale))
-
-    check()
-    gate.keep.view(-1)[::2] = False  # indexing writes in place
-    check()
-    gate.keep.copy_(torch.rand(4, 6) > 0.5)  # as the Selector writes
-    check()
-    if rescale:
-        gate.gate_scale.mul_(3.0)
-        check()
-    gate.keep = torch.rand(4, 6) > 0.5  # a new tensor
-    check()
-    state = copy.deepcopy(layer.state_dict())
-    gate.keep.fill_(True)
-    check()
-    layer.load_state_dict(state)
-    check()
-    layer.double()
-    check()
-    assert gate.factor().dtype == torch.float64
-
-
-def test_a_factor_first_made_in_inference_mode_serves_the_next_training_step():
-    layer = nn.Linear(6, 4)
-    [entry] = attach(layer, rescale=True)
-    with torch.inference_mode():
-        layer(torch.randn(2, 6))  # Lightning's validation loop runs under inference mode
-    layer(torch.randn(2, 6)).sum().backward()
-    assert entry.gate.scores.grad is not None and entry.weight.grad is not None
+    assert saved_bytes(gated) == scores.numel() * 4 < saved_bytes(plain_gate)  # k = sigmoid * keep, only
 
 
 def test_masked_module_trains_the_same_as_the_plain_formula():
