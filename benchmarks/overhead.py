@@ -240,56 +240,42 @@ FIT_METHODS = ("dense", "model_pruning", "masks")
 
 
 class EpochClock(pl.Callback):
-    """This thread's CPU time of each training epoch (its validation taken out) and each validation epoch."""
+    """This thread's CPU time of each training epoch."""
 
     def __init__(self) -> None:
-        self.train: list[float] = []
-        self.validation: list[float] = []
+        self.seconds: list[float] = []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.began, self.validating = time.thread_time(), 0.0
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.validation_began = time.thread_time()
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.validation.append(time.thread_time() - self.validation_began)
-        self.validating += self.validation[-1]
+        self.began = time.thread_time()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.train.append(time.thread_time() - self.began - self.validating)
+        self.seconds.append(time.thread_time() - self.began)
 
 
-def fit_step(model: str, method: str, batch: int, steps: int, epochs: int = 3, val_batch: int = 1000,
-             val_steps: int = 10) -> tuple[float, float, float]:
-    """``(seconds per training step, seconds per validation step, final sparsity)`` of a Lightning fit that
-    validates ``val_steps`` batches of ``val_batch`` after each epoch (10 of 1000: Fashion-MNIST's test set). Each
-    is the fastest epoch after the first, which prunes to 90% (``quality.py``'s callbacks, ramp ending at epoch 1)."""
+def fit_step(model: str, method: str, batch: int, steps: int, epochs: int = 3) -> tuple[float, float]:
+    """``(seconds per step, final sparsity)`` of a Lightning fit; the step's time is the fastest epoch after the
+    first, which prunes to 90% (``quality.py``'s callbacks on a ramp ending at epoch 1)."""
     torch.manual_seed(0)
     module = build_model(model)
     inputs, targets = torch.randn(batch * steps, *INPUT[model]), torch.randint(0, 10, (batch * steps,))
-    held_out = torch.randn(val_batch * val_steps, *INPUT[model]), torch.randint(0, 10, (val_batch * val_steps,))
     clock = EpochClock()
     trainer = pl.Trainer(max_epochs=epochs, callbacks=[*quality.METHODS[method](module, quality.Plan(SPARSITY, 0, 1)),
                                                        clock],
                          accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(module, quality.train_loader(inputs, targets, batch, seed=0),
-                quality.train_loader(*held_out, val_batch, seed=0))
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, quality.train_loader(inputs, targets, batch, seed=0))
     zeros, total = sparsity_counts(module)
-    return min(clock.train[1:]) / steps, min(clock.validation[1:]) / val_steps, zeros / total
+    return min(clock.seconds[1:]) / steps, zeros / total
 
 
 def measure_fit(model: str, batch: int, steps: int, rounds: int) -> dict:
-    """Median seconds per training and per validation step of each method's Lightning fit, fits interleaved
-    (method order rotated per round)."""
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in FIT_METHODS}
+    """Median seconds per step of each method's Lightning fit, fits interleaved (method order rotated per round)."""
+    samples: dict[str, list[float]] = {name: [] for name in FIT_METHODS}
     for index in range(rounds):
         for name in rotated(FIT_METHODS, index):
-            samples[name].append(fit_step(model, name, batch, steps)[:2])
+            samples[name].append(fit_step(model, name, batch, steps)[0])
     return {"model": model, "batch": batch, "steps": steps, "rounds": rounds,
-            "step_s": {name: statistics.median(t for t, _ in values) for name, values in samples.items()},
-            "val_step_s": {name: statistics.median(v for _, v in values) for name, values in samples.items()}}
+            "step_s": {name: statistics.median(values) for name, values in samples.items()}}
 
 
 def ratio(value: float, reference: float) -> str:
@@ -313,8 +299,7 @@ def render(results: list[dict], evaluations: list[dict], fits: list[dict]) -> st
                          ratio(mem["saved"] + mem["persistent"], dense_mem["saved"] + dense_mem["persistent"])])
     eval_rows = [[r["model"], str(r["batch"]), name, f"{1e3 * seconds:.2f} ms", ratio(seconds, r["eval_s"]["dense"])]
                  for r in evaluations for name, seconds in r["eval_s"].items()]
-    fit_rows = [[r["model"], str(r["batch"]), name, f"{1e3 * seconds:.2f} ms", ratio(seconds, r["step_s"]["dense"]),
-                 f"{1e3 * r['val_step_s'][name]:.2f} ms", ratio(r["val_step_s"][name], r["val_step_s"]["dense"])]
+    fit_rows = [[r["model"], str(r["batch"]), name, f"{1e3 * seconds:.2f} ms", ratio(seconds, r["step_s"]["dense"])]
                 for r in fits for name, seconds in r["step_s"].items()]
     update_rows = []
     for r in results:
@@ -329,13 +314,10 @@ def render(results: list[dict], evaluations: list[dict], fits: list[dict]) -> st
             "`× dense` compares with the user's network and optimizer as written; `× dense (fused)` with the dense network "
             "under the fused Adam kernel that `place_scores` gives `masks`: the cost of the masks alone.\n\n"
             + markdown_table(header, rows)
-            + "\n\n## Lightning fit (`Trainer.fit`, the module's own Adam), per training and validation step at 90%\n\n"
-            + (f"Median of {fits[0]['rounds']} interleaved fits of {fits[0]['steps']} steps an epoch, each validating "
-               "10 batches of 1000 (the size of Fashion-MNIST's test set) after each epoch; each fit's fastest "
-               "training epoch (its validation taken out) and fastest validation after the pruning epoch. The "
-               "callback computes the masked weights once per validation loop.\n\n" if fits else "")
-            + markdown_table(["model", "batch", "method", "train step", "× dense", "validation step (batch 1000)",
-                              "× dense"], fit_rows)
+            + "\n\n## Lightning fit (`Trainer.fit`, the module's own Adam), per training step at 90%\n\n"
+            + (f"Median of {fits[0]['rounds']} interleaved fits of {fits[0]['steps']} steps an epoch; each fit's fastest "
+               "epoch after the pruning one.\n\n" if fits else "")
+            + markdown_table(["model", "batch", "method", "train step", "× dense"], fit_rows)
             + f"\n\n## Evaluation step (no grad), per batch of a {evaluations[0]['batches']}-batch pass\n\n"
             + markdown_table(["model", "batch", "method", "eval step", "× dense"], eval_rows)
             + "\n\n## One mask update (`Selector()(masked_tensors(model), 0.9)`), in masked training steps\n\n"
@@ -376,8 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluations.append(measure_eval(model, args.eval_batch, args.eval_batches, args.eval_rounds))
         if args.fit_rounds:
             fits.append(measure_fit(model, args.fit_batch, args.fit_steps, args.fit_rounds))
-            print(f"{model} fit: " + ", ".join(f"{k} {1e3 * v:.2f} ms / {1e3 * fits[-1]['val_step_s'][k]:.2f} ms"
-                                               for k, v in fits[-1]["step_s"].items()),
+            print(f"{model} fit: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in fits[-1]["step_s"].items()),
                   flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps({"train": results, "eval": evaluations, "fit": fits}, indent=1))

@@ -45,9 +45,8 @@ def test_a_tiny_grid_run_reaches_the_exact_sparsity_for_every_method(model, meth
 
 
 @pytest.mark.parametrize("method, sparsity", [("dense", 0.0), ("model_pruning", 0.9), ("masks", 0.9)])
-def test_the_overhead_fits_time_steps_at_the_sparsity_reached_in_the_first_epoch(method, sparsity):
+def test_the_overhead_fits_time_a_step_at_the_sparsity_reached_in_the_first_epoch(method, sparsity):
     import overhead
 
-    seconds, validation, achieved = overhead.fit_step("lenet300", method, batch=8, steps=3, epochs=2, val_batch=4,
-                                                      val_steps=2)
-    assert seconds > 0 and validation > 0 and achieved == pytest.approx(sparsity, abs=1e-5)
+    seconds, achieved = overhead.fit_step("lenet300", method, batch=8, steps=3, epochs=2)
+    assert seconds > 0 and achieved == pytest.approx(sparsity, abs=1e-5)
