@@ -50,3 +50,15 @@ def test_the_overhead_fits_time_a_step_at_the_sparsity_reached_in_the_first_epoc
 
     seconds, achieved = overhead.fit_step("lenet300", method, batch=8, steps=3, epochs=2)
     assert seconds > 0 and achieved == pytest.approx(sparsity, abs=1e-5)
+
+
+def test_the_step_anatomy_counts_faults_for_every_method_and_profiles_both_steps(tmp_path):
+    import step_anatomy
+
+    step_anatomy.main(["--calls", "3", "--steps", "2", "--profiled-steps", "2", "--top", "3", "--out", str(tmp_path)])
+    text = (tmp_path / "step_anatomy.md").read_text()
+    faults = text.split("## Minor page faults")[1].split("##")[0]
+    for method in step_anatomy.METHODS:
+        assert f"| {method} | " in faults
+    assert "Heaviest operators a step: dense (fused)" in text and "Heaviest operators a step: masks" in text
+    assert "`aten::mm`" in text and "cache flushed" in text
