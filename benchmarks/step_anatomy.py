@@ -57,12 +57,18 @@ def measure_passes(calls: int) -> list[list[str]]:
     return rows
 
 
-def measure_faults(steps: int) -> list[list[str]]:
-    cases = overhead.make_cases("lenet300", 128, METHODS)
-    rows = []
-    for name, case in cases.items():
-        for _ in range(10):
+def warmed_cases(methods: list[str], steps: int = 10) -> dict[str, overhead.Case]:
+    """``overhead.py``'s batch-128 LeNet-300-100 cases, each trained ``steps`` steps (optimizer state made)."""
+    cases = overhead.make_cases("lenet300", 128, methods)
+    for case in cases.values():
+        for _ in range(steps):
             case.train_step()
+    return cases
+
+
+def measure_faults(steps: int) -> list[list[str]]:
+    rows = []
+    for name, case in warmed_cases(METHODS).items():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(steps):
             case.train_step()
@@ -71,11 +77,8 @@ def measure_faults(steps: int) -> list[list[str]]:
 
 
 def measure_operators(steps: int, top: int) -> dict[str, list[list[str]]]:
-    cases = overhead.make_cases("lenet300", 128, ["dense (fused)", "masks"])
     tables = {}
-    for name, case in cases.items():
-        for _ in range(10):
-            case.train_step()
+    for name, case in warmed_cases(["dense (fused)", "masks"]).items():
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
             for _ in range(steps):
                 case.train_step()
