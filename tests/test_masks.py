@@ -359,3 +359,27 @@ def test_masked_module_works_under_torch_func_transforms():
     loss(params).backward()  # the fused path
     assert torch.allclose(grads["parametrizations.weight.original"], entry.weight.grad, rtol=1e-5)
     assert torch.allclose(grads["parametrizations.weight.0.scores"], entry.gate.scores.grad, rtol=1e-5)
+
+
+def test_masked_module_evaluates_an_ensemble_of_weights_under_vmap():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    [entry] = attach(layer, rescale=True)
+    entry.gate.keep[0, 0] = False
+    weights = torch.randn(2, 3, 4)  # batched over the weight alone: the gate's own buffer is not batched
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        outs = torch.func.vmap(lambda w: torch.func.functional_call(
+            layer, {"parametrizations.weight.original": w}, (x,)))(weights)
+        for w, out in zip(weights, outs):
+            entry.weight.copy_(w)
+            assert torch.equal(out, layer(x))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_gate_keeps_the_wider_dtype_of_weight_and_scores(grad):
+    weight, scores, keep, scale = gate_inputs(torch.float32)
+    weight = weight.double().requires_grad_(grad)  # a float64 weight under float32 scores: the product is float64
+    with torch.set_grad_enabled(grad):
+        out = gated(weight, scores, keep, 1.0, scale)
+        assert out.dtype == torch.float64 and torch.equal(out, plain_gate(weight, scores, keep, 1.0, scale))
