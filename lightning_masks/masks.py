@@ -94,20 +94,8 @@ def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None) -> 
 
 
 def _times(weight: Tensor, kept: Tensor, scale: Tensor | None) -> Tensor:
-    """``weight * (kept [* scale])``: the masked tensor from the kept gate (``kept * scale`` takes the product)."""
-    return weight * kept if scale is None else _times_into(kept * scale, weight, None)
-
-
-def _times_into(kept: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
-    """:func:`_times` written into ``kept``, a fresh gate of ours, where shapes and dtypes allow: the same values bit
-    for bit (the products commute exactly) without new weight-sized buffers, which on a CPU are out of cache and
-    page-fault where glibc has handed freed memory back (``benchmarks/README.md``, "Speed, session 5")."""
-    for other in (scale, weight):
-        if other is not None:
-            fits = other.shape == kept.shape and torch.result_type(kept, other) == kept.dtype and \
-                not torch._C._are_functorch_transforms_active()
-            kept = kept.mul_(other) if fits else kept * other
-    return kept
+    """``weight * (kept [* scale])``: the masked tensor from the kept gate."""
+    return weight * (kept if scale is None else kept * scale)
 
 
 class _Gated(torch.autograd.Function):
@@ -169,7 +157,7 @@ def gated(
             return _Gated.apply(weight, scores, keep, divisor, gate_scale)
         # A trained scale or temperature, or torch.func transforms (grad, vmap): plain autograd handles them all.
         return weight * (gate_value(scores, temperature, gate_scale) * keep)
-    return _times_into(_keep_gate(scores, keep, divisor), weight, gate_scale)
+    return _times(weight, _keep_gate(scores, keep, divisor), gate_scale)
 
 
 def channel_shape(weight: Tensor) -> tuple[int, ...]:
