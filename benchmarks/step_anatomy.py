@@ -11,7 +11,7 @@ Three measurements on the batch-128 LeNet-300-100 step of ``overhead.py`` (90% s
 Writes ``results/step_anatomy.md``.
 
 Example:
-    python benchmarks/step_anatomy.py            # about a minute
+    python benchmarks/step_anatomy.py            # about 15 seconds
 """
 
 from __future__ import annotations

@@ -366,7 +366,7 @@ def test_masked_module_evaluates_an_ensemble_of_weights_under_vmap():
     layer = nn.Linear(4, 3)
     [entry] = attach(layer, rescale=True)
     entry.gate.keep[0, 0] = False
-    weights = torch.randn(2, 3, 4)  # batched over the weight alone: the gate's own buffer is not batched
+    weights = torch.randn(2, 3, 4)  # batched over the weight alone: scores, keep and scale are shared
     x = torch.randn(5, 4)
     with torch.no_grad():
         outs = torch.func.vmap(lambda w: torch.func.functional_call(
