@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -19,15 +19,28 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
 )
 from lightning.pytorch.utilities import CombinedLoader
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from . import loggers, plots, stats
 from .coupling import coupled_channels
 from .init import InitSpec, get_initializer
-from .masks import MaskedTensor, TargetSpec, attach, detach, fold, gates_disabled, masked_tensors, restore_masks_on_load
+from .kinds import kind_of
+from .masks import (
+    MaskedTensor,
+    TargetSpec,
+    Targets,
+    attach,
+    detach,
+    fold,
+    gates_disabled,
+    masked_tensors,
+    resolve_targets,
+    restore_masks_on_load,
+)
 from .optim import place_scores
+from .outputs import output_layers as find_output_layers
 from .schedule import Schedule, ScheduleSpec, ThresholdSchedule, get_schedule, resolve_span
 from .select import Selector, parse_granularity
 
@@ -40,8 +53,9 @@ AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto"
 class MaskPruningCallback(Callback):
     """Prune any LightningModule with learnable, weight-dependent masks ``w * sigmoid(scores / T) * keep``.
 
-    At ``setup`` the selected weights get masks whose scores ``init`` derives from the weights (before the
-    optimizers exist, so an unmodified ``configure_optimizers`` trains them); the keep-masks follow
+    Once the module is built (after ``setup`` and ``configure_model``, before the optimizers exist, so an
+    unmodified ``configure_optimizers`` trains them) the selected weights get masks whose scores ``init``
+    derives from the weights; the keep-masks follow
     ``schedule`` up to ``sparsity``; at the end of fit the masks are folded into plain weights with
     exact zeros.
 
@@ -60,13 +74,23 @@ class MaskPruningCallback(Callback):
             ``"epoch"`` (as each epoch starts) or an int ``N`` (every N steps). Updates whose target equals the
             last one are skipped (nothing would change). A callable ``schedule`` is called per epoch under
             ``"auto"``.
-        targets, exclude: what to mask (globs on qualified names, or module types); default every
-            Linear, Conv1d/2d/3d and MultiheadAttention projection weight.
+        targets, exclude: what to mask: globs on module names (the module's weights, whatever its type), globs
+            on tensor names, or module types (see :func:`~lightning_masks.masks.resolve_targets`). Default: the
+            weights of every registered layer kind (:func:`~lightning_masks.kinds.list_layer_kinds`: Linear,
+            Conv and ConvTranspose 1d/2d/3d, MultiheadAttention projections, RNN/LSTM/GRU, transformers'
+            ``Conv1D``) except embedding tables and tensors tied to one (name them in ``targets`` to mask them).
+            The setup line lists what is left dense; trainable weight matrices left dense for no stated reason
+            get a warning.
         init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
         temperature: the gate's ``T > 0``.
         rescale_gate: divide each gate by its initial value so training starts from the dense function
             (on by default: benchmarks/results/study_lenet300_s99.md).
         mode, importance, layer_floor, regrow, granularity: see :class:`~lightning_masks.select.Selector`.
+        output_layers: with ``granularity="channel"``, the layers left whole because their output units are
+            the model's outputs (classes, vocabulary). ``"auto"``: the masked layers whose outputs reach the
+            model's outputs through no other masked layer, traced on ``forward(example_input_array)`` or, when
+            that is not set, on the loss of the first training batch (:func:`~lightning_masks.outputs.output_layers`);
+            a list of globs on module names; or ``None`` to prune them too.
         tie: groups of globs on masked tensor names pruned together unit by unit (see
             :class:`~lightning_masks.select.Selector`), e.g. the BatchNorms that add into one residual stream,
             so that export can remove the stream's pruned channels. ``"auto"``: the masked BatchNorms whose
@@ -85,7 +109,8 @@ class MaskPruningCallback(Callback):
 
     Raises:
         ValueError: any argument out of range, at construction; an unsupported strategy, a target that
-            matches nothing, NaN/Inf weights or an unbounded training length, in ``setup``.
+            matches nothing, NaN/Inf weights or an unbounded training length, in ``setup`` (or as
+            ``configure_model`` ends, for what only the built module can tell).
 
     Example:
         >>> trainer = pl.Trainer(max_epochs=10, callbacks=[MaskPruningCallback(sparsity=0.9)])  # doctest: +SKIP
@@ -111,6 +136,7 @@ class MaskPruningCallback(Callback):
         regrow: bool = False,
         granularity: str = "element",
         tie: Union[str, Iterable[Iterable[str]]] = (),
+        output_layers: Union[str, Iterable[str], None] = "auto",
         mask_lr: Optional[float] = 1e-2,
         mask_weight_decay: Optional[float] = None,
         fold_on_fit_end: bool = True,
@@ -152,6 +178,10 @@ class MaskPruningCallback(Callback):
         if isinstance(tie, str) and tie != "auto":
             raise ValueError(f"tie must be 'auto' or a list of groups of globs, got {tie!r}")
         self.auto_tie = tie == "auto"
+        if isinstance(output_layers, str) and output_layers != "auto":
+            raise ValueError(f"output_layers must be 'auto', None or a list of globs on module names, got "
+                             f"{output_layers!r}; e.g. output_layers=['head']")
+        self.output_layers = output_layers if output_layers in ("auto", None) else list(output_layers)
         self.selector = Selector(mode, importance, layer_floor, regrow, granularity, () if self.auto_tie else tie)
         self.mask_lr = mask_lr
         self.mask_weight_decay = mask_weight_decay
@@ -193,9 +223,14 @@ class MaskPruningCallback(Callback):
         if self.initializer.needs_grad and not pl_module.automatic_optimization:
             raise ValueError(f"{self.initializer!r} scores one automatic-optimization training step; this module "
                              "uses manual optimization: pick another init")
+        _after_configure_model(pl_module, lambda: self._mask(trainer, pl_module))
+
+    def _mask(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach the masks to the built module (after ``setup`` and ``configure_model``, before the optimizers,
+        the checkpoint restore and the DDP wrapper), or adopt the ones it has; check them against the selector."""
         attached = not masked_tensors(pl_module)
         groups = _coupled_norms(pl_module) if self.auto_tie else None
-        self._masked = self._attach(pl_module) if attached else masked_tensors(pl_module)
+        self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
         try:
             if groups is not None:
                 names = {entry.name for entry in self._masked}
@@ -208,19 +243,44 @@ class MaskPruningCallback(Callback):
                 detach(pl_module)
             raise
 
-    def _attach(self, pl_module: pl.LightningModule) -> list[MaskedTensor]:
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[MaskedTensor]:
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         init = torch.zeros_like if self.initializer.needs_grad else (
             lambda weight: self.initializer(weight, generator=generator))
-        masked = attach(pl_module, self.targets, self.exclude, init=init, temperature=self.temperature,
+        exclude = self.exclude + self._outputs_kept_whole(trainer, pl_module)
+        resolved = resolve_targets(pl_module, self.targets, exclude)
+        masked = attach(pl_module, self.targets, exclude, init=init, temperature=self.temperature,
                         rescale=self.rescale_gate, per_channel=self.selector.grain.channel)
         self.scores_initialized = not self.initializer.needs_grad
         total = sum(entry.numel for entry in masked)
         goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
                 else f"final sparsity {self.sparsity}")
         rank_zero_info(f"lightning_masks: masking {len(masked)} tensors ({total:,} weights), "
-                       f"init={self.initializer!r}, {goal}")
+                       f"init={self.initializer!r}, {goal}{_left_dense(resolved, exclude[len(self.exclude):])}")
+        if resolved.unmasked:
+            rank_zero_warn(f"lightning_masks: {len(resolved.unmasked)} trainable weight matrices are left dense "
+                           f"(no registered layer kind, not targeted): {stats.short_names(resolved.unmasked)}. "
+                           "Name them in `targets`, register their layer with lightning_masks.register_layer_kind, "
+                           "or `exclude` them to silence this")
         return masked
+
+    def _outputs_kept_whole(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        """With channel masks, the layers whose output units are the model's outputs (see ``output_layers``)."""
+        if not self.selector.grain.channel or not self.output_layers:
+            return []
+        if self.output_layers != "auto":
+            return list(self.output_layers)
+        # Every layer that could carry a mask, excluded ones too: an output layer is the last of them on its path.
+        owners = {id(m) for found in resolve_targets(pl_module, self.targets).chosen.values() for m, _ in found}
+        candidates = {name: module for name, module in pl_module.named_modules()
+                      if kind_of(module) is not None or id(module) in owners}
+        run = _one_pass(trainer, pl_module)
+        found = find_output_layers(candidates, run) if run is not None else []
+        if not found:
+            rank_zero_warn("lightning_masks: granularity='channel' could not find the layers that produce the model's "
+                           "outputs (they are kept whole, so no class or token loses its logit): set "
+                           "pl_module.example_input_array, or name them with output_layers=[...] (None prunes them)")
+        return found
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -379,6 +439,7 @@ class MaskPruningCallback(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        _restore_configure_model(pl_module)
         self._drop_gate_cache()
         if self._masked and not self._masked_at_setup and self.position is None:
             detach(pl_module)  # failed before any mask update: give the user back the plain model
@@ -395,6 +456,7 @@ class MaskPruningCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _restore_configure_model(pl_module)
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
@@ -453,6 +515,80 @@ class _logging_disabled:
 
     def __exit__(self, *exc: Any) -> None:
         del self.pl_module.log, self.pl_module.log_dict
+
+
+def _after_configure_model(pl_module: pl.LightningModule, then: Callable[[], None]) -> None:
+    """Make the module's next ``configure_model`` call ``then()`` once it has run.
+
+    Lightning builds layers in ``LightningModule.setup`` and ``configure_model`` after every callback's ``setup``,
+    then restores the checkpoint, wraps the module (DDP) and creates the optimizers: masks attached right after
+    ``configure_model`` see every layer and are in place for all of that. The wrapper is an instance attribute
+    (so Lightning calls it even when the class does not override the hook) that removes itself when called.
+    """
+    _restore_configure_model(pl_module)
+    build = pl_module.configure_model
+
+    def configure_model() -> None:
+        _restore_configure_model(pl_module)
+        build()
+        then()
+
+    configure_model.masks_wrapper = True
+    pl_module.configure_model = configure_model
+
+
+def _restore_configure_model(pl_module: pl.LightningModule) -> None:
+    """Remove the wrapper of :func:`_after_configure_model`, if it is still there."""
+    if getattr(pl_module.__dict__.get("configure_model"), "masks_wrapper", False):
+        del pl_module.configure_model
+
+
+def _forward(pl_module: pl.LightningModule, example: Any) -> Any:
+    """``pl_module(example)`` as Lightning calls it: a tuple or list as positional inputs, a dict as keyword ones."""
+    if isinstance(example, Mapping):
+        return pl_module(**example)
+    return pl_module(*example) if isinstance(example, (tuple, list)) else pl_module(example)
+
+
+def _first_batch(trainer: pl.Trainer) -> Any:
+    """The first batch of the fit's training data (from the datamodule, the module or the loaders passed to fit)."""
+    loaders = trainer.fit_loop._data_source.dataloader()
+    return next(iter(CombinedLoader(loaders, "max_size_cycle")))[0]
+
+
+def _one_pass(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Callable[[], Any]]:
+    """One pass of the model to trace: ``forward(example_input_array)``, else the loss of the first training
+    batch; ``None`` when neither can run (no example input, no training data)."""
+    example = pl_module.example_input_array
+    if example is not None:
+        return lambda: _forward(pl_module, example)
+    try:
+        batch = _first_batch(trainer)
+    except Exception:  # no training data reachable before fit: the caller warns
+        return None
+
+    def loss() -> Any:
+        with _logging_disabled(pl_module):
+            output = pl_module.training_step(batch, 0)
+        return output["loss"] if isinstance(output, Mapping) else output
+
+    return loss
+
+
+def _left_dense(resolved: Targets, outputs: list[str]) -> str:
+    """The setup line's tail: what is left dense by rule, and how to include it."""
+    parts = []
+    if resolved.embeddings:
+        example = resolved.embeddings[0].split(" = ")[0]
+        parts.append(f"embedding tables and tensors tied to them left dense: {stats.short_names(resolved.embeddings)} "
+                     f"(to mask them, name them in targets, e.g. targets=[..., {example!r}])")
+    if outputs:
+        parts.append(f"output layers kept whole by channel pruning: {stats.short_names(outputs)} "
+                     "(output_layers=None prunes them)")
+    if resolved.frozen:
+        parts.append(f"frozen tensors left dense: {stats.short_names(resolved.frozen)} (unfreeze them before fit "
+                     "to mask them)")
+    return "".join(f"; {part}" for part in parts)
 
 
 def _coupled_norms(pl_module: pl.LightningModule) -> list[list[str]]:

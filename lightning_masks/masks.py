@@ -1,6 +1,7 @@
 """Learnable weight masks as a parametrization: ``w -> w * sigmoid(scores / T) * keep``.
 
-This module knows nothing of Lightning: :func:`attach` and :func:`fold` work on any ``nn.Module``.
+This module knows nothing of Lightning: :func:`attach` and :func:`fold` work on any ``nn.Module``. Which
+tensors are weights, and which of their axes holds output units, comes from :mod:`lightning_masks.kinds`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from .kinds import channel_shape, kind_of, output_axis
+
 __all__ = [
-    "DEFAULT_TARGETS",
     "ChannelBias",
     "MaskGate",
     "MaskedTensor",
     "TargetSpec",
+    "Targets",
     "attach",
     "channel_shape",
     "detach",
@@ -33,18 +36,10 @@ __all__ = [
     "gates_disabled",
     "masked_tensors",
     "masked_value",
+    "resolve_targets",
     "restore_masks_on_load",
     "split_mask_key",
 ]
-
-#: Module types masked by default, with the tensors masked on each.
-DEFAULT_TARGETS: dict[type[nn.Module], tuple[str, ...]] = {
-    nn.Linear: ("weight",),
-    nn.Conv1d: ("weight",),
-    nn.Conv2d: ("weight",),
-    nn.Conv3d: ("weight",),
-    nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
-}
 
 #: A target: a glob on fully-qualified module or tensor names, or a module type.
 TargetSpec = Union[str, type]
@@ -160,11 +155,6 @@ def gated(
     return _times(weight, _keep_gate(scores, keep, divisor), gate_scale)
 
 
-def channel_shape(weight: Tensor) -> tuple[int, ...]:
-    """The shape of per-output-channel scores for ``weight``: ``(out, 1, 1, ...)``."""
-    return (weight.shape[0],) + (1,) * (weight.dim() - 1)
-
-
 def _reduce_to(scores: Tensor, shape: torch.Size) -> Tensor:
     """Average ``scores`` over the dimensions that ``shape`` keeps at size 1."""
     dims = [d for d, (have, want) in enumerate(zip(scores.shape, shape)) if want == 1 and have != 1]
@@ -258,6 +248,11 @@ class MaskedTensor:
         """Weights per unit (1 for element masks, the channel's size for per-channel masks)."""
         return self.numel // self.units
 
+    @property
+    def axis(self) -> int:
+        """The weight axis that holds output units (its layer kind's; 0 for tensors of no kind)."""
+        return output_axis(*self.owners[0]) if self.owners else 0
+
 
 def _tensor_slots(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, Tensor]]:
     """Yield ``(qualified_name, module_name, module, tensor_name, parameter)`` for every parameter slot.
@@ -282,20 +277,29 @@ def _tensor_slots(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, 
             yield qualified, module_name, module, tensor_name, tensor
 
 
-def _default_tensor_names(module: nn.Module) -> tuple[str, ...]:
-    for kind, names in DEFAULT_TARGETS.items():
-        if isinstance(module, kind):
-            return names
-    return ()
+def _weight_names(module: nn.Module) -> list[str]:
+    """The tensors a module glob or type selects: its layer kind's weights, else its own parameters named
+    ``*weight*`` (a LayerNorm's or an Embedding's ``weight``)."""
+    kind = kind_of(module)
+    if kind is not None:
+        return kind.tensor_names(module)
+    return [name for name in _own_tensor_names(module) if "weight" in name]
+
+
+def _own_tensor_names(module: nn.Module) -> list[str]:
+    names = list(module._parameters)
+    if parametrize.is_parametrized(module):
+        names += [n for n in module.parametrizations if n not in names]
+    return names
 
 
 def _foreign_reason(module: nn.Module) -> str | None:
-    """Why a default-target module cannot take a mask: its weight is already computed by something else."""
+    """Why a module cannot take a mask: its weight is already computed by something else."""
     hooks = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
     if any(isinstance(hook, hooks) for hook in module._forward_pre_hooks.values()):
         return "already pruned or normalised through a forward pre-hook (torch.nn.utils.prune / weight_norm / " \
                "spectral_norm); call torch.nn.utils.prune.remove(module, 'weight') or remove the norm first"
-    for name in _default_tensor_names(module):
+    for name in _weight_names(module):
         if parametrize.is_parametrized(module, name):
             others = [type(p).__name__ for p in module.parametrizations[name] if not isinstance(p, MaskGate)]
             if others:
@@ -318,6 +322,123 @@ def _no_match_error(pattern: TargetSpec, candidates: Sequence[str]) -> ValueErro
     )
 
 
+def _is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+
+
+@dataclass
+class Targets:
+    """What a target/exclude spec resolves to on one model (see :func:`resolve_targets`).
+
+    ``chosen`` maps the first qualified name of each tensor to mask to every ``(module, tensor_name)`` that
+    shares it. The name lists say what was left out and why: ``embeddings`` (tables, and tensors tied to one,
+    left out by default), ``frozen`` (``requires_grad=False``), ``excluded`` (by ``exclude``) and ``unmasked``
+    (every other trainable weight matrix: no registered layer kind, not targeted). Tied names are joined by
+    ``" = "``.
+    """
+
+    chosen: dict[str, list[tuple[nn.Module, str]]]
+    embeddings: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    unmasked: list[str] = field(default_factory=list)
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: Iterable[TargetSpec] | None = None,
+    exclude: Iterable[TargetSpec] = (),
+) -> Targets:
+    """Resolve ``targets`` and ``exclude`` on ``model``: the tensors to mask, and what is left dense and why.
+
+    A spec is, in this order:
+
+    * a module type: its instances' weights (their layer kind's, see :mod:`lightning_masks.kinds`, else
+      their parameters named ``*weight*``);
+    * a glob on qualified module names: the weights of the matched modules that have a layer kind or, when
+      none has, of every matched module whatever its type (``"transformer.wte"`` selects the embedding's
+      ``weight``);
+    * a glob on qualified tensor names (``"lm_head.weight"``, ``"*.bias"``): those tensors.
+
+    ``None`` selects the weights of every registered layer kind (:func:`~lightning_masks.kinds.list_layer_kinds`)
+    except embedding tables and the tensors tied to one (a tied LM head): those are masked only when a name
+    glob, or an embedding type, selects them. ``exclude`` specs resolve the same way and are removed. Frozen
+    (``requires_grad=False``), lazy and already-masked tensors are skipped. A parameter shared by several
+    modules (tied weights) is one entry with several owners.
+
+    Raises:
+        ValueError: a target or exclude pattern that matches nothing, naming candidates; a selected module
+            whose weight is already pruned, normalised or parametrized by something else.
+        TypeError: a spec that is neither a string nor a module type.
+    """
+    slots = list(_tensor_slots(model))
+    modules = list(model.named_modules())
+    by_param: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for qualified, _, module, tensor_name, tensor in slots:
+        by_param.setdefault(id(tensor), []).append((qualified, module, tensor_name))
+
+    def tensors_of(selected: Iterable[nn.Module]) -> set[int]:
+        picked = {id(m): set(_weight_names(m)) for m in selected}
+        return {id(t) for _, _, m, tn, t in slots if tn in picked.get(id(m), ())}
+
+    def resolve(spec: TargetSpec) -> tuple[set[int], bool]:
+        """The tensors ``spec`` selects, and whether it names them explicitly (embeddings included)."""
+        if isinstance(spec, type):
+            return tensors_of(m for _, m in modules if isinstance(m, spec)), issubclass(spec, nn.Embedding)
+        if not isinstance(spec, str):
+            raise TypeError(f"a target must be a glob string or a module type, got {spec!r}")
+        matched = [m for name, m in modules if fnmatch.fnmatchcase(name, spec)]
+        layers = [m for m in matched if kind_of(m) is not None]
+        hits = tensors_of(layers or matched)
+        if not hits:
+            hits = {id(t) for q, _, _, _, t in slots if fnmatch.fnmatchcase(q, spec)}
+        if not hits and not matched:
+            raise _no_match_error(spec, [q for q, *_ in slots])
+        return hits, True
+
+    def select(specs: Iterable[TargetSpec]) -> tuple[set[int], set[int]]:
+        chosen: set[int] = set()
+        explicit: set[int] = set()
+        for spec in specs:
+            hits, named = resolve(spec)
+            chosen |= hits
+            if named:
+                explicit |= hits
+        return chosen, explicit
+
+    embedded = {key for key, owners in by_param.items() if any(_is_embedding(m) for _, m, _ in owners)}
+    targets = None if targets is None else list(targets)
+    exclude = list(exclude)
+    if targets is None:
+        wanted, explicit = tensors_of(m for _, m in modules if kind_of(m) is not None), set()
+    else:
+        wanted, explicit = select(targets)
+    excluded, _ = select(exclude)
+    _refuse_foreign(model, wanted - excluded, by_param, targets, exclude)
+
+    result = Targets({})
+    for key, owners in by_param.items():
+        tensor = next(t for q, _, _, _, t in slots if id(t) == key and q == owners[0][0])
+        name = " = ".join(q for q, _, _ in owners)
+        matrix = tensor.dim() >= 2 and not isinstance(tensor, nn.parameter.UninitializedParameter)
+        if any(_is_masked(m, tn) for _, m, tn in owners):
+            continue
+        if key in excluded:
+            if matrix:
+                result.excluded.append(name)
+        elif not tensor.requires_grad:
+            if matrix or key in wanted:
+                result.frozen.append(name)
+        elif key in embedded and key not in explicit:
+            if key in wanted or matrix:
+                result.embeddings.append(name)
+        elif key in wanted and not isinstance(tensor, nn.parameter.UninitializedParameter):
+            result.chosen[owners[0][0]] = [(m, tn) for _, m, tn in owners]
+        elif matrix:
+            result.unmasked.append(name)
+    return result
+
+
 def find_targets(
     model: nn.Module,
     targets: Iterable[TargetSpec] | None = None,
@@ -325,73 +446,26 @@ def find_targets(
 ) -> dict[str, list[tuple[nn.Module, str]]]:
     """Return the tensors to mask, keyed by the first qualified name of each, with every owner.
 
-    Args:
-        model: the module to search.
-        targets: globs on fully-qualified module names (selecting the matched modules' default tensors) or,
-            when a glob matches no such module, on tensor names (selecting those tensors, of any module
-            type, e.g. ``"embed.weight"``); or module types. ``None`` selects the :data:`DEFAULT_TARGETS`.
-        exclude: the same kinds of spec, removed from the selection.
-
-    Frozen (``requires_grad=False``), lazy and already-masked tensors are skipped. A parameter shared by
-    several modules (tied weights) is one entry with several owners.
-
-    Raises:
-        ValueError: a target or exclude pattern that matches nothing, naming candidates.
+    See :func:`resolve_targets` for the rules; this is its ``chosen``.
     """
-    slots = list(_tensor_slots(model))
-    module_names = [name for name, _ in model.named_modules()]
-    by_param: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    for qualified, _, module, tensor_name, tensor in slots:
-        by_param.setdefault(id(tensor), []).append((qualified, module, tensor_name))
-
-    def by_module(spec: TargetSpec, module_name: str, module: nn.Module, tensor_name: str) -> bool:
-        if isinstance(spec, type):
-            return isinstance(module, spec) and tensor_name in (_default_tensor_names(module) or ("weight",))
-        return fnmatch.fnmatchcase(module_name, spec) and tensor_name in _default_tensor_names(module)
-
-    def select(specs: Iterable[TargetSpec]) -> set[int]:
-        """A spec selects the default tensors of the modules it matches, else the tensors it names."""
-        chosen: set[int] = set()
-        for spec in specs:
-            if not isinstance(spec, (str, type)):
-                raise TypeError(f"a target must be a glob string or a module type, got {spec!r}")
-            hits = {id(t) for _, mn, m, tn, t in slots if by_module(spec, mn, m, tn)}
-            if not hits and isinstance(spec, str):
-                hits = {id(t) for q, _, _, _, t in slots if fnmatch.fnmatchcase(q, spec)}
-            if not hits and not any(isinstance(spec, str) and fnmatch.fnmatchcase(n, spec) for n in module_names):
-                raise _no_match_error(spec, [q for q, *_ in slots])
-            chosen |= hits
-        return chosen
-
-    if targets is None:
-        wanted = {id(t) for q, mn, m, tn, t in slots if tn in _default_tensor_names(m)}
-    else:
-        wanted = select(list(targets))
-    wanted -= select(list(exclude))
-    _refuse_foreign(model, targets, exclude)
-
-    chosen: dict[str, list[tuple[nn.Module, str]]] = {}
-    for _, _, _, _, tensor in slots:
-        key = id(tensor)
-        if key not in wanted or not tensor.requires_grad or isinstance(tensor, nn.parameter.UninitializedParameter):
-            continue
-        owners = by_param[key]
-        if any(_is_masked(m, tn) for _, m, tn in owners):
-            continue
-        chosen.setdefault(owners[0][0], [(m, tn) for _, m, tn in owners])
-    return chosen
+    return resolve_targets(model, targets, exclude).chosen
 
 
-def _refuse_foreign(model: nn.Module, targets: Iterable[TargetSpec] | None, exclude: Iterable[TargetSpec]) -> None:
-    """Raise if a module that would be masked already has its weight computed by a hook or parametrization."""
+def _refuse_foreign(model: nn.Module, selected: set[int], by_param: dict[int, list],
+                    targets: list[TargetSpec] | None, exclude: list[TargetSpec]) -> None:
+    """Raise if a module that would be masked already has its weight computed by a hook or parametrization.
 
-    def matched(specs: Iterable[TargetSpec], name: str, module: nn.Module) -> bool:
+    Checked: the owners of the ``selected`` tensors, and the targeted layers whose weight a pruning hook renamed
+    (``weight_orig``), which no spec can select any more.
+    """
+
+    def matched(specs: list[TargetSpec], name: str, module: nn.Module) -> bool:
         return any(isinstance(module, s) if isinstance(s, type) else fnmatch.fnmatchcase(name, s) for s in specs)
 
+    owners = {id(m) for key in selected for _, m, _ in by_param.get(key, ())}
     for name, module in model.named_modules():
-        if not _default_tensor_names(module) or matched(exclude, name, module):
-            continue
-        if targets is not None and not matched(targets, name, module):
+        targeted = kind_of(module) is not None if targets is None else matched(targets, name, module)
+        if id(module) not in owners and (not targeted or matched(exclude, name, module)):
             continue
         reason = _foreign_reason(module)
         if reason:
@@ -417,24 +491,24 @@ def attach(
         init: maps a weight to its initial scores (same shape); ``torch.abs`` is magnitude.
         temperature: the gate's ``T``.
         rescale: divide each gate by its initial value (see :class:`MaskGate`).
-        per_channel: one score per output channel (dim 0), the mean of ``init``'s scores over the channel;
-            pruning a unit then zeroes the whole channel.
+        per_channel: one score per output channel (the layer kind's output axis: dim 0 of a Linear or Conv,
+            dim 1 of a ConvTranspose or transformers' ``Conv1D``), the mean of ``init``'s scores over the
+            channel; pruning a unit then zeroes the whole channel and its bias.
 
     Raises:
         ValueError: a pattern that matches nothing, a weight holding NaN/Inf, scores of the wrong shape,
-            or no maskable tensor at all. The model is left unchanged.
+            channel masks on a grouped ConvTranspose, or no maskable tensor at all. The model is left unchanged.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> [m.name for m in attach(net)]
         ['0.weight', '2.weight']
     """
-    found = find_targets(model, targets, exclude)
+    targets = None if targets is None else list(targets)
+    resolved = resolve_targets(model, targets, exclude)
+    found = resolved.chosen
     if not found:
-        raise ValueError(
-            "no maskable tensor found: the model has no trainable Linear/Conv/MultiheadAttention weight "
-            "(or all are frozen or masked already); pass `targets` naming the tensors to mask"
-        )
+        raise ValueError(_nothing_to_mask(resolved, targets))
     prepared = []
     for name, owners in found.items():
         module, tensor_name = owners[0]
@@ -450,7 +524,8 @@ def attach(
             raise ValueError(f"init returned scores of shape {tuple(scores.shape)} for {name!r} of shape "
                              f"{tuple(weight.shape)}; an initializer must keep the weight's shape")
         if per_channel:
-            scores = _reduce_to(scores, torch.Size(channel_shape(weight)))
+            _refuse_grouped_transpose(name, module)
+            scores = _reduce_to(scores, torch.Size(channel_shape(weight, output_axis(module, tensor_name))))
         prepared.append((name, owners, MaskGate(scores.to(weight), temperature, rescale=rescale)))
 
     done: list[tuple[nn.Module, str]] = []
@@ -472,11 +547,37 @@ def attach(
     return masked
 
 
+def _nothing_to_mask(resolved: Targets, targets: list[TargetSpec] | None) -> str:
+    """The error for a selection that masks nothing: what was asked, what was left out and why, the fix."""
+    if targets is None:
+        asked = ("the model has no trainable weight of a registered layer kind (lightning_masks.kinds."
+                 "list_layer_kinds(): Linear, ConvNd, ConvTransposeNd, MultiheadAttention, RNN/LSTM/GRU, "
+                 "transformers' Conv1D)")
+    else:
+        asked = f"targets={targets!r} select no trainable, unmasked tensor"
+    reasons = [f"{label} {names[:6]}" for label, names in (
+        ("embedding tables (mask them by naming them in targets):", resolved.embeddings),
+        ("frozen (requires_grad=False):", resolved.frozen), ("excluded:", resolved.excluded),
+        ("of no layer kind:", resolved.unmasked)) if names]
+    left = f"; left out: {'; '.join(reasons)}" if reasons else ""
+    return (f"no maskable tensor found: {asked}{left}. Pass `targets` naming the tensors to mask (globs on module "
+            "or tensor names, or module types), or register your layer with lightning_masks.register_layer_kind")
+
+
+def _refuse_grouped_transpose(name: str, module: nn.Module) -> None:
+    """Channel masks need one weight index per output channel: a grouped ConvTranspose's dim 1 holds
+    ``out / groups`` indices, each shared by ``groups`` output channels."""
+    if getattr(module, "transposed", False) and getattr(module, "groups", 1) > 1:
+        raise ValueError(f"channel masks cannot follow the output channels of {name!r}, a ConvTranspose with "
+                         f"groups={module.groups} (its weight's dim 1 holds out/groups channels); leave it unmasked "
+                         f"with exclude=[{name!r}] or use granularity='element'")
+
+
 def _gated_bias(module: nn.Module, tensor_name: str, gate: MaskGate) -> bool:
     """Whether a per-channel gate on ``module.weight`` should gate its bias too (one bias per channel)."""
     bias = module._parameters.get("bias")
-    return (tensor_name == "weight" and isinstance(bias, nn.Parameter) and bias.requires_grad
-            and bias.shape == (gate.keep.shape[0],) and not parametrize.is_parametrized(module, "bias"))
+    return (tensor_name == "weight" and isinstance(bias, nn.Parameter) and bias.requires_grad and bias.dim() == 1
+            and bias.numel() == gate.keep.numel() and not parametrize.is_parametrized(module, "bias"))
 
 
 def _original(module: nn.Module, tensor_name: str) -> Tensor:
@@ -588,8 +689,9 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
                 continue
             qualified = split[0]
             if qualified in slots and not _is_masked(*slots[qualified][:2]):
-                original = slots[qualified][2]
-                per_channel = tuple(value.shape) == channel_shape(original) != tuple(original.shape)
+                owner, tensor_name, original = slots[qualified]
+                channels = channel_shape(original, output_axis(owner, tensor_name))
+                per_channel = tuple(value.shape) == channels != tuple(original.shape)
                 wanted[per_channel].append(qualified)
         rescale = any(k.endswith(".gate_scale") for k in state_dict)
         attached = [entry for per_channel, names in wanted.items() if names

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .masks import MaskedTensor, _divisor
+from .masks import MaskedTensor, _divisor, _reduce_to
 
 __all__ = [
     "IMPORTANCE",
@@ -64,7 +64,7 @@ def _effective_weight_importance(entry: MaskedTensor, index: Optional[Tensor] = 
     """Log of ``|w * gate|``: the weight-dependent criterion (per channel, the channel's mean ``|w|``)."""
     weight = entry.weight.detach()
     if entry.unit_size > 1:
-        magnitude = _at(weight.float().abs().reshape(entry.units, -1).mean(1).reshape(entry.gate.keep.shape), index)
+        magnitude = _at(_reduce_to(weight.float().abs(), entry.gate.keep.shape), index)
     else:
         magnitude = _at(weight, index).float().abs()
     return magnitude.log_().add_(_gate_importance(entry, index))
@@ -381,7 +381,7 @@ class Selector:
         fit the masked tensors."""
         m = self.grain.m
         for entry in masked:
-            row = entry.weight[0].numel() if entry.weight.dim() > 1 else entry.numel
+            row = entry.numel // entry.weight.shape[entry.axis] if entry.weight.dim() > 1 else entry.numel
             if m and row % m:
                 raise ValueError(f"{self.granularity} needs rows divisible by {m}, but {entry.name!r} of shape "
                                  f"{tuple(entry.weight.shape)} has rows of {row}; exclude it or pick another M")
@@ -537,13 +537,16 @@ class Selector:
         return key, keeps
 
     def _select_nm(self, entry: MaskedTensor, target: float, flipped: dict[str, Tensor]) -> int:
+        """Keep N of every M consecutive weights of each output unit (groups run along the input axes)."""
         n, m = self.grain.n, self.grain.m
         per_group = round(min(target / self.grain.sparsity, 1.0) * (m - n))
+        axis = entry.axis if entry.weight.dim() > 1 else 0
+        rows = entry.gate.keep.movedim(axis, 0)  # output units first: a group never spans two of them
         keep = torch.ones((entry.numel // m, m), dtype=torch.bool, device=entry.weight.device)
         if per_group:
-            lowest = self._importance(entry).reshape(-1, m).topk(per_group, dim=1, largest=False).indices
-            keep.scatter_(1, lowest, False)
-        _set_keep(entry, keep.view_as(entry.gate.keep), flipped)
+            importance = self._importance(entry).movedim(axis, 0).reshape(-1, m)
+            keep.scatter_(1, importance.topk(per_group, dim=1, largest=False).indices, False)
+        _set_keep(entry, keep.view(rows.shape).movedim(0, axis), flipped)
         return per_group * (entry.numel // m)
 
     @torch.no_grad()

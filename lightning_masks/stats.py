@@ -5,6 +5,7 @@ Gate statistics are over the kept entries (the live gates) and use the raw gate 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -20,6 +21,7 @@ __all__ = [
     "layer_rows",
     "live_gates",
     "mask_stats",
+    "short_names",
     "tensor_stats",
 ]
 
@@ -124,3 +126,14 @@ def format_layer_table(rows: Sequence[Mapping]) -> str:
     body = [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*line) for line in lines)]
     body.append(f"pruned {pruned:,}/{total:,} ({100 * pruned / max(total, 1):.2f}%)")
     return "\n".join(body)
+
+
+def short_names(names: Sequence[str], limit: int = 6) -> str:
+    """``names`` for a log line: numbered repeats merged (``h.0.attn``, ``h.1.attn`` -> ``h.*.attn (x2)``), at most
+    ``limit`` entries, then how many more."""
+    merged: dict[str, list[str]] = {}
+    for name in names:
+        merged.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name), []).append(name)
+    shown = [f"{pattern} (x{len(group)})" if len(group) > 1 else group[0] for pattern, group in merged.items()]
+    more = f", and {len(shown) - limit} more" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more

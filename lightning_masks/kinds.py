@@ -1,0 +1,155 @@
+"""Layer kinds: for each maskable module type, which tensors are its weights and which axis holds its outputs.
+
+The registry follows the initializers' idiom (:mod:`lightning_masks.init`, after timm's ``_registry.py``):
+:func:`register_layer_kind` adds a kind, :func:`get_layer_kind` looks one up (a miss names the registered
+ones), :func:`list_layer_kinds` lists them, and :func:`kind_of` finds the kind of a module instance (its most
+specific registered class). A kind is keyed by its class's dotted path, so a class from a library that is not
+imported (transformers' ``Conv1D``) is recognised by name without importing it. The default mask targets
+are the weights of the registered kinds.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional, TypeVar, Union
+
+from torch import Tensor, nn
+
+__all__ = [
+    "LayerKind",
+    "channel_shape",
+    "get_layer_kind",
+    "kind_of",
+    "list_layer_kinds",
+    "output_axis",
+    "register_layer_kind",
+]
+
+_KINDS: dict[str, "LayerKind"] = {}
+
+Layer = TypeVar("Layer", bound=Union[type, str])
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What to mask on one module type.
+
+    Args:
+        tensors: globs on the module's own parameter names that are its weights, e.g. ``("weight",)`` or
+            ``("weight_ih_l*", "weight_hh_l*")``.
+        output_axis: the weight dimension that indexes the layer's output units (features, channels, gate
+            rows): 0 for ``nn.Linear`` ``(out, in)`` and ``ConvNd`` ``(out, in/groups, *k)``, 1 for
+            ``ConvTransposeNd`` ``(in, out/groups, *k)`` and transformers' ``Conv1D`` ``(in, out)``. Channel
+            masks have one score per index of this axis; N:M groups run along the other axes.
+    """
+
+    tensors: tuple[str, ...] = ("weight",)
+    output_axis: int = 0
+
+    def tensor_names(self, module: nn.Module) -> list[str]:
+        """The names of ``module``'s own parameters (parametrized ones included) that this kind masks."""
+        names = list(module._parameters)
+        parametrizations = getattr(module, "parametrizations", None)
+        if parametrizations is not None:
+            names += [n for n in parametrizations if n not in names]
+        return [n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in self.tensors)]
+
+
+def _dotted(layer: Union[type, str]) -> str:
+    return layer if isinstance(layer, str) else f"{layer.__module__}.{layer.__qualname__}"
+
+
+def register_layer_kind(
+    layer: Optional[Layer] = None,
+    *,
+    tensors: tuple[str, ...] = ("weight",),
+    output_axis: int = 0,
+    override: bool = False,
+) -> Union[Layer, Callable[[Layer], Layer]]:
+    """Register a module class as a maskable layer kind; its instances (and subclasses') are then default targets.
+
+    Args:
+        layer: the class, or its dotted path (``"transformers.pytorch_utils.Conv1D"``) to match a class without
+            importing its library. Omitted: returns a class decorator.
+        tensors, output_axis: see :class:`LayerKind`.
+        override: replace a kind registered already.
+
+    Returns:
+        ``layer`` unchanged (or the decorator).
+
+    Raises:
+        ValueError: the class is registered already and ``override`` is False, or ``output_axis`` is negative.
+
+    Example:
+        >>> @register_layer_kind(output_axis=1)
+        ... class TransposedLinear(nn.Module):  # its weight has shape (in, out)
+        ...     pass
+        >>> get_layer_kind(TransposedLinear).output_axis
+        1
+    """
+    if not (isinstance(output_axis, int) and output_axis >= 0):
+        raise ValueError(f"output_axis must be an int >= 0 (the weight dimension of the output units), "
+                         f"got {output_axis!r}")
+    if isinstance(tensors, str) or not tensors or not all(isinstance(t, str) for t in tensors):
+        raise ValueError(f"tensors must be a non-empty tuple of globs on parameter names, got {tensors!r}; "
+                         "e.g. tensors=('weight',)")
+
+    def decorator(cls: Layer) -> Layer:
+        key = _dotted(cls)
+        if key in _KINDS and not override:
+            raise ValueError(f"layer kind {key!r} is registered already; pass override=True to replace it")
+        _KINDS[key] = LayerKind(tuple(tensors), output_axis)
+        return cls
+
+    return decorator if layer is None else decorator(layer)
+
+
+def list_layer_kinds() -> list[str]:
+    """Return the dotted class paths of the registered layer kinds, sorted."""
+    return sorted(_KINDS)
+
+
+def get_layer_kind(layer: Union[type, str]) -> LayerKind:
+    """Return the kind registered for a class (or dotted path), or for its nearest registered base class.
+
+    Raises:
+        KeyError: nothing registered for it or its bases, naming the registered kinds.
+    """
+    for cls in (layer.__mro__ if isinstance(layer, type) else (layer,)):
+        kind = _KINDS.get(_dotted(cls))
+        if kind is not None:
+            return kind
+    raise KeyError(f"no layer kind registered for {_dotted(layer)!r}; registered: {list_layer_kinds()}. Add one "
+                   "with lightning_masks.register_layer_kind")
+
+
+def kind_of(module: nn.Module) -> Optional[LayerKind]:
+    """The kind of a module instance (its most specific registered class), or ``None``."""
+    for cls in type(module).__mro__:
+        kind = _KINDS.get(_dotted(cls))
+        if kind is not None:
+            return kind
+    return None
+
+
+def output_axis(module: nn.Module, tensor_name: str) -> int:
+    """The axis of ``module.<tensor_name>`` that holds output units: the kind's for its weights, else 0."""
+    kind = kind_of(module)
+    return kind.output_axis if kind is not None and tensor_name in kind.tensor_names(module) else 0
+
+
+def channel_shape(weight: Tensor, axis: int = 0) -> tuple[int, ...]:
+    """The shape of per-output-channel scores for ``weight``: its size on ``axis``, 1 elsewhere."""
+    return tuple(size if dim == axis else 1 for dim, size in enumerate(weight.shape))
+
+
+for _layer in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_layer_kind(_layer)
+for _layer in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_layer_kind(_layer, output_axis=1)
+register_layer_kind(nn.MultiheadAttention, tensors=("in_proj_weight", "q_proj_weight", "k_proj_weight",
+                                                    "v_proj_weight"))  # out_proj is an nn.Linear of its own
+register_layer_kind(nn.RNNBase, tensors=("weight_ih_l*", "weight_hh_l*", "weight_hr_l*"))  # gates stacked on dim 0
+register_layer_kind("transformers.pytorch_utils.Conv1D", output_axis=1)  # GPT-2's (in, out) weight
