@@ -3,12 +3,14 @@
 from .callback import MaskPruningCallback
 from .export import fold_checkpoint, fold_state_dict
 from .init import Initializer, get_initializer, list_initializers, register_initializer
+from .kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
 from .masks import MaskGate, attach, fold, masked_tensors
 from .schedule import Schedule, ThresholdSchedule, list_schedules
 from .select import Selector
 
 __all__ = [
     "Initializer",
+    "LayerKind",
     "MaskGate",
     "MaskPruningCallback",
     "Schedule",
@@ -19,10 +21,13 @@ __all__ = [
     "fold_checkpoint",
     "fold_state_dict",
     "get_initializer",
+    "get_layer_kind",
     "list_initializers",
+    "list_layer_kinds",
     "list_schedules",
     "masked_tensors",
     "register_initializer",
+    "register_layer_kind",
 ]
 
 __version__ = "0.1.0"

@@ -36,7 +36,7 @@ register()
 def layer_table(model: nn.Module, targets: Optional[list] = None, exclude: Optional[list] = None) -> list[dict]:
     """Return one row per prunable tensor of a folded ``model``: name, shape, kept, total, sparsity.
 
-    ``targets``/``exclude`` select the tensors as the callback does (default: Linear, Conv, attention weights).
+    ``targets``/``exclude`` select the tensors as the callback does (default: the registered layer kinds' weights).
     """
     rows = []
     for name, owners in find_targets(model, targets, exclude or ()).items():
