@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
     SingleDeviceStrategy,
 )
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn.utils import parametrize
@@ -559,11 +560,13 @@ def _first_batch(trainer: pl.Trainer) -> Any:
 def _one_pass(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Callable[[], Any]]:
     """One pass of the model to trace: ``forward(example_input_array)``, else the loss of the first training
     batch; ``None`` when neither can run (no example input, no training data)."""
+    # Layers built in configure_model may already sit on the accelerator, the data does not yet.
+    device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
     example = pl_module.example_input_array
     if example is not None:
-        return lambda: _forward(pl_module, example)
+        return lambda: _forward(pl_module, move_data_to_device(example, device))
     try:
-        batch = _first_batch(trainer)
+        batch = move_data_to_device(_first_batch(trainer), device)
     except Exception:  # no training data reachable before fit: the caller warns
         return None
 
