@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
 )
 from lightning.pytorch.utilities import CombinedLoader
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn.utils import parametrize
 from typing_extensions import override
 
@@ -28,13 +28,13 @@ from .coupling import coupled_channels
 from .init import InitSpec, get_initializer
 from .masks import MaskedTensor, TargetSpec, attach, detach, fold, gates_disabled, masked_tensors, restore_masks_on_load
 from .optim import place_scores
-from .schedule import Schedule, ScheduleSpec, ThresholdSchedule, get_schedule, resolve_span
+from .plan import EARLY_END, Plan
+from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule
 from .select import Selector, parse_granularity
 
 __all__ = ["MaskPruningCallback"]
 
 DEFAULT_SPARSITY = 0.9
-AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto"
 
 
 class MaskPruningCallback(Callback):
@@ -76,6 +76,9 @@ class MaskPruningCallback(Callback):
             the optimizer that trains the weight (default ``mask_lr=0.01``, the weight decay of the weight's
             group). Both ``None`` leaves the scores where ``configure_optimizers`` put them.
         fold_on_fit_end: leave a plain model (no parametrizations, exact zeros) when fit ends.
+        early_end: a fit that ends before its ramp does (EarlyStopping, ``max_time``, an exception): ``"warn"``
+            (the default) warns with the target and the sparsity reached and folds what was reached; ``"final"``
+            makes one last update to the final target first (not after an exception).
         seed: seed for random initializers; ``None`` uses torch's global generator.
         log_every_n_steps: cadence of the ``masks/...`` scalars during training (``None``: the Trainer's;
             0: only as each epoch ends). Statistics are computed (and synced to the host) only then.
@@ -114,39 +117,50 @@ class MaskPruningCallback(Callback):
         mask_lr: Optional[float] = 1e-2,
         mask_weight_decay: Optional[float] = None,
         fold_on_fit_end: bool = True,
+        early_end: str = "warn",
         seed: Optional[int] = None,
         log_every_n_steps: Optional[int] = None,
         log_histograms: bool = True,
         plots: bool = True,
     ) -> None:
+        if sparsity is not None:  # None: the default (or N:M's)
+            _check_number("sparsity", sparsity, 0.0, 1.0, high_open=True, hint="e.g. sparsity=0.9 prunes 90%")
+        if update_every not in ("auto", "epoch") and not (_is_int(update_every) and update_every > 0):
+            raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got {update_every!r}")
+        targets, exclude = _check_targets("targets", targets, optional=True), _check_targets("exclude", exclude)
+        if init_kwargs is not None and not isinstance(init_kwargs, Mapping):
+            raise ValueError(f"init_kwargs must be a mapping of the initializer's options or None, got "
+                             f"{init_kwargs!r}; e.g. init_kwargs={{'noise_scale': 0.1}}")
+        _check_number("temperature", temperature, 0.0, math.inf, low_open=True, hint="try 1.0 (lower is a harder gate)")
+        for name, value in (("mode", mode), ("importance", importance), ("granularity", granularity)):
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}; see lightning_masks.select.Selector")
+        _check_number("layer_floor", layer_floor, 0.0, 1.0, hint="e.g. layer_floor=0.25 (a float); 0 disables the floor")
+        for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
+            _check_number(name, value, 0.0, math.inf, optional=True, hint=f"e.g. {name}=0.01 (a float, not a string)")
+        if early_end not in EARLY_END:
+            raise ValueError(f"early_end must be one of {list(EARLY_END)}, got {early_end!r}")
+        if seed is not None and not _is_int(seed):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if log_every_n_steps is not None and not (_is_int(log_every_n_steps) and log_every_n_steps >= 0):
+            raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}; 0 logs "
+                             "only as each epoch ends")
+        for name, value in (("rescale_gate", rescale_gate), ("regrow", regrow), ("fold_on_fit_end", fold_on_fit_end),
+                            ("log_histograms", log_histograms), ("plots", plots)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         nm_sparsity = parse_granularity(granularity).sparsity
-        if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}; e.g. sparsity=0.9 prunes 90%")
         if nm_sparsity is not None and sparsity is not None and not math.isclose(sparsity, nm_sparsity):
             raise ValueError(f"granularity {granularity!r} fixes sparsity at {nm_sparsity}, got sparsity={sparsity}; "
                              "leave sparsity unset")
         final = sparsity if sparsity is not None else (nm_sparsity if nm_sparsity is not None else DEFAULT_SPARSITY)
-        if update_every not in ("auto", "epoch") and not (isinstance(update_every, int) and update_every > 0):
-            raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got {update_every!r}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {temperature!r}; try 1.0 (lower is a harder gate)")
-        if log_every_n_steps is not None and not (isinstance(log_every_n_steps, int) and log_every_n_steps >= 0):
-            raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}")
-        for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
-            if value is not None and not value >= 0:
-                raise ValueError(f"{name} must be >= 0 or None, got {value!r}")
 
         self.sparsity = final
         self.initializer = get_initializer(init, **dict(init_kwargs or {}))
         ramp = {"start": start, "end": end, "unit": "epoch"} if isinstance(schedule, str) else {}
         self.schedule = get_schedule(schedule, final, **ramp)
-        if update_every == "auto" and not isinstance(self.schedule, Schedule):
-            update_every = "epoch"
-        self.cadence = "epoch" if update_every == "epoch" else "step"
-        self.update_every = update_every if isinstance(update_every, int) else 1
-        self._auto_cadence = update_every == "auto"
-        self.targets = list(targets) if targets is not None else None
-        self.exclude = list(exclude)
+        self.targets = targets
+        self.exclude = exclude
         self.temperature = float(temperature)
         self.rescale_gate = rescale_gate
         if isinstance(tie, str) and tie != "auto":
@@ -161,20 +175,27 @@ class MaskPruningCallback(Callback):
         self.log_histograms = log_histograms
         self.plots = plots
 
-        self.position: Optional[float] = None  # t of the last mask update
-        self.target: float = 0.0  # target of the last update (sparsity, or gate threshold)
-        self.pruned: int = 0  # entries pruned by the last update
-        self.threshold: Optional[float] = None  # the cut of the last update (see select.Selection)
+        self.plan = Plan(self.schedule, update_every, regrow, early_end)  # this fit's lifecycle (plan.py)
         self.scores_initialized = False
-        self.history: dict[str, list] = {"layers": [], "positions": [], "sparsity": []}  # per update
         self._churn: dict[str, torch.Tensor] = {}
         self._gate_cache = None
         self._logged_step: Optional[int] = None  # step of the last scalar log, not to log a step twice
         self._shown_sparsity: Optional[float] = None  # the progress bar's masks/sparsity, logged when it moves
-        self._span = (0.0, 0.0)
         self._masked: list[MaskedTensor] = []
         self._load_hook = None
         self._masked_at_setup = False
+
+    # the plan's state, read (and set) on the callback as before
+    position = property(lambda self: self.plan.position, lambda self, v: setattr(self.plan, "position", v),
+                        doc="Position (epoch index or global step) of the last mask update, ``None`` before the first.")
+    target = property(lambda self: self.plan.target, lambda self, v: setattr(self.plan, "target", v),
+                      doc="Target of the last update (sparsity, or gate threshold).")
+    pruned = property(lambda self: self.plan.pruned, lambda self, v: setattr(self.plan, "pruned", v),
+                      doc="Units pruned by the last update.")
+    threshold = property(lambda self: self.plan.threshold, doc="The cut of the last update (select.Selection).")
+    history = property(lambda self: self.plan.history, doc="Per update: positions and per-layer sparsity.")
+    cadence = property(lambda self: self.plan.cadence, doc="``'epoch'`` or ``'step'``: what a position counts.")
+    update_every = property(lambda self: self.plan.every, doc="Optimizer steps between updates (step cadence).")
 
     # ----------------------------------------------------------------------------------------- setup
     @override
@@ -184,6 +205,9 @@ class MaskPruningCallback(Callback):
         self._load_hook = restore_masks_on_load(pl_module)
         if stage != "fit":
             return
+        self.plan = self.plan.fresh()  # each fit starts a new lifecycle; a resume loads its state after setup
+        self._shown_sparsity = self._logged_step = None
+        self._churn = {}
         if getattr(self.schedule, "uses_fractions", False) and _unbounded(trainer):
             raise ValueError(
                 "the schedule's start/end are fractions of training, but training length is unbounded "
@@ -231,12 +255,7 @@ class MaskPruningCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.scores_initialized:
             self._score_from_one_batch(trainer, pl_module)
-        total_steps, steps_per_epoch = _training_length(trainer)
-        total = total_steps if self.cadence == "step" else math.ceil(total_steps / steps_per_epoch)
-        if self._auto_cadence:
-            start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
-            self.update_every = max(1, round((end - start) / AUTO_UPDATES))
-        self._span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.update_every)
+        self.plan.resolve(*_training_length(trainer))
 
     def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise gradient-based scores (e.g. SNIP) from one training batch of the dense network."""
@@ -255,34 +274,24 @@ class MaskPruningCallback(Callback):
     # ----------------------------------------------------------------------------------------- updates
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.cadence == "epoch":
-            self._update(trainer.current_epoch)
+        self._update(self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=True))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.cadence == "step" and trainer.global_step % self.update_every == 0:
-            self._update(trainer.global_step)
+        self._update(self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=False))
 
-    def _update(self, t: int) -> None:
-        if self.position == t:
-            return
-        target = self.schedule.value(t, *self._span)
-        if (self.position is not None and target == self.target and not self.selector.regrow
-                and not isinstance(self.schedule, ThresholdSchedule)):
-            self.position = t  # the same count with no regrowth: nothing would change
-            return
-        self.target = target
-        if isinstance(self.schedule, ThresholdSchedule):
-            selection = self.selector.threshold(self._masked, self.target)
-        else:
-            selection = self.selector(self._masked, self.target)
-        self.pruned, self.threshold, self._churn = selection
-        self.position = t
+    def _update(self, t: Optional[float]) -> None:
+        target = self.plan.decide(t)
+        if target is not None:
+            self._select(t, target)
+
+    def _select(self, t: float, target: float) -> None:
+        """Set the keep-masks to ``target`` (a sparsity, or a gate threshold) and record the update at ``t``."""
+        select = self.selector.threshold if self.plan.by_threshold else self.selector
+        pruned, threshold, self._churn = select(self._masked, target)
         rows = stats.layer_rows(self._masked)
-        self.history["layers"] = [row["name"] for row in rows]
-        self.history["positions"].append(t)
-        self.history["sparsity"].append([row["sparsity"] for row in rows])
+        self.plan.record(t, target, pruned, threshold, [row["name"] for row in rows], [row["sparsity"] for row in rows])
 
     # ----------------------------------------------------------------------------------------- logging
     @property
@@ -383,15 +392,37 @@ class MaskPruningCallback(Callback):
         if self._masked and not self._masked_at_setup and self.position is None:
             detach(pl_module)  # failed before any mask update: give the user back the plain model
             self._masked = []
+        elif self._masked and self.position is not None:
+            self._end_short(trainer, jump=False)  # warn with what was reached
+            if self.fold_on_fit_end:
+                fold(pl_module)
+                self._masked = []
 
     # ----------------------------------------------------------------------------------------- the end
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._masked:
+            self._end_short(trainer, jump=True)
             self._report(trainer)
         if self.fold_on_fit_end:
             fold(pl_module)
             self._masked = []
+
+    def _end_short(self, trainer: pl.Trainer, jump: bool) -> None:
+        """A fit that ended before its ramp: one last update to the final target (``early_end="final"``), or warn."""
+        shortfall = self.plan.shortfall()
+        if shortfall is None:
+            return
+        final = self.plan.end_target() if jump else None
+        if final is not None:
+            reached = self.sparsity_now
+            self._select(self.position if self.position is not None else trainer.global_step, final)
+            rank_zero_info(shortfall.message(reached, f"early_end='final' made the last update to the final target "
+                                                      f"({self.sparsity_now:.2%} now)"))
+            return
+        action = ("the model is folded as it is" if self.fold_on_fit_end else "the masks stay as they are") + \
+            ("; pass early_end='final' to jump to the final target when a fit ends early" if jump else "")
+        rank_zero_warn(shortfall.message(self.sparsity_now, action))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -403,18 +434,47 @@ class MaskPruningCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "target": self.target, "pruned": self.pruned,
-                "threshold": self.threshold, "scores_initialized": self.scores_initialized,
-                "history": self.history}
+        return {**self.plan.state_dict(), "scores_initialized": self.scores_initialized}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.position = state_dict["position"]
-        self.target = state_dict["target"]
-        self.pruned = state_dict["pruned"]
+        self.plan.load_state_dict(state_dict)
         self.scores_initialized = state_dict["scores_initialized"]
-        self.threshold = state_dict.get("threshold")
-        self.history = state_dict.get("history", self.history)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+                  optional: bool = False, hint: str = "") -> None:
+    """Raise a ValueError naming ``name``, ``value``, the range and ``hint`` unless ``value`` is a number in range."""
+    if value is None and optional:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and (low < value if low_open else low <= value) and (value < high if high_open else value <= high):
+        return
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if high == math.inf:
+        interval = f"> {low:g}" if low_open else f">= {low:g}"
+    else:
+        interval = "in " + interval
+    given = repr(value) if number else f"{value!r}, a {type(value).__name__}: pass a number"
+    raise ValueError(f"{name} must be {interval}{' or None' if optional else ''}, got {given}"
+                     f"{'; ' + hint if hint else ''}")
+
+
+def _check_targets(name: str, value: Any, optional: bool = False) -> Optional[list]:
+    """A list of target specs from ``value``: one glob string is one glob, not its letters."""
+    if value is None and optional:
+        return None
+    specs = [value] if isinstance(value, (str, type)) else value
+    if isinstance(specs, Iterable) and not isinstance(specs, Mapping):
+        specs = list(specs)
+        if all(isinstance(spec, (str, type)) for spec in specs):
+            return specs
+    raise ValueError(f"{name} must be a glob on qualified names, a module type, or a list of them"
+                     f"{' or None' if optional else ''}, got {value!r}; e.g. {name}=['encoder.*', torch.nn.Linear]")
 
 
 def _check_strategy(strategy: Any) -> None:
