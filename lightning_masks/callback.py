@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -26,7 +27,20 @@ from typing_extensions import override
 from . import loggers, plots, stats
 from .coupling import coupled_channels
 from .init import InitSpec, get_initializer
-from .masks import MaskedTensor, TargetSpec, attach, detach, fold, gates_disabled, masked_tensors, restore_masks_on_load
+from .masks import (
+    MaskedTensor,
+    TargetSpec,
+    _original,
+    attach,
+    detach,
+    find_targets,
+    fold,
+    gates_disabled,
+    follow_masks,
+    mask_like,
+    masked_tensors,
+    restore_masks_on_load,
+)
 from .optim import place_scores
 from .plan import EARLY_END, Plan
 from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule
@@ -219,7 +233,12 @@ class MaskPruningCallback(Callback):
                              "uses manual optimization: pick another init")
         attached = not masked_tensors(pl_module)
         groups = _coupled_norms(pl_module) if self.auto_tie else None
-        self._masked = self._attach(pl_module) if attached else masked_tensors(pl_module)
+        with _frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
+            self._masked = self._attach(pl_module) if attached else masked_tensors(pl_module)
+        _refreeze(self._masked, thawed)
+        if attached:
+            _tell_frozen(pl_module, self.targets, self.exclude, self._masked)
+        _mask_copies(trainer, pl_module)
         try:
             if groups is not None:
                 names = {entry.name for entry in self._masked}
@@ -248,6 +267,7 @@ class MaskPruningCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _mask_copies(trainer, pl_module)  # copies made by other callbacks before the masks existed
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         place_scores(trainer.optimizers, schedulers, self._masked, self.mask_lr, self.mask_weight_decay)
 
@@ -274,24 +294,25 @@ class MaskPruningCallback(Callback):
     # ----------------------------------------------------------------------------------------- updates
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._update(self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=True))
+        self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=True))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._update(self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=False))
+        self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=False))
 
-    def _update(self, t: Optional[float]) -> None:
+    def _update(self, trainer: pl.Trainer, t: Optional[float]) -> None:
         target = self.plan.decide(t)
         if target is not None:
-            self._select(t, target)
+            self._select(trainer, t, target)
 
-    def _select(self, t: float, target: float) -> None:
+    def _select(self, trainer: pl.Trainer, t: float, target: float) -> None:
         """Set the keep-masks to ``target`` (a sparsity, or a gate threshold) and record the update at ``t``."""
         select = self.selector.threshold if self.plan.by_threshold else self.selector
         pruned, threshold, self._churn = select(self._masked, target)
         rows = stats.layer_rows(self._masked)
         self.plan.record(t, target, pruned, threshold, [row["name"] for row in rows], [row["sparsity"] for row in rows])
+        _mask_copies(trainer, trainer.lightning_module)
 
     # ----------------------------------------------------------------------------------------- logging
     @property
@@ -416,7 +437,7 @@ class MaskPruningCallback(Callback):
         final = self.plan.end_target() if jump else None
         if final is not None:
             reached = self.sparsity_now
-            self._select(self.position if self.position is not None else trainer.global_step, final)
+            self._select(trainer, self.position if self.position is not None else trainer.global_step, final)
             rank_zero_info(shortfall.message(reached, f"early_end='final' made the last update to the final target "
                                                       f"({self.sparsity_now:.2%} now)"))
             return
@@ -475,6 +496,82 @@ def _check_targets(name: str, value: Any, optional: bool = False) -> Optional[li
             return specs
     raise ValueError(f"{name} must be a glob on qualified names, a module type, or a list of them"
                      f"{' or None' if optional else ''}, got {value!r}; e.g. {name}=['encoder.*', torch.nn.Linear]")
+
+
+@contextmanager
+def _frozen_by_finetuning(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[list[torch.Tensor]]:
+    """Within the block, the tensors that the Trainer's finetuning callbacks (``BaseFinetuning``) freeze are trainable.
+
+    Which they are is asked of the callbacks themselves: with every tensor trainable, each callback's
+    ``freeze_before_training`` runs (it freezes the same tensors as in its own ``setup``, which ran before or will
+    run after this one). Yields those already frozen now; every tensor's ``requires_grad`` is restored after.
+    """
+    finetuners = [callback for callback in trainer.callbacks if isinstance(callback, BaseFinetuning)]
+    params = list(pl_module.parameters()) if finetuners else []
+    before = [param.requires_grad for param in params]
+    for param in params:
+        param.requires_grad_(True)
+    for callback in finetuners:
+        callback.freeze_before_training(pl_module)
+    theirs = [not param.requires_grad for param in params]
+    for param, trainable, frozen in zip(params, before, theirs):
+        param.requires_grad_(trainable or frozen)
+    try:
+        yield [param for param, trainable, frozen in zip(params, before, theirs) if frozen and not trainable]
+    finally:
+        for param, trainable in zip(params, before):
+            param.requires_grad_(trainable)
+
+
+def _refreeze(masked: list[MaskedTensor], thawed: list[torch.Tensor]) -> None:
+    """Freeze the scores of masks on tensors a finetuning callback froze (its unfreezing trains them both)."""
+    ids = {id(p) for p in thawed}
+    for entry in masked:
+        if id(entry.weight) in ids:
+            entry.gate.scores.requires_grad_(False)
+
+
+def _tell_frozen(pl_module: pl.LightningModule, targets: Optional[list], exclude: list,
+                 masked: list[MaskedTensor]) -> None:
+    """Name the tensors left unmasked because they were frozen at setup, and how to include them."""
+    frozen = [p for p in pl_module.parameters() if not p.requires_grad]
+    if not frozen:
+        return
+    for param in frozen:
+        param.requires_grad_(True)
+    try:
+        wanted = find_targets(pl_module, targets, exclude)
+    except ValueError:
+        wanted = {}
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)
+    ids = {id(p) for p in frozen}
+    skipped = [name for name, owners in wanted.items() if id(_original(*owners[0])) in ids]
+    if skipped:
+        rank_zero_info(f"lightning_masks: {len(skipped)} frozen tensors (requires_grad=False at setup) are left "
+                       f"unmasked: {skipped}; to mask them, make them trainable before fit, or freeze them with a "
+                       "BaseFinetuning callback (e.g. BackboneFinetuning), whose frozen tensors are masked")
+
+
+def _mask_copies(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Keep the copies of ``pl_module`` that other callbacks hold (SWA's average model, an EMA's ``AveragedModel``)
+    masked like it.
+
+    A plain copy, made before the masks existed (StochasticWeightAveraging deep-copies the module in its ``setup``),
+    gets copies of the masks, so that its parameters pair one to one with the masked module's again; a masked copy
+    gets the module's current keep bits (it averages weights and scores, not the keep-masks).
+    """
+    if not masked_tensors(pl_module):
+        return
+    for callback in trainer.callbacks:
+        if callback is pl_module:
+            continue
+        for value in list(vars(callback).values()):
+            inner = getattr(value, "module", None)
+            for candidate in (value, inner):
+                if isinstance(candidate, torch.nn.Module) and candidate is not pl_module:
+                    mask_like(candidate, pl_module) or follow_masks(candidate, pl_module)
 
 
 def _check_strategy(strategy: Any) -> None:

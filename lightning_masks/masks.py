@@ -5,6 +5,7 @@ This module knows nothing of Lightning: :func:`attach` and :func:`fold` work on 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,10 +30,12 @@ __all__ = [
     "detach",
     "find_targets",
     "fold",
+    "follow_masks",
     "gate_value",
     "gates_disabled",
     "masked_tensors",
     "masked_value",
+    "mask_like",
     "restore_masks_on_load",
     "split_mask_key",
 ]
@@ -487,6 +490,7 @@ def _original(module: nn.Module, tensor_name: str) -> Tensor:
 
 def _remove_gate(module: nn.Module, tensor_name: str) -> None:
     """Remove our gate from ``module.tensor_name``, keeping the original parameter object."""
+    _own_class(module)
     plist = module.parametrizations[tensor_name]
     ours = (MaskGate, ChannelBias)
     if all(isinstance(p, ours) for p in plist):
@@ -495,6 +499,18 @@ def _remove_gate(module: nn.Module, tensor_name: str) -> None:
     for index in reversed(range(len(plist))):
         if isinstance(plist[index], ours):
             del plist[index]
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before a parametrization is removed.
+
+    torch's deep copy of a parametrized module shares its generated class with the copy, and removing a
+    parametrization deletes the tensor's property from that class: folding a model would break its copies (an SWA
+    or EMA average) and folding a copy would break the model.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def _per_channel(gate: MaskGate, shape: torch.Size) -> tuple:
@@ -519,6 +535,58 @@ def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
         entry = found.setdefault(id(gate), MaskedTensor(qualified, gate, tensor))
         entry.owners.append((module, tensor_name))
     return list(found.values())
+
+
+def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
+    """Give ``replica``, a plain copy of ``source`` made before its masks (e.g. SWA's average model), the same masks.
+
+    Each masked tensor of ``source`` gets a copy of its gate (scores, keep, temperature, scale) on the same place of
+    ``replica``, in the same order, so that ``replica.parameters()`` pairs one to one with ``source.parameters()``.
+    Returns ``replica``'s masked tensors; ``[]`` (``replica`` untouched) when it is masked already or is not a copy of
+    ``source`` (another type, or a masked tensor's place missing or of another shape).
+    """
+    if type(replica) is not type(source) or masked_tensors(replica):
+        return []
+    names = {id(m): n for n, m in source.named_modules(remove_duplicate=False)}
+
+    def place(module: nn.Module) -> nn.Module | None:
+        try:
+            return replica.get_submodule(names[id(module)])
+        except AttributeError:
+            return None
+
+    places = []
+    for entry in masked_tensors(source):
+        owners = [(place(m), tn) for m, tn in entry.owners]
+        if any(m is None or not isinstance(getattr(m, tn, None), Tensor) or getattr(m, tn).shape != entry.weight.shape
+               for m, tn in owners):
+            return []
+        places.append((entry.gate, owners, [place(m) for m in _biases(entry)]))
+    for gate, owners, biases in places:
+        gate = copy.deepcopy(gate)
+        for module, tensor_name in owners:
+            parametrize.register_parametrization(module, tensor_name, gate)
+        for module in biases:
+            parametrize.register_parametrization(module, "bias", ChannelBias(gate))
+    return masked_tensors(replica)
+
+
+def follow_masks(replica: nn.Module, source: nn.Module) -> bool:
+    """Copy ``source``'s keep bits into ``replica``, a masked copy of it (one made during fit keeps that moment's).
+
+    Returns whether ``replica`` is such a copy (the same type, masked tensors at the same places, same shapes).
+    """
+    if replica is source or type(replica) is not type(source):
+        return False
+    theirs, mine = masked_tensors(replica), masked_tensors(source)
+    if [e.name for e in theirs] != [e.name for e in mine] or any(
+            a.gate.keep.shape != b.gate.keep.shape for a, b in zip(theirs, mine)):
+        return False
+    with torch.no_grad():
+        for copied, entry in zip(theirs, mine):
+            if copied.gate.keep is not entry.gate.keep:
+                copied.gate.keep.copy_(entry.gate.keep)
+    return bool(mine)
 
 
 def detach(model: nn.Module) -> nn.Module:
