@@ -21,7 +21,6 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from . import loggers, plots, stats
@@ -32,6 +31,7 @@ from .masks import (
     TargetSpec,
     _original,
     attach,
+    cached_gates,
     detach,
     find_targets,
     fold,
@@ -396,7 +396,7 @@ class MaskPruningCallback(Callback):
     def _cache_gates(self) -> None:
         """Compute each masked weight once per evaluation loop instead of once per batch."""
         if self._gate_cache is None:
-            self._gate_cache = parametrize.cached()
+            self._gate_cache = cached_gates()
             self._gate_cache.__enter__()
 
     def _drop_gate_cache(self, *args: Any) -> None:

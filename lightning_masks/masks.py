@@ -26,6 +26,7 @@ __all__ = [
     "MaskedTensor",
     "TargetSpec",
     "attach",
+    "cached_gates",
     "channel_shape",
     "detach",
     "find_targets",
@@ -84,15 +85,27 @@ def masked_value(
 def _divisor(temperature: Tensor | float) -> Tensor | float | None:
     """``T``, or ``None`` where it is known to be exactly 1 without a device sync (the division is skipped)."""
     if isinstance(temperature, Tensor):
-        if temperature.device.type != "cpu" or temperature.requires_grad or torch.compiler.is_compiling():
+        if temperature.device.type != "cpu" or temperature.requires_grad or _tracing():
             return temperature
         return None if temperature.item() == 1.0 else temperature
     return None if temperature == 1.0 else temperature
 
 
+def _tracing() -> bool:
+    """Whether the model is being traced or exported (jit.trace, either ONNX exporter, torch.export, compile)."""
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
+
+
 def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None) -> Tensor:
-    """``sigmoid(scores / T) * keep`` in one fresh buffer (the keep bits multiply as 0/1 bytes: exact and fast)."""
+    """``sigmoid(scores / T) * keep`` in one fresh buffer (the keep bits multiply as 0/1 bytes: exact and fast).
+
+    Traced or exported, the bits are cast to the gate's dtype instead: a bool-to-byte view has no ONNX or
+    TorchScript translation.
+    """
     raw = torch.sigmoid(scores if divisor is None else scores / divisor)
+    if _tracing():
+        return raw * keep.to(raw.dtype)
     return raw.mul_(keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
 
 
@@ -153,6 +166,8 @@ def gated(
     autograd's chain of several saved intermediates.
     """
     divisor = _divisor(temperature)
+    if _tracing():  # the same plain operations with or without grad, which every tracer and exporter translates
+        return _times(weight, _keep_gate(scores, keep, divisor), gate_scale)
     if torch.is_grad_enabled() and (weight.requires_grad or scores.requires_grad or
                                     (gate_scale is not None and gate_scale.requires_grad)):
         trained = [t for t in (gate_scale, temperature) if isinstance(t, Tensor) and t.requires_grad]
@@ -213,7 +228,12 @@ class MaskGate(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
-        return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
+        if _gate_cache is None or _tracing():
+            return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
+        value = _gate_cache.get(self)
+        if value is None:
+            value = _gate_cache[self] = gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
+        return value
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scores.shape)}, temperature={self.temperature.item():g}"
@@ -463,6 +483,7 @@ def attach(
             for module, tensor_name in owners:
                 original = _original(module, tensor_name)
                 parametrize.register_parametrization(module, tensor_name, gate)
+                _picklable(module)
                 done.append((module, tensor_name))
                 if per_channel and _gated_bias(module, tensor_name, gate):
                     parametrize.register_parametrization(module, "bias", ChannelBias(gate))
@@ -499,6 +520,29 @@ def _remove_gate(module: nn.Module, tensor_name: str) -> None:
     for index in reversed(range(len(plist))):
         if isinstance(plist[index], ours):
             del plist[index]
+
+
+def _picklable(module: nn.Module) -> None:
+    """Let a masked module be pickled whole (``torch.save(model)``, ``copy`` through pickle), which torch refuses for
+    parametrized modules: it pickles as its own class plus its state, and gets its parametrized class back on load."""
+    type(module).__reduce_ex__ = _reduce_masked
+
+
+def _reduce_masked(module: nn.Module, protocol: int) -> tuple:
+    cls = type(module).__bases__[0]  # the user's class, under torch's generated Parametrized<cls>
+    getstate = getattr(cls, "__getstate__", None)
+    state = getstate(module) if getstate is not None else module.__dict__
+    return _rebuild_masked, (cls, tuple(module.parametrizations)), state
+
+
+def _rebuild_masked(cls: type, names: tuple[str, ...]) -> nn.Module:
+    """An empty ``cls`` instance with the class of a module parametrized on ``names`` (its state is set after)."""
+    module = cls.__new__(cls)
+    parametrize._inject_new_class(module)
+    for name in names:
+        parametrize._inject_property(module, name)
+    _picklable(module)
+    return module
 
 
 def _own_class(module: nn.Module) -> None:
@@ -566,6 +610,7 @@ def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
         gate = copy.deepcopy(gate)
         for module, tensor_name in owners:
             parametrize.register_parametrization(module, tensor_name, gate)
+            _picklable(module)
         for module in biases:
             parametrize.register_parametrization(module, "bias", ChannelBias(gate))
     return masked_tensors(replica)
@@ -625,6 +670,24 @@ def fold(model: nn.Module) -> nn.Module:
     return model
 
 
+_gate_cache: dict[MaskGate, Tensor] | None = None
+
+
+@contextmanager
+def cached_gates() -> Iterator[None]:
+    """Within the block, each masked tensor is computed once (e.g. for an evaluation loop: nothing changes it).
+
+    Unlike ``torch.nn.utils.parametrize.cached()``, tracing and exporting still see the gate's operations (and
+    leave nothing in the cache): ``torch.jit.trace``, both ONNX exporters and ``torch.export`` work inside the block.
+    """
+    global _gate_cache
+    outer, _gate_cache = _gate_cache, ({} if _gate_cache is None else _gate_cache)
+    try:
+        yield
+    finally:
+        _gate_cache = outer
+
+
 @contextmanager
 def gates_disabled(masked: Iterable[MaskedTensor]) -> Iterator[None]:
     """Within the block, masked tensors read as their plain weights (e.g. to score the dense network)."""
@@ -646,30 +709,31 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
     strict load whose mask tensors are missing or mis-shaped raises before anything is loaded. Returns
     the hook handle; call ``.remove()`` to stop.
     """
+    return model._register_load_state_dict_pre_hook(_restore_masks, with_module=True)
 
-    def pre_hook(module: nn.Module, state_dict: dict, prefix: str, metadata: dict, strict: bool, *args) -> None:
-        slots = {q: (m, tn, t) for q, _, m, tn, t in _tensor_slots(module)}
-        wanted: dict[bool, list[str]] = {False: [], True: []}  # per_channel -> tensors
-        for key, value in state_dict.items():
-            split = split_mask_key(key[len(prefix):]) if key.startswith(prefix) else None
-            if split is None or not key.endswith(".scores"):
-                continue
-            qualified = split[0]
-            if qualified in slots and not _is_masked(*slots[qualified][:2]):
-                original = slots[qualified][2]
-                per_channel = tuple(value.shape) == channel_shape(original) != tuple(original.shape)
-                wanted[per_channel].append(qualified)
-        rescale = any(k.endswith(".gate_scale") for k in state_dict)
-        attached = [entry for per_channel, names in wanted.items() if names
-                    for entry in attach(module, names, init=torch.zeros_like, rescale=rescale, per_channel=per_channel)]
-        try:
-            if strict:
-                _check_mask_keys(module, state_dict, prefix)
-        except ValueError:
-            _detach_entries(attached)
-            raise
 
-    return model._register_load_state_dict_pre_hook(pre_hook, with_module=True)
+def _restore_masks(module: nn.Module, state_dict: dict, prefix: str, metadata: dict, strict: bool, *args) -> None:
+    """The load pre-hook of :func:`restore_masks_on_load` (a module-level function: a hooked model pickles)."""
+    slots = {q: (m, tn, t) for q, _, m, tn, t in _tensor_slots(module)}
+    wanted: dict[bool, list[str]] = {False: [], True: []}  # per_channel -> tensors
+    for key, value in state_dict.items():
+        split = split_mask_key(key[len(prefix):]) if key.startswith(prefix) else None
+        if split is None or not key.endswith(".scores"):
+            continue
+        qualified = split[0]
+        if qualified in slots and not _is_masked(*slots[qualified][:2]):
+            original = slots[qualified][2]
+            per_channel = tuple(value.shape) == channel_shape(original) != tuple(original.shape)
+            wanted[per_channel].append(qualified)
+    rescale = any(k.endswith(".gate_scale") for k in state_dict)
+    attached = [entry for per_channel, names in wanted.items() if names
+                for entry in attach(module, names, init=torch.zeros_like, rescale=rescale, per_channel=per_channel)]
+    try:
+        if strict:
+            _check_mask_keys(module, state_dict, prefix)
+    except ValueError:
+        _detach_entries(attached)
+        raise
 
 
 def _check_mask_keys(model: nn.Module, state_dict: dict, prefix: str) -> None:

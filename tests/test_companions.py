@@ -202,3 +202,83 @@ def test_constant_schedule_prunes_the_second_model_too():
         make_trainer(max_epochs=2, callbacks=[pruner]).fit(module)
         reached, total = zeros(module)
         assert reached == round(0.6 * total), seed
+
+
+# ------------------------------------------------------------------------------------------ export mid-training
+def _onnx_outputs(path, x):
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(str(path))
+    return torch.from_numpy(evaluator.run(None, {evaluator.input_names[0]: x.numpy()})[0])
+
+
+def _to_onnx(module, x, path, dynamo):
+    module.to_onnx(path, x, dynamo=dynamo)
+    return _onnx_outputs(path, x)
+
+
+EXPORTERS = {
+    "onnx": lambda module, x, path: _to_onnx(module, x, path, dynamo=False),
+    "onnx_dynamo": lambda module, x, path: _to_onnx(module, x, path, dynamo=True),
+    "jit_trace": lambda module, x, path: torch.jit.trace(module, (x,))(x),
+    "torch_export": lambda module, x, path: torch.export.export(module, (x,)).module()(x),
+}
+
+
+class Exporter(Callback):
+    """Exports the model as a training epoch ends and as a validation epoch ends (inside the evaluation loop)."""
+
+    def __init__(self, how, tmp_path):
+        self.how, self.tmp_path, self.results = how, tmp_path, []
+
+    def _export(self, pl_module, where):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(len(self.results)))
+        training = pl_module.training
+        with torch.no_grad():
+            expected = pl_module(x)
+        got = EXPORTERS[self.how](pl_module, x, self.tmp_path / f"{where}{len(self.results)}.onnx")
+        self.results.append((where, torch.allclose(got.detach(), expected, atol=1e-5), training == pl_module.training))
+        pl_module.train(training)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._export(pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._export(pl_module, "validation")
+
+
+@pytest.mark.parametrize("how", list(EXPORTERS))
+def test_exporting_mid_training_gives_the_masked_function_and_leaves_training_alone(tmp_path, how):
+    def fit(callbacks):
+        pl.seed_everything(0, verbose=False)
+        module = TinyModule()
+        make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, end=2), *callbacks], deterministic=True,
+                     limit_val_batches=2).fit(module)
+        return module
+
+    exporter = Exporter(how, tmp_path)
+    exported, plain_fit = fit([exporter]), fit([])
+    assert {where for where, *_ in exporter.results} == {"train", "validation"}
+    assert all(same and kept_mode for _, same, kept_mode in exporter.results), exporter.results
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), plain_fit.state_dict().values()))
+
+
+def test_torch_save_of_the_whole_module_during_fit(tmp_path):
+    x = torch.randn(4, 8)
+    saved = []
+
+    class Saver(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            path = tmp_path / f"epoch{trainer.current_epoch}.pt"
+            torch.save(pl_module, path)
+            saved.append((path, pl_module(x).detach()))
+
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule()
+    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, end=1), Saver()]).fit(module)
+    for path, expected in saved:
+        loaded = torch.load(path, weights_only=False)
+        assert type(loaded) is TinyModule and len(masked_tensors(loaded)) == 2
+        assert torch.allclose(loaded(x), expected)
+        fold(loaded)
+        assert plain(loaded) and torch.allclose(loaded(x), expected, atol=1e-6)
