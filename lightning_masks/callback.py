@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,6 +20,7 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
     SingleDeviceStrategy,
 )
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -452,6 +454,13 @@ class MaskPruningCallback(Callback):
             self._load_hook = None
         if stage != "fit" and self.fold_on_fit_end and not self._masked_at_setup:
             fold(pl_module)  # masks restored from a checkpoint for this evaluation only
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):  # a worker of ddp_spawn (or fork)
+            if stage == "fit" and self._masked:
+                # The main process loads this state dict into its plain model, non-strictly: masked keys would be
+                # dropped. Folded, it gets the trained function with its exact zeros (the worker's model ends here).
+                fold(pl_module)
+                self._masked = []
+            _end_process_group_at_exit()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -572,6 +581,27 @@ def _mask_copies(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             for candidate in (value, inner):
                 if isinstance(candidate, torch.nn.Module) and candidate is not pl_module:
                     mask_like(candidate, pl_module) or follow_masks(candidate, pl_module)
+
+
+_process_group_ends_at_exit = False
+
+
+def _end_process_group_at_exit() -> None:
+    """Destroy the process group when a worker process exits.
+
+    Lightning registers this at exit for NCCL only; a gloo group left alive keeps its native threads running into
+    the interpreter's shutdown, where a spawned rank was seen to abort ("terminate called without an active
+    exception", SIGABRT) on a loaded machine.
+    """
+    global _process_group_ends_at_exit
+    if not _process_group_ends_at_exit and torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.register(_destroy_process_group)
+        _process_group_ends_at_exit = True
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _check_strategy(strategy: Any) -> None:
