@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -19,9 +21,9 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
 )
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from . import loggers, plots, stats
@@ -33,22 +35,25 @@ from .masks import (
     TargetSpec,
     Targets,
     attach,
+    cached_gates,
     detach,
     fold,
+    follow_masks,
     gates_disabled,
+    mask_like,
     masked_tensors,
     resolve_targets,
     restore_masks_on_load,
 )
 from .optim import place_scores
 from .outputs import output_layers as find_output_layers
-from .schedule import Schedule, ScheduleSpec, ThresholdSchedule, get_schedule, resolve_span
+from .plan import EARLY_END, Plan
+from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule
 from .select import Selector, parse_granularity
 
 __all__ = ["MaskPruningCallback"]
 
 DEFAULT_SPARSITY = 0.9
-AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto"
 
 
 class MaskPruningCallback(Callback):
@@ -101,6 +106,9 @@ class MaskPruningCallback(Callback):
             the optimizer that trains the weight (default ``mask_lr=0.01``, the weight decay of the weight's
             group). Both ``None`` leaves the scores where ``configure_optimizers`` put them.
         fold_on_fit_end: leave a plain model (no parametrizations, exact zeros) when fit ends.
+        early_end: a fit that ends before its ramp does (EarlyStopping, ``max_time``, an exception): ``"warn"``
+            (the default) warns with the target and the sparsity reached and folds what was reached; ``"final"``
+            makes one last update to the final target first (not after an exception).
         seed: seed for random initializers; ``None`` uses torch's global generator.
         log_every_n_steps: cadence of the ``masks/...`` scalars during training (``None``: the Trainer's;
             0: only as each epoch ends). Statistics are computed (and synced to the host) only then.
@@ -141,39 +149,50 @@ class MaskPruningCallback(Callback):
         mask_lr: Optional[float] = 1e-2,
         mask_weight_decay: Optional[float] = None,
         fold_on_fit_end: bool = True,
+        early_end: str = "warn",
         seed: Optional[int] = None,
         log_every_n_steps: Optional[int] = None,
         log_histograms: bool = True,
         plots: bool = True,
     ) -> None:
+        if sparsity is not None:  # None: the default (or N:M's)
+            _check_number("sparsity", sparsity, 0.0, 1.0, high_open=True, hint="e.g. sparsity=0.9 prunes 90%")
+        if update_every not in ("auto", "epoch") and not (_is_int(update_every) and update_every > 0):
+            raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got {update_every!r}")
+        targets, exclude = _check_targets("targets", targets, optional=True), _check_targets("exclude", exclude)
+        if init_kwargs is not None and not isinstance(init_kwargs, Mapping):
+            raise ValueError(f"init_kwargs must be a mapping of the initializer's options or None, got "
+                             f"{init_kwargs!r}; e.g. init_kwargs={{'noise_scale': 0.1}}")
+        _check_number("temperature", temperature, 0.0, math.inf, low_open=True, hint="try 1.0 (lower is a harder gate)")
+        for name, value in (("mode", mode), ("importance", importance), ("granularity", granularity)):
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}; see lightning_masks.select.Selector")
+        _check_number("layer_floor", layer_floor, 0.0, 1.0, hint="e.g. layer_floor=0.25 (a float); 0 disables the floor")
+        for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
+            _check_number(name, value, 0.0, math.inf, optional=True, hint=f"e.g. {name}=0.01 (a float, not a string)")
+        if early_end not in EARLY_END:
+            raise ValueError(f"early_end must be one of {list(EARLY_END)}, got {early_end!r}")
+        if seed is not None and not _is_int(seed):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if log_every_n_steps is not None and not (_is_int(log_every_n_steps) and log_every_n_steps >= 0):
+            raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}; 0 logs "
+                             "only as each epoch ends")
+        for name, value in (("rescale_gate", rescale_gate), ("regrow", regrow), ("fold_on_fit_end", fold_on_fit_end),
+                            ("log_histograms", log_histograms), ("plots", plots)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         nm_sparsity = parse_granularity(granularity).sparsity
-        if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}; e.g. sparsity=0.9 prunes 90%")
         if nm_sparsity is not None and sparsity is not None and not math.isclose(sparsity, nm_sparsity):
             raise ValueError(f"granularity {granularity!r} fixes sparsity at {nm_sparsity}, got sparsity={sparsity}; "
                              "leave sparsity unset")
         final = sparsity if sparsity is not None else (nm_sparsity if nm_sparsity is not None else DEFAULT_SPARSITY)
-        if update_every not in ("auto", "epoch") and not (isinstance(update_every, int) and update_every > 0):
-            raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got {update_every!r}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {temperature!r}; try 1.0 (lower is a harder gate)")
-        if log_every_n_steps is not None and not (isinstance(log_every_n_steps, int) and log_every_n_steps >= 0):
-            raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}")
-        for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
-            if value is not None and not value >= 0:
-                raise ValueError(f"{name} must be >= 0 or None, got {value!r}")
 
         self.sparsity = final
         self.initializer = get_initializer(init, **dict(init_kwargs or {}))
         ramp = {"start": start, "end": end, "unit": "epoch"} if isinstance(schedule, str) else {}
         self.schedule = get_schedule(schedule, final, **ramp)
-        if update_every == "auto" and not isinstance(self.schedule, Schedule):
-            update_every = "epoch"
-        self.cadence = "epoch" if update_every == "epoch" else "step"
-        self.update_every = update_every if isinstance(update_every, int) else 1
-        self._auto_cadence = update_every == "auto"
-        self.targets = list(targets) if targets is not None else None
-        self.exclude = list(exclude)
+        self.targets = targets
+        self.exclude = exclude
         self.temperature = float(temperature)
         self.rescale_gate = rescale_gate
         if isinstance(tie, str) and tie != "auto":
@@ -192,20 +211,27 @@ class MaskPruningCallback(Callback):
         self.log_histograms = log_histograms
         self.plots = plots
 
-        self.position: Optional[float] = None  # t of the last mask update
-        self.target: float = 0.0  # target of the last update (sparsity, or gate threshold)
-        self.pruned: int = 0  # entries pruned by the last update
-        self.threshold: Optional[float] = None  # the cut of the last update (see select.Selection)
+        self.plan = Plan(self.schedule, update_every, regrow, early_end)  # this fit's lifecycle (plan.py)
         self.scores_initialized = False
-        self.history: dict[str, list] = {"layers": [], "positions": [], "sparsity": []}  # per update
         self._churn: dict[str, torch.Tensor] = {}
         self._gate_cache = None
         self._logged_step: Optional[int] = None  # step of the last scalar log, not to log a step twice
         self._shown_sparsity: Optional[float] = None  # the progress bar's masks/sparsity, logged when it moves
-        self._span = (0.0, 0.0)
         self._masked: list[MaskedTensor] = []
         self._load_hook = None
         self._masked_at_setup = False
+
+    # the plan's state, read (and set) on the callback as before
+    position = property(lambda self: self.plan.position, lambda self, v: setattr(self.plan, "position", v),
+                        doc="Position (epoch index or global step) of the last mask update, ``None`` before the first.")
+    target = property(lambda self: self.plan.target, lambda self, v: setattr(self.plan, "target", v),
+                      doc="Target of the last update (sparsity, or gate threshold).")
+    pruned = property(lambda self: self.plan.pruned, lambda self, v: setattr(self.plan, "pruned", v),
+                      doc="Units pruned by the last update.")
+    threshold = property(lambda self: self.plan.threshold, doc="The cut of the last update (select.Selection).")
+    history = property(lambda self: self.plan.history, doc="Per update: positions and per-layer sparsity.")
+    cadence = property(lambda self: self.plan.cadence, doc="``'epoch'`` or ``'step'``: what a position counts.")
+    update_every = property(lambda self: self.plan.every, doc="Optimizer steps between updates (step cadence).")
 
     # ----------------------------------------------------------------------------------------- setup
     @override
@@ -215,6 +241,9 @@ class MaskPruningCallback(Callback):
         self._load_hook = restore_masks_on_load(pl_module)
         if stage != "fit":
             return
+        self.plan = self.plan.fresh()  # each fit starts a new lifecycle; a resume loads its state after setup
+        self._shown_sparsity = self._logged_step = None
+        self._churn = {}
         if getattr(self.schedule, "uses_fractions", False) and _unbounded(trainer):
             raise ValueError(
                 "the schedule's start/end are fractions of training, but training length is unbounded "
@@ -231,7 +260,10 @@ class MaskPruningCallback(Callback):
         the checkpoint restore and the DDP wrapper), or adopt the ones it has; check them against the selector."""
         attached = not masked_tensors(pl_module)
         groups = _coupled_norms(pl_module) if self.auto_tie else None
-        self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
+        with _frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
+            self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
+        _refreeze(self._masked, thawed)
+        _mask_copies(trainer, pl_module)
         try:
             if groups is not None:
                 names = {entry.name for entry in self._masked}
@@ -285,6 +317,7 @@ class MaskPruningCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _mask_copies(trainer, pl_module)  # copies made by other callbacks before the masks existed
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         place_scores(trainer.optimizers, schedulers, self._masked, self.mask_lr, self.mask_weight_decay)
 
@@ -292,12 +325,7 @@ class MaskPruningCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.scores_initialized:
             self._score_from_one_batch(trainer, pl_module)
-        total_steps, steps_per_epoch = _training_length(trainer)
-        total = total_steps if self.cadence == "step" else math.ceil(total_steps / steps_per_epoch)
-        if self._auto_cadence:
-            start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
-            self.update_every = max(1, round((end - start) / AUTO_UPDATES))
-        self._span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.update_every)
+        self.plan.resolve(*_training_length(trainer))
 
     def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise gradient-based scores (e.g. SNIP) from one training batch of the dense network."""
@@ -316,34 +344,25 @@ class MaskPruningCallback(Callback):
     # ----------------------------------------------------------------------------------------- updates
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.cadence == "epoch":
-            self._update(trainer.current_epoch)
+        self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=True))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.cadence == "step" and trainer.global_step % self.update_every == 0:
-            self._update(trainer.global_step)
+        self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=False))
 
-    def _update(self, t: int) -> None:
-        if self.position == t:
-            return
-        target = self.schedule.value(t, *self._span)
-        if (self.position is not None and target == self.target and not self.selector.regrow
-                and not isinstance(self.schedule, ThresholdSchedule)):
-            self.position = t  # the same count with no regrowth: nothing would change
-            return
-        self.target = target
-        if isinstance(self.schedule, ThresholdSchedule):
-            selection = self.selector.threshold(self._masked, self.target)
-        else:
-            selection = self.selector(self._masked, self.target)
-        self.pruned, self.threshold, self._churn = selection
-        self.position = t
+    def _update(self, trainer: pl.Trainer, t: Optional[float]) -> None:
+        target = self.plan.decide(t)
+        if target is not None:
+            self._select(trainer, t, target)
+
+    def _select(self, trainer: pl.Trainer, t: float, target: float) -> None:
+        """Set the keep-masks to ``target`` (a sparsity, or a gate threshold) and record the update at ``t``."""
+        select = self.selector.threshold if self.plan.by_threshold else self.selector
+        pruned, threshold, self._churn = select(self._masked, target)
         rows = stats.layer_rows(self._masked)
-        self.history["layers"] = [row["name"] for row in rows]
-        self.history["positions"].append(t)
-        self.history["sparsity"].append([row["sparsity"] for row in rows])
+        self.plan.record(t, target, pruned, threshold, [row["name"] for row in rows], [row["sparsity"] for row in rows])
+        _mask_copies(trainer, trainer.lightning_module)
 
     # ----------------------------------------------------------------------------------------- logging
     @property
@@ -427,7 +446,7 @@ class MaskPruningCallback(Callback):
     def _cache_gates(self) -> None:
         """Compute each masked weight once per evaluation loop instead of once per batch."""
         if self._gate_cache is None:
-            self._gate_cache = parametrize.cached()
+            self._gate_cache = cached_gates()
             self._gate_cache.__enter__()
 
     def _drop_gate_cache(self, *args: Any) -> None:
@@ -445,15 +464,37 @@ class MaskPruningCallback(Callback):
         if self._masked and not self._masked_at_setup and self.position is None:
             detach(pl_module)  # failed before any mask update: give the user back the plain model
             self._masked = []
+        elif self._masked and self.position is not None:
+            self._end_short(trainer, jump=False)  # warn with what was reached
+            if self.fold_on_fit_end:
+                fold(pl_module)
+                self._masked = []
 
     # ----------------------------------------------------------------------------------------- the end
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._masked:
+            self._end_short(trainer, jump=True)
             self._report(trainer)
         if self.fold_on_fit_end:
             fold(pl_module)
             self._masked = []
+
+    def _end_short(self, trainer: pl.Trainer, jump: bool) -> None:
+        """A fit that ended before its ramp: one last update to the final target (``early_end="final"``), or warn."""
+        shortfall = self.plan.shortfall()
+        if shortfall is None:
+            return
+        final = self.plan.end_target() if jump else None
+        if final is not None:
+            reached = self.sparsity_now
+            self._select(trainer, self.position if self.position is not None else trainer.global_step, final)
+            rank_zero_info(shortfall.message(reached, f"early_end='final' made the last update to the final target "
+                                                      f"({self.sparsity_now:.2%} now)"))
+            return
+        action = ("the model is folded as it is" if self.fold_on_fit_end else "the masks stay as they are") + \
+            ("; pass early_end='final' to jump to the final target when a fit ends early" if jump else "")
+        rank_zero_warn(shortfall.message(self.sparsity_now, action))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -463,21 +504,131 @@ class MaskPruningCallback(Callback):
             self._load_hook = None
         if stage != "fit" and self.fold_on_fit_end and not self._masked_at_setup:
             fold(pl_module)  # masks restored from a checkpoint for this evaluation only
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):  # a worker of ddp_spawn (or fork)
+            if stage == "fit" and self._masked:
+                # The main process loads this state dict into its plain model, non-strictly: masked keys would be
+                # dropped. Folded, it gets the trained function with its exact zeros (the worker's model ends here).
+                fold(pl_module)
+                self._masked = []
+            _end_process_group_at_exit()
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "target": self.target, "pruned": self.pruned,
-                "threshold": self.threshold, "scores_initialized": self.scores_initialized,
-                "history": self.history}
+        return {**self.plan.state_dict(), "scores_initialized": self.scores_initialized}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.position = state_dict["position"]
-        self.target = state_dict["target"]
-        self.pruned = state_dict["pruned"]
+        self.plan.load_state_dict(state_dict)
         self.scores_initialized = state_dict["scores_initialized"]
-        self.threshold = state_dict.get("threshold")
-        self.history = state_dict.get("history", self.history)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+                  optional: bool = False, hint: str = "") -> None:
+    """Raise a ValueError naming ``name``, ``value``, the range and ``hint`` unless ``value`` is a number in range."""
+    if value is None and optional:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and (low < value if low_open else low <= value) and (value < high if high_open else value <= high):
+        return
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if high == math.inf:
+        interval = f"> {low:g}" if low_open else f">= {low:g}"
+    else:
+        interval = "in " + interval
+    given = repr(value) if number else f"{value!r}, a {type(value).__name__}: pass a number"
+    raise ValueError(f"{name} must be {interval}{' or None' if optional else ''}, got {given}"
+                     f"{'; ' + hint if hint else ''}")
+
+
+def _check_targets(name: str, value: Any, optional: bool = False) -> Optional[list]:
+    """A list of target specs from ``value``: one glob string is one glob, not its letters."""
+    if value is None and optional:
+        return None
+    specs = [value] if isinstance(value, (str, type)) else value
+    if isinstance(specs, Iterable) and not isinstance(specs, Mapping):
+        specs = list(specs)
+        if all(isinstance(spec, (str, type)) for spec in specs):
+            return specs
+    raise ValueError(f"{name} must be a glob on qualified names, a module type, or a list of them"
+                     f"{' or None' if optional else ''}, got {value!r}; e.g. {name}=['encoder.*', torch.nn.Linear]")
+
+
+@contextmanager
+def _frozen_by_finetuning(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[list[torch.Tensor]]:
+    """Within the block, the tensors that the Trainer's finetuning callbacks (``BaseFinetuning``) freeze are trainable.
+
+    Which they are is asked of the callbacks themselves: with every tensor trainable, each callback's
+    ``freeze_before_training`` runs (it freezes the same tensors as in its own ``setup``, which ran before or will
+    run after this one). Yields those already frozen now; every tensor's ``requires_grad`` is restored after.
+    """
+    finetuners = [callback for callback in trainer.callbacks if isinstance(callback, BaseFinetuning)]
+    params = list(pl_module.parameters()) if finetuners else []
+    before = [param.requires_grad for param in params]
+    for param in params:
+        param.requires_grad_(True)
+    for callback in finetuners:
+        callback.freeze_before_training(pl_module)
+    theirs = [not param.requires_grad for param in params]
+    for param, trainable, frozen in zip(params, before, theirs):
+        param.requires_grad_(trainable or frozen)
+    try:
+        yield [param for param, trainable, frozen in zip(params, before, theirs) if frozen and not trainable]
+    finally:
+        for param, trainable in zip(params, before):
+            param.requires_grad_(trainable)
+
+
+def _refreeze(masked: list[MaskedTensor], thawed: list[torch.Tensor]) -> None:
+    """Freeze the scores of masks on tensors a finetuning callback froze (its unfreezing trains them both)."""
+    ids = {id(p) for p in thawed}
+    for entry in masked:
+        if id(entry.weight) in ids:
+            entry.gate.scores.requires_grad_(False)
+
+
+def _mask_copies(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Keep the copies of ``pl_module`` that other callbacks hold (SWA's average model, an EMA's ``AveragedModel``)
+    masked like it.
+
+    A plain copy, made before the masks existed (StochasticWeightAveraging deep-copies the module in its ``setup``),
+    gets copies of the masks, so that its parameters pair one to one with the masked module's again; a masked copy
+    gets the module's current keep bits (it averages weights and scores, not the keep-masks).
+    """
+    if not masked_tensors(pl_module):
+        return
+    for callback in trainer.callbacks:
+        if callback is pl_module:
+            continue
+        for value in list(vars(callback).values()):
+            inner = getattr(value, "module", None)
+            for candidate in (value, inner):
+                if isinstance(candidate, torch.nn.Module) and candidate is not pl_module:
+                    mask_like(candidate, pl_module) or follow_masks(candidate, pl_module)
+
+
+_process_group_ends_at_exit = False
+
+
+def _end_process_group_at_exit() -> None:
+    """Destroy the process group when a worker process exits.
+
+    Lightning registers this at exit for NCCL only; a gloo group left alive keeps its native threads running into
+    the interpreter's shutdown, where a spawned rank was seen to abort ("terminate called without an active
+    exception", SIGABRT) on a loaded machine.
+    """
+    global _process_group_ends_at_exit
+    if not _process_group_ends_at_exit and torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.register(_destroy_process_group)
+        _process_group_ends_at_exit = True
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _check_strategy(strategy: Any) -> None:
@@ -589,8 +740,9 @@ def _left_dense(resolved: Targets, outputs: list[str]) -> str:
         parts.append(f"output layers kept whole by channel pruning: {stats.short_names(outputs)} "
                      "(output_layers=None prunes them)")
     if resolved.frozen:
-        parts.append(f"frozen tensors left dense: {stats.short_names(resolved.frozen)} (unfreeze them before fit "
-                     "to mask them)")
+        parts.append(f"frozen tensors (requires_grad=False at setup) left dense: {stats.short_names(resolved.frozen)}; "
+                     "to mask them, make them trainable before fit, or freeze them with a BaseFinetuning callback "
+                     "(e.g. BackboneFinetuning), whose frozen tensors are masked")
     return "".join(f"; {part}" for part in parts)
 
 

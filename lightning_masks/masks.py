@@ -6,6 +6,7 @@ tensors are weights, and which of their axes holds output units, comes from :mod
 
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,14 +29,17 @@ __all__ = [
     "TargetSpec",
     "Targets",
     "attach",
+    "cached_gates",
     "channel_shape",
     "detach",
     "find_targets",
     "fold",
+    "follow_masks",
     "gate_value",
     "gates_disabled",
     "masked_tensors",
     "masked_value",
+    "mask_like",
     "resolve_targets",
     "restore_masks_on_load",
     "split_mask_key",
@@ -76,15 +80,27 @@ def masked_value(
 def _divisor(temperature: Tensor | float) -> Tensor | float | None:
     """``T``, or ``None`` where it is known to be exactly 1 without a device sync (the division is skipped)."""
     if isinstance(temperature, Tensor):
-        if temperature.device.type != "cpu" or temperature.requires_grad or torch.compiler.is_compiling():
+        if temperature.device.type != "cpu" or temperature.requires_grad or _tracing():
             return temperature
         return None if temperature.item() == 1.0 else temperature
     return None if temperature == 1.0 else temperature
 
 
+def _tracing() -> bool:
+    """Whether the model is being traced or exported (jit.trace, either ONNX exporter, torch.export, compile)."""
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
+
+
 def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None) -> Tensor:
-    """``sigmoid(scores / T) * keep`` in one fresh buffer (the keep bits multiply as 0/1 bytes: exact and fast)."""
+    """``sigmoid(scores / T) * keep`` in one fresh buffer (the keep bits multiply as 0/1 bytes: exact and fast).
+
+    Traced or exported, the bits are cast to the gate's dtype instead: a bool-to-byte view has no ONNX or
+    TorchScript translation.
+    """
     raw = torch.sigmoid(scores if divisor is None else scores / divisor)
+    if _tracing():
+        return raw * keep.to(raw.dtype)
     return raw.mul_(keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
 
 
@@ -145,6 +161,8 @@ def gated(
     autograd's chain of several saved intermediates.
     """
     divisor = _divisor(temperature)
+    if _tracing():  # the same plain operations with or without grad, which every tracer and exporter translates
+        return _times(weight, _keep_gate(scores, keep, divisor), gate_scale)
     if torch.is_grad_enabled() and (weight.requires_grad or scores.requires_grad or
                                     (gate_scale is not None and gate_scale.requires_grad)):
         trained = [t for t in (gate_scale, temperature) if isinstance(t, Tensor) and t.requires_grad]
@@ -200,7 +218,12 @@ class MaskGate(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
-        return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
+        if _gate_cache is None or _tracing():
+            return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
+        value = _gate_cache.get(self)
+        if value is None:
+            value = _gate_cache[self] = gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
+        return value
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scores.shape)}, temperature={self.temperature.item():g}"
@@ -535,6 +558,7 @@ def attach(
             for module, tensor_name in owners:
                 original = _original(module, tensor_name)
                 parametrize.register_parametrization(module, tensor_name, gate)
+                _picklable(module)
                 done.append((module, tensor_name))
                 if per_channel and _gated_bias(module, tensor_name, gate):
                     parametrize.register_parametrization(module, "bias", ChannelBias(gate))
@@ -588,6 +612,7 @@ def _original(module: nn.Module, tensor_name: str) -> Tensor:
 
 def _remove_gate(module: nn.Module, tensor_name: str) -> None:
     """Remove our gate from ``module.tensor_name``, keeping the original parameter object."""
+    _own_class(module)
     plist = module.parametrizations[tensor_name]
     ours = (MaskGate, ChannelBias)
     if all(isinstance(p, ours) for p in plist):
@@ -596,6 +621,41 @@ def _remove_gate(module: nn.Module, tensor_name: str) -> None:
     for index in reversed(range(len(plist))):
         if isinstance(plist[index], ours):
             del plist[index]
+
+
+def _picklable(module: nn.Module) -> None:
+    """Let a masked module be pickled whole (``torch.save(model)``, ``copy`` through pickle), which torch refuses for
+    parametrized modules: it pickles as its own class plus its state, and gets its parametrized class back on load."""
+    type(module).__reduce_ex__ = _reduce_masked
+
+
+def _reduce_masked(module: nn.Module, protocol: int) -> tuple:
+    cls = type(module).__bases__[0]  # the user's class, under torch's generated Parametrized<cls>
+    getstate = getattr(cls, "__getstate__", None)
+    state = getstate(module) if getstate is not None else module.__dict__
+    return _rebuild_masked, (cls, tuple(module.parametrizations)), state
+
+
+def _rebuild_masked(cls: type, names: tuple[str, ...]) -> nn.Module:
+    """An empty ``cls`` instance with the class of a module parametrized on ``names`` (its state is set after)."""
+    module = cls.__new__(cls)
+    parametrize._inject_new_class(module)
+    for name in names:
+        parametrize._inject_property(module, name)
+    _picklable(module)
+    return module
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before a parametrization is removed.
+
+    torch's deep copy of a parametrized module shares its generated class with the copy, and removing a
+    parametrization deletes the tensor's property from that class: folding a model would break its copies (an SWA
+    or EMA average) and folding a copy would break the model.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def _per_channel(gate: MaskGate, shape: torch.Size) -> tuple:
@@ -620,6 +680,59 @@ def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
         entry = found.setdefault(id(gate), MaskedTensor(qualified, gate, tensor))
         entry.owners.append((module, tensor_name))
     return list(found.values())
+
+
+def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
+    """Give ``replica``, a plain copy of ``source`` made before its masks (e.g. SWA's average model), the same masks.
+
+    Each masked tensor of ``source`` gets a copy of its gate (scores, keep, temperature, scale) on the same place of
+    ``replica``, in the same order, so that ``replica.parameters()`` pairs one to one with ``source.parameters()``.
+    Returns ``replica``'s masked tensors; ``[]`` (``replica`` untouched) when it is masked already or is not a copy of
+    ``source`` (another type, or a masked tensor's place missing or of another shape).
+    """
+    if type(replica) is not type(source) or masked_tensors(replica):
+        return []
+    names = {id(m): n for n, m in source.named_modules(remove_duplicate=False)}
+
+    def place(module: nn.Module) -> nn.Module | None:
+        try:
+            return replica.get_submodule(names[id(module)])
+        except AttributeError:
+            return None
+
+    places = []
+    for entry in masked_tensors(source):
+        owners = [(place(m), tn) for m, tn in entry.owners]
+        if any(m is None or not isinstance(getattr(m, tn, None), Tensor) or getattr(m, tn).shape != entry.weight.shape
+               for m, tn in owners):
+            return []
+        places.append((entry.gate, owners, [place(m) for m in _biases(entry)]))
+    for gate, owners, biases in places:
+        gate = copy.deepcopy(gate)
+        for module, tensor_name in owners:
+            parametrize.register_parametrization(module, tensor_name, gate)
+            _picklable(module)
+        for module in biases:
+            parametrize.register_parametrization(module, "bias", ChannelBias(gate))
+    return masked_tensors(replica)
+
+
+def follow_masks(replica: nn.Module, source: nn.Module) -> bool:
+    """Copy ``source``'s keep bits into ``replica``, a masked copy of it (one made during fit keeps that moment's).
+
+    Returns whether ``replica`` is such a copy (the same type, masked tensors at the same places, same shapes).
+    """
+    if replica is source or type(replica) is not type(source):
+        return False
+    theirs, mine = masked_tensors(replica), masked_tensors(source)
+    if [e.name for e in theirs] != [e.name for e in mine] or any(
+            a.gate.keep.shape != b.gate.keep.shape for a, b in zip(theirs, mine)):
+        return False
+    with torch.no_grad():
+        for copied, entry in zip(theirs, mine):
+            if copied.gate.keep is not entry.gate.keep:
+                copied.gate.keep.copy_(entry.gate.keep)
+    return bool(mine)
 
 
 def detach(model: nn.Module) -> nn.Module:
@@ -658,6 +771,24 @@ def fold(model: nn.Module) -> nn.Module:
     return model
 
 
+_gate_cache: dict[MaskGate, Tensor] | None = None
+
+
+@contextmanager
+def cached_gates() -> Iterator[None]:
+    """Within the block, each masked tensor is computed once (e.g. for an evaluation loop: nothing changes it).
+
+    Unlike ``torch.nn.utils.parametrize.cached()``, tracing and exporting still see the gate's operations (and
+    leave nothing in the cache): ``torch.jit.trace``, both ONNX exporters and ``torch.export`` work inside the block.
+    """
+    global _gate_cache
+    outer, _gate_cache = _gate_cache, ({} if _gate_cache is None else _gate_cache)
+    try:
+        yield
+    finally:
+        _gate_cache = outer
+
+
 @contextmanager
 def gates_disabled(masked: Iterable[MaskedTensor]) -> Iterator[None]:
     """Within the block, masked tensors read as their plain weights (e.g. to score the dense network)."""
@@ -679,31 +810,32 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
     strict load whose mask tensors are missing or mis-shaped raises before anything is loaded. Returns
     the hook handle; call ``.remove()`` to stop.
     """
+    return model._register_load_state_dict_pre_hook(_restore_masks, with_module=True)
 
-    def pre_hook(module: nn.Module, state_dict: dict, prefix: str, metadata: dict, strict: bool, *args) -> None:
-        slots = {q: (m, tn, t) for q, _, m, tn, t in _tensor_slots(module)}
-        wanted: dict[bool, list[str]] = {False: [], True: []}  # per_channel -> tensors
-        for key, value in state_dict.items():
-            split = split_mask_key(key[len(prefix):]) if key.startswith(prefix) else None
-            if split is None or not key.endswith(".scores"):
-                continue
-            qualified = split[0]
-            if qualified in slots and not _is_masked(*slots[qualified][:2]):
-                owner, tensor_name, original = slots[qualified]
-                channels = channel_shape(original, output_axis(owner, tensor_name))
-                per_channel = tuple(value.shape) == channels != tuple(original.shape)
-                wanted[per_channel].append(qualified)
-        rescale = any(k.endswith(".gate_scale") for k in state_dict)
-        attached = [entry for per_channel, names in wanted.items() if names
-                    for entry in attach(module, names, init=torch.zeros_like, rescale=rescale, per_channel=per_channel)]
-        try:
-            if strict:
-                _check_mask_keys(module, state_dict, prefix)
-        except ValueError:
-            _detach_entries(attached)
-            raise
 
-    return model._register_load_state_dict_pre_hook(pre_hook, with_module=True)
+def _restore_masks(module: nn.Module, state_dict: dict, prefix: str, metadata: dict, strict: bool, *args) -> None:
+    """The load pre-hook of :func:`restore_masks_on_load` (a module-level function: a hooked model pickles)."""
+    slots = {q: (m, tn, t) for q, _, m, tn, t in _tensor_slots(module)}
+    wanted: dict[bool, list[str]] = {False: [], True: []}  # per_channel -> tensors
+    for key, value in state_dict.items():
+        split = split_mask_key(key[len(prefix):]) if key.startswith(prefix) else None
+        if split is None or not key.endswith(".scores"):
+            continue
+        qualified = split[0]
+        if qualified in slots and not _is_masked(*slots[qualified][:2]):
+            owner, tensor_name, original = slots[qualified]
+            channels = channel_shape(original, output_axis(owner, tensor_name))
+            per_channel = tuple(value.shape) == channels != tuple(original.shape)
+            wanted[per_channel].append(qualified)
+    rescale = any(k.endswith(".gate_scale") for k in state_dict)
+    attached = [entry for per_channel, names in wanted.items() if names
+                for entry in attach(module, names, init=torch.zeros_like, rescale=rescale, per_channel=per_channel)]
+    try:
+        if strict:
+            _check_mask_keys(module, state_dict, prefix)
+    except ValueError:
+        _detach_entries(attached)
+        raise
 
 
 def _check_mask_keys(model: nn.Module, state_dict: dict, prefix: str) -> None:

@@ -92,6 +92,10 @@ class Schedule:
                 raise ValueError(f"{name}={value!r} is a float, read as a fraction of training, so it must be "
                                  f"in [0, 1]; pass an int to count {self.unit}s")
 
+        if isinstance(self.start, type(self.end)) and isinstance(self.end, type(self.start)) and self.start > self.end:
+            raise ValueError(f"the ramp is inverted: start={self.start!r} > end={self.end!r}; the target rises from "
+                             f"start to end, so give start <= end (e.g. start={self.end!r}, end={self.start!r})")
+
     def _check_value(self, name: str, value: float) -> None:
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} sparsity must be in [0, 1), got {value!r}; e.g. 0.9 prunes 90%")

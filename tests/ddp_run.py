@@ -32,6 +32,7 @@ class SaveRankState(Callback):
             "position": self.pruner.position,
             "pruned": self.pruner.pruned,
             "total": sum(e.numel for e in masked),
+            "masked_weights": [getattr(*e.owners[0]).detach().clone() for e in masked],
         }, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
@@ -46,6 +47,9 @@ def main(strategy: str, out: str, ckpt_path: str | None) -> None:
         logger=CSVLogger(out, name="logs"), enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(module, ckpt_path=ckpt_path)
+    # what the main process holds after fit (under ddp_spawn, what the workers handed back)
+    torch.save({"weights": [m.weight.detach().clone() for m in module.modules() if isinstance(m, torch.nn.Linear)],
+                "masked": len(masked_tensors(module))}, Path(out) / "main.pt")
 
 
 if __name__ == "__main__":

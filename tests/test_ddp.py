@@ -37,6 +37,13 @@ def test_ranks_agree_and_sparsity_is_exact(tmp_path, strategy):
     with open(next(tmp_path.glob("logs/version_*/metrics.csv"))) as handle:
         steps = [row["step"] for row in csv.DictReader(handle) if row.get("masks/global/sparsity")]
     assert len(steps) == len(set(steps))  # each logged once (rank zero only)
+    main = torch.load(tmp_path / "main.pt")  # the main process's model after fit: trained, with the masked function
+    if strategy == "ddp_spawn":  # handed back folded (fold_on_fit_end=False cannot keep masks across processes)
+        assert main["masked"] == 0
+        assert all(torch.allclose(w, m, atol=1e-6) for w, m in zip(main["weights"], first["masked_weights"]))
+        assert sum(int((w == 0).sum()) for w in main["weights"]) == first["pruned"]
+    else:  # rank zero is the main process
+        assert main["masked"] == len(first["keep"])
     if strategy == "ddp":  # resume mid-schedule from epoch 1 and reach the same state
         resumed = run(strategy, tmp_path / "resumed", tmp_path / "epoch=1.ckpt")
         assert_same(*resumed)

@@ -1,0 +1,170 @@
+"""The lifecycle of one fit: when the keep-masks update, what each update targets, what a resume restores and what
+an early end does. Pure decisions, testable without a Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .schedule import CallableSchedule, Schedule, ThresholdSchedule, Unit, resolve_span
+
+__all__ = ["AUTO_UPDATES", "EARLY_END", "Plan", "Shortfall"]
+
+AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto"
+EARLY_END = ("warn", "final")  # what a fit that ends before its ramp does at the end
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """A fit that ended before its ramp did: where it stopped, the final target, and the target it reached."""
+
+    position: Optional[float]
+    ramp_end: float
+    final: float
+    reached: float
+    unit: Unit
+    threshold: bool = False
+
+    def message(self, sparsity: float, action: str) -> str:
+        stopped = "before its first mask update" if self.position is None else f"at {self.unit} {self.position:g}"
+        goal = (f"gate threshold {self.final} (reached {self.reached:.4g}, sparsity {sparsity:.2%})" if self.threshold
+                else f"sparsity {self.final} (reached {sparsity:.2%})")
+        return (f"lightning_masks: fit ended {stopped}, before the ramp's end at {self.unit} {self.ramp_end:g}: "
+                f"target {goal}; {action}")
+
+
+@dataclass
+class Plan:
+    """When the keep-masks of one fit update, and what each update targets.
+
+    Built at setup from the callback's arguments (:meth:`fresh` for each fit), given the fit's length by
+    :meth:`resolve` as training starts, asked by the hooks :meth:`due` / :meth:`decide`, told each update by
+    :meth:`record`. :meth:`state_dict` is what a checkpoint saves and a resume restores.
+
+    Args:
+        schedule: the sparsity (or gate-threshold) schedule.
+        update_every: ``"auto"`` (every N optimizer steps, N chosen so that about :data:`AUTO_UPDATES` updates fall
+            on the ramp; per epoch for a callable schedule), ``"epoch"``, or ``N`` optimizer steps.
+        regrow: pruned entries may come back, so an update whose target equals the last one still runs.
+        early_end: a fit that ends before its ramp: ``"warn"`` (fold what was reached, and say so) or ``"final"``
+            (one last update to the final target, then fold).
+
+    Example:
+        >>> plan = Plan(Schedule("linear", final=0.5, end=3))
+        >>> plan.resolve(total_steps=16, steps_per_epoch=4)  # 4 epochs of 4 steps: the ramp is steps 0..12
+        >>> plan.every, plan.span
+        (1, (0.0, 12.0))
+        >>> plan.decide(plan.due(epoch=1, step=6, epoch_start=False))
+        0.25
+    """
+
+    schedule: Union[Schedule, CallableSchedule]
+    update_every: Union[str, int] = "auto"
+    regrow: bool = False
+    early_end: str = "warn"
+    # resolved from the fit's length (resolve)
+    every: int = 1
+    span: tuple[float, float] = (0.0, 0.0)
+    # state: the last update, and every update so far (checkpointed)
+    position: Optional[float] = None
+    target: float = 0.0
+    pruned: int = 0
+    threshold: Optional[float] = None
+    history: dict[str, list] = field(default_factory=lambda: {"layers": [], "positions": [], "sparsity": []})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.update_every, int) and not isinstance(self.update_every, bool):
+            self.every = self.update_every
+
+    @property
+    def cadence(self) -> Unit:
+        """``"epoch"``: updates as epochs start (position = epoch index); ``"step"``: at optimizer steps."""
+        if self.update_every == "epoch" or (self.update_every == "auto" and not isinstance(self.schedule, Schedule)):
+            return "epoch"
+        return "step"
+
+    @property
+    def by_threshold(self) -> bool:
+        """Whether updates cut the gates at a threshold (rather than keeping an exact count)."""
+        return isinstance(self.schedule, ThresholdSchedule)
+
+    def fresh(self) -> "Plan":
+        """Return this plan with a new lifecycle: no update yet, empty history (a new fit)."""
+        return Plan(self.schedule, self.update_every, self.regrow, self.early_end)
+
+    def resolve(self, total_steps: float, steps_per_epoch: float) -> None:
+        """Fit the ramp to this fit's length: the update cadence behind ``"auto"`` and the span in its unit.
+
+        Raises:
+            ValueError: the ramp's start, resolved in this fit, falls after its end.
+        """
+        total = total_steps if self.cadence == "step" else math.ceil(total_steps / steps_per_epoch)
+        if self.update_every == "auto" and self.cadence == "step":
+            start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
+            self.every = max(1, round((end - start) / AUTO_UPDATES))
+        if isinstance(self.schedule, Schedule):
+            start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
+            if start > end:
+                raise ValueError(f"the schedule's ramp is inverted in this fit: start={self.schedule.start!r} is "
+                                 f"{self.cadence} {start:g}, after end={self.schedule.end!r} at {self.cadence} "
+                                 f"{end:g}; give start <= end")
+        self.span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.every)
+
+    def due(self, epoch: int, step: int, epoch_start: bool) -> Optional[int]:
+        """Return the position of the update due at this point (an epoch's start, or a batch's), or ``None``."""
+        if self.cadence == "epoch":
+            t = epoch if epoch_start else None
+        else:
+            t = step if not epoch_start and step % self.every == 0 else None
+        return None if t == self.position else t
+
+    def decide(self, t: Optional[int]) -> Optional[float]:
+        """Return the target of the update at position ``t``, or ``None`` when it is skipped.
+
+        An update is skipped when ``t`` is ``None`` or when its target equals the last one with no regrowth
+        and a count schedule: nothing would change (the position still moves on).
+        """
+        if t is None:
+            return None
+        target = self.schedule.value(t, *self.span)
+        if self.position is not None and target == self.target and not self.regrow and not self.by_threshold:
+            self.position = t
+            return None
+        return target
+
+    def record(self, t: float, target: float, pruned: int, threshold: Optional[float],
+               layers: list[str], sparsity: list[float]) -> None:
+        """Remember the update at ``t``: its target, what it pruned and the per-layer sparsity."""
+        self.position, self.target, self.pruned, self.threshold = t, target, pruned, threshold
+        self.history["layers"] = list(layers)
+        self.history["positions"].append(t)
+        self.history["sparsity"].append(list(sparsity))
+
+    @property
+    def final(self) -> Optional[float]:
+        """The ramp's final target, or ``None`` when unknown (a callable schedule)."""
+        return self.schedule.final if isinstance(self.schedule, Schedule) else None
+
+    def shortfall(self) -> Optional[Shortfall]:
+        """Return how the fit fell short of its ramp when it ended before the ramp's final target, else ``None``."""
+        final = self.final
+        if final is None or (self.position is not None and (self.position >= self.span[1] or self.target >= final)):
+            return None
+        return Shortfall(self.position, self.span[1], final, self.target, self.cadence, self.by_threshold)
+
+    def end_target(self) -> Optional[float]:
+        """The target of one last update when the fit ends short of its ramp, or ``None`` (keep what was reached)."""
+        shortfall = self.shortfall()
+        return shortfall.final if shortfall is not None and self.early_end == "final" else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "target": self.target, "pruned": self.pruned,
+                "threshold": self.threshold, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the lifecycle of a checkpointed fit (the cadence and span are resolved again from the fit)."""
+        self.position, self.target, self.pruned = state["position"], state["target"], state["pruned"]
+        self.threshold = state.get("threshold")
+        self.history = state.get("history") or {"layers": [], "positions": [], "sparsity": []}

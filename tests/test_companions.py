@@ -1,0 +1,284 @@
+"""The callback beside the callbacks and tools users run with it, and a lifecycle that holds across fits.
+
+Lightning's own callbacks (StochasticWeightAveraging, BackboneFinetuning, EarlyStopping, ModelCheckpoint), each in
+the callback order that failed before.
+"""
+
+import copy
+import time
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TinyModule, make_trainer
+from lightning.pytorch.callbacks import BackboneFinetuning, Callback, EarlyStopping, StochasticWeightAveraging
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.optim.swa_utils import AveragedModel
+
+from lightning_masks import MaskPruningCallback, fold, masked_tensors
+
+
+def zeros(module):
+    weights = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
+    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+
+
+def plain(module):
+    return not any(parametrize.is_parametrized(m) for m in module.modules())
+
+
+# ------------------------------------------------------------------------------------------ copies
+@pytest.mark.parametrize("swa_first", [True, False])
+def test_stochastic_weight_averaging_in_either_order(tiny_module, swa_first):
+    swa, pruner = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1), MaskPruningCallback(0.5, end=1)
+    make_trainer(max_epochs=3, callbacks=[swa, pruner] if swa_first else [pruner, swa]).fit(tiny_module)
+    assert plain(tiny_module)
+    assert zeros(tiny_module)[0] == round(0.5 * zeros(tiny_module)[1])
+    average = swa._average_model  # masked like the module, so its parameters were averaged pairwise
+    assert len(masked_tensors(average)) == 2
+    x = torch.randn(4, 8)
+    assert torch.allclose(fold(copy.deepcopy(average))(x), tiny_module(x), atol=1e-6)
+
+
+class EMA(Callback):
+    """An exponential moving average of the model, as users write it with torch.optim.swa_utils.AveragedModel."""
+
+    def __init__(self, copy_at="setup"):
+        self.copy_at, self.ema = copy_at, None
+
+    def setup(self, trainer, pl_module, stage):
+        if self.copy_at == "setup":
+            self.ema = AveragedModel(pl_module, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+
+    def on_train_start(self, trainer, pl_module):
+        if self.copy_at == "train_start":
+            self.ema = AveragedModel(pl_module, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.ema.update_parameters(pl_module)
+
+
+@pytest.mark.parametrize("copy_at", ["setup", "train_start"])
+def test_ema_averaged_model_follows_the_masks(tiny_module, copy_at):
+    ema = EMA(copy_at)
+    pruner = MaskPruningCallback(0.5, end=1)
+    make_trainer(max_epochs=3, callbacks=[ema, pruner]).fit(tiny_module)
+    averaged = ema.ema.module
+    keep = [e.gate.keep for e in masked_tensors(averaged)]
+    assert len(keep) == 2 and sum(int((~k).sum()) for k in keep) == round(0.5 * zeros(tiny_module)[1])
+    folded = fold(copy.deepcopy(averaged))  # the averaged copy folds to the same zeros as the model
+    assert [torch.equal(a.weight == 0, b.weight == 0) for a, b in zip(folded.net[::2], tiny_module.net[::2])] == [
+        True, True]
+
+
+def test_deepcopy_during_fit_after_fit_and_after_fold(tiny_module):
+    x = torch.randn(4, 8)
+    copies = []
+
+    class Copier(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            copies.append((copy.deepcopy(pl_module), pl_module(x).detach()))
+
+        def on_validation_end(self, trainer, pl_module):  # gates cached in evaluation loops
+            copies.append((copy.deepcopy(pl_module), pl_module(x).detach()))
+
+    pruner = MaskPruningCallback(0.5, end=1, fold_on_fit_end=False)
+    make_trainer(max_epochs=2, callbacks=[pruner, Copier()]).fit(tiny_module)
+    for replica, expected in copies:
+        assert torch.allclose(replica(x), expected)
+    after_fit = copy.deepcopy(tiny_module)
+    assert torch.allclose(after_fit(x), tiny_module(x)) and len(masked_tensors(after_fit)) == 2
+    fold(tiny_module)
+    assert torch.allclose(copy.deepcopy(tiny_module)(x), after_fit(x), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ finetuning
+class Backboned(TinyModule):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU())
+        self.net = nn.Linear(40, 3)
+        self.frozen = nn.Linear(8, 8)  # frozen by the user: stays unmasked
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.net(self.backbone(x + self.frozen(x) * 0))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-2)
+
+
+@pytest.mark.parametrize("finetuning_first", [True, False])
+def test_backbone_frozen_by_finetuning_is_masked_in_either_order(finetuning_first, monkeypatch):
+    pl.seed_everything(0, verbose=False)
+    module = Backboned()
+    finetuning, pruner = BackboneFinetuning(unfreeze_backbone_at_epoch=2), MaskPruningCallback(0.7, end=3)
+    callbacks = [finetuning, pruner] if finetuning_first else [pruner, finetuning]
+    said = []
+    monkeypatch.setattr("lightning_masks.callback.rank_zero_info", said.append)
+    make_trainer(max_epochs=5, callbacks=callbacks).fit(module)
+    backbone = [module.backbone[0].weight, module.backbone[2].weight]
+    total = sum(w.numel() for w in backbone) + module.net.weight.numel()
+    pruned = sum(int((w == 0).sum()) for w in backbone) + int((module.net.weight == 0).sum())
+    assert pruned == round(0.7 * total)
+    assert all(int((w == 0).sum()) > 0.3 * w.numel() for w in backbone)
+    assert not (module.frozen.weight == 0).any() and not module.frozen.weight.requires_grad
+    assert any("frozen tensors (requires_grad=False at setup) left dense: frozen.weight; to mask them"
+               in line for line in said)
+
+
+# ------------------------------------------------------------------------------------------ early ends
+def test_early_stopping_warns_and_folds_what_was_reached(tiny_module):
+    stopper = EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)
+    pruner = MaskPruningCallback(0.9, end=8)
+    with pytest.warns(UserWarning, match=r"fit ended at step \d+, before the ramp's end at step 32: target sparsity "
+                                         r"0.9 \(reached (\d+\.\d+)%\); the model is folded as it is; pass "
+                                         r"early_end='final'"):
+        make_trainer(max_epochs=12, callbacks=[stopper, pruner]).fit(tiny_module)
+    reached, total = zeros(tiny_module)
+    assert plain(tiny_module) and reached == pruner.pruned and 0 < reached < round(0.9 * total)
+    assert reached == round(pruner.target * total)
+
+
+def test_early_end_final_jumps_to_the_final_target(tiny_module, recwarn):
+    stopper = EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)
+    pruner = MaskPruningCallback(0.9, end=8, early_end="final")
+    make_trainer(max_epochs=12, callbacks=[stopper, pruner]).fit(tiny_module)
+    reached, total = zeros(tiny_module)
+    assert reached == round(0.9 * total)
+    assert not [w for w in recwarn if "ramp" in str(w.message)]
+
+
+class Slow(Callback):
+    def on_train_batch_end(self, *args):
+        time.sleep(0.3)
+
+
+def test_max_time_ends_early_with_a_warning(tiny_module):
+    pruner = MaskPruningCallback(0.9, end=8)
+    with pytest.warns(UserWarning, match=r"before the ramp's end .* target sparsity 0.9"):
+        make_trainer(max_epochs=12, max_time={"seconds": 2}, callbacks=[pruner, Slow()]).fit(tiny_module)
+    reached, total = zeros(tiny_module)
+    assert plain(tiny_module) and reached == pruner.pruned < round(0.9 * total)
+
+
+def test_an_exception_mid_ramp_warns_and_folds_what_was_reached(tiny_module):
+    class Boom(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 6:
+                raise RuntimeError("boom")
+
+    pruner = MaskPruningCallback(0.9, end=8)
+    with pytest.warns(UserWarning, match=r"fit ended at step 6, .* target sparsity 0.9"), \
+            pytest.raises(RuntimeError, match="boom"):
+        make_trainer(max_epochs=12, callbacks=[pruner, Boom()]).fit(tiny_module)
+    reached, total = zeros(tiny_module)
+    assert plain(tiny_module) and reached == pruner.pruned > 0
+
+
+def test_a_full_fit_does_not_warn(tiny_module, recwarn):
+    make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, end=2)]).fit(tiny_module)
+    assert not [w for w in recwarn if "ramp" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------ two fits
+def test_one_callback_two_fits_gives_each_fit_its_own_lifecycle():
+    pruner = MaskPruningCallback(0.6, schedule="linear", end=2, update_every="epoch")
+    for seed in (0, 1):
+        pl.seed_everything(seed, verbose=False)
+        module = TinyModule()
+        make_trainer(max_epochs=3, callbacks=[pruner]).fit(module)
+        assert pruner.history["positions"] == [0, 1, 2]
+        reached, total = zeros(module)
+        assert reached == round(0.6 * total)
+
+
+def test_constant_schedule_prunes_the_second_model_too():
+    pruner = MaskPruningCallback(0.6, schedule="constant")
+    for seed in (0, 1):
+        pl.seed_everything(seed, verbose=False)
+        module = TinyModule()
+        make_trainer(max_epochs=2, callbacks=[pruner]).fit(module)
+        reached, total = zeros(module)
+        assert reached == round(0.6 * total), seed
+
+
+# ------------------------------------------------------------------------------------------ export mid-training
+def _onnx_outputs(path, x):
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(str(path))
+    return torch.from_numpy(evaluator.run(None, {evaluator.input_names[0]: x.numpy()})[0])
+
+
+def _to_onnx(module, x, path, dynamo):
+    module.to_onnx(path, x, dynamo=dynamo)
+    return _onnx_outputs(path, x)
+
+
+EXPORTERS = {
+    "onnx": lambda module, x, path: _to_onnx(module, x, path, dynamo=False),
+    "onnx_dynamo": lambda module, x, path: _to_onnx(module, x, path, dynamo=True),
+    "jit_trace": lambda module, x, path: torch.jit.trace(module, (x,))(x),
+    "torch_export": lambda module, x, path: torch.export.export(module, (x,)).module()(x),
+}
+
+
+class Exporter(Callback):
+    """Exports the model as a training epoch ends and as a validation epoch ends (inside the evaluation loop)."""
+
+    def __init__(self, how, tmp_path):
+        self.how, self.tmp_path, self.results = how, tmp_path, []
+
+    def _export(self, pl_module, where):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(len(self.results)))
+        training = pl_module.training
+        with torch.no_grad():
+            expected = pl_module(x)
+        got = EXPORTERS[self.how](pl_module, x, self.tmp_path / f"{where}{len(self.results)}.onnx")
+        self.results.append((where, torch.allclose(got.detach(), expected, atol=1e-5), training == pl_module.training))
+        pl_module.train(training)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._export(pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._export(pl_module, "validation")
+
+
+@pytest.mark.parametrize("how", list(EXPORTERS))
+def test_exporting_mid_training_gives_the_masked_function_and_leaves_training_alone(tmp_path, how):
+    def fit(callbacks):
+        pl.seed_everything(0, verbose=False)
+        module = TinyModule()
+        make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, end=2), *callbacks], deterministic=True,
+                     limit_val_batches=2).fit(module)
+        return module
+
+    exporter = Exporter(how, tmp_path)
+    exported, plain_fit = fit([exporter]), fit([])
+    assert {where for where, *_ in exporter.results} == {"train", "validation"}
+    assert all(same and kept_mode for _, same, kept_mode in exporter.results), exporter.results
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), plain_fit.state_dict().values()))
+
+
+def test_torch_save_of_the_whole_module_during_fit(tmp_path):
+    x = torch.randn(4, 8)
+    saved = []
+
+    class Saver(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            path = tmp_path / f"epoch{trainer.current_epoch}.pt"
+            torch.save(pl_module, path)
+            saved.append((path, pl_module(x).detach()))
+
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule()
+    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, end=1), Saver()]).fit(module)
+    for path, expected in saved:
+        loaded = torch.load(path, weights_only=False)
+        assert type(loaded) is TinyModule and len(masked_tensors(loaded)) == 2
+        assert torch.allclose(loaded(x), expected)
+        fold(loaded)
+        assert plain(loaded) and torch.allclose(loaded(x), expected, atol=1e-6)
