@@ -1,7 +1,7 @@
 """Scores -> keep-masks: exact counts, global or per layer, element or N:M, without a model-sized copy.
 
-Global selection finds the exact k-th smallest importance with a two-pass radix select (16 bits a pass)
-over int32 keys that order like the floats, one tensor (in bounded slices) at a time: no concatenation, no
+Global selection finds the exact k-th smallest importance with :mod:`lightning_masks.kth`'s radix select over
+int32 keys that order like the floats, one tensor (in bounded slices) at a time: no concatenation, no
 ``torch.quantile`` (limited to 2^24 elements), and ties broken by position (tensor order, then flat index).
 Without regrowth a pruned entry's key lies below every importance (even ``-inf``), so it stays pruned.
 """
@@ -13,7 +13,6 @@ import functools
 import inspect
 import math
 import re
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
@@ -21,6 +20,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from .kth import PROTECTED, PRUNED, SLICE, float_keys, key_value, kth_key, mark_pruned, top_positions
 from .masks import MaskedTensor, _divisor, _reduce_to
 
 __all__ = [
@@ -29,15 +29,11 @@ __all__ = [
     "Selection",
     "Selector",
     "TiedUnits",
-    "kth_smallest",
     "parse_granularity",
 ]
 
-_SLICE = 1 << 22
+_SLICE = SLICE  # importance handed to the radix select in slices of at most this many
 _CACHE_ELEMENTS = 1 << 23  # importance keys kept between passes (32 MiB of int32), not more
-_RADIX_PASSES = ((16, 16), (0, 16))  # (shift, bits): 32 key bits, high to low
-_PRUNED = -(1 << 31)  # int32 key of an entry that must stay pruned: below every float's key (-inf's included)
-_PROTECTED = (1 << 31) - 1  # int32 key of an entry the layer floor keeps: above every float's key
 
 
 def _at(tensor: Tensor, index: Optional[Tensor]) -> Tensor:
@@ -95,125 +91,6 @@ def _importance_at(name: str, entry: MaskedTensor, index: Optional[Tensor] = Non
     if index is None:
         return criterion(entry)
     return criterion(entry, index) if _takes_index(criterion) else _at(criterion(entry), index)
-
-
-def _keys(values: Tensor) -> Tensor:
-    """Map float32 values to int64 keys in [0, 2^32) with the same order (-inf lowest)."""
-    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
-
-
-def _slices(tensors: Callable[[], Iterator[Tensor]]) -> Iterator[Tensor]:
-    for tensor in tensors():
-        yield from tensor.reshape(-1).split(_SLICE)
-
-
-def kth_smallest(tensors: Callable[[], Iterator[Tensor]], k: int) -> tuple[int, int]:
-    """Return ``(key, ties)``: the k-th smallest key (1-based) over all tensors ``tensors()`` yields.
-
-    ``ties`` is how many entries with exactly that key are among the k smallest. ``tensors`` is called
-    once per radix pass, so it may compute each tensor on the fly.
-    """
-    prefix, remaining, done_bits = 0, k, 0
-    for shift, bits in _RADIX_PASSES:
-        hist = torch.zeros(1 << bits, dtype=torch.int64)
-        for piece in _slices(tensors):
-            keys = _keys(piece)
-            if done_bits:
-                keys = keys[(keys >> (shift + bits)) == prefix]
-            hist += torch.bincount((keys >> shift) & ((1 << bits) - 1), minlength=1 << bits).cpu()
-        cumulative = hist.cumsum(0)
-        digit = int(torch.searchsorted(cumulative, remaining))
-        if digit >= cumulative.numel():
-            raise ValueError(f"cannot select {k} entries out of {int(cumulative[-1])}")
-        if digit:
-            remaining -= int(cumulative[digit - 1])
-        prefix, done_bits = (prefix << bits) | digit, done_bits + bits
-    return prefix, remaining
-
-
-def _key_value(key: int) -> float:
-    """Invert :func:`_keys` for one key."""
-    bits = key - (1 << 31)
-    bits = bits ^ 0x7FFFFFFF if bits < 0 else bits
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
-
-
-def _keys32(values: Tensor) -> Tensor:
-    """Map float32 values to int32 keys with the same order: :func:`_keys` minus 2^31, three int32 passes."""
-    bits = values.float().contiguous().view(torch.int32)
-    return (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
-
-
-def _mark_pruned(keys: Tensor, keep: Tensor) -> Tensor:
-    """Set the keys of pruned entries (``keep`` False) to ``_PRUNED``, in place, with integer arithmetic."""
-    kept = keep.reshape(-1).view(torch.uint8).to(torch.int32)  # 1 kept, 0 pruned (bool ops are slow on CPU)
-    return keys.mul_(kept).add_(kept.sub_(1).bitwise_and_(_PRUNED))
-
-
-def _high_digits(keys: Tensor, out: Tensor) -> Tensor:
-    """Write ``(keys >> 16) + 2^15``, in [0, 2^16), into the int32 ``out``: the high half read as int16 where the
-    layout allows (an int32 shift is several times slower on CPU)."""
-    if sys.byteorder == "little" and keys.is_contiguous():
-        out.copy_(keys.view(torch.int16)[1::2])
-    else:
-        torch.bitwise_right_shift(keys, 16, out=out)
-    return out.add_(1 << 15)
-
-
-def _histogram(pieces: Iterator[Tensor], digits: Callable[[Tensor, Tensor], Tensor], bins: int, size: int) -> Tensor:
-    """Sum over ``pieces`` of the bincount of ``digits(piece, out)``, batched into one int32 buffer of up to
-    ``size`` values per bincount (each bincount fills and adds a ``bins``-long histogram)."""
-    hist = torch.zeros(bins, dtype=torch.int64)
-    buffer, used = None, 0
-    for piece in pieces:
-        if buffer is not None and (used + piece.numel() > buffer.numel() or buffer.device != piece.device):
-            hist += torch.bincount(buffer[:used], minlength=bins).cpu()
-            used = 0
-        if buffer is None or buffer.device != piece.device or piece.numel() > buffer.numel():
-            buffer = torch.empty(max(size, piece.numel()), dtype=torch.int32, device=piece.device)
-        digits(piece.reshape(-1), buffer[used:used + piece.numel()])
-        used += piece.numel()
-    if used:
-        hist += torch.bincount(buffer[:used], minlength=bins).cpu()
-    return hist
-
-
-def _kth_key(pieces: Callable[[], Iterator[Tensor]], k: int, total: int | None = None) -> tuple[int, int, int]:
-    """Return ``(key, below, equal)``: the k-th smallest int32 key (1-based) over everything ``pieces()`` yields,
-    how many keys are smaller and how many equal it. ``pieces`` is called twice (once per radix pass); ``total``
-    (their count, if known) sizes the digit buffer.
-
-    Pass 1 histograms the high 16 bits; pass 2 the low 16 bits of the keys in the chosen bucket, the others
-    clamped into two overflow bins (no boolean masks: integer clamps and bincounts only).
-    """
-    size = 1 << 16
-    batch = min(_SLICE, total) if total else _SLICE
-    cumulative = _histogram(pieces(), _high_digits, size, batch).cumsum(0)
-    digit = int(torch.searchsorted(cumulative, k))
-    if digit >= size:
-        raise ValueError(f"cannot select {k} entries out of {int(cumulative[-1])}")
-    below = int(cumulative[digit - 1]) if digit else 0
-    base = (digit - (1 << 15)) << 16  # the smallest key of the bucket
-    low = base - 1 if digit > 0 else base  # one overflow bin below the bucket, where a key can be below it
-    high = base + size if digit < size - 1 else base + size - 1
-
-    def offsets(piece: Tensor, out: Tensor) -> Tensor:
-        return torch.clamp(piece, low, high, out=out).sub_(low)
-
-    counts = _histogram(pieces(), offsets, high - low + 1, batch)
-    bucket = counts[base - low:base - low + size]
-    inside = bucket.cumsum(0)
-    offset = int(torch.searchsorted(inside, k - below))
-    return base + offset, below + (int(inside[offset - 1]) if offset else 0), int(bucket[offset])
-
-
-def _top_positions(keys: Tensor, m: int) -> Tensor:
-    """Flat indices of the ``m`` highest keys, ties broken towards later positions (the order selection keeps)."""
-    cut = int(keys.kthvalue(keys.numel() - m + 1).values)
-    above = (keys > cut).nonzero().view(-1)
-    tied = (keys == cut).nonzero().view(-1)
-    return torch.cat([above, tied[tied.numel() - (m - above.numel()):]])
 
 
 class Selection(NamedTuple):
@@ -472,22 +349,22 @@ class Selector:
         if any(f and int(keep.count_nonzero()) < f for keep, f in zip(keeps, floors)):
             # The floor binds: protect each tensor's top entries and cut again. Where it does not, protecting
             # would change nothing (a tensor's kept entries are its top ones in the same order), so it is skipped.
-            protected = {id(entry): _top_positions(self._keys(entry, ranked[id(entry)]), f)
+            protected = {id(entry): top_positions(self._keys(entry, ranked[id(entry)]), f)
                          for entry, f in zip(masked, floors) if f}
             key, keeps = self._cut(masked, count, ranked, protected)
         for entry, keep in zip(masked, keeps):
             _set_keep(entry, keep, flipped)
-        return Selection(count, 0.0 if key == _PRUNED else math.exp(_key_value(key + (1 << 31))), flipped)
+        return Selection(count, 0.0 if key == PRUNED else math.exp(key_value(key)), flipped)
 
     def _keys(self, entry: Ranked, index: Optional[Tensor] = None) -> Tensor:
         """Flat int32 keys of the entry's importance, of its units at ``index`` if given (live ones); otherwise,
-        without regrowth, pruned units get ``_PRUNED``."""
+        without regrowth, pruned units get ``PRUNED``."""
         values = self._values(entry, index)
         # Ranking live units only, still check the pruned ones: a NaN there reaches the output (NaN * 0 is NaN).
         unranked = [] if index is None else [t.detach() for m in _members(entry) for t in (m.weight, m.gate.scores)]
         _refuse_nan(entry, values, *unranked)
-        keys = _keys32(values).reshape(-1)
-        return keys if self.regrow or index is not None else _mark_pruned(keys, _keep_of(entry))
+        keys = float_keys(values).reshape(-1)
+        return keys if self.regrow or index is not None else mark_pruned(keys, _keep_of(entry))
 
     def _cut(self, masked: Sequence[Ranked], count: int, ranked: dict[int, Optional[Tensor]],
              protected: dict[int, Tensor]) -> tuple[int, list[Tensor]]:
@@ -500,7 +377,7 @@ class Selector:
         def keyed(entry: Ranked) -> Tensor:
             keys = self._keys(entry, ranked[id(entry)])
             if id(entry) in protected:
-                keys[protected[id(entry)]] = _PROTECTED
+                keys[protected[id(entry)]] = PROTECTED
             return keys
 
         cache = _BoundedCache()
@@ -511,9 +388,9 @@ class Selector:
 
         left_out = sum(entry.units - len(ranked[id(entry)]) for entry in masked if ranked[id(entry)] is not None)
         if count == left_out:  # only the pruned units go: nothing changes
-            return _PRUNED, [_keep_of(entry).clone() for entry in masked]
+            return PRUNED, [_keep_of(entry).clone() for entry in masked]
         size = sum(entry.units if ranked[id(entry)] is None else len(ranked[id(entry)]) for entry in masked)
-        key, below, equal = _kth_key(pieces, count - left_out, size)
+        key, below, equal = kth_key(pieces, count - left_out, size)
         ties = count - left_out - below  # how many of the entries equal to the cut are pruned: the first ones
         keeps = []
         for entry in masked:

@@ -8,7 +8,8 @@ from conftest import TiedLM
 from torch import nn
 
 from lightning_masks import Selector, attach, fold
-from lightning_masks.select import IMPORTANCE, _effective_weight_importance, _keys, kth_smallest, parse_granularity
+from helpers.oracles import keys64, kth_smallest
+from lightning_masks.select import IMPORTANCE, _effective_weight_importance, parse_granularity
 
 
 def model_with_masks(seed=0, sizes=((30, 20), (20, 10), (10, 5))):
@@ -28,7 +29,7 @@ def brute_force_keep(masked, importance, target):
 
 def test_keys_preserve_float_order():
     values = torch.tensor([-math.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 7.5, math.inf])
-    keys = _keys(values)
+    keys = keys64(values)
     assert torch.all(keys[1:] >= keys[:-1]) and keys.min() >= 0 and keys.max() < 2**32
 
 
@@ -187,7 +188,7 @@ def test_exact_count_beyond_quantile_limit_at_thirty_million():
     # the k-th value agrees with a brute force (the test may concatenate; the library must not)
     key, ties = kth_smallest(lambda: iter(values), count)
     kth = torch.cat([v.flatten() for v in values]).kthvalue(count).values
-    assert _keys(kth.reshape(1)).item() == key and ties >= 1
+    assert keys64(kth.reshape(1)).item() == key and ties >= 1
 
 
 @pytest.mark.parametrize("mode", ["global", "layer"])
@@ -215,15 +216,17 @@ def test_channel_selection_prunes_whole_output_channels_exactly(mode):
 
 
 # ------------------------------------------------------------------------------- int32 keys and the radix cut
+from lightning_masks import kth as kth_module  # noqa: E402
 from lightning_masks import select as select_module  # noqa: E402
-from lightning_masks.select import _PRUNED, _PROTECTED, _keys32, _kth_key  # noqa: E402
+from lightning_masks.kth import PROTECTED, PRUNED, float_keys, kth_key  # noqa: E402
 
 
 def test_int32_keys_are_the_int64_keys_shifted():
     values = torch.tensor([-math.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 7.5, math.inf])
     values = torch.cat([values, torch.randn(1000) * 10 ** torch.randint(-30, 30, (1000,)).float()])
-    assert torch.equal(_keys32(values).long(), _keys(values) - 2**31)
-    assert _PRUNED < int(_keys32(torch.tensor([-math.inf]))) and _PROTECTED > int(_keys32(torch.tensor([math.inf])))
+    assert torch.equal(float_keys(values).long(), keys64(values) - 2**31)
+    assert PRUNED < int(float_keys(torch.tensor([-math.inf])))
+    assert PROTECTED > int(float_keys(torch.tensor([math.inf])))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -231,14 +234,14 @@ def test_kth_key_matches_a_sort_with_ties_and_extremes(seed):
     generator = torch.Generator().manual_seed(seed)
     pieces = [torch.randint(-2**31, 2**31, (n,), generator=generator, dtype=torch.int64).to(torch.int32)
               for n in (700, 1, 300)]
-    pieces[0][:200] = _PRUNED  # the lowest possible key, bucket 0
-    pieces[2][:50] = _PROTECTED  # the highest, bucket 2^16 - 1
+    pieces[0][:200] = PRUNED  # the lowest possible key, bucket 0
+    pieces[2][:50] = PROTECTED  # the highest, bucket 2^16 - 1
     pieces[1][:] = 12345
     pieces[0][200:260] = 12345  # ties across tensors
     pieces[2][50:60] = 12345 + 65536 * 3  # same low bits, another bucket
     everything = torch.sort(torch.cat(pieces)).values
     for k in (1, 150, 200, 201, 230, 400, 500, 950, 951, 1001):
-        key, below, equal = _kth_key(lambda: iter(pieces), k)
+        key, below, equal = kth_key(lambda: iter(pieces), k)
         assert key == int(everything[k - 1])
         assert below == int((everything < key).sum()) and equal == int((everything == key).sum())
 
@@ -310,6 +313,7 @@ def test_selection_without_the_cache_and_in_small_slices_gives_the_same_masks(mo
     for cache, slice_size in ((select_module._CACHE_ELEMENTS, select_module._SLICE), (0, 7)):
         monkeypatch.setattr(select_module, "_CACHE_ELEMENTS", cache)
         monkeypatch.setattr(select_module, "_SLICE", slice_size)
+        monkeypatch.setattr(kth_module, "SLICE", slice_size)
         _, masked = model_with_masks(seed=3)
         with torch.no_grad():
             masked[0].gate.scores[:5] = 0.5  # ties
