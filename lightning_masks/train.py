@@ -81,7 +81,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[callback], logger=loggers or False)
+    others = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[callback, *others], logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -55,7 +58,7 @@ def command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------------- every group composes
-@pytest.mark.parametrize("group, option", [(g, o) for g in ("data", "model", "trainer", "logger")
+@pytest.mark.parametrize("group, option", [(g, o) for g in ("data", "model", "trainer", "logger", "callbacks")
                                            for o in options(g) if o != "default"])
 def test_every_config_group_option_instantiates(group, option, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -63,10 +66,21 @@ def test_every_config_group_option_instantiates(group, option, tmp_path, monkeyp
              "trainer": ["trainer.accelerator=cpu"]}.get(group, [])  # no GPU needed to build a gpu/ddp Trainer
     cfg = compose_config([f"{group}={option}", *extra], tmp_path)
     node = cfg[group]
-    built = [instantiate(value) for value in node.values()] if group == "logger" else [instantiate(node)]
-    expected = {"data": "DataModule", "model": "", "trainer": "Trainer", "logger": "Logger"}[group]
+    keyed = group in ("logger", "callbacks")  # each option is one named entry; several can be chosen at once
+    built = [instantiate(value) for value in node.values()] if keyed else [instantiate(node)]
+    expected = {"data": "DataModule", "model": "", "trainer": "Trainer", "logger": "Logger", "callbacks": ""}[group]
     assert all(type(obj).__name__.endswith(expected) for obj in built)
-    assert (group != "logger") or len(built) == (option != "none")
+    assert (not keyed) or len(built) == (option != "none")
+    if group == "callbacks":
+        assert all(isinstance(obj, pl.Callback) for obj in built)
+
+
+def test_callbacks_from_the_command_line_join_the_masks_in_the_trainer(tmp_path):
+    result = command("callbacks=[early_stopping,model_checkpoint]", "trainer.max_epochs=2", *QUIET, *NO_PICTURES,
+                     f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert json.loads((tmp_path / RESULT_FILE).read_text())["status"] == "ok"
 
 
 @pytest.mark.parametrize("name", list_initializers())
@@ -195,3 +209,50 @@ def test_bad_sparsity_fails_before_training_with_a_clear_message(tmp_path):
     (result_file,) = tmp_path.glob(f"outputs/*/*/{RESULT_FILE}")
     result = json.loads(result_file.read_text())
     assert result["status"] == "failed" and "1.5" in result["error"]
+
+
+# ------------------------------------------------------------------------------------- configs match the code
+def _defaults(factory) -> dict:
+    """Keyword defaults of a callable; for a class, of every ``__init__`` along its bases (subclass first)."""
+    found = {}
+    for function in ([c.__init__ for c in factory.__mro__ if "__init__" in vars(c)] if isinstance(factory, type)
+                     else [factory]):
+        for name, p in inspect.signature(function).parameters.items():
+            if p.default is not inspect.Parameter.empty:
+                found.setdefault(name, p.default)
+    return found
+
+
+@pytest.mark.parametrize("option", options("masks/schedule"))
+def test_every_schedule_yaml_default_equals_the_signatures(option):
+    node = compose_config([f"masks/schedule={option}"]).masks.schedule
+    cls = instantiate(node).__class__
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    deliberate = {"shape"} | ({"final"} if option == "threshold" else set())  # what the file is about
+    assert {key: node[key] for key in defaults if key not in deliberate} == \
+           {key: value for key, value in defaults.items() if key not in deliberate}
+    assert set(node) - {"_target_"} == set(defaults)
+
+
+@pytest.mark.parametrize("option", options("masks/init"))
+def test_every_init_yaml_default_equals_the_signatures(option):
+    node = compose_config([f"masks/init={option}"]).masks.init
+    defaults = _defaults(type(get_initializer(node.name)))
+    fields = {key: node[key] for key in node if key not in ("_target_", "name")}
+    if "noise_scale" not in defaults:
+        assert fields.pop("noise_scale") is None  # carried for sweeps only
+    assert fields == {key: defaults[key] for key in fields}
+    assert set(defaults) - {"seed", "generator"} <= set(fields)
+
+
+def test_the_callback_yaml_carries_every_argument_at_its_default():
+    node = compose_config().masks
+    defaults = _defaults(MaskPruningCallback)
+    deliberate = {"sparsity": 0.9, "seed": 0}  # the command's defaults: 90% (the callback's None), the app's seed
+    composed = {"init", "schedule", "init_kwargs", "start", "end"}  # the init and schedule groups carry these
+    assert set(node) - {"_target_"} == set(defaults) - composed | {"init", "schedule"}
+    for key, default in defaults.items():
+        if key in composed:
+            continue
+        expected = deliberate.get(key, default)
+        assert node[key] == (list(expected) if isinstance(expected, tuple) else expected), key
