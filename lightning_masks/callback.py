@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import fnmatch
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -270,6 +271,10 @@ class MaskPruningCallback(Callback):
                 tie = [kept for group in groups if len(kept := [name for name in group if name in names]) > 1]
                 self.selector = dataclasses.replace(self.selector, tie=tie)
                 rank_zero_info(f"lightning_masks: tie='auto' ties {len(tie)} groups: {tie}")
+                if not tie:
+                    rank_zero_warn("lightning_masks: tie='auto' tied nothing: it ties masked BatchNorms whose channels "
+                                   "meet in a sum, and none is masked; add them to targets (e.g. targets=[nn.Linear, "
+                                   "nn.Conv2d, nn.BatchNorm2d]) or drop tie='auto'")
             self.selector.check(self._masked)
         except ValueError:
             if attached:
@@ -292,19 +297,29 @@ class MaskPruningCallback(Callback):
                        f"init={self.initializer!r}, {goal}{_left_dense(resolved, exclude[len(self.exclude):])}")
         if resolved.unmasked:
             rank_zero_warn(f"lightning_masks: {len(resolved.unmasked)} trainable weight matrices are left dense "
-                           f"(no registered layer kind, not targeted): {stats.short_names(resolved.unmasked)}. "
-                           "Name them in `targets`, register their layer with lightning_masks.register_layer_kind, "
-                           "or `exclude` them to silence this")
+                           f"(no registered layer kind): {stats.short_names(resolved.unmasked)}. Name them in "
+                           "`targets`, or register their layer with lightning_masks.register_layer_kind")
+        if resolved.foreign:
+            rank_zero_warn(f"lightning_masks: {len(resolved.foreign)} layers are left dense because something else "
+                           f"already computes their weight: {stats.short_names(resolved.foreign)}. To mask them, remove "
+                           "that first (torch.nn.utils.parametrize.remove_parametrizations, prune.remove)")
         return masked
 
     def _outputs_kept_whole(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         """With channel masks, the layers whose output units are the model's outputs (see ``output_layers``)."""
         if not self.selector.grain.channel or not self.output_layers:
             return []
+        names = [name for name, _ in pl_module.named_modules()]
         if self.output_layers != "auto":
+            for pattern in self.output_layers:
+                if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                    raise ValueError(f"output_layers pattern {pattern!r} matches no module of the model; globs match "
+                                     f"module names such as {names[-1]!r}")
             return list(self.output_layers)
+        targeted = resolve_targets(pl_module, self.targets)
+        owners = {id(m) for found in targeted.chosen.values() for m, _ in found}
+        named = {id(m) for name in targeted.named for m, _ in targeted.chosen[name]}  # explicit targets win
         # Every layer that could carry a mask, excluded ones too: an output layer is the last of them on its path.
-        owners = {id(m) for found in resolve_targets(pl_module, self.targets).chosen.values() for m, _ in found}
         candidates = {name: module for name, module in pl_module.named_modules()
                       if kind_of(module) is not None or id(module) in owners}
         run = _one_pass(trainer, pl_module)
@@ -313,7 +328,7 @@ class MaskPruningCallback(Callback):
             rank_zero_warn("lightning_masks: granularity='channel' could not find the layers that produce the model's "
                            "outputs (they are kept whole, so no class or token loses its logit): set "
                            "pl_module.example_input_array, or name them with output_layers=[...] (None prunes them)")
-        return found
+        return [name for name in found if id(candidates[name]) not in named]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -20,6 +20,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from .kinds import weight_name
 from .masks import PARAMETRIZATION_MARK, fold, masked_value, split_mask_key
 
 __all__ = [
@@ -58,8 +59,10 @@ def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
                              "checkpoint into the model with the callback and call lightning_masks.fold instead")
         masks.setdefault(target, {})[field.removeprefix("0.")] = value
     for target, parts in masks.items():
-        if target.endswith("bias") and set(parts) == {"original"}:  # gated by its layer's per-channel mask
-            parts = {**masks.get(target[: -len("bias")] + "weight", {}), "original": parts["original"]}
+        if set(parts) == {"original"}:  # a bias gated by its layer's per-channel mask (kinds.bias_name)
+            path, _, name = target.rpartition(".")
+            weight = f"{path}.{weight_name(name)}" if path else weight_name(name)
+            parts = {**masks.get(weight, {}), "original": parts["original"]}
             shape = parts["original"].shape
             parts.update({k: parts[k].reshape(shape) for k in ("scores", "keep", "gate_scale") if k in parts})
         missing = [f for f in ("original", "scores", "keep", "temperature") if f not in parts]

@@ -19,12 +19,14 @@ from torch import Tensor, nn
 
 __all__ = [
     "LayerKind",
+    "bias_name",
     "channel_shape",
     "get_layer_kind",
     "kind_of",
     "list_layer_kinds",
     "output_axis",
     "register_layer_kind",
+    "weight_name",
 ]
 
 _KINDS: dict[str, "LayerKind"] = {}
@@ -138,6 +140,18 @@ def output_axis(module: nn.Module, tensor_name: str) -> int:
     """The axis of ``module.<tensor_name>`` that holds output units: the kind's for its weights, else 0."""
     kind = kind_of(module)
     return kind.output_axis if kind is not None and tensor_name in kind.tensor_names(module) else 0
+
+
+def bias_name(weight: str) -> Optional[str]:
+    """The bias that channel masks gate with a weight: its name with ``weight`` replaced by ``bias``
+    (``weight`` -> ``bias``, ``in_proj_weight`` -> ``in_proj_bias``, ``weight_ih_l0`` -> ``bias_ih_l0``); ``None``
+    for a weight whose name has no ``weight`` in it. The one naming rule, also for folding a state dict."""
+    return weight.replace("weight", "bias") if "weight" in weight else None
+
+
+def weight_name(bias: str) -> str:
+    """The inverse of :func:`bias_name`."""
+    return bias.replace("bias", "weight")
 
 
 def channel_shape(weight: Tensor, axis: int = 0) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .kinds import channel_shape, kind_of, output_axis
+from .kinds import bias_name, channel_shape, kind_of, output_axis
 
 __all__ = [
     "ChannelBias",
@@ -337,16 +337,26 @@ def _is_masked(module: nn.Module, tensor_name: str) -> bool:
     )
 
 
-def _no_match_error(pattern: TargetSpec, candidates: Sequence[str]) -> ValueError:
+def _no_match_error(role: str, pattern: TargetSpec, candidates: Sequence[str]) -> ValueError:
     shown = difflib.get_close_matches(str(pattern), candidates, n=8, cutoff=0.3) or list(candidates[:8])
     return ValueError(
-        f"target pattern {pattern!r} matches no module or tensor of the model; candidates include "
+        f"{role} pattern {pattern!r} matches no module or tensor of the model; candidates include "
         f"{shown}. Fix the pattern (globs match fully-qualified names such as 'encoder.0.weight') or pass a type"
     )
 
 
 def _is_embedding(module: nn.Module) -> bool:
     return isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+
+
+def _looks_embedded(name: str) -> bool:
+    """A raw parameter named like an embedding (ViT's ``cls_token``, ``position_embeddings``): left dense quietly."""
+    last = name.split(" = ")[0].rpartition(".")[2].lower()
+    return any(word in last for word in ("embed", "token", "position"))
+
+
+def _is_foreign(module: nn.Module) -> bool:
+    return _foreign_reason(module) is not None
 
 
 @dataclass
@@ -357,7 +367,10 @@ class Targets:
     shares it. The name lists say what was left out and why: ``embeddings`` (tables, and tensors tied to one,
     left out by default), ``frozen`` (``requires_grad=False``), ``excluded`` (by ``exclude``) and ``unmasked``
     (every other trainable weight matrix: no registered layer kind, not targeted). Tied names are joined by
-    ``" = "``.
+    ``" = "``. With explicit ``targets``, the trainable matrices they leave out are ``untargeted`` instead of
+    ``unmasked``. ``foreign`` names the layers left dense by default because something else already computes
+    their weight (weight_norm, spectral_norm, torch.nn.utils.prune), with why. ``named``: the chosen tensors a
+    name glob in ``targets`` selected (not only a type).
     """
 
     chosen: dict[str, list[tuple[nn.Module, str]]]
@@ -365,6 +378,9 @@ class Targets:
     frozen: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
     unmasked: list[str] = field(default_factory=list)
+    untargeted: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+    named: list[str] = field(default_factory=list)
 
 
 def resolve_targets(
@@ -404,42 +420,50 @@ def resolve_targets(
         picked = {id(m): set(_weight_names(m)) for m in selected}
         return {id(t) for _, _, m, tn, t in slots if tn in picked.get(id(m), ())}
 
-    def resolve(spec: TargetSpec) -> tuple[set[int], bool]:
+    def resolve(spec: TargetSpec, role: str) -> tuple[set[int], bool]:
         """The tensors ``spec`` selects, and whether it names them explicitly (embeddings included)."""
         if isinstance(spec, type):
             return tensors_of(m for _, m in modules if isinstance(m, spec)), issubclass(spec, nn.Embedding)
         if not isinstance(spec, str):
-            raise TypeError(f"a target must be a glob string or a module type, got {spec!r}")
+            raise TypeError(f"{role} must be a glob string or a module type, got {spec!r}")
         matched = [m for name, m in modules if fnmatch.fnmatchcase(name, spec)]
         layers = [m for m in matched if kind_of(m) is not None]
         hits = tensors_of(layers or matched)
         if not hits:
             hits = {id(t) for q, _, _, _, t in slots if fnmatch.fnmatchcase(q, spec)}
         if not hits and not matched:
-            raise _no_match_error(spec, [q for q, *_ in slots])
+            raise _no_match_error(role, spec, [q for q, *_ in slots])
         return hits, True
 
-    def select(specs: Iterable[TargetSpec]) -> tuple[set[int], set[int]]:
+    def select(specs: Iterable[TargetSpec], role: str) -> tuple[set[int], set[int], set[int]]:
+        """The tensors ``specs`` select, those named explicitly (embeddings included), those named by a glob."""
         chosen: set[int] = set()
         explicit: set[int] = set()
+        globbed: set[int] = set()
         for spec in specs:
-            hits, named = resolve(spec)
+            hits, named = resolve(spec, role)
             chosen |= hits
             if named:
                 explicit |= hits
-        return chosen, explicit
+            if isinstance(spec, str):
+                globbed |= hits
+        return chosen, explicit, globbed
 
     embedded = {key for key, owners in by_param.items() if any(_is_embedding(m) for _, m, _ in owners)}
     targets = None if targets is None else list(targets)
     exclude = list(exclude)
     if targets is None:
-        wanted, explicit = tensors_of(m for _, m in modules if kind_of(m) is not None), set()
+        wanted, explicit, globbed = tensors_of(m for _, m in modules if kind_of(m) is not None), set(), set()
     else:
-        wanted, explicit = select(targets)
-    excluded, _ = select(exclude)
-    _refuse_foreign(model, wanted - excluded, by_param, targets, exclude)
-
+        wanted, explicit, globbed = select(targets, "target")
+    excluded, _, _ = select(exclude, "exclude")
     result = Targets({})
+    for name, module, reason in _foreign_layers(model, wanted - excluded, by_param, targets, exclude):
+        if targets is not None:  # named: refuse; by default: leave it dense and say so
+            raise ValueError(f"{type(module).__name__} {name!r} is {reason}; or leave it unmasked with "
+                             f"exclude=[{name!r}]")
+        wanted -= {id(t) for _, _, m, _, t in slots if m is module}
+        result.foreign.append(f"{name} ({reason.split(';')[0]})")
     for key, owners in by_param.items():
         tensor = next(t for q, _, _, _, t in slots if id(t) == key and q == owners[0][0])
         name = " = ".join(q for q, _, _ in owners)
@@ -457,8 +481,12 @@ def resolve_targets(
                 result.embeddings.append(name)
         elif key in wanted and not isinstance(tensor, nn.parameter.UninitializedParameter):
             result.chosen[owners[0][0]] = [(m, tn) for _, m, tn in owners]
-        elif matrix:
-            result.unmasked.append(name)
+            if key in globbed:
+                result.named.append(owners[0][0])
+        elif matrix and targets is not None:
+            result.untargeted.append(name)
+        elif matrix and not any(_is_foreign(m) for _, m, _ in owners):
+            (result.embeddings if _looks_embedded(name) else result.unmasked).append(name)
     return result
 
 
@@ -474,9 +502,10 @@ def find_targets(
     return resolve_targets(model, targets, exclude).chosen
 
 
-def _refuse_foreign(model: nn.Module, selected: set[int], by_param: dict[int, list],
-                    targets: list[TargetSpec] | None, exclude: list[TargetSpec]) -> None:
-    """Raise if a module that would be masked already has its weight computed by a hook or parametrization.
+def _foreign_layers(model: nn.Module, selected: set[int], by_param: dict[int, list],
+                    targets: list[TargetSpec] | None, exclude: list[TargetSpec]) -> list[tuple[str, nn.Module, str]]:
+    """The ``(name, module, reason)`` of each layer that would be masked but already has its weight computed by a
+    hook or another parametrization (weight_norm, spectral_norm, torch.nn.utils.prune).
 
     Checked: the owners of the ``selected`` tensors, and the targeted layers whose weight a pruning hook renamed
     (``weight_orig``), which no spec can select any more.
@@ -486,14 +515,15 @@ def _refuse_foreign(model: nn.Module, selected: set[int], by_param: dict[int, li
         return any(isinstance(module, s) if isinstance(s, type) else fnmatch.fnmatchcase(name, s) for s in specs)
 
     owners = {id(m) for key in selected for _, m, _ in by_param.get(key, ())}
+    found = []
     for name, module in model.named_modules():
         targeted = kind_of(module) is not None if targets is None else matched(targets, name, module)
         if id(module) not in owners and (not targeted or matched(exclude, name, module)):
             continue
         reason = _foreign_reason(module)
         if reason:
-            raise ValueError(f"{type(module).__name__} {name!r} is {reason}; or leave it unmasked with "
-                             f"exclude=[{name!r}]")
+            found.append((name, module, reason))
+    return found
 
 
 def attach(
@@ -560,9 +590,10 @@ def attach(
                 parametrize.register_parametrization(module, tensor_name, gate)
                 _picklable(module)
                 done.append((module, tensor_name))
-                if per_channel and _gated_bias(module, tensor_name, gate):
-                    parametrize.register_parametrization(module, "bias", ChannelBias(gate))
-                    done.append((module, "bias"))
+                bias = _gated_bias(module, tensor_name, gate) if per_channel else None
+                if bias is not None:
+                    parametrize.register_parametrization(module, bias, ChannelBias(gate))
+                    done.append((module, bias))
             masked.append(MaskedTensor(name, gate, original, list(owners)))
     except Exception:
         for module, tensor_name in reversed(done):
@@ -582,7 +613,8 @@ def _nothing_to_mask(resolved: Targets, targets: list[TargetSpec] | None) -> str
     reasons = [f"{label} {names[:6]}" for label, names in (
         ("embedding tables (mask them by naming them in targets):", resolved.embeddings),
         ("frozen (requires_grad=False):", resolved.frozen), ("excluded:", resolved.excluded),
-        ("of no layer kind:", resolved.unmasked)) if names]
+        ("already computed by another parametrization or hook:", resolved.foreign),
+        ("of no registered layer kind:", resolved.unmasked), ("not in targets:", resolved.untargeted)) if names]
     left = f"; left out: {'; '.join(reasons)}" if reasons else ""
     return (f"no maskable tensor found: {asked}{left}. Pass `targets` naming the tensors to mask (globs on module "
             "or tensor names, or module types), or register your layer with lightning_masks.register_layer_kind")
@@ -597,11 +629,14 @@ def _refuse_grouped_transpose(name: str, module: nn.Module) -> None:
                          f"with exclude=[{name!r}] or use granularity='element'")
 
 
-def _gated_bias(module: nn.Module, tensor_name: str, gate: MaskGate) -> bool:
-    """Whether a per-channel gate on ``module.weight`` should gate its bias too (one bias per channel)."""
-    bias = module._parameters.get("bias")
-    return (tensor_name == "weight" and isinstance(bias, nn.Parameter) and bias.requires_grad and bias.dim() == 1
-            and bias.numel() == gate.keep.numel() and not parametrize.is_parametrized(module, "bias"))
+def _gated_bias(module: nn.Module, tensor_name: str, gate: MaskGate) -> str | None:
+    """The bias a per-channel gate on ``module.<tensor_name>`` gates too (``kinds.bias_name``: one entry per
+    channel, e.g. ``bias``, ``in_proj_bias``, ``bias_ih_l0``), or ``None``."""
+    name = bias_name(tensor_name)
+    bias = module._parameters.get(name) if name else None
+    usable = (isinstance(bias, nn.Parameter) and bias.requires_grad and bias.dim() == 1
+              and bias.numel() == gate.keep.numel() and not parametrize.is_parametrized(module, name))
+    return name if usable else None
 
 
 def _original(module: nn.Module, tensor_name: str) -> Tensor:
@@ -664,10 +699,15 @@ def _per_channel(gate: MaskGate, shape: torch.Size) -> tuple:
     return gate.scores.reshape(shape), gate.keep.reshape(shape), gate.temperature, scale
 
 
-def _biases(entry: MaskedTensor) -> list[nn.Module]:
-    """The owner modules whose bias this entry's gate also gates."""
-    return [m for m, _ in entry.owners if parametrize.is_parametrized(m, "bias")
-            and any(isinstance(p, ChannelBias) and p.gate is entry.gate for p in m.parametrizations["bias"])]
+def _biases(entry: MaskedTensor) -> list[tuple[nn.Module, str]]:
+    """The ``(module, bias name)`` of the owners' biases that this entry's gate also gates."""
+    found = []
+    for module, tensor_name in entry.owners:
+        name = bias_name(tensor_name)
+        if name and parametrize.is_parametrized(module, name) and any(
+                isinstance(p, ChannelBias) and p.gate is entry.gate for p in module.parametrizations[name]):
+            found.append((module, name))
+    return found
 
 
 def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
@@ -706,14 +746,14 @@ def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
         if any(m is None or not isinstance(getattr(m, tn, None), Tensor) or getattr(m, tn).shape != entry.weight.shape
                for m, tn in owners):
             return []
-        places.append((entry.gate, owners, [place(m) for m in _biases(entry)]))
+        places.append((entry.gate, owners, [(place(m), name) for m, name in _biases(entry)]))
     for gate, owners, biases in places:
         gate = copy.deepcopy(gate)
         for module, tensor_name in owners:
             parametrize.register_parametrization(module, tensor_name, gate)
             _picklable(module)
-        for module in biases:
-            parametrize.register_parametrization(module, "bias", ChannelBias(gate))
+        for module, name in biases:
+            parametrize.register_parametrization(module, name, ChannelBias(gate))
     return masked_tensors(replica)
 
 
@@ -744,8 +784,8 @@ def detach(model: nn.Module) -> nn.Module:
 def _detach_entries(entries: Iterable[MaskedTensor]) -> None:
     """Remove these entries' gates (and the channel biases they gate), leaving the originals as they are."""
     for entry in entries:
-        for module in _biases(entry):
-            _remove_gate(module, "bias")
+        for module, name in _biases(entry):
+            _remove_gate(module, name)
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)
 
@@ -760,10 +800,10 @@ def fold(model: nn.Module) -> nn.Module:
     for entry in masked_tensors(model):
         gate = entry.gate
         value = masked_value(entry.weight, gate.scores, gate.keep, gate.temperature, gate.gate_scale)
-        for module in _biases(entry):
-            bias = module.parametrizations["bias"].original
+        for module, name in _biases(entry):
+            bias = module.parametrizations[name].original
             bias_value = masked_value(bias, *_per_channel(gate, bias.shape))
-            _remove_gate(module, "bias")
+            _remove_gate(module, name)
             bias.copy_(bias_value)
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)

@@ -256,14 +256,42 @@ def test_output_layers_none_prunes_the_classifier_too():
     assert not module.net[2].weight.ne(0).any(1).all()
 
 
-def test_channel_pruning_keeps_a_tied_lm_head_whole_when_it_is_targeted():
+def test_channel_pruning_keeps_a_tied_lm_head_whole_when_types_select_it():
     module = HFModule(gpt2())
     module.example_input_array = torch.randint(0, VOCAB, (2, 8))
-    pruner = MaskPruningCallback(0.5, granularity="channel", targets=["model.transformer.h.*", "model.lm_head"], end=1,
-                                 plots=False)
+    pruner = MaskPruningCallback(0.5, granularity="channel", targets=[Conv1D, nn.Embedding], end=1, plots=False)
     fit(module, pruner, limit_train_batches=2)
     assert module.model.lm_head.weight.ne(0).any(1).all()  # the whole vocabulary survives
     assert module.model.transformer.h[0].mlp.c_fc.weight.eq(0).all(0).any()  # c_fc lost output channels
+
+
+def test_an_output_layer_named_in_targets_is_channel_pruned_as_asked():
+    pl.seed_everything(0, verbose=False)
+    module = TinyModule(hidden=32, classes=10)
+    fit(module, MaskPruningCallback(0.5, granularity="channel", targets=["net.0", "net.2"], end=1, plots=False),
+        limit_train_batches=2)
+    assert module.net[2].weight.eq(0).all(1).any()
+
+
+def test_pattern_errors_name_the_argument_they_come_from(tiny_module):
+    with pytest.raises(ValueError, match="exclude pattern 'nothing' matches no module"):
+        attach(tiny_module, exclude=["nothing"])
+    with pytest.raises(ValueError, match="output_layers pattern 'nope' matches no module"):
+        fit(tiny_module, MaskPruningCallback(granularity="channel", output_layers=["nope"]), max_epochs=1)
+
+
+@pytest.mark.parametrize("layer, weight, bias", [(nn.LSTM(8, 8), "weight_ih_l0", "bias_ih_l0"),
+                                                 (nn.LSTM(8, 8), "weight_hh_l0", "bias_hh_l0"),
+                                                 (nn.MultiheadAttention(8, 2), "in_proj_weight", "in_proj_bias")])
+def test_channel_masks_zero_the_bias_that_goes_with_each_weight(layer, weight, bias):
+    torch.manual_seed(0)
+    nn.init.normal_(getattr(layer, bias))
+    for entry in attach(layer, per_channel=True):
+        entry.gate.keep.view(-1)[: entry.units // 2] = False
+    fold(layer)
+    dead = getattr(layer, weight).eq(0).all(1)
+    assert int(dead.sum()) == getattr(layer, weight).shape[0] // 2
+    assert getattr(layer, bias)[dead].eq(0).all() and getattr(layer, bias)[~dead].ne(0).all()
 
 
 @pytest.mark.parametrize("layer", [Conv1D(6, 6), nn.ConvTranspose2d(6, 6, 3), nn.ConvTranspose1d(4, 6, 3)])
@@ -461,5 +489,27 @@ def test_unmasked_weight_matrices_of_no_kind_get_a_warning_naming_them():
         def forward(self, x):
             return self.net(x @ self.mix)
 
-    with pytest.warns(UserWarning, match=r"1 trainable weight matrices are left dense.*: mix\."):
+    with pytest.warns(UserWarning, match=r"1 trainable weight matrices are left dense \(no registered layer kind\): mix\."):
         fit(Custom(), MaskPruningCallback(0.5, end=1, plots=False), max_epochs=1, limit_train_batches=1)
+
+
+def test_no_left_dense_warning_when_targets_are_chosen_or_for_embedding_like_parameters(recwarn):
+    class Vit(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+            self.position_embeddings = nn.Parameter(torch.zeros(1, 4, 8))
+
+        def forward(self, x):
+            return self.net(x + self.cls_token[0, 0] + self.position_embeddings[0, 0])
+
+    fit(Vit(), MaskPruningCallback(0.5, end=1, plots=False), max_epochs=1, limit_train_batches=1)
+    fit(TinyModule(), MaskPruningCallback(0.5, targets=["net.0"], end=1, plots=False), max_epochs=1,
+        limit_train_batches=1)
+    assert not [w for w in recwarn if "left dense" in str(w.message)]
+
+
+def test_automatic_ties_that_tie_nothing_say_why():
+    module = ConvAutoencoderClassifier()
+    with pytest.warns(UserWarning, match="tie='auto' tied nothing"):
+        fit(module, MaskPruningCallback(0.5, tie="auto", end=1, plots=False), max_epochs=1, limit_train_batches=1)

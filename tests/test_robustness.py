@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 from lightning_masks import MaskPruningCallback, attach, masked_tensors
+from lightning_masks.masks import detach, resolve_targets
 
 
 @pytest.fixture
@@ -82,18 +83,31 @@ def test_nan_appearing_during_training_is_named():
         make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, end=2), Poison()]).fit(TinyModule())
 
 
-def test_foreign_parametrizations_and_hooks_are_refused():
+def test_foreign_parametrizations_and_hooks_are_left_dense_by_default_and_refused_when_named():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     parametrizations.weight_norm(model[0])
+    assert resolve_targets(model).foreign == ["0 (already parametrized by ['_WeightNorm'] on 'weight')"]
+    assert [e.name for e in attach(model)] == ["1.weight"]
+    detach(model)
     with pytest.raises(ValueError, match=r"Linear '0' is already parametrized by \['_WeightNorm'\].*exclude=\['0'\]"):
-        attach(model)
-    assert [e.name for e in attach(model, exclude=["0"])] == ["1.weight"]
+        attach(model, targets=["0", "1"])
+    assert [e.name for e in attach(model, targets=["1"])] == ["1.weight"]
     pruned = nn.Sequential(nn.Linear(4, 4))
     prune.l1_unstructured(pruned[0], "weight", 0.5)
-    with pytest.raises(ValueError, match=r"already pruned or normalised .*prune.remove"):
+    with pytest.raises(ValueError, match=r"no maskable tensor found.*already pruned or normalised"):
         attach(pruned)
+    with pytest.raises(ValueError, match=r"already pruned or normalised .*prune.remove"):
+        attach(pruned, targets=[nn.Linear])
     prune.remove(pruned[0], "weight")
     assert len(attach(pruned)) == 1
+
+
+def test_a_weight_normed_layer_in_a_fit_is_left_dense_with_a_warning(tiny_module):
+    parametrizations.weight_norm(tiny_module.net[0])
+    with pytest.warns(UserWarning, match=r"1 layers are left dense because something else already computes their "
+                                         r"weight: net.0 \(already parametrized"):
+        make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, end=1, plots=False)]).fit(tiny_module)
+    assert parametrize.is_parametrized(tiny_module.net[0], "weight") and not masked_tensors(tiny_module)
 
 
 def test_model_without_maskable_weights_is_refused(tiny_module):
