@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BaseFinetuning, Callback
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -26,20 +24,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from . import loggers, plots, stats
+from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze, tell_frozen
 from .coupling import coupled_channels
 from .init import InitSpec, get_initializer
 from .masks import (
     MaskedTensor,
     TargetSpec,
-    _original,
     attach,
     cached_gates,
     detach,
-    find_targets,
     fold,
     gates_disabled,
-    follow_masks,
-    mask_like,
     masked_tensors,
     restore_masks_on_load,
 )
@@ -235,12 +230,12 @@ class MaskPruningCallback(Callback):
                              "uses manual optimization: pick another init")
         attached = not masked_tensors(pl_module)
         groups = _coupled_norms(pl_module) if self.auto_tie else None
-        with _frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
+        with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(pl_module) if attached else masked_tensors(pl_module)
-        _refreeze(self._masked, thawed)
+        refreeze(self._masked, thawed)
         if attached:
-            _tell_frozen(pl_module, self.targets, self.exclude, self._masked)
-        _mask_copies(trainer, pl_module)
+            tell_frozen(pl_module, self.targets, self.exclude, self._masked)
+        mask_copies(trainer, pl_module)
         try:
             if groups is not None:
                 names = {entry.name for entry in self._masked}
@@ -269,7 +264,7 @@ class MaskPruningCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _mask_copies(trainer, pl_module)  # copies made by other callbacks before the masks existed
+        mask_copies(trainer, pl_module)  # copies made by other callbacks before the masks existed
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         place_scores(trainer.optimizers, schedulers, self._masked, self.mask_lr, self.mask_weight_decay)
 
@@ -314,7 +309,7 @@ class MaskPruningCallback(Callback):
         pruned, threshold, self._churn = select(self._masked, target)
         rows = stats.layer_rows(self._masked)
         self.plan.record(t, target, pruned, threshold, [row["name"] for row in rows], [row["sparsity"] for row in rows])
-        _mask_copies(trainer, trainer.lightning_module)
+        mask_copies(trainer, trainer.lightning_module)
 
     # ----------------------------------------------------------------------------------------- logging
     @property
@@ -460,7 +455,7 @@ class MaskPruningCallback(Callback):
                 # dropped. Folded, it gets the trained function with its exact zeros (the worker's model ends here).
                 fold(pl_module)
                 self._masked = []
-            _end_process_group_at_exit()
+        end_process_group_at_exit()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -505,103 +500,6 @@ def _check_targets(name: str, value: Any, optional: bool = False) -> Optional[li
             return specs
     raise ValueError(f"{name} must be a glob on qualified names, a module type, or a list of them"
                      f"{' or None' if optional else ''}, got {value!r}; e.g. {name}=['encoder.*', torch.nn.Linear]")
-
-
-@contextmanager
-def _frozen_by_finetuning(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[list[torch.Tensor]]:
-    """Within the block, the tensors that the Trainer's finetuning callbacks (``BaseFinetuning``) freeze are trainable.
-
-    Which they are is asked of the callbacks themselves: with every tensor trainable, each callback's
-    ``freeze_before_training`` runs (it freezes the same tensors as in its own ``setup``, which ran before or will
-    run after this one). Yields those already frozen now; every tensor's ``requires_grad`` is restored after.
-    """
-    finetuners = [callback for callback in trainer.callbacks if isinstance(callback, BaseFinetuning)]
-    params = list(pl_module.parameters()) if finetuners else []
-    before = [param.requires_grad for param in params]
-    for param in params:
-        param.requires_grad_(True)
-    for callback in finetuners:
-        callback.freeze_before_training(pl_module)
-    theirs = [not param.requires_grad for param in params]
-    for param, trainable, frozen in zip(params, before, theirs):
-        param.requires_grad_(trainable or frozen)
-    try:
-        yield [param for param, trainable, frozen in zip(params, before, theirs) if frozen and not trainable]
-    finally:
-        for param, trainable in zip(params, before):
-            param.requires_grad_(trainable)
-
-
-def _refreeze(masked: list[MaskedTensor], thawed: list[torch.Tensor]) -> None:
-    """Freeze the scores of masks on tensors a finetuning callback froze (its unfreezing trains them both)."""
-    ids = {id(p) for p in thawed}
-    for entry in masked:
-        if id(entry.weight) in ids:
-            entry.gate.scores.requires_grad_(False)
-
-
-def _tell_frozen(pl_module: pl.LightningModule, targets: Optional[list], exclude: list,
-                 masked: list[MaskedTensor]) -> None:
-    """Name the tensors left unmasked because they were frozen at setup, and how to include them."""
-    frozen = [p for p in pl_module.parameters() if not p.requires_grad]
-    if not frozen:
-        return
-    for param in frozen:
-        param.requires_grad_(True)
-    try:
-        wanted = find_targets(pl_module, targets, exclude)
-    except ValueError:
-        wanted = {}
-    finally:
-        for param in frozen:
-            param.requires_grad_(False)
-    ids = {id(p) for p in frozen}
-    skipped = [name for name, owners in wanted.items() if id(_original(*owners[0])) in ids]
-    if skipped:
-        rank_zero_info(f"lightning_masks: {len(skipped)} frozen tensors (requires_grad=False at setup) are left "
-                       f"unmasked: {skipped}; to mask them, make them trainable before fit, or freeze them with a "
-                       "BaseFinetuning callback (e.g. BackboneFinetuning), whose frozen tensors are masked")
-
-
-def _mask_copies(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Keep the copies of ``pl_module`` that other callbacks hold (SWA's average model, an EMA's ``AveragedModel``)
-    masked like it.
-
-    A plain copy, made before the masks existed (StochasticWeightAveraging deep-copies the module in its ``setup``),
-    gets copies of the masks, so that its parameters pair one to one with the masked module's again; a masked copy
-    gets the module's current keep bits (it averages weights and scores, not the keep-masks).
-    """
-    if not masked_tensors(pl_module):
-        return
-    for callback in trainer.callbacks:
-        if callback is pl_module:
-            continue
-        for value in list(vars(callback).values()):
-            inner = getattr(value, "module", None)
-            for candidate in (value, inner):
-                if isinstance(candidate, torch.nn.Module) and candidate is not pl_module:
-                    mask_like(candidate, pl_module) or follow_masks(candidate, pl_module)
-
-
-_process_group_ends_at_exit = False
-
-
-def _end_process_group_at_exit() -> None:
-    """Destroy the process group when a worker process exits.
-
-    Lightning registers this at exit for NCCL only; a gloo group left alive keeps its native threads running into
-    the interpreter's shutdown, where a spawned rank was seen to abort ("terminate called without an active
-    exception", SIGABRT) on a loaded machine.
-    """
-    global _process_group_ends_at_exit
-    if not _process_group_ends_at_exit and torch.distributed.is_available() and torch.distributed.is_initialized():
-        atexit.register(_destroy_process_group)
-        _process_group_ends_at_exit = True
-
-
-def _destroy_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def _check_strategy(strategy: Any) -> None:
