@@ -85,7 +85,7 @@ def masked_value(
 def _divisor(temperature: Tensor | float) -> Tensor | float | None:
     """``T``, or ``None`` where it is known to be exactly 1 without a device sync (the division is skipped)."""
     if isinstance(temperature, Tensor):
-        if temperature.device.type != "cpu" or temperature.requires_grad or _tracing():
+        if temperature.device.type != "cpu" or temperature.requires_grad or torch.compiler.is_compiling():
             return temperature
         return None if temperature.item() == 1.0 else temperature
     return None if temperature == 1.0 else temperature
@@ -97,15 +97,19 @@ def _tracing() -> bool:
             or torch.compiler.is_exporting())
 
 
-def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None) -> Tensor:
-    """``sigmoid(scores / T) * keep`` in one fresh buffer (the keep bits multiply as 0/1 bytes: exact and fast).
+def _traced(weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, scale: Tensor | None) -> Tensor:
+    """The masked tensor as plain out-of-place operations, the same with or without grad, for tracers and exporters.
 
-    Traced or exported, the bits are cast to the gate's dtype instead: a bool-to-byte view has no ONNX or
-    TorchScript translation.
+    The keep bits are cast to the gate's dtype: the bool-to-byte view of :func:`_keep_gate` has no ONNX or
+    TorchScript translation, and a custom autograd function none either.
     """
+    gate = torch.sigmoid(scores / temperature)
+    return _times(weight, gate * keep.to(gate.dtype), scale)
+
+
+def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None) -> Tensor:
+    """``sigmoid(scores / T) * keep`` in one fresh buffer (the keep bits multiply as 0/1 bytes: exact and fast)."""
     raw = torch.sigmoid(scores if divisor is None else scores / divisor)
-    if _tracing():
-        return raw * keep.to(raw.dtype)
     return raw.mul_(keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
 
 
@@ -165,9 +169,9 @@ def gated(
     :class:`torch.autograd.Function` computes them and keeps one gate-sized buffer for backward, against
     autograd's chain of several saved intermediates.
     """
+    if _tracing():
+        return _traced(weight, scores, keep, temperature, gate_scale)
     divisor = _divisor(temperature)
-    if _tracing():  # the same plain operations with or without grad, which every tracer and exporter translates
-        return _times(weight, _keep_gate(scores, keep, divisor), gate_scale)
     if torch.is_grad_enabled() and (weight.requires_grad or scores.requires_grad or
                                     (gate_scale is not None and gate_scale.requires_grad)):
         trained = [t for t in (gate_scale, temperature) if isinstance(t, Tensor) and t.requires_grad]
