@@ -591,7 +591,8 @@ def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
     Each masked tensor of ``source`` gets a copy of its gate (scores, keep, temperature, scale) on the same place of
     ``replica``, in the same order, so that ``replica.parameters()`` pairs one to one with ``source.parameters()``.
     Returns ``replica``'s masked tensors; ``[]`` (``replica`` untouched) when it is masked already or is not a copy of
-    ``source`` (another type, or a masked tensor's place missing or of another shape).
+    ``source`` (another type, or a masked tensor's place missing or holding other values: a distillation teacher of
+    the same class is left alone).
     """
     if type(replica) is not type(source) or masked_tensors(replica):
         return []
@@ -606,8 +607,7 @@ def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
     places = []
     for entry in masked_tensors(source):
         owners = [(place(m), tn) for m, tn in entry.owners]
-        if any(m is None or not isinstance(getattr(m, tn, None), Tensor) or getattr(m, tn).shape != entry.weight.shape
-               for m, tn in owners):
+        if any(m is None or not _same_values(getattr(m, tn, None), entry.weight) for m, tn in owners):
             return []
         places.append((entry.gate, owners, [place(m) for m in _biases(entry)]))
     for gate, owners, biases in places:
@@ -618,6 +618,11 @@ def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
         for module in biases:
             parametrize.register_parametrization(module, "bias", ChannelBias(gate))
     return masked_tensors(replica)
+
+
+def _same_values(tensor: object, weight: Tensor) -> bool:
+    return (isinstance(tensor, Tensor) and tensor.shape == weight.shape
+            and torch.equal(tensor.detach().to(weight.device), weight.detach()))
 
 
 def follow_masks(replica: nn.Module, source: nn.Module) -> bool:
