@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import fnmatch
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BaseFinetuning, Callback
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -28,6 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from . import loggers, plots, stats
+from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze
 from .coupling import coupled_channels
 from .init import InitSpec, get_initializer
 from .kinds import kind_of
@@ -39,9 +38,7 @@ from .masks import (
     cached_gates,
     detach,
     fold,
-    follow_masks,
     gates_disabled,
-    mask_like,
     masked_tensors,
     resolve_targets,
     restore_masks_on_load,
@@ -261,10 +258,10 @@ class MaskPruningCallback(Callback):
         the checkpoint restore and the DDP wrapper), or adopt the ones it has; check them against the selector."""
         attached = not masked_tensors(pl_module)
         groups = _coupled_norms(pl_module) if self.auto_tie else None
-        with _frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
+        with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
-        _refreeze(self._masked, thawed)
-        _mask_copies(trainer, pl_module)
+        refreeze(self._masked, thawed)
+        mask_copies(trainer, pl_module)
         try:
             if groups is not None:
                 names = {entry.name for entry in self._masked}
@@ -332,7 +329,7 @@ class MaskPruningCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _mask_copies(trainer, pl_module)  # copies made by other callbacks before the masks existed
+        mask_copies(trainer, pl_module)  # copies made by other callbacks before the masks existed
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         place_scores(trainer.optimizers, schedulers, self._masked, self.mask_lr, self.mask_weight_decay)
 
@@ -377,7 +374,7 @@ class MaskPruningCallback(Callback):
         pruned, threshold, self._churn = select(self._masked, target)
         rows = stats.layer_rows(self._masked)
         self.plan.record(t, target, pruned, threshold, [row["name"] for row in rows], [row["sparsity"] for row in rows])
-        _mask_copies(trainer, trainer.lightning_module)
+        mask_copies(trainer, trainer.lightning_module)
 
     # ----------------------------------------------------------------------------------------- logging
     @property
@@ -525,7 +522,7 @@ class MaskPruningCallback(Callback):
                 # dropped. Folded, it gets the trained function with its exact zeros (the worker's model ends here).
                 fold(pl_module)
                 self._masked = []
-            _end_process_group_at_exit()
+        end_process_group_at_exit()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -570,80 +567,6 @@ def _check_targets(name: str, value: Any, optional: bool = False) -> Optional[li
             return specs
     raise ValueError(f"{name} must be a glob on qualified names, a module type, or a list of them"
                      f"{' or None' if optional else ''}, got {value!r}; e.g. {name}=['encoder.*', torch.nn.Linear]")
-
-
-@contextmanager
-def _frozen_by_finetuning(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[list[torch.Tensor]]:
-    """Within the block, the tensors that the Trainer's finetuning callbacks (``BaseFinetuning``) freeze are trainable.
-
-    Which they are is asked of the callbacks themselves: with every tensor trainable, each callback's
-    ``freeze_before_training`` runs (it freezes the same tensors as in its own ``setup``, which ran before or will
-    run after this one). Yields those already frozen now; every tensor's ``requires_grad`` is restored after.
-    """
-    finetuners = [callback for callback in trainer.callbacks if isinstance(callback, BaseFinetuning)]
-    params = list(pl_module.parameters()) if finetuners else []
-    before = [param.requires_grad for param in params]
-    for param in params:
-        param.requires_grad_(True)
-    for callback in finetuners:
-        callback.freeze_before_training(pl_module)
-    theirs = [not param.requires_grad for param in params]
-    for param, trainable, frozen in zip(params, before, theirs):
-        param.requires_grad_(trainable or frozen)
-    try:
-        yield [param for param, trainable, frozen in zip(params, before, theirs) if frozen and not trainable]
-    finally:
-        for param, trainable in zip(params, before):
-            param.requires_grad_(trainable)
-
-
-def _refreeze(masked: list[MaskedTensor], thawed: list[torch.Tensor]) -> None:
-    """Freeze the scores of masks on tensors a finetuning callback froze (its unfreezing trains them both)."""
-    ids = {id(p) for p in thawed}
-    for entry in masked:
-        if id(entry.weight) in ids:
-            entry.gate.scores.requires_grad_(False)
-
-
-def _mask_copies(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Keep the copies of ``pl_module`` that other callbacks hold (SWA's average model, an EMA's ``AveragedModel``)
-    masked like it.
-
-    A plain copy, made before the masks existed (StochasticWeightAveraging deep-copies the module in its ``setup``),
-    gets copies of the masks, so that its parameters pair one to one with the masked module's again; a masked copy
-    gets the module's current keep bits (it averages weights and scores, not the keep-masks).
-    """
-    if not masked_tensors(pl_module):
-        return
-    for callback in trainer.callbacks:
-        if callback is pl_module:
-            continue
-        for value in list(vars(callback).values()):
-            inner = getattr(value, "module", None)
-            for candidate in (value, inner):
-                if isinstance(candidate, torch.nn.Module) and candidate is not pl_module:
-                    mask_like(candidate, pl_module) or follow_masks(candidate, pl_module)
-
-
-_process_group_ends_at_exit = False
-
-
-def _end_process_group_at_exit() -> None:
-    """Destroy the process group when a worker process exits.
-
-    Lightning registers this at exit for NCCL only; a gloo group left alive keeps its native threads running into
-    the interpreter's shutdown, where a spawned rank was seen to abort ("terminate called without an active
-    exception", SIGABRT) on a loaded machine.
-    """
-    global _process_group_ends_at_exit
-    if not _process_group_ends_at_exit and torch.distributed.is_available() and torch.distributed.is_initialized():
-        atexit.register(_destroy_process_group)
-        _process_group_ends_at_exit = True
-
-
-def _destroy_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def _check_strategy(strategy: Any) -> None:

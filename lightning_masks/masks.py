@@ -80,7 +80,7 @@ def masked_value(
 def _divisor(temperature: Tensor | float) -> Tensor | float | None:
     """``T``, or ``None`` where it is known to be exactly 1 without a device sync (the division is skipped)."""
     if isinstance(temperature, Tensor):
-        if temperature.device.type != "cpu" or temperature.requires_grad or _tracing():
+        if temperature.device.type != "cpu" or temperature.requires_grad or torch.compiler.is_compiling():
             return temperature
         return None if temperature.item() == 1.0 else temperature
     return None if temperature == 1.0 else temperature
@@ -92,15 +92,19 @@ def _tracing() -> bool:
             or torch.compiler.is_exporting())
 
 
-def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None) -> Tensor:
-    """``sigmoid(scores / T) * keep`` in one fresh buffer (the keep bits multiply as 0/1 bytes: exact and fast).
+def _traced(weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, scale: Tensor | None) -> Tensor:
+    """The masked tensor as plain out-of-place operations, the same with or without grad, for tracers and exporters.
 
-    Traced or exported, the bits are cast to the gate's dtype instead: a bool-to-byte view has no ONNX or
-    TorchScript translation.
+    The keep bits are cast to the gate's dtype: the bool-to-byte view of :func:`_keep_gate` has no ONNX or
+    TorchScript translation, and a custom autograd function none either.
     """
+    gate = torch.sigmoid(scores / temperature)
+    return _times(weight, gate * keep.to(gate.dtype), scale)
+
+
+def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None) -> Tensor:
+    """``sigmoid(scores / T) * keep`` in one fresh buffer (the keep bits multiply as 0/1 bytes: exact and fast)."""
     raw = torch.sigmoid(scores if divisor is None else scores / divisor)
-    if _tracing():
-        return raw * keep.to(raw.dtype)
     return raw.mul_(keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
 
 
@@ -160,9 +164,9 @@ def gated(
     :class:`torch.autograd.Function` computes them and keeps one gate-sized buffer for backward, against
     autograd's chain of several saved intermediates.
     """
+    if _tracing():
+        return _traced(weight, scores, keep, temperature, gate_scale)
     divisor = _divisor(temperature)
-    if _tracing():  # the same plain operations with or without grad, which every tracer and exporter translates
-        return _times(weight, _keep_gate(scores, keep, divisor), gate_scale)
     if torch.is_grad_enabled() and (weight.requires_grad or scores.requires_grad or
                                     (gate_scale is not None and gate_scale.requires_grad)):
         trained = [t for t in (gate_scale, temperature) if isinstance(t, Tensor) and t.requires_grad]
@@ -728,7 +732,8 @@ def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
     Each masked tensor of ``source`` gets a copy of its gate (scores, keep, temperature, scale) on the same place of
     ``replica``, in the same order, so that ``replica.parameters()`` pairs one to one with ``source.parameters()``.
     Returns ``replica``'s masked tensors; ``[]`` (``replica`` untouched) when it is masked already or is not a copy of
-    ``source`` (another type, or a masked tensor's place missing or of another shape).
+    ``source`` (another type, or a masked tensor's place missing or holding other values: a distillation teacher of
+    the same class is left alone).
     """
     if type(replica) is not type(source) or masked_tensors(replica):
         return []
@@ -743,8 +748,7 @@ def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
     places = []
     for entry in masked_tensors(source):
         owners = [(place(m), tn) for m, tn in entry.owners]
-        if any(m is None or not isinstance(getattr(m, tn, None), Tensor) or getattr(m, tn).shape != entry.weight.shape
-               for m, tn in owners):
+        if any(m is None or not _same_values(getattr(m, tn, None), entry.weight) for m, tn in owners):
             return []
         places.append((entry.gate, owners, [(place(m), name) for m, name in _biases(entry)]))
     for gate, owners, biases in places:
@@ -755,6 +759,11 @@ def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
         for module, name in biases:
             parametrize.register_parametrization(module, name, ChannelBias(gate))
     return masked_tensors(replica)
+
+
+def _same_values(tensor: object, weight: Tensor) -> bool:
+    return (isinstance(tensor, Tensor) and tensor.shape == weight.shape
+            and torch.equal(tensor.detach().to(weight.device), weight.detach()))
 
 
 def follow_masks(replica: nn.Module, source: nn.Module) -> bool:

@@ -55,7 +55,7 @@ class Plan:
         >>> plan = Plan(Schedule("linear", final=0.5, end=3))
         >>> plan.resolve(total_steps=16, steps_per_epoch=4)  # 4 epochs of 4 steps: the ramp is steps 0..12
         >>> plan.every, plan.span
-        (1, (0.0, 12.0))
+        (1, (0, 12))
         >>> plan.decide(plan.due(epoch=1, step=6, epoch_start=False))
         0.25
     """

@@ -3,6 +3,8 @@
 Usage: python tests/ddp_run.py STRATEGY OUT_DIR [CKPT_PATH]
 """
 
+import atexit
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +17,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TinyModule  # noqa: E402
 
 from lightning_masks import MaskPruningCallback, masked_tensors  # noqa: E402
+
+
+def note_exit() -> None:
+    """At interpreter exit (spawned ranks import this file too): is the process group still alive?"""
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+    if out is not None and out.is_dir():
+        alive = torch.distributed.is_available() and torch.distributed.is_initialized()
+        (out / f"exit-{os.getpid()}.txt").write_text(f"{alive} {os.environ.get('LOCAL_RANK', 'main')}")
+
+
+atexit.register(note_exit)  # registered first, so it runs after the process group's own exit handlers
 
 
 class SaveRankState(Callback):

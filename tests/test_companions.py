@@ -116,7 +116,7 @@ def test_backbone_frozen_by_finetuning_is_masked_in_either_order(finetuning_firs
     finetuning, pruner = BackboneFinetuning(unfreeze_backbone_at_epoch=2), MaskPruningCallback(0.7, end=3)
     callbacks = [finetuning, pruner] if finetuning_first else [pruner, finetuning]
     said = []
-    monkeypatch.setattr("lightning_masks.callback.rank_zero_info", said.append)
+    monkeypatch.setattr("lightning_masks.companions.rank_zero_info", said.append)
     make_trainer(max_epochs=5, callbacks=callbacks).fit(module)
     backbone = [module.backbone[0].weight, module.backbone[2].weight]
     total = sum(w.numel() for w in backbone) + module.net.weight.numel()
@@ -282,3 +282,35 @@ def test_torch_save_of_the_whole_module_during_fit(tmp_path):
         assert torch.allclose(loaded(x), expected)
         fold(loaded)
         assert plain(loaded) and torch.allclose(loaded(x), expected, atol=1e-6)
+
+
+def test_a_teacher_of_the_same_class_held_by_a_callback_is_left_alone(tiny_module):
+    class Distill(Callback):
+        def __init__(self):
+            pl.seed_everything(1, verbose=False)
+            self.teacher = TinyModule()  # other weights: not a copy of the student
+
+    distill = Distill()
+    before = {k: v.clone() for k, v in distill.teacher.state_dict().items()}
+    make_trainer(max_epochs=2, callbacks=[distill, MaskPruningCallback(0.5, end=1)]).fit(tiny_module)
+    assert plain(distill.teacher) and all(torch.equal(before[k], v) for k, v in distill.teacher.state_dict().items())
+
+
+def test_stochastic_weight_averaging_first_resumes_from_a_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_epochs, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        module = TinyModule()
+        swa = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1)
+        saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+        make_trainer(max_epochs=max_epochs, enable_checkpointing=True, deterministic=True,
+                     callbacks=[swa, MaskPruningCallback(0.5, end=2), saver]).fit(module, ckpt_path=ckpt_path)
+        return module
+
+    whole = fit(4)
+    resumed = fit(4, ckpt_path=tmp_path / "epoch=1.ckpt")  # SWA's average model state is masked: it loads
+    zeros_whole, total = zeros(whole)
+    assert zeros_whole == zeros(resumed)[0] == round(0.5 * total)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole.state_dict().values(),
+                                                                resumed.state_dict().values()))

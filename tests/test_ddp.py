@@ -37,6 +37,9 @@ def test_ranks_agree_and_sparsity_is_exact(tmp_path, strategy):
     with open(next(tmp_path.glob("logs/version_*/metrics.csv"))) as handle:
         steps = [row["step"] for row in csv.DictReader(handle) if row.get("masks/global/sparsity")]
     assert len(steps) == len(set(steps))  # each logged once (rank zero only)
+    exits = [path.read_text().split() for path in tmp_path.glob("exit-*.txt")]
+    assert exits and all(alive == "False" for alive, _ in exits), exits  # no process group left alive at exit
+    assert len(exits) >= 2  # both ranks (and, under ddp_spawn, the main process)
     main = torch.load(tmp_path / "main.pt")  # the main process's model after fit: trained, with the masked function
     if strategy == "ddp_spawn":  # handed back folded (fold_on_fit_end=False cannot keep masks across processes)
         assert main["masked"] == 0

@@ -1,0 +1,112 @@
+"""The lifecycle plan, without a Trainer: cadence, span, skipped updates, early ends, resume state."""
+
+import pytest
+
+from lightning_masks import MaskPruningCallback, Schedule, ThresholdSchedule
+from lightning_masks.plan import Plan
+from lightning_masks.schedule import CallableSchedule
+
+
+def run(plan, epochs, steps_per_epoch):
+    """Drive the plan as the hooks do; return the updates made as (position, target)."""
+    plan.resolve(epochs * steps_per_epoch, steps_per_epoch)
+    updates = []
+    for epoch in range(epochs):
+        for batch in range(-1, steps_per_epoch):  # -1: the epoch's start
+            step = epoch * steps_per_epoch + max(batch, 0)
+            t = plan.due(epoch, step, epoch_start=batch == -1)
+            target = plan.decide(t)
+            if target is not None:
+                plan.record(t, target, round(target * 100), None, ["w"], [target])
+                updates.append((t, target))
+    return updates
+
+
+def test_auto_cadence_spreads_about_a_hundred_updates_over_the_ramp():
+    plan = Plan(Schedule("linear", final=0.5, start=15, end=65))
+    updates = run(plan, epochs=75, steps_per_epoch=4)  # the ramp: steps 60..260
+    assert plan.cadence == "step" and plan.every == 2 and plan.span == (60.0, 260.0)
+    assert len(updates) == 1 + 100  # the first (empty) update, then the ramp's; equal targets are skipped
+    assert updates[-1] == (260, 0.5) and plan.shortfall() is None
+
+
+def test_epoch_cadence_and_callables_update_as_epochs_start():
+    plan = Plan(Schedule("linear", final=0.6, end=2), update_every="epoch")
+    assert run(plan, epochs=3, steps_per_epoch=4) == [(0, 0.0), (1, 0.3), (2, 0.6)]
+    plan = Plan(CallableSchedule(lambda epoch: [0.0, 0.3, 0.7][epoch]))
+    assert plan.cadence == "epoch" and run(plan, 3, 4) == [(0, 0.0), (1, 0.3), (2, 0.7)]
+    assert plan.shortfall() is None  # a callable's final value is unknown
+
+
+def test_equal_targets_are_skipped_unless_regrowing_or_thresholding():
+    for plan, count in [(Plan(Schedule("constant", final=0.6)), 1),
+                        (Plan(Schedule("constant", final=0.6), regrow=True), 8),
+                        (Plan(ThresholdSchedule("constant", final=0.6)), 8)]:
+        assert len(run(plan, epochs=2, steps_per_epoch=4)) == count
+        assert plan.position == 7
+
+
+def test_fresh_forgets_the_last_fit_and_state_dict_restores_it():
+    plan = Plan(Schedule("constant", final=0.6), update_every="epoch")
+    run(plan, 3, 4)
+    saved = plan.state_dict()
+    fresh = plan.fresh()
+    assert (fresh.position, fresh.target, fresh.history["positions"]) == (None, 0.0, [])
+    assert run(fresh, 3, 4) == [(0, 0.6)]  # the first update of a new fit is never skipped
+    resumed = plan.fresh()
+    resumed.load_state_dict(saved)
+    assert (resumed.position, resumed.target, resumed.pruned, resumed.history) == (2, 0.6, 60, plan.history)
+
+
+def test_an_early_end_is_a_shortfall_and_final_jumps():
+    plan = Plan(Schedule("cubic", final=0.9, end=8))
+    run(plan, epochs=3, steps_per_epoch=4)  # resolved for 3 epochs: the ramp is clamped to end at step 11
+    assert plan.shortfall() is None
+    plan = Plan(Schedule("cubic", final=0.9, end=8), early_end="final")
+    plan.resolve(12 * 4, 4)
+    for step in range(10):
+        target = plan.decide(plan.due(step // 4, step, epoch_start=False))
+        if target is not None:
+            plan.record(step, target, 0, None, [], [])
+    shortfall = plan.shortfall()
+    assert (shortfall.position, shortfall.ramp_end, shortfall.final) == (9, 32.0, 0.9)
+    assert 0 < shortfall.reached < 0.9 and plan.end_target() == 0.9
+    assert "fit ended at step 9, before the ramp's end at step 32: target sparsity 0.9 (reached 50.00%)" in \
+        shortfall.message(0.5, "folded")
+    assert Plan(Schedule("cubic", final=0.9)).shortfall().position is None  # ended before any update
+
+
+def test_a_ramp_inverted_by_the_fit_is_refused():
+    plan = Plan(Schedule("linear", final=0.5, start=5, end=0.5))  # epoch 5 is after half of a 6-epoch fit
+    with pytest.raises(ValueError, match=r"inverted in this fit: start=5 is step 20, after end=0.5 at step 12"):
+        plan.resolve(6 * 4, 4)
+
+
+# ------------------------------------------------------------------------------------------ arguments
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"start": 0.8, "end": 0.2}, r"the ramp is inverted: start=0.8 > end=0.2; .* give start <= end"),
+    ({"start": 5, "end": 2}, r"the ramp is inverted: start=5 > end=2"),
+    ({"mask_lr": "0.01"}, r"mask_lr must be >= 0 or None, got '0.01', a str: pass a number; e.g. mask_lr=0.01"),
+    ({"mask_weight_decay": "0"}, r"mask_weight_decay must be >= 0 or None, got '0', a str"),
+    ({"layer_floor": "0.25"}, r"layer_floor must be in \[0, 1\], got '0.25', a str: pass a number; e.g. layer_floor"),
+    ({"layer_floor": 1.5}, r"layer_floor must be in \[0, 1\], got 1.5"),
+    ({"sparsity": "0.9"}, r"sparsity must be in \[0, 1\), got '0.9', a str"),
+    ({"temperature": True}, r"temperature must be > 0, got True, a bool"),
+    ({"update_every": True}, r"update_every must be 'auto', 'epoch' or a positive int \(steps\), got True"),
+    ({"targets": 3}, r"targets must be a glob on qualified names, a module type, or a list of them or None, got 3"),
+    ({"exclude": [1]}, r"exclude must be a glob .* got \[1\]"),
+    ({"init_kwargs": 0.1}, r"init_kwargs must be a mapping .* got 0.1"),
+    ({"mode": 1}, r"mode must be a string, got 1"),
+    ({"early_end": "jump"}, r"early_end must be one of \['warn', 'final'\], got 'jump'"),
+    ({"seed": 1.5}, r"seed must be an int or None, got 1.5"),
+    ({"fold_on_fit_end": "no"}, r"fold_on_fit_end must be True or False, got 'no'"),
+    ({"log_every_n_steps": -1}, r"log_every_n_steps must be an int >= 0 or None, got -1"),
+])
+def test_arguments_are_checked_by_type_and_range_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MaskPruningCallback(**kwargs)
+
+
+def test_one_string_target_or_exclude_is_one_glob():
+    pruner = MaskPruningCallback(targets="layer", exclude="net.0")
+    assert pruner.targets == ["layer"] and pruner.exclude == ["net.0"]
