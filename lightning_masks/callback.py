@@ -47,11 +47,13 @@ from .optim import place_scores
 from .outputs import output_layers as find_output_layers
 from .plan import EARLY_END, Plan
 from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule
-from .select import Selector, parse_granularity
+from .select import Selector
 
 __all__ = ["MaskPruningCallback"]
 
 DEFAULT_SPARSITY = 0.9
+_SELECTION_DEFAULTS = {"mode": "global", "importance": "effective_weight", "layer_floor": 0.25, "regrow": False,
+                       "granularity": "element", "tie": ()}  # the loose selection arguments' defaults
 
 
 class MaskPruningCallback(Callback):
@@ -89,17 +91,19 @@ class MaskPruningCallback(Callback):
         temperature: the gate's ``T > 0``.
         rescale_gate: divide each gate by its initial value so training starts from the dense function
             (on by default: benchmarks/results/study_lenet300_s99.md).
-        mode, importance, layer_floor, regrow, granularity: see :class:`~lightning_masks.select.Selector`.
+        selector: how scores become keep-masks, one :class:`~lightning_masks.select.Selector` (ranking ``mode``,
+            ``importance``, ``layer_floor``, ``regrow``, ``granularity``, ``tie``); default ``Selector()``.
+        mode, importance, layer_floor, regrow, granularity, tie: the same fields one by one (the selector's, when
+            ``selector`` is not given; giving both is refused).
         output_layers: with ``granularity="channel"``, the layers left whole because their output units are
             the model's outputs (classes, vocabulary). ``"auto"``: the masked layers whose outputs reach the
             model's outputs through no other masked layer, traced on ``forward(example_input_array)`` or, when
             that is not set, on the loss of the first training batch (:func:`~lightning_masks.outputs.output_layers`);
             a list of globs on module names; or ``None`` to prune them too.
-        tie: groups of globs on masked tensor names pruned together unit by unit (see
-            :class:`~lightning_masks.select.Selector`), e.g. the BatchNorms that add into one residual stream,
-            so that export can remove the stream's pruned channels. ``"auto"``: the masked BatchNorms whose
-            channels meet in a sum (:func:`~lightning_masks.coupling.coupled_channels` on the module's
-            ``example_input_array``).
+            ``tie``: groups of globs on masked tensor names pruned together unit by unit, e.g. the BatchNorms
+            that add into one residual stream, so that export can remove the stream's pruned channels.
+            ``"auto"``: the masked BatchNorms whose channels meet in a sum
+            (:func:`~lightning_masks.coupling.coupled_channels` on the module's ``example_input_array``).
         mask_lr, mask_weight_decay: learning rate and weight decay of the scores, in their own param group of
             the optimizer that trains the weight (default ``mask_lr=0.01``, the weight decay of the weight's
             group). Both ``None`` leaves the scores where ``configure_optimizers`` put them.
@@ -137,6 +141,7 @@ class MaskPruningCallback(Callback):
         init_kwargs: Optional[Mapping[str, Any]] = None,
         temperature: float = 1.0,
         rescale_gate: bool = True,
+        selector: Optional[Selector] = None,
         mode: str = "global",
         importance: str = "effective_weight",
         layer_floor: float = 0.25,
@@ -162,10 +167,23 @@ class MaskPruningCallback(Callback):
             raise ValueError(f"init_kwargs must be a mapping of the initializer's options or None, got "
                              f"{init_kwargs!r}; e.g. init_kwargs={{'noise_scale': 0.1}}")
         _check_number("temperature", temperature, 0.0, math.inf, low_open=True, hint="try 1.0 (lower is a harder gate)")
-        for name, value in (("mode", mode), ("importance", importance), ("granularity", granularity)):
-            if not isinstance(value, str):
-                raise ValueError(f"{name} must be a string, got {value!r}; see lightning_masks.select.Selector")
-        _check_number("layer_floor", layer_floor, 0.0, 1.0, hint="e.g. layer_floor=0.25 (a float); 0 disables the floor")
+        loose = {"mode": mode, "importance": importance, "layer_floor": layer_floor, "regrow": regrow,
+                 "granularity": granularity, "tie": tie}
+        if selector is not None:
+            if not isinstance(selector, Selector):
+                raise ValueError(f"selector must be a lightning_masks.Selector, got {selector!r}")
+            given = [name for name, value in loose.items() if _normalized(value) != _SELECTION_DEFAULTS[name]]
+            if given:
+                raise ValueError(f"the selection is given twice: selector={selector!r} and {given}; put them in the "
+                                 f"Selector (e.g. Selector(granularity='channel')) or drop selector=")
+        else:
+            for name, value in (("mode", mode), ("importance", importance), ("granularity", granularity)):
+                if not isinstance(value, str):
+                    raise ValueError(f"{name} must be a string, got {value!r}; see lightning_masks.select.Selector")
+            _check_number("layer_floor", layer_floor, 0.0, 1.0,
+                          hint="e.g. layer_floor=0.25 (a float); 0 disables the floor")
+            selector = Selector(mode, importance, layer_floor, regrow, granularity,
+                                tie if isinstance(tie, str) else tuple(tie))
         for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
             _check_number(name, value, 0.0, math.inf, optional=True, hint=f"e.g. {name}=0.01 (a float, not a string)")
         if early_end not in EARLY_END:
@@ -175,13 +193,13 @@ class MaskPruningCallback(Callback):
         if log_every_n_steps is not None and not (_is_int(log_every_n_steps) and log_every_n_steps >= 0):
             raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}; 0 logs "
                              "only as each epoch ends")
-        for name, value in (("rescale_gate", rescale_gate), ("regrow", regrow), ("fold_on_fit_end", fold_on_fit_end),
+        for name, value in (("rescale_gate", rescale_gate), ("fold_on_fit_end", fold_on_fit_end),
                             ("log_histograms", log_histograms), ("plots", plots)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
-        nm_sparsity = parse_granularity(granularity).sparsity
+        nm_sparsity = selector.grain.sparsity
         if nm_sparsity is not None and sparsity is not None and not math.isclose(sparsity, nm_sparsity):
-            raise ValueError(f"granularity {granularity!r} fixes sparsity at {nm_sparsity}, got sparsity={sparsity}; "
+            raise ValueError(f"granularity {selector.granularity!r} fixes sparsity at {nm_sparsity}, got sparsity={sparsity}; "
                              "leave sparsity unset")
         final = sparsity if sparsity is not None else (nm_sparsity if nm_sparsity is not None else DEFAULT_SPARSITY)
 
@@ -193,14 +211,11 @@ class MaskPruningCallback(Callback):
         self.exclude = exclude
         self.temperature = float(temperature)
         self.rescale_gate = rescale_gate
-        if isinstance(tie, str) and tie != "auto":
-            raise ValueError(f"tie must be 'auto' or a list of groups of globs, got {tie!r}")
-        self.auto_tie = tie == "auto"
         if isinstance(output_layers, str) and output_layers != "auto":
             raise ValueError(f"output_layers must be 'auto', None or a list of globs on module names, got "
                              f"{output_layers!r}; e.g. output_layers=['head']")
         self.output_layers = output_layers if output_layers in ("auto", None) else list(output_layers)
-        self.selector = Selector(mode, importance, layer_floor, regrow, granularity, () if self.auto_tie else tie)
+        self.selector = selector
         self.mask_lr = mask_lr
         self.mask_weight_decay = mask_weight_decay
         self.fold_on_fit_end = fold_on_fit_end
@@ -209,7 +224,7 @@ class MaskPruningCallback(Callback):
         self.log_histograms = log_histograms
         self.plots = plots
 
-        self.plan = Plan(self.schedule, update_every, regrow, early_end)  # this fit's lifecycle (plan.py)
+        self.plan = Plan(self.schedule, update_every, selector.regrow, early_end)  # this fit's lifecycle (plan.py)
         self.scores_initialized = False
         self._churn: dict[str, torch.Tensor] = {}
         self._gate_cache = None
@@ -257,7 +272,7 @@ class MaskPruningCallback(Callback):
         """Attach the masks to the built module (after ``setup`` and ``configure_model``, before the optimizers,
         the checkpoint restore and the DDP wrapper), or adopt the ones it has; check them against the selector."""
         attached = not masked_tensors(pl_module)
-        groups = _coupled_norms(pl_module) if self.auto_tie else None
+        groups = _coupled_norms(pl_module) if self.selector.auto_tie else None
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
         refreeze(self._masked, thawed)
@@ -567,6 +582,11 @@ def _check_targets(name: str, value: Any, optional: bool = False) -> Optional[li
             return specs
     raise ValueError(f"{name} must be a glob on qualified names, a module type, or a list of them"
                      f"{' or None' if optional else ''}, got {value!r}; e.g. {name}=['encoder.*', torch.nn.Linear]")
+
+
+def _normalized(value: Any) -> Any:
+    """A selection argument as its default is written (a list of tie groups as a tuple)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _check_strategy(strategy: Any) -> None:

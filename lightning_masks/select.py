@@ -222,7 +222,12 @@ class Selector:
             output channels.
         tie: groups of globs on masked tensor names; the tensors of a group are pruned together, unit by
             unit (see :class:`TiedUnits`), e.g. ``[["stem.bn.weight", "stage1.*.bn2.weight"]]``. Members
-            need the same number of units; not with N:M.
+            need the same number of units; not with N:M. ``"auto"``: the groups
+            :class:`~lightning_masks.MaskPruningCallback` traces at setup (it replaces this with them).
+
+    Example:
+        >>> Selector(mode="layer", granularity="channel").grain.channel
+        True
     """
 
     mode: str = "global"
@@ -230,20 +235,27 @@ class Selector:
     layer_floor: float = 0.25
     regrow: bool = False
     granularity: str = "element"
-    tie: Sequence[Sequence[str]] = ()
+    tie: Union[str, Sequence[Sequence[str]]] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in ("global", "layer"):
             raise ValueError(f"mode must be 'global' or 'layer', got {self.mode!r}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"unknown importance {self.importance!r}; known criteria: {sorted(IMPORTANCE)}")
-        if not 0.0 <= self.layer_floor <= 1.0:
+        if isinstance(self.layer_floor, bool) or not isinstance(self.layer_floor, (int, float)) or \
+                not 0.0 <= self.layer_floor <= 1.0:
             raise ValueError(f"layer_floor must be in [0, 1], got {self.layer_floor!r}; 0 disables the floor")
-        grain = parse_granularity(self.granularity)
+        grain = parse_granularity(self.granularity) if isinstance(self.granularity, str) else None
+        if grain is None:
+            raise ValueError(f"granularity must be a string ('element', 'channel' or 'N:M'), got {self.granularity!r}")
+        if not isinstance(self.regrow, bool):
+            raise ValueError(f"regrow must be True or False, got {self.regrow!r}")
+        if self.tie == "auto":
+            return
         if isinstance(self.tie, str) or any(isinstance(group, str) or not group or
                                             not all(isinstance(p, str) for p in group) for group in self.tie):
-            raise ValueError(f"tie must be a list of groups, each a non-empty list of glob strings, got {self.tie!r}; "
-                             "e.g. tie=[['stem.bn.weight', 'stage1.*.bn2.weight']]")
+            raise ValueError(f"tie must be 'auto' or a list of groups, each a non-empty list of glob strings, got "
+                             f"{self.tie!r}; e.g. tie=[['stem.bn.weight', 'stage1.*.bn2.weight']]")
         object.__setattr__(self, "tie", tuple(tuple(group) for group in self.tie))
         if self.tie and grain.is_nm:
             raise ValueError(f"tie cannot be combined with N:M granularity ({self.granularity!r}): N:M keeps N of "
@@ -252,6 +264,11 @@ class Selector:
     @property
     def grain(self) -> Granularity:
         return parse_granularity(self.granularity)
+
+    @property
+    def auto_tie(self) -> bool:
+        """Whether the tie groups are still to be traced (``tie="auto"``)."""
+        return self.tie == "auto"
 
     def check(self, masked: Sequence[MaskedTensor]) -> None:
         """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M) or ``tie`` does not
@@ -266,6 +283,9 @@ class Selector:
 
     def tied(self, masked: Sequence[MaskedTensor]) -> list[Ranked]:
         """``masked`` with each ``tie`` group merged into one :class:`TiedUnits`, at its first member's place."""
+        if self.auto_tie:
+            raise ValueError("tie='auto' is traced by MaskPruningCallback at setup; outside it, pass the groups "
+                             "(lightning_masks.coupling.coupled_channels)")
         if not self.tie:
             return list(masked)
         group_of: dict[int, int] = {}

@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_masks import MaskPruningCallback, ThresholdSchedule, fold_checkpoint, masked_tensors, masks
+from lightning_masks import MaskPruningCallback, Selector, ThresholdSchedule, fold_checkpoint, masked_tensors, masks
 from lightning_masks.callback import _check_strategy
 from lightning_masks.zoo import MLP, DigitsDataModule
 
@@ -322,9 +322,9 @@ def test_state_dict_round_trip():
     ({"update_every": 0}, r"update_every must be 'auto', 'epoch' or a positive int"),
     ({"mask_lr": -1.0}, r"mask_lr must be >= 0 or None, got -1.0"),
     ({"importance": "taylor"}, r"unknown importance 'taylor'"),
-    ({"tie": ["net.0.weight", "net.2.weight"]}, r"tie must be a list of groups, each a non-empty list of glob"),
+    ({"tie": ["net.0.weight", "net.2.weight"]}, r"tie must be 'auto' or a list of groups, each a non-empty list"),
     ({"tie": [["net.*"]], "granularity": "2:4"}, r"tie cannot be combined with N:M granularity"),
-    ({"tie": "automatic"}, r"tie must be 'auto' or a list of groups of globs, got 'automatic'"),
+    ({"tie": "automatic"}, r"tie must be 'auto' or a list of groups, each .* got 'automatic'"),
 ])
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -433,3 +433,17 @@ def test_channel_granularity_zeroes_whole_channels_and_restores_from_a_checkpoin
     folded = fold_checkpoint(tmp_path / "channel.ckpt", tmp_path / "plain.ckpt")
     assert torch.allclose(ConvBatchNorm.load_from_checkpoint(folded).eval()(x), expected, atol=1e-6)
     assert linear.parametrizations.weight[0].scores.shape == (3, 1)
+
+
+def test_the_selection_is_one_selector_object_or_the_loose_arguments_not_both(tiny_module):
+    selector = Selector(mode="layer", granularity="2:4")
+    pruner = MaskPruningCallback(selector=selector, end=1)
+    assert pruner.selector is selector and pruner.sparsity == 0.5
+    make_trainer(max_epochs=1, callbacks=[pruner]).fit(tiny_module)
+    for layer in (tiny_module.net[0], tiny_module.net[2]):
+        assert layer.weight.reshape(-1, 4).ne(0).sum(1).le(2).all()
+    assert MaskPruningCallback(mode="layer", tie=[]).selector == Selector(mode="layer")
+    with pytest.raises(ValueError, match=r"the selection is given twice: .* and \['layer_floor'\]"):
+        MaskPruningCallback(selector=Selector(), layer_floor=0.5)
+    with pytest.raises(ValueError, match="selector must be a lightning_masks.Selector, got 'layer'"):
+        MaskPruningCallback(selector="layer")

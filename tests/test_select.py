@@ -381,8 +381,8 @@ def test_bad_tie_groups_are_refused_by_check_naming_the_problem(tie, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"tie": "a.weight"}, "tie must be a list of groups"),
-    ({"tie": [[]]}, "tie must be a list of groups"),
+    ({"tie": "a.weight"}, "tie must be .auto. or a list of groups"),
+    ({"tie": [[]]}, "tie must be .auto. or a list of groups"),
     ({"tie": [["a.*"]], "granularity": "2:4"}, "tie cannot be combined with N:M"),
 ])
 def test_malformed_tie_is_refused_at_construction(kwargs, message):

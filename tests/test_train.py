@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from datafiles import write_cifar10, write_fashion_mnist
-from lightning_masks import MaskPruningCallback, get_initializer, list_initializers
+from lightning_masks import MaskPruningCallback, Selector, get_initializer, list_initializers
 from lightning_masks.configs import CONFIG_DIR, list_recipes
 from lightning_masks.schedule import Schedule
 from lightning_masks.train import RESULT_FILE, layer_table, run
@@ -249,10 +249,23 @@ def test_the_callback_yaml_carries_every_argument_at_its_default():
     node = compose_config().masks
     defaults = _defaults(MaskPruningCallback)
     deliberate = {"sparsity": 0.9, "seed": 0}  # the command's defaults: 90% (the callback's None), the app's seed
-    composed = {"init", "schedule", "init_kwargs", "start", "end"}  # the init and schedule groups carry these
-    assert set(node) - {"_target_"} == set(defaults) - composed | {"init", "schedule"}
+    # the init, schedule and selector groups carry these
+    composed = {"init", "schedule", "selector", "init_kwargs", "start", "end", *inspect.signature(Selector).parameters}
+    assert set(node) - {"_target_"} == set(defaults) - composed | {"init", "schedule", "selector"}
     for key, default in defaults.items():
         if key in composed:
             continue
         expected = deliberate.get(key, default)
         assert node[key] == (list(expected) if isinstance(expected, tuple) else expected), key
+
+
+@pytest.mark.parametrize("option", options("masks/selector"))
+def test_every_selector_config_builds_the_callback_with_its_selector(option):
+    overrides = [f"masks/selector={option}"] + (["masks.sparsity=null"] if option == "two_four" else [])
+    node = compose_config(overrides).masks
+    callback = instantiate(node)
+    assert isinstance(callback.selector, Selector)
+    defaults = {name: p.default for name, p in inspect.signature(Selector).parameters.items()}
+    if option == "global":  # the base the others change: every field at the Selector's default
+        assert {key: node.selector[key] for key in defaults} == {**defaults, "tie": []}
+    assert callback.sparsity == (0.5 if option == "two_four" else 0.9)
