@@ -199,7 +199,8 @@ class MaskPruningCallback(Callback):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         nm_sparsity = selector.grain.sparsity
         if nm_sparsity is not None and sparsity is not None and not math.isclose(sparsity, nm_sparsity):
-            raise ValueError(f"granularity {selector.granularity!r} fixes sparsity at {nm_sparsity}, got sparsity={sparsity}; "
+            raise ValueError(f"granularity {selector.granularity!r} fixes sparsity at {nm_sparsity}, got "
+                             f"sparsity={sparsity}; "
                              "leave sparsity unset")
         final = sparsity if sparsity is not None else (nm_sparsity if nm_sparsity is not None else DEFAULT_SPARSITY)
 
@@ -313,7 +314,8 @@ class MaskPruningCallback(Callback):
                            "`targets`, or register their layer with lightning_masks.register_layer_kind")
         if resolved.foreign:
             rank_zero_warn(f"lightning_masks: {len(resolved.foreign)} layers are left dense because something else "
-                           f"already computes their weight: {stats.short_names(resolved.foreign)}. To mask them, remove "
+                           f"already computes their weight: {stats.short_names(resolved.foreign)}. To mask them, "
+                           "remove "
                            "that first (torch.nn.utils.parametrize.remove_parametrizations, prune.remove)")
         return masked
 

@@ -9,8 +9,6 @@ Without regrowth a pruned entry's key lies below every importance (even ``-inf``
 from __future__ import annotations
 
 import fnmatch
-import functools
-import inspect
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -21,10 +19,10 @@ import torch
 from torch import Tensor
 
 from .kth import PROTECTED, PRUNED, SLICE, float_keys, key_value, kth_key, mark_pruned, top_positions
-from .masks import MaskedTensor, _divisor, _reduce_to
+from .importance import get_importance, list_importances, log_sigmoid
+from .masks import MaskedTensor
 
 __all__ = [
-    "IMPORTANCE",
     "Granularity",
     "Selection",
     "Selector",
@@ -34,63 +32,6 @@ __all__ = [
 
 _SLICE = SLICE  # importance handed to the radix select in slices of at most this many
 _CACHE_ELEMENTS = 1 << 23  # importance keys kept between passes (32 MiB of int32), not more
-
-
-def _at(tensor: Tensor, index: Optional[Tensor]) -> Tensor:
-    """The whole unit-shaped ``tensor``, or its flat entries at ``index``."""
-    return tensor if index is None else tensor.reshape(-1).index_select(0, index)
-
-
-def _log_sigmoid(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
-    """Log of the raw gate ``sigmoid(scores / T)``: orders like the gate without saturating at 1."""
-    gate = entry.gate
-    divisor = _divisor(gate.temperature)  # None at T == 1: no division pass (dividing by 1 is exact anyway)
-    scores = _at(gate.scores.detach(), index).float()
-    return torch.nn.functional.logsigmoid(scores if divisor is None else scores / divisor)
-
-
-def _gate_importance(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
-    """Log of the gate as the network applies it (rescaled when ``rescale_gate`` is on)."""
-    scale = entry.gate.gate_scale
-    values = _log_sigmoid(entry, index)
-    return values if scale is None else values.add_(_at(scale, index).float().log())
-
-
-def _effective_weight_importance(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
-    """Log of ``|w * gate|``: the weight-dependent criterion (per channel, the channel's mean ``|w|``)."""
-    weight = entry.weight.detach()
-    if entry.unit_size > 1:
-        magnitude = _at(_reduce_to(weight.float().abs(), entry.gate.keep.shape), index)
-    else:
-        magnitude = _at(weight, index).float().abs()
-    return magnitude.log_().add_(_gate_importance(entry, index))
-
-
-#: Importance criteria: ``(masked tensor, index=None)`` -> float32 importance of each unit (the keep-mask's
-#: shape), or of the flat units at ``index`` (selection skips the pruned ones); higher is kept first. A
-#: criterion added here may take the masked tensor alone: it is then computed whole and indexed.
-IMPORTANCE: dict[str, Callable[..., Tensor]] = {
-    "gate": _gate_importance,
-    "effective_weight": _effective_weight_importance,
-}
-
-
-@functools.cache
-def _takes_index(criterion: Callable[..., Tensor]) -> bool:
-    """Whether ``criterion`` accepts ``(entry, index)``."""
-    try:
-        inspect.signature(criterion).bind(None, None)
-    except TypeError:
-        return False
-    return True
-
-
-def _importance_at(name: str, entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
-    """``IMPORTANCE[name]`` of the entry's units, or of its flat units at ``index``."""
-    criterion = IMPORTANCE[name]
-    if index is None:
-        return criterion(entry)
-    return criterion(entry, index) if _takes_index(criterion) else _at(criterion(entry), index)
 
 
 class Selection(NamedTuple):
@@ -214,7 +155,8 @@ class Selector:
 
     Args:
         mode: ``"global"`` ranks all masked tensors together; ``"layer"`` prunes each to the target.
-        importance: a name in :data:`IMPORTANCE`: ``"gate"`` or the weight-dependent ``"effective_weight"``.
+        importance: a registered criterion (:func:`~lightning_masks.importance.list_importances`): ``"gate"`` or
+            the weight-dependent ``"effective_weight"``.
         layer_floor: in global mode every tensor keeps at least ``ceil(layer_floor * (1 - target) * units)``
             entries, a fraction of what a uniform split would give it, so no layer is wiped out. 0 disables.
         regrow: let pruned entries come back when their importance rises; off, pruned stays pruned.
@@ -240,8 +182,9 @@ class Selector:
     def __post_init__(self) -> None:
         if self.mode not in ("global", "layer"):
             raise ValueError(f"mode must be 'global' or 'layer', got {self.mode!r}")
-        if self.importance not in IMPORTANCE:
-            raise ValueError(f"unknown importance {self.importance!r}; known criteria: {sorted(IMPORTANCE)}")
+        if self.importance not in list_importances():
+            raise ValueError(f"unknown importance {self.importance!r}; known criteria: {list_importances()}. Add one "
+                             "with lightning_masks.importance.register_importance")
         if isinstance(self.layer_floor, bool) or not isinstance(self.layer_floor, (int, float)) or \
                 not 0.0 <= self.layer_floor <= 1.0:
             raise ValueError(f"layer_floor must be in [0, 1], got {self.layer_floor!r}; 0 disables the floor")
@@ -321,13 +264,13 @@ class Selector:
         """The importance of each unit (the keep-mask's shape; the flat units at ``index`` if given); for tied
         tensors, of their sum."""
         if not isinstance(entry, TiedUnits):
-            return _importance_at(self.importance, entry, index)
-        values = torch.stack([_importance_at(self.importance, member, index).reshape(-1) for member in _members(entry)])
+            return get_importance(self.importance)(entry, index)
+        values = torch.stack([get_importance(self.importance)(member, index).reshape(-1) for member in _members(entry)])
         values = torch.logsumexp(values, 0)
         return values if index is not None else values.view_as(entry.members[0].gate.keep)
 
     def _importance(self, entry: MaskedTensor) -> Tensor:
-        values = _importance_at(self.importance, entry)
+        values = get_importance(self.importance)(entry)
         _refuse_nan(entry, values)
         if not self.regrow:
             values = values.masked_fill(~entry.gate.keep, -math.inf)
@@ -454,7 +397,7 @@ class Selector:
             current = _keep_of(entry)
             keep = torch.ones_like(current)
             if threshold > 0:  # tied: a unit stays while any member's gate is at the threshold
-                keep = torch.stack([(_log_sigmoid(m) >= math.log(threshold)).reshape(-1)
+                keep = torch.stack([(log_sigmoid(m) >= math.log(threshold)).reshape(-1)
                                     for m in _members(entry)]).any(0).view_as(current)
             if not self.regrow:
                 keep &= current

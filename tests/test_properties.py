@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_masks import Schedule, Selector, attach, list_schedules
-from lightning_masks.select import IMPORTANCE
+from lightning_masks.importance import get_importance, list_importances
 
 shapes = st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12)), min_size=1, max_size=4)
 targets = st.floats(0.0, 0.99, allow_nan=False)
@@ -25,7 +25,7 @@ def masked_layers(shape_list, seed, ties):
 
 
 @settings(max_examples=60, deadline=None)
-@given(shapes, targets, st.integers(0, 2**16), st.booleans(), st.sampled_from(sorted(IMPORTANCE)),
+@given(shapes, targets, st.integers(0, 2**16), st.booleans(), st.sampled_from(list_importances()),
        st.sampled_from(["global", "layer"]))
 def test_selection_count_is_exact_and_keeps_the_most_important(shape_list, target, seed, ties, importance, mode):
     masked = masked_layers(shape_list, seed, ties)
@@ -34,7 +34,7 @@ def test_selection_count_is_exact_and_keeps_the_most_important(shape_list, targe
     assert pruned == sum(int((~k).sum()) for k in keeps)
     if mode == "global":
         assert pruned == round(target * sum(e.numel for e in masked))
-        values = [IMPORTANCE[importance](e) for e in masked]
+        values = [get_importance(importance)(e) for e in masked]
         cut = [v[~k] for v, k in zip(values, keeps) if (~k).any()]
         kept = [v[k] for v, k in zip(values, keeps) if k.any()]
         if cut and kept:

@@ -9,7 +9,14 @@ from torch import nn
 
 from lightning_masks import Selector, attach, fold
 from helpers.oracles import keys64, kth_smallest
-from lightning_masks.select import IMPORTANCE, _effective_weight_importance, parse_granularity
+from lightning_masks import importance as importance_module
+from lightning_masks.importance import (
+    effective_weight_importance,
+    get_importance,
+    list_importances,
+    register_importance,
+)
+from lightning_masks.select import parse_granularity
 
 
 def model_with_masks(seed=0, sizes=((30, 20), (20, 10), (10, 5))):
@@ -19,7 +26,7 @@ def model_with_masks(seed=0, sizes=((30, 20), (20, 10), (10, 5))):
 
 
 def brute_force_keep(masked, importance, target):
-    values = torch.cat([IMPORTANCE[importance](e).flatten() for e in masked])
+    values = torch.cat([get_importance(importance)(e).flatten() for e in masked])
     count = round(target * values.numel())
     order = sorted(range(values.numel()), key=lambda i: (values[i].item(), i))
     keep = torch.ones(values.numel(), dtype=torch.bool)
@@ -33,7 +40,7 @@ def test_keys_preserve_float_order():
     assert torch.all(keys[1:] >= keys[:-1]) and keys.min() >= 0 and keys.max() < 2**32
 
 
-@pytest.mark.parametrize("importance", sorted(IMPORTANCE))
+@pytest.mark.parametrize("importance", list_importances())
 @pytest.mark.parametrize("target", [0.0, 0.1, 0.5, 0.9, 0.97])
 def test_global_selection_matches_a_brute_force_sort(importance, target):
     _, masked = model_with_masks()
@@ -43,7 +50,7 @@ def test_global_selection_matches_a_brute_force_sort(importance, target):
     assert pruned == round(target * got.numel()) == int((~got).sum())
     assert torch.equal(got, expected)
     if pruned:
-        values = torch.cat([IMPORTANCE[importance](e).flatten() for e in masked])
+        values = torch.cat([get_importance(importance)(e).flatten() for e in masked])
         assert math.log(threshold) == pytest.approx(values[~got].max().item(), rel=1e-6)
 
 
@@ -181,7 +188,7 @@ def test_exact_count_beyond_quantile_limit_at_thirty_million():
     count = round(0.9 * total)
     assert Selector(layer_floor=0.0)(masked, 0.9).pruned == count
     assert sum(int((~e.gate.keep).sum()) for e in masked) == count
-    values = [IMPORTANCE["effective_weight"](e) for e in masked]
+    values = [get_importance("effective_weight")(e) for e in masked]
     highest_pruned = max(v[~e.gate.keep].max() for v, e in zip(values, masked))
     lowest_kept = min(v[e.gate.keep].min() for v, e in zip(values, masked))
     assert highest_pruned <= lowest_kept
@@ -202,7 +209,7 @@ def test_channel_selection_prunes_whole_output_channels_exactly(mode):
     pruned = Selector(mode=mode, granularity="channel", layer_floor=0.0)(masked, 0.5).pruned
     assert pruned == (7 if mode == "global" else 4 + 3) == sum(int((~e.gate.keep).sum()) for e in masked)
     if mode == "global":  # the channels with the lowest mean |w * gate| go
-        values = [IMPORTANCE["effective_weight"](e) for e in masked]
+        values = [get_importance("effective_weight")(e) for e in masked]
         cut = max(v[~e.gate.keep].max() for v, e in zip(values, masked) if (~e.gate.keep).any())
         assert cut <= min(v[e.gate.keep].min() for v, e in zip(values, masked) if e.gate.keep.any())
     x = torch.randn(2, 3, 6, 6)
@@ -255,7 +262,7 @@ def reference_keep(masked, importance, target, floor, regrow):
     alive = [e.units if regrow else int(e.gate.keep.sum()) for e in masked]
     count = max(round(target * total), total - sum(alive))
     for e, n_alive in zip(masked, alive):
-        values = IMPORTANCE[importance](e).flatten().tolist()
+        values = get_importance(importance)(e).flatten().tolist()
         flags = [1 if regrow else int(k) for k in e.gate.keep.flatten().tolist()]
         ranked = sorted(range(len(values)), key=lambda i: (flags[i], values[i], i))
         m = min(math.ceil(floor * (1.0 - target) * e.units), n_alive) if floor > 0 else 0
@@ -345,7 +352,7 @@ def test_tied_tensors_prune_the_same_units_ranked_by_their_summed_importance(mod
     assert selection.pruned == int((~a).sum()) + int((~other).sum()) == (4 + 3 if mode == "layer" else 7)
     assert set(selection.flipped) == {"a.weight", "b.weight", "c.weight", "other.weight"}
     # the tied units that go are those of the lowest summed |w * gate|, whatever each member alone says
-    summed = sum(IMPORTANCE["effective_weight"](e).exp() for e in masked[:3])
+    summed = sum(get_importance("effective_weight")(e).exp() for e in masked[:3])
     assert summed[~a].max() <= summed[a].min()
     # pruned stays pruned: the tie holds over raising the target
     before = a.clone()
@@ -390,7 +397,7 @@ def test_malformed_tie_is_refused_at_construction(kwargs, message):
         Selector(**kwargs)
 
 
-@pytest.mark.parametrize("importance", sorted(IMPORTANCE))
+@pytest.mark.parametrize("importance", list_importances())
 @pytest.mark.parametrize("first, then", [(0.3, 0.9), (0.5, 0.8), (0.7, 0.7), (0.6, 0.95)])
 def test_raising_a_mostly_pruned_selection_ranks_only_live_units_like_a_brute_force_sort(importance, first, then):
     _, masked = model_with_masks(seed=3)
@@ -399,7 +406,7 @@ def test_raising_a_mostly_pruned_selection_ranks_only_live_units_like_a_brute_fo
             e.weight.copy_((e.weight * 8).round() / 8)
     Selector(importance=importance, layer_floor=0.0)(masked, first)
     before = torch.cat([e.gate.keep.flatten() for e in masked])
-    values = torch.cat([IMPORTANCE[importance](e).flatten() for e in masked])
+    values = torch.cat([get_importance(importance)(e).flatten() for e in masked])
     live = before.nonzero().flatten().tolist()
     count = round(then * values.numel()) - int((~before).sum())
     order = sorted(live, key=lambda i: (values[i].item(), i))
@@ -411,7 +418,8 @@ def test_raising_a_mostly_pruned_selection_ranks_only_live_units_like_a_brute_fo
 
 
 def test_a_criterion_that_takes_the_masked_tensor_alone_selects_like_the_built_in(monkeypatch):
-    monkeypatch.setitem(IMPORTANCE, "whole", lambda entry: _effective_weight_importance(entry))
+    monkeypatch.setattr("lightning_masks.importance._CRITERIA", dict(importance_module._CRITERIA))
+    register_importance("whole", indexed=False)(lambda entry: effective_weight_importance(entry))
     picks = []
     for importance in ("effective_weight", "whole"):
         _, masked = model_with_masks(seed=3)

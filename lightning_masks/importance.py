@@ -1,0 +1,102 @@
+"""Importance criteria: what mask selection ranks, and the registry that names them.
+
+The registry follows the initializers' idiom (:mod:`lightning_masks.init`, after timm's ``_registry.py``):
+:func:`register_importance` adds a criterion, :func:`get_importance` looks one up (a miss names the registered
+ones), :func:`list_importances` lists them. A criterion maps a masked tensor to a float32 importance per unit
+(the keep-mask's shape, or the flat units at ``index``: selection ranks only the live ones), in log scale so that
+tied tensors can be summed with ``logsumexp``; higher is kept first. The strategies are small functions, as
+Torch-Pruning's ``pruner/importance.py`` has small classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .masks import MaskedTensor, _divisor, _reduce_to
+
+__all__ = ["Criterion", "at", "get_importance", "list_importances", "log_sigmoid", "register_importance"]
+
+#: ``(masked tensor, index=None) -> float32 importance`` of its units, or of its flat units at ``index``.
+Criterion = Callable[[MaskedTensor, Optional[Tensor]], Tensor]
+
+_CRITERIA: dict[str, Criterion] = {}
+
+
+def at(tensor: Tensor, index: Optional[Tensor]) -> Tensor:
+    """The whole unit-shaped ``tensor``, or its flat entries at ``index``."""
+    return tensor if index is None else tensor.reshape(-1).index_select(0, index)
+
+
+def register_importance(name: str, *, indexed: bool = True, override: bool = False) -> Callable:
+    """Register an importance criterion under ``name``; returns a decorator that returns it unchanged.
+
+    Args:
+        name: the name ``Selector(importance=...)`` takes.
+        indexed: the criterion takes ``(entry, index=None)`` and computes only the units at ``index`` when given;
+            ``False``: it takes the entry alone and is computed whole, then indexed.
+        override: replace a criterion registered already.
+
+    Raises:
+        ValueError: ``name`` is registered already and ``override`` is False.
+
+    Example:
+        >>> @register_importance("magnitude_only", indexed=False)
+        ... def magnitude_only(entry):
+        ...     return entry.weight.detach().float().abs().log()
+    """
+
+    def decorator(criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in _CRITERIA and not override:
+            raise ValueError(f"importance {name!r} is registered already; pass override=True to replace it")
+        _CRITERIA[name] = criterion if indexed else (lambda entry, index=None: at(criterion(entry), index))
+        return criterion
+
+    return decorator
+
+
+def list_importances() -> list[str]:
+    """Return the registered criterion names, sorted."""
+    return sorted(_CRITERIA)
+
+
+def get_importance(name: str) -> Criterion:
+    """Return the criterion registered as ``name``, taking ``(entry, index=None)``.
+
+    Raises:
+        ValueError: an unknown name, listing the registered ones.
+    """
+    try:
+        return _CRITERIA[name]
+    except KeyError:
+        raise ValueError(f"unknown importance {name!r}; known criteria: {list_importances()}") from None
+
+
+def log_sigmoid(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
+    """Log of the raw gate ``sigmoid(scores / T)``: orders like the gate without saturating at 1."""
+    gate = entry.gate
+    divisor = _divisor(gate.temperature)  # None at T == 1: no division pass (dividing by 1 is exact anyway)
+    scores = at(gate.scores.detach(), index).float()
+    return torch.nn.functional.logsigmoid(scores if divisor is None else scores / divisor)
+
+
+@register_importance("gate")
+def gate_importance(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
+    """Log of the gate as the network applies it (rescaled when ``rescale_gate`` is on)."""
+    scale = entry.gate.gate_scale
+    values = log_sigmoid(entry, index)
+    return values if scale is None else values.add_(at(scale, index).float().log())
+
+
+@register_importance("effective_weight")
+def effective_weight_importance(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
+    """Log of ``|w * gate|``, the weight-dependent criterion (per channel, the channel's mean ``|w|``)."""
+    weight = entry.weight.detach()
+    if entry.unit_size > 1:
+        magnitude = at(_reduce_to(weight.float().abs(), entry.gate.keep.shape), index)
+    else:
+        magnitude = at(weight, index).float().abs()
+    return magnitude.log_().add_(gate_importance(entry, index))
