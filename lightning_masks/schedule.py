@@ -16,36 +16,98 @@ __all__ = [
     "Unit",
     "cubic",
     "get_schedule",
+    "get_schedule_shape",
     "list_schedules",
+    "register_schedule",
     "resolve_span",
 ]
 
 Unit = Literal["epoch", "step"]
 
 
-def cubic(p: float) -> float:
-    """Zhu & Gupta 2017 (https://arxiv.org/abs/1710.01878): ``s_t = s_f + (s_i - s_f)(1 - p)^3``.
+#: A schedule shape: ``(p, initial, final) -> value`` at ramp progress ``p`` in [0, 1] (0 at ``start``, 1 at ``end``).
+Shape = Callable[[float, float, float], float]
 
-    Returns the fraction of the way from ``s_i`` to ``s_f`` at ramp progress ``p`` in [0, 1].
+_SHAPES: dict[str, Shape] = {}
+
+
+def register_schedule(name: str, *, override: bool = False) -> Callable[[Shape], Shape]:
+    """Register a schedule shape ``(p, initial, final) -> value`` under ``name``; returns a decorator that returns
+    the shape unchanged. ``Schedule(shape=name)`` then uses it.
+
+    Raises:
+        ValueError: ``name`` is registered already and ``override`` is False.
+
+    Example:
+        >>> @register_schedule("square_root")
+        ... def square_root(p, initial, final):
+        ...     return initial + (final - initial) * p ** 0.5
     """
-    return 1.0 - (1.0 - p) ** 3
 
+    def decorator(shape: Shape) -> Shape:
+        if name in _SHAPES and not override:
+            raise ValueError(f"schedule {name!r} is registered already; pass override=True to replace it")
+        _SHAPES[name] = shape
+        return shape
 
-#: Shapes: ramp progress ``p`` in [0, 1] -> fraction of the way from the initial to the final value.
-#: ``exponential`` is handled apart: the density ``1 - s`` falls geometrically.
-_SHAPES: dict[str, Callable[[float], float]] = {
-    "constant": lambda p: 1.0,
-    "linear": lambda p: p,
-    "cubic": cubic,
-    "cosine": lambda p: (1.0 - math.cos(math.pi * p)) / 2.0,
-    "one_shot": lambda p: 1.0 if p >= 1.0 else 0.0,
-    "exponential": lambda p: p,
-}
+    return decorator
 
 
 def list_schedules() -> list[str]:
-    """Return the names of the built-in schedule shapes."""
+    """Return the registered schedule shape names, sorted."""
     return sorted(_SHAPES)
+
+
+def get_schedule_shape(name: str) -> Shape:
+    """Return the shape registered as ``name``.
+
+    Raises:
+        ValueError: an unknown name, listing the registered ones.
+    """
+    try:
+        return _SHAPES[name]
+    except KeyError:
+        raise ValueError(f"unknown schedule {name!r}; known schedules: {list_schedules()}") from None
+
+
+def _towards(fraction: float, initial: float, final: float) -> float:
+    return initial + (final - initial) * fraction
+
+
+@register_schedule("cubic")
+def cubic(p: float, initial: float = 0.0, final: float = 1.0) -> float:
+    """Zhu & Gupta 2017 (https://arxiv.org/abs/1710.01878): ``s_t = s_f + (s_i - s_f)(1 - p)^3``."""
+    return _towards(1.0 - (1.0 - p) ** 3, initial, final)
+
+
+@register_schedule("linear")
+def linear(p: float, initial: float, final: float) -> float:
+    """``s_t = s_i + (s_f - s_i) p``: a constant rate."""
+    return _towards(p, initial, final)
+
+
+@register_schedule("cosine")
+def cosine(p: float, initial: float, final: float) -> float:
+    """A half cosine, ``s_i + (s_f - s_i)(1 - cos(pi p)) / 2``: slow at both ends."""
+    return _towards((1.0 - math.cos(math.pi * p)) / 2.0, initial, final)
+
+
+@register_schedule("constant")
+def constant(p: float, initial: float, final: float) -> float:
+    """``s_f`` from ``start`` on."""
+    return final
+
+
+@register_schedule("one_shot")
+def one_shot(p: float, initial: float, final: float) -> float:
+    """``s_i`` until ``end``, then ``s_f`` in one step."""
+    return final if p >= 1.0 else initial
+
+
+@register_schedule("exponential")
+def exponential(p: float, initial: float, final: float) -> float:
+    """The density ``1 - s`` falls geometrically: ``1 - s_t = (1 - s_i) ((1 - s_f) / (1 - s_i))^p``."""
+    return 1.0 - (1.0 - initial) * ((1.0 - final) / (1.0 - initial)) ** p
 
 
 Position = Union[int, float]
@@ -75,8 +137,7 @@ class Schedule:
     unit: Unit = "epoch"
 
     def __post_init__(self) -> None:
-        if self.shape not in _SHAPES:
-            raise ValueError(f"unknown schedule {self.shape!r}; known schedules: {list_schedules()}")
+        get_schedule_shape(self.shape)  # an unknown shape: the error lists the registered ones
         if self.unit not in ("epoch", "step"):
             raise ValueError(f"unit must be 'epoch' or 'step', got {self.unit!r}")
         for name in ("initial", "final"):
@@ -115,10 +176,7 @@ class Schedule:
         if t < start:
             return self.initial
         p = 1.0 if end <= start else min(max((t - start) / (end - start), 0.0), 1.0)
-        fraction = _SHAPES[self.shape](p)
-        if self.shape == "exponential":
-            return 1.0 - (1.0 - self.initial) * ((1.0 - self.final) / (1.0 - self.initial)) ** fraction
-        return self.initial + (self.final - self.initial) * fraction
+        return get_schedule_shape(self.shape)(p, self.initial, self.final)
 
 
 @dataclass(frozen=True)

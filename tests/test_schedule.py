@@ -5,7 +5,8 @@ import math
 import pytest
 
 from lightning_masks import Schedule, ThresholdSchedule, list_schedules
-from lightning_masks.schedule import CallableSchedule, get_schedule, resolve_span
+from lightning_masks import schedule as schedule_module
+from lightning_masks.schedule import CallableSchedule, get_schedule, register_schedule, resolve_span
 
 
 def test_cubic_is_zhu_and_gupta():
@@ -67,3 +68,15 @@ def test_threshold_schedule_and_callable():
 def test_bad_schedules_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Schedule(**kwargs)
+
+
+def test_a_registered_shape_drives_a_schedule_and_a_duplicate_or_unknown_name_is_refused(monkeypatch):
+    monkeypatch.setattr(schedule_module, "_SHAPES", dict(schedule_module._SHAPES))  # registered for this test only
+    register_schedule("square_root")(lambda p, initial, final: initial + (final - initial) * p ** 0.5)
+    schedule = Schedule("square_root", final=0.8, start=0, end=4)
+    assert [schedule.value(t, 0, 4) for t in (0, 1, 4)] == [0.0, 0.4, 0.8]
+    assert "square_root" in list_schedules()
+    with pytest.raises(ValueError, match="schedule 'cubic' is registered already; pass override=True"):
+        register_schedule("cubic")(lambda p, initial, final: final)
+    with pytest.raises(ValueError, match=r"unknown schedule 'cubical'; known schedules: \[.*'cubic'"):
+        Schedule("cubical")
