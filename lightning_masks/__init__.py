@@ -1,7 +1,7 @@
 """lightning_masks: prune any LightningModule with learnable, weight-dependent masks."""
 
 from .callback import MaskPruningCallback
-from .export import fold_checkpoint, fold_state_dict
+from .checkpoints import fold_checkpoint, fold_state_dict
 from .init import Initializer, get_initializer, list_initializers, register_initializer
 from .kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
 from .masks import MaskGate, attach, fold, masked_tensors

@@ -187,7 +187,7 @@ def test_shrink_mlp_removes_zero_rows_and_folds_constant_outputs_into_the_next_b
     small, report = shrink(model, torch.randn(16, 8))
     assert (small[0].out_features, small[2].in_features, small[2].out_features, small[4].in_features) == (10, 10,
                                                                                                           12, 12)
-    assert report.removed == {"0": 6, "2": 4} and report.folded["0"] == 2
+    assert report.removed == {"0": 6, "2": 4} and report.absorbed["0"] == 2
     assert params(small) == report.params_after == params(model) - 6 * (8 + 1) - 6 * 16 - 4 * (10 + 1) - 4 * 3
     assert_same_function(small, model, (32, 8))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the input model is unchanged

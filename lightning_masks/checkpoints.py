@@ -1,0 +1,113 @@
+"""Masked checkpoints made plain: fold a masked state dict or Lightning checkpoint into exact zeros, load one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from .kinds import weight_name
+from .masks import masked_value, split_mask_key
+
+__all__ = ["atomic_write", "fold_checkpoint", "fold_state_dict", "load_checkpoint"]
+
+_GATE_FIELDS = ("scores", "keep", "temperature", "gate_scale")
+
+
+def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Return a copy of a masked state dict with every mask folded: ``<path>.<name> = w * gate * keep``.
+
+    Raises:
+        ValueError: a masked entry that misses a mask tensor, or is stacked on another parametrization.
+    """
+    folded: dict[str, Tensor] = {}
+    masks: dict[str, dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        split = split_mask_key(key)
+        if split is None:
+            folded[key] = value
+            continue
+        target, field = split
+        if field != "original" and field.removeprefix("0.") not in _GATE_FIELDS:
+            raise ValueError(f"{key!r} belongs to a parametrization other than lightning_masks' alone; load the "
+                             "checkpoint into the model with the callback and call lightning_masks.fold instead")
+        masks.setdefault(target, {})[field.removeprefix("0.")] = value
+    for target, parts in masks.items():
+        if set(parts) == {"original"}:  # a bias gated by its layer's per-channel mask (kinds.bias_name)
+            path, _, name = target.rpartition(".")
+            weight = f"{path}.{weight_name(name)}" if path else weight_name(name)
+            parts = {**masks.get(weight, {}), "original": parts["original"]}
+            shape = parts["original"].shape
+            parts.update({k: parts[k].reshape(shape) for k in ("scores", "keep", "gate_scale") if k in parts})
+        missing = [f for f in ("original", "scores", "keep", "temperature") if f not in parts]
+        if missing:
+            raise ValueError(f"masked tensor {target!r} misses {missing} in the checkpoint; it is incomplete")
+        folded[target] = masked_value(parts["original"], parts["scores"], parts["keep"].bool(),
+                                      parts["temperature"], parts.get("gate_scale"))
+    return folded
+
+
+def fold_checkpoint(source: Union[str, os.PathLike], destination: Union[str, os.PathLike]) -> Path:
+    """Write a copy of a masked Lightning checkpoint that ``YourModule.load_from_checkpoint`` loads.
+
+    The model's masks are folded into plain weights with exact zeros; the optimizer and scheduler states
+    (which refer to the mask scores) and this callback's state are dropped. ``destination`` is written
+    atomically, so a failure leaves any existing file as it was.
+
+    Example:
+        >>> fold_checkpoint("masked.ckpt", "plain.ckpt")  # doctest: +SKIP
+        >>> model = MyModule.load_from_checkpoint("plain.ckpt")  # doctest: +SKIP
+    """
+    checkpoint = load_checkpoint(source)
+    checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"])
+    for key in ("optimizer_states", "lr_schedulers"):
+        checkpoint.pop(key, None)
+    callbacks = checkpoint.get("callbacks", {})
+    for key in [k for k in callbacks if str(k).startswith("MaskPruningCallback")]:
+        del callbacks[key]
+    return atomic_write(destination, lambda path: torch.save(checkpoint, path))
+
+
+def load_checkpoint(source: Union[str, os.PathLike]) -> dict:
+    """Read a Lightning checkpoint onto the CPU.
+
+    Raises:
+        ValueError: the file is missing, unreadable, or holds no ``state_dict``.
+    """
+    source = Path(source)
+    if not source.is_file():
+        raise ValueError(f"checkpoint {str(source)!r} does not exist; pass the path of a .ckpt file")
+    try:
+        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    except Exception as error:  # corrupt, truncated or not a checkpoint at all
+        raise ValueError(f"could not read checkpoint {str(source)!r} ({type(error).__name__}: {error}); "
+                         "pass a checkpoint file written by Lightning") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{str(source)!r} is not a Lightning checkpoint (no 'state_dict'); pass one written by "
+                         "Trainer.save_checkpoint or ModelCheckpoint")
+    return checkpoint
+
+
+def atomic_write(destination: Union[str, os.PathLike], write: Callable[[str], object]) -> Path:
+    """Call ``write(temporary_path)`` and move the result onto ``destination``: all or nothing."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=destination.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, destination)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return destination
+
+
+# --- sparse save -------------------------------------------------------------------------------------------------
+
+#: Marks the keys of a tensor stored sparse: ``<name>::bits`` (packed keep bits), ``::values``, ``::shape``.
