@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch_pruning as tp
 from torch import nn
 
 __all__ = ["coupled_channels"]
@@ -33,6 +32,8 @@ def coupled_channels(model: nn.Module, example_inputs,
         ValueError: coupled layers of different widths (channels joined by position through an op the graph
             does not follow, such as a channel pad), or a model the dependency graph cannot trace.
     """
+    import torch_pruning as tp  # imported on use: only tie='auto' and this function need it
+
     was_training = model.training
     try:
         graph = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example_inputs)
