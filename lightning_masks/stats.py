@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .masks import MaskedTensor, gate_value
+from torch import nn
+
+from .masks import MaskedTensor, find_targets, gate_value
 
 __all__ = [
     "UNDECIDED",
@@ -23,6 +25,7 @@ __all__ = [
     "mask_stats",
     "short_names",
     "tensor_stats",
+    "zero_rows",
 ]
 
 #: A gate strictly between these is undecided.
@@ -107,11 +110,22 @@ def histogram(values: Tensor, bins: int = 64, low: float = 0.0, high: float = 1.
 
 def layer_rows(masked: Sequence[MaskedTensor]) -> list[dict]:
     """One row per masked tensor: name, shape, kept, total, sparsity (host values)."""
+    return [_row(entry.name, entry.weight.shape, int(entry.gate.keep.sum()) * entry.unit_size, entry.numel)
+            for entry in masked]
+
+
+def _row(name: str, shape: Sequence[int], kept: int, total: int) -> dict:
+    return {"name": name, "shape": "x".join(map(str, shape)), "kept": kept, "total": total,
+            "sparsity": 1 - kept / total}
+
+
+def zero_rows(model: nn.Module, targets: Optional[Sequence] = None, exclude: Sequence = ()) -> list[dict]:
+    """:func:`layer_rows` of a plain (folded) model: its exact zeros in the tensors ``targets``/``exclude`` select
+    as the callback does (:func:`~lightning_masks.masks.find_targets`)."""
     rows = []
-    for entry in masked:
-        kept = int(entry.gate.keep.sum()) * entry.unit_size
-        rows.append({"name": entry.name, "shape": "x".join(map(str, entry.weight.shape)), "kept": kept,
-                     "total": entry.numel, "sparsity": 1 - kept / entry.numel})
+    for name, owners in find_targets(model, targets, exclude).items():
+        tensor = getattr(*owners[0])
+        rows.append(_row(name, tensor.shape, int(tensor.count_nonzero()), tensor.numel()))
     return rows
 
 

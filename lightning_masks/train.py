@@ -21,46 +21,25 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from .configs import CONFIG_DIR, register
-from .masks import find_targets, fold, masked_tensors
+from . import stats
+from .masks import fold, masked_tensors
 
-__all__ = ["RESULT_FILE", "format_result", "layer_table", "main", "run"]
+__all__ = ["RESULT_FILE", "format_result", "main", "run"]
 
 RESULT_FILE = "result.json"
 
 register()
 
 
-def layer_table(model: nn.Module, targets: Optional[list] = None, exclude: Optional[list] = None) -> list[dict]:
-    """Return one row per prunable tensor of a folded ``model``: name, shape, kept, total, sparsity.
-
-    ``targets``/``exclude`` select the tensors as the callback does (default: the registered layer kinds' weights).
-    """
-    rows = []
-    for name, owners in find_targets(model, targets, exclude or ()).items():
-        module, tensor_name = owners[0]
-        tensor = getattr(module, tensor_name)
-        kept = int(tensor.count_nonzero())
-        rows.append({"name": name, "shape": list(tensor.shape), "kept": kept, "total": tensor.numel(),
-                     "sparsity": 1.0 - kept / tensor.numel()})
-    return rows
-
-
 def format_result(result: dict[str, Any]) -> str:
-    """Render a result as a short text: the headline metrics, then the per-layer table."""
+    """The headline of a result: metrics, final sparsity, time (the callback has printed the per-layer table)."""
     total = sum(row["total"] for row in result["layers"])
     pruned = total - sum(row["kept"] for row in result["layers"])
     metrics = "  ".join(f"{key} {value:.4f}" for key, value in sorted(result["metrics"].items()) if "acc" in key)
-    lines = [f"{metrics}  final sparsity {result['sparsity']:.4f} ({pruned:,} of {total:,} weights pruned)  "
-             f"time {result['time_s']:.1f} s"]
-    width = max([len(row["name"]) for row in result["layers"]] + [5])
-    lines.append(f"{'layer':<{width}}  {'shape':<14} {'kept/total':>17}  sparsity")
-    for row in result["layers"]:
-        shape = "x".join(map(str, row["shape"]))
-        lines.append(f"{row['name']:<{width}}  {shape:<14} {row['kept']:>8,}/{row['total']:<8,}  {row['sparsity']:.4f}")
-    return "\n".join(lines)
+    return (f"{metrics}  final sparsity {result['sparsity']:.4f} ({pruned:,} of {total:,} weights pruned)  "
+            f"time {result['time_s']:.1f} s")
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -93,7 +72,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update(_scalars(trainer.callback_metrics))
     plain = fold(copy.deepcopy(model)) if masked_tensors(model) else model  # masks.fold_on_fit_end=false
-    layers = layer_table(plain, callback.targets, callback.exclude)
+    layers = stats.zero_rows(plain, callback.targets, callback.exclude)
     total = sum(row["total"] for row in layers)
     return {
         "status": "ok",
