@@ -71,8 +71,10 @@ class MaskPruningCallback(Callback):
             ``"epoch"`` (as each epoch starts) or an int ``N`` (every N steps). Updates whose target equals the
             last one are skipped (nothing would change). A callable ``schedule`` is called per epoch under
             ``"auto"``.
-        targets, exclude: what to mask (globs on qualified names, or module types); default every
-            Linear, Conv1d/2d/3d and MultiheadAttention projection weight.
+        targets, exclude: what to mask: a glob on qualified names or a module type, or a list of them (one string
+            is one glob); default every Linear, Conv1d/2d/3d and MultiheadAttention projection weight. Tensors
+            frozen at setup are left unmasked (the setup log names them), except those a ``BaseFinetuning``
+            callback froze.
         init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
         temperature: the gate's ``T > 0``.
         rescale_gate: divide each gate by its initial value so training starts from the dense function
@@ -98,7 +100,7 @@ class MaskPruningCallback(Callback):
             run folder and log them to W&B.
 
     Raises:
-        ValueError: any argument out of range, at construction; an unsupported strategy, a target that
+        ValueError: any argument of the wrong type or out of range, or an inverted ramp, at construction; an unsupported strategy, a target that
             matches nothing, NaN/Inf weights or an unbounded training length, in ``setup``.
 
     Example:
