@@ -237,7 +237,6 @@ class MaskPruningCallback(Callback):
         refreeze(self._masked, thawed)
         if attached:
             tell_frozen(pl_module, self.targets, self.exclude, self._masked)
-        mask_copies(trainer, pl_module)
         try:
             if groups is not None:
                 names = {entry.name for entry in self._masked}
@@ -249,6 +248,7 @@ class MaskPruningCallback(Callback):
             if attached:
                 detach(pl_module)
             raise
+        mask_copies(trainer, pl_module)  # e.g. StochasticWeightAveraging's copy, made in its setup before ours
 
     def _attach(self, pl_module: pl.LightningModule) -> list[MaskedTensor]:
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
