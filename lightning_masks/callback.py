@@ -86,7 +86,8 @@ class MaskPruningCallback(Callback):
             Conv and ConvTranspose 1d/2d/3d, MultiheadAttention projections, RNN/LSTM/GRU, transformers'
             ``Conv1D``) except embedding tables and tensors tied to one (name them in ``targets`` to mask them).
             The setup line lists what is left dense; trainable weight matrices left dense for no stated reason
-            get a warning.
+            get a warning. One string is one glob. Tensors frozen at setup are left unmasked (the
+            setup line names them), except those a ``BaseFinetuning`` callback froze.
         init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
         temperature: the gate's ``T > 0``.
         rescale_gate: divide each gate by its initial value so training starts from the dense function
@@ -119,9 +120,9 @@ class MaskPruningCallback(Callback):
             run folder and log them to W&B.
 
     Raises:
-        ValueError: any argument out of range, at construction; an unsupported strategy, a target that
-            matches nothing, NaN/Inf weights or an unbounded training length, in ``setup`` (or as
-            ``configure_model`` ends, for what only the built module can tell).
+        ValueError: any argument of the wrong type or out of range, or an inverted ramp, at construction; an
+            unsupported strategy, a target that matches nothing, NaN/Inf weights or an unbounded training length,
+            in ``setup`` (or as ``configure_model`` ends, for what only the built module can tell).
 
     Example:
         >>> trainer = pl.Trainer(max_epochs=10, callbacks=[MaskPruningCallback(sparsity=0.9)])  # doctest: +SKIP
@@ -277,7 +278,6 @@ class MaskPruningCallback(Callback):
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
         refreeze(self._masked, thawed)
-        mask_copies(trainer, pl_module)
         try:
             if groups is not None:
                 names = {entry.name for entry in self._masked}
@@ -293,6 +293,7 @@ class MaskPruningCallback(Callback):
             if attached:
                 detach(pl_module)
             raise
+        mask_copies(trainer, pl_module)  # e.g. StochasticWeightAveraging's copy, made in its setup before ours
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[MaskedTensor]:
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None

@@ -87,9 +87,8 @@ def _divisor(temperature: Tensor | float) -> Tensor | float | None:
 
 
 def _tracing() -> bool:
-    """Whether the model is being traced or exported (jit.trace, either ONNX exporter, torch.export, compile)."""
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting())
+    """Whether the model is being traced or exported (jit.trace, either ONNX exporter, torch.export)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def _traced(weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, scale: Tensor | None) -> Tensor:
@@ -222,7 +221,7 @@ class MaskGate(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
-        if _gate_cache is None or _tracing():
+        if _gate_cache is None or _tracing() or torch.compiler.is_compiling():
             return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
         value = _gate_cache.get(self)
         if value is None:

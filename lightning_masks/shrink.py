@@ -25,7 +25,8 @@ _PASSED_THROUGH = (tp.ops._ElementWiseOp, tp.ops._ReshapeOp, tp.ops._ConcatOp, t
 @dataclass
 class ShrinkReport:
     """What :func:`shrink` did, per layer name: channels removed, of those the ones whose constant output was
-    ``absorbed`` into the next layer's bias, and kept (``skipped``, with why); ``silenced`` counts the channels zeroed because the BatchNorm after them has zero scale and shift."""
+    ``absorbed`` into the next layer's bias, and kept (``skipped``, with why); ``silenced`` counts the channels
+    zeroed because the BatchNorm after them has zero scale and shift."""
 
     params_before: int
     params_after: int
@@ -88,7 +89,8 @@ def _layer_inputs(model: nn.Module, example_inputs) -> dict[nn.Module, Tensor]:
     return seen
 
 
-def _plan_channel(graph, layer: nn.Module, channel: int, inputs: dict[nn.Module, Tensor]) -> Union[list[_BiasAbsorb], str]:
+def _plan_channel(graph, layer: nn.Module, channel: int,
+                  inputs: dict[nn.Module, Tensor]) -> Union[list[_BiasAbsorb], str]:
     """The bias absorbs that make removing ``channel`` of ``layer`` exact, or why it cannot be removed."""
     absorbs: list[_BiasAbsorb] = []
     consumers = 0
