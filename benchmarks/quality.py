@@ -63,6 +63,11 @@ DEFAULT_METHODS = ["dense", "model_pruning", "wns", "masks", *(f"masks[init={nam
 KEY_FIELDS = ("model", "method", "sparsity", "seed", "epochs", "start", "end", "lr", "batch_size")
 
 
+#: Callback settings added after runs were recorded, with the value that reproduces what those runs did (issue 17:
+#: float32 scores, a keep buffer and a per-weight rescale).
+ADDED_SINCE = {"score_dtype": "None", "compact": "False"}
+
+
 @functools.cache
 def callback_defaults() -> str:
     """The callback's keyword defaults (JSON of reprs), recorded with every ``masks`` run."""
@@ -262,7 +267,10 @@ def label(record: dict[str, Any]) -> str:
     if name != "masks":
         return record["method"]
     current = json.loads(callback_defaults())
-    ran = {**json.loads(record.get("defaults") or "{}"), **{k: repr(v) for k, v in options.items()}}
+    recorded = json.loads(record.get("defaults") or "{}")
+    if recorded:  # a setting added since the run: the run had what the setting's non-default value reproduces
+        recorded = {**ADDED_SINCE, **recorded}
+    ran = {**recorded, **{k: repr(v) for k, v in options.items()}}
     differ = {k: v for k, v in ran.items() if current.get(k) != v}
     order = [*options, *(k for k in differ if k not in options)]
     shown = [k + "=" + differ[k].strip("'") for k in order if k in differ]

@@ -26,7 +26,17 @@ from typing_extensions import override
 from . import loggers, plots, stats
 from .coupling import coupled_channels
 from .init import InitSpec, get_initializer
-from .masks import MaskedTensor, TargetSpec, attach, detach, fold, gates_disabled, masked_tensors, restore_masks_on_load
+from .masks import (
+    SCORE_DTYPES,
+    MaskedTensor,
+    TargetSpec,
+    attach,
+    detach,
+    fold,
+    gates_disabled,
+    masked_tensors,
+    restore_masks_on_load,
+)
 from .optim import place_scores
 from .schedule import Schedule, ScheduleSpec, ThresholdSchedule, get_schedule, resolve_span
 from .select import Selector, parse_granularity
@@ -65,7 +75,16 @@ class MaskPruningCallback(Callback):
         init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
         temperature: the gate's ``T > 0``.
         rescale_gate: divide each gate by its initial value so training starts from the dense function
-            (on by default: benchmarks/results/study_lenet300_s99.md).
+            (on by default: benchmarks/results/study_lenet300_s99.md); with ``compact``, by one scalar per tensor,
+            ``1 / mean(sigmoid(scores / T))``.
+        score_dtype: the dtype of the scores, hence of their gradient and optimizer state: ``"bfloat16"`` (the
+            default), ``"float32"``, ``"float64"`` or a ``torch.dtype``; ``None`` takes the weight's. Never wider
+            than the weight; the gate is computed in the weight's dtype.
+        compact: hold the keep bits in the scores (a pruned entry's score is a sentinel whose gate is exactly
+            0) and the rescale as one scalar per tensor, instead of a bool and a float per weight. With
+            ``score_dtype="bfloat16"`` and Adam a masked weight then carries 8 bytes of mask state (scores, their
+            gradient, two Adam moments) instead of 21. ``regrow=True`` needs the pruned entries' scores, so it
+            keeps the keep buffer whatever this says.
         mode, importance, layer_floor, regrow, granularity: see :class:`~lightning_masks.select.Selector`.
         tie: groups of globs on masked tensor names pruned together unit by unit (see
             :class:`~lightning_masks.select.Selector`), e.g. the BatchNorms that add into one residual stream,
@@ -105,6 +124,8 @@ class MaskPruningCallback(Callback):
         init_kwargs: Optional[Mapping[str, Any]] = None,
         temperature: float = 1.0,
         rescale_gate: bool = True,
+        score_dtype: Union[str, torch.dtype, None] = "bfloat16",
+        compact: bool = True,
         mode: str = "global",
         importance: str = "effective_weight",
         layer_floor: float = 0.25,
@@ -132,6 +153,7 @@ class MaskPruningCallback(Callback):
             raise ValueError(f"temperature must be > 0, got {temperature!r}; try 1.0 (lower is a harder gate)")
         if log_every_n_steps is not None and not (isinstance(log_every_n_steps, int) and log_every_n_steps >= 0):
             raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}")
+        self.score_dtype = _score_dtype(score_dtype)
         for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value!r}")
@@ -149,6 +171,7 @@ class MaskPruningCallback(Callback):
         self.exclude = list(exclude)
         self.temperature = float(temperature)
         self.rescale_gate = rescale_gate
+        self.compact = compact
         if isinstance(tie, str) and tie != "auto":
             raise ValueError(f"tie must be 'auto' or a list of groups of globs, got {tie!r}")
         self.auto_tie = tie == "auto"
@@ -213,7 +236,8 @@ class MaskPruningCallback(Callback):
         init = torch.zeros_like if self.initializer.needs_grad else (
             lambda weight: self.initializer(weight, generator=generator))
         masked = attach(pl_module, self.targets, self.exclude, init=init, temperature=self.temperature,
-                        rescale=self.rescale_gate, per_channel=self.selector.grain.channel)
+                        rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
+                        score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow)
         self.scores_initialized = not self.initializer.needs_grad
         total = sum(entry.numel for entry in masked)
         goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
@@ -328,9 +352,10 @@ class MaskPruningCallback(Callback):
     def _histograms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         result = {f"masks/{name}/gates": value for name, value in self._gate_histograms().items()}
         for entry in self._masked:
-            scores = entry.gate.scores.detach()
-            result[f"masks/{entry.name}/scores"] = stats.histogram(scores, low=scores.min().item(),
-                                                                  high=scores.max().item())
+            scores = entry.gate.scores.detach()[entry.gate.keep].float()  # the live ones: a pruned one may be -2^126
+            if scores.numel():
+                result[f"masks/{entry.name}/scores"] = stats.histogram(scores, low=scores.min().item(),
+                                                                      high=scores.max().item())
         return result
 
     def _report(self, trainer: pl.Trainer) -> None:
@@ -415,6 +440,16 @@ class MaskPruningCallback(Callback):
         self.scores_initialized = state_dict["scores_initialized"]
         self.threshold = state_dict.get("threshold")
         self.history = state_dict.get("history", self.history)
+
+
+def _score_dtype(spec: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """``score_dtype`` as a ``torch.dtype`` (or ``None``); raises ``ValueError`` naming the allowed values."""
+    allowed = {str(d).removeprefix("torch."): d for d in SCORE_DTYPES}
+    dtype = allowed.get(spec.removeprefix("torch."), spec) if isinstance(spec, str) else spec
+    if dtype is not None and dtype not in SCORE_DTYPES:
+        raise ValueError(f"score_dtype must be one of {sorted(allowed)}, a torch.dtype among them, or None (the "
+                         f"weight's dtype), got {spec!r}")
+    return dtype
 
 
 def _check_strategy(strategy: Any) -> None:

@@ -61,7 +61,8 @@ def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if target.endswith("bias") and set(parts) == {"original"}:  # gated by its layer's per-channel mask
             parts = {**masks.get(target[: -len("bias")] + "weight", {}), "original": parts["original"]}
             shape = parts["original"].shape
-            parts.update({k: parts[k].reshape(shape) for k in ("scores", "keep", "gate_scale") if k in parts})
+            parts.update({k: parts[k].reshape(shape) for k in ("scores", "keep", "gate_scale")
+                          if k in parts and parts[k].dim()})  # a 0-dim (per-tensor) gate_scale stays as it is
         missing = [f for f in ("original", "scores", "keep", "temperature") if f not in parts]
         if missing:
             raise ValueError(f"masked tensor {target!r} misses {missing} in the checkpoint; it is incomplete")

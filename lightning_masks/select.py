@@ -54,17 +54,19 @@ def _log_sigmoid(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
 
 
 def _gate_importance(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
-    """Log of the gate as the network applies it (rescaled when ``rescale_gate`` is on)."""
+    """Log of the gate as the network applies it (rescaled when ``rescale_gate`` is on, per entry or per tensor)."""
     scale = entry.gate.gate_scale
     values = _log_sigmoid(entry, index)
-    return values if scale is None else values.add_(_at(scale, index).float().log())
+    if scale is None:
+        return values
+    return values.add_((scale if scale.dim() == 0 else _at(scale, index)).float().log())
 
 
 def _effective_weight_importance(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
     """Log of ``|w * gate|``: the weight-dependent criterion (per channel, the channel's mean ``|w|``)."""
     weight = entry.weight.detach()
     if entry.unit_size > 1:
-        magnitude = _at(weight.float().abs().reshape(entry.units, -1).mean(1).reshape(entry.gate.keep.shape), index)
+        magnitude = _at(weight.float().abs().reshape(entry.units, -1).mean(1).reshape(entry.gate.scores.shape), index)
     else:
         magnitude = _at(weight, index).float().abs()
     return magnitude.log_().add_(_gate_importance(entry, index))
@@ -270,7 +272,7 @@ class TiedUnits:
     @property
     def keep(self) -> Tensor:
         keeps = [member.gate.keep.reshape(-1) for member in self.members]
-        return (keeps[0] if len(keeps) == 1 else torch.stack(keeps).any(0)).view_as(self.members[0].gate.keep)
+        return (keeps[0] if len(keeps) == 1 else torch.stack(keeps).any(0)).view(self.members[0].gate.scores.shape)
 
 
 #: What selection ranks: one masked tensor, or tensors tied unit by unit.
@@ -295,9 +297,8 @@ def _refuse_nan(entry: Ranked, *tensors: Tensor) -> None:
 def _set_keep(entry: Ranked, keep: Tensor, flipped: dict[str, Tensor]) -> None:
     """Write ``keep`` into the mask (every member's, for tied tensors), counting the bits that change."""
     for member in _members(entry):
-        target = member.gate.keep
-        flipped[member.name] = torch.ne(target.reshape(-1), keep.reshape(-1)).count_nonzero()  # no int64 copy
-        target.copy_(keep.reshape(target.shape))
+        flipped[member.name] = torch.ne(member.gate.keep.reshape(-1), keep.reshape(-1)).count_nonzero()  # no int64 copy
+        member.gate.set_keep(keep)
 
 
 @dataclass(frozen=True)
@@ -427,7 +428,7 @@ class Selector:
             return _importance_at(self.importance, entry, index)
         values = torch.stack([_importance_at(self.importance, member, index).reshape(-1) for member in _members(entry)])
         values = torch.logsumexp(values, 0)
-        return values if index is not None else values.view_as(entry.members[0].gate.keep)
+        return values if index is not None else values.view(entry.members[0].gate.scores.shape)
 
     def _importance(self, entry: MaskedTensor) -> Tensor:
         values = _importance_at(self.importance, entry)
@@ -543,7 +544,7 @@ class Selector:
         if per_group:
             lowest = self._importance(entry).reshape(-1, m).topk(per_group, dim=1, largest=False).indices
             keep.scatter_(1, lowest, False)
-        _set_keep(entry, keep.view_as(entry.gate.keep), flipped)
+        _set_keep(entry, keep.view(entry.gate.scores.shape), flipped)
         return per_group * (entry.numel // m)
 
     @torch.no_grad()
