@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -24,6 +25,7 @@ from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from . import loggers, plots, stats
+from .budget import DEFAULT_UPDATE_SHARE, UpdateBudget
 from .coupling import coupled_channels
 from .init import InitSpec, get_initializer
 from .masks import (
@@ -70,6 +72,11 @@ class MaskPruningCallback(Callback):
             ``"epoch"`` (as each epoch starts) or an int ``N`` (every N steps). Updates whose target equals the
             last one are skipped (nothing would change). A callable ``schedule`` is called per epoch under
             ``"auto"``.
+        update_budget: under ``"auto"``, the most that mask updates may take of the training time (default 0.05):
+            from the measured mean update and step times (:class:`~lightning_masks.budget.UpdateBudget`), the
+            interval is widened where needed (short fits of small models), rank zero deciding for all. ``None``:
+            the ~100 updates whatever they cost. The interval then depends on timings: for runs that must repeat
+            bit for bit, pass ``update_every=N`` or ``update_budget=None``.
         targets, exclude: what to mask (globs on qualified names, or module types); default every
             Linear, Conv1d/2d/3d and MultiheadAttention projection weight.
         init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
@@ -119,6 +126,7 @@ class MaskPruningCallback(Callback):
         start: Union[int, float] = 0,
         end: Union[int, float] = 2 / 3,
         update_every: Union[str, int] = "auto",
+        update_budget: Optional[float] = DEFAULT_UPDATE_SHARE,
         targets: Optional[Iterable[TargetSpec]] = None,
         exclude: Iterable[TargetSpec] = (),
         init_kwargs: Optional[Mapping[str, Any]] = None,
@@ -167,6 +175,13 @@ class MaskPruningCallback(Callback):
         self.cadence = "epoch" if update_every == "epoch" else "step"
         self.update_every = update_every if isinstance(update_every, int) else 1
         self._auto_cadence = update_every == "auto"
+        budget = UpdateBudget(update_budget) if update_budget is not None else None  # checks the share
+        self._budget = budget if self._auto_cadence and self.cadence == "step" else None
+        self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
+        self._length = (0.0, 1.0)  # (total steps, steps per epoch) of this fit
+        self._base_every = self.update_every  # the auto cadence's interval before the budget widens it
+        self._restored_budget: Optional[tuple[dict, int]] = None
+        self._warm = False  # whether the fit's first pruning update (not timed) has run
         self.targets = list(targets) if targets is not None else None
         self.exclude = list(exclude)
         self.temperature = float(temperature)
@@ -259,7 +274,14 @@ class MaskPruningCallback(Callback):
         total = total_steps if self.cadence == "step" else math.ceil(total_steps / steps_per_epoch)
         if self._auto_cadence:
             start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
-            self.update_every = max(1, round((end - start) / AUTO_UPDATES))
+            self._base_every = max(1, round((end - start) / AUTO_UPDATES))
+            self.update_every = self._base_every
+        if self._budget is not None:  # a fresh budget, or the one of the checkpoint this fit resumes from
+            saved, every = self._restored_budget or ({}, 1)
+            self._budget, self._restored_budget = UpdateBudget(**{**saved, "share": self._budget.share}), None
+            self.update_every = max(self._base_every, every)
+            self._warm = bool(saved)
+        self._length, self._clock = (total, steps_per_epoch), None
         self._span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.update_every)
 
     def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -279,23 +301,48 @@ class MaskPruningCallback(Callback):
     # ----------------------------------------------------------------------------------------- updates
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._clock = None  # the budget times steps within an epoch (not the validation between)
         if self.cadence == "epoch":
             self._update(trainer.current_epoch)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.cadence == "step" and trainer.global_step % self.update_every == 0:
+        started = time.perf_counter()
+        updated = self.cadence == "step" and trainer.global_step % self.update_every == 0 and \
             self._update(trainer.global_step)
+        if self._budget is not None:
+            self._account(trainer, started, updated)
 
-    def _update(self, t: int) -> None:
-        if self.position == t:
+    def _account(self, trainer: pl.Trainer, started: float, updated: bool) -> None:
+        """The update budget: count the step just ended and the update just made (a pruning one), and widen the
+        interval where updates would take more than their share of the training time."""
+        now = time.perf_counter()
+        if self._clock is not None:
+            self._budget.add_step((started - self._clock) * trainer.accumulate_grad_batches)
+        self._clock = now
+        if not (updated and self.target > 0):
             return
+        if not self._warm:  # the first pruning update pays one-off costs (allocations, first calls): not counted
+            self._warm = True
+            return
+        self._budget.add_update(now - started)
+        wanted = trainer.strategy.broadcast(self._budget.interval(self._base_every))
+        # never past the fit's last step: an update point must remain after this one, where the ramp ends
+        every = max(self.update_every, min(wanted, int(self._length[0] - 1 - trainer.global_step)))
+        if every != self.update_every:
+            self.update_every = every
+            self._span = resolve_span(self.schedule, self.cadence, *self._length, every)
+
+    def _update(self, t: int) -> bool:
+        """Update the keep-masks for position ``t``; return whether a selection ran."""
+        if self.position == t:
+            return False
         target = self.schedule.value(t, *self._span)
         if (self.position is not None and target == self.target and not self.selector.regrow
                 and not isinstance(self.schedule, ThresholdSchedule)):
             self.position = t  # the same count with no regrowth: nothing would change
-            return
+            return False
         self.target = target
         if isinstance(self.schedule, ThresholdSchedule):
             selection = self.selector.threshold(self._masked, self.target)
@@ -307,6 +354,7 @@ class MaskPruningCallback(Callback):
         self.history["layers"] = [row["name"] for row in rows]
         self.history["positions"].append(t)
         self.history["sparsity"].append([row["sparsity"] for row in rows])
+        return True
 
     # ----------------------------------------------------------------------------------------- logging
     @property
@@ -430,7 +478,8 @@ class MaskPruningCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "target": self.target, "pruned": self.pruned,
                 "threshold": self.threshold, "scores_initialized": self.scores_initialized,
-                "history": self.history}
+                "history": self.history, "update_every": self.update_every,
+                "budget": self._budget.state_dict() if self._budget else None}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -440,6 +489,8 @@ class MaskPruningCallback(Callback):
         self.scores_initialized = state_dict["scores_initialized"]
         self.threshold = state_dict.get("threshold")
         self.history = state_dict.get("history", self.history)
+        if state_dict.get("budget"):  # the measured costs and the interval the budget had widened to
+            self._restored_budget = (state_dict["budget"], state_dict["update_every"])
 
 
 def _score_dtype(spec: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
