@@ -180,7 +180,8 @@ class MaskPruningCallback(Callback):
         self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
         self._length = (0.0, 1.0)  # (total steps, steps per epoch) of this fit
         self._base_every = self.update_every  # the auto cadence's interval before the budget widens it
-        self._restored_budget: Optional[tuple[dict, int]] = None
+        self._restored_budget: Optional[tuple[dict, int, int]] = None
+        self._anchor = 0  # the auto cadence updates at steps anchor + k * update_every (the budget moves it)
         self._warm = False  # whether the fit's first pruning update (not timed) has run
         self.targets = list(targets) if targets is not None else None
         self.exclude = list(exclude)
@@ -277,12 +278,16 @@ class MaskPruningCallback(Callback):
             self._base_every = max(1, round((end - start) / AUTO_UPDATES))
             self.update_every = self._base_every
         if self._budget is not None:  # a fresh budget, or the one of the checkpoint this fit resumes from
-            saved, every = self._restored_budget or ({}, 1)
+            saved, every, self._anchor = self._restored_budget or ({}, 1, 0)
             self._budget, self._restored_budget = UpdateBudget(**{**saved, "share": self._budget.share}), None
             self.update_every = max(self._base_every, every)
             self._warm = bool(saved)
         self._length, self._clock = (total, steps_per_epoch), None
         self._span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.update_every)
+        if self._anchor:  # resumed after the budget widened the interval from step `_anchor` on
+            last = int(total - 1)
+            self._span = (self._span[0], min(resolve_span(self.schedule, self.cadence, total, steps_per_epoch)[1],
+                                             self._anchor + (last - self._anchor) // self.update_every * self.update_every))
 
     def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise gradient-based scores (e.g. SNIP) from one training batch of the dense network."""
@@ -309,7 +314,7 @@ class MaskPruningCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         started = time.perf_counter()
-        updated = self.cadence == "step" and trainer.global_step % self.update_every == 0 and \
+        updated = self.cadence == "step" and (trainer.global_step - self._anchor) % self.update_every == 0 and \
             self._update(trainer.global_step)
         if self._budget is not None:
             self._account(trainer, started, updated)
@@ -321,18 +326,21 @@ class MaskPruningCallback(Callback):
         if self._clock is not None:
             self._budget.add_step((started - self._clock) * trainer.accumulate_grad_batches)
         self._clock = now
-        if not (updated and self.target > 0):
+        if not updated:
             return
-        if not self._warm:  # the first pruning update pays one-off costs (allocations, first calls): not counted
-            self._warm = True
-            return
-        self._budget.add_update(now - started)
-        wanted = trainer.strategy.broadcast(self._budget.interval(self._base_every))
+        # the first pruning update pays one-off costs (allocations, first calls), and one to target 0 prunes
+        # nothing: spent, but not in the mean
+        self._budget.add_update(now - started, measured=self._warm and self.target > 0)
+        self._warm = self._warm or self.target > 0
+        wanted = trainer.strategy.broadcast(self._budget.interval(self._base_every, self._length[0],
+                                                                  trainer.global_step))
         # never past the fit's last step: an update point must remain after this one, where the ramp ends
-        every = max(self.update_every, min(wanted, int(self._length[0] - 1 - trainer.global_step)))
-        if every != self.update_every:
-            self.update_every = every
-            self._span = resolve_span(self.schedule, self.cadence, *self._length, every)
+        last = int(self._length[0] - 1)  # an update point must remain after this one, for the ramp's end
+        every = max(self.update_every, min(wanted, last - trainer.global_step))
+        if every != self.update_every:  # from here on, every `every` steps: the ramp ends at the last such point
+            self.update_every, self._anchor = every, trainer.global_step
+            start, end = resolve_span(self.schedule, self.cadence, *self._length)
+            self._span = (start, min(end, self._anchor + (last - self._anchor) // every * every))
 
     def _update(self, t: int) -> bool:
         """Update the keep-masks for position ``t``; return whether a selection ran."""
@@ -479,7 +487,7 @@ class MaskPruningCallback(Callback):
         return {"position": self.position, "target": self.target, "pruned": self.pruned,
                 "threshold": self.threshold, "scores_initialized": self.scores_initialized,
                 "history": self.history, "update_every": self.update_every,
-                "budget": self._budget.state_dict() if self._budget else None}
+                "budget": self._budget.state_dict() if self._budget else None, "update_anchor": self._anchor}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -490,7 +498,7 @@ class MaskPruningCallback(Callback):
         self.threshold = state_dict.get("threshold")
         self.history = state_dict.get("history", self.history)
         if state_dict.get("budget"):  # the measured costs and the interval the budget had widened to
-            self._restored_budget = (state_dict["budget"], state_dict["update_every"])
+            self._restored_budget = (state_dict["budget"], state_dict["update_every"], state_dict.get("update_anchor", 0))
 
 
 def _score_dtype(spec: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:

@@ -1,5 +1,6 @@
 """The update budget of update_every="auto": updates spaced by their measured cost (issue 17)."""
 
+import math
 import time
 
 import pytest
@@ -19,10 +20,27 @@ def test_the_interval_keeps_updates_within_their_share():
     for _ in range(4):
         budget.add_step(0.010)
     budget.add_update(0.004)
-    budget.add_update(0.006)  # mean 5 ms against 10 ms steps: 0.005 * 0.95 / (0.05 * 0.010) = 9.5 -> 10
-    assert budget.interval(1) == 10 and budget.interval(26) == 26
+    budget.add_update(0.006)  # mean 5 ms against 10 ms steps, planning for 4%: 0.005 * 0.96 / (0.04 * 0.010) = 12
+    assert budget.interval(1) == 12 and budget.interval(26) == 26
     every = budget.interval(1)
-    assert 0.005 / (0.005 + every * 0.010) <= 0.05 < 0.005 / (0.005 + (every - 1) * 0.010)
+    assert 0.005 / (0.005 + every * 0.010) <= 0.04 < 0.005 / (0.005 + (every - 1) * 0.010)
+
+
+def test_in_a_fit_of_known_length_the_updates_made_count_against_the_budget():
+    budget = UpdateBudget(0.05)
+    for _ in range(10):
+        budget.add_step(0.010)
+    budget.add_update(0.005)
+    fresh = budget.interval(1, total=1000, done=10)
+    budget.add_update(0.200, measured=False)  # a costly first update, spent but not in the mean
+    late = budget.interval(1, total=1000, done=10)
+    assert budget.update_seconds / budget.updates == 0.005 and late > fresh
+    allowed = (0.04 / 0.96 * 1000 * 0.010 - 0.205) / 0.005  # seconds left of the fit's budget, in updates
+    assert late == math.ceil(990 / allowed)
+    spent = 0.205 + 0.005 * (990 // late)  # what the fit spends at that interval: within the planned 4%
+    assert spent / (spent + 1000 * 0.010) <= 0.04
+    budget.add_update(1.0, measured=False)  # more than the whole fit's budget: no update left to make
+    assert budget.interval(1, total=1000, done=10) > 1000
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0, -0.1, 2])
