@@ -204,7 +204,8 @@ def run_one(config: dict[str, Any], data: dict[str, tuple[Tensor, Tensor]] | Non
     model = build_model(config["model"], config["lr"])
     name, options = parse_method(config["method"])
     plan = Plan(config["sparsity"], config["start"], config["end"])
-    trainer = pl.Trainer(max_epochs=config["epochs"], callbacks=METHODS[name](model, plan, **options),
+    callbacks = METHODS[name](model, plan, **options)
+    trainer = pl.Trainer(max_epochs=config["epochs"], callbacks=callbacks,
                          accelerator=config.get("accelerator", "cpu"), devices=1, logger=False,
                          enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -213,9 +214,13 @@ def run_one(config: dict[str, Any], data: dict[str, tuple[Tensor, Tensor]] | Non
     trainer.fit(model, train_dataloaders=train_loader(*data["train"], config["batch_size"], config["seed"]))
     seconds = time.perf_counter() - began
     zeros, total = sparsity_counts(model)
+    cadence = {}  # the interval the auto cadence chose, and how many updates ran
+    for callback in callbacks:
+        if isinstance(callback, MaskPruningCallback):
+            cadence = {"update_every": callback.update_every, "updates": len(callback.history["positions"])}
     return {**config, "accuracy": accuracy(model, *data["test"]), "zeros": zeros, "total": total,
             "target_zeros": round(config["sparsity"] * total), "achieved": zeros / total,
-            "layers": layer_zeros(model), "seconds": round(seconds, 1)}
+            "layers": layer_zeros(model), "seconds": round(seconds, 1), **cadence}
 
 
 DATA: dict[str, tuple[Tensor, Tensor]] = {}  # the data set, loaded once before worker processes fork

@@ -21,8 +21,9 @@ Methods, each fit in its own forked process (so its peak RSS is its own), one af
 
 Measured per fit:
 
-* step time: wall time from each ``on_train_batch_start`` to its ``on_train_batch_end`` (the mask update, made in
-  the callback's ``on_train_batch_start``, included; CUDA synchronised at both ends on a GPU). ``whole fit``: the
+* step time: from each ``on_train_batch_start`` to its ``on_train_batch_end`` (the mask update, made in the
+  callback's ``on_train_batch_start``, included): this thread's CPU time with one CPU thread (the default: other
+  processes on the shared cores do not inflate it), else wall time (CUDA synchronised at both ends on a GPU). ``whole fit``: the
   mean over every step but the first; ``after ramp``: the median over the steps after the ramp (the last third);
 * training state: bytes of the parameters, their gradients, the optimizer state and the buffers, counted from the
   tensors after the last optimizer step (gradients still held), each storage once; ``mask B/w``: the masks' share
@@ -35,7 +36,7 @@ Measured per fit:
 Writes ``results/real_sizes.json``, ``real_sizes.md`` and ``real_sizes.png`` (``--out``, ``--name``).
 
 Example:
-    python benchmarks/real_sizes.py                                   # CPU, every model: ~10 min on 2 cores
+    python benchmarks/real_sizes.py                                   # CPU, one thread, every model: ~15 min
     python benchmarks/real_sizes.py --accelerator gpu --precision bf16-mixed
 """
 
@@ -198,6 +199,15 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+#: The clock of step and update times: this thread's CPU time on a CPU with one torch thread (other processes on
+#: shared cores do not inflate it; the loop, data loading and optimizer all run in this thread), else wall time.
+CLOCK = {"now": time.perf_counter}
+
+
+def now() -> float:
+    return CLOCK["now"]()
+
+
 class Clock(Callback):
     """Wall time of each training step (put first: the mask update of the callback's batch start is inside it);
     the training state counted after the last optimizer step."""
@@ -210,12 +220,12 @@ class Clock(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         synchronize()
-        self._start = time.perf_counter()
+        self._start = now()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         synchronize()
-        self.steps.append(time.perf_counter() - self._start)
+        self.steps.append(now() - self._start)
         if trainer.global_step == trainer.max_steps:
             self.state = training_state(pl_module, trainer.optimizers)
 
@@ -227,12 +237,12 @@ class TimedPruner(MaskPruningCallback):
 
     def _update(self, t: int) -> bool:
         synchronize()
-        start = time.perf_counter()
+        start = now()
         try:
             return super()._update(t)
         finally:
             synchronize()
-            self.update_seconds += time.perf_counter() - start
+            self.update_seconds += now() - start
 
 
 def training_state(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
@@ -262,11 +272,15 @@ def training_state(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -
     return {"total": total, "mask": mask, "masked_weights": sum(entry.numel for entry in masked)}
 
 
-def fit_once(model: str, method: str, accelerator: str, precision: str, threads: int) -> dict[str, Any]:
-    """Train one model with one method; return its measurements (run in a child process)."""
+def fit_once(model: str, method: str, accelerator: str, precision: str, threads: int,
+             steps: int | None = None) -> dict[str, Any]:
+    """Train one model with one method (``steps``: instead of the model's own number); return its measurements
+    (run in a child process)."""
     torch.set_num_threads(threads)
+    CLOCK["now"] = time.thread_time if accelerator == "cpu" and threads == 1 else time.perf_counter
     pl.seed_everything(0, verbose=False)
     spec = MODELS[model]()
+    spec.steps = steps or spec.steps
     generator = torch.Generator().manual_seed(0)
     data = spec.data(spec.batch * spec.steps, generator)
     loader = DataLoader(TensorDataset(*data), batch_size=spec.batch)
@@ -369,7 +383,8 @@ def render(records: list[dict[str, Any]], accelerator: str, precision: str) -> s
     return "\n".join([
         "# real_sizes", "",
         f"Lightning fits of random-init models on random data ({device}), sparsity {SPARSITY}, cubic ramp over the "
-        "first two thirds; `masks` are today's defaults, `masks_before` the defaults before issue 17 (float32 "
+        "first two thirds; step times in " + ("CPU time of the fit's thread" if accelerator == "cpu" and
+                                              records[0]["threads"] == 1 else "wall time") + "; `masks` are today's defaults, `masks_before` the defaults before issue 17 (float32 "
         "scores, bool keep and float32 scale per weight, no update budget). Each fit in its own process, one at a "
         "time. Step: wall time per step (mask updates included), the whole fit's mean (first step left out) and "
         "the median after the ramp. Training state: parameters, gradients, optimizer state and buffers after the "
@@ -414,7 +429,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--precision", default=None, help="Lightning precision (default 32-true on CPU, bf16-mixed "
                                                           "on a GPU)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each fit")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each fit (1: steps timed in "
+                                                                 "CPU time, else wall time)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of every fit (default: each model's own)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="results stem (default real_sizes, real_sizes_gpu on a GPU)")
     return parser.parse_args(argv)
@@ -429,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     for model in args.models:
         for method in args.methods:
-            record = in_child(lambda: fit_once(model, method, args.accelerator, precision, args.threads))
+            record = in_child(lambda: fit_once(model, method, args.accelerator, precision, args.threads, args.steps))
             records.append(record)
             print(json.dumps({k: v for k, v in record.items() if not k.startswith("rss")}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -182,7 +182,6 @@ class MaskPruningCallback(Callback):
         self._base_every = self.update_every  # the auto cadence's interval before the budget widens it
         self._restored_budget: Optional[tuple[dict, int, int]] = None
         self._anchor = 0  # the auto cadence updates at steps anchor + k * update_every (the budget moves it)
-        self._warm = False  # whether the fit's first pruning update (not timed) has run
         self.targets = list(targets) if targets is not None else None
         self.exclude = list(exclude)
         self.temperature = float(temperature)
@@ -281,7 +280,6 @@ class MaskPruningCallback(Callback):
             saved, every, self._anchor = self._restored_budget or ({}, 1, 0)
             self._budget, self._restored_budget = UpdateBudget(**{**saved, "share": self._budget.share}), None
             self.update_every = max(self._base_every, every)
-            self._warm = bool(saved)
         self._length, self._clock = (total, steps_per_epoch), None
         self._span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.update_every)
         if self._anchor:  # resumed after the budget widened the interval from step `_anchor` on
@@ -328,15 +326,16 @@ class MaskPruningCallback(Callback):
         self._clock = now
         if not updated:
             return
-        # the first pruning update pays one-off costs (allocations, first calls), and one to target 0 prunes
-        # nothing: spent, but not in the mean
-        self._budget.add_update(now - started, measured=self._warm and self.target > 0)
-        self._warm = self._warm or self.target > 0
+        # an update to target 0 prunes nothing: spent, but not measured for the estimate. The interval is decided
+        # from the first pruning update on (its one-off costs were measured at 1.1-1.2x the next ones' on tiny fits),
+        # and narrows again where later ones come in cheaper
+        self._budget.add_update(now - started, measured=self.target > 0)
         wanted = trainer.strategy.broadcast(self._budget.interval(self._base_every, self._length[0],
                                                                   trainer.global_step))
-        # never past the fit's last step: an update point must remain after this one, where the ramp ends
-        last = int(self._length[0] - 1)  # an update point must remain after this one, for the ramp's end
-        every = max(self.update_every, min(wanted, last - trainer.global_step))
+        last, step = int(self._length[0] - 1), trainer.global_step
+        every = max(self._base_every, wanted)
+        if step < self._span[1]:  # the ramp goes on: an update point must remain for its end, by the fit's last step
+            every = max(1, min(every, last - step))
         if every != self.update_every:  # from here on, every `every` steps: the ramp ends at the last such point
             self.update_every, self._anchor = every, trainer.global_step
             start, end = resolve_span(self.schedule, self.cadence, *self._length)

@@ -20,10 +20,12 @@ def test_the_interval_keeps_updates_within_their_share():
     for _ in range(4):
         budget.add_step(0.010)
     budget.add_update(0.004)
-    budget.add_update(0.006)  # mean 5 ms against 10 ms steps, planning for 4%: 0.005 * 0.96 / (0.04 * 0.010) = 12
-    assert budget.interval(1) == 12 and budget.interval(26) == 26
+    budget.add_update(0.006)  # the latest, 6 ms, above the mean against 10 ms steps, planning for 3%:
+    assert budget.interval(1) == 20 and budget.interval(26) == 26  # 0.006 * 0.97 / (0.03 * 0.010) = 19.4
     every = budget.interval(1)
-    assert 0.005 / (0.005 + every * 0.010) <= 0.04 < 0.005 / (0.005 + (every - 1) * 0.010)
+    assert 0.006 / (0.006 + every * 0.010) <= 0.03 < 0.006 / (0.006 + (every - 1) * 0.010)
+    budget.add_update(0.002)  # cheaper again: the mean, 4 ms, is the larger
+    assert budget.interval(1) == 13
 
 
 def test_in_a_fit_of_known_length_the_updates_made_count_against_the_budget():
@@ -35,10 +37,10 @@ def test_in_a_fit_of_known_length_the_updates_made_count_against_the_budget():
     budget.add_update(0.200, measured=False)  # a costly first update, spent but not in the mean
     late = budget.interval(1, total=1000, done=10)
     assert budget.update_seconds / budget.updates == 0.005 and late > fresh
-    allowed = (0.04 / 0.96 * 1000 * 0.010 - 0.205) / 0.005  # seconds left of the fit's budget, in updates
+    allowed = (0.03 / 0.97 * 1000 * 0.010 - 0.205) / 0.005  # seconds left of the fit's budget, in updates
     assert late == math.ceil(990 / allowed)
-    spent = 0.205 + 0.005 * (990 // late)  # what the fit spends at that interval: within the planned 4%
-    assert spent / (spent + 1000 * 0.010) <= 0.04
+    spent = 0.205 + 0.005 * (990 // late)  # what the fit spends at that interval: within the planned 3%
+    assert spent / (spent + 1000 * 0.010) <= 0.03
     budget.add_update(1.0, measured=False)  # more than the whole fit's budget: no update left to make
     assert budget.interval(1, total=1000, done=10) > 1000
 

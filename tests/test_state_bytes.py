@@ -206,3 +206,10 @@ def test_a_channel_gate_compact_zeroes_weight_rows_and_bias():
 def test_a_mask_gate_refuses_float16_scores():
     with pytest.raises(ValueError, match="score_dtype must be one of"):
         MaskGate(torch.zeros(3), score_dtype=torch.float16)
+
+
+def test_regrowth_refuses_compact_gates_whose_pruned_scores_are_gone():
+    masked = attach(nn.Sequential(nn.Linear(4, 4)), score_dtype=torch.bfloat16, compact=True)
+    with pytest.raises(ValueError, match="regrow=True needs the scores of pruned entries"):
+        Selector(regrow=True).check(masked)
+    Selector().check(masked)
