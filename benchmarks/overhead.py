@@ -7,9 +7,13 @@ Methods, each on its own copy of the same network, 90% sparse:
     dense              the plain network
     dense (fused)      the same with ``Adam(fused=True)``: the baseline for ``masks`` at equal optimizer kernels
     prune              ``torch.nn.utils.prune`` global L1 masks (what Lightning's ModelPruning installs)
-    masks              ``lightning_masks.attach(rescale=True)`` + ``Selector()`` + ``place_scores``, what
-                       ``MaskPruningCallback()`` installs: ``w * sigmoid(s) * keep * scale``, scores trained by the
-                       user's Adam, which ``place_scores`` switches to torch's fused kernel (CPU Adam, no choice made)
+    masks              ``lightning_masks.attach(rescale=True, score_dtype=torch.bfloat16, compact=True)`` +
+                       ``Selector()`` + ``place_scores``, what ``MaskPruningCallback()`` installs: ``w * sigmoid(s) *
+                       scale`` with bfloat16 scores, the keep bits in the scores and one scale a tensor (8 bytes of
+                       mask state a weight), scores trained by the user's Adam, which ``place_scores`` switches to
+                       torch's fused kernel (CPU Adam, no choice made)
+    masks (21 B state) the same with the state before issue 17: float32 scores, a bool keep buffer and a float32
+                       scale per weight (``attach(rescale=True)``)
     masks (Adam loop)  the same masks with the Adam left as given (torch's per-tensor loop on CPU)
     masks, scores frozen   ``masks`` with the scores not trained: the gate's cost without its score gradient and
                        the scores' Adam update
@@ -70,10 +74,12 @@ def with_prune(net: nn.Module) -> nn.Module:
     return net
 
 
-def with_masks(net: nn.Module, train_scores: bool = True, gate: bool = True) -> nn.Module:
-    """Attach our masks as the callback does (``rescale_gate`` on) and select 90% of them; for the breakdown rows,
-    freeze the scores or disable the gates."""
-    masked = lightning_masks.attach(net, rescale=True)
+def with_masks(net: nn.Module, train_scores: bool = True, gate: bool = True, compact: bool = True) -> nn.Module:
+    """Attach our masks as the callback does (``rescale_gate`` on, bfloat16 compact state; ``compact=False``: the
+    float32 state before issue 17) and select 90% of them; for the breakdown rows, freeze the scores or disable
+    the gates."""
+    options = {"score_dtype": torch.bfloat16, "compact": True} if compact else {}
+    masked = lightning_masks.attach(net, rescale=True, **options)
     lightning_masks.Selector()(masked, SPARSITY)
     for entry in masked:
         entry.gate.scores.requires_grad_(train_scores)
@@ -91,6 +97,7 @@ METHODS: dict[str, tuple[Callable[[nn.Module], nn.Module], Callable[[nn.Module, 
     "dense (fused)": (lambda net: net, lambda net, optimizer: optimizer.param_groups[0].update(fused=True)),
     "prune": (with_prune, lambda net, optimizer: None),
     "masks": (with_masks, fuse),
+    "masks (21 B state)": (lambda net: with_masks(net, compact=False), fuse),
     "masks (Adam loop)": (with_masks, lambda net, optimizer: place_scores(
         [optimizer], [], lightning_masks.masked_tensors(net), fuse=False)),
     "masks, scores frozen": (lambda net: with_masks(net, train_scores=False), fuse),
@@ -215,13 +222,13 @@ def measure_update(net: nn.Module, rounds: int) -> dict[str, float]:
 
     def raise_90() -> None:
         for entry, keep in zip(masked, at_80):
-            entry.gate.keep.copy_(keep)
+            entry.gate.set_keep(keep)
         lightning_masks.Selector()(masked, SPARSITY)
 
     times = interleaved({"again": lambda: lightning_masks.Selector()(masked, SPARSITY), "raise": raise_90,
                          "regrow": lambda: lightning_masks.Selector(regrow=True)(masked, SPARSITY)}, rounds, 1)
     for entry, keep in zip(masked, before):
-        entry.gate.keep.copy_(keep)
+        entry.gate.set_keep(keep)
     return times
 
 

@@ -63,6 +63,11 @@ DEFAULT_METHODS = ["dense", "model_pruning", "wns", "masks", *(f"masks[init={nam
 KEY_FIELDS = ("model", "method", "sparsity", "seed", "epochs", "start", "end", "lr", "batch_size")
 
 
+#: Callback settings added after runs were recorded, with the value that reproduces what those runs did (issue 17:
+#: float32 scores, a keep buffer and a per-weight rescale).
+ADDED_SINCE = {"score_dtype": "None", "compact": "False"}
+
+
 @functools.cache
 def callback_defaults() -> str:
     """The callback's keyword defaults (JSON of reprs), recorded with every ``masks`` run."""
@@ -199,7 +204,8 @@ def run_one(config: dict[str, Any], data: dict[str, tuple[Tensor, Tensor]] | Non
     model = build_model(config["model"], config["lr"])
     name, options = parse_method(config["method"])
     plan = Plan(config["sparsity"], config["start"], config["end"])
-    trainer = pl.Trainer(max_epochs=config["epochs"], callbacks=METHODS[name](model, plan, **options),
+    callbacks = METHODS[name](model, plan, **options)
+    trainer = pl.Trainer(max_epochs=config["epochs"], callbacks=callbacks,
                          accelerator=config.get("accelerator", "cpu"), devices=1, logger=False,
                          enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -208,9 +214,13 @@ def run_one(config: dict[str, Any], data: dict[str, tuple[Tensor, Tensor]] | Non
     trainer.fit(model, train_dataloaders=train_loader(*data["train"], config["batch_size"], config["seed"]))
     seconds = time.perf_counter() - began
     zeros, total = sparsity_counts(model)
+    cadence = {}  # the interval the auto cadence chose, and how many updates ran
+    for callback in callbacks:
+        if isinstance(callback, MaskPruningCallback):
+            cadence = {"update_every": callback.update_every, "updates": len(callback.history["positions"])}
     return {**config, "accuracy": accuracy(model, *data["test"]), "zeros": zeros, "total": total,
             "target_zeros": round(config["sparsity"] * total), "achieved": zeros / total,
-            "layers": layer_zeros(model), "seconds": round(seconds, 1)}
+            "layers": layer_zeros(model), "seconds": round(seconds, 1), **cadence}
 
 
 DATA: dict[str, tuple[Tensor, Tensor]] = {}  # the data set, loaded once before worker processes fork
@@ -262,7 +272,10 @@ def label(record: dict[str, Any]) -> str:
     if name != "masks":
         return record["method"]
     current = json.loads(callback_defaults())
-    ran = {**json.loads(record.get("defaults") or "{}"), **{k: repr(v) for k, v in options.items()}}
+    recorded = json.loads(record.get("defaults") or "{}")
+    if recorded:  # a setting added since the run: the run had what the setting's non-default value reproduces
+        recorded = {**ADDED_SINCE, **recorded}
+    ran = {**recorded, **{k: repr(v) for k, v in options.items()}}
     differ = {k: v for k, v in ran.items() if current.get(k) != v}
     order = [*options, *(k for k in differ if k not in options)]
     shown = [k + "=" + differ[k].strip("'") for k in order if k in differ]

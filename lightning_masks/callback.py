@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -26,11 +27,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from . import loggers, plots, stats
+from .budget import DEFAULT_UPDATE_SHARE
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze
 from .coupling import coupled_channels
 from .init import InitSpec, get_initializer
 from .kinds import kind_of
 from .masks import (
+    SCORE_DTYPES,
     MaskedTensor,
     TargetSpec,
     Targets,
@@ -80,6 +83,11 @@ class MaskPruningCallback(Callback):
             ``"epoch"`` (as each epoch starts) or an int ``N`` (every N steps). Updates whose target equals the
             last one are skipped (nothing would change). A callable ``schedule`` is called per epoch under
             ``"auto"``.
+        update_budget: under ``"auto"``, the most that mask updates may take of the training time (default 0.05):
+            from the measured mean update and step times (:class:`~lightning_masks.budget.UpdateBudget`), the
+            interval is widened where needed (short fits of small models), rank zero deciding for all. ``None``:
+            the ~100 updates whatever they cost. The interval then depends on timings: for runs that must repeat
+            bit for bit, pass ``update_every=N`` or ``update_budget=None``.
         targets, exclude: what to mask: globs on module names (the module's weights, whatever its type), globs
             on tensor names, or module types (see :func:`~lightning_masks.masks.resolve_targets`). Default: the
             weights of every registered layer kind (:func:`~lightning_masks.kinds.list_layer_kinds`: Linear,
@@ -91,7 +99,16 @@ class MaskPruningCallback(Callback):
         init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
         temperature: the gate's ``T > 0``.
         rescale_gate: divide each gate by its initial value so training starts from the dense function
-            (on by default: benchmarks/results/study_lenet300_s99.md).
+            (on by default: benchmarks/results/study_lenet300_s99.md); with ``compact``, by one scalar per tensor,
+            ``1 / mean(sigmoid(scores / T))``.
+        score_dtype: the dtype of the scores, hence of their gradient and optimizer state: ``"bfloat16"`` (the
+            default), ``"float32"``, ``"float64"`` or a ``torch.dtype``; ``None`` takes the weight's. Never wider
+            than the weight; the gate is computed in the weight's dtype.
+        compact: hold the keep bits in the scores (a pruned entry's score is a sentinel whose gate is exactly
+            0) and the rescale as one scalar per tensor, instead of a bool and a float per weight. With
+            ``score_dtype="bfloat16"`` and Adam a masked weight then carries 8 bytes of mask state (scores, their
+            gradient, two Adam moments) instead of 21. ``regrow=True`` needs the pruned entries' scores, so it
+            keeps the keep buffer whatever this says.
         selector: how scores become keep-masks, one :class:`~lightning_masks.select.Selector` (ranking ``mode``,
             ``importance``, ``layer_floor``, ``regrow``, ``granularity``, ``tie``); default ``Selector()``.
         mode, importance, layer_floor, regrow, granularity, tie: the same fields one by one (the selector's, when
@@ -137,11 +154,14 @@ class MaskPruningCallback(Callback):
         start: Union[int, float] = 0,
         end: Union[int, float] = 2 / 3,
         update_every: Union[str, int] = "auto",
+        update_budget: Optional[float] = DEFAULT_UPDATE_SHARE,
         targets: Optional[Iterable[TargetSpec]] = None,
         exclude: Iterable[TargetSpec] = (),
         init_kwargs: Optional[Mapping[str, Any]] = None,
         temperature: float = 1.0,
         rescale_gate: bool = True,
+        score_dtype: Union[str, torch.dtype, None] = "bfloat16",
+        compact: bool = True,
         selector: Optional[Selector] = None,
         mode: str = "global",
         importance: str = "effective_weight",
@@ -213,6 +233,9 @@ class MaskPruningCallback(Callback):
         self.exclude = exclude
         self.temperature = float(temperature)
         self.rescale_gate = rescale_gate
+        self.score_dtype = _score_dtype(score_dtype)
+        self.compact = compact
+        self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
         if isinstance(output_layers, str) and output_layers != "auto":
             raise ValueError(f"output_layers must be 'auto', None or a list of globs on module names, got "
                              f"{output_layers!r}; e.g. output_layers=['head']")
@@ -226,7 +249,8 @@ class MaskPruningCallback(Callback):
         self.log_histograms = log_histograms
         self.plots = plots
 
-        self.plan = Plan(self.schedule, update_every, selector.regrow, early_end)  # this fit's lifecycle (plan.py)
+        # this fit's lifecycle (plan.py)
+        self.plan = Plan(self.schedule, update_every, selector.regrow, early_end, update_budget)
         self.scores_initialized = False
         self._churn: dict[str, torch.Tensor] = {}
         self._gate_cache = None
@@ -302,7 +326,8 @@ class MaskPruningCallback(Callback):
         exclude = self.exclude + self._outputs_kept_whole(trainer, pl_module)
         resolved = resolve_targets(pl_module, self.targets, exclude)
         masked = attach(pl_module, self.targets, exclude, init=init, temperature=self.temperature,
-                        rescale=self.rescale_gate, per_channel=self.selector.grain.channel)
+                        rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
+                        score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow)
         self.scores_initialized = not self.initializer.needs_grad
         total = sum(entry.numel for entry in masked)
         goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
@@ -374,17 +399,34 @@ class MaskPruningCallback(Callback):
     # ----------------------------------------------------------------------------------------- updates
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._clock = None  # the budget times steps within an epoch (not the validation between)
         self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=True))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=False))
+        started = time.perf_counter()
+        updated = self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=False))
+        if self.plan.budgeted:
+            self._account(trainer, started, updated)
 
-    def _update(self, trainer: pl.Trainer, t: Optional[float]) -> None:
+    def _account(self, trainer: pl.Trainer, started: float, updated: bool) -> None:
+        """The update budget: time the step just ended and the update just made; where updates would take more
+        than their share, widen the interval (rank zero's decision, broadcast, so every rank updates alike)."""
+        now = time.perf_counter()
+        step = None if self._clock is None else (started - self._clock) * trainer.accumulate_grad_batches
+        self._clock = now
+        self.plan.account(step, now - started if updated else None)
+        if updated:
+            wanted = trainer.strategy.broadcast(self.plan.wanted_interval(trainer.global_step))
+            self.plan.widen(trainer.global_step, wanted)
+
+    def _update(self, trainer: pl.Trainer, t: Optional[float]) -> bool:
+        """Make the update due at ``t`` (if any); return whether a selection ran."""
         target = self.plan.decide(t)
         if target is not None:
             self._select(trainer, t, target)
+        return target is not None
 
     def _select(self, trainer: pl.Trainer, t: float, target: float) -> None:
         """Set the keep-masks to ``target`` (a sparsity, or a gate threshold) and record the update at ``t``."""
@@ -438,9 +480,10 @@ class MaskPruningCallback(Callback):
     def _histograms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         result = {f"masks/{name}/gates": value for name, value in self._gate_histograms().items()}
         for entry in self._masked:
-            scores = entry.gate.scores.detach()
-            result[f"masks/{entry.name}/scores"] = stats.histogram(scores, low=scores.min().item(),
-                                                                  high=scores.max().item())
+            scores = entry.gate.scores.detach()[entry.gate.keep].float()  # the live ones: a pruned one may be -2^126
+            if scores.numel():
+                result[f"masks/{entry.name}/scores"] = stats.histogram(scores, low=scores.min().item(),
+                                                                      high=scores.max().item())
         return result
 
     def _report(self, trainer: pl.Trainer) -> None:
@@ -550,6 +593,16 @@ class MaskPruningCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.plan.load_state_dict(state_dict)
         self.scores_initialized = state_dict["scores_initialized"]
+
+
+def _score_dtype(spec: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """``score_dtype`` as a ``torch.dtype`` (or ``None``); raises ``ValueError`` naming the allowed values."""
+    allowed = {str(d).removeprefix("torch."): d for d in SCORE_DTYPES}
+    dtype = allowed.get(spec.removeprefix("torch."), spec) if isinstance(spec, str) else spec
+    if dtype is not None and dtype not in SCORE_DTYPES:
+        raise ValueError(f"score_dtype must be one of {sorted(allowed)}, a torch.dtype among them, or None (the "
+                         f"weight's dtype), got {spec!r}")
+    return dtype
 
 
 def _is_int(value: Any) -> bool:

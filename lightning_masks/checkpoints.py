@@ -43,7 +43,8 @@ def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             weight = f"{path}.{weight_name(name)}" if path else weight_name(name)
             parts = {**masks.get(weight, {}), "original": parts["original"]}
             shape = parts["original"].shape
-            parts.update({k: parts[k].reshape(shape) for k in ("scores", "keep", "gate_scale") if k in parts})
+            parts.update({k: parts[k].reshape(shape) for k in ("scores", "keep", "gate_scale")
+                          if k in parts and parts[k].dim()})  # a 0-dim (per-tensor) gate_scale stays as it is
         missing = [f for f in ("original", "scores", "keep", "temperature") if f not in parts]
         if missing:
             raise ValueError(f"masked tensor {target!r} misses {missing} in the checkpoint; it is incomplete")

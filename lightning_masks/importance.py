@@ -85,10 +85,12 @@ def log_sigmoid(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
 
 @register_importance("gate")
 def gate_importance(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
-    """Log of the gate as the network applies it (rescaled when ``rescale_gate`` is on)."""
+    """Log of the gate as the network applies it (rescaled when ``rescale_gate`` is on, per entry or per tensor)."""
     scale = entry.gate.gate_scale
     values = log_sigmoid(entry, index)
-    return values if scale is None else values.add_(at(scale, index).float().log())
+    if scale is None:
+        return values
+    return values.add_((scale if scale.dim() == 0 else at(scale, index)).float().log())
 
 
 @register_importance("effective_weight")
@@ -96,7 +98,7 @@ def effective_weight_importance(entry: MaskedTensor, index: Optional[Tensor] = N
     """Log of ``|w * gate|``, the weight-dependent criterion (per channel, the channel's mean ``|w|``)."""
     weight = entry.weight.detach()
     if entry.unit_size > 1:
-        magnitude = at(_reduce_to(weight.float().abs(), entry.gate.keep.shape), index)
+        magnitude = at(_reduce_to(weight.float().abs(), entry.gate.scores.shape), index)
     else:
         magnitude = at(weight, index).float().abs()
     return magnitude.log_().add_(gate_importance(entry, index))

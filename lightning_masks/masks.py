@@ -63,17 +63,51 @@ def split_mask_key(key: str) -> tuple[str, str] | None:
     return (f"{path[1:]}.{tensor_name}" if path else tensor_name), field
 
 
+#: The score of a pruned entry when the keep bits live in the scores (``MaskGate(compact=True)``): its gate
+#: ``sigmoid(score / T)`` is exactly 0 for any ``T < 2^100``, in float32, bfloat16 and float64 alike.
+PRUNED_SCORE = -(2.0 ** 126)
+#: A score at or below this is pruned: the sentinel after any multiplicative weight decay the optimizer applies to
+#: it (a factor ``1 - lr * wd`` a step keeps it below for ``ln(2^62) / (lr * wd)`` steps, 430k at ``lr * wd = 1e-4``;
+#: each mask update writes the sentinel afresh). Learned scores stay many orders of magnitude above it.
+PRUNED_BELOW = -(2.0 ** 64)
+#: Dtypes the scores may be kept in (``None``: the weight's). float16 is left out: its range holds neither the
+#: sentinel nor the scores' small gradients.
+SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def _compute_dtype(scores: Tensor, weight: Tensor | None = None) -> torch.dtype:
+    """The dtype the gate is computed in: the scores', but bfloat16 scores are widened to the weight's dtype (to
+    float32 without a weight), so that low-precision scores change neither the weight's dtype nor its precision."""
+    if scores.dtype not in (torch.bfloat16, torch.float16):
+        return scores.dtype
+    return torch.promote_types(scores.dtype, torch.float32 if weight is None else weight.dtype)
+
+
+def derived_keep(scores: Tensor) -> Tensor:
+    """The keep bits held in ``scores`` (``compact`` gates): ``scores > PRUNED_BELOW``, a bool tensor of their shape."""
+    return scores.detach() > PRUNED_BELOW
+
+
 def gate_value(scores: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None) -> Tensor:
-    """Return the soft gate ``sigmoid(scores / T)``, times ``gate_scale`` when one is set."""
-    gate = torch.sigmoid(scores / temperature)
+    """Return the soft gate ``sigmoid(scores / T)``, times ``gate_scale`` when one is set.
+
+    Computed in float32 at least (bfloat16 scores are widened first); a pruned ``compact`` score gives exactly 0.
+    """
+    gate = torch.sigmoid(scores.to(_compute_dtype(scores)) / temperature)
     return gate if gate_scale is None else gate * gate_scale
 
 
 def masked_value(
-    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
+    weight: Tensor, scores: Tensor, keep: Tensor | None, temperature: Tensor | float, gate_scale: Tensor | None = None
 ) -> Tensor:
-    """Return ``weight * gate * keep`` with pruned entries exactly zero (the fold formula)."""
-    value = weight * gate_value(scores, temperature, gate_scale)
+    """Return ``weight * gate * keep`` with pruned entries exactly zero (the fold formula).
+
+    ``keep=None`` reads the keep bits from the scores (:func:`derived_keep`). The products are taken in the
+    order the live gate takes them, so the folded weight equals the masked one bit for bit.
+    """
+    raw = torch.sigmoid(scores.to(_compute_dtype(scores, weight)) / temperature)
+    value = _times(weight, raw, gate_scale)
+    keep = derived_keep(scores) if keep is None else keep
     return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
 
@@ -91,31 +125,46 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
-def _traced(weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, scale: Tensor | None) -> Tensor:
+def _traced(weight: Tensor, scores: Tensor, keep: Tensor | None, temperature: Tensor | float,
+            scale: Tensor | None) -> Tensor:
     """The masked tensor as plain out-of-place operations, the same with or without grad, for tracers and exporters.
 
     The keep bits are cast to the gate's dtype: the bool-to-byte view of :func:`_keep_gate` has no ONNX or
-    TorchScript translation, and a custom autograd function none either.
+    TorchScript translation, and a custom autograd function none either. ``keep=None``: the keep bits are in the
+    scores (compact gates).
     """
-    gate = torch.sigmoid(scores / temperature)
-    return _times(weight, gate * keep.to(gate.dtype), scale)
+    gate = torch.sigmoid(scores.to(_compute_dtype(scores, weight)) / temperature)
+    return _times(weight, gate if keep is None else gate * keep.to(gate.dtype), scale)
 
 
-def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None) -> Tensor:
-    """``sigmoid(scores / T) * keep`` in one fresh buffer (the keep bits multiply as 0/1 bytes: exact and fast)."""
-    raw = torch.sigmoid(scores if divisor is None else scores / divisor)
+def _keep_gate(scores: Tensor, keep: Tensor | None, divisor: Tensor | float | None, dtype: torch.dtype) -> Tensor:
+    """``sigmoid(scores / T) * keep`` in one fresh buffer of ``dtype`` (the keep bits multiply as 0/1 bytes: exact
+    and fast). ``keep=None``: the keep bits are in the scores, whose pruned entries' sigmoid is exactly 0."""
+    raw = scores.to(dtype)
+    if divisor is not None:
+        raw = raw / divisor
+    raw = raw.sigmoid_() if raw is not scores else torch.sigmoid(raw)
+    if keep is None:
+        return raw
     return raw.mul_(keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
 
 
 def _times(weight: Tensor, kept: Tensor, scale: Tensor | None) -> Tensor:
-    """``weight * (kept [* scale])``: the masked tensor from the kept gate."""
-    return weight * (kept if scale is None else kept * scale)
+    """``weight * (kept [* scale])``: the masked tensor from the kept gate; a per-tensor (0-dim) scale multiplies
+    the product in place (no gate-sized buffer)."""
+    if scale is None:
+        return weight * kept
+    if scale.dim() == 0:
+        return torch.mul(weight, kept).mul_(scale)
+    return weight * (kept * scale)
 
 
 class _Gated(torch.autograd.Function):
     """``weight * sigmoid(scores / T) * keep [* gate_scale]`` with a hand-written backward.
 
-    Forward: one sigmoid and two (three with a scale) multiplications. Saved for backward: the weight (a
+    Forward: one sigmoid and two (three with a scale) multiplications; one fewer with ``keep=None`` (the keep bits
+    are in the scores: a pruned score's sigmoid is exactly 0). bfloat16 scores are widened to the weight's dtype
+    first and their gradient is rounded back to bfloat16. Saved for backward: the weight (a
     parameter already), the scale (a buffer) and ``k = sigmoid(scores / T) * keep``, one gate-sized buffer
     where autograd's chain saves several. Backward::
 
@@ -129,10 +178,11 @@ class _Gated(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, scores: Tensor, keep: Tensor, divisor, scale: Tensor | None) -> Tensor:
-        kept = _keep_gate(scores, keep, divisor)
+    def forward(ctx, weight: Tensor, scores: Tensor, keep: Tensor | None, divisor, scale: Tensor | None) -> Tensor:
+        kept = _keep_gate(scores, keep, divisor, _compute_dtype(scores, weight))
         ctx.save_for_backward(weight, kept, scale)
         ctx.divisor = divisor
+        ctx.score_dtype = scores.dtype
         return _times(weight, kept, scale)
 
     @staticmethod
@@ -151,15 +201,18 @@ class _Gated(torch.autograd.Function):
             grad_scores = torch.ops.aten.sigmoid_backward.grad_input(product, kept, grad_input=product)
             if ctx.divisor is not None:
                 grad_scores.div_(ctx.divisor)
+            grad_scores = grad_scores.to(ctx.score_dtype)
         return grad_weight, grad_scores, None, None, None
 
 
 def gated(
-    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
+    weight: Tensor, scores: Tensor, keep: Tensor | None, temperature: Tensor | float, gate_scale: Tensor | None = None
 ) -> Tensor:
     """Return ``weight * sigmoid(scores / T) * keep`` (times ``gate_scale`` when set), the masked tensor.
 
-    The values are exactly ``weight * (gate_value(...) * keep)``; with gradients on, a fused
+    ``keep=None``: the keep bits are in the scores (pruned entries hold :data:`PRUNED_SCORE`, whose gate is 0).
+    ``gate_scale`` is per entry (broadcast to the scores) or one 0-dim scalar per tensor. The values are exactly
+    ``weight * (gate_value(...) * keep)`` (for a 0-dim scale, ``(weight * gate) * scale``); with gradients on, a fused
     :class:`torch.autograd.Function` computes them and keeps one gate-sized buffer for backward, against
     autograd's chain of several saved intermediates.
     """
@@ -172,8 +225,10 @@ def gated(
         if not trained and not torch._C._are_functorch_transforms_active():
             return _Gated.apply(weight, scores, keep, divisor, gate_scale)
         # A trained scale or temperature, or torch.func transforms (grad, vmap): plain autograd handles them all.
-        return weight * (gate_value(scores, temperature, gate_scale) * keep)
-    return _times(weight, _keep_gate(scores, keep, divisor), gate_scale)
+        gate = torch.sigmoid(scores.to(_compute_dtype(scores, weight)) / temperature)
+        gate = gate if keep is None else gate * keep
+        return weight * gate if gate_scale is None else weight * (gate * gate_scale)
+    return _times(weight, _keep_gate(scores, keep, divisor, _compute_dtype(scores, weight)), gate_scale)
 
 
 def _reduce_to(scores: Tensor, shape: torch.Size) -> Tensor:
@@ -190,29 +245,86 @@ class MaskGate(nn.Module):
             output channel, shape ``(out, 1, ...)``).
         temperature: ``T > 0``; lower is a harder gate.
         rescale: divide the gate by its initial value, so the masked network starts as the dense one
-            (as Continuous Sparsification does, https://arxiv.org/abs/1912.04427).
+            (as Continuous Sparsification does, https://arxiv.org/abs/1912.04427): per entry, or with
+            ``compact`` by one scalar per tensor, ``1 / mean(sigmoid(scores / T))``.
+        score_dtype: the dtype of the scores, hence of their gradient and optimizer state: ``torch.bfloat16``
+            halves them; ``None`` (the default) takes the initial scores' dtype. The gate is computed in the
+            weight's dtype all the same. One of :data:`SCORE_DTYPES`.
+        compact: keep no keep buffer: a pruned entry's score is set to :data:`PRUNED_SCORE`, whose gate is
+            exactly 0, and ``keep`` is read off the scores (:func:`derived_keep`); the rescale is one scalar.
+            The state dict still holds ``keep`` (derived on save, applied to the scores on load) and a 0-dim
+            ``gate_scale``. A pruned entry's score is lost, so regrowth needs ``compact=False``.
+
+    With ``score_dtype=torch.bfloat16, compact=True`` and Adam, a masked weight carries 8 bytes of mask state:
+    2 of scores, 2 of their gradient, 2 + 2 of Adam moments (their dtype follows the scores'); per tensor, a
+    temperature, a scale and Adam's step count. With float32 scores, a bool keep and a per-entry scale: 21.
+
+    Raises:
+        ValueError: ``temperature <= 0`` or a ``score_dtype`` outside :data:`SCORE_DTYPES`.
     """
 
-    def __init__(self, scores: Tensor, temperature: float = 1.0, *, rescale: bool = False) -> None:
+    def __init__(self, scores: Tensor, temperature: float = 1.0, *, rescale: bool = False,
+                 score_dtype: torch.dtype | None = None, compact: bool = False) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}; pass a positive float such as 1.0")
-        self.scores = nn.Parameter(scores.detach().clone())
-        self.register_buffer("keep", torch.ones_like(scores, dtype=torch.bool))
+        if score_dtype is not None and score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be one of {[str(d) for d in SCORE_DTYPES]} or None, got "
+                             f"{score_dtype!r}")
+        self.compact = compact
+        self.scores = nn.Parameter(scores.detach().to(score_dtype or scores.dtype, copy=True))
+        if not compact:
+            self._buffers["keep"] = torch.ones_like(scores, dtype=torch.bool)  # the `keep` property reads it
         self.register_buffer("temperature", torch.tensor(float(temperature), device=scores.device))
-        self.register_buffer("gate_scale", torch.ones_like(scores) if rescale else None)
+        scale = None if not rescale else torch.ones((), device=scores.device) if compact else torch.ones_like(scores)
+        self.register_buffer("gate_scale", scale)
         self.enabled = True
         self.reset_scores(scores)
 
+    @property
+    def keep(self) -> Tensor:
+        """The keep bits, a bool tensor of the scores' shape: the ``keep`` buffer, or (``compact``) a fresh tensor
+        read off the scores, which writing into does not change: use :meth:`set_keep`."""
+        stored = self._buffers.get("keep")
+        return derived_keep(self.scores) if stored is None else stored
+
+    def stored_keep(self) -> Tensor | None:
+        """The ``keep`` buffer, or ``None`` when the keep bits are in the scores (``compact``)."""
+        return self._buffers.get("keep")
+
+    @torch.no_grad()
+    def set_keep(self, keep: Tensor) -> None:
+        """Set the keep bits (a bool tensor with the scores' number of entries).
+
+        ``compact``: pruned entries get :data:`PRUNED_SCORE` (afresh, undoing any weight decay of the sentinel);
+        an entry kept again after being pruned restarts from score 0 (its old score is gone).
+        """
+        stored = self._buffers.get("keep")
+        keep = keep.reshape(self.scores.shape)
+        if stored is not None:
+            stored.copy_(keep)
+            return
+        revived = keep & (self.scores <= PRUNED_BELOW)
+        self.scores.masked_fill_(~keep, PRUNED_SCORE)
+        if revived.any():
+            self.scores.masked_fill_(revived, 0.0)
+
     @torch.no_grad()
     def reset_scores(self, scores: Tensor) -> None:
-        """Set the scores (and, when rescaling, the gate's initial value) in place.
+        """Set the scores (and, when rescaling, the gate's initial value) in place; pruned entries stay pruned.
 
         Weight-shaped scores are averaged down to per-channel scores when the gate is per channel.
         """
+        keep = self.keep.clone() if self.compact else None
         self.scores.copy_(_reduce_to(scores, self.scores.shape))
+        if keep is not None:
+            self.set_keep(keep)
         if self.gate_scale is not None:
-            self.gate_scale.copy_(1.0 / gate_value(self.scores, self.temperature))
+            gate = gate_value(self.scores, self.temperature)
+            if self.gate_scale.dim() == 0:
+                live = gate[self.keep]
+                gate = live.mean() if live.numel() else torch.ones_like(self.gate_scale)
+            self.gate_scale.copy_(1.0 / gate)
 
     def gate(self) -> Tensor:
         """Return the soft gate (scaled when ``rescale`` was set)."""
@@ -222,14 +334,41 @@ class MaskGate(nn.Module):
         if not self.enabled:
             return weight
         if _gate_cache is None or _tracing() or torch.compiler.is_compiling():
-            return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
+            return gated(weight, self.scores, self.stored_keep(), self.temperature, self.gate_scale)
         value = _gate_cache.get(self)
         if value is None:
-            value = _gate_cache[self] = gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
+            value = gated(weight, self.scores, self.stored_keep(), self.temperature, self.gate_scale)
+            _gate_cache[self] = value
         return value
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.compact:  # the same keys as a gate with a keep buffer
+            destination[prefix + "keep"] = self.keep
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not self.compact:
+            return
+        key = prefix + "keep"
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        keep = state_dict.get(key)
+        if keep is None:
+            if strict:
+                missing_keys.append(key)
+        elif keep.numel() != self.scores.numel():
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(keep.shape)}, the "
+                              f"shape in current model is {tuple(self.scores.shape)}.")
+        else:
+            self.set_keep(keep.to(device=self.scores.device, dtype=torch.bool))
+
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.scores.shape)}, temperature={self.temperature.item():g}"
+        compact = ", compact" if self.compact else ""
+        return (f"shape={tuple(self.scores.shape)}, temperature={self.temperature.item():g}, "
+                f"score_dtype={self.scores.dtype}{compact}")
 
 
 class ChannelBias(nn.Module):
@@ -267,7 +406,7 @@ class MaskedTensor:
     @property
     def units(self) -> int:
         """Number of maskable units: weights, or output channels with per-channel masks."""
-        return self.gate.keep.numel()
+        return self.gate.scores.numel()
 
     @property
     def unit_size(self) -> int:
@@ -538,6 +677,8 @@ def attach(
     temperature: float = 1.0,
     rescale: bool = False,
     per_channel: bool = False,
+    score_dtype: torch.dtype | None = None,
+    compact: bool = False,
 ) -> list[MaskedTensor]:
     """Mask the selected tensors of ``model`` in place and return them.
 
@@ -550,16 +691,22 @@ def attach(
         per_channel: one score per output channel (the layer kind's output axis: dim 0 of a Linear or Conv,
             dim 1 of a ConvTranspose or transformers' ``Conv1D``), the mean of ``init``'s scores over the
             channel; pruning a unit then zeroes the whole channel and its bias.
+        score_dtype: the scores' dtype (see :class:`MaskGate`), never wider than the weight's (a bfloat16 weight
+            keeps bfloat16 scores); ``None``: the weight's.
+        compact: keep bits held in the scores and a per-tensor rescale (see :class:`MaskGate`).
 
     Raises:
         ValueError: a pattern that matches nothing, a weight holding NaN/Inf, scores of the wrong shape,
-            channel masks on a grouped ConvTranspose, or no maskable tensor at all. The model is left unchanged.
+            channel masks on a grouped ConvTranspose, a ``score_dtype`` outside :data:`SCORE_DTYPES`, or no maskable
+            tensor at all. The model is left unchanged.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> [m.name for m in attach(net)]
         ['0.weight', '2.weight']
     """
+    if score_dtype is not None and score_dtype not in SCORE_DTYPES:
+        raise ValueError(f"score_dtype must be one of {[str(d) for d in SCORE_DTYPES]} or None, got {score_dtype!r}")
     targets = None if targets is None else list(targets)
     resolved = resolve_targets(model, targets, exclude)
     found = resolved.chosen
@@ -582,7 +729,9 @@ def attach(
         if per_channel:
             _refuse_grouped_transpose(name, module)
             scores = _reduce_to(scores, torch.Size(channel_shape(weight, output_axis(module, tensor_name))))
-        prepared.append((name, owners, MaskGate(scores.to(weight), temperature, rescale=rescale)))
+        dtype = score_dtype if score_dtype is not None and score_dtype.itemsize <= weight.dtype.itemsize else None
+        prepared.append((name, owners, MaskGate(scores.to(weight), temperature, rescale=rescale, score_dtype=dtype,
+                                                compact=compact)))
 
     done: list[tuple[nn.Module, str]] = []
     masked = []
@@ -638,7 +787,7 @@ def _gated_bias(module: nn.Module, tensor_name: str, gate: MaskGate) -> str | No
     name = bias_name(tensor_name)
     bias = module._parameters.get(name) if name else None
     usable = (isinstance(bias, nn.Parameter) and bias.requires_grad and bias.dim() == 1
-              and bias.numel() == gate.keep.numel() and not parametrize.is_parametrized(module, name))
+              and bias.numel() == gate.scores.numel() and not parametrize.is_parametrized(module, name))
     return name if usable else None
 
 
@@ -697,9 +846,12 @@ def _own_class(module: nn.Module) -> None:
 
 
 def _per_channel(gate: MaskGate, shape: torch.Size) -> tuple:
-    """The gate's ``(scores, keep, temperature, gate_scale)`` reshaped for a per-channel bias."""
-    scale = None if gate.gate_scale is None else gate.gate_scale.reshape(shape)
-    return gate.scores.reshape(shape), gate.keep.reshape(shape), gate.temperature, scale
+    """The gate's ``(scores, keep, temperature, gate_scale)`` reshaped for a per-channel bias (``keep`` is
+    ``None`` for a compact gate, a 0-dim scale stays as it is)."""
+    scale = gate.gate_scale
+    scale = scale.reshape(shape) if scale is not None and scale.dim() else scale
+    keep = gate.stored_keep()
+    return gate.scores.reshape(shape), None if keep is None else keep.reshape(shape), gate.temperature, scale
 
 
 def _biases(entry: MaskedTensor) -> list[tuple[nn.Module, str]]:
@@ -778,8 +930,8 @@ def follow_masks(replica: nn.Module, source: nn.Module) -> bool:
         return False
     with torch.no_grad():
         for copied, entry in zip(theirs, mine):
-            if copied.gate.keep is not entry.gate.keep:
-                copied.gate.keep.copy_(entry.gate.keep)
+            if copied.gate.stored_keep() is None or copied.gate.keep is not entry.gate.keep:
+                copied.gate.set_keep(entry.gate.keep)  # a compact gate holds its keep bits in its scores
     return bool(mine)
 
 
@@ -807,7 +959,7 @@ def fold(model: nn.Module) -> nn.Module:
     """
     for entry in masked_tensors(model):
         gate = entry.gate
-        value = masked_value(entry.weight, gate.scores, gate.keep, gate.temperature, gate.gate_scale)
+        value = masked_value(entry.weight, gate.scores, gate.stored_keep(), gate.temperature, gate.gate_scale)
         for module, name in _biases(entry):
             bias = module.parametrizations[name].original
             bias_value = masked_value(bias, *_per_channel(gate, bias.shape))
@@ -854,7 +1006,8 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
     """Let ``model.load_state_dict`` accept a masked state dict while ``model`` is plain, and check it.
 
     Before loading, tensors whose keys say they were masked (``<path>.parametrizations.<name>.original``
-    beside ``...0.scores``) get a gate attached; the load then fills scores, keep and temperature. A
+    beside ``...0.scores``) get a gate attached, with the saved scores' dtype and, where the saved ``gate_scale``
+    is one scalar, a compact gate; the load then fills scores, keep and temperature. A
     strict load whose mask tensors are missing or mis-shaped raises before anything is loaded. Returns
     the hook handle; call ``.remove()`` to stop.
     """
@@ -864,7 +1017,7 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
 def _restore_masks(module: nn.Module, state_dict: dict, prefix: str, metadata: dict, strict: bool, *args) -> None:
     """The load pre-hook of :func:`restore_masks_on_load` (a module-level function: a hooked model pickles)."""
     slots = {q: (m, tn, t) for q, _, m, tn, t in _tensor_slots(module)}
-    wanted: dict[bool, list[str]] = {False: [], True: []}  # per_channel -> tensors
+    wanted: dict[tuple[bool, bool, torch.dtype], list[str]] = {}  # (per_channel, compact, dtype) -> tensors
     for key, value in state_dict.items():
         split = split_mask_key(key[len(prefix):]) if key.startswith(prefix) else None
         if split is None or not key.endswith(".scores"):
@@ -874,10 +1027,14 @@ def _restore_masks(module: nn.Module, state_dict: dict, prefix: str, metadata: d
             owner, tensor_name, original = slots[qualified]
             channels = channel_shape(original, output_axis(owner, tensor_name))
             per_channel = tuple(value.shape) == channels != tuple(original.shape)
-            wanted[per_channel].append(qualified)
+            scale = state_dict.get(key[: -len("scores")] + "gate_scale")
+            compact = scale is not None and scale.dim() == 0
+            dtype = value.dtype if value.dtype in SCORE_DTYPES else None
+            wanted.setdefault((per_channel, compact, dtype), []).append(qualified)
     rescale = any(k.endswith(".gate_scale") for k in state_dict)
-    attached = [entry for per_channel, names in wanted.items() if names
-                for entry in attach(module, names, init=torch.zeros_like, rescale=rescale, per_channel=per_channel)]
+    attached = [entry for (per_channel, compact, dtype), names in wanted.items()
+                for entry in attach(module, names, init=torch.zeros_like, rescale=rescale, per_channel=per_channel,
+                                    score_dtype=dtype, compact=compact)]
     try:
         if strict:
             _check_mask_keys(module, state_dict, prefix)

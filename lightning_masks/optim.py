@@ -28,7 +28,8 @@ def place_scores(optimizers: Sequence[Optimizer], schedulers: Sequence[Any], mas
     it leaves take a slow path on some CPUs (9x for ``sqrt`` of zeros on this one): the loop's step on a
     90%-sparse LeNet-300-100 took 5x the dense one for the scores, and the weights' loop made a Lightning
     fit 1.43x the dense fit where the fused kernel makes it 1.04-1.11x (``benchmarks/README.md``).
-    Groups with optimizer state already, or any non-float or non-CPU tensor, are left as they are.
+    Groups with optimizer state already, or any tensor that is not a float32/float64/bfloat16 CPU one, are left as
+    they are. Adam's moments take the dtype of their parameter: bfloat16 scores get bfloat16 moments (2 + 2 bytes).
     """
     if not optimizers or not masked:
         return
@@ -38,6 +39,7 @@ def place_scores(optimizers: Sequence[Optimizer], schedulers: Sequence[Any], mas
 
 
 _FUSABLE = (torch.optim.Adam, torch.optim.AdamW)
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # the fused CPU kernel computes bfloat16 in float32
 
 
 def _fuse_groups(optimizers: Sequence[Optimizer], masked: set[int]) -> None:
@@ -59,7 +61,7 @@ def _fuse_groups(optimizers: Sequence[Optimizer], masked: set[int]) -> None:
             if group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable") \
                     or group.get("capturable"):
                 continue
-            if all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and not p.is_sparse
+            if all(p.device.type == "cpu" and p.dtype in _FUSED_DTYPES and not p.is_sparse
                    and not optimizer.state.get(p) for p in params):
                 group["fused"] = True
 

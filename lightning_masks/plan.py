@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from .budget import UpdateBudget
 from .schedule import CallableSchedule, Schedule, ThresholdSchedule, Unit, resolve_span
 
 __all__ = ["AUTO_UPDATES", "EARLY_END", "Plan", "Shortfall"]
@@ -50,6 +51,10 @@ class Plan:
         regrow: pruned entries may come back, so an update whose target equals the last one still runs.
         early_end: a fit that ends before its ramp: ``"warn"`` (fold what was reached, and say so) or ``"final"``
             (one last update to the final target, then fold).
+        update_budget: under ``"auto"`` with a step cadence, the most that mask updates may take of the training
+            time (:class:`~lightning_masks.budget.UpdateBudget`): :meth:`account` is told each step's and update's
+            seconds, and the interval widens (from the step it widens at, its ``anchor``) where the measured
+            costs need it. ``None``: no budget.
 
     Example:
         >>> plan = Plan(Schedule("linear", final=0.5, end=3))
@@ -64,9 +69,15 @@ class Plan:
     update_every: Union[str, int] = "auto"
     regrow: bool = False
     early_end: str = "warn"
+    update_budget: Optional[float] = None
     # resolved from the fit's length (resolve)
     every: int = 1
     span: tuple[float, float] = (0.0, 0.0)
+    base_every: int = 1  # the auto cadence's interval before the budget widens it
+    anchor: int = 0  # updates fall on steps anchor + k * every (the budget moves the anchor when it widens)
+    total: float = 0.0  # this fit's length in optimizer steps
+    steps_per_epoch: float = 1.0
+    budget: Optional[UpdateBudget] = None
     # state: the last update, and every update so far (checkpointed)
     position: Optional[float] = None
     target: float = 0.0
@@ -77,6 +88,13 @@ class Plan:
     def __post_init__(self) -> None:
         if isinstance(self.update_every, int) and not isinstance(self.update_every, bool):
             self.every = self.update_every
+        if self.update_budget is not None and self.budget is None:
+            self.budget = UpdateBudget(self.update_budget)  # checks the share
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether the update budget applies: ``"auto"`` with a step cadence and a budget set."""
+        return self.budget is not None and self.update_every == "auto" and self.cadence == "step"
 
     @property
     def cadence(self) -> Unit:
@@ -92,7 +110,7 @@ class Plan:
 
     def fresh(self) -> "Plan":
         """Return this plan with a new lifecycle: no update yet, empty history (a new fit)."""
-        return Plan(self.schedule, self.update_every, self.regrow, self.early_end)
+        return Plan(self.schedule, self.update_every, self.regrow, self.early_end, self.update_budget)
 
     def resolve(self, total_steps: float, steps_per_epoch: float) -> None:
         """Fit the ramp to this fit's length: the update cadence behind ``"auto"`` and the span in its unit.
@@ -101,9 +119,11 @@ class Plan:
             ValueError: the ramp's start, resolved in this fit, falls after its end.
         """
         total = total_steps if self.cadence == "step" else math.ceil(total_steps / steps_per_epoch)
+        self.total, self.steps_per_epoch = total, steps_per_epoch
         if self.update_every == "auto" and self.cadence == "step":
             start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
-            self.every = max(1, round((end - start) / AUTO_UPDATES))
+            self.base_every = max(1, round((end - start) / AUTO_UPDATES))
+            self.every = max(self.base_every, self.every if self.anchor else 1)  # a resume keeps a widened interval
         if isinstance(self.schedule, Schedule):
             start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
             if start > end:
@@ -111,13 +131,46 @@ class Plan:
                                  f"{self.cadence} {start:g}, after end={self.schedule.end!r} at {self.cadence} "
                                  f"{end:g}; give start <= end")
         self.span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.every)
+        if self.anchor:  # resumed after the budget widened the interval from step `anchor` on
+            self._end_on_grid()
+
+    def _end_on_grid(self) -> None:
+        """Clamp the ramp's end to the last update point of the grid ``anchor + k * every`` within the fit."""
+        last = int(self.total - 1)
+        _, end = resolve_span(self.schedule, self.cadence, self.total, self.steps_per_epoch)
+        self.span = (self.span[0], min(end, self.anchor + (last - self.anchor) // self.every * self.every))
+
+    def wanted_interval(self, step: int) -> int:
+        """The interval the budget asks for at ``step`` (the base interval until it has measured enough)."""
+        return self.budget.interval(self.base_every, self.total, step) if self.budgeted else self.every
+
+    def account(self, step_seconds: Optional[float], update_seconds: Optional[float]) -> None:
+        """Tell the budget the seconds of the step just ended (``None``: not timed) and of the update just made
+        (``None``: none was made). An update to target 0 prunes nothing: spent, not used for the estimate."""
+        if not self.budgeted:
+            return
+        if step_seconds is not None:
+            self.budget.add_step(step_seconds)
+        if update_seconds is not None:
+            self.budget.add_update(update_seconds, measured=self.target > 0)
+
+    def widen(self, step: int, wanted: int) -> None:
+        """Set the interval from ``step`` on to ``wanted`` (at least the base one), keeping an update point for the
+        ramp's end within the fit, and end the ramp on the new grid."""
+        every = max(self.base_every, wanted)
+        last = int(self.total - 1)
+        if step < self.span[1]:  # the ramp goes on: an update point must remain for its end, by the fit's last step
+            every = max(1, min(every, last - step))
+        if every != self.every:
+            self.every, self.anchor = every, step
+            self._end_on_grid()
 
     def due(self, epoch: int, step: int, epoch_start: bool) -> Optional[int]:
         """Return the position of the update due at this point (an epoch's start, or a batch's), or ``None``."""
         if self.cadence == "epoch":
             t = epoch if epoch_start else None
         else:
-            t = step if not epoch_start and step % self.every == 0 else None
+            t = step if not epoch_start and (step - self.anchor) % self.every == 0 else None
         return None if t == self.position else t
 
     def decide(self, t: Optional[int]) -> Optional[float]:
@@ -161,10 +214,14 @@ class Plan:
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "target": self.target, "pruned": self.pruned,
-                "threshold": self.threshold, "history": self.history}
+                "threshold": self.threshold, "history": self.history, "update_every": self.every,
+                "update_anchor": self.anchor, "budget": self.budget.state_dict() if self.budget else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the lifecycle of a checkpointed fit (the cadence and span are resolved again from the fit)."""
         self.position, self.target, self.pruned = state["position"], state["target"], state["pruned"]
         self.threshold = state.get("threshold")
         self.history = state.get("history") or {"layers": [], "positions": [], "sparsity": []}
+        if state.get("budget") and self.budget is not None:  # the measured costs and the widened interval
+            self.budget = UpdateBudget(**{**state["budget"], "share": self.budget.share})
+            self.every, self.anchor = state.get("update_every", self.every), state.get("update_anchor", 0)

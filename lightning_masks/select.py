@@ -88,7 +88,7 @@ class TiedUnits:
     @property
     def keep(self) -> Tensor:
         keeps = [member.gate.keep.reshape(-1) for member in self.members]
-        return (keeps[0] if len(keeps) == 1 else torch.stack(keeps).any(0)).view_as(self.members[0].gate.keep)
+        return (keeps[0] if len(keeps) == 1 else torch.stack(keeps).any(0)).view(self.members[0].gate.scores.shape)
 
 
 #: What selection ranks: one masked tensor, or tensors tied unit by unit.
@@ -113,9 +113,8 @@ def _refuse_nan(entry: Ranked, *tensors: Tensor) -> None:
 def _set_keep(entry: Ranked, keep: Tensor, flipped: dict[str, Tensor]) -> None:
     """Write ``keep`` into the mask (every member's, for tied tensors), counting the bits that change."""
     for member in _members(entry):
-        target = member.gate.keep
-        flipped[member.name] = torch.ne(target.reshape(-1), keep.reshape(-1)).count_nonzero()  # no int64 copy
-        target.copy_(keep.reshape(target.shape))
+        flipped[member.name] = torch.ne(member.gate.keep.reshape(-1), keep.reshape(-1)).count_nonzero()  # no int64
+        member.gate.set_keep(keep)
 
 
 @dataclass(frozen=True)
@@ -214,9 +213,14 @@ class Selector:
         return self.tie == "auto"
 
     def check(self, masked: Sequence[MaskedTensor]) -> None:
-        """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M) or ``tie`` does not
-        fit the masked tensors."""
+        """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M), ``tie`` does not
+        fit the masked tensors, or ``regrow`` meets compact gates."""
         m = self.grain.m
+        compact = [entry.name for entry in masked if getattr(entry.gate, "compact", False)]
+        if self.regrow and compact:
+            raise ValueError(f"regrow=True needs the scores of pruned entries, but {compact[:4]} hold the keep bits in "
+                             "their scores (compact gates, whose pruned scores are a sentinel); attach with "
+                             "compact=False")
         for entry in masked:
             row = entry.numel // entry.weight.shape[entry.axis] if entry.weight.dim() > 1 else entry.numel
             if m and row % m:
@@ -267,7 +271,7 @@ class Selector:
             return get_importance(self.importance)(entry, index)
         values = torch.stack([get_importance(self.importance)(member, index).reshape(-1) for member in _members(entry)])
         values = torch.logsumexp(values, 0)
-        return values if index is not None else values.view_as(entry.members[0].gate.keep)
+        return values if index is not None else values.view(entry.members[0].gate.scores.shape)
 
     def _importance(self, entry: MaskedTensor) -> Tensor:
         values = get_importance(self.importance)(entry)
@@ -381,12 +385,13 @@ class Selector:
         n, m = self.grain.n, self.grain.m
         per_group = round(min(target / self.grain.sparsity, 1.0) * (m - n))
         axis = entry.axis if entry.weight.dim() > 1 else 0
-        rows = entry.gate.keep.movedim(axis, 0)  # output units first: a group never spans two of them
+        shape = list(entry.gate.scores.shape)
+        rows = [shape.pop(axis), *shape]  # output units first: a group never spans two of them
         keep = torch.ones((entry.numel // m, m), dtype=torch.bool, device=entry.weight.device)
         if per_group:
             importance = self._importance(entry).movedim(axis, 0).reshape(-1, m)
             keep.scatter_(1, importance.topk(per_group, dim=1, largest=False).indices, False)
-        _set_keep(entry, keep.view(rows.shape).movedim(0, axis), flipped)
+        _set_keep(entry, keep.view(rows).movedim(0, axis), flipped)
         return per_group * (entry.numel // m)
 
     @torch.no_grad()

@@ -82,7 +82,8 @@ def test_nan_appearing_during_training_is_named():
                 pl_module.net[2].parametrizations.weight.original[0, 0] = float("nan")
 
     with pytest.raises(ValueError, match=r"mask importance of 'net.2.weight' is NaN"):
-        make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, end=2), Poison()]).fit(TinyModule())
+        make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, end=2, update_budget=None), Poison()]).fit(
+            TinyModule())
 
 
 def test_foreign_parametrizations_and_hooks_are_left_dense_by_default_and_refused_when_named():
@@ -119,12 +120,20 @@ def test_model_without_maskable_weights_is_refused(tiny_module):
         make_trainer(max_epochs=1, callbacks=[MaskPruningCallback()]).fit(tiny_module)
 
 
-def test_empty_dataloader_trains_nothing_and_leaves_a_plain_model(tiny_module):
+@pytest.mark.parametrize("compact", [False, True])
+def test_empty_dataloader_trains_nothing_and_leaves_a_plain_model(tiny_module, compact):
     empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 8), torch.zeros(0).long()))
     before = tiny_module.net[0].weight.detach().clone()
-    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback()]).fit(tiny_module, train_dataloaders=empty)
+    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(compact=compact)]).fit(tiny_module,
+                                                                                    train_dataloaders=empty)
     assert not masked_tensors(tiny_module)
-    assert torch.allclose(tiny_module.net[0].weight, before)  # folded at init: the rescaled gate is 1
+    after = tiny_module.net[0].weight.detach()
+    if not compact:
+        assert torch.allclose(after, before)  # folded at init: the per-weight rescaled gate is 1
+    else:  # one scale a tensor, 1 / mean(sigmoid(|w|)): the gate is 1 on average, sigmoid(|w|)/mean elsewhere
+        gate = torch.sigmoid(before.abs().bfloat16().float())
+        assert torch.allclose(after, before * gate / gate.mean(), rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(after, before)
 
 
 def test_fit_twice_leaks_no_hooks(tiny_module):

@@ -1,0 +1,113 @@
+"""The update budget of update_every="auto": updates spaced by their measured cost (issue 17)."""
+
+import math
+import time
+
+import pytest
+import torch
+from conftest import TinyModule, make_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.nn.utils import parametrize
+
+from lightning_masks import MaskPruningCallback
+from lightning_masks.budget import UpdateBudget
+from lightning_masks import importance as importance_module
+from lightning_masks.importance import effective_weight_importance, register_importance
+
+
+def test_the_interval_keeps_updates_within_their_share():
+    budget = UpdateBudget(0.05)
+    assert budget.interval(3) == 3  # nothing measured yet
+    for _ in range(4):
+        budget.add_step(0.010)
+    budget.add_update(0.004)
+    budget.add_update(0.006)  # the latest, 6 ms, above the mean against 10 ms steps, planning for 3%:
+    assert budget.interval(1) == 20 and budget.interval(26) == 26  # 0.006 * 0.97 / (0.03 * 0.010) = 19.4
+    every = budget.interval(1)
+    assert 0.006 / (0.006 + every * 0.010) <= 0.03 < 0.006 / (0.006 + (every - 1) * 0.010)
+    budget.add_update(0.002)  # cheaper again: the mean, 4 ms, is the larger
+    assert budget.interval(1) == 13
+
+
+def test_in_a_fit_of_known_length_the_updates_made_count_against_the_budget():
+    budget = UpdateBudget(0.05)
+    for _ in range(10):
+        budget.add_step(0.010)
+    budget.add_update(0.005)
+    fresh = budget.interval(1, total=1000, done=10)
+    budget.add_update(0.200, measured=False)  # a costly first update, spent but not in the mean
+    late = budget.interval(1, total=1000, done=10)
+    assert budget.update_seconds / budget.updates == 0.005 and late > fresh
+    allowed = (0.03 / 0.97 * 1000 * 0.010 - 0.205) / 0.005  # seconds left of the fit's budget, in updates
+    assert late == math.ceil(990 / allowed)
+    spent = 0.205 + 0.005 * (990 // late)  # what the fit spends at that interval: within the planned 3%
+    assert spent / (spent + 1000 * 0.010) <= 0.03
+    budget.add_update(1.0, measured=False)  # more than the whole fit's budget: no update left to make
+    assert budget.interval(1, total=1000, done=10) > 1000
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, -0.1, 2])
+def test_the_share_is_checked(share):
+    with pytest.raises(ValueError, match="update budget must be a share"):
+        UpdateBudget(share)
+    with pytest.raises(ValueError, match="update budget must be a share"):
+        MaskPruningCallback(update_budget=share)
+
+
+@pytest.fixture
+def slow_importance():
+    """An importance criterion that takes 0.2 s a call: an update then costs far more than a step of TinyModule."""
+
+    def slow(entry, index=None):
+        time.sleep(0.2)
+        return effective_weight_importance(entry, index)
+
+    register_importance("slow_for_test")(slow)
+    yield "slow_for_test"
+    del importance_module._CRITERIA["slow_for_test"]
+
+
+def zeros(module):
+    weights = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    assert not any(parametrize.is_parametrized(m) for m in module.modules())
+    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+
+
+def test_costly_updates_are_spaced_out_and_the_final_sparsity_is_still_reached(tiny_module, slow_importance):
+    pruner = MaskPruningCallback(0.8, importance=slow_importance)
+    make_trainer(max_epochs=10, callbacks=[pruner]).fit(tiny_module)  # 40 steps, a ramp of 26: every step
+    updates = len(pruner.history["positions"])
+    assert pruner.update_every >= 4, pruner.update_every  # ~0.2 s updates against steps of a few ms
+    assert updates < 10  # against 27 without the budget
+    pruned, total = zeros(tiny_module)
+    assert pruned == round(0.8 * total)
+
+
+def test_without_a_budget_auto_updates_every_step_of_a_short_ramp(tiny_module, slow_importance):
+    pruner = MaskPruningCallback(0.8, importance=slow_importance, update_budget=None, end=0.25)
+    make_trainer(max_epochs=4, callbacks=[pruner]).fit(tiny_module)  # 16 steps, a ramp of 4
+    assert pruner.update_every == 1 and pruner.history["positions"] == [0, 1, 2, 3, 4]
+
+
+def test_the_widened_interval_and_measured_costs_resume_from_the_checkpoint(tmp_path, slow_importance):
+    def fit(max_epochs, ckpt_path=None):
+        pruner = MaskPruningCallback(0.8, importance=slow_importance, fold_on_fit_end=False)
+        saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+        trainer = make_trainer(max_epochs=max_epochs, callbacks=[pruner, saver], enable_checkpointing=True)
+        seen = {}
+        original = pruner.on_train_start
+
+        def on_train_start(trainer, pl_module):
+            original(trainer, pl_module)
+            seen["every"], seen["budget"] = pruner.update_every, pruner.plan.budget.state_dict()
+        pruner.on_train_start = on_train_start
+        trainer.fit(TinyModule(), ckpt_path=ckpt_path)
+        return pruner, seen
+
+    whole, _ = fit(10)
+    state = torch.load(tmp_path / "epoch=4.ckpt", weights_only=False)
+    [saved] = [v for k, v in state["callbacks"].items() if k.startswith("MaskPruningCallback")]
+    assert saved["update_every"] >= 4 and saved["budget"]["updates"] >= 1
+    resumed, seen = fit(10, tmp_path / "epoch=4.ckpt")
+    assert seen["every"] == saved["update_every"] and seen["budget"] == saved["budget"]
+    assert resumed.target == pytest.approx(0.8)

@@ -1,0 +1,215 @@
+"""The mask state a masked weight carries (issue 17), counted from the tensors themselves, and the compact gate."""
+
+import pytest
+import torch
+from conftest import make_trainer
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+import lightning_masks
+from lightning_masks import MaskPruningCallback, attach, fold, masked_tensors
+from lightning_masks.masks import PRUNED_SCORE, MaskGate, gated, masked_value, restore_masks_on_load
+from lightning_masks.select import Selector
+
+
+class Wide(lightning_masks.callback.pl.LightningModule):
+    """Two 256-wide Linear layers trained with AdamW: per-tensor constants are then negligible per weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def loader():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 64, generator=generator)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :4].argmax(1)), batch_size=16)
+
+
+def nbytes(tensor) -> int:
+    return tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+
+
+class StateBytes(Callback):
+    """After an optimizer step (gradients still held), the bytes of each gate's scores, their gradient, their
+    optimizer state and the gate's buffers (the keep bits, temperature and scale, saved or derived on save),
+    split into per-weight tensors (as many entries as the scores) and per-tensor constants."""
+
+    def __init__(self) -> None:
+        self.per_weight = self.per_tensor = self.weights = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx != 2 or trainer.current_epoch:  # the ramp has pruned entries by then (update_every=1)
+            return
+        optimizer = trainer.optimizers[0]
+        for entry in masked_tensors(pl_module):
+            gate = entry.gate
+            assert gate.scores.grad is not None and optimizer.state[gate.scores]
+            tensors = [gate.scores, gate.scores.grad, *optimizer.state[gate.scores].values(), *gate.buffers()]
+            for tensor in tensors:
+                if tensor.numel() == gate.scores.numel():
+                    self.per_weight += nbytes(tensor)
+                else:
+                    assert tensor.numel() == 1, tensor.shape
+                    self.per_tensor += nbytes(tensor)
+            self.weights += entry.numel
+
+
+def state_bytes(**options) -> StateBytes:
+    counter = StateBytes()
+    pruner = MaskPruningCallback(0.9, end=1, update_every=1, fold_on_fit_end=False, plots=False, **options)
+    make_trainer(max_epochs=2, callbacks=[pruner, counter]).fit(Wide(), loader())
+    return counter
+
+
+def test_the_defaults_keep_8_bytes_a_masked_weight_where_float32_state_kept_21():
+    default = state_bytes()
+    # bfloat16 scores (2) + their gradient (2) + AdamW's two moments in the scores' dtype (2 + 2); no keep buffer,
+    # one scale a tensor
+    assert default.per_weight == 8 * default.weights
+    assert default.per_tensor <= 12 * 3  # per tensor: temperature, scale, Adam's step (float32 scalars)
+    assert (default.per_weight + default.per_tensor) / default.weights <= 8.001
+    # the state before issue 17: float32 scores, gradient and moments (16), a bool keep (1) and a float32 scale (4)
+    before = state_bytes(score_dtype="float32", compact=False)
+    assert before.per_weight == 21 * before.weights
+
+
+def test_regrow_keeps_the_keep_buffer_and_the_per_weight_scale():
+    counter = state_bytes(regrow=True)
+    assert counter.per_weight == (8 + 1 + 4) * counter.weights  # the pruned entries' scores are needed to regrow
+
+
+def test_score_dtype_is_checked_and_named():
+    with pytest.raises(ValueError, match="score_dtype must be one of"):
+        MaskPruningCallback(score_dtype="float16")
+    assert MaskPruningCallback(score_dtype="torch.float32").score_dtype is torch.float32
+    assert MaskPruningCallback(score_dtype=None).score_dtype is None
+    with pytest.raises(ValueError, match="score_dtype must be one of"):
+        attach(nn.Linear(3, 3), score_dtype=torch.float16)
+
+
+def compact_layer(pruned_every: int = 3, dtype=torch.bfloat16, rescale=True):
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 8)
+    [entry] = attach(layer, rescale=rescale, score_dtype=dtype, compact=True)
+    keep = torch.ones(entry.numel, dtype=torch.bool)
+    keep[::pruned_every] = False
+    entry.gate.set_keep(keep)
+    return layer, entry, keep.view(8, 12)
+
+
+def test_a_compact_gate_holds_the_keep_bits_in_the_scores():
+    layer, entry, keep = compact_layer()
+    gate = entry.gate
+    assert gate.stored_keep() is None and torch.equal(gate.keep, keep)
+    assert gate.scores.dtype == torch.bfloat16 and gate.gate_scale.dim() == 0
+    assert torch.all(gate.scores[~keep] == PRUNED_SCORE)
+    assert torch.all(layer.weight[~keep] == 0) and torch.all(layer.weight[keep] != 0)
+    # the gate is computed in the weight's float32 from the bfloat16 scores, times the per-tensor scale
+    w, s = entry.weight.detach(), gate.scores.detach()
+    expected = torch.where(keep, w * torch.sigmoid(s.float()) * gate.gate_scale, 0.0)
+    assert torch.allclose(layer.weight, expected, rtol=1e-6, atol=0) and layer.weight.dtype == torch.float32
+    with torch.no_grad():  # the fold formula gives the live gate's values bit for bit
+        assert torch.equal(masked_value(entry.weight, gate.scores, None, gate.temperature, gate.gate_scale),
+                           layer.weight)
+
+
+def test_a_compact_gate_gives_pruned_entries_no_gradient_and_bfloat16_score_gradients():
+    layer, entry, keep = compact_layer()
+    layer(torch.randn(5, 12)).square().sum().backward()
+    grad = entry.gate.scores.grad
+    assert grad.dtype == torch.bfloat16 and torch.all(grad[~keep] == 0) and torch.all(grad[keep] != 0)
+    assert torch.all(entry.weight.grad[~keep] == 0)
+    # against autograd's chain on the float32 formula, rounded to bfloat16
+    w = entry.weight.detach().clone().requires_grad_()
+    s = entry.gate.scores.detach().float().requires_grad_()
+    x = torch.randn(5, 12)
+    out = gated(w, s, keep, 1.0, entry.gate.gate_scale)
+    (x @ out.t()).sum().backward()
+    entry.gate.scores.grad = entry.weight.grad = None
+    (x @ layer.weight.t()).sum().backward()
+    assert torch.allclose(entry.gate.scores.grad.float(), s.grad.bfloat16().float(), rtol=1e-2, atol=0)
+    assert torch.allclose(entry.weight.grad, w.grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1),  # coupled L2: -inf as the sentinel would give NaN
+    lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, fused=True),
+])
+def test_the_pruned_sentinel_survives_weight_decay_without_nan(optimizer):
+    layer, entry, keep = compact_layer()
+    opt = optimizer([entry.gate.scores])
+    for _ in range(200):
+        opt.zero_grad()
+        layer(torch.randn(4, 12)).square().sum().backward()
+        opt.step()
+    assert torch.isfinite(entry.gate.scores).all()
+    assert torch.equal(entry.gate.keep, keep) and torch.all(layer.weight[~keep] == 0)
+
+
+def test_selection_writes_the_sentinel_and_a_revived_entry_restarts_from_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 4))
+    masked = attach(model, score_dtype=torch.bfloat16, compact=True)
+    pruned = Selector()(masked, 0.5).pruned
+    assert pruned == 70 == sum(int((e.gate.scores == PRUNED_SCORE).sum()) for e in masked)
+    gate = masked[0].gate
+    gate.set_keep(torch.ones(100, dtype=torch.bool))
+    assert gate.keep.all() and gate.scores.min() > -1
+
+
+def test_compact_state_dict_keeps_the_key_layout_and_round_trips():
+    layer, entry, keep = compact_layer()
+    state = layer.state_dict()
+    assert set(state) == {"bias", "parametrizations.weight.original", "parametrizations.weight.0.scores",
+                          "parametrizations.weight.0.keep", "parametrizations.weight.0.temperature",
+                          "parametrizations.weight.0.gate_scale"}
+    assert torch.equal(state["parametrizations.weight.0.keep"], keep)
+    fresh = nn.Linear(12, 8)
+    [other] = attach(fresh, rescale=True, score_dtype=torch.bfloat16, compact=True)
+    fresh.load_state_dict(state)
+    assert torch.equal(other.gate.keep, keep) and torch.equal(fresh.weight, layer.weight)
+    # into a plain model: the gate is restored compact, with bfloat16 scores
+    plain = nn.Linear(12, 8)
+    restore_masks_on_load(plain)
+    plain.load_state_dict(state)
+    [restored] = masked_tensors(plain)
+    assert restored.gate.compact and restored.gate.scores.dtype == torch.bfloat16
+    assert torch.equal(plain.weight, layer.weight)
+    bad = dict(state, **{"parametrizations.weight.0.keep": torch.ones(5, dtype=torch.bool)})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fresh.load_state_dict(bad)
+    fold(layer)
+    assert torch.equal(layer.weight == 0, ~keep)
+
+
+def test_a_channel_gate_compact_zeroes_weight_rows_and_bias():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    [entry] = attach(layer, rescale=True, per_channel=True, score_dtype=torch.bfloat16, compact=True)
+    entry.gate.set_keep(torch.tensor([True, False, True, False]))
+    assert torch.all(layer.weight[1::2] == 0) and torch.all(layer.bias[1::2] == 0)
+    assert torch.all(layer.weight[0::2] != 0) and torch.all(layer.bias[0::2] != 0)
+    value = layer.weight.detach().clone()
+    fold(layer)
+    assert torch.equal(layer.weight, value)
+
+
+def test_a_mask_gate_refuses_float16_scores():
+    with pytest.raises(ValueError, match="score_dtype must be one of"):
+        MaskGate(torch.zeros(3), score_dtype=torch.float16)
+
+
+def test_regrowth_refuses_compact_gates_whose_pruned_scores_are_gone():
+    masked = attach(nn.Sequential(nn.Linear(4, 4)), score_dtype=torch.bfloat16, compact=True)
+    with pytest.raises(ValueError, match="regrow=True needs the scores of pruned entries"):
+        Selector(regrow=True).check(masked)
+    Selector().check(masked)
