@@ -235,11 +235,11 @@ class TimedPruner(MaskPruningCallback):
 
     update_seconds = 0.0
 
-    def _update(self, t: int) -> bool:
+    def _select(self, trainer, t, target) -> None:
         synchronize()
         start = now()
         try:
-            return super()._update(t)
+            return super()._select(trainer, t, target)
         finally:
             synchronize()
             self.update_seconds += now() - start
@@ -308,7 +308,7 @@ def fit_once(model: str, method: str, accelerator: str, precision: str, threads:
         record["peak_bytes"] = torch.cuda.max_memory_allocated()
     if pruner is not None:
         record.update(update_s=pruner.update_seconds, updates=len(pruner.history["positions"]),
-                      update_every=pruner.update_every, base_every=pruner._base_every)
+                      update_every=pruner.update_every, base_every=pruner.plan.base_every)
     return record
 
 
