@@ -13,6 +13,12 @@ Methods (``--methods``):
                           epoch starts (conv weights through their 2-D view)
     masks                 MaskPruningCallback(sparsity=s, start=, end=): the shipped defaults
     masks[k=v,...]        the same with options, e.g. ``masks[init=stddev]``, ``masks[rescale_gate=True]``
+    gmp                   gradual magnitude pruning at the same cadence, schedule and selection: the callback with
+                          its scores frozen (``mask_lr=0``; with ``rescale_gate`` every gate stays 1, so the
+                          importance ``|w * gate|`` is ``|w|``)
+    plain                 the seed article's plain form: no rescale (``rescale_gate=False``), every gate starts near
+                          ``sigmoid(|w|)``, about one half
+    gmp[k=v,...], plain[k=v,...]  the same with further callback options
 
 Example:
     python benchmarks/quality.py --sparsities 0.9 0.99 --seeds 0 --methods dense model_pruning masks
@@ -59,7 +65,7 @@ from common import (
 
 from lightning_masks import MaskPruningCallback, list_initializers
 
-DEFAULT_METHODS = ["dense", "model_pruning", "wns", "masks", *(f"masks[init={name}]" for name in list_initializers())]
+DEFAULT_METHODS = ["dense", "model_pruning", "wns", "gmp", "plain", "masks", *(f"masks[init={name}]" for name in list_initializers())]
 KEY_FIELDS = ("model", "method", "sparsity", "seed", "epochs", "start", "end", "lr", "batch_size")
 
 
@@ -166,8 +172,26 @@ def masks(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
     return [MaskPruningCallback(sparsity=plan.final, start=plan.start, end=plan.end, **options)]
 
 
+#: The methods that run MaskPruningCallback, with the options that define them (fixed, not overridable).
+MASK_METHODS: dict[str, dict[str, Any]] = {"masks": {}, "gmp": {"mask_lr": 0.0}, "plain": {"rescale_gate": False}}
+
+
+def _masks_with(name: str) -> Callable[..., list[Callback]]:
+    fixed = MASK_METHODS[name]
+
+    def method(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
+        clash = sorted(set(options) & set(fixed))
+        if clash:
+            raise ValueError(f"{name} fixes {fixed}; options {clash} would change what it is (use masks[...])")
+        return masks(model, plan, **fixed, **options)
+
+    method.__doc__ = f"MaskPruningCallback with {fixed} and the common schedule."
+    return method
+
+
 METHODS: dict[str, Callable[..., list[Callback]]] = {
     "dense": dense, "model_pruning": model_pruning, "wns": wns, "masks": masks,
+    "gmp": _masks_with("gmp"), "plain": _masks_with("plain"),
 }
 
 
@@ -244,7 +268,7 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                 is_dense = parse_method(method)[0] == "dense"
                 if is_dense and sparsity != args.sparsities[0]:
                     continue
-                defaults = callback_defaults() if parse_method(method)[0] == "masks" else ""
+                defaults = callback_defaults() if parse_method(method)[0] in MASK_METHODS else ""
                 configs.append({**common, "method": method, "sparsity": 0.0 if is_dense else sparsity, "seed": seed,
                                 "defaults": defaults})
     return configs
@@ -256,17 +280,19 @@ def label(record: dict[str, Any]) -> str:
     A ``masks`` run made under other callback defaults is named by the options it differs in, e.g. the
     ``masks`` of session 1 becomes ``masks[update_every=epoch,rescale_gate=False,mask_lr=None]``, and an
     explicit option equal to today's default disappears from the name. Values are shown as options are
-    written (strings unquoted).
+    written (strings unquoted). ``gmp`` and ``plain`` are named the same way, against today's defaults with
+    their own fixed options.
     """
     name, options = parse_method(record["method"])
-    if name != "masks":
+    if name not in MASK_METHODS:
         return record["method"]
-    current = json.loads(callback_defaults())
-    ran = {**json.loads(record.get("defaults") or "{}"), **{k: repr(v) for k, v in options.items()}}
+    fixed = {k: repr(v) for k, v in MASK_METHODS[name].items()}
+    current = {**json.loads(callback_defaults()), **fixed}
+    ran = {**json.loads(record.get("defaults") or "{}"), **fixed, **{k: repr(v) for k, v in options.items()}}
     differ = {k: v for k, v in ran.items() if current.get(k) != v}
     order = [*options, *(k for k in differ if k not in options)]
     shown = [k + "=" + differ[k].strip("'") for k in order if k in differ]
-    return f"masks[{','.join(shown)}]" if shown else "masks"
+    return f"{name}[{','.join(shown)}]" if shown else name
 
 
 def key(record: dict[str, Any]) -> tuple:
