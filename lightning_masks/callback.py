@@ -80,7 +80,7 @@ class MaskPruningCallback(Callback):
         log_every_n_steps: cadence of the ``masks/...`` scalars during training (``None``: the Trainer's;
             0: only as each epoch ends). Statistics are computed (and synced to the host) only then.
         log_histograms: log gate and score histograms (TensorBoard, W&B) as each epoch ends.
-        plots: at the end of fit, write a per-layer sparsity heatmap and gate histograms (PNG) into the
+        plots: at the end of fit, write each layer's sparsity over training and gate histograms (PNG) into the
             run folder and log them to W&B.
 
     Raises:
@@ -352,13 +352,13 @@ class MaskPruningCallback(Callback):
             loggers.log_images(trainer.loggers, self._pictures(folder), trainer.global_step)
 
     def _pictures(self, folder: Path) -> dict[str, Path]:
-        """Write the sparsity heatmap and gate histograms into ``folder``; return them by W&B key."""
+        """Write the per-layer sparsity over training and the gate histograms into ``folder``; return them by W&B key."""
         gates = {name: (c.cpu().numpy(), e.cpu().numpy()) for name, (c, e) in self._gate_histograms().items()}
         history = self.history
         return {
-            "masks/sparsity_heatmap": plots.sparsity_heatmap(history["layers"], history["sparsity"],
-                                                             history["positions"], folder / "sparsity_heatmap.png",
-                                                             unit=self.cadence),
+            "masks/sparsity_over_training": plots.sparsity_over_training(
+                history["layers"], history["sparsity"], history["positions"], folder / "sparsity_over_training.png",
+                unit=self.cadence),
             "masks/gate_histograms": plots.gate_histograms(gates, folder / "gate_histograms.png"),
         }
 

@@ -12,21 +12,67 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["gate_histograms", "plot_sweep", "sparsity_heatmap"]
+__all__ = ["MAX_FIGSIZE", "MAX_LINES", "gate_histograms", "plot_sweep", "sparsity_over_training"]
 
 
-def sparsity_heatmap(layers: Sequence[str], history: Sequence[Sequence[float]], positions: Sequence[float],
-                     path: Path, unit: str = "epoch") -> Path:
-    """Write a layers x updates heatmap of per-layer sparsity; ``history[i][j]`` is layer j at update i."""
-    data = np.asarray(history, dtype=float).T if len(history) else np.zeros((len(layers), 0))
-    figure, axes = plt.subplots(figsize=(max(4.0, 0.5 * data.shape[1] + 3), max(2.0, 0.35 * len(layers) + 1.2)))
-    image = axes.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-    axes.set_yticks(range(len(layers)), labels=layers, fontsize=8)
-    step = max(1, len(positions) // 12)
-    axes.set_xticks(range(0, len(positions), step), labels=[f"{p:g}" for p in positions[::step]], fontsize=8)
-    axes.set_xlabel(f"mask update ({unit})")
-    axes.set_title("sparsity per layer")
-    figure.colorbar(image, ax=axes, label="sparsity")
+#: Bounds of :func:`sparsity_over_training`'s picture, in inches at the saved 100 dpi (1000 x 700 pixels at most).
+MAX_FIGSIZE = (10.0, 7.0)
+#: Up to this many layers are drawn as one line each; more are drawn as a heatmap (layers x training position).
+MAX_LINES = 12
+
+
+def sparsity_over_training(layers: Sequence[str], history: Sequence[Sequence[float]], positions: Sequence[float],
+                           path: Path, unit: str = "epoch") -> Path:
+    """Write a PNG of each layer's sparsity over training, readable at any number of updates and layers.
+
+    Up to :data:`MAX_LINES` layers: one step line per layer (sparsity holds between two updates) against the
+    update's position, legend outside the axes. More layers: a heatmap, layers (rows, first layer on top)
+    against the position in training, with at most ~40 labelled rows. Either way the figure is at most
+    :data:`MAX_FIGSIZE` (1000 x 700 pixels), whatever the number of updates.
+
+    Args:
+        layers: the masked tensors' names, ``L`` of them.
+        history: ``history[i][j]`` is layer ``j``'s sparsity (a fraction in [0, 1]) after update ``i``; ``U`` rows.
+        positions: the ``U`` updates' positions in training (epoch index or optimizer step).
+        path: where to write the PNG.
+        unit: what ``positions`` count (``"epoch"`` or ``"step"``), for the x axis label.
+
+    Raises:
+        ValueError: ``history`` and ``positions`` of different lengths, or a row of ``history`` not ``L`` long.
+    """
+    data = np.asarray(history, dtype=float).reshape(len(history), -1) if len(history) else np.zeros((0, len(layers)))
+    if len(history) != len(positions) or data.shape[1] != len(layers):
+        raise ValueError(f"history is {data.shape[0]} updates x {data.shape[1]} layers, positions {len(positions)} "
+                         f"long, layers {len(layers)}: need updates x layers with one position per update")
+    x = np.asarray(positions, dtype=float)
+    xlabel = f"training position of the mask update ({unit})"
+    if len(layers) <= MAX_LINES:
+        figure, axes = plt.subplots(figsize=(8.0, 4.0))
+        for j, name in enumerate(layers):
+            axes.plot(x, 100 * data[:, j], drawstyle="steps-post", marker="." if len(x) <= 30 else None,
+                      color=f"C{j % 10}", linestyle="-" if j < 10 else "--", label=name)
+        axes.set_ylim(-2, 102)
+        axes.set_ylabel("sparsity of the layer (%)")
+        axes.grid(alpha=0.3)
+        if layers:
+            axes.legend(title="layer", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        height = min(MAX_FIGSIZE[1], 1.8 + 0.12 * len(layers))
+        figure, axes = plt.subplots(figsize=(MAX_FIGSIZE[0] * 0.85, height))
+        if len(x):  # cell edges: each update's value holds until the next update
+            edges = np.append(x, x[-1] + (x[-1] - x[-2] if len(x) > 1 else 1.0))
+            image = axes.pcolormesh(edges, np.arange(len(layers) + 1), data.T, cmap="viridis", vmin=0.0, vmax=1.0,
+                                    shading="flat")
+            figure.colorbar(image, ax=axes, label="sparsity of the layer")
+        axes.set_ylim(len(layers), 0)
+        every = -(-len(layers) // 40)
+        axes.set_yticks(np.arange(0, len(layers), every) + 0.5, labels=list(layers)[::every],
+                        fontsize=6 if len(layers) > 20 else 8)
+        axes.set_ylabel(f"layer ({len(layers)}; every {every}{'st' if every == 1 else 'th'} named)"
+                        if every > 1 else "layer")
+    axes.set_xlabel(xlabel)
+    axes.set_title(f"sparsity per layer over training ({len(x)} mask updates)")
+    figure.set_size_inches(min(figure.get_figwidth(), MAX_FIGSIZE[0]), min(figure.get_figheight(), MAX_FIGSIZE[1]))
     return _save(figure, path)
 
 
