@@ -103,17 +103,20 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
                x: str = "sparsity", y: str = "test_acc", series: str = "init", noise: str = "noise_scale") -> Path:
     """Plot accuracy against sparsity, one series per init strategy, and save a PNG at ``path``.
 
-    When ``noise`` varies among the rows whose initializer uses it (``noise_used``), a second panel plots
-    accuracy against it (log scale); initializers without noise appear there as dashed lines at their mean.
-    Rows whose ``status`` is not ``ok`` are left out of the picture and counted in its caption.
+    Rows may be jobs or configurations (jobs grouped over seeds): a row with ``<y>_std`` is drawn with a ±1 std
+    error bar, and its ``seeds`` count is shown in the legend. When ``noise`` varies among the rows whose
+    initializer uses it (``noise_used``), a second panel plots accuracy against it (log scale); initializers
+    without noise appear there as dashed lines at their mean. Rows whose ``status`` is present and not ``ok``
+    are left out of the picture and counted in its caption.
 
     Args:
-        rows: one dict per job, with at least ``status``, ``x``, ``y`` and ``series``.
+        rows: one dict per job or configuration, with at least ``x``, ``y`` and ``series``.
         path: where to write the PNG.
         title: the figure's title.
         x, y, series, noise: the keys to plot.
     """
-    done = [row for row in rows if row.get("status") == "ok" and row.get(x) is not None and row.get(y) is not None]
+    done = [row for row in rows if row.get("status", "ok") == "ok" and row.get(x) is not None
+            and row.get(y) is not None]
     noisy = [row for row in done if row.get("noise_used") and row.get(noise) is not None]
     show_noise = len({row[noise] for row in noisy}) > 1
     figure, axes = plt.subplots(1, 2 if show_noise else 1, figsize=(10 if show_noise else 5.5, 4), squeeze=False)
@@ -121,12 +124,20 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
     colors = {name: f"C{i}" for i, name in enumerate(names)}
     markers = {name: "os^Dvp*"[i % 7] for i, name in enumerate(names)}
 
+    def draw(axes: plt.Axes, members: list[dict[str, Any]], key: str, name: str, style: str, label: str) -> None:
+        errors = [row.get(f"{y}_std") or 0.0 for row in members]
+        seeds = sorted({row["seeds"] for row in members if "seeds" in row})
+        if seeds:
+            label += f" ({'/'.join(map(str, seeds))} seeds)"
+        axes.errorbar([row[key] for row in members], [row[y] for row in members],
+                      yerr=errors if any(errors) else None, fmt=markers[name] + style, color=colors[name],
+                      label=label, alpha=0.8, markersize=7, capsize=4)
+
     left = axes[0][0]
     for name, members in sorted(_by_series(done, series).items()):
         members = sorted(members, key=lambda row: row[x])
         style = "-" if len({row[x] for row in members}) > 1 else ""  # a line only along varying sparsity
-        left.plot([row[x] for row in members], [row[y] for row in members], markers[name] + style,
-                  color=colors[name], label=name, alpha=0.7, markersize=8)
+        draw(left, members, x, name, style, name)
     left.set(xlabel=f"final {x}", ylabel=y, title=f"{y} vs final {x}")
     left.grid(alpha=0.3)
     if done:
@@ -135,9 +146,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
     if show_noise:
         right = axes[0][1]
         for name, members in sorted(_by_series(noisy, series).items()):
-            members = sorted(members, key=lambda row: row[noise])
-            right.plot([row[noise] for row in members], [row[y] for row in members], markers[name] + "-",
-                       color=colors[name], label=name)
+            draw(right, sorted(members, key=lambda row: row[noise]), noise, name, "-", name)
         for name, members in sorted(_by_series([r for r in done if not r.get("noise_used")], series).items()):
             mean = sum(row[y] for row in members) / len(members)
             right.axhline(mean, linestyle="--", color=colors[name], label=f"{name} (no noise)")
@@ -147,8 +156,11 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
         right.legend(title=series, fontsize="small")
 
     left_out = len(rows) - len(done)
-    caption = f"{len(done)} of {len(rows)} jobs plotted" + (f"; {left_out} failed, missing or without result"
-                                                             if left_out else "")
+    what = "configurations" if any("seeds" in row for row in rows) else "jobs"
+    caption = f"{len(done)} of {len(rows)} {what} plotted" + (f"; {left_out} failed, missing or without result"
+                                                               if left_out else "")
+    if any(f"{y}_std" in row for row in done):
+        caption += "; error bars: ±1 std over seeds"
     figure.suptitle(f"{title}\n{caption}" if title else caption, fontsize="medium")
     return _save(figure, path)
 
