@@ -434,7 +434,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.95, 0.98, 0.99, 0.995])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5"])
+    parser.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5", "lenet5_caffe"])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--start", type=int, default=1, help="epoch where the cubic ramp starts")
     parser.add_argument("--end", type=int, default=7, help="epoch where it reaches the final sparsity")
