@@ -376,6 +376,29 @@ def verdicts(groups: dict, candidate: str = "masks") -> str:
     return "| sparsity | target | verdict | evidence |\n|---|---|---|---|\n" + "\n".join(lines)
 
 
+def gmp_verdicts(groups: dict, candidate: str = "masks", baseline: str = "gmp", needed: float = 1.0) -> str:
+    """Issue 16's target for ``candidate``: at least ``needed`` points over same-cadence GMP at every sparsity
+    where both ran, the gap larger than either's seed spread (sample std); Welch's p-value alongside."""
+    from scipy.stats import ttest_ind
+
+    lines = []
+    for sparsity in sorted({s for m, s in groups if m == baseline}):
+        ours, theirs = groups.get((candidate, sparsity)), groups.get((baseline, sparsity))
+        if not ours or not theirs:
+            continue
+        a, b = [100 * r["accuracy"] for r in ours], [100 * r["accuracy"] for r in theirs]
+        (mean_a, std_a), (mean_b, std_b) = mean_std(a), mean_std(b)
+        gap, spread = mean_a - mean_b, max(std_a, std_b)
+        p = float(ttest_ind(a, b, equal_var=False).pvalue) if min(len(a), len(b)) > 1 else float("nan")
+        met = gap >= needed and gap > spread and min(len(a), len(b)) >= 3
+        lines.append(f"| {100 * sparsity:g}% | {mean_a:.2f} ± {std_a:.2f} ({len(a)}) | {mean_b:.2f} ± {std_b:.2f} "
+                     f"({len(b)}) | {gap:+.2f} | {spread:.2f} | {p:.3g} | {'met' if met else '**NOT met**'} |")
+    if not lines:
+        return ""
+    return (f"| sparsity | `{candidate}` | `{baseline}` | gap | spread | Welch p | ≥ {needed:+.1f}, beyond the spread, "
+            "3 seeds |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines))
+
+
 def plot(groups: dict, methods: list[str], path: Path, title: str) -> None:
     """Accuracy against density (log scale), one line per method, dense as a dashed line."""
     import matplotlib
@@ -421,6 +444,9 @@ def render(path: Path, preferred: list[str], candidates: list[str]) -> Path:
             f"{minutes:.0f} min of training.\n\n{tables(groups, methods, sparsities)}\n")
     for candidate in candidates:
         text += f"\nTargets of issue 5 for `{candidate}` (accuracy points):\n\n{verdicts(groups, candidate)}\n"
+        against_gmp = gmp_verdicts(groups, candidate)
+        if against_gmp:
+            text += f"\nTarget of issue 16 for `{candidate}`: learned masks over same-cadence GMP:\n\n{against_gmp}\n"
     markdown = path.with_suffix(".md")
     markdown.write_text(text)
     if groups:
