@@ -67,6 +67,10 @@ class MaskPruningCallback(Callback):
         rescale_gate: divide each gate by its initial value so training starts from the dense function
             (on by default: benchmarks/results/study_lenet300_s99.md).
         mode, importance, layer_floor, regrow, granularity: see :class:`~lightning_masks.select.Selector`.
+        straight_through: pruned entries' scores keep learning, their gradient taken as if they were kept
+            (straight-through, movement pruning: :func:`~lightning_masks.masks.straight_through_gated`), so that
+            with ``regrow=True`` a pruned weight whose gate the loss raises can come back. Needs ``regrow=True``.
+            Off by default (benchmarks/README.md, issue 16: what it gained at 99 / 99.5%).
         tie: groups of globs on masked tensor names pruned together unit by unit (see
             :class:`~lightning_masks.select.Selector`), e.g. the BatchNorms that add into one residual stream,
             so that export can remove the stream's pruned channels. ``"auto"``: the masked BatchNorms whose
@@ -109,6 +113,7 @@ class MaskPruningCallback(Callback):
         importance: str = "effective_weight",
         layer_floor: float = 0.25,
         regrow: bool = False,
+        straight_through: bool = False,
         granularity: str = "element",
         tie: Union[str, Iterable[Iterable[str]]] = (),
         mask_lr: Optional[float] = 1e-2,
@@ -153,6 +158,10 @@ class MaskPruningCallback(Callback):
             raise ValueError(f"tie must be 'auto' or a list of groups of globs, got {tie!r}")
         self.auto_tie = tie == "auto"
         self.selector = Selector(mode, importance, layer_floor, regrow, granularity, () if self.auto_tie else tie)
+        if straight_through and not regrow:
+            raise ValueError("straight_through=True needs regrow=True: without regrowth a pruned entry never comes "
+                             "back, and its scores' gradients would change nothing")
+        self.straight_through = bool(straight_through)
         self.mask_lr = mask_lr
         self.mask_weight_decay = mask_weight_decay
         self.fold_on_fit_end = fold_on_fit_end
@@ -196,6 +205,8 @@ class MaskPruningCallback(Callback):
         attached = not masked_tensors(pl_module)
         groups = _coupled_norms(pl_module) if self.auto_tie else None
         self._masked = self._attach(pl_module) if attached else masked_tensors(pl_module)
+        for entry in self._masked:
+            entry.gate.straight_through = self.straight_through
         try:
             if groups is not None:
                 names = {entry.name for entry in self._masked}

@@ -35,6 +35,7 @@ __all__ = [
     "masked_value",
     "restore_masks_on_load",
     "split_mask_key",
+    "straight_through_gated",
 ]
 
 #: Module types masked by default, with the tensors masked on each.
@@ -160,6 +161,28 @@ def gated(
     return _times(weight, _keep_gate(scores, keep, divisor), gate_scale)
 
 
+def straight_through_gated(
+    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
+) -> Tensor:
+    """Return :func:`gated`'s values, with the scores' gradient taken as if every entry were kept.
+
+    Straight-through for the scores only (movement pruning, Sanh et al. 2020, https://arxiv.org/abs/2005.07683):
+    a pruned entry's score still learns ``dL/d(w * g) * w * dg/ds``, whether the loss would want its weight
+    back, so that a selection with regrowth can bring it back; the pruned weight itself gets no gradient
+    (frozen until it returns). Plain autograd: it saves a few more weight-sized buffers than :func:`gated`.
+
+    Args:
+        weight, scores, keep, temperature, gate_scale: as :func:`gated` (``keep`` bool, ``scores``
+            broadcastable to ``weight``).
+
+    Returns:
+        ``weight * gate * keep``, the weight's shape.
+    """
+    gate = gate_value(scores, temperature, gate_scale)
+    kept = keep.to(gate.dtype)
+    return weight * (gate * kept + (gate - gate.detach()) * (1 - kept))
+
+
 def channel_shape(weight: Tensor) -> tuple[int, ...]:
     """The shape of per-output-channel scores for ``weight``: ``(out, 1, 1, ...)``."""
     return (weight.shape[0],) + (1,) * (weight.dim() - 1)
@@ -191,6 +214,7 @@ class MaskGate(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature), device=scores.device))
         self.register_buffer("gate_scale", torch.ones_like(scores) if rescale else None)
         self.enabled = True
+        self.straight_through = False  # pruned entries' scores get gradients (straight_through_gated)
         self.reset_scores(scores)
 
     @torch.no_grad()
@@ -210,6 +234,8 @@ class MaskGate(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
+        if self.straight_through and torch.is_grad_enabled():
+            return straight_through_gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
         return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
 
     def extra_repr(self) -> str:
