@@ -134,11 +134,21 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
                       label=label, alpha=0.8, markersize=7, capsize=4)
 
     left = axes[0][0]
-    for name, members in sorted(_by_series(done, series).items()):
+    single = len({row[x] for row in done}) == 1  # one sparsity: the series side by side, not stacked on one x
+    for position, (name, members) in enumerate(sorted(_by_series(done, series).items())):
         members = sorted(members, key=lambda row: row[x])
+        if single:
+            offsets = np.linspace(-0.25, 0.25, len(members)) if len(members) > 1 else [0.0]
+            members = [{**row, "_at": position + offset} for row, offset in zip(members, offsets)]
+            draw(left, members, "_at", name, "", name)
+            continue
         style = "-" if len({row[x] for row in members}) > 1 else ""  # a line only along varying sparsity
         draw(left, members, x, name, style, name)
-    left.set(xlabel=f"final {x}", ylabel=y, title=f"{y} vs final {x}")
+    if single:
+        left.set_xticks(range(len(names)), labels=names, fontsize="small")
+        left.set(xlabel=f"{series} (final {x} {done[0][x]:.4g})", ylabel=y, title=f"{y} by {series}")
+    else:
+        left.set(xlabel=f"final {x}", ylabel=y, title=f"{y} vs final {x}")
     left.grid(alpha=0.3)
     if done:
         left.legend(title=series, fontsize="small")
@@ -150,6 +160,9 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
         for name, members in sorted(_by_series([r for r in done if not r.get("noise_used")], series).items()):
             mean = sum(row[y] for row in members) / len(members)
             right.axhline(mean, linestyle="--", color=colors[name], label=f"{name} (no noise)")
+            if len(members) == 1 and members[0].get(f"{y}_std"):  # one configuration: its ±1 std as a band
+                std = members[0][f"{y}_std"]
+                right.axhspan(mean - std, mean + std, color=colors[name], alpha=0.08)
         right.set_xscale("log")
         right.set(xlabel=noise, ylabel=y, title=f"{y} vs {noise}")
         right.grid(alpha=0.3)
