@@ -119,8 +119,10 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
             and row.get(y) is not None]
     noisy = [row for row in done if row.get("noise_used") and row.get(noise) is not None]
     show_noise = len({row[noise] for row in noisy}) > 1
-    figure, axes = plt.subplots(1, 2 if show_noise else 1, figsize=(10 if show_noise else 5.5, 4), squeeze=False)
     names = sorted(_by_series(done, series))
+    long_names = max((len(name) for name in names), default=0) > 12
+    height = 4.0 + (0.22 * -(-len(names) // 2) + 0.6 if long_names else 0.0)  # room for a legend below
+    figure, axes = plt.subplots(1, 2 if show_noise else 1, figsize=(10 if show_noise else 5.5, height), squeeze=False)
     colors = {name: f"C{i}" for i, name in enumerate(names)}
     markers = {name: "os^Dvp*"[i % 7] for i, name in enumerate(names)}
 
@@ -140,18 +142,19 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
         if single:
             offsets = np.linspace(-0.25, 0.25, len(members)) if len(members) > 1 else [0.0]
             members = [{**row, "_at": position + offset} for row, offset in zip(members, offsets)]
-            draw(left, members, "_at", name, "", name)
+            draw(left, members, "_at", name, "", f"{position + 1}. {name}" if long_names else name)
             continue
         style = "-" if len({row[x] for row in members}) > 1 else ""  # a line only along varying sparsity
-        draw(left, members, x, name, style, name)
+        draw(left, members, x, name, style, f"{position + 1}. {name}" if long_names and single else name)
     if single:
-        left.set_xticks(range(len(names)), labels=names, fontsize="small")
+        ticks = [f"{i + 1}" for i in range(len(names))] if long_names else names  # numbered in the legend
+        left.set_xticks(range(len(names)), labels=ticks, fontsize="small")
         left.set(xlabel=f"{series} (final {x} {done[0][x]:.4g})", ylabel=y, title=f"{y} by {series}")
     else:
         left.set(xlabel=f"final {x}", ylabel=y, title=f"{y} vs final {x}")
     left.grid(alpha=0.3)
     if done:
-        left.legend(title=series, fontsize="small")
+        _legend(left, series, long_names)
 
     if show_noise:
         right = axes[0][1]
@@ -166,7 +169,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
         right.set_xscale("log")
         right.set(xlabel=noise, ylabel=y, title=f"{y} vs {noise}")
         right.grid(alpha=0.3)
-        right.legend(title=series, fontsize="small")
+        _legend(right, series, long_names)
 
     left_out = len(rows) - len(done)
     what = "configurations" if any("seeds" in row for row in rows) else "jobs"
@@ -176,6 +179,15 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
         caption += "; error bars: ±1 std over seeds"
     figure.suptitle(f"{title}\n{caption}" if title else caption, fontsize="medium")
     return _save(figure, path)
+
+
+def _legend(axes: plt.Axes, title: str, below: bool) -> None:
+    """A legend inside the axes, or below them when its names are long (so it covers no data)."""
+    if below:
+        axes.legend(title=title, fontsize="x-small", title_fontsize="small", loc="upper center",
+                    bbox_to_anchor=(0.5, -0.16), ncol=1)
+    else:
+        axes.legend(title=title, fontsize="small")
 
 
 def _save(figure: plt.Figure, path: Path) -> Path:

@@ -201,6 +201,23 @@ def configs_to_markdown(configs: Sequence[dict[str, Any]], alpha: float = ALPHA)
     return "\n".join(lines) + "\n"
 
 
+def _with_series(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Name each configuration's plot series: its init, plus the overrides that vary across the sweep other than
+    the init, its noise and the sparsity (the plot's own axes), e.g. ``magnitude masks.rescale_gate=False``."""
+    axes = ("masks/init", "masks.init.noise_scale", "masks.sparsity")
+    values: dict[str, set] = {}
+    for config in configs:
+        for item in config["overrides"]:
+            key, _, value = item.partition("=")
+            values.setdefault(key.lstrip("+~"), set()).add(value)
+    varying = {key for key, seen in values.items() if key not in axes and len(seen) > 1}
+    named = []
+    for config in configs:
+        extra = [item for item in config["overrides"] if item.partition("=")[0].lstrip("+~") in varying]
+        named.append({**config, "series": " ".join([config["init"] or "?", *extra])})
+    return named
+
+
 def write_configs_csv(configs: Sequence[dict[str, Any]], path: Path) -> None:
     """Write the configurations, one row each (columns :data:`CONFIG_COLUMNS`), as CSV."""
     with open(path, "w", newline="") as file:
@@ -269,7 +286,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (out / "report.md").write_text(markdown)
     write_csv(rows, out / "report.csv")
     write_configs_csv(configs, out / "configs.csv")
-    plot_sweep(configs, out / "report.png", title=f"{args.sweep_dir} ({args.metric}, mean ± std over seeds)")
+    plot_sweep(_with_series(configs), out / "report.png", series="series",
+               title=f"{args.sweep_dir} ({args.metric}, mean ± std over seeds)")
     print(markdown)
     ok = sum(row["status"] == "ok" for row in rows)
     print(f"{ok} of {len(rows)} jobs ok, {len(configs)} configurations; wrote {out / 'report.md'}, "
