@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_masks import Schedule
-from lightning_masks.zoo import MLP, FashionMNISTDataModule, LeNet5
+from lightning_masks.zoo import MLP, FashionMNISTDataModule, LeNet5, LeNet5Caffe
 
 __all__ = [
     "MODELS",
@@ -33,7 +33,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: Model name -> constructor of the LightningModule (Adam lr 1e-3 unless told otherwise).
 MODELS = {
     "lenet300": lambda lr: MLP(in_features=784, hidden=(300, 100), lr=lr),
-    "lenet5": lambda lr: LeNet5(lr=lr),
+    "lenet5": lambda lr: LeNet5(lr=lr),  # 6-16-120-84, first conv padded: 61,470 weights
+    "lenet5_caffe": lambda lr: LeNet5Caffe(lr=lr),  # 20-50-800-500: 430,500 weights, the literature's LeNet-5
 }
 
 

@@ -13,6 +13,12 @@ Methods (``--methods``):
                           epoch starts (conv weights through their 2-D view)
     masks                 MaskPruningCallback(sparsity=s, start=, end=): the shipped defaults
     masks[k=v,...]        the same with options, e.g. ``masks[init=stddev]``, ``masks[rescale_gate=True]``
+    gmp                   gradual magnitude pruning at the same cadence, schedule and selection: the callback with
+                          its scores frozen (``mask_lr=0``; with ``rescale_gate`` every gate stays 1, so the
+                          importance ``|w * gate|`` is ``|w|``)
+    plain                 the seed article's plain form: no rescale (``rescale_gate=False``), every gate starts near
+                          ``sigmoid(|w|)``, about one half
+    gmp[k=v,...], plain[k=v,...]  the same with further callback options
 
 Example:
     python benchmarks/quality.py --sparsities 0.9 0.99 --seeds 0 --methods dense model_pruning masks
@@ -59,7 +65,7 @@ from common import (
 
 from lightning_masks import MaskPruningCallback, list_initializers
 
-DEFAULT_METHODS = ["dense", "model_pruning", "wns", "masks", *(f"masks[init={name}]" for name in list_initializers())]
+DEFAULT_METHODS = ["dense", "model_pruning", "wns", "gmp", "plain", "masks", *(f"masks[init={name}]" for name in list_initializers())]
 KEY_FIELDS = ("model", "method", "sparsity", "seed", "epochs", "start", "end", "lr", "batch_size")
 
 
@@ -171,8 +177,26 @@ def masks(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
     return [MaskPruningCallback(sparsity=plan.final, start=plan.start, end=plan.end, **options)]
 
 
+#: The methods that run MaskPruningCallback, with the options that define them (fixed, not overridable).
+MASK_METHODS: dict[str, dict[str, Any]] = {"masks": {}, "gmp": {"mask_lr": 0.0}, "plain": {"rescale_gate": False}}
+
+
+def _masks_with(name: str) -> Callable[..., list[Callback]]:
+    fixed = MASK_METHODS[name]
+
+    def method(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
+        clash = sorted(set(options) & set(fixed))
+        if clash:
+            raise ValueError(f"{name} fixes {fixed}; options {clash} would change what it is (use masks[...])")
+        return masks(model, plan, **fixed, **options)
+
+    method.__doc__ = f"MaskPruningCallback with {fixed} and the common schedule."
+    return method
+
+
 METHODS: dict[str, Callable[..., list[Callback]]] = {
     "dense": dense, "model_pruning": model_pruning, "wns": wns, "masks": masks,
+    "gmp": _masks_with("gmp"), "plain": _masks_with("plain"),
 }
 
 
@@ -254,7 +278,7 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                 is_dense = parse_method(method)[0] == "dense"
                 if is_dense and sparsity != args.sparsities[0]:
                     continue
-                defaults = callback_defaults() if parse_method(method)[0] == "masks" else ""
+                defaults = callback_defaults() if parse_method(method)[0] in MASK_METHODS else ""
                 configs.append({**common, "method": method, "sparsity": 0.0 if is_dense else sparsity, "seed": seed,
                                 "defaults": defaults})
     return configs
@@ -266,20 +290,22 @@ def label(record: dict[str, Any]) -> str:
     A ``masks`` run made under other callback defaults is named by the options it differs in, e.g. the
     ``masks`` of session 1 becomes ``masks[update_every=epoch,rescale_gate=False,mask_lr=None]``, and an
     explicit option equal to today's default disappears from the name. Values are shown as options are
-    written (strings unquoted).
+    written (strings unquoted). ``gmp`` and ``plain`` are named the same way, against today's defaults with
+    their own fixed options.
     """
     name, options = parse_method(record["method"])
-    if name != "masks":
+    if name not in MASK_METHODS:
         return record["method"]
-    current = json.loads(callback_defaults())
+    fixed = {k: repr(v) for k, v in MASK_METHODS[name].items()}
+    current = {**json.loads(callback_defaults()), **fixed}
     recorded = json.loads(record.get("defaults") or "{}")
     if recorded:  # a setting added since the run: the run had what the setting's non-default value reproduces
         recorded = {**ADDED_SINCE, **recorded}
-    ran = {**recorded, **{k: repr(v) for k, v in options.items()}}
+    ran = {**recorded, **fixed, **{k: repr(v) for k, v in options.items()}}
     differ = {k: v for k, v in ran.items() if current.get(k) != v}
     order = [*options, *(k for k in differ if k not in options)]
     shown = [k + "=" + differ[k].strip("'") for k in order if k in differ]
-    return f"masks[{','.join(shown)}]" if shown else "masks"
+    return f"{name}[{','.join(shown)}]" if shown else name
 
 
 def key(record: dict[str, Any]) -> tuple:
@@ -363,6 +389,29 @@ def verdicts(groups: dict, candidate: str = "masks") -> str:
     return "| sparsity | target | verdict | evidence |\n|---|---|---|---|\n" + "\n".join(lines)
 
 
+def gmp_verdicts(groups: dict, candidate: str = "masks", baseline: str = "gmp", needed: float = 1.0) -> str:
+    """Issue 16's target for ``candidate``: at least ``needed`` points over same-cadence GMP at every sparsity
+    where both ran, the gap larger than either's seed spread (sample std); Welch's p-value alongside."""
+    from scipy.stats import ttest_ind
+
+    lines = []
+    for sparsity in sorted({s for m, s in groups if m == baseline}):
+        ours, theirs = groups.get((candidate, sparsity)), groups.get((baseline, sparsity))
+        if not ours or not theirs:
+            continue
+        a, b = [100 * r["accuracy"] for r in ours], [100 * r["accuracy"] for r in theirs]
+        (mean_a, std_a), (mean_b, std_b) = mean_std(a), mean_std(b)
+        gap, spread = mean_a - mean_b, max(std_a, std_b)
+        p = float(ttest_ind(a, b, equal_var=False).pvalue) if min(len(a), len(b)) > 1 else float("nan")
+        met = gap >= needed and gap > spread and min(len(a), len(b)) >= 3
+        lines.append(f"| {100 * sparsity:g}% | {mean_a:.2f} ± {std_a:.2f} ({len(a)}) | {mean_b:.2f} ± {std_b:.2f} "
+                     f"({len(b)}) | {gap:+.2f} | {spread:.2f} | {p:.3g} | {'met' if met else '**NOT met**'} |")
+    if not lines:
+        return ""
+    return (f"| sparsity | `{candidate}` | `{baseline}` | gap | spread | Welch p | ≥ {needed:+.1f}, beyond the spread, "
+            "3 seeds |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines))
+
+
 def plot(groups: dict, methods: list[str], path: Path, title: str) -> None:
     """Accuracy against density (log scale), one line per method, dense as a dashed line."""
     import matplotlib
@@ -408,6 +457,9 @@ def render(path: Path, preferred: list[str], candidates: list[str]) -> Path:
             f"{minutes:.0f} min of training.\n\n{tables(groups, methods, sparsities)}\n")
     for candidate in candidates:
         text += f"\nTargets of issue 5 for `{candidate}` (accuracy points):\n\n{verdicts(groups, candidate)}\n"
+        against_gmp = gmp_verdicts(groups, candidate)
+        if against_gmp:
+            text += f"\nTarget of issue 16 for `{candidate}`: learned masks over same-cadence GMP:\n\n{against_gmp}\n"
     markdown = path.with_suffix(".md")
     markdown.write_text(text)
     if groups:
@@ -421,7 +473,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.95, 0.98, 0.99, 0.995])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5"])
+    parser.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5", "lenet5_caffe"])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--start", type=int, default=1, help="epoch where the cubic ramp starts")
     parser.add_argument("--end", type=int, default=7, help="epoch where it reaches the final sparsity")

@@ -47,7 +47,6 @@ import json
 import logging
 import os
 import pickle
-import resource
 import statistics
 import sys
 import time

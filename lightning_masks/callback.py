@@ -113,6 +113,10 @@ class MaskPruningCallback(Callback):
             ``importance``, ``layer_floor``, ``regrow``, ``granularity``, ``tie``); default ``Selector()``.
         mode, importance, layer_floor, regrow, granularity, tie: the same fields one by one (the selector's, when
             ``selector`` is not given; giving both is refused).
+        straight_through: pruned entries' scores keep learning, their gradient taken as if they were kept
+            (straight-through, movement pruning: :func:`~lightning_masks.masks.straight_through_gated`), so that
+            with ``regrow=True`` a pruned weight whose gate the loss raises can come back. Needs ``regrow=True``.
+            Off by default (benchmarks/README.md, issue 16: what it gained at 99 / 99.5%).
         output_layers: with ``granularity="channel"``, the layers left whole because their output units are
             the model's outputs (classes, vocabulary). ``"auto"``: the masked layers whose outputs reach the
             model's outputs through no other masked layer, traced on ``forward(example_input_array)`` or, when
@@ -133,7 +137,7 @@ class MaskPruningCallback(Callback):
         log_every_n_steps: cadence of the ``masks/...`` scalars during training (``None``: the Trainer's;
             0: only as each epoch ends). Statistics are computed (and synced to the host) only then.
         log_histograms: log gate and score histograms (TensorBoard, W&B) as each epoch ends.
-        plots: at the end of fit, write a per-layer sparsity heatmap and gate histograms (PNG) into the
+        plots: at the end of fit, write each layer's sparsity over training and gate histograms (PNG) into the
             run folder and log them to W&B.
 
     Raises:
@@ -167,6 +171,7 @@ class MaskPruningCallback(Callback):
         importance: str = "effective_weight",
         layer_floor: float = 0.25,
         regrow: bool = False,
+        straight_through: bool = False,
         granularity: str = "element",
         tie: Union[str, Iterable[Iterable[str]]] = (),
         output_layers: Union[str, Iterable[str], None] = "auto",
@@ -241,6 +246,10 @@ class MaskPruningCallback(Callback):
                              f"{output_layers!r}; e.g. output_layers=['head']")
         self.output_layers = output_layers if output_layers in ("auto", None) else list(output_layers)
         self.selector = selector
+        if straight_through and not selector.regrow:
+            raise ValueError("straight_through=True needs regrow=True: without regrowth a pruned entry never comes "
+                             "back, and its scores' gradients would change nothing")
+        self.straight_through = bool(straight_through)
         self.mask_lr = mask_lr
         self.mask_weight_decay = mask_weight_decay
         self.fold_on_fit_end = fold_on_fit_end
@@ -302,6 +311,8 @@ class MaskPruningCallback(Callback):
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
         refreeze(self._masked, thawed)
+        for entry in self._masked:
+            entry.gate.straight_through = self.straight_through
         try:
             if groups is not None:
                 names = {entry.name for entry in self._masked}
@@ -505,13 +516,13 @@ class MaskPruningCallback(Callback):
             loggers.log_images(trainer.loggers, self._pictures(folder), trainer.global_step)
 
     def _pictures(self, folder: Path) -> dict[str, Path]:
-        """Write the sparsity heatmap and gate histograms into ``folder``; return them by W&B key."""
+        """Write the per-layer sparsity over training and the gate histograms into ``folder``; return them by W&B key."""
         gates = {name: (c.cpu().numpy(), e.cpu().numpy()) for name, (c, e) in self._gate_histograms().items()}
         history = self.history
         return {
-            "masks/sparsity_heatmap": plots.sparsity_heatmap(history["layers"], history["sparsity"],
-                                                             history["positions"], folder / "sparsity_heatmap.png",
-                                                             unit=self.cadence),
+            "masks/sparsity_over_training": plots.sparsity_over_training(
+                history["layers"], history["sparsity"], history["positions"], folder / "sparsity_over_training.png",
+                unit=self.cadence),
             "masks/gate_histograms": plots.gate_histograms(gates, folder / "gate_histograms.png"),
         }
 

@@ -43,6 +43,7 @@ __all__ = [
     "resolve_targets",
     "restore_masks_on_load",
     "split_mask_key",
+    "straight_through_gated",
 ]
 
 #: A target: a glob on fully-qualified module or tensor names, or a module type.
@@ -231,6 +232,29 @@ def gated(
     return _times(weight, _keep_gate(scores, keep, divisor, _compute_dtype(scores, weight)), gate_scale)
 
 
+def straight_through_gated(
+    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
+) -> Tensor:
+    """Return :func:`gated`'s values, with the scores' gradient taken as if every entry were kept.
+
+    Straight-through for the scores only (movement pruning, Sanh et al. 2020, https://arxiv.org/abs/2005.07683):
+    a pruned entry's score still learns ``dL/d(w * g) * w * dg/ds``, whether the loss would want its weight
+    back, so that a selection with regrowth can bring it back; the pruned weight itself gets no gradient
+    (frozen until it returns). Plain autograd: it saves a few more weight-sized buffers than :func:`gated`.
+
+    Args:
+        weight, scores, keep, temperature, gate_scale: as :func:`gated` (``keep`` bool, ``scores``
+            broadcastable to ``weight``).
+
+    Returns:
+        ``weight * gate * keep``, the weight's shape.
+    """
+    gate = gate_value(scores, temperature, gate_scale)
+    kept = keep.to(gate.dtype)
+    return weight * (gate * kept + (gate - gate.detach()) * (1 - kept))
+
+
+
 def _reduce_to(scores: Tensor, shape: torch.Size) -> Tensor:
     """Average ``scores`` over the dimensions that ``shape`` keeps at size 1."""
     dims = [d for d, (have, want) in enumerate(zip(scores.shape, shape)) if want == 1 and have != 1]
@@ -279,6 +303,7 @@ class MaskGate(nn.Module):
         scale = None if not rescale else torch.ones((), device=scores.device) if compact else torch.ones_like(scores)
         self.register_buffer("gate_scale", scale)
         self.enabled = True
+        self.straight_through = False  # pruned entries' scores get gradients (straight_through_gated)
         self.reset_scores(scores)
 
     @property
@@ -333,6 +358,8 @@ class MaskGate(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
+        if self.straight_through and torch.is_grad_enabled() and not _tracing():
+            return straight_through_gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
         if _gate_cache is None or _tracing() or torch.compiler.is_compiling():
             return gated(weight, self.scores, self.stored_keep(), self.temperature, self.gate_scale)
         value = _gate_cache.get(self)

@@ -1,8 +1,11 @@
-"""The ``lightning-masks-report`` command: a sweep folder -> a table (markdown, CSV) and a PNG plot.
+"""The ``lightning-masks-report`` command: a sweep folder -> tables (markdown, CSV) and a PNG plot.
 
 ``lightning-masks-report multirun/2026-01-01/12-00-00`` reads every job of the sweep (its
 ``.hydra/overrides.yaml``, ``.hydra/config.yaml`` and ``result.json``), lists jobs that failed, left no
-result, or never ran, and writes ``report.md``, ``report.csv`` and ``report.png`` into the sweep folder.
+result, or never ran, groups the jobs that differ only in ``seed`` into one configuration (mean ± std over
+its seeds, and whether it is distinguishable from the best configuration at its sparsity by Welch's t-test),
+and writes ``report.md``, ``report.csv`` (one row per job), ``configs.csv`` (one row per configuration) and
+``report.png`` (configuration means with ±1 std error bars) into the sweep folder.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,15 +23,23 @@ from typing import Any, Optional
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+from scipy.stats import ttest_ind
 
 from .plots import plot_sweep
 from .train import RESULT_FILE
 
-__all__ = ["COLUMNS", "collect", "expected_jobs", "main", "to_markdown", "write_csv"]
+__all__ = ["ALPHA", "COLUMNS", "CONFIG_COLUMNS", "collect", "configs_to_markdown", "expected_jobs", "group_seeds",
+           "main", "to_markdown", "write_csv"]
 
 #: The table's columns, in order.
 COLUMNS = ("job", "status", "overrides", "init", "noise_scale", "noise_used", "sparsity", "test_acc", "val_acc",
            "time_s", "error")
+#: The configuration table's columns, in order (``test_acc`` is the mean over seeds).
+CONFIG_COLUMNS = ("config", "init", "noise_scale", "sparsity", "seeds", "test_acc", "test_acc_std", "p_vs_best",
+                  "mark", "not_ok")
+#: Significance level of the Welch t-test against the best configuration.
+ALPHA = 0.05
+SEED_KEY = "seed"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 CONFIG = Path(".hydra") / "config.yaml"
 
@@ -104,6 +117,117 @@ def collect(sweep_dir: str | Path, metric: str = "test/acc") -> list[dict[str, A
     return rows
 
 
+def _is_seed(override: str) -> bool:
+    return override.partition("=")[0].lstrip("+~") == SEED_KEY
+
+
+def group_seeds(rows: Sequence[dict[str, Any]], alpha: float = ALPHA) -> list[dict[str, Any]]:
+    """Group the jobs that differ only in ``seed`` into configurations, and mark those the best cannot be told from.
+
+    Each configuration gets the mean and sample standard deviation of ``test_acc`` over its ok jobs
+    (``seeds`` of them; ``not_ok`` counts the others). The best configuration is the one with the highest
+    mean among those of its final sparsity (rounded to 4 decimals; configurations at different sparsities
+    are not compared). Every other one at that sparsity is compared with it by Welch's t-test
+    (``scipy.stats.ttest_ind(equal_var=False)``, two-sided): ``p_vs_best`` is its p-value, and ``mark`` is
+    ``"best"``, ``"~best"`` (p >= ``alpha``: indistinguishable from the best with these seeds), ``""``
+    (p < ``alpha``: worse beyond the seeds' noise) or ``"?"`` (untestable: fewer than 2 seeds on either side,
+    or no spread on both).
+
+    Args:
+        rows: job rows as :func:`collect` returns them.
+        alpha: the test's significance level.
+
+    Returns:
+        One dict per configuration (keys :data:`CONFIG_COLUMNS`, plus ``overrides``: the job overrides
+        without ``seed``, and ``values``: the accuracies), in order of first appearance.
+    """
+    groups: dict[frozenset, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(frozenset(o for o in row["overrides"] if not _is_seed(o)), []).append(row)
+    configs = []
+    for key, members in groups.items():
+        ok = [row for row in members if row["status"] == "ok" and row.get("test_acc") is not None]
+        values = [float(row["test_acc"]) for row in ok]
+        sparsities = [float(row["sparsity"]) for row in ok if row.get("sparsity") is not None]
+        first = members[0]
+        configs.append({
+            "overrides": [o for o in first["overrides"] if not _is_seed(o)], "config": "", "init": first["init"],
+            "noise_scale": first["noise_scale"], "noise_used": first["noise_used"],
+            "sparsity": statistics.fmean(sparsities) if sparsities else None, "seeds": len(values), "values": values,
+            "test_acc": statistics.fmean(values) if values else None,
+            "test_acc_std": statistics.stdev(values) if len(values) > 1 else None,
+            "p_vs_best": None, "mark": "", "not_ok": len(members) - len(ok)})
+    by_sparsity: dict[float, list[dict[str, Any]]] = {}
+    for config in configs:
+        if config["test_acc"] is not None and config["sparsity"] is not None:
+            by_sparsity.setdefault(round(config["sparsity"], 4), []).append(config)
+    for candidates in by_sparsity.values():
+        best = max(candidates, key=lambda config: config["test_acc"])
+        best["mark"] = "best"
+        for config in candidates:
+            if config is best:
+                continue
+            testable = min(len(config["values"]), len(best["values"])) >= 2 and (
+                config["test_acc_std"] or best["test_acc_std"])
+            if not testable:
+                config["mark"] = "?"
+                continue
+            p = float(ttest_ind(config["values"], best["values"], equal_var=False).pvalue)
+            config["p_vs_best"] = p
+            config["mark"] = "?" if math.isnan(p) else ("~best" if p >= alpha else "")
+    return configs
+
+
+def configs_to_markdown(configs: Sequence[dict[str, Any]], alpha: float = ALPHA) -> str:
+    """Return the configurations as a markdown table: one row each, mean ± std over its seeds, and the marks."""
+    common = (frozenset.intersection(*(frozenset(c["overrides"]) for c in configs)) if len(configs) > 1
+              else frozenset())
+    lines = ["| config | init | noise_scale | sparsity | seeds | test_acc (mean ± std) | p vs best | mark |",
+             "|---|---|---|---|---|---|---|---|"]
+    for config in configs:
+        label = " ".join(o for o in config["overrides"] if o not in common) or "(all)"
+        mean = config["test_acc"]
+        accuracy = "" if mean is None else f"{mean:.4f}" + (
+            f" ± {config['test_acc_std']:.4f}" if config["test_acc_std"] is not None else "")
+        p = "" if config["p_vs_best"] is None else f"{config['p_vs_best']:.3g}"
+        seeds = f"{config['seeds']}" + (f" ({config['not_ok']} not ok)" if config["not_ok"] else "")
+        cells = [label, config["init"] or "", _cell(config, "noise_scale"), _cell(config, "sparsity"), seeds,
+                 accuracy, p, config["mark"]]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    lines += ["", f"mark: `best` is the highest mean at its sparsity; `~best`: Welch's t-test cannot tell it from "
+                  f"the best (p >= {alpha}), so the difference may be seed noise; empty: worse beyond the seeds' "
+                  "noise (p < {alpha}); `?`: untestable (fewer than 2 seeds, or no spread)."
+              .replace("{alpha}", str(alpha))]
+    return "\n".join(lines) + "\n"
+
+
+def _with_series(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Name each configuration's plot series: its init, plus the overrides that vary across the sweep other than
+    the init, its noise and the sparsity (the plot's own axes), e.g. ``magnitude masks.rescale_gate=False``."""
+    axes = ("masks/init", "masks.init.noise_scale", "masks.sparsity")
+    values: dict[str, set] = {}
+    for config in configs:
+        for item in config["overrides"]:
+            key, _, value = item.partition("=")
+            values.setdefault(key.lstrip("+~"), set()).add(value)
+    varying = {key for key, seen in values.items() if key not in axes and len(seen) > 1}
+    named = []
+    for config in configs:
+        extra = [item for item in config["overrides"] if item.partition("=")[0].lstrip("+~") in varying]
+        named.append({**config, "series": " ".join([config["init"] or "?", *extra])})
+    return named
+
+
+def write_configs_csv(configs: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write the configurations, one row each (columns :data:`CONFIG_COLUMNS`), as CSV."""
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=CONFIG_COLUMNS)
+        writer.writeheader()
+        for config in configs:
+            writer.writerow({c: " ".join(config["overrides"]) if c == "config" else config.get(c)
+                             for c in CONFIG_COLUMNS})
+
+
 def _cell(row: dict[str, Any], column: str, common: frozenset = frozenset()) -> str:
     value = row.get(column)
     if value is None:
@@ -147,6 +271,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="the folder of a sweep (multirun/DATE/TIME)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep folder)")
     parser.add_argument("--metric", default="test/acc", help="the accuracy to report (default: test/acc)")
+    parser.add_argument("--alpha", type=float, default=ALPHA,
+                        help=f"significance level of the Welch t-test against the best (default {ALPHA})")
     args = parser.parse_args(argv)
     try:
         rows = collect(args.sweep_dir, args.metric)
@@ -154,14 +280,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(error))
     out = args.out or args.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    markdown = to_markdown(rows)
+    configs = group_seeds(rows, args.alpha)
+    markdown = (f"## Configurations (jobs that differ only in `{SEED_KEY}` grouped)\n\n"
+                f"{configs_to_markdown(configs, args.alpha)}\n## Jobs\n\n{to_markdown(rows)}")
     (out / "report.md").write_text(markdown)
     write_csv(rows, out / "report.csv")
-    plot_sweep(rows, out / "report.png", title=f"{args.sweep_dir} ({args.metric})")
+    write_configs_csv(configs, out / "configs.csv")
+    plot_sweep(_with_series(configs), out / "report.png", series="series",
+               title=f"{args.sweep_dir} ({args.metric}, mean ± std over seeds)")
     print(markdown)
     ok = sum(row["status"] == "ok" for row in rows)
-    print(f"{ok} of {len(rows)} jobs ok; wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}",
-          file=sys.stderr)
+    print(f"{ok} of {len(rows)} jobs ok, {len(configs)} configurations; wrote {out / 'report.md'}, "
+          f"{out / 'report.csv'}, {out / 'configs.csv'}, {out / 'report.png'}", file=sys.stderr)
     return 0 if ok == len(rows) else 2
 
 

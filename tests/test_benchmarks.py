@@ -25,8 +25,20 @@ def test_runs_are_named_by_how_they_differ_from_todays_defaults():
     assert quality.label({"method": "model_pruning"}) == "model_pruning"
 
 
+def test_gmp_and_plain_are_the_callback_with_their_option_fixed_and_named_against_todays_defaults():
+    assert quality.label(record("gmp")) == "gmp"
+    assert quality.label(record("plain[init=stddev]")) == "plain[init=stddev]"
+    assert quality.label(record("gmp", update_every="'epoch'")) == "gmp[update_every=epoch]"
+    plan = quality.Plan(0.9, 1, 7)
+    (frozen,) = quality.METHODS["gmp"](None, plan)
+    (plain,) = quality.METHODS["plain"](None, plan, init="stddev")
+    assert frozen.mask_lr == 0.0 and frozen.rescale_gate and plain.rescale_gate is False
+    with pytest.raises(ValueError, match="gmp fixes"):
+        quality.METHODS["gmp"](None, plan, mask_lr=0.01)
+
+
 @pytest.mark.parametrize("model, methods", [
-    ("lenet300", ("model_pruning", "wns", "masks", "masks[update_every=epoch]")),
+    ("lenet300", ("model_pruning", "wns", "masks", "masks[update_every=epoch]", "gmp", "plain")),
     ("lenet5", ("wns",)),  # WeightNormSparsifier on conv weights, through their 2-D view
 ])
 def test_a_tiny_grid_run_reaches_the_exact_sparsity_for_every_method(model, methods):

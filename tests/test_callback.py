@@ -448,3 +448,36 @@ def test_the_selection_is_one_selector_object_or_the_loose_arguments_not_both(ti
         MaskPruningCallback(selector=Selector(), layer_floor=0.5)
     with pytest.raises(ValueError, match="selector must be a lightning_masks.Selector, got 'layer'"):
         MaskPruningCallback(selector="layer")
+
+
+def test_straight_through_needs_regrowth_and_lets_pruned_entries_come_back():
+    with pytest.raises(ValueError, match="straight_through=True needs regrow=True"):
+        MaskPruningCallback(0.5, straight_through=True)
+
+    class Watch(Callback):
+        """After each backward: do pruned entries' scores have a gradient? Which pruned entries came back?"""
+
+        def __init__(self):
+            self.ever_pruned, self.regrown, self.pruned_scores_learn = None, 0, []
+
+        def on_after_backward(self, trainer, pl_module):
+            gates = [e.gate for e in masked_tensors(pl_module)]
+            if any(not g.keep.all() for g in gates):
+                self.pruned_scores_learn.append(any(bool(torch.any(g.scores.grad[~g.keep] != 0)) for g in gates))
+            keep = torch.cat([g.keep.flatten() for g in gates])
+            self.ever_pruned = ~keep if self.ever_pruned is None else self.ever_pruned | ~keep
+            self.regrown = max(self.regrown, int((self.ever_pruned & keep).sum()))
+
+    def fit(straight_through):
+        torch.manual_seed(0)
+        model, watch = TinyModule(), Watch()
+        pruner = MaskPruningCallback(0.7, start=0, end=3, update_every=2, regrow=True,
+                                     straight_through=straight_through, plots=False, log_histograms=False)
+        make_trainer(max_epochs=4, callbacks=[pruner, watch]).fit(model, synthetic_loader(n=128))
+        assert zeros_and_total(model)[0] == round(0.7 * zeros_and_total(model)[1])
+        return watch
+
+    straight, plain = fit(True), fit(False)
+    assert straight.pruned_scores_learn and all(straight.pruned_scores_learn)
+    assert not any(plain.pruned_scores_learn)  # without it a pruned entry's score gets exactly zero
+    assert straight.regrown > 0  # pruned entries came back

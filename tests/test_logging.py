@@ -89,7 +89,7 @@ def test_wandb_offline_run_holds_curves_histograms_table_images_and_summary(tiny
         histograms = [row for row in rows if row.get(f"masks/{layer}/gates/_type") == "histogram"]
         assert len(histograms) == 3 and sum(histograms[-1][f"masks/{layer}/gates/values"]) > 0
     assert any(row.get("masks/layers/_type") == "table-file" and row["masks/layers/nrows"] == 2 for row in rows)
-    for image in ("masks/sparsity_heatmap", "masks/gate_histograms"):
+    for image in ("masks/sparsity_over_training", "masks/gate_histograms"):
         [logged] = [row for row in rows if row.get(f"{image}/_type") == "images/separated"]
         [filename] = logged[f"{image}/filenames"]
         assert matplotlib.image.imread(run_file.parent / "files" / filename).shape[0] == logged[f"{image}/height"]
@@ -105,6 +105,6 @@ def test_console_table_and_pictures(tiny_module, tmp_path, caplog, monkeypatch):
     trainer = fit_with(CSVLogger(tmp_path), tiny_module)
     assert f"pruned {round(0.8 * TOTAL)}/{TOTAL} ({100 * round(0.8 * TOTAL) / TOTAL:.2f}%)" in caplog.text
     assert "net.0.weight" in caplog.text and "16x8" in caplog.text
-    for name in ("sparsity_heatmap.png", "gate_histograms.png"):
+    for name in ("sparsity_over_training.png", "gate_histograms.png"):
         image = matplotlib.image.imread(os.path.join(trainer.logger.log_dir, "masks", name))
         assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0

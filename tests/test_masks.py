@@ -383,3 +383,28 @@ def test_the_gate_keeps_the_wider_dtype_of_weight_and_scores(grad):
     with torch.set_grad_enabled(grad):
         out = gated(weight, scores, keep, 1.0, scale)
         assert out.dtype == torch.float64 and torch.equal(out, plain_gate(weight, scores, keep, 1.0, scale))
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_straight_through_gate_has_gated_values_and_gives_pruned_scores_the_kept_gradient(rescale):
+    from lightning_masks.masks import gated, straight_through_gated
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=generator).requires_grad_()
+    scores = torch.randn(6, 5, generator=generator).requires_grad_()
+    keep = torch.rand(6, 5, generator=generator) > 0.5
+    scale = 1.0 / torch.sigmoid(scores.detach() / 0.7) if rescale else None
+    upstream = torch.randn(6, 5, generator=generator)
+
+    def grads(function, keep):
+        out = function(weight, scores, keep, 0.7, scale)
+        return (out, *torch.autograd.grad((out * upstream).sum(), (weight, scores)))
+
+    out, grad_weight, grad_scores = grads(straight_through_gated, keep)
+    reference, ref_weight, ref_scores = grads(gated, keep)
+    _, _, all_kept_scores = grads(gated, torch.ones_like(keep))
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(grad_weight, ref_weight)  # pruned weights get no gradient: zero where ~keep
+    assert torch.all(grad_weight[~keep] == 0)
+    torch.testing.assert_close(grad_scores, all_kept_scores)  # every score's gradient as if kept
+    assert torch.all(grad_scores[~keep] != 0) and torch.all(ref_scores[~keep] == 0)

@@ -106,3 +106,79 @@ def test_report_rejects_a_folder_that_is_not_a_sweep(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report([str(tmp_path)])
     assert "no job folders" in capsys.readouterr().err
+
+
+def write_job(folder: Path, job: int, overrides: list[str], accuracy: float, sparsity: float = 0.9) -> None:
+    """One job folder as a sweep writes it: ``.hydra/overrides.yaml``, ``.hydra/config.yaml``, ``result.json``."""
+    hydra = folder / str(job) / ".hydra"
+    hydra.mkdir(parents=True)
+    (hydra / "overrides.yaml").write_text("".join(f"- {item}\n" for item in overrides))
+    init = next(item.split("=")[1] for item in overrides if item.startswith("masks/init="))
+    (hydra / "config.yaml").write_text(f"seed: 0\nmasks:\n  init:\n    name: {init}\n    noise_scale: 0.01\n")
+    result = {"status": "ok", "metrics": {"test/acc": accuracy}, "init": {}, "sparsity": sparsity, "time_s": 1.0}
+    (folder / str(job) / RESULT_FILE).write_text(json.dumps(result))
+
+
+# accuracies by init, seeds 0, 1, 2: stddev cannot be told from magnitude with 3 seeds, constant is worse
+ACCURACIES = {"magnitude": [0.900, 0.910, 0.920], "stddev": [0.905, 0.915, 0.908], "constant": [0.800, 0.810, 0.805]}
+
+
+def test_report_groups_seeds_into_configurations_and_marks_those_indistinguishable_from_the_best(tmp_path):
+    folder = tmp_path / "sweep"
+    job = 0
+    for init, values in ACCURACIES.items():
+        for seed, accuracy in enumerate(values):
+            write_job(folder, job, [f"masks/init={init}", f"seed={seed}", "masks.sparsity=0.9"], accuracy)
+            job += 1
+    write_job(folder, job, ["masks/init=uniform", "seed=0", "masks.sparsity=0.9"], 0.95)  # one seed: untestable
+    write_job(folder, job + 1, ["masks/init=magnitude", "seed=0", "masks.sparsity=0.99"], 0.5, sparsity=0.99)
+    assert report([str(folder)]) == 0
+
+    configs = {row["config"]: row for row in read_csv(folder / "configs.csv")}
+    assert len(configs) == 5 and len(read_csv(folder / "report.csv")) == 11  # jobs stay listed one by one
+    magnitude = configs["masks/init=magnitude masks.sparsity=0.9"]
+    assert magnitude["seeds"] == "3" and float(magnitude["test_acc"]) == pytest.approx(0.91)
+    assert float(magnitude["test_acc_std"]) == pytest.approx(0.01)
+    # uniform's single 0.95 is the highest mean, but with one seed nothing can be tested against it
+    assert configs["masks/init=uniform masks.sparsity=0.9"]["mark"] == "best"
+    assert {configs[f"masks/init={name} masks.sparsity=0.9"]["mark"] for name in ACCURACIES} == {"?"}
+    assert configs["masks/init=magnitude masks.sparsity=0.99"]["mark"] == "best"  # alone at its sparsity
+
+    # without the one-seed job, magnitude is the best, stddev within its noise, constant beyond it
+    for path in (folder / str(job)).rglob("*"):
+        if path.name == "overrides.yaml":
+            path.unlink()
+    assert report([str(folder)]) == 0
+    configs = {row["config"].split()[0]: row for row in read_csv(folder / "configs.csv")
+               if row["config"].endswith("0.9")}
+    assert [configs[name]["mark"] for name in ("masks/init=magnitude", "masks/init=stddev", "masks/init=constant")] \
+        == ["best", "~best", ""]
+    assert float(configs["masks/init=stddev"]["p_vs_best"]) > 0.05 > float(configs["masks/init=constant"]["p_vs_best"])
+    markdown = (folder / "report.md").read_text()
+    assert "| 0.9100 ± 0.0100 |" in markdown and "~best" in markdown and "Welch" in markdown
+    image = (folder / "report.png").read_bytes()
+    assert image.startswith(PNG_MAGIC)
+
+
+def test_the_sweep_plot_draws_error_bars_for_configurations(tmp_path):
+    import matplotlib.image
+
+    from lightning_masks.plots import plot_sweep
+
+    rows = [{"init": "magnitude", "sparsity": s, "test_acc": 0.9 - s / 10, "seeds": 3, "noise_used": False}
+            for s in (0.5, 0.9)]
+    bare = matplotlib.image.imread(plot_sweep(rows, tmp_path / "bare.png", title="t"))
+    barred = matplotlib.image.imread(plot_sweep([{**row, "test_acc_std": 0.02} for row in rows],
+                                                tmp_path / "bars.png", title="t"))
+    assert bare.shape == barred.shape and (abs(bare - barred) > 0.2).any()  # the bars (and caption) are drawn
+
+
+@pytest.mark.slow
+def test_a_real_sweep_over_seeds_reports_one_row_per_configuration(tmp_path):
+    folder = sweep(tmp_path, "masks/init=magnitude,stddev", "seed=0,1", "logger=none", *ONE_BATCH)
+    assert report([str(folder)]) == 0
+    configs = read_csv(folder / "configs.csv")
+    assert sorted(row["config"].split()[0] for row in configs) == ["masks/init=magnitude", "masks/init=stddev"]
+    assert not any("seed=" in row["config"] for row in configs)
+    assert [row["seeds"] for row in configs] == ["2", "2"]
+    assert {row["mark"] for row in configs} <= {"best", "~best", "", "?"} and "best" in {r["mark"] for r in configs}

@@ -15,6 +15,7 @@ from lightning_masks.zoo import (
     DigitsDataModule,
     FashionMNISTDataModule,
     LeNet5,
+    LeNet5Caffe,
     ResNet20,
     SyntheticDataModule,
     TransformerClassifier,
@@ -89,6 +90,8 @@ def test_synthetic_and_digits_splits_are_seeded_and_disjoint():
     (MLP(in_features=784, hidden=[30, 20]), (2, 1, 28, 28)),
     (LeNet5(), (2, 1, 28, 28)),
     (LeNet5(in_channels=3, image_size=32), (2, 3, 32, 32)),
+    (LeNet5Caffe(), (2, 1, 28, 28)),
+    (LeNet5Caffe(in_channels=3, image_size=32), (2, 3, 32, 32)),
     (ResNet20(width=4, blocks=1), (2, 3, 32, 32)),
     (ResNet20(width=4, blocks=1, shortcut="projection"), (2, 3, 32, 32)),
     (TransformerClassifier(seq_len=28, token_dim=28, dim=16, heads=2), (2, 1, 28, 28)),
@@ -97,11 +100,20 @@ def test_models_map_inputs_to_class_logits(model, shape):
     assert model(torch.randn(shape)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("model, weights", [(LeNet5(), 61_470), (LeNet5Caffe(), 430_500)])
+def test_lenet_variants_have_the_weight_counts_the_docs_quote(model, weights):
+    # LeNet-5-Caffe's 430,500 is the literature's "431K" (Han et al. 2015; Molchanov et al. 2017)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert sum(m.weight.numel() for m in layers) == weights
+
+
 def test_model_arguments_are_checked():
     with pytest.raises(ValueError, match="divisible by heads"):
         TransformerClassifier(dim=10, heads=4)
     with pytest.raises(ValueError, match="image_size"):
         LeNet5(image_size=8)
+    with pytest.raises(ValueError, match="image_size >= 16"):
+        LeNet5Caffe(image_size=15)
     with pytest.raises(ValueError, match="shortcut must be 'pad' or 'projection'"):
         ResNet20(shortcut="conv")
 

@@ -1,7 +1,7 @@
 """Small models and data modules for the recipes, the default run and the tests."""
 
 from .data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, SyntheticDataModule, read_idx
-from .models import MLP, Classifier, LeNet5, ResNet20, TransformerClassifier
+from .models import MLP, Classifier, LeNet5, LeNet5Caffe, ResNet20, TransformerClassifier
 
 __all__ = [
     "CIFAR10DataModule",
@@ -9,6 +9,7 @@ __all__ = [
     "DigitsDataModule",
     "FashionMNISTDataModule",
     "LeNet5",
+    "LeNet5Caffe",
     "MLP",
     "ResNet20",
     "SyntheticDataModule",

@@ -1,0 +1,13 @@
+"""Screen (not shipped): straight-through gradients to pruned scores (movement pruning) with regrow=True."""
+import sys
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from lightning_masks import masks as M
+
+def forward(self, weight):
+    g = M.gate_value(self.scores, self.temperature, self.gate_scale)
+    keep = self.keep.to(g.dtype)
+    return weight * (g * keep + (g - g.detach()) * (1 - keep))
+
+M.MaskGate.forward = forward
+import quality
+quality.main(sys.argv[1:])
