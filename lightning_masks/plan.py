@@ -11,9 +11,10 @@ from typing import Any, Optional, Union
 from .budget import UpdateBudget
 from .schedule import CallableSchedule, Schedule, ThresholdSchedule, Unit, resolve_span
 
-__all__ = ["AUTO_UPDATES", "EARLY_END", "Plan", "Shortfall"]
+__all__ = ["AUTO_UPDATES", "EARLY_END", "MIN_RAMP_UPDATES", "Plan", "Shortfall"]
 
 AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto"
+MIN_RAMP_UPDATES = 4  # the update budget never spaces updates wider than a quarter of the ramp
 EARLY_END = ("warn", "final")  # what a fit that ends before its ramp does at the end
 
 
@@ -138,7 +139,8 @@ class Plan:
         """Clamp the ramp's end to the last update point of the grid ``anchor + k * every`` within the fit."""
         last = int(self.total - 1)
         _, end = resolve_span(self.schedule, self.cadence, self.total, self.steps_per_epoch)
-        self.span = (self.span[0], min(end, self.anchor + (last - self.anchor) // self.every * self.every))
+        grid_end = self.anchor + (last - self.anchor) // self.every * self.every
+        self.span = (self.span[0], min(end, grid_end) if grid_end >= self.span[0] else end)
 
     def wanted_interval(self, step: int) -> int:
         """The interval the budget asks for at ``step`` (the base interval until it has measured enough)."""
@@ -155,14 +157,16 @@ class Plan:
             self.budget.add_update(update_seconds, measured=self.target > 0)
 
     def widen(self, step: int, wanted: int) -> None:
-        """Set the interval from ``step`` on to ``wanted`` (at least the base one), keeping an update point for the
-        ramp's end within the fit, and end the ramp on the new grid."""
+        """Set the interval from ``step`` on to ``wanted`` (at least the base one) on a grid through the ramp's end,
+        so the final target still arrives there (never later), at most a :data:`MIN_RAMP_UPDATES`-th of the ramp
+        apart: on a short fit of a small model the budget alone would turn the ramp into one late jump."""
         every = max(self.base_every, wanted)
-        last = int(self.total - 1)
-        if step < self.span[1]:  # the ramp goes on: an update point must remain for its end, by the fit's last step
-            every = max(1, min(every, last - step))
+        start, end = resolve_span(self.schedule, self.cadence, self.total, self.steps_per_epoch)
+        end = math.ceil(end)
+        if step < end:  # the ramp goes on
+            every = max(1, min(every, int(end - start) // MIN_RAMP_UPDATES))
         if every != self.every:
-            self.every, self.anchor = every, step
+            self.every, self.anchor = every, end if step < end else step
             self._end_on_grid()
 
     def due(self, epoch: int, step: int, epoch_start: bool) -> Optional[int]:

@@ -111,3 +111,14 @@ def test_the_widened_interval_and_measured_costs_resume_from_the_checkpoint(tmp_
     resumed, seen = fit(10, tmp_path / "epoch=4.ckpt")
     assert seen["every"] == saved["update_every"] and seen["budget"] == saved["budget"]
     assert resumed.target == pytest.approx(0.8)
+
+
+def test_the_budget_still_ends_the_ramp_on_time_with_a_few_updates_on_it(tiny_module, slow_importance):
+    # a new user's trial: on a tiny fast model the budget alone spaced updates past the ramp's end (0, 1, 23)
+    pruner = MaskPruningCallback(0.8, importance=slow_importance)
+    make_trainer(max_epochs=6, callbacks=[pruner]).fit(tiny_module)  # 24 steps, the ramp ends at step 16
+    positions = pruner.history["positions"]
+    assert positions[-1] == 16 and len(positions) >= 1 + 4, positions
+    assert pruner.plan.target == pytest.approx(0.8)
+    pruned, total = zeros(tiny_module)
+    assert pruned == round(0.8 * total)
