@@ -6,10 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure  # the object API: no pyplot, so the user's plotting backend is left alone
 import numpy as np  # noqa: E402
 
 __all__ = ["MAX_FIGSIZE", "MAX_LINES", "gate_histograms", "plot_sweep", "sparsity_over_training"]
@@ -47,7 +45,7 @@ def sparsity_over_training(layers: Sequence[str], history: Sequence[Sequence[flo
     x = np.asarray(positions, dtype=float)
     xlabel = f"training position of the mask update ({unit})"
     if len(layers) <= MAX_LINES:
-        figure, axes = plt.subplots(figsize=(8.0, 4.0))
+        figure, axes = _subplots(figsize=(8.0, 4.0))
         for j, name in enumerate(layers):
             axes.plot(x, 100 * data[:, j], drawstyle="steps-post", marker="." if len(x) <= 30 else None,
                       color=f"C{j % 10}", linestyle="-" if j < 10 else "--", label=name)
@@ -58,7 +56,7 @@ def sparsity_over_training(layers: Sequence[str], history: Sequence[Sequence[flo
             axes.legend(title="layer", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         height = min(MAX_FIGSIZE[1], 1.8 + 0.12 * len(layers))
-        figure, axes = plt.subplots(figsize=(MAX_FIGSIZE[0] * 0.85, height))
+        figure, axes = _subplots(figsize=(MAX_FIGSIZE[0] * 0.85, height))
         if len(x):  # cell edges: each update's value holds until the next update
             edges = np.append(x, x[-1] + (x[-1] - x[-2] if len(x) > 1 else 1.0))
             image = axes.pcolormesh(edges, np.arange(len(layers) + 1), data.T, cmap="viridis", vmin=0.0, vmax=1.0,
@@ -81,7 +79,7 @@ def gate_histograms(histograms: Mapping[str, tuple[np.ndarray, np.ndarray]], pat
     count = max(len(histograms), 1)
     columns = min(count, 3)
     rows = -(-count // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(4 * columns, 2.6 * rows), squeeze=False)
+    figure, grid = _subplots(rows, columns, figsize=(4 * columns, 2.6 * rows), squeeze=False)
     for axes, (name, (counts, edges)) in zip(grid.flat, histograms.items()):
         counts, edges = np.asarray(counts), np.asarray(edges)
         axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue")
@@ -122,11 +120,11 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
     names = sorted(_by_series(done, series))
     long_names = max((len(name) for name in names), default=0) > 12
     height = 4.0 + (0.22 * -(-len(names) // 2) + 0.6 if long_names else 0.0)  # room for a legend below
-    figure, axes = plt.subplots(1, 2 if show_noise else 1, figsize=(10 if show_noise else 5.5, height), squeeze=False)
+    figure, axes = _subplots(1, 2 if show_noise else 1, figsize=(10 if show_noise else 5.5, height), squeeze=False)
     colors = {name: f"C{i}" for i, name in enumerate(names)}
     markers = {name: "os^Dvp*"[i % 7] for i, name in enumerate(names)}
 
-    def draw(axes: plt.Axes, members: list[dict[str, Any]], key: str, name: str, style: str, label: str) -> None:
+    def draw(axes: Axes, members: list[dict[str, Any]], key: str, name: str, style: str, label: str) -> None:
         errors = [row.get(f"{y}_std") or 0.0 for row in members]
         seeds = sorted({row["seeds"] for row in members if "seeds" in row})
         if seeds:
@@ -181,7 +179,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, *, title: Optio
     return _save(figure, path)
 
 
-def _legend(axes: plt.Axes, title: str, below: bool) -> None:
+def _legend(axes: Axes, title: str, below: bool) -> None:
     """A legend inside the axes, or below them when its names are long (so it covers no data)."""
     if below:
         axes.legend(title=title, fontsize="x-small", title_fontsize="small", loc="upper center",
@@ -190,10 +188,15 @@ def _legend(axes: plt.Axes, title: str, below: bool) -> None:
         axes.legend(title=title, fontsize="small")
 
 
-def _save(figure: plt.Figure, path: Path) -> Path:
+def _subplots(*grid: int, figsize: tuple[float, float], squeeze: bool = True) -> tuple[Figure, Any]:
+    """``pyplot.subplots`` without pyplot: a figure of its own, drawn by Agg when saved."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(*grid, squeeze=squeeze)
+
+
+def _save(figure: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
