@@ -5,13 +5,13 @@ import time
 
 import pytest
 import torch
-from conftest import TinyModule, make_trainer
+from helpers import TinyModule, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn.utils import parametrize
 
 from lightning_masks import MaskPruningCallback
-from lightning_masks.budget import UpdateBudget
 from lightning_masks import importance as importance_module
+from lightning_masks.budget import UpdateBudget
 from lightning_masks.importance import effective_weight_importance, register_importance
 
 

@@ -4,7 +4,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyModule, make_trainer, synthetic_loader
+from helpers import TinyModule, make_trainer, synthetic_loader
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import nn

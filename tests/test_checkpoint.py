@@ -3,10 +3,10 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import TinyModule, make_trainer, synthetic_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn.utils import parametrize
 
-from conftest import TinyModule, make_trainer, synthetic_loader
 from lightning_masks import MaskPruningCallback, fold_checkpoint, masked_tensors
 
 

@@ -10,7 +10,7 @@ import time
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyModule, make_trainer
+from helpers import TinyModule, make_trainer
 from lightning.pytorch.callbacks import BackboneFinetuning, Callback, EarlyStopping, StochasticWeightAveraging
 from torch import nn
 from torch.nn.utils import parametrize

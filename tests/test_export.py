@@ -11,9 +11,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import TinyModule, make_trainer
 from torch import nn
 
-from conftest import TinyModule, make_trainer
 from lightning_masks import MaskPruningCallback, attach, fold_checkpoint, fold_state_dict
 from lightning_masks.export import load_checkpoint, load_sparse, main, save_program, save_sparse, shrink
 
@@ -282,7 +282,7 @@ def masked_checkpoint(tmp_path_factory):
 
 def test_command_saves_sparse_and_shrinks_a_masked_checkpoint(masked_checkpoint, tmp_path, capsys):
     output = tmp_path / "out" / "tiny.safetensors"
-    main([str(masked_checkpoint), "-o", str(output), "--shrink", "--module-class", "conftest:TinyModule",
+    main([str(masked_checkpoint), "-o", str(output), "--shrink", "--module-class", "helpers:TinyModule",
           "--input-shape", "16,8"])
     printed = capsys.readouterr().out
     ratio = float(re.search(r": [\d,]+ bytes, ([\d.]+) of the dense", printed).group(1))
@@ -302,10 +302,10 @@ def test_command_saves_sparse_and_shrinks_a_masked_checkpoint(masked_checkpoint,
     (["missing.ckpt"], r"checkpoint '.*missing.ckpt' does not exist"),
     (["{corrupt}"], r"could not read checkpoint '.*corrupt.ckpt'"),
     (["{masked}", "--shrink", "--input-shape", "4,8"], r"--shrink needs --module-class"),
-    (["{masked}", "--shrink", "--module-class", "conftest.TinyModule", "--input-shape", "4,8"],
+    (["{masked}", "--shrink", "--module-class", "helpers.TinyModule", "--input-shape", "4,8"],
      r"not of the form pkg.module:ClassName"),
-    (["{masked}", "--shrink", "--module-class", "conftest:Nope", "--input-shape", "4,8"], r"could not be imported"),
-    (["{masked}", "--shrink", "--module-class", "conftest:TinyModule", "--input-shape", "4,x"], r"is not a shape"),
+    (["{masked}", "--shrink", "--module-class", "helpers:Nope", "--input-shape", "4,8"], r"could not be imported"),
+    (["{masked}", "--shrink", "--module-class", "helpers:TinyModule", "--input-shape", "4,x"], r"is not a shape"),
 ])
 def test_command_errors_name_the_value_and_keep_the_output(masked_checkpoint, tmp_path, capsys, arguments, message):
     corrupt = tmp_path / "corrupt.ckpt"

@@ -10,12 +10,12 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import TinyModule, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_export import readme_loader
 
-from conftest import TinyModule, make_trainer
 from lightning_masks import MaskPruningCallback, fold_checkpoint
 from lightning_masks.export import main
-from test_export import readme_loader
 
 
 def test_channel_checkpoint_exports_to_smaller_files_that_plain_pytorch_runs(tmp_path, capsys):
@@ -29,7 +29,7 @@ def test_channel_checkpoint_exports_to_smaller_files_that_plain_pytorch_runs(tmp
     assert "net.0.parametrizations.weight.0.scores" in torch.load(checkpoint, weights_only=False)["state_dict"]
 
     output = tmp_path / "export" / "tiny.safetensors"
-    main([str(checkpoint), "-o", str(output), "--shrink", "--module-class", "conftest:TinyModule",
+    main([str(checkpoint), "-o", str(output), "--shrink", "--module-class", "helpers:TinyModule",
           "--input-shape", "16,8"])
     assert "24 channels removed" in capsys.readouterr().out  # 75% of the 32 hidden channels
 

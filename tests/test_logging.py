@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import matplotlib.image
 import pytest
 import wandb_reader
-from conftest import make_trainer
+from helpers import make_trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from helpers import TiedLM
 from torch import nn
 from torch.nn.utils import parametrize
 
-from conftest import TiedLM
 from lightning_masks import attach, fold, masked_tensors
 from lightning_masks.masks import MaskGate, gates_disabled, restore_masks_on_load
 

@@ -8,6 +8,7 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import TinyModule, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.utils import parametrize
@@ -24,7 +25,6 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from conftest import TinyModule, make_trainer
 from lightning_masks import MaskPruningCallback, attach, fold, masked_tensors
 from lightning_masks.kinds import get_layer_kind, kind_of, list_layer_kinds, register_layer_kind
 from lightning_masks.masks import resolve_targets

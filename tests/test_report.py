@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from lightning_masks.report import collect, main as report
-from lightning_masks.train import RESULT_FILE
 from wandb_reader import read_records
+
+from lightning_masks.report import collect
+from lightning_masks.report import main as report
+from lightning_masks.train import RESULT_FILE
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "masks.plots=false",
          "masks.log_histograms=false"]

@@ -3,7 +3,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyModule, make_trainer, synthetic_loader
+from helpers import TinyModule, make_trainer, synthetic_loader
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune

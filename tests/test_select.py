@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from conftest import TiedLM
+from helpers import TiedLM
+from helpers.oracles import keys64, kth_smallest
 from torch import nn
 
 from lightning_masks import Selector, attach, fold
-from helpers.oracles import keys64, kth_smallest
 from lightning_masks import importance as importance_module
 from lightning_masks.importance import (
     effective_weight_importance,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_trainer
+from helpers import make_trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 

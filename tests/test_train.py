@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from datafiles import write_cifar10, write_fashion_mnist
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,7 +21,6 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from datafiles import write_cifar10, write_fashion_mnist
 from lightning_masks import MaskPruningCallback, Selector, get_initializer, list_initializers
 from lightning_masks.configs import CONFIG_DIR, list_recipes
 from lightning_masks.schedule import Schedule
