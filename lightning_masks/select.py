@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .masks import MaskedTensor, _divisor
+from .masks import MaskedTensor, _divisor, keep_bits_cached
 
 __all__ = [
     "IMPORTANCE",
@@ -445,6 +445,10 @@ class Selector:
     @torch.no_grad()
     def __call__(self, masked: Sequence[MaskedTensor], target: float) -> Selection:
         """Set every ``gate.keep`` for ``target`` sparsity."""
+        with keep_bits_cached(masked):
+            return self._call(masked, target)
+
+    def _call(self, masked: Sequence[MaskedTensor], target: float) -> Selection:
         if self.grain.is_nm:
             flipped: dict[str, Tensor] = {}
             return Selection(sum(self._select_nm(entry, target, flipped) for entry in masked), None, flipped)
@@ -555,6 +559,10 @@ class Selector:
     @torch.no_grad()
     def threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
         """Prune every entry whose raw gate ``sigmoid(scores / T)`` is below ``threshold``."""
+        with keep_bits_cached(masked):
+            return self._threshold(masked, threshold)
+
+    def _threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
         pruned, flipped = 0, {}
         for entry in self.tied(masked):
             current = _keep_of(entry)
