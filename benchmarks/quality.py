@@ -70,8 +70,8 @@ KEY_FIELDS = ("model", "method", "sparsity", "seed", "epochs", "start", "end", "
 
 
 #: Callback settings added after runs were recorded, with the value that reproduces what those runs did (issue 17:
-#: float32 scores, a keep buffer and a per-weight rescale).
-ADDED_SINCE = {"score_dtype": "None", "compact": "False"}
+#: float32 scores, a keep buffer and a per-weight rescale, and no update budget).
+ADDED_SINCE = {"score_dtype": "None", "compact": "False", "update_budget": "None"}
 
 
 @functools.cache

@@ -118,6 +118,7 @@ class Spec:
     batch: int
     steps: int
     targets: list[str] | None = None
+    rounds: int = 1  # fits of each method, interleaved (the medians are reported): more for small, noisy fits
 
 
 def bert(hidden: int, layers: int, ffn: int, vocab: int, seq: int) -> Spec:
@@ -163,8 +164,8 @@ def lenet300() -> Spec:
                 lambda model, batch: nn.functional.cross_entropy(model(batch[0]), batch[1]), 0, 0)
 
 
-def sized(spec: Spec, batch: int, steps: int) -> Spec:
-    spec.batch, spec.steps = batch, steps
+def sized(spec: Spec, batch: int, steps: int, rounds: int = 1) -> Spec:
+    spec.batch, spec.steps, spec.rounds = batch, steps, rounds
     return spec
 
 
@@ -172,9 +173,9 @@ MODELS: dict[str, Callable[[], Spec]] = {
     "bert": lambda: sized(bert(256, 4, 1024, 8192, 128), 16, 45),
     "gpt2": lambda: sized(gpt2(256, 4, 8192, 128), 8, 45),
     "resnet": lambda: sized(resnet(), 32, 45),
-    "tiny_gpt2": lambda: sized(gpt2(64, 2, 1024, 32), 4, 50),
-    "tiny_bert": lambda: sized(bert(64, 2, 256, 1024, 32), 4, 50),
-    "lenet300": lambda: sized(lenet300(), 128, 150),
+    "tiny_gpt2": lambda: sized(gpt2(64, 2, 1024, 32), 4, 50, rounds=5),
+    "tiny_bert": lambda: sized(bert(64, 2, 256, 1024, 32), 4, 50, rounds=5),
+    "lenet300": lambda: sized(lenet300(), 128, 150, rounds=3),
 }
 
 
@@ -311,6 +312,19 @@ def fit_once(model: str, method: str, accelerator: str, precision: str, threads:
     return record
 
 
+def median_record(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record for the fits of a method: the median of each timing (and of the peak memory and update count),
+    the rest from the first fit; ``rounds`` counts the fits."""
+    record = dict(runs[0], rounds=len(runs))
+    for key in ("step_whole_s", "step_after_ramp_s", "train_s", "update_s", "peak_rss_bytes", "peak_bytes", "updates"):
+        if key in record:
+            record[key] = statistics.median(run[key] for run in runs)
+    if "update_s" in record:  # the update share's median, kept consistent with train_s
+        share = statistics.median(run["update_s"] / run["train_s"] for run in runs)
+        record["update_s"] = share * record["train_s"]
+    return record
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -349,6 +363,16 @@ def ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}x" if reference else "—"
 
 
+def repeated(records: list[dict[str, Any]]) -> str:
+    fits = sorted({f"{r['model']} {r['rounds']}" for r in records if r.get("rounds", 1) > 1})
+    return f" Fits of each method, interleaved, medians: {', '.join(fits)}." if fits else ""
+
+
+def every(record: dict[str, Any]) -> str:
+    """The interval the cadence ended with; "done" where the budget left no update after the ramp's end."""
+    return "done" if record["update_every"] >= record["steps"] else str(record["update_every"])
+
+
 def render(records: list[dict[str, Any]], accelerator: str, precision: str) -> str:
     by = {(r["model"], r["method"]): r for r in records}
     models = list(dict.fromkeys(r["model"] for r in records))
@@ -372,7 +396,7 @@ def render(records: list[dict[str, Any]], accelerator: str, precision: str) -> s
                 f"{r['state_total'] / mib:.1f} MiB", ratio(r["state_total"], dense["state_total"]),
                 f"{r['state_mask'] / masked:.2f}" if masked else "—",
                 f"{r[peak] / mib:.0f} MiB", ratio(r[peak], dense[peak]),
-                f"{r['updates']} / {r['update_every']} ({r['base_every']})" if "updates" in r else "—",
+                f"{r['updates']:g} / {every(r)} ({r['base_every']})" if "updates" in r else "—",
                 f"{100 * r['update_s'] / r['train_s']:.1f}%" if "updates" in r else "—",
             ])
     header = ["model", "method", "params", "masked", "step (whole fit)", "vs dense", "after ramp vs dense",
@@ -390,8 +414,9 @@ def render(records: list[dict[str, Any]], accelerator: str, precision: str) -> s
         "last step; `mask B/w`: the masks' part of it per masked weight. Peak: "
         + ("`torch.cuda.max_memory_allocated`." if accelerator == "gpu" else
            "the fit process's peak RSS above its RSS before the model was built.")
-        + " Updates: how many ran, the interval the auto cadence chose (its interval before the update budget), "
-        "and their time as a share of the fit's step time.", "",
+        + " Updates: how many ran, the interval the auto cadence ended with (`done`: no update left after the ramp; "
+        "in brackets its interval before the update budget), and their time as a share of the fit's step time. "
+        + repeated(records), "",
         markdown_table(header, rows), ""])
 
 
@@ -431,8 +456,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each fit (1: steps timed in "
                                                                  "CPU time, else wall time)")
     parser.add_argument("--steps", type=int, default=None, help="steps of every fit (default: each model's own)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="fits of each method, interleaved, medians reported (default: each model's own)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="results stem (default real_sizes, real_sizes_gpu on a GPU)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other models' records of the results file, replacing those of --models")
     return parser.parse_args(argv)
 
 
@@ -444,11 +473,18 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     records = []
     for model in args.models:
-        for method in args.methods:
-            record = in_child(lambda: fit_once(model, method, args.accelerator, precision, args.threads, args.steps))
-            records.append(record)
-            print(json.dumps({k: v for k, v in record.items() if not k.startswith("rss")}), flush=True)
+        fits: dict[str, list[dict[str, Any]]] = {method: [] for method in args.methods}
+        for index in range(args.rounds or MODELS[model]().rounds):
+            for method in args.methods[index % len(args.methods):] + args.methods[:index % len(args.methods)]:
+                record = in_child(lambda: fit_once(model, method, args.accelerator, precision, args.threads,
+                                                   args.steps))
+                fits[method].append(record)
+                print(json.dumps({k: v for k, v in record.items() if not k.startswith("rss")}), flush=True)
+        records += [median_record(runs) for runs in fits.values()]
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.update and (args.out / f"{name}.json").exists():
+        kept = [r for r in json.loads((args.out / f"{name}.json").read_text()) if r["model"] not in args.models]
+        records = sorted(kept + records, key=lambda r: list(MODELS).index(r["model"]))
     (args.out / f"{name}.json").write_text(json.dumps(records, indent=1) + "\n")
     markdown = render(records, args.accelerator, precision)
     (args.out / f"{name}.md").write_text(markdown)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .kth import PROTECTED, PRUNED, SLICE, float_keys, key_value, kth_key, mark_pruned, top_positions
 from .importance import get_importance, list_importances, log_sigmoid
-from .masks import MaskedTensor
+from .masks import MaskedTensor, keep_bits_cached
 
 __all__ = [
     "Granularity",
@@ -283,6 +283,10 @@ class Selector:
     @torch.no_grad()
     def __call__(self, masked: Sequence[MaskedTensor], target: float) -> Selection:
         """Set every ``gate.keep`` for ``target`` sparsity."""
+        with keep_bits_cached(masked):
+            return self._call(masked, target)
+
+    def _call(self, masked: Sequence[MaskedTensor], target: float) -> Selection:
         if self.grain.is_nm:
             flipped: dict[str, Tensor] = {}
             return Selection(sum(self._select_nm(entry, target, flipped) for entry in masked), None, flipped)
@@ -397,6 +401,10 @@ class Selector:
     @torch.no_grad()
     def threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
         """Prune every entry whose raw gate ``sigmoid(scores / T)`` is below ``threshold``."""
+        with keep_bits_cached(masked):
+            return self._threshold(masked, threshold)
+
+    def _threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
         pruned, flipped = 0, {}
         for entry in self.tied(masked):
             current = _keep_of(entry)

@@ -31,8 +31,9 @@ def assert_same(a, b):
 def test_ranks_agree_and_sparsity_is_exact(tmp_path, strategy):
     first, second = run(strategy, tmp_path)
     assert_same(first, second)
-    # the default cadence updates every step: 32 examples a rank in batches of 16 -> steps 0..7 over 4 epochs
-    assert first["position"] == 7 and first["pruned"] == round(0.8 * first["total"])
+    # 32 examples a rank in batches of 16 -> steps 0..7 over 4 epochs, the ramp ending at step 6 (end=3 epochs); the
+    # auto cadence updates every step unless the update budget (timed, rank zero deciding) spaces them out
+    assert first["position"] in (6, 7) and first["pruned"] == round(0.8 * first["total"])
     assert sum(int((~k).sum()) for k in first["keep"]) == first["pruned"]
     with open(next(tmp_path.glob("logs/version_*/metrics.csv"))) as handle:
         steps = [row["step"] for row in csv.DictReader(handle) if row.get("masks/global/sparsity")]

@@ -213,3 +213,17 @@ def test_regrowth_refuses_compact_gates_whose_pruned_scores_are_gone():
     with pytest.raises(ValueError, match="regrow=True needs the scores of pruned entries"):
         Selector(regrow=True).check(masked)
     Selector().check(masked)
+
+
+def test_keep_bits_are_cached_within_a_selection_until_the_scores_change():
+    from lightning_masks.masks import keep_bits_cached
+
+    layer, entry, keep = compact_layer()
+    gate = entry.gate
+    assert gate.keep is not gate.keep  # derived afresh each time outside the block
+    with keep_bits_cached([entry]):
+        first = gate.keep
+        assert gate.keep is first and torch.equal(first, keep)
+        gate.set_keep(torch.zeros(entry.numel, dtype=torch.bool))  # the scores change in place: read afresh
+        assert gate.keep is not first and not gate.keep.any()
+    assert gate._keep_cache is None and not gate.keep.any()
