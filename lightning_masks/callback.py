@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import (
     DDPStrategy,
@@ -20,7 +21,6 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
     SingleDeviceStrategy,
 )
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -35,8 +35,8 @@ from .kinds import kind_of
 from .masks import (
     SCORE_DTYPES,
     MaskedTensor,
-    TargetSpec,
     Targets,
+    TargetSpec,
     attach,
     cached_gates,
     detach,
@@ -516,7 +516,7 @@ class MaskPruningCallback(Callback):
             loggers.log_images(trainer.loggers, self._pictures(folder), trainer.global_step)
 
     def _pictures(self, folder: Path) -> dict[str, Path]:
-        """Write the per-layer sparsity over training and the gate histograms into ``folder``; return them by W&B key."""
+        """Write the per-layer sparsity over training and the gate histograms into ``folder``; return them by key."""
         gates = {name: (c.cpu().numpy(), e.cpu().numpy()) for name, (c, e) in self._gate_histograms().items()}
         history = self.history
         return {

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 
 from .masks import MaskedTensor, _divisor, _reduce_to
+from .registry import Registry
 
 __all__ = ["Criterion", "at", "get_importance", "list_importances", "log_sigmoid", "register_importance"]
 
 #: ``(masked tensor, index=None) -> float32 importance`` of its units, or of its flat units at ``index``.
 Criterion = Callable[[MaskedTensor, Optional[Tensor]], Tensor]
 
-_CRITERIA: dict[str, Criterion] = {}
+_CRITERIA: Registry[Criterion] = Registry("importance")
 
 
 def at(tensor: Tensor, index: Optional[Tensor]) -> Tensor:
@@ -49,30 +50,15 @@ def register_importance(name: str, *, indexed: bool = True, override: bool = Fal
         ...     return entry.weight.detach().float().abs().log()
     """
 
-    def decorator(criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        if name in _CRITERIA and not override:
-            raise ValueError(f"importance {name!r} is registered already; pass override=True to replace it")
-        _CRITERIA[name] = criterion if indexed else (lambda entry, index=None: at(criterion(entry), index))
-        return criterion
-
-    return decorator
+    wrap = (lambda criterion: criterion) if indexed else (
+        lambda criterion: lambda entry, index=None: at(criterion(entry), index))
+    return _CRITERIA.decorator(name, override=override, wrap=wrap)
 
 
-def list_importances() -> list[str]:
-    """Return the registered criterion names, sorted."""
-    return sorted(_CRITERIA)
-
-
-def get_importance(name: str) -> Criterion:
-    """Return the criterion registered as ``name``, taking ``(entry, index=None)``.
-
-    Raises:
-        ValueError: an unknown name, listing the registered ones.
-    """
-    try:
-        return _CRITERIA[name]
-    except KeyError:
-        raise ValueError(f"unknown importance {name!r}; known criteria: {list_importances()}") from None
+#: The registered criterion names, sorted.
+list_importances = _CRITERIA.names
+#: The criterion registered under a name; an unknown name raises ``ValueError`` listing the registered ones.
+get_importance = _CRITERIA.get
 
 
 def log_sigmoid(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:

@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np  # noqa: E402
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # the object API: no pyplot, so the user's plotting backend is left alone
-import numpy as np  # noqa: E402
 
 __all__ = ["MAX_FIGSIZE", "MAX_LINES", "gate_histograms", "plot_sweep", "sparsity_over_training"]
 

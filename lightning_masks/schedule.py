@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
+from .registry import Registry
+
 __all__ = [
     "CallableSchedule",
     "Schedule",
@@ -28,7 +30,7 @@ Unit = Literal["epoch", "step"]
 #: A schedule shape: ``(p, initial, final) -> value`` at ramp progress ``p`` in [0, 1] (0 at ``start``, 1 at ``end``).
 Shape = Callable[[float, float, float], float]
 
-_SHAPES: dict[str, Shape] = {}
+_SHAPES: Registry[Shape] = Registry("schedule")
 
 
 def register_schedule(name: str, *, override: bool = False) -> Callable[[Shape], Shape]:
@@ -44,30 +46,13 @@ def register_schedule(name: str, *, override: bool = False) -> Callable[[Shape],
         ...     return initial + (final - initial) * p ** 0.5
     """
 
-    def decorator(shape: Shape) -> Shape:
-        if name in _SHAPES and not override:
-            raise ValueError(f"schedule {name!r} is registered already; pass override=True to replace it")
-        _SHAPES[name] = shape
-        return shape
-
-    return decorator
+    return _SHAPES.decorator(name, override=override)
 
 
-def list_schedules() -> list[str]:
-    """Return the registered schedule shape names, sorted."""
-    return sorted(_SHAPES)
-
-
-def get_schedule_shape(name: str) -> Shape:
-    """Return the shape registered as ``name``.
-
-    Raises:
-        ValueError: an unknown name, listing the registered ones.
-    """
-    try:
-        return _SHAPES[name]
-    except KeyError:
-        raise ValueError(f"unknown schedule {name!r}; known schedules: {list_schedules()}") from None
+#: The registered schedule shape names, sorted.
+list_schedules = _SHAPES.names
+#: The schedule shape registered under a name; an unknown name raises ``ValueError`` listing the registered ones.
+get_schedule_shape = _SHAPES.get
 
 
 def _towards(fraction: float, initial: float, final: float) -> float:

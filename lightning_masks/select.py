@@ -18,8 +18,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .kth import PROTECTED, PRUNED, SLICE, float_keys, key_value, kth_key, mark_pruned, top_positions
 from .importance import get_importance, list_importances, log_sigmoid
+from .kth import PROTECTED, PRUNED, SLICE, float_keys, key_value, kth_key, mark_pruned, top_positions
 from .masks import MaskedTensor, keep_bits_cached
 
 __all__ = [

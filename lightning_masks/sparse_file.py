@@ -16,7 +16,6 @@ from torch import Tensor
 
 from .checkpoints import atomic_write
 
-
 __all__ = ["SparseFileInfo", "dense_size", "load_sparse", "pack_bits", "save_sparse", "unpack_bits"]
 
 SPARSE_MARK = "::"

@@ -10,9 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from .masks import MaskedTensor, find_targets, gate_value
 

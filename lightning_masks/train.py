@@ -22,8 +22,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from .configs import CONFIG_DIR, register
 from . import stats
+from .configs import CONFIG_DIR, register
 from .masks import fold, masked_tensors
 
 __all__ = ["RESULT_FILE", "format_result", "main", "run"]

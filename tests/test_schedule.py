@@ -71,7 +71,7 @@ def test_bad_schedules_are_refused(kwargs, message):
 
 
 def test_a_registered_shape_drives_a_schedule_and_a_duplicate_or_unknown_name_is_refused(monkeypatch):
-    monkeypatch.setattr(schedule_module, "_SHAPES", dict(schedule_module._SHAPES))  # registered for this test only
+    monkeypatch.setattr(schedule_module._SHAPES, "_entries", dict(schedule_module._SHAPES._entries))  # this test only
     register_schedule("square_root")(lambda p, initial, final: initial + (final - initial) * p ** 0.5)
     schedule = Schedule("square_root", final=0.8, start=0, end=4)
     assert [schedule.value(t, 0, 4) for t in (0, 1, 4)] == [0.0, 0.4, 0.8]

@@ -418,7 +418,7 @@ def test_raising_a_mostly_pruned_selection_ranks_only_live_units_like_a_brute_fo
 
 
 def test_a_criterion_that_takes_the_masked_tensor_alone_selects_like_the_built_in(monkeypatch):
-    monkeypatch.setattr("lightning_masks.importance._CRITERIA", dict(importance_module._CRITERIA))
+    monkeypatch.setattr(importance_module._CRITERIA, "_entries", dict(importance_module._CRITERIA._entries))
     register_importance("whole", indexed=False)(lambda entry: effective_weight_importance(entry))
     picks = []
     for importance in ("effective_weight", "whole"):
