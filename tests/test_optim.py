@@ -1,9 +1,12 @@
 """Placing the mask scores into existing optimizers, without a Trainer."""
 
+import pytest
 import torch
+from helpers import make_trainer
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_masks import attach
+from lightning_masks import MaskPruningCallback, attach
 from lightning_masks.optim import place_scores
 
 
@@ -44,3 +47,17 @@ def test_scores_already_trained_are_left_alone_without_options():
     place_scores([optimizer], [], masked)
     assert len(optimizer.param_groups) == 1
     assert ids([masked[0].gate.scores]) <= ids(optimizer.param_groups[0]["params"])
+
+
+def test_the_fused_adam_switch_is_an_explicit_callback_setting(tiny_module):
+    seen = {}
+
+    class Spy(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["fused"] = [group.get("fused") for group in trainer.optimizers[0].param_groups]
+
+    for fused_adam, expected in ((True, True), (False, None)):
+        make_trainer(max_steps=1, callbacks=[MaskPruningCallback(0.5, fused_adam=fused_adam), Spy()]).fit(tiny_module)
+        assert seen["fused"] and all(flag is expected for flag in seen["fused"]), (fused_adam, seen)
+    with pytest.raises(ValueError, match="fused_adam must be True or False, got 'yes'"):
+        MaskPruningCallback(fused_adam="yes")
