@@ -14,7 +14,7 @@ from .schedule import CallableSchedule, Schedule, ThresholdSchedule, Unit, resol
 __all__ = ["AUTO_UPDATES", "EARLY_END", "MIN_RAMP_UPDATES", "Plan", "Shortfall"]
 
 AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto"
-MIN_RAMP_UPDATES = 4  # the update budget never spaces updates wider than a quarter of the ramp
+MIN_RAMP_UPDATES = 2  # the update budget never spaces updates wider than half the ramp
 EARLY_END = ("warn", "final")  # what a fit that ends before its ramp does at the end
 
 
@@ -158,7 +158,7 @@ class Plan:
 
     def widen(self, step: int, wanted: int) -> None:
         """Set the interval from ``step`` on to ``wanted`` (at least the base one) on a grid through the ramp's end,
-        so the final target still arrives there (never later), at most a :data:`MIN_RAMP_UPDATES`-th of the ramp
+        so the final target still arrives there (never later), at most 1 / :data:`MIN_RAMP_UPDATES` of the ramp
         apart: on a short fit of a small model the budget alone would turn the ramp into one late jump."""
         every = max(self.base_every, wanted)
         start, end = resolve_span(self.schedule, self.cadence, self.total, self.steps_per_epoch)
