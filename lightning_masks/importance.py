@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .masks import MaskedTensor, _divisor, _reduce_to
+from .gate import _divisor, _reduce_to
+from .masks import MaskedTensor
 from .registry import Registry
 
 __all__ = ["Criterion", "at", "get_importance", "list_importances", "log_sigmoid", "register_importance"]

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_masks import MaskPruningCallback, Selector, ThresholdSchedule, fold_checkpoint, masked_tensors, masks
+from lightning_masks import gate as gate_module
 from lightning_masks.callback import _check_strategy
 from lightning_masks.zoo import MLP, DigitsDataModule
 
@@ -402,7 +403,7 @@ def test_gates_are_computed_once_per_evaluation_loop(tiny_module, stage, monkeyp
     make_trainer(max_epochs=1, callbacks=[pruner], limit_val_batches=0).fit(tiny_module)
     calls = []
     computed = masks.gated
-    monkeypatch.setattr(masks, "gated", lambda *args: calls.append(1) or computed(*args))
+    monkeypatch.setattr(gate_module, "gated", lambda *args: calls.append(1) or computed(*args))
     getattr(make_trainer(callbacks=[pruner]), stage)(tiny_module)  # 4 batches
     assert len(calls) == 2  # one per masked tensor, not one per batch
     assert parametrize._cache_enabled == 0 and not parametrize._cache
