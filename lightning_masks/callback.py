@@ -37,7 +37,7 @@ from .masks import (
     MaskedTensor,
     Targets,
     TargetSpec,
-    attach,
+    attach_resolved,
     cached_gates,
     detach,
     fold,
@@ -55,8 +55,8 @@ from .select import Selector
 __all__ = ["MaskPruningCallback"]
 
 DEFAULT_SPARSITY = 0.9
-_SELECTION_DEFAULTS = {"mode": "global", "importance": "effective_weight", "layer_floor": 0.25, "regrow": False,
-                       "granularity": "element", "tie": ()}  # the loose selection arguments' defaults
+# the loose selection arguments' defaults: the Selector's own
+_SELECTION_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Selector)}
 
 
 class MaskPruningCallback(Callback):
@@ -343,9 +343,9 @@ class MaskPruningCallback(Callback):
             lambda weight: self.initializer(weight, generator=generator))
         exclude = self.exclude + self._outputs_kept_whole(trainer, pl_module)
         resolved = resolve_targets(pl_module, self.targets, exclude)
-        masked = attach(pl_module, self.targets, exclude, init=init, temperature=self.temperature,
-                        rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
-                        score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow)
+        masked = attach_resolved(pl_module, resolved, self.targets, init=init, temperature=self.temperature,
+                                 rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
+                                 score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow)
         self.scores_initialized = not self.initializer.needs_grad
         total = sum(entry.numel for entry in masked)
         goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
@@ -406,10 +406,8 @@ class MaskPruningCallback(Callback):
         batch = next(iter(CombinedLoader(trainer.train_dataloader, "max_size_cycle")))[0]
         batch = trainer.strategy.batch_to_device(batch)
         weights = [entry.weight for entry in self._masked]
-        with gates_disabled(self._masked), _logging_disabled(pl_module), torch.enable_grad():
-            output = pl_module.training_step(batch, 0)
-            loss = output["loss"] if isinstance(output, Mapping) else output
-            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        with gates_disabled(self._masked), torch.enable_grad():
+            grads = torch.autograd.grad(_training_loss(pl_module, batch), weights, allow_unused=True)
         for entry, grad in zip(self._masked, grads):
             grad = torch.zeros_like(entry.weight) if grad is None else grad
             entry.gate.reset_scores(self.initializer(entry.weight.detach(), grad=grad))
@@ -754,12 +752,14 @@ def _one_pass(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Ca
     except Exception:  # no training data reachable before fit: the caller warns
         return None
 
-    def loss() -> Any:
-        with _logging_disabled(pl_module):
-            output = pl_module.training_step(batch, 0)
-        return output["loss"] if isinstance(output, Mapping) else output
+    return lambda: _training_loss(pl_module, batch)
 
-    return loss
+
+def _training_loss(pl_module: pl.LightningModule, batch: Any) -> Any:
+    """The loss of one ``training_step`` on ``batch``, run outside the loop (its ``self.log`` calls are no-ops)."""
+    with _logging_disabled(pl_module):
+        output = pl_module.training_step(batch, 0)
+    return output["loss"] if isinstance(output, Mapping) else output
 
 
 def _left_dense(resolved: Targets, outputs: list[str]) -> str:

@@ -42,6 +42,7 @@ __all__ = [
     "TargetSpec",
     "Targets",
     "attach",
+    "attach_resolved",
     "cached_gates",
     "channel_shape",
     "detach",
@@ -142,10 +143,28 @@ def attach(
         >>> [m.name for m in attach(net)]
         ['0.weight', '2.weight']
     """
+    targets = None if targets is None else list(targets)
+    return attach_resolved(model, resolve_targets(model, targets, exclude), targets, init=init,
+                           temperature=temperature, rescale=rescale, per_channel=per_channel,
+                           score_dtype=score_dtype, compact=compact)
+
+
+def attach_resolved(
+    model: nn.Module,
+    resolved: Targets,
+    targets: list[TargetSpec] | None = None,
+    *,
+    init: Callable[[Tensor], Tensor] = torch.abs,
+    temperature: float = 1.0,
+    rescale: bool = False,
+    per_channel: bool = False,
+    score_dtype: torch.dtype | None = None,
+    compact: bool = False,
+) -> list[MaskedTensor]:
+    """:func:`attach` on targets already resolved (:func:`resolve_targets`; ``targets`` only names them in the
+    error when nothing is chosen), for a caller that reports the resolution too."""
     if score_dtype is not None and score_dtype not in SCORE_DTYPES:
         raise ValueError(f"score_dtype must be one of {[str(d) for d in SCORE_DTYPES]} or None, got {score_dtype!r}")
-    targets = None if targets is None else list(targets)
-    resolved = resolve_targets(model, targets, exclude)
     found = resolved.chosen
     if not found:
         raise ValueError(_nothing_to_mask(resolved, targets))

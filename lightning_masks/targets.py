@@ -159,8 +159,10 @@ def resolve_targets(
     slots = list(_tensor_slots(model))
     modules = list(model.named_modules())
     by_param: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    tensors: dict[int, Tensor] = {}
     for qualified, _, module, tensor_name, tensor in slots:
         by_param.setdefault(id(tensor), []).append((qualified, module, tensor_name))
+        tensors[id(tensor)] = tensor
 
     def tensors_of(selected: Iterable[nn.Module]) -> set[int]:
         picked = {id(m): set(_weight_names(m)) for m in selected}
@@ -211,7 +213,7 @@ def resolve_targets(
         wanted -= {id(t) for _, _, m, _, t in slots if m is module}
         result.foreign.append(f"{name} ({reason.split(';')[0]})")
     for key, owners in by_param.items():
-        tensor = next(t for q, _, _, _, t in slots if id(t) == key and q == owners[0][0])
+        tensor = tensors[key]
         name = " = ".join(q for q, _, _ in owners)
         matrix = tensor.dim() >= 2 and not isinstance(tensor, nn.parameter.UninitializedParameter)
         if any(_is_masked(m, tn) for _, m, tn in owners):
