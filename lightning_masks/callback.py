@@ -1,62 +1,72 @@
-"""MaskPruningCallback: the Lightning glue around masks, initializers, schedules and selection."""
+"""MaskPruningCallback: the Lightning glue around masks, initializers, schedules and selection.
+
+The hooks are thin: argument checks are in :mod:`~lightning_masks.arguments`, the fit's lifecycle in
+:mod:`~lightning_masks.plan`, what is read from the Trainer and run outside its loop in
+:mod:`~lightning_masks.trainer_glue`, what the fit logs and prints in :mod:`~lightning_masks.fit_report`, other
+callbacks' copies in :mod:`~lightning_masks.companions`. Over 400 lines because the class docstring documents its
+thirty arguments (about a hundred lines); the code is under 400.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    FSDPStrategy,
-    ModelParallelStrategy,
-    SingleDeviceStrategy,
-)
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from . import loggers, plots, stats
+from . import fit_report, loggers, stats
+from .arguments import (
+    check_flags,
+    check_number,
+    check_output_layers,
+    check_targets,
+    is_int,
+    score_dtype_of,
+    selector_of,
+)
 from .budget import DEFAULT_UPDATE_SHARE
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze
-from .coupling import coupled_channels
 from .init import InitSpec, get_initializer
-from .kinds import kind_of
+from .loading import restore_masks_on_load
 from .masks import (
-    SCORE_DTYPES,
     MaskedTensor,
-    Targets,
     TargetSpec,
-    attach_resolved,
+    attach,
     cached_gates,
     detach,
     fold,
     gates_disabled,
     masked_tensors,
     resolve_targets,
-    restore_masks_on_load,
 )
 from .optim import place_scores
-from .outputs import output_layers as find_output_layers
+from .outputs import kept_whole
 from .plan import EARLY_END, Plan
 from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule
 from .select import Selector
+from .trainer_glue import (
+    after_configure_model,
+    check_strategy,
+    coupled_norms,
+    one_pass,
+    restore_configure_model,
+    training_length,
+    training_loss,
+    unbounded,
+)
 
 __all__ = ["MaskPruningCallback"]
 
 DEFAULT_SPARSITY = 0.9
-# the loose selection arguments' defaults: the Selector's own
-_SELECTION_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Selector)}
 
 
 class MaskPruningCallback(Callback):
@@ -190,45 +200,27 @@ class MaskPruningCallback(Callback):
         plots: bool = True,
     ) -> None:
         if sparsity is not None:  # None: the default (or N:M's)
-            _check_number("sparsity", sparsity, 0.0, 1.0, high_open=True, hint="e.g. sparsity=0.9 prunes 90%")
-        if update_every not in ("auto", "epoch") and not (_is_int(update_every) and update_every > 0):
+            check_number("sparsity", sparsity, 0.0, 1.0, high_open=True, hint="e.g. sparsity=0.9 prunes 90%")
+        if update_every not in ("auto", "epoch") and not (is_int(update_every) and update_every > 0):
             raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got {update_every!r}")
-        targets, exclude = _check_targets("targets", targets, optional=True), _check_targets("exclude", exclude)
+        targets, exclude = check_targets("targets", targets, optional=True), check_targets("exclude", exclude)
         if init_kwargs is not None and not isinstance(init_kwargs, Mapping):
             raise ValueError(f"init_kwargs must be a mapping of the initializer's options or None, got "
                              f"{init_kwargs!r}; e.g. init_kwargs={{'noise_scale': 0.1}}")
-        _check_number("temperature", temperature, 0.0, math.inf, low_open=True, hint="try 1.0 (lower is a harder gate)")
-        loose = {"mode": mode, "importance": importance, "layer_floor": layer_floor, "regrow": regrow,
-                 "granularity": granularity, "tie": tie}
-        if selector is not None:
-            if not isinstance(selector, Selector):
-                raise ValueError(f"selector must be a lightning_masks.Selector, got {selector!r}")
-            given = [name for name, value in loose.items() if _normalized(value) != _SELECTION_DEFAULTS[name]]
-            if given:
-                raise ValueError(f"the selection is given twice: selector={selector!r} and {given}; put them in the "
-                                 f"Selector (e.g. Selector(granularity='channel')) or drop selector=")
-        else:
-            for name, value in (("mode", mode), ("importance", importance), ("granularity", granularity)):
-                if not isinstance(value, str):
-                    raise ValueError(f"{name} must be a string, got {value!r}; see lightning_masks.select.Selector")
-            _check_number("layer_floor", layer_floor, 0.0, 1.0,
-                          hint="e.g. layer_floor=0.25 (a float); 0 disables the floor")
-            selector = Selector(mode, importance, layer_floor, regrow, granularity,
-                                tie if isinstance(tie, str) else tuple(tie))
+        check_number("temperature", temperature, 0.0, math.inf, low_open=True, hint="try 1.0 (lower is a harder gate)")
+        selector = selector_of(selector, mode=mode, importance=importance, layer_floor=layer_floor, regrow=regrow,
+                               granularity=granularity, tie=tie)
         for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
-            _check_number(name, value, 0.0, math.inf, optional=True, hint=f"e.g. {name}=0.01 (a float, not a string)")
+            check_number(name, value, 0.0, math.inf, optional=True, hint=f"e.g. {name}=0.01 (a float, not a string)")
         if early_end not in EARLY_END:
             raise ValueError(f"early_end must be one of {list(EARLY_END)}, got {early_end!r}")
-        if seed is not None and not _is_int(seed):
+        if seed is not None and not is_int(seed):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
-        if log_every_n_steps is not None and not (_is_int(log_every_n_steps) and log_every_n_steps >= 0):
+        if log_every_n_steps is not None and not (is_int(log_every_n_steps) and log_every_n_steps >= 0):
             raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}; 0 logs "
                              "only as each epoch ends")
-        for name, value in (("rescale_gate", rescale_gate), ("fold_on_fit_end", fold_on_fit_end),
-                            ("fused_adam", fused_adam),
-                            ("log_histograms", log_histograms), ("plots", plots)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+        check_flags(rescale_gate=rescale_gate, fold_on_fit_end=fold_on_fit_end, fused_adam=fused_adam,
+                    log_histograms=log_histograms, plots=plots)
         nm_sparsity = selector.grain.sparsity
         if nm_sparsity is not None and sparsity is not None and not math.isclose(sparsity, nm_sparsity):
             raise ValueError(f"granularity {selector.granularity!r} fixes sparsity at {nm_sparsity}, got "
@@ -244,13 +236,10 @@ class MaskPruningCallback(Callback):
         self.exclude = exclude
         self.temperature = float(temperature)
         self.rescale_gate = rescale_gate
-        self.score_dtype = _score_dtype(score_dtype)
+        self.score_dtype = score_dtype_of(score_dtype)
         self.compact = compact
         self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
-        if isinstance(output_layers, str) and output_layers != "auto":
-            raise ValueError(f"output_layers must be 'auto', None or a list of globs on module names, got "
-                             f"{output_layers!r}; e.g. output_layers=['head']")
-        self.output_layers = output_layers if output_layers in ("auto", None) else list(output_layers)
+        self.output_layers = check_output_layers(output_layers)
         self.selector = selector
         if straight_through and not selector.regrow:
             raise ValueError("straight_through=True needs regrow=True: without regrowth a pruned entry never comes "
@@ -291,7 +280,7 @@ class MaskPruningCallback(Callback):
     # ----------------------------------------------------------------------------------------- setup
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _check_strategy(trainer.strategy)
+        check_strategy(trainer.strategy)
         self._masked_at_setup = bool(masked_tensors(pl_module))
         self._load_hook = restore_masks_on_load(pl_module)
         if stage != "fit":
@@ -299,7 +288,7 @@ class MaskPruningCallback(Callback):
         self.plan = self.plan.fresh()  # each fit starts a new lifecycle; a resume loads its state after setup
         self._shown_sparsity = self._logged_step = None
         self._churn = {}
-        if getattr(self.schedule, "uses_fractions", False) and _unbounded(trainer):
+        if getattr(self.schedule, "uses_fractions", False) and unbounded(trainer):
             raise ValueError(
                 "the schedule's start/end are fractions of training, but training length is unbounded "
                 f"(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}); set max_epochs or max_steps, "
@@ -308,13 +297,13 @@ class MaskPruningCallback(Callback):
         if self.initializer.needs_grad and not pl_module.automatic_optimization:
             raise ValueError(f"{self.initializer!r} scores one automatic-optimization training step; this module "
                              "uses manual optimization: pick another init")
-        _after_configure_model(pl_module, lambda: self._mask(trainer, pl_module))
+        after_configure_model(pl_module, lambda: self._mask(trainer, pl_module))
 
     def _mask(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach the masks to the built module (after ``setup`` and ``configure_model``, before the optimizers,
         the checkpoint restore and the DDP wrapper), or adopt the ones it has; check them against the selector."""
         attached = not masked_tensors(pl_module)
-        groups = _coupled_norms(pl_module) if self.selector.auto_tie else None
+        groups = coupled_norms(pl_module) if self.selector.auto_tie else None
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
         refreeze(self._masked, thawed)
@@ -343,50 +332,26 @@ class MaskPruningCallback(Callback):
             lambda weight: self.initializer(weight, generator=generator))
         exclude = self.exclude + self._outputs_kept_whole(trainer, pl_module)
         resolved = resolve_targets(pl_module, self.targets, exclude)
-        masked = attach_resolved(pl_module, resolved, self.targets, init=init, temperature=self.temperature,
-                                 rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
-                                 score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow)
+        masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=self.temperature,
+                        rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
+                        score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow)
         self.scores_initialized = not self.initializer.needs_grad
-        total = sum(entry.numel for entry in masked)
         goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
                 else f"final sparsity {self.sparsity}")
-        rank_zero_info(f"lightning_masks: masking {len(masked)} tensors ({total:,} weights), "
-                       f"init={self.initializer!r}, {goal}{_left_dense(resolved, exclude[len(self.exclude):])}")
-        if resolved.unmasked:
-            rank_zero_warn(f"lightning_masks: {len(resolved.unmasked)} trainable weight matrices are left dense "
-                           f"(no registered layer kind): {stats.short_names(resolved.unmasked)}. Name them in "
-                           "`targets`, or register their layer with lightning_masks.register_layer_kind")
-        if resolved.foreign:
-            rank_zero_warn(f"lightning_masks: {len(resolved.foreign)} layers are left dense because something else "
-                           f"already computes their weight: {stats.short_names(resolved.foreign)}. To mask them, "
-                           "remove "
-                           "that first (torch.nn.utils.parametrize.remove_parametrizations, prune.remove)")
+        fit_report.announce(masked, resolved, exclude[len(self.exclude):], f"init={self.initializer!r}, {goal}")
         return masked
 
     def _outputs_kept_whole(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         """With channel masks, the layers whose output units are the model's outputs (see ``output_layers``)."""
         if not self.selector.grain.channel or not self.output_layers:
             return []
-        names = [name for name, _ in pl_module.named_modules()]
-        if self.output_layers != "auto":
-            for pattern in self.output_layers:
-                if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-                    raise ValueError(f"output_layers pattern {pattern!r} matches no module of the model; globs match "
-                                     f"module names such as {names[-1]!r}")
-            return list(self.output_layers)
-        targeted = resolve_targets(pl_module, self.targets)
-        owners = {id(m) for found in targeted.chosen.values() for m, _ in found}
-        named = {id(m) for name in targeted.named for m, _ in targeted.chosen[name]}  # explicit targets win
-        # Every layer that could carry a mask, excluded ones too: an output layer is the last of them on its path.
-        candidates = {name: module for name, module in pl_module.named_modules()
-                      if kind_of(module) is not None or id(module) in owners}
-        run = _one_pass(trainer, pl_module)
-        found = find_output_layers(candidates, run) if run is not None else []
-        if not found:
+        run = one_pass(trainer, pl_module) if self.output_layers == "auto" else None
+        found = kept_whole(pl_module, self.targets, self.output_layers, run)
+        if found is None:
             rank_zero_warn("lightning_masks: granularity='channel' could not find the layers that produce the model's "
                            "outputs (they are kept whole, so no class or token loses its logit): set "
                            "pl_module.example_input_array, or name them with output_layers=[...] (None prunes them)")
-        return [name for name in found if id(candidates[name]) not in named]
+        return found or []
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -399,7 +364,7 @@ class MaskPruningCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.scores_initialized:
             self._score_from_one_batch(trainer, pl_module)
-        self.plan.resolve(*_training_length(trainer))
+        self.plan.resolve(*training_length(trainer))
 
     def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise gradient-based scores (e.g. SNIP) from one training batch of the dense network."""
@@ -407,7 +372,7 @@ class MaskPruningCallback(Callback):
         batch = trainer.strategy.batch_to_device(batch)
         weights = [entry.weight for entry in self._masked]
         with gates_disabled(self._masked), torch.enable_grad():
-            grads = torch.autograd.grad(_training_loss(pl_module, batch), weights, allow_unused=True)
+            grads = torch.autograd.grad(training_loss(pl_module, batch), weights, allow_unused=True)
         for entry, grad in zip(self._masked, grads):
             grad = torch.zeros_like(entry.weight) if grad is None else grad
             entry.gate.reset_scores(self.initializer(entry.weight.detach(), grad=grad))
@@ -480,57 +445,9 @@ class MaskPruningCallback(Callback):
             return
         if self._logged_step != trainer.global_step:
             self._logged_step = trainer.global_step
-            values = stats.mask_stats(self._masked, self._churn)
-            numbers = torch.stack([v.float().cpu() for v in values.values()]).tolist()  # the one host sync
-            metrics = {f"masks/{key}": number for key, number in zip(values, numbers)}
-            metrics["masks/global/target"] = self.target
-            if self.threshold is not None:
-                metrics["masks/global/threshold"] = self.threshold
-            loggers.log_scalars(trainer.loggers, metrics, trainer.global_step)
+            fit_report.log_scalars(trainer, self._masked, self._churn, self.target, self.threshold)
         if histograms:
-            loggers.log_histograms(trainer.loggers, self._histograms(), trainer.global_step)
-
-    def _gate_histograms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per masked tensor, the histogram of its live (kept) gates."""
-        return {entry.name: stats.histogram(stats.live_gates(entry)) for entry in self._masked}
-
-    def _histograms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        result = {f"masks/{name}/gates": value for name, value in self._gate_histograms().items()}
-        for entry in self._masked:
-            scores = entry.gate.scores.detach()[entry.gate.keep].float()  # the live ones: a pruned one may be -2^126
-            if scores.numel():
-                result[f"masks/{entry.name}/scores"] = stats.histogram(scores, low=scores.min().item(),
-                                                                      high=scores.max().item())
-        return result
-
-    def _report(self, trainer: pl.Trainer) -> None:
-        """The end-of-fit console table, W&B table and summary, and the pictures."""
-        rows = stats.layer_rows(self._masked)
-        rank_zero_info(stats.format_layer_table(rows))
-        if not trainer.loggers:
-            return
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "masks"  # a collective call: all ranks
-        if not trainer.is_global_zero:
-            return
-        loggers.log_table(trainer.loggers, "masks/layers", rows)
-        total = sum(row["total"] for row in rows)
-        pruned = total - sum(row["kept"] for row in rows)
-        summary = {"masks/final_sparsity": pruned / total, "masks/pruned": pruned, "masks/total": total}
-        summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k})
-        loggers.log_summary(trainer.loggers, summary)
-        if self.plots:
-            loggers.log_images(trainer.loggers, self._pictures(folder), trainer.global_step)
-
-    def _pictures(self, folder: Path) -> dict[str, Path]:
-        """Write the per-layer sparsity over training and the gate histograms into ``folder``; return them by key."""
-        gates = {name: (c.cpu().numpy(), e.cpu().numpy()) for name, (c, e) in self._gate_histograms().items()}
-        history = self.history
-        return {
-            "masks/sparsity_over_training": plots.sparsity_over_training(
-                history["layers"], history["sparsity"], history["positions"], folder / "sparsity_over_training.png",
-                unit=self.cadence),
-            "masks/gate_histograms": plots.gate_histograms(gates, folder / "gate_histograms.png"),
-        }
+            loggers.log_histograms(trainer.loggers, fit_report.histograms(self._masked), trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- evaluation
     def _cache_gates(self) -> None:
@@ -549,7 +466,7 @@ class MaskPruningCallback(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        _restore_configure_model(pl_module)
+        restore_configure_model(pl_module)
         self._drop_gate_cache()
         if self._masked and not self._masked_at_setup and self.position is None:
             detach(pl_module)  # failed before any mask update: give the user back the plain model
@@ -565,7 +482,7 @@ class MaskPruningCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._masked:
             self._end_short(trainer, jump=True)
-            self._report(trainer)
+            fit_report.report_fit(trainer, self._masked, self.history, self.cadence, self.plots)
         if self.fold_on_fit_end:
             fold(pl_module)
             self._masked = []
@@ -588,7 +505,7 @@ class MaskPruningCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _restore_configure_model(pl_module)
+        restore_configure_model(pl_module)
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
@@ -612,178 +529,3 @@ class MaskPruningCallback(Callback):
         self.scores_initialized = state_dict["scores_initialized"]
 
 
-def _score_dtype(spec: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    """``score_dtype`` as a ``torch.dtype`` (or ``None``); raises ``ValueError`` naming the allowed values."""
-    allowed = {str(d).removeprefix("torch."): d for d in SCORE_DTYPES}
-    dtype = allowed.get(spec.removeprefix("torch."), spec) if isinstance(spec, str) else spec
-    if dtype is not None and dtype not in SCORE_DTYPES:
-        raise ValueError(f"score_dtype must be one of {sorted(allowed)}, a torch.dtype among them, or None (the "
-                         f"weight's dtype), got {spec!r}")
-    return dtype
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
-                  optional: bool = False, hint: str = "") -> None:
-    """Raise a ValueError naming ``name``, ``value``, the range and ``hint`` unless ``value`` is a number in range."""
-    if value is None and optional:
-        return
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if number and (low < value if low_open else low <= value) and (value < high if high_open else value <= high):
-        return
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if high == math.inf:
-        interval = f"> {low:g}" if low_open else f">= {low:g}"
-    else:
-        interval = "in " + interval
-    given = repr(value) if number else f"{value!r}, a {type(value).__name__}: pass a number"
-    raise ValueError(f"{name} must be {interval}{' or None' if optional else ''}, got {given}"
-                     f"{'; ' + hint if hint else ''}")
-
-
-def _check_targets(name: str, value: Any, optional: bool = False) -> Optional[list]:
-    """A list of target specs from ``value``: one glob string is one glob, not its letters."""
-    if value is None and optional:
-        return None
-    specs = [value] if isinstance(value, (str, type)) else value
-    if isinstance(specs, Iterable) and not isinstance(specs, Mapping):
-        specs = list(specs)
-        if all(isinstance(spec, (str, type)) for spec in specs):
-            return specs
-    raise ValueError(f"{name} must be a glob on qualified names, a module type, or a list of them"
-                     f"{' or None' if optional else ''}, got {value!r}; e.g. {name}=['encoder.*', torch.nn.Linear]")
-
-
-def _normalized(value: Any) -> Any:
-    """A selection argument as its default is written (a list of tie groups as a tuple)."""
-    return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
-def _check_strategy(strategy: Any) -> None:
-    unsupported = isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
-    if unsupported or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise ValueError(
-            f"MaskPruningCallback does not support the {type(strategy).__name__} strategy: it shards or wraps "
-            "parameters, which would give wrong masks. Use a single device, 'ddp' or 'ddp_spawn'"
-        )
-
-
-def _unbounded(trainer: pl.Trainer) -> bool:
-    return trainer.max_epochs in (None, -1) and trainer.max_steps == -1
-
-
-def _training_length(trainer: pl.Trainer) -> tuple[float, float]:
-    """Return ``(total optimizer steps, optimizer steps per epoch)`` of this fit."""
-    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches) \
-        if math.isfinite(trainer.num_training_batches) else math.inf
-    by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
-    by_steps = trainer.max_steps if trainer.max_steps != -1 else math.inf
-    total = min(by_epochs, by_steps)
-    if not math.isfinite(per_epoch):
-        per_epoch = total
-    return total, max(per_epoch, 1)
-
-
-class _logging_disabled:
-    """Make ``self.log``/``self.log_dict`` no-ops on a module for a block (a step run outside the loop)."""
-
-    def __init__(self, pl_module: pl.LightningModule) -> None:
-        self.pl_module = pl_module
-
-    def __enter__(self) -> None:
-        self.pl_module.log = self.pl_module.log_dict = lambda *args, **kwargs: None
-
-    def __exit__(self, *exc: Any) -> None:
-        del self.pl_module.log, self.pl_module.log_dict
-
-
-def _after_configure_model(pl_module: pl.LightningModule, then: Callable[[], None]) -> None:
-    """Make the module's next ``configure_model`` call ``then()`` once it has run.
-
-    Lightning builds layers in ``LightningModule.setup`` and ``configure_model`` after every callback's ``setup``,
-    then restores the checkpoint, wraps the module (DDP) and creates the optimizers: masks attached right after
-    ``configure_model`` see every layer and are in place for all of that. The wrapper is an instance attribute
-    (so Lightning calls it even when the class does not override the hook) that removes itself when called.
-    """
-    _restore_configure_model(pl_module)
-    build = pl_module.configure_model
-
-    def configure_model() -> None:
-        _restore_configure_model(pl_module)
-        build()
-        then()
-
-    configure_model.masks_wrapper = True
-    pl_module.configure_model = configure_model
-
-
-def _restore_configure_model(pl_module: pl.LightningModule) -> None:
-    """Remove the wrapper of :func:`_after_configure_model`, if it is still there."""
-    if getattr(pl_module.__dict__.get("configure_model"), "masks_wrapper", False):
-        del pl_module.configure_model
-
-
-def _forward(pl_module: pl.LightningModule, example: Any) -> Any:
-    """``pl_module(example)`` as Lightning calls it: a tuple or list as positional inputs, a dict as keyword ones."""
-    if isinstance(example, Mapping):
-        return pl_module(**example)
-    return pl_module(*example) if isinstance(example, (tuple, list)) else pl_module(example)
-
-
-def _first_batch(trainer: pl.Trainer) -> Any:
-    """The first batch of the fit's training data (from the datamodule, the module or the loaders passed to fit)."""
-    loaders = trainer.fit_loop._data_source.dataloader()
-    return next(iter(CombinedLoader(loaders, "max_size_cycle")))[0]
-
-
-def _one_pass(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Callable[[], Any]]:
-    """One pass of the model to trace: ``forward(example_input_array)``, else the loss of the first training
-    batch; ``None`` when neither can run (no example input, no training data)."""
-    # Layers built in configure_model may already sit on the accelerator, the data does not yet.
-    device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-    example = pl_module.example_input_array
-    if example is not None:
-        return lambda: _forward(pl_module, move_data_to_device(example, device))
-    try:
-        batch = move_data_to_device(_first_batch(trainer), device)
-    except Exception:  # no training data reachable before fit: the caller warns
-        return None
-
-    return lambda: _training_loss(pl_module, batch)
-
-
-def _training_loss(pl_module: pl.LightningModule, batch: Any) -> Any:
-    """The loss of one ``training_step`` on ``batch``, run outside the loop (its ``self.log`` calls are no-ops)."""
-    with _logging_disabled(pl_module):
-        output = pl_module.training_step(batch, 0)
-    return output["loss"] if isinstance(output, Mapping) else output
-
-
-def _left_dense(resolved: Targets, outputs: list[str]) -> str:
-    """The setup line's tail: what is left dense by rule, and how to include it."""
-    parts = []
-    if resolved.embeddings:
-        example = resolved.embeddings[0].split(" = ")[0]
-        parts.append(f"embedding tables and tensors tied to them left dense: {stats.short_names(resolved.embeddings)} "
-                     f"(to mask them, name them in targets, e.g. targets=[..., {example!r}])")
-    if outputs:
-        parts.append(f"output layers kept whole by channel pruning: {stats.short_names(outputs)} "
-                     "(output_layers=None prunes them)")
-    if resolved.frozen:
-        parts.append(f"frozen tensors (requires_grad=False at setup) left dense: {stats.short_names(resolved.frozen)}; "
-                     "to mask them, make them trainable before fit, or freeze them with a BaseFinetuning callback "
-                     "(e.g. BackboneFinetuning), whose frozen tensors are masked")
-    return "".join(f"; {part}" for part in parts)
-
-
-def _coupled_norms(pl_module: pl.LightningModule) -> list[list[str]]:
-    """The BatchNorm groups of ``tie="auto"``, traced on the module's ``example_input_array``."""
-    example = pl_module.example_input_array
-    if example is None:
-        raise ValueError("tie='auto' traces the model on pl_module.example_input_array, which is not set; set it "
-                         "to a batch the model's forward takes, or pass the groups (lightning_masks.coupling."
-                         "coupled_channels) as tie=[[...], ...]")
-    return coupled_channels(pl_module, example)

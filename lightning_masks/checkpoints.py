@@ -11,13 +11,11 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .gate import masked_value
 from .kinds import weight_name
-from .masks import masked_value, split_mask_key
+from .layout import GATE_FIELDS, ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key, split_mask_key
 
 __all__ = ["atomic_write", "fold_checkpoint", "fold_state_dict", "load_checkpoint"]
-
-_GATE_FIELDS = ("scores", "keep", "temperature", "gate_scale")
-
 
 def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Return a copy of a masked state dict with every mask folded: ``<path>.<name> = w * gate * keep``.
@@ -25,30 +23,25 @@ def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     Raises:
         ValueError: a masked entry that misses a mask tensor, or is stacked on another parametrization.
     """
-    folded: dict[str, Tensor] = {}
-    masks: dict[str, dict[str, Tensor]] = {}
-    for key, value in state_dict.items():
-        split = split_mask_key(key)
-        if split is None:
-            folded[key] = value
-            continue
-        target, field = split
-        if field != "original" and field.removeprefix("0.") not in _GATE_FIELDS:
-            raise ValueError(f"{key!r} belongs to a parametrization other than lightning_masks' alone; load the "
-                             "checkpoint into the model with the callback and call lightning_masks.fold instead")
-        masks.setdefault(target, {})[field.removeprefix("0.")] = value
+    masks = group_mask_keys(state_dict)
+    folded = {key: value for key, value in state_dict.items() if split_mask_key(key) is None}
     for target, parts in masks.items():
-        if set(parts) == {"original"}:  # a bias gated by its layer's per-channel mask (kinds.bias_name)
+        foreign = [field for field in parts if field not in (ORIGINAL, *GATE_FIELDS)]
+        if foreign:
+            raise ValueError(f"{mask_key(target, ORIGINAL)!r} carries {foreign}, of a parametrization other than "
+                             "lightning_masks' alone; load the checkpoint into the model with the callback and call "
+                             "lightning_masks.fold instead")
+        if set(parts) == {ORIGINAL}:  # a bias gated by its layer's per-channel mask (kinds.bias_name)
             path, _, name = target.rpartition(".")
             weight = f"{path}.{weight_name(name)}" if path else weight_name(name)
-            parts = {**masks.get(weight, {}), "original": parts["original"]}
-            shape = parts["original"].shape
+            parts = {**masks.get(weight, {}), ORIGINAL: parts[ORIGINAL]}
+            shape = parts[ORIGINAL].shape
             parts.update({k: parts[k].reshape(shape) for k in ("scores", "keep", "gate_scale")
                           if k in parts and parts[k].dim()})  # a 0-dim (per-tensor) gate_scale stays as it is
-        missing = [f for f in ("original", "scores", "keep", "temperature") if f not in parts]
+        missing = [f for f in REQUIRED_FIELDS if f not in parts]
         if missing:
             raise ValueError(f"masked tensor {target!r} misses {missing} in the checkpoint; it is incomplete")
-        folded[target] = masked_value(parts["original"], parts["scores"], parts["keep"].bool(),
+        folded[target] = masked_value(parts[ORIGINAL], parts["scores"], parts["keep"].bool(),
                                       parts["temperature"], parts.get("gate_scale"))
     return folded
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoints import atomic_write, fold_checkpoint, fold_state_dict, load_checkpoint
+from .inputs import as_arguments
 from .masks import fold
 from .shrink import ShrinkReport, shrink
 from .sparse_file import SparseFileInfo, load_sparse, save_sparse
@@ -39,9 +40,9 @@ __all__ = [
 def save_program(model: nn.Module, example_inputs, destination: Union[str, os.PathLike]) -> Path:
     """Save ``model`` as a ``torch.export`` program (batch size free): ``torch.export.load(path).module()`` runs it
     with no class of the model importable."""
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    batch = tuple({0: torch.export.Dim.DYNAMIC} for _ in args)  # any batch size, not just the example's
-    program = torch.export.export(model.eval(), args, dynamic_shapes=batch)
+    args, kwargs = as_arguments(example_inputs)
+    batch = tuple({0: torch.export.Dim.DYNAMIC} for _ in (*args, *kwargs))  # any batch size, not just the example's
+    program = torch.export.export(model.eval(), args, kwargs, dynamic_shapes=batch)
     return atomic_write(destination, lambda temporary: torch.export.save(program, temporary))
 
 

@@ -3,7 +3,7 @@
 This module knows nothing of Lightning: :func:`attach` and :func:`fold` work on any ``nn.Module``. The gate and its
 math are in :mod:`lightning_masks.gate`, what to mask in :mod:`lightning_masks.targets` (which tensors are weights,
 and which of their axes holds output units, in :mod:`lightning_masks.kinds`); their public names are re-exported here.
-Just over 400 lines: attach, fold, detach and the load hook share the owners' and gated biases' bookkeeping.
+Loading a masked state dict is in :mod:`lightning_masks.loading`, its keys in :mod:`lightning_masks.layout`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ __all__ = [
     "TargetSpec",
     "Targets",
     "attach",
-    "attach_resolved",
     "cached_gates",
     "channel_shape",
     "detach",
@@ -55,25 +54,8 @@ __all__ = [
     "masked_tensors",
     "masked_value",
     "resolve_targets",
-    "restore_masks_on_load",
-    "split_mask_key",
     "straight_through_gated",
 ]
-
-
-PARAMETRIZATION_MARK = ".parametrizations."
-
-
-def split_mask_key(key: str) -> tuple[str, str] | None:
-    """Split a parametrized state-dict key into ``(tensor, field)``, or ``None`` for any other key.
-
-    ``"net.0.parametrizations.weight.0.scores"`` gives ``("net.0.weight", "0.scores")``.
-    """
-    path, mark, rest = ("." + key).partition(PARAMETRIZATION_MARK)  # the dot also finds a root module's keys
-    if not mark:
-        return None
-    tensor_name, _, field = rest.partition(".")
-    return (f"{path[1:]}.{tensor_name}" if path else tensor_name), field
 
 
 @dataclass
@@ -111,6 +93,7 @@ def attach(
     targets: Iterable[TargetSpec] | None = None,
     exclude: Iterable[TargetSpec] = (),
     *,
+    resolved: Targets | None = None,
     init: Callable[[Tensor], Tensor] = torch.abs,
     temperature: float = 1.0,
     rescale: bool = False,
@@ -123,6 +106,8 @@ def attach(
     Args:
         model: any ``nn.Module``.
         targets, exclude: see :func:`find_targets`.
+        resolved: ``resolve_targets(model, targets, exclude)`` when the caller has it already (it reports it too);
+            ``targets`` then only names them in the error when nothing is chosen.
         init: maps a weight to its initial scores (same shape); ``torch.abs`` is magnitude.
         temperature: the gate's ``T``.
         rescale: divide each gate by its initial value (see :class:`MaskGate`).
@@ -144,25 +129,8 @@ def attach(
         ['0.weight', '2.weight']
     """
     targets = None if targets is None else list(targets)
-    return attach_resolved(model, resolve_targets(model, targets, exclude), targets, init=init,
-                           temperature=temperature, rescale=rescale, per_channel=per_channel,
-                           score_dtype=score_dtype, compact=compact)
-
-
-def attach_resolved(
-    model: nn.Module,
-    resolved: Targets,
-    targets: list[TargetSpec] | None = None,
-    *,
-    init: Callable[[Tensor], Tensor] = torch.abs,
-    temperature: float = 1.0,
-    rescale: bool = False,
-    per_channel: bool = False,
-    score_dtype: torch.dtype | None = None,
-    compact: bool = False,
-) -> list[MaskedTensor]:
-    """:func:`attach` on targets already resolved (:func:`resolve_targets`; ``targets`` only names them in the
-    error when nothing is chosen), for a caller that reports the resolution too."""
+    if resolved is None:
+        resolved = resolve_targets(model, targets, exclude)
     if score_dtype is not None and score_dtype not in SCORE_DTYPES:
         raise ValueError(f"score_dtype must be one of {[str(d) for d in SCORE_DTYPES]} or None, got {score_dtype!r}")
     found = resolved.chosen
@@ -353,73 +321,3 @@ def gates_disabled(masked: Iterable[MaskedTensor]) -> Iterator[None]:
     finally:
         for gate in gates:
             gate.enabled = True
-
-
-def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Let ``model.load_state_dict`` accept a masked state dict while ``model`` is plain, and check it.
-
-    Before loading, tensors whose keys say they were masked (``<path>.parametrizations.<name>.original``
-    beside ``...0.scores``) get a gate attached, with the saved scores' dtype and, where the saved ``gate_scale``
-    is one scalar, a compact gate; the load then fills scores, keep and temperature. A
-    strict load whose mask tensors are missing or mis-shaped raises before anything is loaded. Returns
-    the hook handle; call ``.remove()`` to stop.
-    """
-    return model._register_load_state_dict_pre_hook(_restore_masks, with_module=True)
-
-
-def _restore_masks(module: nn.Module, state_dict: dict, prefix: str, metadata: dict, strict: bool, *args) -> None:
-    """The load pre-hook of :func:`restore_masks_on_load` (a module-level function: a hooked model pickles)."""
-    slots = {q: (m, tn, t) for q, _, m, tn, t in _tensor_slots(module)}
-    wanted: dict[tuple[bool, bool, torch.dtype], list[str]] = {}  # (per_channel, compact, dtype) -> tensors
-    for key, value in state_dict.items():
-        split = split_mask_key(key[len(prefix):]) if key.startswith(prefix) else None
-        if split is None or not key.endswith(".scores"):
-            continue
-        qualified = split[0]
-        if qualified in slots and not _is_masked(*slots[qualified][:2]):
-            owner, tensor_name, original = slots[qualified]
-            channels = channel_shape(original, output_axis(owner, tensor_name))
-            per_channel = tuple(value.shape) == channels != tuple(original.shape)
-            scale = state_dict.get(key[: -len("scores")] + "gate_scale")
-            compact = scale is not None and scale.dim() == 0
-            dtype = value.dtype if value.dtype in SCORE_DTYPES else None
-            wanted.setdefault((per_channel, compact, dtype), []).append(qualified)
-    rescale = any(k.endswith(".gate_scale") for k in state_dict)
-    attached = [entry for (per_channel, compact, dtype), names in wanted.items()
-                for entry in attach(module, names, init=torch.zeros_like, rescale=rescale, per_channel=per_channel,
-                                    score_dtype=dtype, compact=compact)]
-    try:
-        if strict:
-            _check_mask_keys(module, state_dict, prefix)
-    except ValueError:
-        _detach_entries(attached)
-        raise
-
-
-def _check_mask_keys(model: nn.Module, state_dict: dict, prefix: str) -> None:
-    """Raise if the state dict lacks, or mis-shapes, a mask tensor of ``model`` (before any is loaded)."""
-    problems = []
-    masked = {q for q, _, m, tn, _ in _tensor_slots(model) if parametrize.is_parametrized(m, tn)}
-    for key in state_dict:
-        split = split_mask_key(key[len(prefix):]) if key.startswith(prefix) else None
-        if split is not None and split[0] not in masked:
-            problems.append(f"{key!r} is a mask tensor of a weight the model does not mask")
-    for _, module_name, module, tensor_name, tensor in _tensor_slots(model):
-        if not _is_masked(module, tensor_name):
-            continue
-        gate = module.parametrizations[tensor_name][0]
-        base = f"{prefix}{module_name + '.' if module_name else ''}parametrizations.{tensor_name}."
-        expected = {"original": tensor.shape, "0.scores": gate.scores.shape, "0.keep": gate.keep.shape,
-                    "0.temperature": gate.temperature.shape}
-        for suffix, shape in expected.items():
-            value = state_dict.get(base + suffix)
-            if value is None:
-                problems.append(f"{base + suffix!r} is missing")
-            elif tuple(value.shape) != tuple(shape):
-                problems.append(f"{base + suffix!r} has shape {tuple(value.shape)}, the model has {tuple(shape)}")
-    if problems:
-        raise ValueError(
-            f"the state dict does not match the model's masks ({len(problems)} problems: "
-            f"{'; '.join(problems[:4])}{'; ...' if len(problems) > 4 else ''}); nothing was loaded. Load a "
-            "checkpoint written with the same model and mask targets, or fold it with fold_checkpoint first"
-        )

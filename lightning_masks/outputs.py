@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["output_layers"]
+from .kinds import kind_of
+from .targets import TargetSpec, resolve_targets
+
+__all__ = ["kept_whole", "output_layers"]
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
@@ -68,3 +72,26 @@ def output_layers(candidates: Mapping[str, nn.Module], run: Callable[[], Any]) -
             continue
         stack.extend(child for child, _ in node.next_functions if child is not None)
     return [name for name in candidates if name in found]
+
+
+def kept_whole(model: nn.Module, targets: Optional[Iterable[TargetSpec]], named: Iterable[str],
+               run: Optional[Callable[[], Any]]) -> Optional[list[str]]:
+    """The layers that channel pruning keeps whole, as module names: ``named``, a list of globs on module names
+    (each must match a module, or ``ValueError``), or, when ``named == "auto"``, the :func:`output_layers` of ``run``
+    among the layers that could carry a mask, less those a name glob in ``targets`` chose (explicit targets win).
+    ``None`` when ``run`` is ``None`` or the trace finds no output layer (the caller warns)."""
+    names = [name for name, _ in model.named_modules()]
+    if named != "auto":
+        for pattern in named:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                raise ValueError(f"output_layers pattern {pattern!r} matches no module of the model; globs match "
+                                 f"module names such as {names[-1]!r}")
+        return list(named)
+    targeted = resolve_targets(model, targets)
+    owners = {id(m) for found in targeted.chosen.values() for m, _ in found}
+    chosen_by_name = {id(m) for name in targeted.named for m, _ in targeted.chosen[name]}
+    # Every layer that could carry a mask, excluded ones too: an output layer is the last of them on its path.
+    candidates = {name: module for name, module in model.named_modules()
+                  if kind_of(module) is not None or id(module) in owners}
+    found = output_layers(candidates, run) if run is not None else []
+    return [name for name in found if id(candidates[name]) not in chosen_by_name] if found else None

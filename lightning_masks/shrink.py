@@ -13,7 +13,8 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from .masks import PARAMETRIZATION_MARK
+from .inputs import call_with
+from .layout import PARAMETRIZATION_MARK
 
 __all__ = ["ShrinkReport", "shrink"]
 
@@ -67,10 +68,6 @@ def _pads_with_zeros(layer: nn.Module) -> bool:
     return layer.padding != "valid" and any(p > 0 for p in layer.padding)
 
 
-def _call(model: nn.Module, example_inputs) -> object:
-    return model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
-
-
 @torch.no_grad()
 def _layer_inputs(model: nn.Module, example_inputs) -> dict[nn.Module, Tensor]:
     """Each prunable layer's input on ``example_inputs``, as ``(features or channels, samples)``."""
@@ -82,7 +79,7 @@ def _layer_inputs(model: nn.Module, example_inputs) -> dict[nn.Module, Tensor]:
 
     handles = [m.register_forward_pre_hook(record) for m in model.modules() if _prunable(m)]
     try:
-        _call(model, example_inputs)
+        call_with(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -216,7 +213,7 @@ def shrink(model: nn.Module, example_inputs, *, rtol: float = 1e-4, atol: float 
         raise ValueError("the model still carries masks; call lightning_masks.fold(model) before shrink")
     small = copy.deepcopy(model).eval()
     with torch.no_grad():
-        expected = _call(small, example_inputs)
+        expected = call_with(small, example_inputs)
     report = ShrinkReport(_count_parameters(small), 0)
     graph = tp.DependencyGraph().build_dependency(small, example_inputs=example_inputs)
     _silence_dead_norms(graph, small, report)
@@ -225,7 +222,7 @@ def shrink(model: nn.Module, example_inputs, *, rtol: float = 1e-4, atol: float 
         if _prunable(layer):
             _shrink_layer(graph, name, layer, inputs, report)
     with torch.no_grad():
-        difference = _max_difference(expected, _call(small, example_inputs))
+        difference = _max_difference(expected, call_with(small, example_inputs))
     scale = max(float(t.abs().max()) for t in tree_leaves(expected) if t.numel())
     if difference > atol + rtol * scale:
         raise ValueError(f"shrinking changed the outputs by up to {difference:.3g} (scale {scale:.3g}), so a "

@@ -88,7 +88,8 @@ def test_runs_made_before_a_setting_existed_are_named_by_what_they_ran():
 def test_the_real_size_benchmark_counts_the_mask_state_of_each_method(tmp_path):
     import real_sizes
 
-    real_sizes.main(["--models", "tiny_bert", "--steps", "6", "--rounds", "1", "--out", str(tmp_path), "--name", "tiny"])
+    real_sizes.main(["--models", "tiny_bert", "--steps", "6", "--rounds", "1", "--out", str(tmp_path),
+                     "--name", "tiny"])
     records = {r["method"]: r for r in json.loads((tmp_path / "tiny.json").read_text())}
     assert set(records) == set(real_sizes.METHODS)
     masks, before, dense = records["masks"], records["masks_before"], records["dense"]

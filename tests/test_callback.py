@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from lightning_masks import MaskPruningCallback, Selector, ThresholdSchedule, fold_checkpoint, masked_tensors, masks
 from lightning_masks import gate as gate_module
-from lightning_masks.callback import _check_strategy
+from lightning_masks.trainer_glue import check_strategy
 from lightning_masks.zoo import MLP, DigitsDataModule
 
 
@@ -286,7 +286,8 @@ def test_snip_scores_come_from_one_batch_of_the_dense_network():
             seen.extend(e.gate.scores.detach().clone() for e in masked_tensors(pl_module))
 
     make_trainer(max_steps=1, callbacks=[MaskPruningCallback(init="snip"), Snapshot()]).fit(module)
-    assert all(torch.allclose(a.float(), b.to(a.dtype).float(), atol=1e-7) for a, b in zip(seen, expected))  # bf16 scores
+    # the scores are bfloat16
+    assert all(torch.allclose(a.float(), b.to(a.dtype).float(), atol=1e-7) for a, b in zip(seen, expected))
 
 
 def test_seed_gives_the_same_scores():
@@ -392,9 +393,9 @@ def test_automatic_ties_need_an_example_input_array(tiny_module):
 def test_sharding_strategies_are_refused(strategy):
     # FSDP and model parallelism need GPUs to run, so the decision is tested on the real strategy objects
     with pytest.raises(ValueError, match=rf"does not support the {type(strategy).__name__} strategy.*'ddp_spawn'"):
-        _check_strategy(strategy)
-    _check_strategy(DDPStrategy())
-    _check_strategy(SingleDeviceStrategy("cpu"))
+        check_strategy(strategy)
+    check_strategy(DDPStrategy())
+    check_strategy(SingleDeviceStrategy("cpu"))
 
 
 @pytest.mark.parametrize("stage", ["validate", "test", "predict"])

@@ -9,7 +9,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_masks import attach, fold, masked_tensors
-from lightning_masks.masks import MaskGate, gates_disabled, restore_masks_on_load
+from lightning_masks.loading import restore_masks_on_load
+from lightning_masks.masks import MaskGate, gates_disabled
 
 
 class Zoo(nn.Module):

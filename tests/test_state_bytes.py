@@ -8,7 +8,8 @@ from torch import nn
 
 import lightning_masks
 from lightning_masks import MaskPruningCallback, attach, fold, masked_tensors
-from lightning_masks.masks import PRUNED_SCORE, MaskGate, gated, masked_value, restore_masks_on_load
+from lightning_masks.loading import restore_masks_on_load
+from lightning_masks.masks import PRUNED_SCORE, MaskGate, gated, masked_value
 from lightning_masks.select import Selector
 
 

@@ -1,4 +1,5 @@
-"""The Hydra app: every config group composes and instantiates, the default and every recipe run, bad input fails fast."""
+"""The Hydra app: every config group composes and instantiates, the default and every recipe run, bad input fails
+fast."""
 
 from __future__ import annotations
 

@@ -1,16 +1,10 @@
 """Screen (not shipped): straight-through gradients to pruned scores with regrow=True during the ramp only."""
 import dataclasses
 import sys
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from lightning.pytorch.callbacks import Callback
-from lightning_masks import masks as M
+from ste import patch  # this folder is on sys.path when the script runs; ste puts benchmarks/ there
 
-def forward(self, weight):
-    g = M.gate_value(self.scores, self.temperature, self.gate_scale)
-    keep = self.keep.to(g.dtype)
-    return weight * (g * keep + (g - g.detach()) * (1 - keep))
-
-M.MaskGate.forward = forward
+patch()
 
 
 class StopRegrowth(Callback):

@@ -1,0 +1,115 @@
+"""The callback's argument checks: each bad value raises at construction a ``ValueError`` naming it and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional, Union
+
+import torch
+
+from .gate import SCORE_DTYPES
+from .select import Selector
+
+__all__ = ["check_flags", "check_number", "check_output_layers", "check_targets", "is_int", "score_dtype_of",
+           "selector_of"]
+
+# the loose selection arguments' defaults: the Selector's own
+_SELECTION_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Selector)}
+
+
+def is_int(value: Any) -> bool:
+    """An ``int`` that is not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+                 optional: bool = False, hint: str = "") -> None:
+    """Raise a ValueError naming ``name``, ``value``, the range and ``hint`` unless ``value`` is a number in range.
+
+    >>> check_number("sparsity", 1.5, 0.0, 1.0, high_open=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: sparsity must be in [0, 1), got 1.5
+    """
+    if value is None and optional:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and (low < value if low_open else low <= value) and (value < high if high_open else value <= high):
+        return
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if high == math.inf:
+        interval = f"> {low:g}" if low_open else f">= {low:g}"
+    else:
+        interval = "in " + interval
+    given = repr(value) if number else f"{value!r}, a {type(value).__name__}: pass a number"
+    raise ValueError(f"{name} must be {interval}{' or None' if optional else ''}, got {given}"
+                     f"{'; ' + hint if hint else ''}")
+
+
+def check_flags(**flags: Any) -> None:
+    """Raise a ValueError naming the first of ``flags`` that is not ``True`` or ``False``."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_targets(name: str, value: Any, optional: bool = False) -> Optional[list]:
+    """A list of target specs from ``value``: one glob string is one glob, not its letters."""
+    if value is None and optional:
+        return None
+    specs = [value] if isinstance(value, (str, type)) else value
+    if isinstance(specs, Iterable) and not isinstance(specs, Mapping):
+        specs = list(specs)
+        if all(isinstance(spec, (str, type)) for spec in specs):
+            return specs
+    raise ValueError(f"{name} must be a glob on qualified names, a module type, or a list of them"
+                     f"{' or None' if optional else ''}, got {value!r}; e.g. {name}=['encoder.*', torch.nn.Linear]")
+
+
+def check_output_layers(value: Any) -> Union[str, list, None]:
+    """``output_layers`` as the callback keeps it: ``"auto"``, ``None`` or a list of globs."""
+    if isinstance(value, str) and value != "auto":
+        raise ValueError(f"output_layers must be 'auto', None or a list of globs on module names, got {value!r}; "
+                         "e.g. output_layers=['head']")
+    return value if value in ("auto", None) else list(value)
+
+
+def score_dtype_of(spec: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """``score_dtype`` as a ``torch.dtype`` (or ``None``); raises ``ValueError`` naming the allowed values.
+
+    >>> score_dtype_of("torch.bfloat16")
+    torch.bfloat16
+    """
+    allowed = {str(d).removeprefix("torch."): d for d in SCORE_DTYPES}
+    dtype = allowed.get(spec.removeprefix("torch."), spec) if isinstance(spec, str) else spec
+    if dtype is not None and dtype not in SCORE_DTYPES:
+        raise ValueError(f"score_dtype must be one of {sorted(allowed)}, a torch.dtype among them, or None (the "
+                         f"weight's dtype), got {spec!r}")
+    return dtype
+
+
+def selector_of(selector: Optional[Selector], **loose: Any) -> Selector:
+    """The selection: ``selector``, or one built from the loose ``mode``, ``importance``, ``layer_floor``, ``regrow``,
+    ``granularity`` and ``tie`` arguments; giving ``selector`` and a loose argument off its default is refused."""
+    if selector is not None:
+        if not isinstance(selector, Selector):
+            raise ValueError(f"selector must be a lightning_masks.Selector, got {selector!r}")
+        given = [name for name, value in loose.items() if _normalized(value) != _SELECTION_DEFAULTS[name]]
+        if given:
+            raise ValueError(f"the selection is given twice: selector={selector!r} and {given}; put them in the "
+                             f"Selector (e.g. Selector(granularity='channel')) or drop selector=")
+        return selector
+    for name in ("mode", "importance", "granularity"):
+        if not isinstance(loose[name], str):
+            raise ValueError(f"{name} must be a string, got {loose[name]!r}; see lightning_masks.select.Selector")
+    check_number("layer_floor", loose["layer_floor"], 0.0, 1.0, hint="e.g. layer_floor=0.25 (a float); 0 disables "
+                 "the floor")
+    tie = loose["tie"]
+    return Selector(**{**loose, "tie": tie if isinstance(tie, str) else tuple(tie)})
+
+
+def _normalized(value: Any) -> Any:
+    """A selection argument as its default is written (a list of tie groups as a tuple)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,108 @@
+"""What a fit says about its masks: the setup line and its warnings, the scalars and histograms while training, the
+per-layer table, summary and pictures at its end (to the console and whatever loggers the Trainer has)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from . import loggers, plots, stats
+from .masks import MaskedTensor, Targets
+
+__all__ = ["announce", "histograms", "log_scalars", "report_fit"]
+
+
+def announce(masked: Sequence[MaskedTensor], resolved: Targets, outputs: Sequence[str], what: str) -> None:
+    """The setup line (what is masked, ``what`` it aims at, what is left dense by rule) and a warning for each
+    layer left dense for no stated reason."""
+    total = sum(entry.numel for entry in masked)
+    rank_zero_info(f"lightning_masks: masking {len(masked)} tensors ({total:,} weights), {what}"
+                   f"{_left_dense(resolved, outputs)}")
+    if resolved.unmasked:
+        rank_zero_warn(f"lightning_masks: {len(resolved.unmasked)} trainable weight matrices are left dense "
+                       f"(no registered layer kind): {stats.short_names(resolved.unmasked)}. Name them in "
+                       "`targets`, or register their layer with lightning_masks.register_layer_kind")
+    if resolved.foreign:
+        rank_zero_warn(f"lightning_masks: {len(resolved.foreign)} layers are left dense because something else "
+                       f"already computes their weight: {stats.short_names(resolved.foreign)}. To mask them, remove "
+                       "that first (torch.nn.utils.parametrize.remove_parametrizations, prune.remove)")
+
+
+def _left_dense(resolved: Targets, outputs: Sequence[str]) -> str:
+    """The setup line's tail: what is left dense by rule, and how to include it."""
+    parts = []
+    if resolved.embeddings:
+        example = resolved.embeddings[0].split(" = ")[0]
+        parts.append(f"embedding tables and tensors tied to them left dense: {stats.short_names(resolved.embeddings)} "
+                     f"(to mask them, name them in targets, e.g. targets=[..., {example!r}])")
+    if outputs:
+        parts.append(f"output layers kept whole by channel pruning: {stats.short_names(outputs)} "
+                     "(output_layers=None prunes them)")
+    if resolved.frozen:
+        parts.append(f"frozen tensors (requires_grad=False at setup) left dense: {stats.short_names(resolved.frozen)}; "
+                     "to mask them, make them trainable before fit, or freeze them with a BaseFinetuning callback "
+                     "(e.g. BackboneFinetuning), whose frozen tensors are masked")
+    return "".join(f"; {part}" for part in parts)
+
+
+def log_scalars(trainer: pl.Trainer, masked: Sequence[MaskedTensor], churn: Mapping[str, torch.Tensor],
+                target: float, threshold: Optional[float]) -> None:
+    """The ``masks/...`` scalars (:func:`~lightning_masks.stats.mask_stats`, the last update's target and cut) to
+    every logger, with one host sync."""
+    values = stats.mask_stats(masked, churn)
+    numbers = torch.stack([v.float().cpu() for v in values.values()]).tolist()  # the one host sync
+    metrics = {f"masks/{key}": number for key, number in zip(values, numbers)}
+    metrics["masks/global/target"] = target
+    if threshold is not None:
+        metrics["masks/global/threshold"] = threshold
+    loggers.log_scalars(trainer.loggers, metrics, trainer.global_step)
+
+
+def gate_histograms(masked: Sequence[MaskedTensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per masked tensor, the histogram ``(counts, edges)`` of its live (kept) gates, in [0, 1]."""
+    return {entry.name: stats.histogram(stats.live_gates(entry)) for entry in masked}
+
+
+def histograms(masked: Sequence[MaskedTensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The logged histograms: ``masks/<tensor>/gates`` and ``masks/<tensor>/scores`` of the live entries."""
+    result = {f"masks/{name}/gates": value for name, value in gate_histograms(masked).items()}
+    for entry in masked:
+        scores = entry.gate.scores.detach()[entry.gate.keep].float()  # the live ones: a pruned one may be -2^126
+        if scores.numel():
+            result[f"masks/{entry.name}/scores"] = stats.histogram(scores, low=scores.min().item(),
+                                                                  high=scores.max().item())
+    return result
+
+
+def report_fit(trainer: pl.Trainer, masked: Sequence[MaskedTensor], history: Mapping, unit: str,
+               pictures: bool) -> None:
+    """The end-of-fit console table (:func:`~lightning_masks.stats.format_layer_table`), the loggers' table and
+    summary and, with ``pictures``, each layer's sparsity over training (``history``, positions in ``unit``) and the
+    gate histograms as PNGs in the run folder, logged to W&B."""
+    rows = stats.layer_rows(masked)
+    rank_zero_info(stats.format_layer_table(rows))
+    if not trainer.loggers:
+        return
+    folder = Path(trainer.log_dir or trainer.default_root_dir) / "masks"  # a collective call: all ranks
+    if not trainer.is_global_zero:
+        return
+    loggers.log_table(trainer.loggers, "masks/layers", rows)
+    total = sum(row["total"] for row in rows)
+    pruned = total - sum(row["kept"] for row in rows)
+    summary = {"masks/final_sparsity": pruned / total, "masks/pruned": pruned, "masks/total": total}
+    summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k})
+    loggers.log_summary(trainer.loggers, summary)
+    if pictures:
+        gates = {name: (c.cpu().numpy(), e.cpu().numpy()) for name, (c, e) in gate_histograms(masked).items()}
+        images = {
+            "masks/sparsity_over_training": plots.sparsity_over_training(
+                history["layers"], history["sparsity"], history["positions"], folder / "sparsity_over_training.png",
+                unit=unit),
+            "masks/gate_histograms": plots.gate_histograms(gates, folder / "gate_histograms.png"),
+        }
+        loggers.log_images(trainer.loggers, images, trainer.global_step)

@@ -1,0 +1,129 @@
+"""What the callback reads from the Trainer, and runs on the user's module outside Lightning's loop: the strategy
+check, the fit's length, the ``configure_model`` hook the masks attach after, one pass of the model to trace."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
+from lightning.pytorch.utilities import CombinedLoader
+
+from .coupling import coupled_channels
+from .inputs import call_with
+
+__all__ = ["after_configure_model", "check_strategy", "coupled_norms", "first_batch", "logging_disabled", "one_pass",
+           "restore_configure_model", "training_length", "training_loss", "unbounded"]
+
+
+def check_strategy(strategy: Any) -> None:
+    unsupported = isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
+    if unsupported or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(
+            f"MaskPruningCallback does not support the {type(strategy).__name__} strategy: it shards or wraps "
+            "parameters, which would give wrong masks. Use a single device, 'ddp' or 'ddp_spawn'"
+        )
+
+
+def unbounded(trainer: pl.Trainer) -> bool:
+    return trainer.max_epochs in (None, -1) and trainer.max_steps == -1
+
+
+def training_length(trainer: pl.Trainer) -> tuple[float, float]:
+    """Return ``(total optimizer steps, optimizer steps per epoch)`` of this fit."""
+    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches) \
+        if math.isfinite(trainer.num_training_batches) else math.inf
+    by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
+    by_steps = trainer.max_steps if trainer.max_steps != -1 else math.inf
+    total = min(by_epochs, by_steps)
+    if not math.isfinite(per_epoch):
+        per_epoch = total
+    return total, max(per_epoch, 1)
+
+
+class logging_disabled:
+    """Make ``self.log``/``self.log_dict`` no-ops on a module for a block (a step run outside the loop)."""
+
+    def __init__(self, pl_module: pl.LightningModule) -> None:
+        self.pl_module = pl_module
+
+    def __enter__(self) -> None:
+        self.pl_module.log = self.pl_module.log_dict = lambda *args, **kwargs: None
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.pl_module.log, self.pl_module.log_dict
+
+
+def after_configure_model(pl_module: pl.LightningModule, then: Callable[[], None]) -> None:
+    """Make the module's next ``configure_model`` call ``then()`` once it has run.
+
+    Lightning builds layers in ``LightningModule.setup`` and ``configure_model`` after every callback's ``setup``,
+    then restores the checkpoint, wraps the module (DDP) and creates the optimizers: masks attached right after
+    ``configure_model`` see every layer and are in place for all of that. The wrapper is an instance attribute
+    (so Lightning calls it even when the class does not override the hook) that removes itself when called.
+    """
+    restore_configure_model(pl_module)
+    build = pl_module.configure_model
+
+    def configure_model() -> None:
+        restore_configure_model(pl_module)
+        build()
+        then()
+
+    configure_model.masks_wrapper = True
+    pl_module.configure_model = configure_model
+
+
+def restore_configure_model(pl_module: pl.LightningModule) -> None:
+    """Remove the wrapper of :func:`after_configure_model`, if it is still there."""
+    if getattr(pl_module.__dict__.get("configure_model"), "masks_wrapper", False):
+        del pl_module.configure_model
+
+
+def first_batch(trainer: pl.Trainer) -> Any:
+    """The first batch of the fit's training data (from the datamodule, the module or the loaders passed to fit)."""
+    loaders = trainer.fit_loop._data_source.dataloader()
+    return next(iter(CombinedLoader(loaders, "max_size_cycle")))[0]
+
+
+def one_pass(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Callable[[], Any]]:
+    """One pass of the model to trace: ``forward(example_input_array)``, else the loss of the first training
+    batch; ``None`` when neither can run (no example input, no training data)."""
+    # Layers built in configure_model may already sit on the accelerator, the data does not yet.
+    device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+    example = pl_module.example_input_array
+    if example is not None:
+        return lambda: call_with(pl_module, move_data_to_device(example, device))
+    try:
+        batch = move_data_to_device(first_batch(trainer), device)
+    except Exception:  # no training data reachable before fit: the caller warns
+        return None
+
+    return lambda: training_loss(pl_module, batch)
+
+
+def training_loss(pl_module: pl.LightningModule, batch: Any) -> Any:
+    """The loss of one ``training_step`` on ``batch``, run outside the loop (its ``self.log`` calls are no-ops)."""
+    with logging_disabled(pl_module):
+        output = pl_module.training_step(batch, 0)
+    return output["loss"] if isinstance(output, Mapping) else output
+
+
+def coupled_norms(pl_module: pl.LightningModule) -> list[list[str]]:
+    """The BatchNorm groups of ``tie="auto"``, traced on the module's ``example_input_array``."""
+    example = pl_module.example_input_array
+    if example is None:
+        raise ValueError("tie='auto' traces the model on pl_module.example_input_array, which is not set; set it "
+                         "to a batch the model's forward takes, or pass the groups (lightning_masks.coupling."
+                         "coupled_channels) as tie=[[...], ...]")
+    return coupled_channels(pl_module, example)
