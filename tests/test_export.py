@@ -324,3 +324,25 @@ def test_command_errors_name_the_value_and_keep_the_output(masked_checkpoint, tm
 def test_console_script_points_at_main():
     text = (README.parent / "pyproject.toml").read_text()
     assert 'lightning-masks-export = "lightning_masks.export:main"' in text
+
+
+class KeywordModel(nn.Module):
+    """A model called with keyword inputs, as ``example_input_array = {"x": ..., "scale": ...}`` calls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x, scale=None):
+        return self.layer(x) * scale
+
+
+@pytest.mark.parametrize("example", [{"x": torch.randn(4, 3), "scale": torch.randn(4, 1)},
+                                     (torch.randn(4, 3), torch.randn(4, 1))])
+def test_a_program_is_saved_from_keyword_or_positional_example_inputs_with_any_batch_size(example, tmp_path):
+    model = KeywordModel()
+    path = save_program(model, example, tmp_path / "model.pt2")
+    program = torch.export.load(path).module()
+    x, scale = torch.randn(7, 3), torch.randn(7, 1)
+    called = program(x=x, scale=scale) if isinstance(example, dict) else program(x, scale)  # as exported
+    torch.testing.assert_close(called, model(x, scale=scale))
