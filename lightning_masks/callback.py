@@ -264,6 +264,7 @@ class MaskPruningCallback(Callback):
         self._masked: list[MaskedTensor] = []
         self._load_hook = None
         self._masked_at_setup = False
+        self.final_layers: list[dict] = []  # the end-of-fit table's rows (stats.layer_rows) of the last fit
 
     # the plan's state, read (and set) on the callback as before
     position = property(lambda self: self.plan.position, lambda self, v: setattr(self.plan, "position", v),
@@ -482,7 +483,8 @@ class MaskPruningCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._masked:
             self._end_short(trainer, jump=True)
-            fit_report.report_fit(trainer, self._masked, self.history, self.cadence, self.plots)
+            self.final_layers = stats.layer_rows(self._masked)
+            fit_report.report_fit(trainer, self.final_layers, self._masked, self.history, self.cadence, self.plots)
         if self.fold_on_fit_end:
             fold(pl_module)
             self._masked = []

@@ -79,12 +79,12 @@ def histograms(masked: Sequence[MaskedTensor]) -> dict[str, tuple[torch.Tensor, 
     return result
 
 
-def report_fit(trainer: pl.Trainer, masked: Sequence[MaskedTensor], history: Mapping, unit: str,
-               pictures: bool) -> None:
-    """The end-of-fit console table (:func:`~lightning_masks.stats.format_layer_table`), the loggers' table and
-    summary and, with ``pictures``, each layer's sparsity over training (``history``, positions in ``unit``) and the
-    gate histograms as PNGs in the run folder, logged to W&B."""
-    rows = stats.layer_rows(masked)
+def report_fit(trainer: pl.Trainer, rows: Sequence[Mapping], masked: Sequence[MaskedTensor], history: Mapping,
+               unit: str, pictures: bool) -> None:
+    """The end-of-fit console table of ``rows`` (:func:`~lightning_masks.stats.layer_rows`, printed by
+    :func:`~lightning_masks.stats.format_layer_table`), the loggers' table and summary and, with ``pictures``, each
+    layer's sparsity over training (``history``, positions in ``unit``) and the gate histograms of ``masked`` as PNGs
+    in the run folder, logged to W&B."""
     rank_zero_info(stats.format_layer_table(rows))
     if not trainer.loggers:
         return
@@ -92,8 +92,7 @@ def report_fit(trainer: pl.Trainer, masked: Sequence[MaskedTensor], history: Map
     if not trainer.is_global_zero:
         return
     loggers.log_table(trainer.loggers, "masks/layers", rows)
-    total = sum(row["total"] for row in rows)
-    pruned = total - sum(row["kept"] for row in rows)
+    pruned, total = stats.pruned_and_total(rows)
     summary = {"masks/final_sparsity": pruned / total, "masks/pruned": pruned, "masks/total": total}
     summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k})
     loggers.log_summary(trainer.loggers, summary)

@@ -119,12 +119,18 @@ def _row(name: str, shape: Sequence[int], kept: int, total: int) -> dict:
 
 def zero_rows(model: nn.Module, targets: Optional[Sequence] = None, exclude: Sequence = ()) -> list[dict]:
     """:func:`layer_rows` of a plain (folded) model: its exact zeros in the tensors ``targets``/``exclude`` select
-    as the callback does (:func:`~lightning_masks.masks.find_targets`)."""
+    (:func:`~lightning_masks.masks.find_targets`; the names of the tensors a fit masked, to count what it pruned)."""
     rows = []
     for name, owners in find_targets(model, targets, exclude).items():
         tensor = getattr(*owners[0])
         rows.append(_row(name, tensor.shape, int(tensor.count_nonzero()), tensor.numel()))
     return rows
+
+
+def pruned_and_total(rows: Sequence[Mapping]) -> tuple[int, int]:
+    """``(pruned, total)`` weights over the rows of :func:`layer_rows` or :func:`zero_rows`."""
+    total = sum(row["total"] for row in rows)
+    return total - sum(row["kept"] for row in rows), total
 
 
 def format_layer_table(rows: Sequence[Mapping]) -> str:
@@ -133,8 +139,7 @@ def format_layer_table(rows: Sequence[Mapping]) -> str:
     lines = [(r["name"], r["shape"], f"{r['kept']:,} / {r['total']:,}", f"{100 * r['sparsity']:.2f}%") for r in rows]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
     fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
-    total = sum(r["total"] for r in rows)
-    pruned = total - sum(r["kept"] for r in rows)
+    pruned, total = pruned_and_total(rows)
     body = [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*line) for line in lines)]
     body.append(f"pruned {pruned:,}/{total:,} ({100 * pruned / max(total, 1):.2f}%)")
     return "\n".join(body)

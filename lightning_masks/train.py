@@ -35,8 +35,7 @@ register()
 
 def format_result(result: dict[str, Any]) -> str:
     """The headline of a result: metrics, final sparsity, time (the callback has printed the per-layer table)."""
-    total = sum(row["total"] for row in result["layers"])
-    pruned = total - sum(row["kept"] for row in result["layers"])
+    pruned, total = stats.pruned_and_total(result["layers"])
     metrics = "  ".join(f"{key} {value:.4f}" for key, value in sorted(result["metrics"].items()) if "acc" in key)
     return (f"{metrics}  final sparsity {result['sparsity']:.4f} ({pruned:,} of {total:,} weights pruned)  "
             f"time {result['time_s']:.1f} s")
@@ -72,12 +71,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update(_scalars(trainer.callback_metrics))
     plain = fold(copy.deepcopy(model)) if masked_tensors(model) else model  # masks.fold_on_fit_end=false
-    layers = stats.zero_rows(plain, callback.targets, callback.exclude)
-    total = sum(row["total"] for row in layers)
+    # the exact zeros of the tensors the fit masked (not of every target: channel pruning keeps output layers whole)
+    layers = stats.zero_rows(plain, [row["name"] for row in callback.final_layers])
+    pruned, total = stats.pruned_and_total(layers)
     return {
         "status": "ok",
         "metrics": metrics,
-        "sparsity": 1.0 - sum(row["kept"] for row in layers) / total if total else math.nan,
+        "sparsity": pruned / total if total else math.nan,
         "time_s": time.perf_counter() - started,
         "init": {"name": type(callback.initializer).__name__, **vars(callback.initializer)},
         "layers": layers,

@@ -273,3 +273,13 @@ def test_every_selector_config_builds_the_callback_with_its_selector(option):
     if option == "global":  # the base the others change: every field at the Selector's default
         assert {key: node.selector[key] for key in defaults} == {**defaults, "tie": []}
     assert callback.sparsity == (0.5 if option == "two_four" else 0.9)
+
+
+def test_the_result_counts_the_tensors_the_fit_masked_as_the_callbacks_table_does(tmp_path):
+    """Channel pruning keeps the output layer whole: the headline's sparsity is over the masked tensors, as the
+    table printed above it, not diluted by the dense output layer."""
+    result = run_config(["masks/selector=channel", "trainer.fast_dev_run=false", "trainer.max_epochs=2",
+                         "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
+                         "trainer.limit_test_batches=1"], tmp_path)
+    assert result["sparsity"] == pytest.approx(0.9, abs=0.005)  # whole channels: 0.9023 (0.8684 with the head)
+    assert result["layers"] and all(row["sparsity"] > 0.5 for row in result["layers"]), result["layers"]
