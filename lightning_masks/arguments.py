@@ -10,10 +10,14 @@ from typing import Any, Optional, Union
 import torch
 
 from .gate import SCORE_DTYPES
+from .plan import EARLY_END
 from .select import Selector
 
-__all__ = ["check_flags", "check_number", "check_output_layers", "check_targets", "is_int", "score_dtype_of",
-           "selector_of"]
+__all__ = ["check_flags", "check_number", "check_output_layers", "check_settings", "check_targets", "final_sparsity",
+           "is_int", "ramp_of", "score_dtype_of", "selector_of"]
+
+#: ``start`` and ``end`` as the callback's signature defaults them (a ramp over the first two thirds)
+DEFAULT_RAMP = {"start": 0, "end": 2 / 3}
 
 # the loose selection arguments' defaults: the Selector's own
 _SELECTION_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Selector)}
@@ -46,6 +50,53 @@ def check_number(name: str, value: Any, low: float, high: float, *, low_open: bo
     given = repr(value) if number else f"{value!r}, a {type(value).__name__}: pass a number"
     raise ValueError(f"{name} must be {interval}{' or None' if optional else ''}, got {given}"
                      f"{'; ' + hint if hint else ''}")
+
+
+def check_settings(*, update_every: Any, init_kwargs: Any, temperature: Any, mask_lr: Any, mask_weight_decay: Any,
+                   early_end: Any, seed: Any, log_every_n_steps: Any, straight_through: bool, regrow: bool) -> None:
+    """Check the callback's settings (see :class:`~lightning_masks.MaskPruningCallback` for their meaning)."""
+    if update_every not in ("auto", "epoch") and not (is_int(update_every) and update_every > 0):
+        raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got {update_every!r}")
+    if init_kwargs is not None and not isinstance(init_kwargs, Mapping):
+        raise ValueError(f"init_kwargs must be a mapping of the initializer's options or None, got "
+                         f"{init_kwargs!r}; e.g. init_kwargs={{'noise_scale': 0.1}}")
+    check_number("temperature", temperature, 0.0, math.inf, low_open=True, hint="try 1.0 (lower is a harder gate)")
+    for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
+        check_number(name, value, 0.0, math.inf, optional=True, hint=f"e.g. {name}=0.01 (a float, not a string)")
+    if early_end not in EARLY_END:
+        raise ValueError(f"early_end must be one of {list(EARLY_END)}, got {early_end!r}")
+    if seed is not None and not is_int(seed):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    if log_every_n_steps is not None and not (is_int(log_every_n_steps) and log_every_n_steps >= 0):
+        raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}; 0 logs "
+                         "only as each epoch ends")
+    if straight_through and not regrow:
+        raise ValueError("straight_through=True needs regrow=True: without regrowth a pruned entry never comes "
+                         "back, and its scores' gradients would change nothing")
+
+
+def final_sparsity(sparsity: Any, selector: Selector, default: float) -> float:
+    """The fit's final sparsity: ``sparsity`` (in [0, 1)), or N:M's ``1 - N/M``, or ``default``."""
+    if sparsity is not None:
+        check_number("sparsity", sparsity, 0.0, 1.0, high_open=True, hint="e.g. sparsity=0.9 prunes 90%")
+    fixed = selector.grain.sparsity
+    if fixed is not None and sparsity is not None and not math.isclose(sparsity, fixed):
+        raise ValueError(f"granularity {selector.granularity!r} fixes sparsity at {fixed}, got sparsity={sparsity}; "
+                         "leave sparsity unset")
+    return sparsity if sparsity is not None else (fixed if fixed is not None else default)
+
+
+def ramp_of(schedule: Any, start: Any, end: Any) -> dict[str, Any]:
+    """The ramp arguments of a named schedule (``unit="epoch"``); for a schedule object or callable, which carries
+    its own, ``start``/``end`` off their defaults are refused rather than ignored."""
+    if isinstance(schedule, str):
+        return {"start": start, "end": end, "unit": "epoch"}
+    given = {name: value for name, value in (("start", start), ("end", end)) if value != DEFAULT_RAMP[name]}
+    if given:
+        raise ValueError(f"start/end ({given}) only shape a named schedule; schedule={schedule!r} carries its own "
+                         "ramp: put them in it (e.g. Schedule('cubic', final, start=..., end=..., unit='step')) or "
+                         "pass the schedule by name")
+    return {}
 
 
 def check_flags(**flags: Any) -> None:

@@ -10,7 +10,6 @@ thirty arguments (about a hundred lines); the code is under 400.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
@@ -19,17 +18,17 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from . import fit_report, loggers, stats
 from .arguments import (
     check_flags,
-    check_number,
     check_output_layers,
+    check_settings,
     check_targets,
-    is_int,
+    final_sparsity,
+    ramp_of,
     score_dtype_of,
     selector_of,
 )
@@ -50,13 +49,14 @@ from .masks import (
 )
 from .optim import place_scores
 from .outputs import kept_whole
-from .plan import EARLY_END, Plan
+from .plan import Plan
 from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule
 from .select import Selector
 from .trainer_glue import (
     after_configure_model,
     check_strategy,
     coupled_norms,
+    first_batch,
     one_pass,
     restore_configure_model,
     training_length,
@@ -199,39 +199,19 @@ class MaskPruningCallback(Callback):
         log_histograms: bool = True,
         plots: bool = True,
     ) -> None:
-        if sparsity is not None:  # None: the default (or N:M's)
-            check_number("sparsity", sparsity, 0.0, 1.0, high_open=True, hint="e.g. sparsity=0.9 prunes 90%")
-        if update_every not in ("auto", "epoch") and not (is_int(update_every) and update_every > 0):
-            raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got {update_every!r}")
         targets, exclude = check_targets("targets", targets, optional=True), check_targets("exclude", exclude)
-        if init_kwargs is not None and not isinstance(init_kwargs, Mapping):
-            raise ValueError(f"init_kwargs must be a mapping of the initializer's options or None, got "
-                             f"{init_kwargs!r}; e.g. init_kwargs={{'noise_scale': 0.1}}")
-        check_number("temperature", temperature, 0.0, math.inf, low_open=True, hint="try 1.0 (lower is a harder gate)")
         selector = selector_of(selector, mode=mode, importance=importance, layer_floor=layer_floor, regrow=regrow,
                                granularity=granularity, tie=tie)
-        for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
-            check_number(name, value, 0.0, math.inf, optional=True, hint=f"e.g. {name}=0.01 (a float, not a string)")
-        if early_end not in EARLY_END:
-            raise ValueError(f"early_end must be one of {list(EARLY_END)}, got {early_end!r}")
-        if seed is not None and not is_int(seed):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
-        if log_every_n_steps is not None and not (is_int(log_every_n_steps) and log_every_n_steps >= 0):
-            raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}; 0 logs "
-                             "only as each epoch ends")
+        final = final_sparsity(sparsity, selector, DEFAULT_SPARSITY)
+        check_settings(update_every=update_every, init_kwargs=init_kwargs, temperature=temperature, mask_lr=mask_lr,
+                       mask_weight_decay=mask_weight_decay, early_end=early_end, seed=seed,
+                       log_every_n_steps=log_every_n_steps, straight_through=straight_through, regrow=selector.regrow)
         check_flags(rescale_gate=rescale_gate, fold_on_fit_end=fold_on_fit_end, fused_adam=fused_adam,
                     log_histograms=log_histograms, plots=plots)
-        nm_sparsity = selector.grain.sparsity
-        if nm_sparsity is not None and sparsity is not None and not math.isclose(sparsity, nm_sparsity):
-            raise ValueError(f"granularity {selector.granularity!r} fixes sparsity at {nm_sparsity}, got "
-                             f"sparsity={sparsity}; "
-                             "leave sparsity unset")
-        final = sparsity if sparsity is not None else (nm_sparsity if nm_sparsity is not None else DEFAULT_SPARSITY)
 
         self.sparsity = final
         self.initializer = get_initializer(init, **dict(init_kwargs or {}))
-        ramp = {"start": start, "end": end, "unit": "epoch"} if isinstance(schedule, str) else {}
-        self.schedule = get_schedule(schedule, final, **ramp)
+        self.schedule = get_schedule(schedule, final, **ramp_of(schedule, start, end))
         self.targets = targets
         self.exclude = exclude
         self.temperature = float(temperature)
@@ -241,9 +221,6 @@ class MaskPruningCallback(Callback):
         self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
         self.output_layers = check_output_layers(output_layers)
         self.selector = selector
-        if straight_through and not selector.regrow:
-            raise ValueError("straight_through=True needs regrow=True: without regrowth a pruned entry never comes "
-                             "back, and its scores' gradients would change nothing")
         self.straight_through = bool(straight_through)
         self.mask_lr = mask_lr
         self.mask_weight_decay = mask_weight_decay
@@ -369,8 +346,7 @@ class MaskPruningCallback(Callback):
 
     def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise gradient-based scores (e.g. SNIP) from one training batch of the dense network."""
-        batch = next(iter(CombinedLoader(trainer.train_dataloader, "max_size_cycle")))[0]
-        batch = trainer.strategy.batch_to_device(batch)
+        batch = trainer.strategy.batch_to_device(first_batch(trainer))
         weights = [entry.weight for entry in self._masked]
         with gates_disabled(self._masked), torch.enable_grad():
             grads = torch.autograd.grad(training_loss(pl_module, batch), weights, allow_unused=True)

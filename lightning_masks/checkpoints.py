@@ -100,8 +100,3 @@ def atomic_write(destination: Union[str, os.PathLike], write: Callable[[str], ob
         if os.path.exists(temporary):
             os.remove(temporary)
     return destination
-
-
-# --- sparse save -------------------------------------------------------------------------------------------------
-
-#: Marks the keys of a tensor stored sparse: ``<name>::bits`` (packed keep bits), ``::values``, ``::shape``.

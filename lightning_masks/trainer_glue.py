@@ -92,7 +92,9 @@ def restore_configure_model(pl_module: pl.LightningModule) -> None:
 
 def first_batch(trainer: pl.Trainer) -> Any:
     """The first batch of the fit's training data (from the datamodule, the module or the loaders passed to fit)."""
-    loaders = trainer.fit_loop._data_source.dataloader()
+    loaders = trainer.train_dataloader
+    if loaders is None:  # before the fit loop set its data up (configure_model): no public way in but its source
+        loaders = trainer.fit_loop._data_source.dataloader()
     return next(iter(CombinedLoader(loaders, "max_size_cycle")))[0]
 
 

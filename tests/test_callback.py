@@ -10,7 +10,15 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_masks import MaskPruningCallback, Selector, ThresholdSchedule, fold_checkpoint, masked_tensors, masks
+from lightning_masks import (
+    MaskPruningCallback,
+    Schedule,
+    Selector,
+    ThresholdSchedule,
+    fold_checkpoint,
+    masked_tensors,
+    masks,
+)
 from lightning_masks import gate as gate_module
 from lightning_masks.trainer_glue import check_strategy
 from lightning_masks.zoo import MLP, DigitsDataModule
@@ -328,6 +336,8 @@ def test_state_dict_round_trip():
     ({"tie": ["net.0.weight", "net.2.weight"]}, r"tie must be 'auto' or a list of groups, each a non-empty list"),
     ({"tie": [["net.*"]], "granularity": "2:4"}, r"tie cannot be combined with N:M granularity"),
     ({"tie": "automatic"}, r"tie must be 'auto' or a list of groups, each .* got 'automatic'"),
+    ({"schedule": Schedule("linear", 0.9), "end": 5}, r"start/end \(\{'end': 5\}\) only shape a named schedule"),
+    ({"schedule": lambda t: 0.5, "start": 1}, r"start/end \(\{'start': 1\}\) only shape a named schedule"),
 ])
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
