@@ -2,9 +2,10 @@
 
 from .callback import MaskPruningCallback
 from .checkpoints import fold_checkpoint, fold_state_dict
+from .gate import MaskGate
 from .init import Initializer, get_initializer, list_initializers, register_initializer
 from .kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
-from .masks import MaskGate, attach, fold, masked_tensors
+from .masks import attach, fold, masked_tensors
 from .schedule import Schedule, ThresholdSchedule, list_schedules
 from .select import Selector
 

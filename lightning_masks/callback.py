@@ -34,24 +34,23 @@ from .arguments import (
 )
 from .budget import DEFAULT_UPDATE_SHARE
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze
+from .gate import cached_gates
 from .init import InitSpec, get_initializer
 from .loading import restore_masks_on_load
 from .masks import (
     MaskedTensor,
-    TargetSpec,
     attach,
-    cached_gates,
     detach,
     fold,
     gates_disabled,
     masked_tensors,
-    resolve_targets,
 )
 from .optim import place_scores
 from .outputs import kept_whole
 from .plan import Plan
 from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule
 from .select import Selector
+from .targets import TargetSpec, resolve_targets
 from .trainer_glue import (
     after_configure_model,
     check_strategy,

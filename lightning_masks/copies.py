@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .gate import ChannelBias
-from .masks import MaskedTensor, _biases, _picklable, masked_tensors
+from .masks import MaskedTensor, gated_biases, make_picklable, masked_tensors
 
 __all__ = ["follow_masks", "mask_like"]
 
@@ -38,12 +38,12 @@ def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
         owners = [(place(m), tn) for m, tn in entry.owners]
         if any(m is None or not _same_values(getattr(m, tn, None), entry.weight) for m, tn in owners):
             return []
-        places.append((entry.gate, owners, [(place(m), name) for m, name in _biases(entry)]))
+        places.append((entry.gate, owners, [(place(m), name) for m, name in gated_biases(entry)]))
     for gate, owners, biases in places:
         gate = copy.deepcopy(gate)
         for module, tensor_name in owners:
             parametrize.register_parametrization(module, tensor_name, gate)
-            _picklable(module)
+            make_picklable(module)
         for module, name in biases:
             parametrize.register_parametrization(module, name, ChannelBias(gate))
     return masked_tensors(replica)

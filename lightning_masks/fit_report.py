@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import loggers, plots, stats
-from .masks import MaskedTensor, Targets
+from .masks import MaskedTensor
+from .targets import Targets
 
 __all__ = ["announce", "histograms", "log_scalars", "report_fit"]
 

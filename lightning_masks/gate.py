@@ -8,15 +8,11 @@ for value and are kept side by side.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from .masks import MaskedTensor
 
 __all__ = [
     "PRUNED_SCORE",
@@ -27,7 +23,6 @@ __all__ = [
     "derived_keep",
     "gate_value",
     "gated",
-    "keep_bits_cached",
     "masked_value",
     "straight_through_gated",
 ]
@@ -81,7 +76,7 @@ def masked_value(
     return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
 
-def _divisor(temperature: Tensor | float) -> Tensor | float | None:
+def temperature_divisor(temperature: Tensor | float) -> Tensor | float | None:
     """``T``, or ``None`` where it is known to be exactly 1 without a device sync (the division is skipped)."""
     if isinstance(temperature, Tensor):
         if temperature.device.type != "cpu" or temperature.requires_grad or torch.compiler.is_compiling():
@@ -188,7 +183,7 @@ def gated(
     """
     if _tracing():
         return _traced(weight, scores, keep, temperature, gate_scale)
-    divisor = _divisor(temperature)
+    divisor = temperature_divisor(temperature)
     if torch.is_grad_enabled() and (weight.requires_grad or scores.requires_grad or
                                     (gate_scale is not None and gate_scale.requires_grad)):
         trained = [t for t in (gate_scale, temperature) if isinstance(t, Tensor) and t.requires_grad]
@@ -224,7 +219,7 @@ def straight_through_gated(
 
 
 
-def _reduce_to(scores: Tensor, shape: torch.Size) -> Tensor:
+def reduce_to(scores: Tensor, shape: torch.Size) -> Tensor:
     """Average ``scores`` over the dimensions that ``shape`` keeps at size 1."""
     dims = [d for d, (have, want) in enumerate(zip(scores.shape, shape)) if want == 1 and have != 1]
     return scores.mean(dim=dims, keepdim=True) if dims else scores
@@ -319,7 +314,7 @@ class MaskGate(nn.Module):
         Weight-shaped scores are averaged down to per-channel scores when the gate is per channel.
         """
         keep = self.keep.clone() if self.compact else None
-        self.scores.copy_(_reduce_to(scores, self.scores.shape))
+        self.scores.copy_(reduce_to(scores, self.scores.shape))
         if keep is not None:
             self.set_keep(keep)
         if self.gate_scale is not None:
@@ -376,7 +371,7 @@ class MaskGate(nn.Module):
                 f"score_dtype={self.scores.dtype}{compact}")
 
 
-def _per_channel(gate: MaskGate, shape: torch.Size) -> tuple:
+def channel_gate_args(gate: MaskGate, shape: torch.Size) -> tuple:
     """The gate's ``(scores, keep, temperature, gate_scale)`` reshaped for a per-channel bias (``keep`` is
     ``None`` for a compact gate, a 0-dim scale stays as it is)."""
     scale = gate.gate_scale
@@ -400,7 +395,7 @@ class ChannelBias(nn.Module):
         gate = self.gate
         if not gate.enabled:
             return bias
-        return gated(bias, *_per_channel(gate, bias.shape))
+        return gated(bias, *channel_gate_args(gate, bias.shape))
 
 
 _gate_cache: dict[MaskGate, Tensor] | None = None
@@ -419,18 +414,3 @@ def cached_gates() -> Iterator[None]:
         yield
     finally:
         _gate_cache = outer
-
-
-@contextmanager
-def keep_bits_cached(masked: Iterable[MaskedTensor]) -> Iterator[None]:
-    """Within the block, a compact gate reads its keep bits off the scores once per change of the scores, not at
-    every ``gate.keep`` (selection reads them several times an update: on LeNet-300-100, eleven comparison passes
-    over the scores). The cached bits are dropped when the block ends; treat ``gate.keep`` as read-only within it."""
-    gates = [entry.gate for entry in masked if entry.gate.stored_keep() is None]
-    for gate in gates:
-        gate._keep_cache = (-1, None)
-    try:
-        yield
-    finally:
-        for gate in gates:
-            gate._keep_cache = None

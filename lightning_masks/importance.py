@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .gate import _divisor, _reduce_to
+from .gate import reduce_to, temperature_divisor
 from .masks import MaskedTensor
 from .registry import Registry
 
@@ -65,7 +65,7 @@ get_importance = _CRITERIA.get
 def log_sigmoid(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
     """Log of the raw gate ``sigmoid(scores / T)``: orders like the gate without saturating at 1."""
     gate = entry.gate
-    divisor = _divisor(gate.temperature)  # None at T == 1: no division pass (dividing by 1 is exact anyway)
+    divisor = temperature_divisor(gate.temperature)  # None at T == 1: no division pass (dividing by 1 is exact anyway)
     scores = at(gate.scores.detach(), index).float()
     return torch.nn.functional.logsigmoid(scores if divisor is None else scores / divisor)
 
@@ -85,7 +85,7 @@ def effective_weight_importance(entry: MaskedTensor, index: Optional[Tensor] = N
     """Log of ``|w * gate|``, the weight-dependent criterion (per channel, the channel's mean ``|w|``)."""
     weight = entry.weight.detach()
     if entry.unit_size > 1:
-        magnitude = at(_reduce_to(weight.float().abs(), entry.gate.scores.shape), index)
+        magnitude = at(reduce_to(weight.float().abs(), entry.gate.scores.shape), index)
     else:
         magnitude = at(weight, index).float().abs()
     return magnitude.log_().add_(gate_importance(entry, index))

@@ -12,8 +12,8 @@ from torch.nn.utils import parametrize
 from .gate import SCORE_DTYPES
 from .kinds import channel_shape, output_axis
 from .layout import ORIGINAL, group_mask_keys, mask_key
-from .masks import _detach_entries, attach
-from .targets import _is_masked, _tensor_slots
+from .masks import attach, detach_entries
+from .targets import is_masked, tensor_slots
 
 __all__ = ["restore_masks_on_load"]
 
@@ -32,12 +32,12 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
 
 def _restore_masks(module: nn.Module, state_dict: dict, prefix: str, metadata: dict, strict: bool, *args) -> None:
     """The load pre-hook of :func:`restore_masks_on_load` (a module-level function: a hooked model pickles)."""
-    slots = {q: (m, tn, t) for q, _, m, tn, t in _tensor_slots(module)}
+    slots = {q: (m, tn, t) for q, _, m, tn, t in tensor_slots(module)}
     saved = group_mask_keys(state_dict, prefix)
     wanted: dict[tuple[bool, bool, torch.dtype], list[str]] = {}  # (per_channel, compact, dtype) -> tensors
     for qualified, fields in saved.items():
         scores = fields.get("scores")
-        if scores is None or qualified not in slots or _is_masked(*slots[qualified][:2]):
+        if scores is None or qualified not in slots or is_masked(*slots[qualified][:2]):
             continue
         owner, tensor_name, original = slots[qualified]
         channels = channel_shape(original, output_axis(owner, tensor_name))
@@ -54,20 +54,20 @@ def _restore_masks(module: nn.Module, state_dict: dict, prefix: str, metadata: d
         if strict:
             _check_mask_keys(module, state_dict, prefix)
     except ValueError:
-        _detach_entries(attached)
+        detach_entries(attached)
         raise
 
 
 def _check_mask_keys(model: nn.Module, state_dict: dict, prefix: str) -> None:
     """Raise if the state dict lacks, or mis-shapes, a mask tensor of ``model`` (before any is loaded)."""
     problems = []
-    masked = {q for q, _, m, tn, _ in _tensor_slots(model) if parametrize.is_parametrized(m, tn)}
+    masked = {q for q, _, m, tn, _ in tensor_slots(model) if parametrize.is_parametrized(m, tn)}
     for tensor, fields in group_mask_keys(state_dict, prefix).items():
         if tensor not in masked:
             problems += [f"{prefix + mask_key(tensor, field)!r} is a mask tensor of a weight the model does not mask"
                          for field in fields]
-    for qualified, _, module, tensor_name, tensor in _tensor_slots(model):
-        if not _is_masked(module, tensor_name):
+    for qualified, _, module, tensor_name, tensor in tensor_slots(model):
+        if not is_masked(module, tensor_name):
             continue
         gate = module.parametrizations[tensor_name][0]
         expected = {ORIGINAL: tensor.shape, "scores": gate.scores.shape, "keep": gate.keep.shape,

@@ -21,17 +21,16 @@ from .gate import (
     SCORE_DTYPES,
     ChannelBias,
     MaskGate,
-    _per_channel,
-    _reduce_to,
     cached_gates,
+    channel_gate_args,
     gate_value,
     gated,
-    keep_bits_cached,
     masked_value,
+    reduce_to,
     straight_through_gated,
 )
 from .kinds import bias_name, channel_shape, output_axis
-from .targets import Targets, TargetSpec, _is_masked, _nothing_to_mask, _tensor_slots, find_targets, resolve_targets
+from .targets import Targets, TargetSpec, find_targets, is_masked, nothing_to_mask, resolve_targets, tensor_slots
 
 __all__ = [
     "PRUNED_SCORE",
@@ -135,7 +134,7 @@ def attach(
         raise ValueError(f"score_dtype must be one of {[str(d) for d in SCORE_DTYPES]} or None, got {score_dtype!r}")
     found = resolved.chosen
     if not found:
-        raise ValueError(_nothing_to_mask(resolved, targets))
+        raise ValueError(nothing_to_mask(resolved, targets))
     prepared = []
     for name, owners in found.items():
         module, tensor_name = owners[0]
@@ -152,7 +151,7 @@ def attach(
                              f"{tuple(weight.shape)}; an initializer must keep the weight's shape")
         if per_channel:
             _refuse_grouped_transpose(name, module)
-            scores = _reduce_to(scores, torch.Size(channel_shape(weight, output_axis(module, tensor_name))))
+            scores = reduce_to(scores, torch.Size(channel_shape(weight, output_axis(module, tensor_name))))
         dtype = score_dtype if score_dtype is not None and score_dtype.itemsize <= weight.dtype.itemsize else None
         prepared.append((name, owners, MaskGate(scores.to(weight), temperature, rescale=rescale, score_dtype=dtype,
                                                 compact=compact)))
@@ -164,7 +163,7 @@ def attach(
             for module, tensor_name in owners:
                 original = _original(module, tensor_name)
                 parametrize.register_parametrization(module, tensor_name, gate)
-                _picklable(module)
+                make_picklable(module)
                 done.append((module, tensor_name))
                 bias = _gated_bias(module, tensor_name, gate) if per_channel else None
                 if bias is not None:
@@ -216,7 +215,7 @@ def _remove_gate(module: nn.Module, tensor_name: str) -> None:
             del plist[index]
 
 
-def _picklable(module: nn.Module) -> None:
+def make_picklable(module: nn.Module) -> None:
     """Let a masked module be pickled whole (``torch.save(model)``, ``copy`` through pickle), which torch refuses for
     parametrized modules: it pickles as its own class plus its state, and gets its parametrized class back on load."""
     type(module).__reduce_ex__ = _reduce_masked
@@ -235,7 +234,7 @@ def _rebuild_masked(cls: type, names: tuple[str, ...]) -> nn.Module:
     parametrize._inject_new_class(module)
     for name in names:
         parametrize._inject_property(module, name)
-    _picklable(module)
+    make_picklable(module)
     return module
 
 
@@ -251,7 +250,7 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
-def _biases(entry: MaskedTensor) -> list[tuple[nn.Module, str]]:
+def gated_biases(entry: MaskedTensor) -> list[tuple[nn.Module, str]]:
     """The ``(module, bias name)`` of the owners' biases that this entry's gate also gates."""
     found = []
     for module, tensor_name in entry.owners:
@@ -265,8 +264,8 @@ def _biases(entry: MaskedTensor) -> list[tuple[nn.Module, str]]:
 def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
     """Return every masked tensor of ``model`` once (tied tensors share one entry), in module order."""
     found: dict[int, MaskedTensor] = {}
-    for qualified, _, module, tensor_name, tensor in _tensor_slots(model):
-        if not _is_masked(module, tensor_name):
+    for qualified, _, module, tensor_name, tensor in tensor_slots(model):
+        if not is_masked(module, tensor_name):
             continue
         gate = next(p for p in module.parametrizations[tensor_name] if isinstance(p, MaskGate))
         entry = found.setdefault(id(gate), MaskedTensor(qualified, gate, tensor))
@@ -276,14 +275,14 @@ def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
 
 def detach(model: nn.Module) -> nn.Module:
     """Remove every mask and leave the original weights exactly as they were (the masks are lost)."""
-    _detach_entries(masked_tensors(model))
+    detach_entries(masked_tensors(model))
     return model
 
 
-def _detach_entries(entries: Iterable[MaskedTensor]) -> None:
+def detach_entries(entries: Iterable[MaskedTensor]) -> None:
     """Remove these entries' gates (and the channel biases they gate), leaving the originals as they are."""
     for entry in entries:
-        for module, name in _biases(entry):
+        for module, name in gated_biases(entry):
             _remove_gate(module, name)
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)
@@ -299,9 +298,9 @@ def fold(model: nn.Module) -> nn.Module:
     for entry in masked_tensors(model):
         gate = entry.gate
         value = masked_value(entry.weight, gate.scores, gate.stored_keep(), gate.temperature, gate.gate_scale)
-        for module, name in _biases(entry):
+        for module, name in gated_biases(entry):
             bias = module.parametrizations[name].original
-            bias_value = masked_value(bias, *_per_channel(gate, bias.shape))
+            bias_value = masked_value(bias, *channel_gate_args(gate, bias.shape))
             _remove_gate(module, name)
             bias.copy_(bias_value)
         for module, tensor_name in entry.owners:
@@ -321,3 +320,18 @@ def gates_disabled(masked: Iterable[MaskedTensor]) -> Iterator[None]:
     finally:
         for gate in gates:
             gate.enabled = True
+
+
+@contextmanager
+def keep_bits_cached(masked: Iterable[MaskedTensor]) -> Iterator[None]:
+    """Within the block, a compact gate reads its keep bits off the scores once per change of the scores, not at
+    every ``gate.keep`` (selection reads them several times an update: on LeNet-300-100, eleven comparison passes
+    over the scores). The cached bits are dropped when the block ends; treat ``gate.keep`` as read-only within it."""
+    gates = [entry.gate for entry in masked if entry.gate.stored_keep() is None]
+    for gate in gates:
+        gate._keep_cache = (-1, None)
+    try:
+        yield
+    finally:
+        for gate in gates:
+            gate._keep_cache = None

@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .masks import MaskedTensor, find_targets, gate_value
+from .gate import gate_value
+from .masks import MaskedTensor
+from .targets import find_targets
 
 __all__ = [
     "UNDECIDED",

@@ -23,7 +23,7 @@ __all__ = ["TargetSpec", "Targets", "find_targets", "resolve_targets"]
 TargetSpec = Union[str, type]
 
 
-def _tensor_slots(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, Tensor]]:
+def tensor_slots(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, Tensor]]:
     """Yield ``(qualified_name, module_name, module, tensor_name, parameter)`` for every parameter slot.
 
     Shared modules and tied parameters are yielded once per place they appear. A parametrized tensor
@@ -77,7 +77,7 @@ def _foreign_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _is_masked(module: nn.Module, tensor_name: str) -> bool:
+def is_masked(module: nn.Module, tensor_name: str) -> bool:
     return parametrize.is_parametrized(module, tensor_name) and any(
         isinstance(p, MaskGate) for p in module.parametrizations[tensor_name]
     )
@@ -156,7 +156,7 @@ def resolve_targets(
             whose weight is already pruned, normalised or parametrized by something else.
         TypeError: a spec that is neither a string nor a module type.
     """
-    slots = list(_tensor_slots(model))
+    slots = list(tensor_slots(model))
     modules = list(model.named_modules())
     by_param: dict[int, list[tuple[str, nn.Module, str]]] = {}
     tensors: dict[int, Tensor] = {}
@@ -216,7 +216,7 @@ def resolve_targets(
         tensor = tensors[key]
         name = " = ".join(q for q, _, _ in owners)
         matrix = tensor.dim() >= 2 and not isinstance(tensor, nn.parameter.UninitializedParameter)
-        if any(_is_masked(m, tn) for _, m, tn in owners):
+        if any(is_masked(m, tn) for _, m, tn in owners):
             continue
         if key in excluded:
             if matrix:
@@ -274,7 +274,7 @@ def _foreign_layers(model: nn.Module, selected: set[int], by_param: dict[int, li
     return found
 
 
-def _nothing_to_mask(resolved: Targets, targets: list[TargetSpec] | None) -> str:
+def nothing_to_mask(resolved: Targets, targets: list[TargetSpec] | None) -> str:
     """The error for a selection that masks nothing: what was asked, what was left out and why, the fix."""
     if targets is None:
         asked = ("the model has no trainable weight of a registered layer kind (lightning_masks.kinds."

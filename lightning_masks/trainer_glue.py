@@ -4,7 +4,8 @@ check, the fit's length, the ``configure_model`` hook the masks attach after, on
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -27,6 +28,7 @@ __all__ = ["after_configure_model", "check_strategy", "coupled_norms", "first_ba
 
 
 def check_strategy(strategy: Any) -> None:
+    """Raise ``ValueError`` for a strategy that shards or wraps parameters (only a single device and DDP are safe)."""
     unsupported = isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
     if unsupported or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise ValueError(
@@ -51,17 +53,14 @@ def training_length(trainer: pl.Trainer) -> tuple[float, float]:
     return total, max(per_epoch, 1)
 
 
-class logging_disabled:
+@contextmanager
+def logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
     """Make ``self.log``/``self.log_dict`` no-ops on a module for a block (a step run outside the loop)."""
-
-    def __init__(self, pl_module: pl.LightningModule) -> None:
-        self.pl_module = pl_module
-
-    def __enter__(self) -> None:
-        self.pl_module.log = self.pl_module.log_dict = lambda *args, **kwargs: None
-
-    def __exit__(self, *exc: Any) -> None:
-        del self.pl_module.log, self.pl_module.log_dict
+    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
 
 
 def after_configure_model(pl_module: pl.LightningModule, then: Callable[[], None]) -> None:
