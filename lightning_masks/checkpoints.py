@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Union
 
 import torch
 from torch import Tensor
 
+from .files import atomic_write
 from .gate import masked_value
 from .kinds import weight_name
 from .layout import GATE_FIELDS, ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key, split_mask_key
 
-__all__ = ["atomic_write", "fold_checkpoint", "fold_state_dict", "load_checkpoint"]
+__all__ = ["fold_checkpoint", "fold_state_dict", "load_checkpoint"]
 
 def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Return a copy of a masked state dict with every mask folded: ``<path>.<name> = w * gate * keep``.
@@ -85,18 +84,3 @@ def load_checkpoint(source: Union[str, os.PathLike]) -> dict:
         raise ValueError(f"{str(source)!r} is not a Lightning checkpoint (no 'state_dict'); pass one written by "
                          "Trainer.save_checkpoint or ModelCheckpoint")
     return checkpoint
-
-
-def atomic_write(destination: Union[str, os.PathLike], write: Callable[[str], object]) -> Path:
-    """Call ``write(temporary_path)`` and move the result onto ``destination``: all or nothing."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=destination.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, destination)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return destination

@@ -16,7 +16,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .checkpoints import atomic_write, fold_checkpoint, fold_state_dict, load_checkpoint
+from .checkpoints import fold_checkpoint, fold_state_dict, load_checkpoint
+from .files import atomic_write
 from .inputs import as_arguments
 from .masks import fold
 from .shrink import ShrinkReport, shrink

@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from .checkpoints import atomic_write
+from .files import atomic_write
 
 __all__ = ["SparseFileInfo", "dense_size", "load_sparse", "pack_bits", "save_sparse", "unpack_bits"]
 
