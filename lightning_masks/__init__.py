@@ -3,10 +3,11 @@
 from .callback import MaskPruningCallback
 from .checkpoints import fold_checkpoint, fold_state_dict
 from .gate import MaskGate
+from .importance import list_importances, register_importance
 from .init import Initializer, get_initializer, list_initializers, register_initializer
 from .kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
 from .masks import attach, fold, masked_tensors
-from .schedule import Schedule, ThresholdSchedule, list_schedules
+from .schedule import Schedule, ThresholdSchedule, list_schedules, register_schedule
 from .select import Selector
 
 __all__ = [
@@ -23,12 +24,15 @@ __all__ = [
     "fold_state_dict",
     "get_initializer",
     "get_layer_kind",
+    "list_importances",
     "list_initializers",
     "list_layer_kinds",
     "list_schedules",
     "masked_tensors",
+    "register_importance",
     "register_initializer",
     "register_layer_kind",
+    "register_schedule",
 ]
 
 __version__ = "0.1.0"

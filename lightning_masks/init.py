@@ -10,6 +10,8 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor
 
+from .registry import Registry
+
 __all__ = [
     "Constant",
     "FunctionInitializer",
@@ -26,7 +28,8 @@ __all__ = [
     "register_initializer",
 ]
 
-_INITIALIZERS: dict[str, Callable[..., "Initializer"]] = {}
+_INITIALIZERS: Registry[Callable[..., "Initializer"]] = Registry(
+    "initializer", hint="Pass one of these names, an Initializer, or a callable weight -> scores")
 
 
 def register_initializer(name: str, *, override: bool = False) -> Callable:
@@ -40,23 +43,18 @@ def register_initializer(name: str, *, override: bool = False) -> Callable:
         ...     return -weight.abs()
     """
 
-    def decorator(obj: Any) -> Any:
-        if name in _INITIALIZERS and not override:
-            raise ValueError(f"initializer {name!r} is registered already; pass override=True to replace it")
+    def factory(obj: Any) -> Callable[..., Initializer]:
         if isinstance(obj, type) and issubclass(obj, Initializer):
-            _INITIALIZERS[name] = obj
-        elif callable(obj):
-            _INITIALIZERS[name] = lambda **kwargs: FunctionInitializer(obj, **kwargs)
-        else:
-            raise TypeError(f"register_initializer expects an Initializer subclass or a callable, got {obj!r}")
-        return obj
+            return obj
+        if callable(obj):
+            return lambda **kwargs: FunctionInitializer(obj, **kwargs)
+        raise TypeError(f"register_initializer expects an Initializer subclass or a callable, got {obj!r}")
 
-    return decorator
+    return _INITIALIZERS.decorator(name, override=override, wrap=factory)
 
 
-def list_initializers() -> list[str]:
-    """Return the registered initializer names, sorted."""
-    return sorted(_INITIALIZERS)
+#: The registered initializer names, sorted.
+list_initializers = _INITIALIZERS.names
 
 
 class Initializer:
@@ -223,12 +221,7 @@ def get_initializer(spec: InitSpec, **kwargs: Any) -> Initializer:
             raise ValueError(f"options {sorted(kwargs)} apply to a named initializer, not to {spec!r}")
         return spec
     if isinstance(spec, str):
-        if spec not in _INITIALIZERS:
-            raise ValueError(
-                f"unknown initializer {spec!r}; known initializers: {list_initializers()}. "
-                "Pass one of these names, an Initializer, or a callable weight -> scores"
-            )
-        factory = _INITIALIZERS[spec]
+        factory = _INITIALIZERS.get(spec)
         try:
             return factory(**kwargs)
         except TypeError as error:

@@ -17,6 +17,8 @@ from typing import Optional, TypeVar, Union
 
 from torch import Tensor, nn
 
+from .registry import Registry
+
 __all__ = [
     "LayerKind",
     "bias_name",
@@ -29,7 +31,7 @@ __all__ = [
     "weight_name",
 ]
 
-_KINDS: dict[str, "LayerKind"] = {}
+_KINDS: Registry["LayerKind"] = Registry("layer kind")  # by dotted class path
 
 Layer = TypeVar("Layer", bound=Union[type, str])
 
@@ -99,38 +101,34 @@ def register_layer_kind(
                          "e.g. tensors=('weight',)")
 
     def decorator(cls: Layer) -> Layer:
-        key = _dotted(cls)
-        if key in _KINDS and not override:
-            raise ValueError(f"layer kind {key!r} is registered already; pass override=True to replace it")
-        _KINDS[key] = LayerKind(tuple(tensors), output_axis)
+        _KINDS.add(_dotted(cls), LayerKind(tuple(tensors), output_axis), override=override)
         return cls
 
     return decorator if layer is None else decorator(layer)
 
 
-def list_layer_kinds() -> list[str]:
-    """Return the dotted class paths of the registered layer kinds, sorted."""
-    return sorted(_KINDS)
+#: The dotted class paths of the registered layer kinds, sorted.
+list_layer_kinds = _KINDS.names
 
 
 def get_layer_kind(layer: Union[type, str]) -> LayerKind:
     """Return the kind registered for a class (or dotted path), or for its nearest registered base class.
 
     Raises:
-        KeyError: nothing registered for it or its bases, naming the registered kinds.
+        ValueError: nothing registered for it or its bases, naming the registered kinds.
     """
     for cls in (layer.__mro__ if isinstance(layer, type) else (layer,)):
-        kind = _KINDS.get(_dotted(cls))
+        kind = _KINDS.find(_dotted(cls))
         if kind is not None:
             return kind
-    raise KeyError(f"no layer kind registered for {_dotted(layer)!r}; registered: {list_layer_kinds()}. Add one "
+    raise ValueError(f"no layer kind registered for {_dotted(layer)!r}; registered: {list_layer_kinds()}. Add one "
                    "with lightning_masks.register_layer_kind")
 
 
 def kind_of(module: nn.Module) -> Optional[LayerKind]:
     """The kind of a module instance (its most specific registered class), or ``None``."""
     for cls in type(module).__mro__:
-        kind = _KINDS.get(_dotted(cls))
+        kind = _KINDS.find(_dotted(cls))
         if kind is not None:
             return kind
     return None

@@ -1,5 +1,6 @@
 """A named registry, the idiom of timm's ``_registry.py``: register with a decorator, look up by name (a miss names
-the registered entries), list the names. Schedule shapes and importance criteria keep theirs in one."""
+the registered entries), list the names. Initializers, schedule shapes, importance criteria and layer kinds each
+keep theirs in one."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class Registry(Generic[T]):
 
     Args:
         kind: what an entry is, for messages (``"schedule"``, ``"importance"``).
+        hint: appended to the message of a lookup miss (e.g. what else may be passed).
 
     Example:
         >>> shapes = Registry("shape")
@@ -24,8 +26,9 @@ class Registry(Generic[T]):
         (0.5, ['linear'])
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, hint: str = "") -> None:
         self.kind = kind
+        self.hint = hint
         self._entries: dict[str, T] = {}
 
     def add(self, name: str, entry: T, *, override: bool = False) -> T:
@@ -58,7 +61,12 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; known {self.kind}s: {self.names()}") from None
+            hint = f". {self.hint}" if self.hint else ""
+            raise ValueError(f"unknown {self.kind} {name!r}; known {self.kind}s: {self.names()}{hint}") from None
+
+    def find(self, name: str) -> T | None:
+        """The entry registered as ``name``, or ``None``."""
+        return self._entries.get(name)
 
     def names(self) -> list[str]:
         """The registered names, sorted."""

@@ -121,7 +121,7 @@ def test_every_required_layer_kind_is_registered_with_its_output_axis():
 
 
 def test_a_lookup_miss_names_the_registered_kinds_and_a_duplicate_is_refused():
-    with pytest.raises(KeyError, match=r"no layer kind registered for 'torch.nn.modules.sparse.Embedding'.*Linear"):
+    with pytest.raises(ValueError, match=r"no layer kind registered for 'torch.nn.modules.sparse.Embedding'.*Linear"):
         get_layer_kind(nn.Embedding)
     with pytest.raises(ValueError, match="registered already; pass override=True"):
         register_layer_kind(nn.Linear)
