@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_masks import Schedule
+from lightning_masks import Schedule, stats
 from lightning_masks.zoo import MLP, FashionMNISTDataModule, LeNet5, LeNet5Caffe
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "sparsity_counts",
     "target_count",
     "target_sparsity",
+    "zero_rows",
 ]
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,21 +52,26 @@ def load_fashion_mnist(root: str | None = None) -> dict[str, tuple[Tensor, Tenso
     return {name: tuple(split.tensors) for name, split in zip(("train", "val", "test"), splits)}
 
 
+#: The layers every method prunes (their weights).
+PRUNABLE = (nn.Linear, nn.Conv2d)
+
+
 def prunable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``(name, module)`` for every Linear/Conv2d: the weights every method prunes."""
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, PRUNABLE):
             yield name, module
 
 
+def zero_rows(model: nn.Module) -> list[dict]:
+    """The package's per-layer rows (:func:`lightning_masks.stats.zero_rows`) of the prunable weights of a plain
+    model: exact zeros as they are now (measured, not assumed)."""
+    return stats.zero_rows(model, list(PRUNABLE))
+
+
 def sparsity_counts(model: nn.Module) -> tuple[int, int]:
-    """Return ``(exact zeros, total)`` over the prunable weights as they are now (measured, not assumed)."""
-    zeros = total = 0
-    for _, module in prunable(model):
-        weight = module.weight.detach()
-        zeros += int((weight == 0).sum())
-        total += weight.numel()
-    return zeros, total
+    """Return ``(exact zeros, total)`` over the prunable weights of a plain model."""
+    return stats.pruned_and_total(zero_rows(model))
 
 
 def target_sparsity(final: float, epoch: int, start: int, end: int) -> float:

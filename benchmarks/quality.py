@@ -61,6 +61,7 @@ from common import (
     sparsity_counts,
     target_count,
     target_sparsity,
+    zero_rows,
 )
 
 from lightning_masks import MaskPruningCallback, list_initializers
@@ -217,8 +218,9 @@ def accuracy(model: nn.Module, inputs: Tensor, targets: Tensor, chunk: int = 100
 
 
 def layer_zeros(model: nn.Module) -> dict[str, list[int]]:
-    """Per prunable layer: ``[exact zeros, total]``."""
-    return {name: [int((m.weight == 0).sum()), m.weight.numel()] for name, m in prunable(model)}
+    """Per prunable layer (by module name): ``[exact zeros, total]``."""
+    return {row["name"].removesuffix(".weight"): [row["total"] - row["kept"], row["total"]]
+            for row in zero_rows(model)}
 
 
 def run_one(config: dict[str, Any], data: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, Any]:
