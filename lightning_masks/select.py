@@ -48,24 +48,6 @@ class Selection(NamedTuple):
     flipped: dict[str, Tensor]
 
 
-class _BoundedCache:
-    """Per-tensor importance kept across the passes of one selection while the cached total stays under
-    ``_CACHE_ELEMENTS``: small models compute it once, large ones recompute it per pass (bounded memory)."""
-
-    def __init__(self) -> None:
-        self.values: dict[int, Tensor] = {}
-        self.size = 0
-
-    def get(self, entry: MaskedTensor, compute: Callable[[MaskedTensor], Tensor]) -> Tensor:
-        if id(entry) in self.values:
-            return self.values[id(entry)]
-        values = compute(entry)
-        if self.size + values.numel() <= _CACHE_ELEMENTS:
-            self.values[id(entry)] = values
-            self.size += values.numel()
-        return values
-
-
 @dataclass(eq=False)
 class TiedUnits:
     """Masked tensors pruned together, unit by unit: one keep decision per unit, written to every member.
@@ -93,6 +75,89 @@ class TiedUnits:
 
 #: What selection ranks: one masked tensor, or tensors tied unit by unit.
 Ranked = Union[MaskedTensor, TiedUnits]
+
+
+def _above(keys: Tensor, key: int, ties: int, equal: int) -> tuple[Tensor, int]:
+    """The keep of ``keys`` for a cut at ``key``: the keys above it, and those equal to it after the first ``ties``
+    (``equal`` of them in all, these keys and the ones after); return it and the ties still to prune after these."""
+    keep = torch.gt(keys, key)
+    if ties < equal:
+        tied = keys == key
+        if ties > 0:
+            n_tied = int(tied.count_nonzero())
+            if n_tied > ties:
+                keep[tied.nonzero().view(-1)[ties:]] = True
+            ties = max(ties - n_tied, 0)
+        else:
+            keep |= tied
+    return keep, ties
+
+
+class _Keys:
+    """The int32 keys of one selection's ranked units (``sizes`` of them per entry, from ``compute``), computed
+    once for all its passes (each cut's two radix passes and its keep, the layer floor's top entries) while they
+    fit in ``_CACHE_ELEMENTS``; beyond that, the first entries' are kept up to the bound and the others recomputed
+    per pass (bounded memory).
+
+    When all of them fit (and sit on one device) they are one flat buffer in entry order, so each pass is one
+    operation over every tensor rather than one per tensor: on small models (a tiny GPT-2's 8 tensors of 4-16k
+    weights) the per-tensor calls cost more than the arithmetic. Ties still break by position (entry order, then
+    flat index), as in the per-entry passes.
+    """
+
+    def __init__(self, masked: Sequence[Ranked], sizes: list[int], compute: Callable[[Ranked], Tensor]) -> None:
+        self.masked, self.sizes, self.compute = masked, sizes, compute
+        self.size = sum(sizes)
+        self.protected: dict[int, Tensor] = {}
+        self.kept: dict[int, Tensor] = {}
+        self.cached = 0
+        self.flat: Optional[Tensor] = None
+        self.one_buffer = self.size <= _CACHE_ELEMENTS and len({_keep_of(entry).device for entry in masked}) == 1
+
+    def _flat(self) -> Optional[Tensor]:
+        if self.flat is None and self.one_buffer:
+            self.flat = torch.cat([self.compute(entry) for entry in self.masked])
+            self.kept = dict(zip(map(id, self.masked), self.flat.split(self.sizes)))
+        return self.flat
+
+    def of(self, entry: Ranked) -> Tensor:
+        """The keys of one entry's ranked units (a view into the flat buffer, when there is one)."""
+        self._flat()
+        keys = self.kept.get(id(entry))
+        if keys is None:
+            keys = self.compute(entry)
+            if id(entry) in self.protected:
+                keys[self.protected[id(entry)]] = PROTECTED
+            if self.cached + keys.numel() <= _CACHE_ELEMENTS:
+                self.kept[id(entry)] = keys
+                self.cached += keys.numel()
+        return keys
+
+    def protect(self, protected: dict[int, Tensor]) -> None:
+        """From now on give the positions ``protected`` (per entry, into its ranked units) the key ``PROTECTED``."""
+        self.protected = protected
+        for ident, positions in protected.items():
+            if ident in self.kept:
+                self.kept[ident][positions] = PROTECTED
+
+    def pieces(self) -> Iterator[Tensor]:
+        flat = self._flat()
+        if flat is not None:
+            yield from flat.split(_SLICE)
+            return
+        for entry in self.masked:
+            yield from self.of(entry).split(_SLICE)
+
+    def above(self, key: int, ties: int, equal: int) -> list[Tensor]:
+        """Per entry, the keep of its ranked units for a cut at ``key`` (see :func:`_above`)."""
+        flat = self._flat()
+        if flat is not None:
+            return list(_above(flat, key, ties, equal)[0].split(self.sizes))
+        keeps = []
+        for entry in self.masked:
+            keep, ties = _above(self.of(entry), key, ties, equal)
+            keeps.append(keep)
+        return keeps
 
 
 def _members(entry: Ranked) -> list[MaskedTensor]:
@@ -316,13 +381,15 @@ class Selector:
         # every key): importance, keys and histograms then cost a fraction of the tensor.
         ranked = {id(entry): _keep_of(entry).reshape(-1).nonzero().view(-1)
                   if not self.regrow and 2 * n <= entry.units else None for entry, n in zip(masked, alive)}
-        key, keeps = self._cut(masked, count, ranked, {})
-        if any(f and int(keep.count_nonzero()) < f for keep, f in zip(keeps, floors)):
+        sizes = [entry.units if ranked[id(entry)] is None else len(ranked[id(entry)]) for entry in masked]
+        keys = _Keys(masked, sizes, lambda entry: self._keys(entry, ranked[id(entry)]))
+        key, keeps = self._cut(masked, count, ranked, keys)
+        kept = torch.stack([keep.count_nonzero() for keep in keeps]).tolist() if any(floors) else []  # one sync
+        if any(f and n < f for n, f in zip(kept, floors)):
             # The floor binds: protect each tensor's top entries and cut again. Where it does not, protecting
             # would change nothing (a tensor's kept entries are its top ones in the same order), so it is skipped.
-            protected = {id(entry): top_positions(self._keys(entry, ranked[id(entry)]), f)
-                         for entry, f in zip(masked, floors) if f}
-            key, keeps = self._cut(masked, count, ranked, protected)
+            keys.protect({id(entry): top_positions(keys.of(entry), f) for entry, f in zip(masked, floors) if f})
+            key, keeps = self._cut(masked, count, ranked, keys)
         for entry, keep in zip(masked, keeps):
             _set_keep(entry, keep, flipped)
         return Selection(count, 0.0 if key == PRUNED else math.exp(key_value(key)), flipped)
@@ -338,44 +405,18 @@ class Selector:
         return keys if self.regrow or index is not None else mark_pruned(keys, _keep_of(entry))
 
     def _cut(self, masked: Sequence[Ranked], count: int, ranked: dict[int, Optional[Tensor]],
-             protected: dict[int, Tensor]) -> tuple[int, list[Tensor]]:
+             keys: _Keys) -> tuple[int, list[Tensor]]:
         """Prune the ``count`` lowest keys (ties by position); return the cut key and each tensor's new keep.
 
         ``ranked`` gives, per entry, the flat positions of the units it ranks (its live ones; ``None``: all);
-        the others are pruned and count as the lowest keys. ``protected`` positions index the ranked units.
+        the others are pruned and count as the lowest keys. ``keys`` are those of the ranked units.
         """
-
-        def keyed(entry: Ranked) -> Tensor:
-            keys = self._keys(entry, ranked[id(entry)])
-            if id(entry) in protected:
-                keys[protected[id(entry)]] = PROTECTED
-            return keys
-
-        cache = _BoundedCache()
-
-        def pieces() -> Iterator[Tensor]:
-            for entry in masked:
-                yield from cache.get(entry, keyed).split(_SLICE)
-
         left_out = sum(entry.units - len(ranked[id(entry)]) for entry in masked if ranked[id(entry)] is not None)
         if count == left_out:  # only the pruned units go: nothing changes
             return PRUNED, [_keep_of(entry).clone() for entry in masked]
-        size = sum(entry.units if ranked[id(entry)] is None else len(ranked[id(entry)]) for entry in masked)
-        key, below, equal = kth_key(pieces, count - left_out, size)
-        ties = count - left_out - below  # how many of the entries equal to the cut are pruned: the first ones
+        key, below, equal = kth_key(keys.pieces, count - left_out, keys.size)
         keeps = []
-        for entry in masked:
-            keys = cache.get(entry, keyed)
-            keep = torch.gt(keys, key)
-            if ties < equal:
-                tied = keys == key
-                if ties > 0:
-                    n_tied = int(tied.count_nonzero())
-                    if n_tied > ties:
-                        keep[tied.nonzero().view(-1)[ties:]] = True
-                    ties = max(ties - n_tied, 0)
-                else:
-                    keep |= tied
+        for entry, keep in zip(masked, keys.above(key, count - left_out - below, equal)):
             index = ranked[id(entry)]
             if index is not None:  # the ranked units are the live ones: prune the few that go, keep the rest
                 pruned = index[~keep]
