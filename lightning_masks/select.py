@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from .importance import get_importance, list_importances, log_sigmoid
-from .kth import PROTECTED, PRUNED, SLICE, float_keys, key_value, kth_key, mark_pruned, top_positions
+from .kth import PROTECTED, PRUNED, SLICE, float_keys, key_value, kth_key, mark_pruned, top_mask
 from .masks import MaskedTensor, keep_bits_cached
+from .stats import nonzero_counts
 
 __all__ = [
     "Granularity",
@@ -94,19 +95,21 @@ def _above(keys: Tensor, key: int, ties: int, equal: int) -> tuple[Tensor, int]:
 
 
 class _Keys:
-    """The int32 keys of one selection's ranked units (``sizes`` of them per entry, from ``compute``), computed
-    once for all its passes (each cut's two radix passes and its keep, the layer floor's top entries) while they
-    fit in ``_CACHE_ELEMENTS``; beyond that, the first entries' are kept up to the bound and the others recomputed
-    per pass (bounded memory).
+    """The int32 keys of one selection's ranked units, computed once for all its passes (each cut's two radix
+    passes and its keep, the layer floor's top entries) while they fit in ``_CACHE_ELEMENTS``; beyond that, the first
+    entries' are kept up to the bound and the others recomputed per pass (bounded memory).
 
-    When all of them fit (and sit on one device) they are one flat buffer in entry order, so each pass is one
-    operation over every tensor rather than one per tensor: on small models (a tiny GPT-2's 8 tensors of 4-16k
-    weights) the per-tensor calls cost more than the arithmetic. Ties still break by position (entry order, then
-    flat index), as in the per-entry passes.
+    ``values(entry)`` is the float32 importance of the entry's ranked units (``sizes`` of them per entry), and
+    ``marked(entry)`` its keep when its pruned units are among them (they get ``PRUNED``), else ``None``. When all
+    keys fit (and sit on one device) they are one flat buffer in entry order: the integer passes (keys, marks, both
+    cuts, ties) are then one operation over every tensor rather than one per tensor; on small models (a tiny GPT-2's
+    8 tensors of 4-16k weights) the per-tensor calls cost more than the arithmetic. The keys and their order are the
+    same either way (ties break by entry order, then flat index); the importance is still computed tensor by tensor.
     """
 
-    def __init__(self, masked: Sequence[Ranked], sizes: list[int], compute: Callable[[Ranked], Tensor]) -> None:
-        self.masked, self.sizes, self.compute = masked, sizes, compute
+    def __init__(self, masked: Sequence[Ranked], sizes: list[int], values: Callable[[Ranked], Tensor],
+                 marked: Callable[[Ranked], Optional[Tensor]]) -> None:
+        self.masked, self.sizes, self.values, self.marked = masked, sizes, values, marked
         self.size = sum(sizes)
         self.protected: dict[int, Tensor] = {}
         self.kept: dict[int, Tensor] = {}
@@ -114,9 +117,24 @@ class _Keys:
         self.flat: Optional[Tensor] = None
         self.one_buffer = self.size <= _CACHE_ELEMENTS and len({_keep_of(entry).device for entry in masked}) == 1
 
+    def _compute(self, entries: Sequence[Ranked]) -> Tensor:
+        """The keys of ``entries``' ranked units, in order, in one buffer."""
+        values = [self.values(entry) for entry in entries]
+        flat = values[0] if len(values) == 1 else torch.cat(values)
+        if flat.numel() and torch.isnan(flat.max()):  # one reduction; then find the tensor to name
+            for entry, value in zip(entries, values):
+                _refuse_nan(entry, value)
+        keys = float_keys(flat)
+        marks = [self.marked(entry) for entry in entries]
+        if any(mark is not None for mark in marks):
+            marks = [torch.ones(len(value), dtype=torch.bool, device=value.device) if mark is None
+                     else mark.reshape(-1) for mark, value in zip(marks, values)]
+            mark_pruned(keys, marks[0] if len(marks) == 1 else torch.cat(marks))
+        return keys
+
     def _flat(self) -> Optional[Tensor]:
         if self.flat is None and self.one_buffer:
-            self.flat = torch.cat([self.compute(entry) for entry in self.masked])
+            self.flat = self._compute(self.masked)
             self.kept = dict(zip(map(id, self.masked), self.flat.split(self.sizes)))
         return self.flat
 
@@ -125,20 +143,20 @@ class _Keys:
         self._flat()
         keys = self.kept.get(id(entry))
         if keys is None:
-            keys = self.compute(entry)
+            keys = self._compute([entry])
             if id(entry) in self.protected:
-                keys[self.protected[id(entry)]] = PROTECTED
+                keys.masked_fill_(self.protected[id(entry)], PROTECTED)
             if self.cached + keys.numel() <= _CACHE_ELEMENTS:
                 self.kept[id(entry)] = keys
                 self.cached += keys.numel()
         return keys
 
     def protect(self, protected: dict[int, Tensor]) -> None:
-        """From now on give the positions ``protected`` (per entry, into its ranked units) the key ``PROTECTED``."""
+        """From now on give the units ``protected`` (per entry, a mask of its ranked units) the key ``PROTECTED``."""
         self.protected = protected
-        for ident, positions in protected.items():
+        for ident, mask in protected.items():
             if ident in self.kept:
-                self.kept[ident][positions] = PROTECTED
+                self.kept[ident].masked_fill_(mask, PROTECTED)
 
     def pieces(self) -> Iterator[Tensor]:
         flat = self._flat()
@@ -363,7 +381,8 @@ class Selector:
 
     def _select(self, masked: Sequence[Ranked], target: float, floor: float) -> Selection:
         total = sum(entry.units for entry in masked)
-        alive = [entry.units if self.regrow else int(_keep_of(entry).count_nonzero()) for entry in masked]
+        alive = [entry.units for entry in masked] if self.regrow else \
+            nonzero_counts([_keep_of(entry) for entry in masked])
         count = max(round(target * total), total - sum(alive))
         floors = [min(math.ceil(floor * (1.0 - target) * entry.units), n) if floor > 0 else 0
                   for entry, n in zip(masked, alive)]
@@ -374,35 +393,35 @@ class Selector:
             )
         flipped: dict[str, Tensor] = {}
         if count == 0:
-            for entry in masked:
-                _set_keep(entry, torch.ones_like(_keep_of(entry)), flipped)
+            for entry, n in zip(masked, alive):
+                if self.regrow or n < entry.units or isinstance(entry, TiedUnits):
+                    _set_keep(entry, torch.ones_like(_keep_of(entry)), flipped)
+                else:  # all kept already (a fit's first update): nothing to write
+                    flipped[entry.name] = torch.zeros((), dtype=torch.int64, device=entry.gate.scores.device)
             return Selection(0, None, flipped)
         # Without regrowth a mostly pruned tensor is ranked on its live units only (the pruned ones stay below
         # every key): importance, keys and histograms then cost a fraction of the tensor.
         ranked = {id(entry): _keep_of(entry).reshape(-1).nonzero().view(-1)
                   if not self.regrow and 2 * n <= entry.units else None for entry, n in zip(masked, alive)}
         sizes = [entry.units if ranked[id(entry)] is None else len(ranked[id(entry)]) for entry in masked]
-        keys = _Keys(masked, sizes, lambda entry: self._keys(entry, ranked[id(entry)]))
+        keys = _Keys(masked, sizes, lambda entry: self._ranked_values(entry, ranked[id(entry)]),
+                     lambda entry: None if self.regrow or ranked[id(entry)] is not None else _keep_of(entry))
         key, keeps = self._cut(masked, count, ranked, keys)
-        kept = torch.stack([keep.count_nonzero() for keep in keeps]).tolist() if any(floors) else []  # one sync
+        kept = nonzero_counts(keeps) if any(floors) else []
         if any(f and n < f for n, f in zip(kept, floors)):
             # The floor binds: protect each tensor's top entries and cut again. Where it does not, protecting
             # would change nothing (a tensor's kept entries are its top ones in the same order), so it is skipped.
-            keys.protect({id(entry): top_positions(keys.of(entry), f) for entry, f in zip(masked, floors) if f})
+            keys.protect({id(entry): top_mask(keys.of(entry), f) for entry, f in zip(masked, floors) if f})
             key, keeps = self._cut(masked, count, ranked, keys)
         for entry, keep in zip(masked, keeps):
             _set_keep(entry, keep, flipped)
         return Selection(count, 0.0 if key == PRUNED else math.exp(key_value(key)), flipped)
 
-    def _keys(self, entry: Ranked, index: Optional[Tensor] = None) -> Tensor:
-        """Flat int32 keys of the entry's importance, of its units at ``index`` if given (live ones); otherwise,
-        without regrowth, pruned units get ``PRUNED``."""
-        values = self._values(entry, index)
-        # Ranking live units only, still check the pruned ones: a NaN there reaches the output (NaN * 0 is NaN).
-        unranked = [] if index is None else [t.detach() for m in _members(entry) for t in (m.weight, m.gate.scores)]
-        _refuse_nan(entry, values, *unranked)
-        keys = float_keys(values).reshape(-1)
-        return keys if self.regrow or index is not None else mark_pruned(keys, _keep_of(entry))
+    def _ranked_values(self, entry: Ranked, index: Optional[Tensor]) -> Tensor:
+        """The flat float32 importance of the entry's units at ``index`` (its live ones), or of all of them."""
+        if index is not None:  # ranking live units only, still check the pruned ones: NaN * 0 is NaN in the output
+            _refuse_nan(entry, *[t.detach() for m in _members(entry) for t in (m.weight, m.gate.scores)])
+        return self._values(entry, index).reshape(-1)
 
     def _cut(self, masked: Sequence[Ranked], count: int, ranked: dict[int, Optional[Tensor]],
              keys: _Keys) -> tuple[int, list[Tensor]]:
