@@ -1,8 +1,10 @@
 """Scores -> keep-masks: exact counts, global or per layer, element or N:M, without a model-sized copy.
 
 Global selection finds the exact k-th smallest importance with :mod:`lightning_masks.kth`'s radix select over
-int32 keys that order like the floats, one tensor (in bounded slices) at a time: no concatenation, no
-``torch.quantile`` (limited to 2^24 elements), and ties broken by position (tensor order, then flat index).
+int32 keys that order like the floats, one tensor (in bounded slices) at a time, or, while all the keys fit
+``_CACHE_ELEMENTS`` (32 MiB), in one buffer (a small model's update is then a few operations, not a few per
+tensor): no model-sized concatenation, no ``torch.quantile`` (limited to 2^24 elements), and ties broken by
+position (tensor order, then flat index).
 Without regrowth a pruned entry's key lies below every importance (even ``-inf``), so it stays pruned.
 """
 
