@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["PROTECTED", "PRUNED", "SLICE", "float_keys", "key_value", "kth_key", "mark_pruned", "top_positions"]
+__all__ = ["PROTECTED", "PRUNED", "SLICE", "float_keys", "key_value", "kth_key", "mark_pruned", "top_mask"]
 
 SLICE = 1 << 22  # keys histogrammed per bincount, at most
 PRUNED = -(1 << 31)  # int32 key of an entry that must stay pruned: below every float's key (-inf's included)
@@ -50,22 +51,29 @@ def _high_digits(keys: Tensor, out: Tensor) -> Tensor:
     return out.add_(1 << 15)
 
 
-def _histogram(pieces: Iterator[Tensor], digits: Callable[[Tensor, Tensor], Tensor], bins: int, size: int) -> Tensor:
+def _histogram(pieces: Iterator[Tensor], digits: Callable[[Tensor, Tensor], Tensor], bins: int, size: int,
+               buffer: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Sum over ``pieces`` of the bincount of ``digits(piece, out)``, batched into one int32 buffer of up to
-    ``size`` values per bincount (each bincount fills and adds a ``bins``-long histogram)."""
-    hist = torch.zeros(bins, dtype=torch.int64)
-    buffer, used = None, 0
+    ``size`` values per bincount (each bincount fills a ``bins``-long histogram; when all pieces fit the buffer,
+    that one is the sum). Return the sum and the buffer, for the next pass to reuse."""
+    hist, used = None, 0
+
+    def count() -> None:
+        nonlocal hist
+        counts = torch.bincount(buffer[:used], minlength=bins).cpu()
+        hist = counts if hist is None else hist.add_(counts)
+
     for piece in pieces:
-        if buffer is not None and (used + piece.numel() > buffer.numel() or buffer.device != piece.device):
-            hist += torch.bincount(buffer[:used], minlength=bins).cpu()
+        if used and (used + piece.numel() > buffer.numel() or buffer.device != piece.device):
+            count()
             used = 0
         if buffer is None or buffer.device != piece.device or piece.numel() > buffer.numel():
             buffer = torch.empty(max(size, piece.numel()), dtype=torch.int32, device=piece.device)
         digits(piece.reshape(-1), buffer[used:used + piece.numel()])
         used += piece.numel()
     if used:
-        hist += torch.bincount(buffer[:used], minlength=bins).cpu()
-    return hist
+        count()
+    return (hist if hist is not None else torch.zeros(bins, dtype=torch.int64)), buffer
 
 
 def kth_key(pieces: Callable[[], Iterator[Tensor]], k: int, total: int | None = None) -> tuple[int, int, int]:
@@ -74,11 +82,14 @@ def kth_key(pieces: Callable[[], Iterator[Tensor]], k: int, total: int | None = 
     (their count, if known) sizes the digit buffer.
 
     Pass 1 histograms the high 16 bits; pass 2 the low 16 bits of the keys in the chosen bucket, the others
-    clamped into two overflow bins (no boolean masks: integer clamps and bincounts only).
+    clamped into two overflow bins (no boolean masks: integer clamps and bincounts only). Both passes share one
+    digit buffer and sum their histograms in place: on a small model each 2^16-bin histogram costs more than
+    the keys, and fresh half-megabyte buffers are fresh pages for the allocator to map.
     """
     size = 1 << 16
     batch = min(SLICE, total) if total else SLICE
-    cumulative = _histogram(pieces(), _high_digits, size, batch).cumsum(0)
+    cumulative, buffer = _histogram(pieces(), _high_digits, size, batch)
+    cumulative = cumulative.cumsum_(0)
     digit = int(torch.searchsorted(cumulative, k))
     if digit >= size:
         raise ValueError(f"cannot select {k} entries out of {int(cumulative[-1])}")
@@ -90,16 +101,20 @@ def kth_key(pieces: Callable[[], Iterator[Tensor]], k: int, total: int | None = 
     def offsets(piece: Tensor, out: Tensor) -> Tensor:
         return torch.clamp(piece, low, high, out=out).sub_(low)
 
-    counts = _histogram(pieces(), offsets, high - low + 1, batch)
-    bucket = counts[base - low:base - low + size]
-    inside = bucket.cumsum(0)
+    counts, _ = _histogram(pieces(), offsets, high - low + 1, batch, buffer)
+    inside = counts[base - low:base - low + size].cumsum_(0)
     offset = int(torch.searchsorted(inside, k - below))
-    return base + offset, below + (int(inside[offset - 1]) if offset else 0), int(bucket[offset])
+    before = int(inside[offset - 1]) if offset else 0
+    return base + offset, below + before, int(inside[offset]) - before
 
 
-def top_positions(keys: Tensor, m: int) -> Tensor:
-    """Flat indices of the ``m`` highest keys, ties broken towards later positions (the order selection keeps)."""
+def top_mask(keys: Tensor, m: int) -> Tensor:
+    """A bool mask of the ``m`` highest keys, ties broken towards later positions (the order selection keeps)."""
     cut = int(keys.kthvalue(keys.numel() - m + 1).values)
-    above = (keys > cut).nonzero().view(-1)
-    tied = (keys == cut).nonzero().view(-1)
-    return torch.cat([above, tied[tied.numel() - (m - above.numel()):]])
+    top, tied = keys > cut, keys == cut
+    left = m - int(top.count_nonzero())  # of the keys equal to the cut, how many are among the top m: the last ones
+    n_tied = int(tied.count_nonzero())
+    if left == n_tied:  # the usual case: no positions needed (nonzero costs as much as the kthvalue)
+        return top.logical_or_(tied)
+    top[tied.nonzero().view(-1)[n_tied - left:]] = True
+    return top

@@ -1,8 +1,10 @@
 """Scores -> keep-masks: exact counts, global or per layer, element or N:M, without a model-sized copy.
 
 Global selection finds the exact k-th smallest importance with :mod:`lightning_masks.kth`'s radix select over
-int32 keys that order like the floats, one tensor (in bounded slices) at a time: no concatenation, no
-``torch.quantile`` (limited to 2^24 elements), and ties broken by position (tensor order, then flat index).
+int32 keys that order like the floats, one tensor (in bounded slices) at a time, or, while all the keys fit
+``_CACHE_ELEMENTS`` (32 MiB), in one buffer (a small model's update is then a few operations, not a few per
+tensor): no model-sized concatenation, no ``torch.quantile`` (limited to 2^24 elements), and ties broken by
+position (tensor order, then flat index).
 Without regrowth a pruned entry's key lies below every importance (even ``-inf``), so it stays pruned.
 """
 
@@ -19,8 +21,9 @@ import torch
 from torch import Tensor
 
 from .importance import get_importance, list_importances, log_sigmoid
-from .kth import PROTECTED, PRUNED, SLICE, float_keys, key_value, kth_key, mark_pruned, top_positions
+from .kth import PROTECTED, PRUNED, SLICE, float_keys, key_value, kth_key, mark_pruned, top_mask
 from .masks import MaskedTensor, keep_bits_cached
+from .stats import nonzero_counts
 
 __all__ = [
     "Granularity",
@@ -46,24 +49,6 @@ class Selection(NamedTuple):
     pruned: int
     threshold: Optional[float]
     flipped: dict[str, Tensor]
-
-
-class _BoundedCache:
-    """Per-tensor importance kept across the passes of one selection while the cached total stays under
-    ``_CACHE_ELEMENTS``: small models compute it once, large ones recompute it per pass (bounded memory)."""
-
-    def __init__(self) -> None:
-        self.values: dict[int, Tensor] = {}
-        self.size = 0
-
-    def get(self, entry: MaskedTensor, compute: Callable[[MaskedTensor], Tensor]) -> Tensor:
-        if id(entry) in self.values:
-            return self.values[id(entry)]
-        values = compute(entry)
-        if self.size + values.numel() <= _CACHE_ELEMENTS:
-            self.values[id(entry)] = values
-            self.size += values.numel()
-        return values
 
 
 @dataclass(eq=False)
@@ -93,6 +78,106 @@ class TiedUnits:
 
 #: What selection ranks: one masked tensor, or tensors tied unit by unit.
 Ranked = Union[MaskedTensor, TiedUnits]
+
+
+def _above(keys: Tensor, key: int, ties: int, equal: int) -> tuple[Tensor, int]:
+    """The keep of ``keys`` for a cut at ``key``: the keys above it, and those equal to it after the first ``ties``
+    (``equal`` of them in all, these keys and the ones after); return it and the ties still to prune after these."""
+    keep = torch.gt(keys, key)
+    if ties < equal:
+        tied = keys == key
+        if ties > 0:
+            n_tied = int(tied.count_nonzero())
+            if n_tied > ties:
+                keep[tied.nonzero().view(-1)[ties:]] = True
+            ties = max(ties - n_tied, 0)
+        else:
+            keep |= tied
+    return keep, ties
+
+
+class _Keys:
+    """The int32 keys of one selection's ranked units, computed once for all its passes (each cut's two radix
+    passes and its keep, the layer floor's top entries) while they fit in ``_CACHE_ELEMENTS``; beyond that, the first
+    entries' are kept up to the bound and the others recomputed per pass (bounded memory).
+
+    ``values(entry)`` is the float32 importance of the entry's ranked units (``sizes`` of them per entry), and
+    ``marked(entry)`` its keep when its pruned units are among them (they get ``PRUNED``), else ``None``. When all
+    keys fit (and sit on one device) they are one flat buffer in entry order: the integer passes (keys, marks, both
+    cuts, ties) are then one operation over every tensor rather than one per tensor; on small models (a tiny GPT-2's
+    8 tensors of 4-16k weights) the per-tensor calls cost more than the arithmetic. The keys and their order are the
+    same either way (ties break by entry order, then flat index); the importance is still computed tensor by tensor.
+    """
+
+    def __init__(self, masked: Sequence[Ranked], sizes: list[int], values: Callable[[Ranked], Tensor],
+                 marked: Callable[[Ranked], Optional[Tensor]]) -> None:
+        self.masked, self.sizes, self.values, self.marked = masked, sizes, values, marked
+        self.size = sum(sizes)
+        self.protected: dict[int, Tensor] = {}
+        self.kept: dict[int, Tensor] = {}
+        self.cached = 0
+        self.flat: Optional[Tensor] = None
+        self.one_buffer = self.size <= _CACHE_ELEMENTS and len({_keep_of(entry).device for entry in masked}) == 1
+
+    def _compute(self, entries: Sequence[Ranked]) -> Tensor:
+        """The keys of ``entries``' ranked units, in order, in one buffer."""
+        values = [self.values(entry) for entry in entries]
+        flat = values[0] if len(values) == 1 else torch.cat(values)
+        if flat.numel() and torch.isnan(flat.max()):  # one reduction; then find the tensor to name
+            for entry, value in zip(entries, values):
+                _refuse_nan(entry, value)
+        keys = float_keys(flat)
+        marks = [self.marked(entry) for entry in entries]
+        if any(mark is not None for mark in marks):
+            marks = [torch.ones(len(value), dtype=torch.bool, device=value.device) if mark is None
+                     else mark.reshape(-1) for mark, value in zip(marks, values)]
+            mark_pruned(keys, marks[0] if len(marks) == 1 else torch.cat(marks))
+        return keys
+
+    def _flat(self) -> Optional[Tensor]:
+        if self.flat is None and self.one_buffer:
+            self.flat = self._compute(self.masked)
+            self.kept = dict(zip(map(id, self.masked), self.flat.split(self.sizes)))
+        return self.flat
+
+    def of(self, entry: Ranked) -> Tensor:
+        """The keys of one entry's ranked units (a view into the flat buffer, when there is one)."""
+        self._flat()
+        keys = self.kept.get(id(entry))
+        if keys is None:
+            keys = self._compute([entry])
+            if id(entry) in self.protected:
+                keys.masked_fill_(self.protected[id(entry)], PROTECTED)
+            if self.cached + keys.numel() <= _CACHE_ELEMENTS:
+                self.kept[id(entry)] = keys
+                self.cached += keys.numel()
+        return keys
+
+    def protect(self, protected: dict[int, Tensor]) -> None:
+        """From now on give the units ``protected`` (per entry, a mask of its ranked units) the key ``PROTECTED``."""
+        self.protected = protected
+        for ident, mask in protected.items():
+            if ident in self.kept:
+                self.kept[ident].masked_fill_(mask, PROTECTED)
+
+    def pieces(self) -> Iterator[Tensor]:
+        flat = self._flat()
+        if flat is not None:
+            yield from flat.split(_SLICE)
+            return
+        for entry in self.masked:
+            yield from self.of(entry).split(_SLICE)
+
+    def above(self, key: int, ties: int, equal: int) -> list[Tensor]:
+        """Per entry, the keep of its ranked units for a cut at ``key`` (see :func:`_above`)."""
+        flat = self._flat()
+        if flat is not None:
+            return list(_above(flat, key, ties, equal)[0].split(self.sizes))
+        keeps = []
+        for entry in self.masked:
+            keep, ties = _above(self.of(entry), key, ties, equal)
+            keeps.append(keep)
+        return keeps
 
 
 def _members(entry: Ranked) -> list[MaskedTensor]:
@@ -298,7 +383,8 @@ class Selector:
 
     def _select(self, masked: Sequence[Ranked], target: float, floor: float) -> Selection:
         total = sum(entry.units for entry in masked)
-        alive = [entry.units if self.regrow else int(_keep_of(entry).count_nonzero()) for entry in masked]
+        alive = [entry.units for entry in masked] if self.regrow else \
+            nonzero_counts([_keep_of(entry) for entry in masked])
         count = max(round(target * total), total - sum(alive))
         floors = [min(math.ceil(floor * (1.0 - target) * entry.units), n) if floor > 0 else 0
                   for entry, n in zip(masked, alive)]
@@ -309,73 +395,49 @@ class Selector:
             )
         flipped: dict[str, Tensor] = {}
         if count == 0:
-            for entry in masked:
-                _set_keep(entry, torch.ones_like(_keep_of(entry)), flipped)
+            for entry, n in zip(masked, alive):
+                if self.regrow or n < entry.units or isinstance(entry, TiedUnits):
+                    _set_keep(entry, torch.ones_like(_keep_of(entry)), flipped)
+                else:  # all kept already (a fit's first update): nothing to write
+                    flipped[entry.name] = torch.zeros((), dtype=torch.int64, device=entry.gate.scores.device)
             return Selection(0, None, flipped)
         # Without regrowth a mostly pruned tensor is ranked on its live units only (the pruned ones stay below
         # every key): importance, keys and histograms then cost a fraction of the tensor.
         ranked = {id(entry): _keep_of(entry).reshape(-1).nonzero().view(-1)
                   if not self.regrow and 2 * n <= entry.units else None for entry, n in zip(masked, alive)}
-        key, keeps = self._cut(masked, count, ranked, {})
-        if any(f and int(keep.count_nonzero()) < f for keep, f in zip(keeps, floors)):
+        sizes = [entry.units if ranked[id(entry)] is None else len(ranked[id(entry)]) for entry in masked]
+        keys = _Keys(masked, sizes, lambda entry: self._ranked_values(entry, ranked[id(entry)]),
+                     lambda entry: None if self.regrow or ranked[id(entry)] is not None else _keep_of(entry))
+        key, keeps = self._cut(masked, count, ranked, keys)
+        kept = nonzero_counts(keeps) if any(floors) else []
+        if any(f and n < f for n, f in zip(kept, floors)):
             # The floor binds: protect each tensor's top entries and cut again. Where it does not, protecting
             # would change nothing (a tensor's kept entries are its top ones in the same order), so it is skipped.
-            protected = {id(entry): top_positions(self._keys(entry, ranked[id(entry)]), f)
-                         for entry, f in zip(masked, floors) if f}
-            key, keeps = self._cut(masked, count, ranked, protected)
+            keys.protect({id(entry): top_mask(keys.of(entry), f) for entry, f in zip(masked, floors) if f})
+            key, keeps = self._cut(masked, count, ranked, keys)
         for entry, keep in zip(masked, keeps):
             _set_keep(entry, keep, flipped)
         return Selection(count, 0.0 if key == PRUNED else math.exp(key_value(key)), flipped)
 
-    def _keys(self, entry: Ranked, index: Optional[Tensor] = None) -> Tensor:
-        """Flat int32 keys of the entry's importance, of its units at ``index`` if given (live ones); otherwise,
-        without regrowth, pruned units get ``PRUNED``."""
-        values = self._values(entry, index)
-        # Ranking live units only, still check the pruned ones: a NaN there reaches the output (NaN * 0 is NaN).
-        unranked = [] if index is None else [t.detach() for m in _members(entry) for t in (m.weight, m.gate.scores)]
-        _refuse_nan(entry, values, *unranked)
-        keys = float_keys(values).reshape(-1)
-        return keys if self.regrow or index is not None else mark_pruned(keys, _keep_of(entry))
+    def _ranked_values(self, entry: Ranked, index: Optional[Tensor]) -> Tensor:
+        """The flat float32 importance of the entry's units at ``index`` (its live ones), or of all of them."""
+        if index is not None:  # ranking live units only, still check the pruned ones: NaN * 0 is NaN in the output
+            _refuse_nan(entry, *[t.detach() for m in _members(entry) for t in (m.weight, m.gate.scores)])
+        return self._values(entry, index).reshape(-1)
 
     def _cut(self, masked: Sequence[Ranked], count: int, ranked: dict[int, Optional[Tensor]],
-             protected: dict[int, Tensor]) -> tuple[int, list[Tensor]]:
+             keys: _Keys) -> tuple[int, list[Tensor]]:
         """Prune the ``count`` lowest keys (ties by position); return the cut key and each tensor's new keep.
 
         ``ranked`` gives, per entry, the flat positions of the units it ranks (its live ones; ``None``: all);
-        the others are pruned and count as the lowest keys. ``protected`` positions index the ranked units.
+        the others are pruned and count as the lowest keys. ``keys`` are those of the ranked units.
         """
-
-        def keyed(entry: Ranked) -> Tensor:
-            keys = self._keys(entry, ranked[id(entry)])
-            if id(entry) in protected:
-                keys[protected[id(entry)]] = PROTECTED
-            return keys
-
-        cache = _BoundedCache()
-
-        def pieces() -> Iterator[Tensor]:
-            for entry in masked:
-                yield from cache.get(entry, keyed).split(_SLICE)
-
         left_out = sum(entry.units - len(ranked[id(entry)]) for entry in masked if ranked[id(entry)] is not None)
         if count == left_out:  # only the pruned units go: nothing changes
             return PRUNED, [_keep_of(entry).clone() for entry in masked]
-        size = sum(entry.units if ranked[id(entry)] is None else len(ranked[id(entry)]) for entry in masked)
-        key, below, equal = kth_key(pieces, count - left_out, size)
-        ties = count - left_out - below  # how many of the entries equal to the cut are pruned: the first ones
+        key, below, equal = kth_key(keys.pieces, count - left_out, keys.size)
         keeps = []
-        for entry in masked:
-            keys = cache.get(entry, keyed)
-            keep = torch.gt(keys, key)
-            if ties < equal:
-                tied = keys == key
-                if ties > 0:
-                    n_tied = int(tied.count_nonzero())
-                    if n_tied > ties:
-                        keep[tied.nonzero().view(-1)[ties:]] = True
-                    ties = max(ties - n_tied, 0)
-                else:
-                    keep |= tied
+        for entry, keep in zip(masked, keys.above(key, count - left_out - below, equal)):
             index = ranked[id(entry)]
             if index is not None:  # the ranked units are the live ones: prune the few that go, keep the rest
                 pruned = index[~keep]

@@ -23,6 +23,7 @@ __all__ = [
     "layer_rows",
     "live_gates",
     "mask_stats",
+    "nonzero_counts",
     "short_names",
     "tensor_stats",
     "zero_rows",
@@ -110,8 +111,17 @@ def histogram(values: Tensor, bins: int = 64, low: float = 0.0, high: float = 1.
 
 def layer_rows(masked: Sequence[MaskedTensor]) -> list[dict]:
     """One row per masked tensor: name, shape, kept, total, sparsity (host values)."""
-    return [_row(entry.name, entry.weight.shape, int(entry.gate.keep.sum()) * entry.unit_size, entry.numel)
-            for entry in masked]
+    kept = nonzero_counts([entry.gate.keep for entry in masked])
+    return [_row(entry.name, entry.weight.shape, n * entry.unit_size, entry.numel) for entry, n in zip(masked, kept)]
+
+
+def nonzero_counts(tensors: Sequence[Tensor]) -> list[int]:
+    """The number of nonzero entries of each tensor, as host ints read in one sync where they share a device (a
+    mask update asks for one count per masked tensor, and each sync costs as much as a small count)."""
+    counts = [tensor.count_nonzero() for tensor in tensors]
+    if len({count.device for count in counts}) > 1:
+        return [int(count) for count in counts]
+    return torch.stack(counts).tolist() if counts else []
 
 
 def _row(name: str, shape: Sequence[int], kept: int, total: int) -> dict:

@@ -92,6 +92,23 @@ def test_lower_target_does_not_regrow_without_regrowth():
     assert Selector()(masked, 0.5).pruned == round(0.8 * sum(e.numel for e in masked))
 
 
+@pytest.mark.parametrize("compact", [False, True])
+def test_target_zero_keeps_everything_and_counts_the_bits_it_flips(compact):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 10))
+    masked = attach(model, compact=compact)
+    names = [e.name for e in masked]
+    first = Selector()(masked, 0.0)  # nothing pruned yet: nothing to write
+    assert first.pruned == 0 and list(first.flipped) == names and all(int(v) == 0 for v in first.flipped.values())
+    if compact:
+        return  # compact gates cannot regrow
+    Selector()(masked, 0.5)
+    pruned = [int((~e.gate.keep).sum()) for e in masked]
+    back = Selector(regrow=True)(masked, 0.0)
+    assert all(bool(e.gate.keep.all()) for e in masked)
+    assert [int(back.flipped[name]) for name in names] == pruned and sum(pruned) == 400
+
+
 def test_layer_floor_keeps_every_layer_alive_on_a_tied_embedding_model():
     torch.manual_seed(0)
     model = TiedLM()
@@ -275,8 +292,13 @@ def reference_keep(masked, importance, target, floor, regrow):
     return keep
 
 
+# The keys of all tensors in one buffer (156 weights: the default), per tensor with the first and last cached (120),
+# per tensor recomputed at every pass (0).
+@pytest.mark.parametrize("cache", [None, 120, 0])
 @pytest.mark.parametrize("seed", range(8))
-def test_selection_matches_the_brute_force_rule_with_floors_ties_and_history(seed):
+def test_selection_matches_the_brute_force_rule_with_floors_ties_and_history(seed, cache, monkeypatch):
+    if cache is not None:
+        monkeypatch.setattr(select_module, "_CACHE_ELEMENTS", cache)
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(12, 9), nn.Linear(9, 4), nn.Linear(4, 3))
