@@ -5,9 +5,8 @@ import time
 
 import pytest
 import torch
-from helpers import TinyModule, make_trainer
+from helpers import TinyModule, make_trainer, zeros_and_total
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.nn.utils import parametrize
 
 from lightning_masks import MaskPruningCallback
 from lightning_masks import importance as importance_module
@@ -68,19 +67,13 @@ def slow_importance():
     importance_module._CRITERIA.remove("slow_for_test")
 
 
-def zeros(module):
-    weights = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
-    assert not any(parametrize.is_parametrized(m) for m in module.modules())
-    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
-
-
 def test_costly_updates_are_spaced_out_and_the_final_sparsity_is_still_reached(tiny_module, slow_importance):
     pruner = MaskPruningCallback(0.8, importance=slow_importance)
     make_trainer(max_epochs=10, callbacks=[pruner]).fit(tiny_module)  # 40 steps, a ramp of 26: every step
     updates = len(pruner.history["positions"])
     assert pruner.update_every >= 4, pruner.update_every  # ~0.2 s updates against steps of a few ms
     assert updates < 10  # against 27 without the budget
-    pruned, total = zeros(tiny_module)
+    pruned, total = zeros_and_total(tiny_module)
     assert pruned == round(0.8 * total)
 
 
@@ -121,5 +114,5 @@ def test_the_budget_still_ends_the_ramp_on_time_with_a_few_updates_on_it(tiny_mo
     positions = pruner.history["positions"]
     assert positions[-1] == 16 and len(positions) >= 1 + MIN_RAMP_UPDATES, positions
     assert pruner.plan.target == pytest.approx(0.8)
-    pruned, total = zeros(tiny_module)
+    pruned, total = zeros_and_total(tiny_module)
     assert pruned == round(0.8 * total)

@@ -4,7 +4,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyModule, make_trainer, synthetic_loader
+from helpers import TinyModule, make_trainer, synthetic_loader, zeros_and_total
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import nn
@@ -41,15 +41,6 @@ class Probe(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.steps.append((trainer.global_step, *self._record(pl_module)))
-
-
-def linear_weights(model):
-    return [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
-def zeros_and_total(model):
-    weights = linear_weights(model)
-    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
 
 
 @pytest.mark.slow

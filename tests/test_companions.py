@@ -10,18 +10,13 @@ import time
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyModule, make_trainer
+from helpers import TinyModule, make_trainer, zeros_and_total
 from lightning.pytorch.callbacks import BackboneFinetuning, Callback, EarlyStopping, StochasticWeightAveraging
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel
 
 from lightning_masks import MaskPruningCallback, fold, masked_tensors
-
-
-def zeros(module):
-    weights = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
-    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
 
 
 def plain(module):
@@ -34,7 +29,7 @@ def test_stochastic_weight_averaging_in_either_order(tiny_module, swa_first):
     swa, pruner = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1), MaskPruningCallback(0.5, end=1)
     make_trainer(max_epochs=3, callbacks=[swa, pruner] if swa_first else [pruner, swa]).fit(tiny_module)
     assert plain(tiny_module)
-    assert zeros(tiny_module)[0] == round(0.5 * zeros(tiny_module)[1])
+    assert zeros_and_total(tiny_module)[0] == round(0.5 * zeros_and_total(tiny_module)[1])
     average = swa._average_model  # masked like the module, so its parameters were averaged pairwise
     assert len(masked_tensors(average)) == 2
     x = torch.randn(4, 8)
@@ -66,7 +61,7 @@ def test_ema_averaged_model_follows_the_masks(tiny_module, copy_at):
     make_trainer(max_epochs=3, callbacks=[ema, pruner]).fit(tiny_module)
     averaged = ema.ema.module
     keep = [e.gate.keep for e in masked_tensors(averaged)]
-    assert len(keep) == 2 and sum(int((~k).sum()) for k in keep) == round(0.5 * zeros(tiny_module)[1])
+    assert len(keep) == 2 and sum(int((~k).sum()) for k in keep) == round(0.5 * zeros_and_total(tiny_module)[1])
     folded = fold(copy.deepcopy(averaged))  # the averaged copy folds to the same zeros as the model
     assert [torch.equal(a.weight == 0, b.weight == 0) for a, b in zip(folded.net[::2], tiny_module.net[::2])] == [
         True, True]
@@ -136,7 +131,7 @@ def test_early_stopping_warns_and_folds_what_was_reached(tiny_module):
                                          r"0.9 \(reached (\d+\.\d+)%\); the model is folded as it is; pass "
                                          r"early_end='final'"):
         make_trainer(max_epochs=12, callbacks=[stopper, pruner]).fit(tiny_module)
-    reached, total = zeros(tiny_module)
+    reached, total = zeros_and_total(tiny_module)
     assert plain(tiny_module) and reached == pruner.pruned and 0 < reached < round(0.9 * total)
     assert reached == round(pruner.target * total)
 
@@ -145,7 +140,7 @@ def test_early_end_final_jumps_to_the_final_target(tiny_module, recwarn):
     stopper = EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)
     pruner = MaskPruningCallback(0.9, end=8, early_end="final")
     make_trainer(max_epochs=12, callbacks=[stopper, pruner]).fit(tiny_module)
-    reached, total = zeros(tiny_module)
+    reached, total = zeros_and_total(tiny_module)
     assert reached == round(0.9 * total)
     assert not [w for w in recwarn if "ramp" in str(w.message)]
 
@@ -159,7 +154,7 @@ def test_max_time_ends_early_with_a_warning(tiny_module):
     pruner = MaskPruningCallback(0.9, end=8)
     with pytest.warns(UserWarning, match=r"before the ramp's end .* target sparsity 0.9"):
         make_trainer(max_epochs=12, max_time={"seconds": 2}, callbacks=[pruner, Slow()]).fit(tiny_module)
-    reached, total = zeros(tiny_module)
+    reached, total = zeros_and_total(tiny_module)
     assert plain(tiny_module) and reached == pruner.pruned < round(0.9 * total)
 
 
@@ -173,7 +168,7 @@ def test_an_exception_mid_ramp_warns_and_folds_what_was_reached(tiny_module):
     with pytest.warns(UserWarning, match=r"fit ended at step 6, .* target sparsity 0.9"), \
             pytest.raises(RuntimeError, match="boom"):
         make_trainer(max_epochs=12, callbacks=[pruner, Boom()]).fit(tiny_module)
-    reached, total = zeros(tiny_module)
+    reached, total = zeros_and_total(tiny_module)
     assert plain(tiny_module) and reached == pruner.pruned > 0
 
 
@@ -190,7 +185,7 @@ def test_one_callback_two_fits_gives_each_fit_its_own_lifecycle():
         module = TinyModule()
         make_trainer(max_epochs=3, callbacks=[pruner]).fit(module)
         assert pruner.history["positions"] == [0, 1, 2]
-        reached, total = zeros(module)
+        reached, total = zeros_and_total(module)
         assert reached == round(0.6 * total)
 
 
@@ -200,7 +195,7 @@ def test_constant_schedule_prunes_the_second_model_too():
         pl.seed_everything(seed, verbose=False)
         module = TinyModule()
         make_trainer(max_epochs=2, callbacks=[pruner]).fit(module)
-        reached, total = zeros(module)
+        reached, total = zeros_and_total(module)
         assert reached == round(0.6 * total), seed
 
 
@@ -311,7 +306,7 @@ def test_stochastic_weight_averaging_first_resumes_from_a_checkpoint(tmp_path):
 
     whole = fit(4)
     resumed = fit(4, ckpt_path=tmp_path / "epoch=1.ckpt")  # SWA's average model state is masked: it loads
-    zeros_whole, total = zeros(whole)
-    assert zeros_whole == zeros(resumed)[0] == round(0.5 * total)
+    zeros_whole, total = zeros_and_total(whole)
+    assert zeros_whole == zeros_and_total(resumed)[0] == round(0.5 * total)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole.state_dict().values(),
                                                                 resumed.state_dict().values()))

@@ -7,8 +7,7 @@ import os
 import lightning.pytorch as pl
 import matplotlib.image
 import pytest
-import wandb_reader
-from helpers import make_trainer
+from helpers import make_trainer, wandb_reader
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -8,7 +8,7 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyModule, make_trainer
+from helpers import TinyModule, make_trainer, zeros_and_total
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.utils import parametrize
@@ -103,11 +103,6 @@ def fit(module: pl.LightningModule, *callbacks, **options) -> pl.Trainer:
     return trainer
 
 
-def zeros(model: nn.Module, names) -> tuple[int, int]:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    return sum(int((params[n] == 0).sum()) for n in names), sum(params[n].numel() for n in names)
-
-
 # ----------------------------------------------------------------------------------------- layer kinds
 def test_every_required_layer_kind_is_registered_with_its_output_axis():
     expected = {nn.Linear: 0, nn.Conv1d: 0, nn.Conv2d: 0, nn.Conv3d: 0, nn.ConvTranspose1d: 1,
@@ -160,7 +155,7 @@ def test_gpt2_masks_the_blocks_conv1d_weights_and_leaves_the_tied_embedding_whol
     assert module.model.lm_head.weight is module.model.transformer.wte.weight  # still tied after fold
     names = [f"model.transformer.h.{i}.{part}.weight" for i in range(2)
              for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-    pruned, total = zeros(module, names)
+    pruned, total = zeros_and_total(module, names)
     assert pruned == round(0.5 * total)
     generated = module.model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 7)

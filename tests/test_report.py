@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from wandb_reader import read_records
+from helpers.wandb_reader import read_records
 
 from lightning_masks.report import collect
 from lightning_masks.report import main as report

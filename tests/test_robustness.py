@@ -3,7 +3,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyModule, make_trainer, synthetic_loader
+from helpers import TinyModule, make_trainer, synthetic_loader, zeros_and_total
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
@@ -66,9 +66,8 @@ def test_interrupted_fit_leaves_model_and_checkpoint_consistent(tmp_path):
             pytest.raises(RuntimeError, match="simulated crash"):
         trainer.fit(module)
     assert not masked_tensors(module) and parametrize._cache_enabled == 0  # folded whole, not half-folded
-    weights = [module.net[0].weight, module.net[2].weight]
-    pruned = sum(int((w == 0).sum()) for w in weights)
-    assert pruned == round(0.5 * (1 - 0.5**3) * sum(w.numel() for w in weights))  # epoch 1 of cubic to 0.5 over 2
+    pruned, total = zeros_and_total(module)
+    assert pruned == round(0.5 * (1 - 0.5**3) * total)  # epoch 1 of cubic to 0.5 over 2
     fresh = TinyModule()
     make_trainer(callbacks=[MaskPruningCallback()]).validate(fresh, ckpt_path=tmp_path / "last.ckpt")
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
@@ -146,8 +145,8 @@ def test_fit_twice_leaks_no_hooks(tiny_module):
 
 
 def exact(module, target):
-    weights = [module.net[0].weight, module.net[2].weight]
-    return sum(int((w == 0).sum()) for w in weights) == round(target * sum(w.numel() for w in weights))
+    zeros, total = zeros_and_total(module)  # TinyModule's two Linear weights
+    return zeros == round(target * total)
 
 
 def test_bf16_mixed_precision_reaches_the_same_sparsity(tiny_module):

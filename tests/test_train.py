@@ -13,7 +13,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-from datafiles import write_cifar10, write_fashion_mnist
+from helpers.datafiles import write_cifar10, write_fashion_mnist
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig

@@ -7,7 +7,7 @@ import gzip
 import numpy as np
 import pytest
 import torch
-from datafiles import idx_bytes, write_cifar10, write_fashion_mnist
+from helpers.datafiles import idx_bytes, write_cifar10, write_fashion_mnist
 
 from lightning_masks.zoo import (
     MLP,

@@ -1,5 +1,7 @@
-"""Helpers shared by the tests: small models, a quiet Trainer and reference implementations."""
+"""Helpers shared by the tests: small models, a quiet Trainer, reference implementations, exact-zero counts, data
+files in the zoo's formats and a reader of W&B offline runs (``helpers.datafiles``, ``helpers.wandb_reader``)."""
 
+from .counts import zeros_and_total
 from .models import TiedLM, TinyModule, make_trainer, synthetic_loader
 
-__all__ = ["TiedLM", "TinyModule", "make_trainer", "synthetic_loader"]
+__all__ = ["TiedLM", "TinyModule", "make_trainer", "synthetic_loader", "zeros_and_total"]
