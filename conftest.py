@@ -15,14 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 
-#: Registries kept in plain dicts rather than a ``Registry`` (module, attribute). A missing one is skipped, and one
-#: that has become a ``Registry`` is covered by the scan below.
-PLAIN_DICT_REGISTRIES = (("lightning_masks.init", "_INITIALIZERS"), ("lightning_masks.kinds", "_KINDS"))
-
 
 def _registry_dicts() -> list[dict]:
     """The dicts that hold registered entries: those of every ``Registry`` that is a module attribute of a loaded
-    ``lightning_masks.*`` module (its dict-valued attributes, whatever they are named), and the plain ones above."""
+    ``lightning_masks.*`` module (initializers, schedule shapes, importance criteria, layer kinds)."""
     importlib.import_module("lightning_masks")
     from lightning_masks.registry import Registry
 
@@ -35,10 +31,6 @@ def _registry_dicts() -> list[dict]:
                 for attribute in vars(value).values():
                     if isinstance(attribute, dict):
                         found[id(attribute)] = attribute
-    for module_name, attribute in PLAIN_DICT_REGISTRIES:
-        value = getattr(sys.modules.get(module_name), attribute, None)
-        if isinstance(value, dict):
-            found[id(value)] = value
     return list(found.values())
 
 
