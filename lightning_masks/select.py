@@ -2,9 +2,9 @@
 
 Global selection finds the exact k-th smallest importance with :mod:`lightning_masks.kth`'s radix select over
 int32 keys that order like the floats, one tensor (in bounded slices) at a time, or, while all the keys fit
-``_CACHE_ELEMENTS`` (32 MiB), in one buffer (a small model's update is then a few operations, not a few per
-tensor): no model-sized concatenation, no ``torch.quantile`` (limited to 2^24 elements), and ties broken by
-position (tensor order, then flat index).
+``ranked.CACHE_ELEMENTS`` (32 MiB), in one buffer (:class:`~lightning_masks.ranked.Keys`; a small model's update
+is then a few operations, not a few per tensor): no model-sized concatenation, no ``torch.quantile`` (limited to
+2^24 elements), and ties broken by position (tensor order, then flat index).
 Without regrowth a pruned entry's key lies below every importance (even ``-inf``), so it stays pruned.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from .importance import get_importance, list_importances, log_sigmoid
-from .kth import PROTECTED, PRUNED, SLICE, float_keys, key_value, kth_key, mark_pruned, top_mask
+from .kth import PRUNED, key_value, kth_key, top_mask
 from .masks import MaskedTensor, keep_bits_cached
+from .ranked import Keys, Ranked, TiedUnits, keep_of, members, refuse_nan, set_keep
 from .stats import nonzero_counts
 
 __all__ = [
@@ -32,10 +33,6 @@ __all__ = [
     "TiedUnits",
     "parse_granularity",
 ]
-
-_SLICE = SLICE  # importance handed to the radix select in slices of at most this many
-_CACHE_ELEMENTS = 1 << 23  # importance keys kept between passes (32 MiB of int32), not more
-
 
 class Selection(NamedTuple):
     """What one mask update did: the entries now pruned, the cut, and the keep bits it flipped.
@@ -49,157 +46,6 @@ class Selection(NamedTuple):
     pruned: int
     threshold: Optional[float]
     flipped: dict[str, Tensor]
-
-
-@dataclass(eq=False)
-class TiedUnits:
-    """Masked tensors pruned together, unit by unit: one keep decision per unit, written to every member.
-
-    E.g. the BatchNorms that all add into one residual stream: a stream channel is then zero in every
-    block, so :func:`~lightning_masks.export.shrink` can remove it. A unit's importance is the sum of its
-    members' (``logsumexp`` of their log importances); it is alive while any member keeps it.
-    """
-
-    members: list[MaskedTensor]
-
-    @property
-    def name(self) -> str:
-        return "+".join(member.name for member in self.members)
-
-    @property
-    def units(self) -> int:
-        return self.members[0].units
-
-    @property
-    def keep(self) -> Tensor:
-        keeps = [member.gate.keep.reshape(-1) for member in self.members]
-        return (keeps[0] if len(keeps) == 1 else torch.stack(keeps).any(0)).view(self.members[0].gate.scores.shape)
-
-
-#: What selection ranks: one masked tensor, or tensors tied unit by unit.
-Ranked = Union[MaskedTensor, TiedUnits]
-
-
-def _above(keys: Tensor, key: int, ties: int, equal: int) -> tuple[Tensor, int]:
-    """The keep of ``keys`` for a cut at ``key``: the keys above it, and those equal to it after the first ``ties``
-    (``equal`` of them in all, these keys and the ones after); return it and the ties still to prune after these."""
-    keep = torch.gt(keys, key)
-    if ties < equal:
-        tied = keys == key
-        if ties > 0:
-            n_tied = int(tied.count_nonzero())
-            if n_tied > ties:
-                keep[tied.nonzero().view(-1)[ties:]] = True
-            ties = max(ties - n_tied, 0)
-        else:
-            keep |= tied
-    return keep, ties
-
-
-class _Keys:
-    """The int32 keys of one selection's ranked units, computed once for all its passes (each cut's two radix
-    passes and its keep, the layer floor's top entries) while they fit in ``_CACHE_ELEMENTS``; beyond that, the first
-    entries' are kept up to the bound and the others recomputed per pass (bounded memory).
-
-    ``values(entry)`` is the float32 importance of the entry's ranked units (``sizes`` of them per entry), and
-    ``marked(entry)`` its keep when its pruned units are among them (they get ``PRUNED``), else ``None``. When all
-    keys fit (and sit on one device) they are one flat buffer in entry order: the integer passes (keys, marks, both
-    cuts, ties) are then one operation over every tensor rather than one per tensor; on small models (a tiny GPT-2's
-    8 tensors of 4-16k weights) the per-tensor calls cost more than the arithmetic. The keys and their order are the
-    same either way (ties break by entry order, then flat index); the importance is still computed tensor by tensor.
-    """
-
-    def __init__(self, masked: Sequence[Ranked], sizes: list[int], values: Callable[[Ranked], Tensor],
-                 marked: Callable[[Ranked], Optional[Tensor]]) -> None:
-        self.masked, self.sizes, self.values, self.marked = masked, sizes, values, marked
-        self.size = sum(sizes)
-        self.protected: dict[int, Tensor] = {}
-        self.kept: dict[int, Tensor] = {}
-        self.cached = 0
-        self.flat: Optional[Tensor] = None
-        self.one_buffer = self.size <= _CACHE_ELEMENTS and len({_keep_of(entry).device for entry in masked}) == 1
-
-    def _compute(self, entries: Sequence[Ranked]) -> Tensor:
-        """The keys of ``entries``' ranked units, in order, in one buffer."""
-        values = [self.values(entry) for entry in entries]
-        flat = values[0] if len(values) == 1 else torch.cat(values)
-        if flat.numel() and torch.isnan(flat.max()):  # one reduction; then find the tensor to name
-            for entry, value in zip(entries, values):
-                _refuse_nan(entry, value)
-        keys = float_keys(flat)
-        marks = [self.marked(entry) for entry in entries]
-        if any(mark is not None for mark in marks):
-            marks = [torch.ones(len(value), dtype=torch.bool, device=value.device) if mark is None
-                     else mark.reshape(-1) for mark, value in zip(marks, values)]
-            mark_pruned(keys, marks[0] if len(marks) == 1 else torch.cat(marks))
-        return keys
-
-    def _flat(self) -> Optional[Tensor]:
-        if self.flat is None and self.one_buffer:
-            self.flat = self._compute(self.masked)
-            self.kept = dict(zip(map(id, self.masked), self.flat.split(self.sizes)))
-        return self.flat
-
-    def of(self, entry: Ranked) -> Tensor:
-        """The keys of one entry's ranked units (a view into the flat buffer, when there is one)."""
-        self._flat()
-        keys = self.kept.get(id(entry))
-        if keys is None:
-            keys = self._compute([entry])
-            if id(entry) in self.protected:
-                keys.masked_fill_(self.protected[id(entry)], PROTECTED)
-            if self.cached + keys.numel() <= _CACHE_ELEMENTS:
-                self.kept[id(entry)] = keys
-                self.cached += keys.numel()
-        return keys
-
-    def protect(self, protected: dict[int, Tensor]) -> None:
-        """From now on give the units ``protected`` (per entry, a mask of its ranked units) the key ``PROTECTED``."""
-        self.protected = protected
-        for ident, mask in protected.items():
-            if ident in self.kept:
-                self.kept[ident].masked_fill_(mask, PROTECTED)
-
-    def pieces(self) -> Iterator[Tensor]:
-        flat = self._flat()
-        if flat is not None:
-            yield from flat.split(_SLICE)
-            return
-        for entry in self.masked:
-            yield from self.of(entry).split(_SLICE)
-
-    def above(self, key: int, ties: int, equal: int) -> list[Tensor]:
-        """Per entry, the keep of its ranked units for a cut at ``key`` (see :func:`_above`)."""
-        flat = self._flat()
-        if flat is not None:
-            return list(_above(flat, key, ties, equal)[0].split(self.sizes))
-        keeps = []
-        for entry in self.masked:
-            keep, ties = _above(self.of(entry), key, ties, equal)
-            keeps.append(keep)
-        return keeps
-
-
-def _members(entry: Ranked) -> list[MaskedTensor]:
-    return entry.members if isinstance(entry, TiedUnits) else [entry]
-
-
-def _keep_of(entry: Ranked) -> Tensor:
-    return entry.keep if isinstance(entry, TiedUnits) else entry.gate.keep
-
-
-def _refuse_nan(entry: Ranked, *tensors: Tensor) -> None:
-    """Raise, naming the tensor, if any of ``tensors`` holds NaN (``max`` propagates it: one reduction, no mask)."""
-    if any(t.numel() and torch.isnan(t.max()) for t in tensors):
-        raise ValueError(f"mask importance of {entry.name!r} is NaN: its weight or scores hold NaN; "
-                         "lower the learning rate or check the model for a divergence")
-
-
-def _set_keep(entry: Ranked, keep: Tensor, flipped: dict[str, Tensor]) -> None:
-    """Write ``keep`` into the mask (every member's, for tied tensors), counting the bits that change."""
-    for member in _members(entry):
-        flipped[member.name] = torch.ne(member.gate.keep.reshape(-1), keep.reshape(-1)).count_nonzero()  # no int64
-        member.gate.set_keep(keep)
 
 
 @dataclass(frozen=True)
@@ -354,13 +200,13 @@ class Selector:
         tensors, of their sum."""
         if not isinstance(entry, TiedUnits):
             return get_importance(self.importance)(entry, index)
-        values = torch.stack([get_importance(self.importance)(member, index).reshape(-1) for member in _members(entry)])
+        values = torch.stack([get_importance(self.importance)(member, index).reshape(-1) for member in members(entry)])
         values = torch.logsumexp(values, 0)
         return values if index is not None else values.view(entry.members[0].gate.scores.shape)
 
     def _importance(self, entry: MaskedTensor) -> Tensor:
         values = get_importance(self.importance)(entry)
-        _refuse_nan(entry, values)
+        refuse_nan(entry, values)
         if not self.regrow:
             values = values.masked_fill(~entry.gate.keep, -math.inf)
         return values
@@ -384,7 +230,7 @@ class Selector:
     def _select(self, masked: Sequence[Ranked], target: float, floor: float) -> Selection:
         total = sum(entry.units for entry in masked)
         alive = [entry.units for entry in masked] if self.regrow else \
-            nonzero_counts([_keep_of(entry) for entry in masked])
+            nonzero_counts([keep_of(entry) for entry in masked])
         count = max(round(target * total), total - sum(alive))
         floors = [min(math.ceil(floor * (1.0 - target) * entry.units), n) if floor > 0 else 0
                   for entry, n in zip(masked, alive)]
@@ -397,17 +243,17 @@ class Selector:
         if count == 0:
             for entry, n in zip(masked, alive):
                 if self.regrow or n < entry.units or isinstance(entry, TiedUnits):
-                    _set_keep(entry, torch.ones_like(_keep_of(entry)), flipped)
+                    set_keep(entry, torch.ones_like(keep_of(entry)), flipped)
                 else:  # all kept already (a fit's first update): nothing to write
                     flipped[entry.name] = torch.zeros((), dtype=torch.int64, device=entry.gate.scores.device)
             return Selection(0, None, flipped)
         # Without regrowth a mostly pruned tensor is ranked on its live units only (the pruned ones stay below
         # every key): importance, keys and histograms then cost a fraction of the tensor.
-        ranked = {id(entry): _keep_of(entry).reshape(-1).nonzero().view(-1)
+        ranked = {id(entry): keep_of(entry).reshape(-1).nonzero().view(-1)
                   if not self.regrow and 2 * n <= entry.units else None for entry, n in zip(masked, alive)}
         sizes = [entry.units if ranked[id(entry)] is None else len(ranked[id(entry)]) for entry in masked]
-        keys = _Keys(masked, sizes, lambda entry: self._ranked_values(entry, ranked[id(entry)]),
-                     lambda entry: None if self.regrow or ranked[id(entry)] is not None else _keep_of(entry))
+        keys = Keys(masked, sizes, lambda entry: self._ranked_values(entry, ranked[id(entry)]),
+                     lambda entry: None if self.regrow or ranked[id(entry)] is not None else keep_of(entry))
         key, keeps = self._cut(masked, count, ranked, keys)
         kept = nonzero_counts(keeps) if any(floors) else []
         if any(f and n < f for n, f in zip(kept, floors)):
@@ -416,17 +262,17 @@ class Selector:
             keys.protect({id(entry): top_mask(keys.of(entry), f) for entry, f in zip(masked, floors) if f})
             key, keeps = self._cut(masked, count, ranked, keys)
         for entry, keep in zip(masked, keeps):
-            _set_keep(entry, keep, flipped)
+            set_keep(entry, keep, flipped)
         return Selection(count, 0.0 if key == PRUNED else math.exp(key_value(key)), flipped)
 
     def _ranked_values(self, entry: Ranked, index: Optional[Tensor]) -> Tensor:
         """The flat float32 importance of the entry's units at ``index`` (its live ones), or of all of them."""
         if index is not None:  # ranking live units only, still check the pruned ones: NaN * 0 is NaN in the output
-            _refuse_nan(entry, *[t.detach() for m in _members(entry) for t in (m.weight, m.gate.scores)])
+            refuse_nan(entry, *[t.detach() for m in members(entry) for t in (m.weight, m.gate.scores)])
         return self._values(entry, index).reshape(-1)
 
     def _cut(self, masked: Sequence[Ranked], count: int, ranked: dict[int, Optional[Tensor]],
-             keys: _Keys) -> tuple[int, list[Tensor]]:
+             keys: Keys) -> tuple[int, list[Tensor]]:
         """Prune the ``count`` lowest keys (ties by position); return the cut key and each tensor's new keep.
 
         ``ranked`` gives, per entry, the flat positions of the units it ranks (its live ones; ``None``: all);
@@ -434,14 +280,14 @@ class Selector:
         """
         left_out = sum(entry.units - len(ranked[id(entry)]) for entry in masked if ranked[id(entry)] is not None)
         if count == left_out:  # only the pruned units go: nothing changes
-            return PRUNED, [_keep_of(entry).clone() for entry in masked]
+            return PRUNED, [keep_of(entry).clone() for entry in masked]
         key, below, equal = kth_key(keys.pieces, count - left_out, keys.size)
         keeps = []
         for entry, keep in zip(masked, keys.above(key, count - left_out - below, equal)):
             index = ranked[id(entry)]
             if index is not None:  # the ranked units are the live ones: prune the few that go, keep the rest
                 pruned = index[~keep]
-                keep = _keep_of(entry).reshape(-1).clone()
+                keep = keep_of(entry).reshape(-1).clone()
                 keep[pruned] = False
             keeps.append(keep)
         return key, keeps
@@ -457,7 +303,7 @@ class Selector:
         if per_group:
             importance = self._importance(entry).movedim(axis, 0).reshape(-1, m)
             keep.scatter_(1, importance.topk(per_group, dim=1, largest=False).indices, False)
-        _set_keep(entry, keep.view(rows).movedim(0, axis), flipped)
+        set_keep(entry, keep.view(rows).movedim(0, axis), flipped)
         return per_group * (entry.numel // m)
 
     @torch.no_grad()
@@ -469,13 +315,13 @@ class Selector:
     def _threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
         pruned, flipped = 0, {}
         for entry in self.tied(masked):
-            current = _keep_of(entry)
+            current = keep_of(entry)
             keep = torch.ones_like(current)
             if threshold > 0:  # tied: a unit stays while any member's gate is at the threshold
                 keep = torch.stack([(log_sigmoid(m) >= math.log(threshold)).reshape(-1)
-                                    for m in _members(entry)]).any(0).view_as(current)
+                                    for m in members(entry)]).any(0).view_as(current)
             if not self.regrow:
                 keep &= current
-            _set_keep(entry, keep, flipped)
+            set_keep(entry, keep, flipped)
             pruned += int((~keep).sum())
         return Selection(pruned, threshold, flipped)

@@ -241,7 +241,7 @@ def test_channel_selection_prunes_whole_output_channels_exactly(mode):
 
 # ------------------------------------------------------------------------------- int32 keys and the radix cut
 from lightning_masks import kth as kth_module  # noqa: E402
-from lightning_masks import select as select_module  # noqa: E402
+from lightning_masks import ranked as ranked_module  # noqa: E402
 from lightning_masks.kth import PROTECTED, PRUNED, float_keys, kth_key  # noqa: E402
 
 
@@ -298,7 +298,7 @@ def reference_keep(masked, importance, target, floor, regrow):
 @pytest.mark.parametrize("seed", range(8))
 def test_selection_matches_the_brute_force_rule_with_floors_ties_and_history(seed, cache, monkeypatch):
     if cache is not None:
-        monkeypatch.setattr(select_module, "_CACHE_ELEMENTS", cache)
+        monkeypatch.setattr(ranked_module, "CACHE_ELEMENTS", cache)
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(12, 9), nn.Linear(9, 4), nn.Linear(4, 3))
@@ -339,10 +339,9 @@ def test_pruned_entries_stay_pruned_even_below_alive_entries_of_importance_minus
 
 def test_selection_without_the_cache_and_in_small_slices_gives_the_same_masks(monkeypatch):
     results = []
-    for cache, slice_size in ((select_module._CACHE_ELEMENTS, select_module._SLICE), (0, 7)):
-        monkeypatch.setattr(select_module, "_CACHE_ELEMENTS", cache)
-        monkeypatch.setattr(select_module, "_SLICE", slice_size)
-        monkeypatch.setattr(kth_module, "SLICE", slice_size)
+    for cache, slice_size in ((ranked_module.CACHE_ELEMENTS, kth_module.SLICE), (0, 7)):
+        monkeypatch.setattr(ranked_module, "CACHE_ELEMENTS", cache)
+        monkeypatch.setattr(kth_module, "SLICE", slice_size)  # the one knob: selection slices by it too
         _, masked = model_with_masks(seed=3)
         with torch.no_grad():
             masked[0].gate.scores[:5] = 0.5  # ties
