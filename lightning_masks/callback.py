@@ -369,13 +369,14 @@ class MaskPruningCallback(Callback):
             self._account(trainer, started, updated)
 
     def _account(self, trainer: pl.Trainer, started: float, updated: bool) -> None:
-        """The update budget: time the step just ended and the update just made; where updates would take more
-        than their share, widen the interval (rank zero's decision, broadcast, so every rank updates alike)."""
+        """The update budget: time the step just ended and the update just made; after an update or as the step
+        estimate settles, set the interval so that updates keep to their share (rank zero's decision, broadcast, so
+        every rank updates alike)."""
         now = time.perf_counter()
         step = None if self._clock is None else (started - self._clock) * trainer.accumulate_grad_batches
         self._clock = now
         self.plan.account(step, now - started if updated else None)
-        if updated:
+        if self.plan.interval_to_decide(updated):
             wanted = trainer.strategy.broadcast(self.plan.wanted_interval(trainer.global_step))
             self.plan.widen(trainer.global_step, wanted)
 

@@ -156,6 +156,10 @@ class Plan:
         if update_seconds is not None:
             self.budget.add_update(update_seconds, measured=self.target > 0)
 
+    def interval_to_decide(self, updated: bool) -> bool:
+        """Whether to ask the budget for the interval now: after an update, or as the step estimate settles."""
+        return self.budgeted and (updated or self.budget.settling())
+
     def widen(self, step: int, wanted: int) -> None:
         """Set the interval from ``step`` on to ``wanted`` (at least the base one) on a grid through the ramp's end,
         so the final target still arrives there (never later), at most 1 / :data:`MIN_RAMP_UPDATES` of the ramp

@@ -46,6 +46,27 @@ def test_in_a_fit_of_known_length_the_updates_made_count_against_the_budget():
     assert budget.interval(1, total=1000, done=10) > 1000
 
 
+def test_the_first_steps_one_off_costs_leave_the_step_estimate_once_a_second_step_is_in():
+    budget = UpdateBudget(0.05)
+    budget.add_step(0.020)  # the fit's first step: allocations, kernel choice, the loader's start
+    budget.add_update(0.004)
+    alone = budget.interval(1, total=50, done=1)  # the first step is all there is: it stands for the rest
+    assert alone == math.ceil(49 / ((0.03 / 0.97 * 50 * 0.020 - 0.004) / 0.004))
+    budget.add_step(0.010)
+    later = budget.interval(1, total=50, done=2)
+    assert later == math.ceil(48 / ((0.03 / 0.97 * 50 * 0.010 - 0.004) / 0.004)) > alone
+    assert budget.state_dict()["first_step_seconds"] == 0.020
+
+
+def test_the_interval_is_decided_again_as_the_step_estimate_settles():
+    budget = UpdateBudget(0.05)
+    settles = []
+    for step in range(1, 40):
+        budget.add_step(0.010)
+        settles.append(budget.settling())
+    assert [step for step, now in enumerate(settles, start=1) if now] == [2, 4, 8, 16, 32]
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0, -0.1, 2])
 def test_the_share_is_checked(share):
     with pytest.raises(ValueError, match="update budget must be a share"):
