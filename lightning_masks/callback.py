@@ -34,6 +34,7 @@ from .arguments import (
 )
 from .budget import DEFAULT_UPDATE_SHARE
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze
+from .coupling import ties_among
 from .gate import cached_gates
 from .init import InitSpec, get_initializer
 from .loading import restore_masks_on_load
@@ -288,8 +289,7 @@ class MaskPruningCallback(Callback):
             entry.gate.straight_through = self.straight_through
         try:
             if groups is not None:
-                names = {entry.name for entry in self._masked}
-                tie = [kept for group in groups if len(kept := [name for name in group if name in names]) > 1]
+                tie = ties_among(groups, [entry.name for entry in self._masked])
                 self.selector = dataclasses.replace(self.selector, tie=tie)
                 rank_zero_info(f"lightning_masks: tie='auto' ties {len(tie)} groups: {tie}")
                 if not tie:

@@ -7,11 +7,11 @@ when it is zero in every one of them. :func:`coupled_channels` finds such layers
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-__all__ = ["coupled_channels"]
+__all__ = ["coupled_channels", "ties_among"]
 
 
 def coupled_channels(model: nn.Module, example_inputs,
@@ -65,3 +65,14 @@ def coupled_channels(model: nn.Module, example_inputs,
                              "(ResNet option-A shortcuts), which cannot be pruned together; use projection shortcuts")
         groups.append([f"{names[m]}.weight" for m in sorted(members, key=order.__getitem__)])
     return groups
+
+
+def ties_among(groups: Sequence[Sequence[str]], names: Iterable[str]) -> list[list[str]]:
+    """``groups`` (of :func:`coupled_channels`) restricted to the tensors ``names`` (those masked), keeping the groups
+    left with two or more members.
+
+    >>> ties_among([["a.weight", "b.weight", "c.weight"], ["d.weight", "e.weight"]], ["a.weight", "c.weight"])
+    [['a.weight', 'c.weight']]
+    """
+    names = set(names)
+    return [kept for group in groups if len(kept := [name for name in group if name in names]) > 1]
