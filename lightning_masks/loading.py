@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from .gate import SCORE_DTYPES
 from .kinds import channel_shape, output_axis
-from .layout import ORIGINAL, group_mask_keys, mask_key
+from .layout import ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key
 from .masks import attach, detach_entries
 from .targets import is_masked, tensor_slots
 
@@ -70,9 +70,8 @@ def _check_mask_keys(model: nn.Module, state_dict: dict, prefix: str) -> None:
         if not is_masked(module, tensor_name):
             continue
         gate = module.parametrizations[tensor_name][0]
-        expected = {ORIGINAL: tensor.shape, "scores": gate.scores.shape, "keep": gate.keep.shape,
-                    "temperature": gate.temperature.shape}
-        for field, shape in expected.items():
+        for field in REQUIRED_FIELDS:
+            shape = (tensor if field == ORIGINAL else getattr(gate, field)).shape
             key = prefix + mask_key(qualified, field)
             value = state_dict.get(key)
             if value is None:
