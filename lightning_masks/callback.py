@@ -375,8 +375,7 @@ class MaskPruningCallback(Callback):
         now = time.perf_counter()
         step = None if self._clock is None else (started - self._clock) * trainer.accumulate_grad_batches
         self._clock = now
-        self.plan.account(step, now - started if updated else None)
-        if self.plan.interval_to_decide(updated):
+        if self.plan.account(step, now - started if updated else None):
             wanted = trainer.strategy.broadcast(self.plan.wanted_interval(trainer.global_step))
             self.plan.widen(trainer.global_step, wanted)
 

@@ -146,19 +146,20 @@ class Plan:
         """The interval the budget asks for at ``step`` (the base interval until it has measured enough)."""
         return self.budget.interval(self.base_every, self.total, step) if self.budgeted else self.every
 
-    def account(self, step_seconds: Optional[float], update_seconds: Optional[float]) -> None:
+    def account(self, step_seconds: Optional[float], update_seconds: Optional[float]) -> bool:
         """Tell the budget the seconds of the step just ended (``None``: not timed) and of the update just made
-        (``None``: none was made). An update to target 0 prunes nothing: spent, not used for the estimate."""
+        (``None``: none was made); return whether to decide the interval again (:meth:`wanted_interval`): after
+        an update, or as the step estimate settles. An update to target 0 prunes nothing: spent, not used for the
+        estimate."""
         if not self.budgeted:
-            return
+            return False
+        settled = False
         if step_seconds is not None:
             self.budget.add_step(step_seconds)
+            settled = self.budget.settling()
         if update_seconds is not None:
             self.budget.add_update(update_seconds, measured=self.target > 0)
-
-    def interval_to_decide(self, updated: bool) -> bool:
-        """Whether to ask the budget for the interval now: after an update, or as the step estimate settles."""
-        return self.budgeted and (updated or self.budget.settling())
+        return settled or update_seconds is not None
 
     def widen(self, step: int, wanted: int) -> None:
         """Set the interval from ``step`` on to ``wanted`` (at least the base one) on a grid through the ramp's end,
