@@ -10,7 +10,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_masks import Schedule, stats
+from lightning_masks import Schedule
+from lightning_masks.masking import stats
 from lightning_masks.zoo import MLP, FashionMNISTDataModule, LeNet5, LeNet5Caffe
 
 __all__ = [
@@ -64,7 +65,7 @@ def prunable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def zero_rows(model: nn.Module) -> list[dict]:
-    """The package's per-layer rows (:func:`lightning_masks.stats.zero_rows`) of the prunable weights of a plain
+    """The package's per-layer rows (:func:`lightning_masks.masking.stats.zero_rows`) of the prunable weights of a plain
     model: exact zeros as they are now (measured, not assumed)."""
     return stats.zero_rows(model, list(PRUNABLE))
 

@@ -49,8 +49,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_masks import MaskPruningCallback, Selector, attach, fold
-from lightning_masks.coupling import coupled_channels
-from lightning_masks.export import save_sparse, shrink
+from lightning_masks.export.command import save_sparse, shrink
+from lightning_masks.selection.coupling import coupled_channels
 from lightning_masks.zoo import FashionMNISTDataModule, LeNet5, ResNet20
 from lightning_masks.zoo.data import FASHION_MNIST_ROOT
 

@@ -60,7 +60,7 @@ import quality
 from common import RESULTS, build_model, markdown_table, prunable, sparsity_counts
 
 import lightning_masks
-from lightning_masks.optim import place_scores
+from lightning_masks.lightning.optim import place_scores
 
 SPARSITY = 0.9
 INPUT = {"lenet300": (784,), "lenet5": (1, 28, 28)}

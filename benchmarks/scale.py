@@ -67,8 +67,8 @@ def run_lightning_masks(size: int) -> dict:
     """Our global selection (gate importance) over the scores, as the callback runs it."""
     import torch
 
-    from lightning_masks.masks import MaskedTensor, MaskGate
-    from lightning_masks.select import Selector
+    from lightning_masks.masking.masks import MaskedTensor, MaskGate
+    from lightning_masks.selection.selector import Selector
 
     masked = []
     for index, scores in enumerate(_scores(size)):

@@ -1,14 +1,14 @@
 """lightning_masks: prune any LightningModule with learnable, weight-dependent masks."""
 
-from .callback import MaskPruningCallback
-from .checkpoints import fold_checkpoint, fold_state_dict
-from .gate import MaskGate
-from .importance import list_importances, register_importance
-from .init import Initializer, get_initializer, list_initializers, register_initializer
-from .kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
-from .masks import attach, fold, masked_tensors
-from .schedule import Schedule, ThresholdSchedule, list_schedules, register_schedule
-from .select import Selector
+from .export.checkpoints import fold_checkpoint, fold_state_dict
+from .lifecycle.schedule import Schedule, ThresholdSchedule, list_schedules, register_schedule
+from .lightning.callback import MaskPruningCallback
+from .masking.gate import MaskGate
+from .masking.initializers import Initializer, get_initializer, list_initializers, register_initializer
+from .masking.kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
+from .masking.masks import attach, fold, masked_tensors
+from .selection.importance import list_importances, register_importance
+from .selection.selector import Selector
 
 __all__ = [
     "Initializer",

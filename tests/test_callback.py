@@ -10,17 +10,10 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_masks import (
-    MaskPruningCallback,
-    Schedule,
-    Selector,
-    ThresholdSchedule,
-    fold_checkpoint,
-    masked_tensors,
-    masks,
-)
-from lightning_masks import gate as gate_module
-from lightning_masks.trainer_glue import check_strategy
+from lightning_masks import MaskPruningCallback, Schedule, Selector, ThresholdSchedule, fold_checkpoint, masked_tensors
+from lightning_masks.lightning.trainer import check_strategy
+from lightning_masks.masking import gate as gate_module
+from lightning_masks.masking import masks
 from lightning_masks.zoo import MLP, DigitsDataModule
 
 

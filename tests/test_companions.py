@@ -111,7 +111,7 @@ def test_backbone_frozen_by_finetuning_is_masked_in_either_order(finetuning_firs
     finetuning, pruner = BackboneFinetuning(unfreeze_backbone_at_epoch=2), MaskPruningCallback(0.7, end=3)
     callbacks = [finetuning, pruner] if finetuning_first else [pruner, finetuning]
     said = []
-    monkeypatch.setattr("lightning_masks.fit_report.rank_zero_info", said.append)
+    monkeypatch.setattr("lightning_masks.lightning.fit_report.rank_zero_info", said.append)
     make_trainer(max_epochs=5, callbacks=callbacks).fit(module)
     backbone = [module.backbone[0].weight, module.backbone[2].weight]
     total = sum(w.numel() for w in backbone) + module.net.weight.numel()

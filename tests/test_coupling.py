@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_masks.coupling import coupled_channels
+from lightning_masks.selection.coupling import coupled_channels
 from lightning_masks.zoo import ResNet20
 
 

@@ -15,7 +15,7 @@ from helpers import TinyModule, make_trainer
 from torch import nn
 
 from lightning_masks import MaskPruningCallback, attach, fold_checkpoint, fold_state_dict
-from lightning_masks.export import load_checkpoint, load_sparse, main, save_program, save_sparse, shrink
+from lightning_masks.export.command import load_checkpoint, load_sparse, main, save_program, save_sparse, shrink
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -323,7 +323,7 @@ def test_command_errors_name_the_value_and_keep_the_output(masked_checkpoint, tm
 
 def test_console_script_points_at_main():
     text = (README.parent / "pyproject.toml").read_text()
-    assert 'lightning-masks-export = "lightning_masks.export:main"' in text
+    assert 'lightning-masks-export = "lightning_masks.export.command:main"' in text
 
 
 class KeywordModel(nn.Module):

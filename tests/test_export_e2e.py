@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_export import readme_loader
 
 from lightning_masks import MaskPruningCallback, fold_checkpoint
-from lightning_masks.export import main
+from lightning_masks.export.command import main
 
 
 def test_channel_checkpoint_exports_to_smaller_files_that_plain_pytorch_runs(tmp_path, capsys):
@@ -62,8 +62,8 @@ print("params", small_params, io["params"])
 
 @pytest.mark.parametrize("auto", [False, True])
 def test_tied_stream_masks_let_shrink_narrow_a_resnets_residual_streams(auto):
-    from lightning_masks.coupling import coupled_channels
-    from lightning_masks.export import shrink
+    from lightning_masks.export.command import shrink
+    from lightning_masks.selection.coupling import coupled_channels
     from lightning_masks.zoo import ResNet20, SyntheticDataModule
 
     pl.seed_everything(0, verbose=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_masks import get_initializer, list_initializers, register_initializer
-from lightning_masks.init import _INITIALIZERS, Initializer, MagnitudeNoise
+from lightning_masks.masking.initializers import _INITIALIZERS, Initializer, MagnitudeNoise
 
 WEIGHT = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
 GRAD = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))

@@ -6,8 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_masks.layout import GATE_FIELDS, ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key, split_mask_key
-from lightning_masks.masks import attach
+from lightning_masks.masking.layout import (
+    GATE_FIELDS,
+    ORIGINAL,
+    REQUIRED_FIELDS,
+    group_mask_keys,
+    mask_key,
+    split_mask_key,
+)
+from lightning_masks.masking.masks import attach
 
 
 @pytest.mark.parametrize("options", [{}, {"rescale": True}, {"rescale": True, "compact": True},

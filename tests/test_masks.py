@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_masks import attach, fold, masked_tensors
-from lightning_masks.loading import restore_masks_on_load
-from lightning_masks.masks import MaskGate, gates_disabled
+from lightning_masks.masking.loading import restore_masks_on_load
+from lightning_masks.masking.masks import MaskGate, gates_disabled
 
 
 class Zoo(nn.Module):
@@ -167,7 +167,7 @@ def test_temperature_must_be_positive():
 
 
 # ------------------------------------------------------------------------------------------- the fused gate
-from lightning_masks.masks import ChannelBias, gate_value, gated  # noqa: E402
+from lightning_masks.masking.masks import ChannelBias, gate_value, gated  # noqa: E402
 
 
 def plain_gate(weight, scores, keep, temperature, scale=None):
@@ -299,7 +299,7 @@ def test_gate_forward_values_are_unchanged_under_cached_evaluation():
 
 
 def test_place_scores_switches_cpu_adam_holding_scores_or_masked_weights_to_the_fused_kernel():
-    from lightning_masks.optim import place_scores
+    from lightning_masks.lightning.optim import place_scores
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     masked = attach(model)
@@ -329,7 +329,7 @@ def test_fused_adam_trains_masks_like_the_loop():
     base = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
     results = []
     for fuse in (False, True):
-        from lightning_masks.optim import place_scores
+        from lightning_masks.lightning.optim import place_scores
 
         model = copy.deepcopy(base)
         masked = attach(model, rescale=True)
@@ -388,7 +388,7 @@ def test_the_gate_keeps_the_wider_dtype_of_weight_and_scores(grad):
 
 @pytest.mark.parametrize("rescale", [False, True])
 def test_straight_through_gate_has_gated_values_and_gives_pruned_scores_the_kept_gradient(rescale):
-    from lightning_masks.masks import gated, straight_through_gated
+    from lightning_masks.masking.masks import gated, straight_through_gated
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(6, 5, generator=generator).requires_grad_()

@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_masks import MaskPruningCallback, attach
-from lightning_masks.optim import place_scores
+from lightning_masks.lightning.optim import place_scores
 
 
 def ids(params):

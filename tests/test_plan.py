@@ -3,8 +3,8 @@
 import pytest
 
 from lightning_masks import MaskPruningCallback, Schedule, ThresholdSchedule
-from lightning_masks.plan import Plan
-from lightning_masks.schedule import CallableSchedule
+from lightning_masks.lifecycle.plan import Plan
+from lightning_masks.lifecycle.schedule import CallableSchedule
 
 
 def run(plan, epochs, steps_per_epoch):

@@ -4,7 +4,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from lightning_masks import plots
+from lightning_masks.lightning import plots
 
 
 def ramp(updates: int, layers: int) -> tuple[list[str], list[list[float]], list[float]]:

@@ -26,9 +26,9 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from lightning_masks import MaskPruningCallback, attach, fold, masked_tensors
-from lightning_masks.kinds import get_layer_kind, kind_of, list_layer_kinds, register_layer_kind
-from lightning_masks.masks import resolve_targets
-from lightning_masks.select import Selector
+from lightning_masks.masking.kinds import get_layer_kind, kind_of, list_layer_kinds, register_layer_kind
+from lightning_masks.masking.masks import resolve_targets
+from lightning_masks.selection.selector import Selector
 
 VOCAB = 100
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from helpers.wandb_reader import read_records
 
-from lightning_masks.report import collect
-from lightning_masks.report import main as report
-from lightning_masks.train import RESULT_FILE
+from lightning_masks.app.sweep_report import collect
+from lightning_masks.app.sweep_report import main as report
+from lightning_masks.app.train import RESULT_FILE
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "masks.plots=false",
          "masks.log_histograms=false"]
@@ -28,7 +28,7 @@ def sweep(tmp_path: Path, *overrides: str) -> Path:
     """Run ``lightning-masks-train -m OVERRIDES`` (fast) into ``tmp_path/sweep`` and return that folder."""
     folder = tmp_path / "sweep"
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "lightning_masks.train", "-m", *overrides, *QUIET,
+    done = subprocess.run([sys.executable, "-m", "lightning_masks.app.train", "-m", *overrides, *QUIET,
                            f"hydra.sweep.dir={folder}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -164,7 +164,7 @@ def test_report_groups_seeds_into_configurations_and_marks_those_indistinguishab
 def test_the_sweep_plot_draws_error_bars_for_configurations(tmp_path):
     import matplotlib.image
 
-    from lightning_masks.plots import plot_sweep
+    from lightning_masks.lightning.plots import plot_sweep
 
     rows = [{"init": "magnitude", "sparsity": s, "test_acc": 0.9 - s / 10, "seeds": 3, "noise_used": False}
             for s in (0.5, 0.9)]

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 from lightning_masks import MaskPruningCallback, attach, masked_tensors
-from lightning_masks.masks import detach, resolve_targets
+from lightning_masks.masking.masks import detach, resolve_targets
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from lightning_masks import Schedule, ThresholdSchedule, list_schedules
-from lightning_masks import schedule as schedule_module
-from lightning_masks.schedule import CallableSchedule, get_schedule, register_schedule, resolve_span
+from lightning_masks.lifecycle import schedule as schedule_module
+from lightning_masks.lifecycle.schedule import CallableSchedule, get_schedule, register_schedule, resolve_span
 
 
 def test_cubic_is_zhu_and_gupta():

@@ -9,14 +9,14 @@ from helpers.oracles import keys64, kth_smallest
 from torch import nn
 
 from lightning_masks import Selector, attach, fold
-from lightning_masks import importance as importance_module
-from lightning_masks.importance import (
+from lightning_masks.selection import importance as importance_module
+from lightning_masks.selection.importance import (
     effective_weight_importance,
     get_importance,
     list_importances,
     register_importance,
 )
-from lightning_masks.select import parse_granularity
+from lightning_masks.selection.selector import parse_granularity
 
 
 def model_with_masks(seed=0, sizes=((30, 20), (20, 10), (10, 5))):
@@ -240,9 +240,9 @@ def test_channel_selection_prunes_whole_output_channels_exactly(mode):
 
 
 # ------------------------------------------------------------------------------- int32 keys and the radix cut
-from lightning_masks import kth as kth_module  # noqa: E402
-from lightning_masks import ranked as ranked_module  # noqa: E402
-from lightning_masks.kth import PROTECTED, PRUNED, float_keys, kth_key  # noqa: E402
+from lightning_masks.selection import kth as kth_module  # noqa: E402
+from lightning_masks.selection import ranked as ranked_module  # noqa: E402
+from lightning_masks.selection.kth import PROTECTED, PRUNED, float_keys, kth_key  # noqa: E402
 
 
 def test_int32_keys_are_the_int64_keys_shifted():

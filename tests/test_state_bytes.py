@@ -8,12 +8,12 @@ from torch import nn
 
 import lightning_masks
 from lightning_masks import MaskPruningCallback, attach, fold, masked_tensors
-from lightning_masks.loading import restore_masks_on_load
-from lightning_masks.masks import PRUNED_SCORE, MaskGate, gated, masked_value
-from lightning_masks.select import Selector
+from lightning_masks.masking.loading import restore_masks_on_load
+from lightning_masks.masking.masks import PRUNED_SCORE, MaskGate, gated, masked_value
+from lightning_masks.selection.selector import Selector
 
 
-class Wide(lightning_masks.callback.pl.LightningModule):
+class Wide(lightning_masks.lightning.callback.pl.LightningModule):
     """Two 256-wide Linear layers trained with AdamW: per-tensor constants are then negligible per weight."""
 
     def __init__(self) -> None:
@@ -217,7 +217,7 @@ def test_regrowth_refuses_compact_gates_whose_pruned_scores_are_gone():
 
 
 def test_keep_bits_are_cached_within_a_selection_until_the_scores_change():
-    from lightning_masks.masks import keep_bits_cached
+    from lightning_masks.masking.masks import keep_bits_cached
 
     layer, entry, keep = compact_layer()
     gate = entry.gate

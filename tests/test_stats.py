@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_masks import Selector, attach
-from lightning_masks.stats import format_layer_table, histogram, layer_rows, mask_stats, tensor_stats
+from lightning_masks.masking.stats import format_layer_table, histogram, layer_rows, mask_stats, tensor_stats
 
 
 def masked_model(seed=0):

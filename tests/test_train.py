@@ -23,10 +23,10 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from lightning_masks import MaskPruningCallback, Selector, get_initializer, list_initializers
-from lightning_masks.configs import CONFIG_DIR, list_recipes
-from lightning_masks.schedule import Schedule
-from lightning_masks.stats import zero_rows
-from lightning_masks.train import RESULT_FILE, run
+from lightning_masks.app.configs import CONFIG_DIR, list_recipes
+from lightning_masks.app.train import RESULT_FILE, run
+from lightning_masks.lifecycle.schedule import Schedule
+from lightning_masks.masking.stats import zero_rows
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 NO_PICTURES = ["masks.plots=false", "masks.log_histograms=false"]  # (the callback's own tests cover them)
@@ -53,9 +53,9 @@ def compose_config(overrides=(), output_dir: Path | None = None, mode: RunMode |
 
 
 def command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``python -m lightning_masks.train ARGS`` in ``cwd``, offline."""
+    """Run ``python -m lightning_masks.app.train ARGS`` in ``cwd``, offline."""
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lightning_masks.train", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "lightning_masks.app.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

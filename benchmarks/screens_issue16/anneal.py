@@ -3,10 +3,12 @@
 gate stays 1 and a score that falls below 0 is switched off ever harder."""
 import os
 import sys
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning_masks.masks import masked_tensors
+
+from lightning_masks.masking.masks import masked_tensors
 
 T0, T1 = float(os.environ.get("T0", "1")), float(os.environ.get("T1", "0.02"))
 
@@ -29,6 +31,7 @@ class Anneal(Callback):
 
 
 import quality
+
 plain_masks = quality.masks
 
 

@@ -5,7 +5,7 @@ What it screened ships as ``MaskPruningCallback(straight_through=True, regrow=Tr
 import sys
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from lightning_masks import masks as M  # noqa: E402
+from lightning_masks.masking import masks as M  # noqa: E402
 
 
 def forward(self, weight):

@@ -1,8 +1,10 @@
 """Screen (not shipped): straight-through gradients to pruned weights AND scores, with regrow=True: pruned entries
 keep training in the shadow (dense gradient) and come back when |w * gate| ranks them in again."""
 import sys
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from lightning_masks import masks as M
+from lightning_masks.masking import masks as M
+
 
 def forward(self, weight):
     g = M.gate_value(self.scores, self.temperature, self.gate_scale)
@@ -12,4 +14,5 @@ def forward(self, weight):
 
 M.MaskGate.forward = forward
 import quality
+
 quality.main(sys.argv[1:])

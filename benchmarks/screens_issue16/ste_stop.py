@@ -1,6 +1,7 @@
 """Screen (not shipped): straight-through gradients to pruned scores with regrow=True during the ramp only."""
 import dataclasses
 import sys
+
 from lightning.pytorch.callbacks import Callback
 from ste import patch  # this folder is on sys.path when the script runs; ste puts benchmarks/ there
 
@@ -17,6 +18,7 @@ class StopRegrowth(Callback):
 
 
 import quality
+
 plain_masks = quality.masks
 
 

@@ -1,4 +1,4 @@
-"""Exact zeros of a plain (folded) model, counted by the package's own :func:`lightning_masks.stats.zero_rows`."""
+"""Exact zeros of a plain (folded) model, counted by the package's own :func:`lightning_masks.masking.stats.zero_rows`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_masks.stats import zero_rows
+from lightning_masks.masking.stats import zero_rows
 
 __all__ = ["zeros_and_total"]
 

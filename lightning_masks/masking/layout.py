@@ -1,10 +1,10 @@
 """The state-dict layout of a masked tensor, owned here: every reader and writer of masked keys derives from it.
 
-A tensor ``<path>.<name>`` masked by :class:`~lightning_masks.gate.MaskGate` is saved, as
+A tensor ``<path>.<name>`` masked by :class:`~lightning_masks.masking.gate.MaskGate` is saved, as
 ``torch.nn.utils.parametrize`` writes it, under ``<path>.parametrizations.<name>.`` followed by ``original`` (the
 weight) and the gate's tensors ``0.scores``, ``0.keep``, ``0.temperature`` and, when the gate rescales,
-``0.gate_scale``. A bias gated by its layer's per-channel mask (:class:`~lightning_masks.gate.ChannelBias`) saves
-its ``original`` only: its gate is its weight's (:func:`~lightning_masks.kinds.weight_name`).
+``0.gate_scale``. A bias gated by its layer's per-channel mask (:class:`~lightning_masks.masking.gate.ChannelBias`) saves
+its ``original`` only: its gate is its weight's (:func:`~lightning_masks.masking.kinds.weight_name`).
 """
 
 from __future__ import annotations

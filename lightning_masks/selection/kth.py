@@ -3,7 +3,7 @@
 Floats map to int32 keys with the same order (:func:`float_keys`); :func:`kth_key` histograms the high 16 bits
 of every key in one pass and the low 16 bits of the chosen bucket in a second, in bounded batches, so the cost
 is two reads of the keys and memory is one batch (no ``torch.quantile``, whose input is limited to 2^24
-elements, and no model-sized concatenation). :class:`~lightning_masks.select.Selector` builds on it.
+elements, and no model-sized concatenation). :class:`~lightning_masks.selection.selector.Selector` builds on it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """MaskPruningCallback: the Lightning glue around masks, initializers, schedules and selection.
 
-The hooks are thin: argument checks are in :mod:`~lightning_masks.arguments`, the fit's lifecycle in
-:mod:`~lightning_masks.plan`, what is read from the Trainer and run outside its loop in
-:mod:`~lightning_masks.trainer_glue`, what the fit logs and prints in :mod:`~lightning_masks.fit_report`, other
-callbacks' copies in :mod:`~lightning_masks.companions`. Over 400 lines because its docstrings document thirty
+The hooks are thin: argument checks are in :mod:`~lightning_masks.lightning.arguments`, the fit's lifecycle in
+:mod:`~lightning_masks.lifecycle.plan`, what is read from the Trainer and run outside its loop in
+:mod:`~lightning_masks.lightning.trainer`, what the fit logs and prints in :mod:`~lightning_masks.lightning.fit_report`, other
+callbacks' copies in :mod:`~lightning_masks.lightning.companions`. Over 400 lines because its docstrings document thirty
 arguments and the hooks (110 lines); the code without them is under 400.
 """
 
@@ -21,7 +21,26 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from . import fit_report, loggers, stats
+from ..lifecycle.budget import DEFAULT_UPDATE_SHARE
+from ..lifecycle.plan import Plan
+from ..lifecycle.schedule import ScheduleSpec, ThresholdSchedule, get_schedule
+from ..masking import stats
+from ..masking.gate import cached_gates
+from ..masking.initializers import InitSpec, get_initializer
+from ..masking.loading import restore_masks_on_load
+from ..masking.masks import (
+    MaskedTensor,
+    attach,
+    detach,
+    fold,
+    gates_disabled,
+    masked_tensors,
+)
+from ..masking.outputs import kept_whole
+from ..masking.targets import TargetSpec, resolve_targets
+from ..selection.coupling import ties_among
+from ..selection.selector import Selector
+from . import fit_report, loggers
 from .arguments import (
     check_flags,
     check_output_layers,
@@ -32,27 +51,9 @@ from .arguments import (
     score_dtype_of,
     selector_of,
 )
-from .budget import DEFAULT_UPDATE_SHARE
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze
-from .coupling import ties_among
-from .gate import cached_gates
-from .init import InitSpec, get_initializer
-from .loading import restore_masks_on_load
-from .masks import (
-    MaskedTensor,
-    attach,
-    detach,
-    fold,
-    gates_disabled,
-    masked_tensors,
-)
 from .optim import place_scores
-from .outputs import kept_whole
-from .plan import Plan
-from .schedule import ScheduleSpec, ThresholdSchedule, get_schedule
-from .select import Selector
-from .targets import TargetSpec, resolve_targets
-from .trainer_glue import (
+from .trainer import (
     after_configure_model,
     check_strategy,
     coupled_norms,
@@ -80,13 +81,13 @@ class MaskPruningCallback(Callback):
 
     Args:
         sparsity: final fraction of pruned entries, in [0, 1). Default 0.9 (or ``1 - N/M`` for N:M).
-        init: initializer name (see :func:`~lightning_masks.init.list_initializers`), an
-            :class:`~lightning_masks.init.Initializer`, or a callable ``weight -> scores``.
-        schedule: a shape name (``cubic``, ``linear``, ...), a :class:`~lightning_masks.schedule.Schedule`
-            (a :class:`~lightning_masks.schedule.ThresholdSchedule` prunes by gate threshold), or a callable
+        init: initializer name (see :func:`~lightning_masks.masking.initializers.list_initializers`), an
+            :class:`~lightning_masks.masking.initializers.Initializer`, or a callable ``weight -> scores``.
+        schedule: a shape name (``cubic``, ``linear``, ...), a :class:`~lightning_masks.lifecycle.schedule.Schedule`
+            (a :class:`~lightning_masks.lifecycle.schedule.ThresholdSchedule` prunes by gate threshold), or a callable
             ``t -> sparsity`` with ``t`` the epoch index or global step.
         start, end: the ramp of a named schedule: ``int`` epochs or ``float`` fractions of training (for
-            steps, pass a :class:`~lightning_masks.schedule.Schedule` with ``unit="step"``). Default: over the
+            steps, pass a :class:`~lightning_masks.lifecycle.schedule.Schedule` with ``unit="step"``). Default: over the
             first two thirds.
         update_every: when the keep-masks are updated: ``"auto"`` (every N optimizer steps, N chosen so that
             about 100 updates follow the ramp: a finer ramp prunes better, benchmarks/results/study_cadence.md),
@@ -94,13 +95,13 @@ class MaskPruningCallback(Callback):
             last one are skipped (nothing would change). A callable ``schedule`` is called per epoch under
             ``"auto"``.
         update_budget: under ``"auto"``, the most that mask updates may take of the training time (default 0.05):
-            from the measured mean update and step times (:class:`~lightning_masks.budget.UpdateBudget`), the
+            from the measured mean update and step times (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`), the
             interval is widened where needed (short fits of small models), rank zero deciding for all. ``None``:
             the ~100 updates whatever they cost. The interval then depends on timings: for runs that must repeat
             bit for bit, pass ``update_every=N`` or ``update_budget=None``.
         targets, exclude: what to mask: globs on module names (the module's weights, whatever its type), globs
-            on tensor names, or module types (see :func:`~lightning_masks.masks.resolve_targets`). Default: the
-            weights of every registered layer kind (:func:`~lightning_masks.kinds.list_layer_kinds`: Linear,
+            on tensor names, or module types (see :func:`~lightning_masks.masking.masks.resolve_targets`). Default: the
+            weights of every registered layer kind (:func:`~lightning_masks.masking.kinds.list_layer_kinds`: Linear,
             Conv and ConvTranspose 1d/2d/3d, MultiheadAttention projections, RNN/LSTM/GRU, transformers'
             ``Conv1D``) except embedding tables and tensors tied to one (name them in ``targets`` to mask them).
             The setup line lists what is left dense; trainable weight matrices left dense for no stated reason
@@ -119,30 +120,30 @@ class MaskPruningCallback(Callback):
             ``score_dtype="bfloat16"`` and Adam a masked weight then carries 8 bytes of mask state (scores, their
             gradient, two Adam moments) instead of 21. ``regrow=True`` needs the pruned entries' scores, so it
             keeps the keep buffer whatever this says.
-        selector: how scores become keep-masks, one :class:`~lightning_masks.select.Selector` (ranking ``mode``,
+        selector: how scores become keep-masks, one :class:`~lightning_masks.selection.selector.Selector` (ranking ``mode``,
             ``importance``, ``layer_floor``, ``regrow``, ``granularity``, ``tie``); default ``Selector()``.
         mode, importance, layer_floor, regrow, granularity, tie: the same fields one by one (the selector's, when
             ``selector`` is not given; giving both is refused).
         straight_through: pruned entries' scores keep learning, their gradient taken as if they were kept
-            (straight-through, movement pruning: :func:`~lightning_masks.masks.straight_through_gated`), so that
+            (straight-through, movement pruning: :func:`~lightning_masks.masking.masks.straight_through_gated`), so that
             with ``regrow=True`` a pruned weight whose gate the loss raises can come back. Needs ``regrow=True``.
             Off by default (benchmarks/README.md, issue 16: what it gained at 99 / 99.5%).
         output_layers: with ``granularity="channel"``, the layers left whole because their output units are
             the model's outputs (classes, vocabulary). ``"auto"``: the masked layers whose outputs reach the
             model's outputs through no other masked layer, traced on ``forward(example_input_array)`` or, when
-            that is not set, on the loss of the first training batch (:func:`~lightning_masks.outputs.output_layers`);
+            that is not set, on the loss of the first training batch (:func:`~lightning_masks.masking.outputs.output_layers`);
             a list of globs on module names; or ``None`` to prune them too.
             ``tie``: groups of globs on masked tensor names pruned together unit by unit, e.g. the BatchNorms
             that add into one residual stream, so that export can remove the stream's pruned channels.
             ``"auto"``: the masked BatchNorms whose channels meet in a sum
-            (:func:`~lightning_masks.coupling.coupled_channels` on the module's ``example_input_array``).
+            (:func:`~lightning_masks.selection.coupling.coupled_channels` on the module's ``example_input_array``).
         mask_lr, mask_weight_decay: learning rate and weight decay of the scores, in their own param group of
             the optimizer that trains the weight (default ``mask_lr=0.01``, the weight decay of the weight's
             group). Both ``None`` leaves the scores where ``configure_optimizers`` put them.
         fused_adam: switch the CPU ``Adam``/``AdamW`` param groups that train scores or masked weights, and whose
             ``foreach``/``fused`` you left unset, to torch's fused kernel (``fused=True``): the same update up to
             float rounding, several times faster on the exactly-zero gradients of pruned entries
-            (:func:`~lightning_masks.optim.place_scores`). ``False`` leaves your optimizer's groups as they are.
+            (:func:`~lightning_masks.lightning.optim.place_scores`). ``False`` leaves your optimizer's groups as they are.
         fold_on_fit_end: leave a plain model (no parametrizations, exact zeros) when fit ends.
         early_end: a fit that ends before its ramp does (EarlyStopping, ``max_time``, an exception): ``"warn"``
             (the default) warns with the target and the sparsity reached and folds what was reached; ``"final"``

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from .registry import Registry
+from ..registry import Registry
 
 __all__ = [
     "CallableSchedule",

@@ -1,6 +1,6 @@
 """The ``lightning-masks-train`` command: compose data, model, trainer, loggers and masks with Hydra; fit, test.
 
-Run ``lightning-masks-train`` (or ``python -m lightning_masks.train``) for the default, an MLP on digits
+Run ``lightning-masks-train`` (or ``python -m lightning_masks.app.train``) for the default, an MLP on digits
 pruned to 90%; ``--help`` lists the config groups. Each run writes ``result.json`` into its folder.
 """
 
@@ -22,9 +22,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from . import stats
+from ..masking import stats
+from ..masking.masks import fold, masked_tensors
 from .configs import CONFIG_DIR, register
-from .masks import fold, masked_tensors
 
 __all__ = ["RESULT_FILE", "format_result", "main", "run"]
 

@@ -9,10 +9,10 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from ..masking.gate import masked_value
+from ..masking.kinds import weight_name
+from ..masking.layout import GATE_FIELDS, ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key, split_mask_key
 from .files import atomic_write
-from .gate import masked_value
-from .kinds import weight_name
-from .layout import GATE_FIELDS, ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key, split_mask_key
 
 __all__ = ["fold_checkpoint", "fold_state_dict", "load_checkpoint"]
 

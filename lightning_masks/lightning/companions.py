@@ -11,8 +11,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 
-from .copies import follow_masks, mask_like
-from .masks import MaskedTensor, masked_tensors
+from ..masking.copies import follow_masks, mask_like
+from ..masking.masks import MaskedTensor, masked_tensors
 
 __all__ = ["end_process_group_at_exit", "frozen_by_finetuning", "mask_copies", "refreeze"]
 

@@ -1,7 +1,7 @@
 """The ``lightning-masks-export`` command: fold a masked checkpoint, save it sparse, optionally shrink it.
 
-It also re-exports the pieces (:mod:`~lightning_masks.checkpoints`, :mod:`~lightning_masks.sparse_file`,
-:mod:`~lightning_masks.shrink`) for ``from lightning_masks.export import ...``.
+It also re-exports the pieces (:mod:`~lightning_masks.export.checkpoints`, :mod:`~lightning_masks.export.sparse_file`,
+:mod:`~lightning_masks.export.shrink`) for ``from lightning_masks.export.command import ...``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..masking.inputs import as_arguments
+from ..masking.masks import fold
 from .checkpoints import fold_checkpoint, fold_state_dict, load_checkpoint
 from .files import atomic_write
-from .inputs import as_arguments
-from .masks import fold
 from .shrink import ShrinkReport, shrink
 from .sparse_file import SparseFileInfo, load_sparse, save_sparse
 

@@ -25,7 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from scipy.stats import ttest_ind
 
-from .plots import plot_sweep
+from ..lightning.plots import plot_sweep
 from .train import RESULT_FILE
 
 __all__ = ["ALPHA", "COLUMNS", "CONFIG_COLUMNS", "collect", "configs_to_markdown", "expected_jobs", "group_seeds",

@@ -138,14 +138,14 @@ def resolve_targets(
 
     A spec is, in this order:
 
-    * a module type: its instances' weights (their layer kind's, see :mod:`lightning_masks.kinds`, else
+    * a module type: its instances' weights (their layer kind's, see :mod:`lightning_masks.masking.kinds`, else
       their parameters named ``*weight*``);
     * a glob on qualified module names: the weights of the matched modules that have a layer kind or, when
       none has, of every matched module whatever its type (``"transformer.wte"`` selects the embedding's
       ``weight``);
     * a glob on qualified tensor names (``"lm_head.weight"``, ``"*.bias"``): those tensors.
 
-    ``None`` selects the weights of every registered layer kind (:func:`~lightning_masks.kinds.list_layer_kinds`)
+    ``None`` selects the weights of every registered layer kind (:func:`~lightning_masks.masking.kinds.list_layer_kinds`)
     except embedding tables and the tensors tied to one (a tied LM head): those are masked only when a name
     glob, or an embedding type, selects them. ``exclude`` specs resolve the same way and are removed. Frozen
     (``requires_grad=False``), lazy and already-masked tensors are skipped. A parameter shared by several
@@ -277,7 +277,7 @@ def _foreign_layers(model: nn.Module, selected: set[int], by_param: dict[int, li
 def nothing_to_mask(resolved: Targets, targets: list[TargetSpec] | None) -> str:
     """The error for a selection that masks nothing: what was asked, what was left out and why, the fix."""
     if targets is None:
-        asked = ("the model has no trainable weight of a registered layer kind (lightning_masks.kinds."
+        asked = ("the model has no trainable weight of a registered layer kind (lightning_masks.masking.kinds."
                  "list_layer_kinds(): Linear, ConvNd, ConvTransposeNd, MultiheadAttention, RNN/LSTM/GRU, "
                  "transformers' Conv1D)")
     else:

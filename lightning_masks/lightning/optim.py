@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch.optim import Optimizer
 
-from .masks import MaskedTensor
+from ..masking.masks import MaskedTensor
 
 __all__ = ["place_scores"]
 

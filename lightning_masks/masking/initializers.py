@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor
 
-from .registry import Registry
+from ..registry import Registry
 
 __all__ = [
     "Constant",

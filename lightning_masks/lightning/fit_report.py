@@ -11,9 +11,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from . import loggers, plots, stats
-from .masks import MaskedTensor
-from .targets import Targets
+from ..masking import stats
+from ..masking.masks import MaskedTensor
+from ..masking.targets import Targets
+from . import loggers, plots
 
 __all__ = ["announce", "histograms", "log_scalars", "report_fit"]
 
@@ -53,7 +54,7 @@ def _left_dense(resolved: Targets, outputs: Sequence[str]) -> str:
 
 def log_scalars(trainer: pl.Trainer, masked: Sequence[MaskedTensor], churn: Mapping[str, torch.Tensor],
                 target: float, threshold: Optional[float]) -> None:
-    """The ``masks/...`` scalars (:func:`~lightning_masks.stats.mask_stats`, the last update's target and cut) to
+    """The ``masks/...`` scalars (:func:`~lightning_masks.masking.stats.mask_stats`, the last update's target and cut) to
     every logger, with one host sync."""
     values = stats.mask_stats(masked, churn)
     numbers = torch.stack([v.float().cpu() for v in values.values()]).tolist()  # the one host sync
@@ -82,8 +83,8 @@ def histograms(masked: Sequence[MaskedTensor]) -> dict[str, tuple[torch.Tensor, 
 
 def report_fit(trainer: pl.Trainer, rows: Sequence[Mapping], masked: Sequence[MaskedTensor], history: Mapping,
                unit: str, pictures: bool) -> None:
-    """The end-of-fit console table of ``rows`` (:func:`~lightning_masks.stats.layer_rows`, printed by
-    :func:`~lightning_masks.stats.format_layer_table`), the loggers' table and summary and, with ``pictures``, each
+    """The end-of-fit console table of ``rows`` (:func:`~lightning_masks.masking.stats.layer_rows`, printed by
+    :func:`~lightning_masks.masking.stats.format_layer_table`), the loggers' table and summary and, with ``pictures``, each
     layer's sparsity over training (``history``, positions in ``unit``) and the gate histograms of ``masked`` as PNGs
     in the run folder, logged to W&B."""
     rank_zero_info(stats.format_layer_table(rows))

@@ -53,7 +53,7 @@ class Plan:
         early_end: a fit that ends before its ramp: ``"warn"`` (fold what was reached, and say so) or ``"final"``
             (one last update to the final target, then fold).
         update_budget: under ``"auto"`` with a step cadence, the most that mask updates may take of the training
-            time (:class:`~lightning_masks.budget.UpdateBudget`): :meth:`account` is told each step's and update's
+            time (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`): :meth:`account` is told each step's and update's
             seconds, and the interval widens (from the step it widens at, its ``anchor``) where the measured
             costs need it. ``None``: no budget.
 

@@ -20,8 +20,8 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities import CombinedLoader
 
-from .coupling import coupled_channels
-from .inputs import call_with
+from ..masking.inputs import call_with
+from ..selection.coupling import coupled_channels
 
 __all__ = ["after_configure_model", "check_strategy", "coupled_norms", "first_batch", "logging_disabled", "one_pass",
            "restore_configure_model", "training_length", "training_loss", "unbounded"]
@@ -125,6 +125,6 @@ def coupled_norms(pl_module: pl.LightningModule) -> list[list[str]]:
     example = pl_module.example_input_array
     if example is None:
         raise ValueError("tie='auto' traces the model on pl_module.example_input_array, which is not set; set it "
-                         "to a batch the model's forward takes, or pass the groups (lightning_masks.coupling."
+                         "to a batch the model's forward takes, or pass the groups (lightning_masks.selection.coupling."
                          "coupled_channels) as tie=[[...], ...]")
     return coupled_channels(pl_module, example)

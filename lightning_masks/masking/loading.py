@@ -1,6 +1,6 @@
 """Loading a masked state dict: a plain model gets the masks its keys describe; a strict load is checked first.
 
-The keys are read through :mod:`lightning_masks.layout`, their one owner.
+The keys are read through :mod:`lightning_masks.masking.layout`, their one owner.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""What selection ranks (:mod:`lightning_masks.select`): masked tensors, or tensors tied unit by unit, and their
-int32 importance keys (:mod:`lightning_masks.kth`), held in one bounded buffer or recomputed per tensor; writing
+"""What selection ranks (:mod:`lightning_masks.selection.selector`): masked tensors, or tensors tied unit by unit, and their
+int32 importance keys (:mod:`lightning_masks.selection.kth`), held in one bounded buffer or recomputed per tensor; writing
 their keep bits."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..masking.masks import MaskedTensor
 from . import kth
 from .kth import PROTECTED, float_keys, mark_pruned
-from .masks import MaskedTensor
 
 __all__ = ["CACHE_ELEMENTS", "Keys", "Ranked", "TiedUnits", "keep_above", "keep_of", "members", "refuse_nan",
            "set_keep"]
@@ -26,7 +26,7 @@ class TiedUnits:
     """Masked tensors pruned together, unit by unit: one keep decision per unit, written to every member.
 
     E.g. the BatchNorms that all add into one residual stream: a stream channel is then zero in every
-    block, so :func:`~lightning_masks.export.shrink` can remove it. A unit's importance is the sum of its
+    block, so :func:`~lightning_masks.export.command.shrink` can remove it. A unit's importance is the sum of its
     members' (``logsumexp`` of their log importances); it is alive while any member keeps it.
     """
 

@@ -1,6 +1,6 @@
 """Importance criteria: what mask selection ranks, and the registry that names them.
 
-The registry follows the initializers' idiom (:mod:`lightning_masks.init`, after timm's ``_registry.py``):
+The registry follows the initializers' idiom (:mod:`lightning_masks.masking.initializers`, after timm's ``_registry.py``):
 :func:`register_importance` adds a criterion, :func:`get_importance` looks one up (a miss names the registered
 ones), :func:`list_importances` lists them. A criterion maps a masked tensor to a float32 importance per unit
 (the keep-mask's shape, or the flat units at ``index``: selection ranks only the live ones), in log scale so that
@@ -16,9 +16,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .gate import reduce_to, temperature_divisor
-from .masks import MaskedTensor
-from .registry import Registry
+from ..masking.gate import reduce_to, temperature_divisor
+from ..masking.masks import MaskedTensor
+from ..registry import Registry
 
 __all__ = ["Criterion", "at", "get_importance", "list_importances", "log_sigmoid", "register_importance"]
 

@@ -1,8 +1,8 @@
 """Scores -> keep-masks: exact counts, global or per layer, element or N:M, without a model-sized copy.
 
-Global selection finds the exact k-th smallest importance with :mod:`lightning_masks.kth`'s radix select over
+Global selection finds the exact k-th smallest importance with :mod:`lightning_masks.selection.kth`'s radix select over
 int32 keys that order like the floats, one tensor (in bounded slices) at a time, or, while all the keys fit
-``ranked.CACHE_ELEMENTS`` (32 MiB), in one buffer (:class:`~lightning_masks.ranked.Keys`; a small model's update
+``ranked.CACHE_ELEMENTS`` (32 MiB), in one buffer (:class:`~lightning_masks.selection.ranked.Keys`; a small model's update
 is then a few operations, not a few per tensor): no model-sized concatenation, no ``torch.quantile`` (limited to
 2^24 elements), and ties broken by position (tensor order, then flat index).
 Without regrowth a pruned entry's key lies below every importance (even ``-inf``), so it stays pruned.
@@ -20,11 +20,11 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from ..masking.masks import MaskedTensor, keep_bits_cached
+from ..masking.stats import nonzero_counts
 from .importance import get_importance, list_importances, log_sigmoid
 from .kth import PRUNED, key_value, kth_key, top_mask
-from .masks import MaskedTensor, keep_bits_cached
 from .ranked import Keys, Ranked, TiedUnits, keep_of, members, refuse_nan, set_keep
-from .stats import nonzero_counts
 
 __all__ = [
     "Granularity",
@@ -85,7 +85,7 @@ class Selector:
 
     Args:
         mode: ``"global"`` ranks all masked tensors together; ``"layer"`` prunes each to the target.
-        importance: a registered criterion (:func:`~lightning_masks.importance.list_importances`): ``"gate"`` or
+        importance: a registered criterion (:func:`~lightning_masks.selection.importance.list_importances`): ``"gate"`` or
             the weight-dependent ``"effective_weight"``.
         layer_floor: in global mode every tensor keeps at least ``ceil(layer_floor * (1 - target) * units)``
             entries, a fraction of what a uniform split would give it, so no layer is wiped out. 0 disables.
@@ -114,7 +114,7 @@ class Selector:
             raise ValueError(f"mode must be 'global' or 'layer', got {self.mode!r}")
         if self.importance not in list_importances():
             raise ValueError(f"unknown importance {self.importance!r}; known criteria: {list_importances()}. Add one "
-                             "with lightning_masks.importance.register_importance")
+                             "with lightning_masks.selection.importance.register_importance")
         if isinstance(self.layer_floor, bool) or not isinstance(self.layer_floor, (int, float)) or \
                 not 0.0 <= self.layer_floor <= 1.0:
             raise ValueError(f"layer_floor must be in [0, 1], got {self.layer_floor!r}; 0 disables the floor")
@@ -163,7 +163,7 @@ class Selector:
         """``masked`` with each ``tie`` group merged into one :class:`TiedUnits`, at its first member's place."""
         if self.auto_tie:
             raise ValueError("tie='auto' is traced by MaskPruningCallback at setup; outside it, pass the groups "
-                             "(lightning_masks.coupling.coupled_channels)")
+                             "(lightning_masks.selection.coupling.coupled_channels)")
         if not self.tie:
             return list(masked)
         group_of: dict[int, int] = {}

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from .init import Initializer, get_initializer
+from ..masking.initializers import Initializer, get_initializer
 
 __all__ = ["CONFIG_DIR", "RECIPE_DIR", "initializer", "list_recipes", "register"]
 

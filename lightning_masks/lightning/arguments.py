@@ -9,9 +9,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .gate import SCORE_DTYPES
-from .plan import EARLY_END
-from .select import Selector
+from ..lifecycle.plan import EARLY_END
+from ..masking.gate import SCORE_DTYPES
+from ..selection.selector import Selector
 
 __all__ = ["check_flags", "check_number", "check_output_layers", "check_settings", "check_targets", "final_sparsity",
            "is_int", "ramp_of", "score_dtype_of", "selector_of"]
@@ -154,7 +154,7 @@ def selector_of(selector: Optional[Selector], **loose: Any) -> Selector:
         return selector
     for name in ("mode", "importance", "granularity"):
         if not isinstance(loose[name], str):
-            raise ValueError(f"{name} must be a string, got {loose[name]!r}; see lightning_masks.select.Selector")
+            raise ValueError(f"{name} must be a string, got {loose[name]!r}; see lightning_masks.selection.selector.Selector")
     check_number("layer_floor", loose["layer_floor"], 0.0, 1.0, hint="e.g. layer_floor=0.25 (a float); 0 disables "
                  "the floor")
     tie = loose["tie"]

@@ -13,8 +13,8 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from .inputs import call_with
-from .layout import PARAMETRIZATION_MARK
+from ..masking.inputs import call_with
+from ..masking.layout import PARAMETRIZATION_MARK
 
 __all__ = ["ShrinkReport", "shrink"]
 

@@ -1,0 +1,1 @@
+"""The Hydra app: train, the sweep report, the config store."""

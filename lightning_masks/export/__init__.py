@@ -1,0 +1,1 @@
+"""Plain checkpoints, sparse files, shrink and the export command."""
