@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn.utils import parametrize
 
 from lightning_masks import MaskPruningCallback, fold_checkpoint, masked_tensors
+from lightning_masks.masking.layout import group_mask_keys, saved_keep
 
 
 def fit(tmp_path, max_epochs, ckpt_path=None, **callback_kwargs):
@@ -69,7 +70,7 @@ def test_folded_checkpoint_loads_with_no_callback(masked_checkpoint, tmp_path):
     assert not any(parametrize.is_parametrized(m) for m in module.modules())
     assert torch.allclose(module(x), expected, atol=1e-6)
     state = torch.load(path, weights_only=False)
-    keep = [v for k, v in state["state_dict"].items() if k.endswith(".keep")]
+    keep = [saved_keep(fields) for fields in group_mask_keys(state["state_dict"]).values() if "scores" in fields]
     weights = [module.net[0].weight, module.net[2].weight]
     assert [int((w == 0).sum()) for w in weights] == [int((~k).sum()) for k in keep]
     assert sum(int((~k).sum()) for k in keep) > 0

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TiedLM
+from helpers import TiedLM, prune
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -38,7 +38,7 @@ def test_gate_formula_and_parametrized_forward():
     layer = nn.Linear(3, 2)
     weight = layer.weight.detach().clone()
     [entry] = attach(layer, init=lambda w: w * 2, temperature=0.5)
-    entry.gate.keep[0, 0] = False
+    prune(entry.gate, (0, 0))
     expected = weight * torch.sigmoid(weight * 2 / 0.5)
     expected[0, 0] = 0
     assert torch.allclose(layer.weight, expected)
@@ -92,7 +92,7 @@ def test_tied_weights_get_one_mask_and_stay_tied_after_fold():
     tied = next(m for m in masked if m.name in ("embed.weight", "head.weight"))
     assert len(tied.owners) == 2
     assert model.embed.parametrizations.weight[0] is model.head.parametrizations.weight[0]
-    tied.gate.keep[:3] = False
+    prune(tied.gate, slice(None, 3))
     assert torch.equal(model.embed.weight, model.head.weight)
     assert len(masked_tensors(model)) == 3
     original = tied.weight
@@ -114,7 +114,7 @@ def test_fold_gives_plain_module_with_exact_zeros_and_same_outputs():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     masked = attach(model)
     for entry in masked:
-        entry.gate.keep.view(-1)[::3] = False
+        prune(entry.gate, slice(None, None, 3), flat=True)
     x = torch.randn(2, 1, 6, 6)
     expected = model(x)
     kept = [int(e.gate.keep.sum()) for e in masked]
@@ -139,7 +139,7 @@ def test_gates_disabled_reads_plain_weights():
 def test_masked_state_dict_loads_into_a_plain_model():
     source = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     masked = attach(source, rescale=True)
-    masked[0].gate.keep[0] = False
+    prune(masked[0].gate, 0)
     state = source.state_dict()
     target = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(RuntimeError):
@@ -262,7 +262,7 @@ def test_masked_module_trains_the_same_as_the_plain_formula():
     layer = nn.Linear(6, 4)
     weight = layer.weight.detach().clone()
     [entry] = attach(layer, rescale=True, temperature=0.5, per_channel=False)
-    entry.gate.keep.view(-1)[::3] = False
+    prune(entry.gate, slice(None, None, 3), flat=True)
     x = torch.randn(7, 6)
     layer(x).square().sum().backward()
     s = entry.gate.scores.detach().clone().requires_grad_()
@@ -278,7 +278,7 @@ def test_channel_bias_goes_through_the_fused_gate_with_the_same_values():
     layer = nn.Linear(6, 4)
     bias = layer.bias.detach().clone()
     [entry] = attach(layer, rescale=True, per_channel=True)
-    entry.gate.keep[1] = False
+    prune(entry.gate, 1)
     gate = entry.gate
     expected = bias * (gate.gate() * gate.keep).reshape(bias.shape)
     assert isinstance(layer.parametrizations.bias[0], ChannelBias)
@@ -291,7 +291,7 @@ def test_gate_forward_values_are_unchanged_under_cached_evaluation():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 2))
     masked = attach(model, rescale=True, temperature=2.0)
-    masked[0].gate.keep[0] = False
+    prune(masked[0].gate, 0)
     x = torch.randn(3, 5)
     training = model(x)
     with torch.no_grad(), parametrize.cached():
@@ -333,7 +333,7 @@ def test_fused_adam_trains_masks_like_the_loop():
 
         model = copy.deepcopy(base)
         masked = attach(model, rescale=True)
-        masked[0].gate.keep.view(-1)[::2] = False
+        prune(masked[0].gate, slice(None, None, 2), flat=True)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         place_scores([optimizer], [], masked, fuse=fuse)
         x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
@@ -349,7 +349,7 @@ def test_masked_module_works_under_torch_func_transforms():
     torch.manual_seed(0)
     layer = nn.Linear(4, 3)
     [entry] = attach(layer, rescale=True)
-    entry.gate.keep[0, 0] = False
+    prune(entry.gate, (0, 0))
     params = dict(layer.named_parameters())
     x = torch.randn(5, 4)
 
@@ -366,7 +366,7 @@ def test_masked_module_evaluates_an_ensemble_of_weights_under_vmap():
     torch.manual_seed(0)
     layer = nn.Linear(4, 3)
     [entry] = attach(layer, rescale=True)
-    entry.gate.keep[0, 0] = False
+    prune(entry.gate, (0, 0))
     weights = torch.randn(2, 3, 4)  # batched over the weight alone: scores, keep and scale are shared
     x = torch.randn(5, 4)
     with torch.no_grad():

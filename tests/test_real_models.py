@@ -8,7 +8,7 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyModule, make_trainer, zeros_and_total
+from helpers import TinyModule, make_trainer, prune, zeros_and_total
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.utils import parametrize
@@ -282,7 +282,7 @@ def test_channel_masks_zero_the_bias_that_goes_with_each_weight(layer, weight, b
     torch.manual_seed(0)
     nn.init.normal_(getattr(layer, bias))
     for entry in attach(layer, per_channel=True):
-        entry.gate.keep.view(-1)[: entry.units // 2] = False
+        prune(entry.gate, slice(None, entry.units // 2), flat=True)
     fold(layer)
     dead = getattr(layer, weight).eq(0).all(1)
     assert int(dead.sum()) == getattr(layer, weight).shape[0] // 2
@@ -295,7 +295,7 @@ def test_channel_masks_follow_the_output_axis_and_zero_that_channels_bias(layer)
     with torch.no_grad():
         layer.bias.uniform_(0.5, 1.0)
     (entry,) = attach(layer, per_channel=True)
-    entry.gate.keep.view(-1)[[1, 4]] = False
+    prune(entry.gate, [1, 4], flat=True)
     fold(layer)
     axis = 1
     dead = layer.weight.movedim(axis, 0).flatten(1).eq(0).all(1)

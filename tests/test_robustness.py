@@ -10,6 +10,7 @@ from torch.nn.utils import parametrizations, parametrize, prune
 
 from lightning_masks import MaskPruningCallback, attach, masked_tensors
 from lightning_masks.masking.masks import detach, resolve_targets
+from lightning_masks.masking.layout import group_mask_keys, saved_keep
 
 
 @pytest.fixture
@@ -30,7 +31,8 @@ def doctored(checkpoint, tmp_path, change):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda sd: sd.pop("net.0.parametrizations.weight.0.keep"), r"'net.0.parametrizations.weight.0.keep' is missing"),
+    (lambda sd: sd.pop("net.0.parametrizations.weight.0.keep_bits"),
+     r"'net.0.parametrizations.weight.0.keep_bits' is missing"),
     (lambda sd: sd.update({"net.2.parametrizations.weight.0.scores": torch.zeros(2, 2)}),
      r"'net.2.parametrizations.weight.0.scores' has shape \(2, 2\), the model has \(3, 16\)"),
     (lambda sd: sd.pop("net.0.parametrizations.weight.0.scores"),
@@ -71,7 +73,8 @@ def test_interrupted_fit_leaves_model_and_checkpoint_consistent(tmp_path):
     fresh = TinyModule()
     make_trainer(callbacks=[MaskPruningCallback()]).validate(fresh, ckpt_path=tmp_path / "last.ckpt")
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
-    assert int((~state["net.0.parametrizations.weight.0.keep"]).sum()) == int((fresh.net[0].weight == 0).sum())
+    keep = saved_keep(group_mask_keys(state)["net.0.weight"])
+    assert int((~keep).sum()) == int((fresh.net[0].weight == 0).sum())
 
 
 def test_nan_appearing_during_training_is_named():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import TiedLM
+from helpers import TiedLM, keep_all
 from helpers.oracles import keys64, kth_smallest
 from torch import nn
 
@@ -119,7 +119,7 @@ def test_layer_floor_keeps_every_layer_alive_on_a_tied_embedding_model():
     wiped = [e.name for e in masked if not e.gate.keep.any()]
     assert set(wiped) == {"hidden.0.weight", "hidden.2.weight"}  # the failure the floor exists for
     for e in masked:
-        e.gate.keep.fill_(True)
+        keep_all(e.gate)
     pruned = Selector(layer_floor=0.25)(masked, 0.9).pruned
     assert pruned == round(0.9 * numel) == sum(int((~e.gate.keep).sum()) for e in masked)
     for e in masked:
@@ -127,7 +127,7 @@ def test_layer_floor_keeps_every_layer_alive_on_a_tied_embedding_model():
 
 
 def _with_keep(entry, keep):
-    entry.gate.keep.copy_(keep)
+    entry.gate.set_keep(keep)
     return entry
 
 

@@ -1,4 +1,4 @@
-"""The mask state a masked weight carries (issue 17), counted from the tensors themselves, and the compact gate."""
+"""The mask state a masked weight carries, counted from the tensors themselves, and the packed keep bits."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from torch import nn
 import lightning_masks
 from lightning_masks import MaskPruningCallback, attach, fold, masked_tensors
 from lightning_masks.masking.loading import restore_masks_on_load
-from lightning_masks.masking.masks import PRUNED_SCORE, MaskGate, gated, masked_value
+from lightning_masks.masking.masks import MaskGate, gated, masked_value
 from lightning_masks.selection.selector import Selector
 
 
@@ -40,8 +40,8 @@ def nbytes(tensor) -> int:
 
 class StateBytes(Callback):
     """After an optimizer step (gradients still held), the bytes of each gate's scores, their gradient, their
-    optimizer state and the gate's buffers (the keep bits, temperature and scale, saved or derived on save),
-    split into per-weight tensors (as many entries as the scores) and per-tensor constants."""
+    optimizer state and the gate's buffers (the packed keep bits, temperature and scale), split into per-weight
+    tensors (sized by the number of entries) and per-tensor constants (one value)."""
 
     def __init__(self) -> None:
         self.per_weight = self.per_tensor = self.weights = 0
@@ -55,10 +55,9 @@ class StateBytes(Callback):
             assert gate.scores.grad is not None and optimizer.state[gate.scores]
             tensors = [gate.scores, gate.scores.grad, *optimizer.state[gate.scores].values(), *gate.buffers()]
             for tensor in tensors:
-                if tensor.numel() == gate.scores.numel():
+                if tensor.dim():
                     self.per_weight += nbytes(tensor)
                 else:
-                    assert tensor.numel() == 1, tensor.shape
                     self.per_tensor += nbytes(tensor)
             self.weights += entry.numel
 
@@ -70,21 +69,21 @@ def state_bytes(**options) -> StateBytes:
     return counter
 
 
-def test_the_defaults_keep_8_bytes_a_masked_weight_where_float32_state_kept_21():
+def test_the_defaults_keep_8_and_an_eighth_bytes_a_masked_weight_where_float32_state_keeps_20():
     default = state_bytes()
-    # bfloat16 scores (2) + their gradient (2) + AdamW's two moments in the scores' dtype (2 + 2); no keep buffer,
-    # one scale a tensor
-    assert default.per_weight == 8 * default.weights
+    # bfloat16 scores (2) + their gradient (2) + AdamW's two moments in the scores' dtype (2 + 2), the keep bits
+    # packed eight a byte (1/8); one scale a tensor
+    assert default.per_weight * 8 == 65 * default.weights
     assert default.per_tensor <= 12 * 3  # per tensor: temperature, scale, Adam's step (float32 scalars)
-    assert (default.per_weight + default.per_tensor) / default.weights <= 8.001
-    # the state before issue 17: float32 scores, gradient and moments (16), a bool keep (1) and a float32 scale (4)
-    before = state_bytes(score_dtype="float32", compact=False)
-    assert before.per_weight == 21 * before.weights
+    assert (default.per_weight + default.per_tensor) / default.weights <= 8.25
+    # float32 scores, gradient and moments (16), the packed keep bits (1/8) and a float32 scale a weight (4)
+    wide = state_bytes(score_dtype="float32", compact=False)
+    assert wide.per_weight * 8 == 161 * wide.weights
 
 
-def test_regrow_keeps_the_keep_buffer_and_the_per_weight_scale():
+def test_regrow_keeps_the_default_state():
     counter = state_bytes(regrow=True)
-    assert counter.per_weight == (8 + 1 + 4) * counter.weights  # the pruned entries' scores are needed to regrow
+    assert counter.per_weight * 8 == 65 * counter.weights  # the pruned entries keep their scores: nothing more
 
 
 def test_score_dtype_is_checked_and_named():
@@ -96,7 +95,7 @@ def test_score_dtype_is_checked_and_named():
         attach(nn.Linear(3, 3), score_dtype=torch.float16)
 
 
-def compact_layer(pruned_every: int = 3, dtype=torch.bfloat16, rescale=True):
+def pruned_layer(pruned_every: int = 3, dtype=torch.bfloat16, rescale=True):
     torch.manual_seed(0)
     layer = nn.Linear(12, 8)
     [entry] = attach(layer, rescale=rescale, score_dtype=dtype, compact=True)
@@ -106,24 +105,26 @@ def compact_layer(pruned_every: int = 3, dtype=torch.bfloat16, rescale=True):
     return layer, entry, keep.view(8, 12)
 
 
-def test_a_compact_gate_holds_the_keep_bits_in_the_scores():
-    layer, entry, keep = compact_layer()
+def test_the_keep_bits_are_packed_along_rows_apart_from_the_scores():
+    layer, entry, keep = pruned_layer()
     gate = entry.gate
-    assert gate.stored_keep() is None and torch.equal(gate.keep, keep)
+    assert gate.keep_bits.dtype == torch.uint8 and gate.keep_bits.shape == (8, 2)  # 12 bits a row: two bytes
+    assert torch.equal(gate.keep, keep) and not isinstance(gate.keep_bits, nn.Parameter)
+    assert torch.equal(gate.keep_bits[:4], gate.keep_bits[:4])  # a block of rows holds its rows' bits
     assert gate.scores.dtype == torch.bfloat16 and gate.gate_scale.dim() == 0
-    assert torch.all(gate.scores[~keep] == PRUNED_SCORE)
+    assert torch.all(gate.scores[~keep] > -10)  # a pruned entry keeps its score
     assert torch.all(layer.weight[~keep] == 0) and torch.all(layer.weight[keep] != 0)
     # the gate is computed in the weight's float32 from the bfloat16 scores, times the per-tensor scale
     w, s = entry.weight.detach(), gate.scores.detach()
     expected = torch.where(keep, w * torch.sigmoid(s.float()) * gate.gate_scale, 0.0)
     assert torch.allclose(layer.weight, expected, rtol=1e-6, atol=0) and layer.weight.dtype == torch.float32
     with torch.no_grad():  # the fold formula gives the live gate's values bit for bit
-        assert torch.equal(masked_value(entry.weight, gate.scores, None, gate.temperature, gate.gate_scale),
+        assert torch.equal(masked_value(entry.weight, gate.scores, gate.keep, gate.temperature, gate.gate_scale),
                            layer.weight)
 
 
-def test_a_compact_gate_gives_pruned_entries_no_gradient_and_bfloat16_score_gradients():
-    layer, entry, keep = compact_layer()
+def test_pruned_entries_get_no_gradient_and_bfloat16_score_gradients():
+    layer, entry, keep = pruned_layer()
     layer(torch.randn(5, 12)).square().sum().backward()
     grad = entry.gate.scores.grad
     assert grad.dtype == torch.bfloat16 and torch.all(grad[~keep] == 0) and torch.all(grad[keep] != 0)
@@ -142,12 +143,12 @@ def test_a_compact_gate_gives_pruned_entries_no_gradient_and_bfloat16_score_grad
 
 @pytest.mark.parametrize("optimizer", [
     lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01, momentum=0.9),
-    lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1),  # coupled L2: -inf as the sentinel would give NaN
+    lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1),
     lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, fused=True),
 ])
-def test_the_pruned_sentinel_survives_weight_decay_without_nan(optimizer):
-    layer, entry, keep = compact_layer()
-    opt = optimizer([entry.gate.scores])
+def test_pruned_entries_stay_pruned_under_weight_decay(optimizer):
+    layer, entry, keep = pruned_layer()
+    opt = optimizer([entry.gate.scores, entry.weight])
     for _ in range(200):
         opt.zero_grad()
         layer(torch.randn(4, 12)).square().sum().backward()
@@ -156,24 +157,13 @@ def test_the_pruned_sentinel_survives_weight_decay_without_nan(optimizer):
     assert torch.equal(entry.gate.keep, keep) and torch.all(layer.weight[~keep] == 0)
 
 
-def test_selection_writes_the_sentinel_and_a_revived_entry_restarts_from_zero():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 4))
-    masked = attach(model, score_dtype=torch.bfloat16, compact=True)
-    pruned = Selector()(masked, 0.5).pruned
-    assert pruned == 70 == sum(int((e.gate.scores == PRUNED_SCORE).sum()) for e in masked)
-    gate = masked[0].gate
-    gate.set_keep(torch.ones(100, dtype=torch.bool))
-    assert gate.keep.all() and gate.scores.min() > -1
-
-
-def test_compact_state_dict_keeps_the_key_layout_and_round_trips():
-    layer, entry, keep = compact_layer()
+def test_state_dict_holds_the_packed_keep_bits_and_round_trips():
+    layer, entry, keep = pruned_layer()
     state = layer.state_dict()
     assert set(state) == {"bias", "parametrizations.weight.original", "parametrizations.weight.0.scores",
-                          "parametrizations.weight.0.keep", "parametrizations.weight.0.temperature",
+                          "parametrizations.weight.0.keep_bits", "parametrizations.weight.0.temperature",
                           "parametrizations.weight.0.gate_scale"}
-    assert torch.equal(state["parametrizations.weight.0.keep"], keep)
+    assert torch.equal(state["parametrizations.weight.0.keep_bits"], entry.gate.keep_bits)
     fresh = nn.Linear(12, 8)
     [other] = attach(fresh, rescale=True, score_dtype=torch.bfloat16, compact=True)
     fresh.load_state_dict(state)
@@ -185,18 +175,19 @@ def test_compact_state_dict_keeps_the_key_layout_and_round_trips():
     [restored] = masked_tensors(plain)
     assert restored.gate.compact and restored.gate.scores.dtype == torch.bfloat16
     assert torch.equal(plain.weight, layer.weight)
-    bad = dict(state, **{"parametrizations.weight.0.keep": torch.ones(5, dtype=torch.bool)})
+    bad = dict(state, **{"parametrizations.weight.0.keep_bits": torch.ones(5, dtype=torch.uint8)})
     with pytest.raises(RuntimeError, match="size mismatch"):
         fresh.load_state_dict(bad)
     fold(layer)
     assert torch.equal(layer.weight == 0, ~keep)
 
 
-def test_a_channel_gate_compact_zeroes_weight_rows_and_bias():
+def test_a_channel_gate_zeroes_weight_rows_and_bias():
     torch.manual_seed(0)
     layer = nn.Linear(6, 4)
     [entry] = attach(layer, rescale=True, per_channel=True, score_dtype=torch.bfloat16, compact=True)
     entry.gate.set_keep(torch.tensor([True, False, True, False]))
+    assert entry.gate.keep_bits.shape == (4, 1)
     assert torch.all(layer.weight[1::2] == 0) and torch.all(layer.bias[1::2] == 0)
     assert torch.all(layer.weight[0::2] != 0) and torch.all(layer.bias[0::2] != 0)
     value = layer.weight.detach().clone()
@@ -209,22 +200,27 @@ def test_a_mask_gate_refuses_float16_scores():
         MaskGate(torch.zeros(3), score_dtype=torch.float16)
 
 
-def test_regrowth_refuses_compact_gates_whose_pruned_scores_are_gone():
+def test_regrowth_brings_back_a_pruned_entry_with_its_score():
+    torch.manual_seed(0)
     masked = attach(nn.Sequential(nn.Linear(4, 4)), score_dtype=torch.bfloat16, compact=True)
-    with pytest.raises(ValueError, match="regrow=True needs the scores of pruned entries"):
-        Selector(regrow=True).check(masked)
-    Selector().check(masked)
+    gate, select = masked[0].gate, Selector(regrow=True, importance="gate")
+    select(masked, 0.5)
+    pruned = ~gate.keep
+    with torch.no_grad():
+        gate.scores[pruned] = 100.0  # the loss raised the pruned entries' scores
+    select(masked, 0.5)
+    assert torch.equal(gate.keep, pruned)
 
 
-def test_keep_bits_are_cached_within_a_selection_until_the_scores_change():
+def test_keep_bits_are_cached_within_a_selection_until_they_change():
     from lightning_masks.masking.masks import keep_bits_cached
 
-    layer, entry, keep = compact_layer()
+    layer, entry, keep = pruned_layer()
     gate = entry.gate
-    assert gate.keep is not gate.keep  # derived afresh each time outside the block
+    assert gate.keep is not gate.keep  # unpacked afresh each time outside the block
     with keep_bits_cached([entry]):
         first = gate.keep
         assert gate.keep is first and torch.equal(first, keep)
-        gate.set_keep(torch.zeros(entry.numel, dtype=torch.bool))  # the scores change in place: read afresh
+        gate.set_keep(torch.zeros(entry.numel, dtype=torch.bool))  # the bits change in place: read afresh
         assert gate.keep is not first and not gate.keep.any()
     assert gate._keep_cache is None and not gate.keep.any()

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..masking.gate import masked_value
 from ..masking.kinds import weight_name
-from ..masking.layout import GATE_FIELDS, ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key, split_mask_key
+from ..masking.layout import GATE_FIELDS, ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key, saved_keep, split_mask_key
 from .files import atomic_write
 
 __all__ = ["fold_checkpoint", "fold_state_dict", "load_checkpoint"]
@@ -30,18 +30,21 @@ def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             raise ValueError(f"{mask_key(target, ORIGINAL)!r} carries {foreign}, of a parametrization other than "
                              "lightning_masks' alone; load the checkpoint into the model with the callback and call "
                              "lightning_masks.fold instead")
-        if set(parts) == {ORIGINAL}:  # a bias gated by its layer's per-channel mask (kinds.bias_name)
+        bias = set(parts) == {ORIGINAL}  # a bias gated by its layer's per-channel mask (kinds.bias_name)
+        if bias:
             path, _, name = target.rpartition(".")
             weight = f"{path}.{weight_name(name)}" if path else weight_name(name)
             parts = {**masks.get(weight, {}), ORIGINAL: parts[ORIGINAL]}
-            shape = parts[ORIGINAL].shape
-            parts.update({k: parts[k].reshape(shape) for k in ("scores", "keep", "gate_scale")
-                          if k in parts and parts[k].dim()})  # a 0-dim (per-tensor) gate_scale stays as it is
         missing = [f for f in REQUIRED_FIELDS if f not in parts]
         if missing:
             raise ValueError(f"masked tensor {target!r} misses {missing} in the checkpoint; it is incomplete")
-        folded[target] = masked_value(parts[ORIGINAL], parts["scores"], parts["keep"].bool(),
-                                      parts["temperature"], parts.get("gate_scale"))
+        scores, keep = parts["scores"], saved_keep(parts)
+        scale = parts.get("gate_scale")
+        if bias:  # the per-channel gate laid along the bias; a 0-dim (per-tensor) gate_scale stays as it is
+            shape = parts[ORIGINAL].shape
+            scores, keep = scores.reshape(shape), keep.reshape(shape)
+            scale = scale.reshape(shape) if scale is not None and scale.dim() else scale
+        folded[target] = masked_value(parts[ORIGINAL], scores, keep, parts["temperature"], scale)
     return folded
 
 

@@ -111,15 +111,15 @@ class MaskPruningCallback(Callback):
         temperature: the gate's ``T > 0``.
         rescale_gate: divide each gate by its initial value so training starts from the dense function
             (on by default: benchmarks/results/study_lenet300_s99.md); with ``compact``, by one scalar per tensor,
-            ``1 / mean(sigmoid(scores / T))``.
+            ``1 / mean(sigmoid(scores / T))`` over the kept entries.
         score_dtype: the dtype of the scores, hence of their gradient and optimizer state: ``"bfloat16"`` (the
             default), ``"float32"``, ``"float64"`` or a ``torch.dtype``; ``None`` takes the weight's. Never wider
             than the weight; the gate is computed in the weight's dtype.
-        compact: hold the keep bits in the scores (a pruned entry's score is a sentinel whose gate is exactly
-            0) and the rescale as one scalar per tensor, instead of a bool and a float per weight. With
-            ``score_dtype="bfloat16"`` and Adam a masked weight then carries 8 bytes of mask state (scores, their
-            gradient, two Adam moments) instead of 21. ``regrow=True`` needs the pruned entries' scores, so it
-            keeps the keep buffer whatever this says.
+        compact: one rescale scalar per tensor instead of a float per weight. With ``score_dtype="bfloat16"``
+            and Adam a masked weight then carries 8.125 bytes of mask state (scores, their gradient, two Adam
+            moments, and the keep bits packed eight a byte) instead of 20.125. The keep bits are held apart from
+            the scores in an integer buffer, whatever this says: clamps, casts and weight decay of the parameters
+            leave pruned entries pruned.
         selector: how scores become keep-masks, one :class:`~lightning_masks.selection.selector.Selector` (ranking ``mode``,
             ``importance``, ``layer_floor``, ``regrow``, ``granularity``, ``tie``); default ``Selector()``.
         mode, importance, layer_floor, regrow, granularity, tie: the same fields one by one (the selector's, when
@@ -312,7 +312,7 @@ class MaskPruningCallback(Callback):
         resolved = resolve_targets(pl_module, self.targets, exclude)
         masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=self.temperature,
                         rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
-                        score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow)
+                        score_dtype=self.score_dtype, compact=self.compact)
         self.scores_initialized = not self.initializer.needs_grad
         goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
                 else f"final sparsity {self.sparsity}")

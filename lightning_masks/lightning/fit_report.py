@@ -74,7 +74,7 @@ def histograms(masked: Sequence[MaskedTensor]) -> dict[str, tuple[torch.Tensor, 
     """The logged histograms: ``masks/<tensor>/gates`` and ``masks/<tensor>/scores`` of the live entries."""
     result = {f"masks/{name}/gates": value for name, value in gate_histograms(masked).items()}
     for entry in masked:
-        scores = entry.gate.scores.detach()[entry.gate.keep].float()  # the live ones: a pruned one may be -2^126
+        scores = entry.gate.scores.detach()[entry.gate.keep].float()  # the live ones
         if scores.numel():
             result[f"masks/{entry.name}/scores"] = stats.histogram(scores, low=scores.min().item(),
                                                                   high=scores.max().item())

@@ -63,10 +63,10 @@ def follow_masks(replica: nn.Module, source: nn.Module) -> bool:
         return False
     theirs, mine = masked_tensors(replica), masked_tensors(source)
     if [e.name for e in theirs] != [e.name for e in mine] or any(
-            a.gate.keep.shape != b.gate.keep.shape for a, b in zip(theirs, mine)):
+            a.gate.keep_bits.shape != b.gate.keep_bits.shape for a, b in zip(theirs, mine)):
         return False
     with torch.no_grad():
         for copied, entry in zip(theirs, mine):
-            if copied.gate.stored_keep() is None or copied.gate.keep is not entry.gate.keep:
-                copied.gate.set_keep(entry.gate.keep)  # a compact gate holds its keep bits in its scores
+            if copied.gate.keep_bits is not entry.gate.keep_bits:
+                copied.gate.keep_bits.copy_(entry.gate.keep_bits)
     return bool(mine)

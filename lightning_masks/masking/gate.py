@@ -1,7 +1,7 @@
 """The mask gate itself: ``w -> w * sigmoid(scores / T) * keep`` as a parametrization, its math and its caches.
 
-:class:`MaskGate` holds the scores (their dtype is ``score_dtype``), the keep bits (a buffer, or held in the scores
-as a sentinel when ``compact``) and the temperature; :func:`gated` computes the masked tensor with a hand-written
+:class:`MaskGate` holds the scores (their dtype is ``score_dtype``), the keep bits (packed eight a byte in a uint8
+buffer, apart from anything an optimizer, a cast or a clamp of the parameters touches) and the temperature; :func:`gated` computes the masked tensor with a hand-written
 backward. Over 400 lines because the gate's forward, backward, traced and straight-through forms must agree value
 for value and are kept side by side.
 """
@@ -14,13 +14,13 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .bits import pack_rows, unpack_rows
+
 __all__ = [
-    "PRUNED_SCORE",
     "SCORE_DTYPES",
     "ChannelBias",
     "MaskGate",
     "cached_gates",
-    "derived_keep",
     "gate_value",
     "gated",
     "masked_value",
@@ -28,15 +28,8 @@ __all__ = [
 ]
 
 
-#: The score of a pruned entry when the keep bits live in the scores (``MaskGate(compact=True)``): its gate
-#: ``sigmoid(score / T)`` is exactly 0 for any ``T < 2^100``, in float32, bfloat16 and float64 alike.
-PRUNED_SCORE = -(2.0 ** 126)
-#: A score at or below this is pruned: the sentinel after any multiplicative weight decay the optimizer applies to
-#: it (a factor ``1 - lr * wd`` a step keeps it below for ``ln(2^62) / (lr * wd)`` steps, 430k at ``lr * wd = 1e-4``;
-#: each mask update writes the sentinel afresh). Learned scores stay many orders of magnitude above it.
-PRUNED_BELOW = -(2.0 ** 64)
-#: Dtypes the scores may be kept in (``None``: the weight's). float16 is left out: its range holds neither the
-#: sentinel nor the scores' small gradients.
+#: Dtypes the scores may be kept in (``None``: the weight's). float16 is left out: its range does not hold the scores'
+#: small gradients (a model cast to float16 as a whole, ``precision="16-true"``, still works).
 SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
@@ -48,31 +41,25 @@ def _compute_dtype(scores: Tensor, weight: Tensor | None = None) -> torch.dtype:
     return torch.promote_types(scores.dtype, torch.float32 if weight is None else weight.dtype)
 
 
-def derived_keep(scores: Tensor) -> Tensor:
-    """The keep bits held in ``scores`` (``compact`` gates): ``scores > PRUNED_BELOW``, a bool tensor of their shape."""
-    return scores.detach() > PRUNED_BELOW
-
-
 def gate_value(scores: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None) -> Tensor:
     """Return the soft gate ``sigmoid(scores / T)``, times ``gate_scale`` when one is set.
 
-    Computed in float32 at least (bfloat16 scores are widened first); a pruned ``compact`` score gives exactly 0.
+    Computed in float32 at least (bfloat16 and float16 scores are widened first).
     """
     gate = torch.sigmoid(scores.to(_compute_dtype(scores)) / temperature)
     return gate if gate_scale is None else gate * gate_scale
 
 
 def masked_value(
-    weight: Tensor, scores: Tensor, keep: Tensor | None, temperature: Tensor | float, gate_scale: Tensor | None = None
+    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
 ) -> Tensor:
     """Return ``weight * gate * keep`` with pruned entries exactly zero (the fold formula).
 
-    ``keep=None`` reads the keep bits from the scores (:func:`derived_keep`). The products are taken in the
-    order the live gate takes them, so the folded weight equals the masked one bit for bit.
+    ``keep`` is a bool tensor broadcastable to the weight. The products are taken in the order the live gate takes
+    them, so the folded weight equals the masked one bit for bit.
     """
     raw = torch.sigmoid(scores.to(_compute_dtype(scores, weight)) / temperature)
     value = _times(weight, raw, gate_scale)
-    keep = derived_keep(scores) if keep is None else keep
     return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
 
@@ -90,27 +77,24 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
-def _traced(weight: Tensor, scores: Tensor, keep: Tensor | None, temperature: Tensor | float,
+def _traced(weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float,
             scale: Tensor | None) -> Tensor:
     """The masked tensor as plain out-of-place operations, the same with or without grad, for tracers and exporters.
 
     The keep bits are cast to the gate's dtype: the bool-to-byte view of :func:`_keep_gate` has no ONNX or
-    TorchScript translation, and a custom autograd function none either. ``keep=None``: the keep bits are in the
-    scores (compact gates).
+    TorchScript translation, and a custom autograd function none either.
     """
     gate = torch.sigmoid(scores.to(_compute_dtype(scores, weight)) / temperature)
-    return _times(weight, gate if keep is None else gate * keep.to(gate.dtype), scale)
+    return _times(weight, gate * keep.to(gate.dtype), scale)
 
 
-def _keep_gate(scores: Tensor, keep: Tensor | None, divisor: Tensor | float | None, dtype: torch.dtype) -> Tensor:
+def _keep_gate(scores: Tensor, keep: Tensor, divisor: Tensor | float | None, dtype: torch.dtype) -> Tensor:
     """``sigmoid(scores / T) * keep`` in one fresh buffer of ``dtype`` (the keep bits multiply as 0/1 bytes: exact
-    and fast). ``keep=None``: the keep bits are in the scores, whose pruned entries' sigmoid is exactly 0."""
+    and fast)."""
     raw = scores.to(dtype)
     if divisor is not None:
         raw = raw / divisor
     raw = raw.sigmoid_() if raw is not scores else torch.sigmoid(raw)
-    if keep is None:
-        return raw
     return raw.mul_(keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
 
 
@@ -127,8 +111,7 @@ def _times(weight: Tensor, kept: Tensor, scale: Tensor | None) -> Tensor:
 class _Gated(torch.autograd.Function):
     """``weight * sigmoid(scores / T) * keep [* gate_scale]`` with a hand-written backward.
 
-    Forward: one sigmoid and two (three with a scale) multiplications; one fewer with ``keep=None`` (the keep bits
-    are in the scores: a pruned score's sigmoid is exactly 0). bfloat16 scores are widened to the weight's dtype
+    Forward: one sigmoid and two (three with a scale) multiplications. bfloat16 scores are widened to the weight's dtype
     first and their gradient is rounded back to bfloat16. Saved for backward: the weight (a
     parameter already), the scale (a buffer) and ``k = sigmoid(scores / T) * keep``, one gate-sized buffer
     where autograd's chain saves several. Backward::
@@ -143,7 +126,7 @@ class _Gated(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, scores: Tensor, keep: Tensor | None, divisor, scale: Tensor | None) -> Tensor:
+    def forward(ctx, weight: Tensor, scores: Tensor, keep: Tensor, divisor, scale: Tensor | None) -> Tensor:
         kept = _keep_gate(scores, keep, divisor, _compute_dtype(scores, weight))
         ctx.save_for_backward(weight, kept, scale)
         ctx.divisor = divisor
@@ -171,12 +154,11 @@ class _Gated(torch.autograd.Function):
 
 
 def gated(
-    weight: Tensor, scores: Tensor, keep: Tensor | None, temperature: Tensor | float, gate_scale: Tensor | None = None
+    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
 ) -> Tensor:
     """Return ``weight * sigmoid(scores / T) * keep`` (times ``gate_scale`` when set), the masked tensor.
 
-    ``keep=None``: the keep bits are in the scores (pruned entries hold :data:`PRUNED_SCORE`, whose gate is 0).
-    ``gate_scale`` is per entry (broadcast to the scores) or one 0-dim scalar per tensor. The values are exactly
+    ``keep`` is a bool tensor broadcastable to the weight. ``gate_scale`` is per entry (broadcast to the scores) or one 0-dim scalar per tensor. The values are exactly
     ``weight * (gate_value(...) * keep)`` (for a 0-dim scale, ``(weight * gate) * scale``); with gradients on, a fused
     :class:`torch.autograd.Function` computes them and keeps one gate-sized buffer for backward, against
     autograd's chain of several saved intermediates.
@@ -191,7 +173,7 @@ def gated(
             return _Gated.apply(weight, scores, keep, divisor, gate_scale)
         # A trained scale or temperature, or torch.func transforms (grad, vmap): plain autograd handles them all.
         gate = torch.sigmoid(scores.to(_compute_dtype(scores, weight)) / temperature)
-        gate = gate if keep is None else gate * keep
+        gate = gate * keep
         return weight * gate if gate_scale is None else weight * (gate * gate_scale)
     return _times(weight, _keep_gate(scores, keep, divisor, _compute_dtype(scores, weight)), gate_scale)
 
@@ -228,24 +210,27 @@ def reduce_to(scores: Tensor, shape: torch.Size) -> Tensor:
 class MaskGate(nn.Module):
     """Parametrization ``w -> w * sigmoid(scores / T) * keep`` with learnable ``scores``.
 
+    The keep bits live in the ``keep_bits`` buffer, packed eight a byte along the scores' last dimension
+    (:func:`~lightning_masks.masking.bits.pack_rows`: a slice of rows holds its rows' bits). An integer buffer is
+    beyond the reach of what users, optimizers and Lightning do to floating-point parameters and buffers: clamps,
+    weight decay, ``.half()`` / ``.to(dtype)``, ``precision="16-true"``, averages of the parameters. A pruned entry
+    keeps its score (regrowth can bring it back).
+
     Args:
         scores: initial scores, the weight's shape (element masks) or broadcastable to it (e.g. one per
             output channel, shape ``(out, 1, ...)``).
         temperature: ``T > 0``; lower is a harder gate.
         rescale: divide the gate by its initial value, so the masked network starts as the dense one
             (as Continuous Sparsification does, https://arxiv.org/abs/1912.04427): per entry, or with
-            ``compact`` by one scalar per tensor, ``1 / mean(sigmoid(scores / T))``.
+            ``compact`` by one scalar per tensor, ``1 / mean(sigmoid(scores / T))`` over the kept entries.
         score_dtype: the dtype of the scores, hence of their gradient and optimizer state: ``torch.bfloat16``
             halves them; ``None`` (the default) takes the initial scores' dtype. The gate is computed in the
             weight's dtype all the same. One of :data:`SCORE_DTYPES`.
-        compact: keep no keep buffer: a pruned entry's score is set to :data:`PRUNED_SCORE`, whose gate is
-            exactly 0, and ``keep`` is read off the scores (:func:`derived_keep`); the rescale is one scalar.
-            The state dict still holds ``keep`` (derived on save, applied to the scores on load) and a 0-dim
-            ``gate_scale``. A pruned entry's score is lost, so regrowth needs ``compact=False``.
+        compact: the rescale is one scalar per tensor instead of a float per entry.
 
-    With ``score_dtype=torch.bfloat16, compact=True`` and Adam, a masked weight carries 8 bytes of mask state:
-    2 of scores, 2 of their gradient, 2 + 2 of Adam moments (their dtype follows the scores'); per tensor, a
-    temperature, a scale and Adam's step count. With float32 scores, a bool keep and a per-entry scale: 21.
+    With ``score_dtype=torch.bfloat16, compact=True`` and Adam, a masked weight carries 8.125 bytes of mask state:
+    2 of scores, 2 of their gradient, 2 + 2 of Adam moments (their dtype follows the scores'), 1/8 of keep bits;
+    per tensor, a temperature, a scale and Adam's step count. With float32 scores and a per-entry scale: 20.125.
 
     Raises:
         ValueError: ``temperature <= 0`` or a ``score_dtype`` outside :data:`SCORE_DTYPES`.
@@ -261,51 +246,31 @@ class MaskGate(nn.Module):
                              f"{score_dtype!r}")
         self.compact = compact
         self.scores = nn.Parameter(scores.detach().to(score_dtype or scores.dtype, copy=True))
-        if not compact:
-            self._buffers["keep"] = torch.ones_like(scores, dtype=torch.bool)  # the `keep` property reads it
+        self.register_buffer("keep_bits", pack_rows(torch.ones_like(scores, dtype=torch.bool)))
         self.register_buffer("temperature", torch.tensor(float(temperature), device=scores.device))
         scale = None if not rescale else torch.ones((), device=scores.device) if compact else torch.ones_like(scores)
         self.register_buffer("gate_scale", scale)
         self.enabled = True
         self.straight_through = False  # pruned entries' scores get gradients (straight_through_gated)
-        self._keep_cache: tuple[int, Tensor | None] | None = None  # (scores' version, keep) under keep_bits_cached
+        self._keep_cache: tuple[int, Tensor | None] | None = None  # (keep_bits' version, keep) under keep_bits_cached
         self.reset_scores(scores)
 
     @property
     def keep(self) -> Tensor:
-        """The keep bits, a bool tensor of the scores' shape: the ``keep`` buffer, or (``compact``) a fresh tensor
-        read off the scores, which writing into does not change: use :meth:`set_keep`."""
-        stored = self._buffers.get("keep")
-        if stored is not None:
-            return stored
-        cache, version = self._keep_cache, self.scores._version
+        """The keep bits, a bool tensor of the scores' shape, unpacked afresh from ``keep_bits`` (writing into it
+        does not change the gate: use :meth:`set_keep`)."""
+        cache, version = self._keep_cache, self.keep_bits._version
         if cache is not None and cache[0] == version and cache[1] is not None:
             return cache[1]
-        keep = derived_keep(self.scores)
-        if cache is not None:  # caching (keep_bits_cached): until the scores change in place
+        keep = unpack_rows(self.keep_bits, self.scores.shape[-1] if self.scores.dim() else 1).view(self.scores.shape)
+        if cache is not None:  # caching (keep_bits_cached): until the keep bits change
             self._keep_cache = (version, keep)
         return keep
 
-    def stored_keep(self) -> Tensor | None:
-        """The ``keep`` buffer, or ``None`` when the keep bits are in the scores (``compact``)."""
-        return self._buffers.get("keep")
-
     @torch.no_grad()
     def set_keep(self, keep: Tensor) -> None:
-        """Set the keep bits (a bool tensor with the scores' number of entries).
-
-        ``compact``: pruned entries get :data:`PRUNED_SCORE` (afresh, undoing any weight decay of the sentinel);
-        an entry kept again after being pruned restarts from score 0 (its old score is gone).
-        """
-        stored = self._buffers.get("keep")
-        keep = keep.reshape(self.scores.shape)
-        if stored is not None:
-            stored.copy_(keep)
-            return
-        revived = keep & (self.scores <= PRUNED_BELOW)
-        self.scores.masked_fill_(~keep, PRUNED_SCORE)
-        if revived.any():
-            self.scores.masked_fill_(revived, 0.0)
+        """Set the keep bits (a bool tensor with the scores' number of entries)."""
+        self.keep_bits.copy_(pack_rows(keep.reshape(self.scores.shape).to(self.keep_bits.device)))
 
     @torch.no_grad()
     def reset_scores(self, scores: Tensor) -> None:
@@ -313,10 +278,7 @@ class MaskGate(nn.Module):
 
         Weight-shaped scores are averaged down to per-channel scores when the gate is per channel.
         """
-        keep = self.keep.clone() if self.compact else None
         self.scores.copy_(reduce_to(scores, self.scores.shape))
-        if keep is not None:
-            self.set_keep(keep)
         if self.gate_scale is not None:
             gate = gate_value(self.scores, self.temperature)
             if self.gate_scale.dim() == 0:
@@ -334,36 +296,12 @@ class MaskGate(nn.Module):
         if self.straight_through and torch.is_grad_enabled() and not _tracing():
             return straight_through_gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
         if _gate_cache is None or _tracing() or torch.compiler.is_compiling():
-            return gated(weight, self.scores, self.stored_keep(), self.temperature, self.gate_scale)
+            return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
         value = _gate_cache.get(self)
         if value is None:
-            value = gated(weight, self.scores, self.stored_keep(), self.temperature, self.gate_scale)
+            value = gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
             _gate_cache[self] = value
         return value
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.compact:  # the same keys as a gate with a keep buffer
-            destination[prefix + "keep"] = self.keep
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if not self.compact:
-            return
-        key = prefix + "keep"
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        keep = state_dict.get(key)
-        if keep is None:
-            if strict:
-                missing_keys.append(key)
-        elif keep.numel() != self.scores.numel():
-            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(keep.shape)}, the "
-                              f"shape in current model is {tuple(self.scores.shape)}.")
-        else:
-            self.set_keep(keep.to(device=self.scores.device, dtype=torch.bool))
 
     def extra_repr(self) -> str:
         compact = ", compact" if self.compact else ""
@@ -372,12 +310,11 @@ class MaskGate(nn.Module):
 
 
 def channel_gate_args(gate: MaskGate, shape: torch.Size) -> tuple:
-    """The gate's ``(scores, keep, temperature, gate_scale)`` reshaped for a per-channel bias (``keep`` is
-    ``None`` for a compact gate, a 0-dim scale stays as it is)."""
+    """The gate's ``(scores, keep, temperature, gate_scale)`` reshaped for a per-channel bias (a 0-dim scale stays
+    as it is)."""
     scale = gate.gate_scale
     scale = scale.reshape(shape) if scale is not None and scale.dim() else scale
-    keep = gate.stored_keep()
-    return gate.scores.reshape(shape), None if keep is None else keep.reshape(shape), gate.temperature, scale
+    return gate.scores.reshape(shape), gate.keep.reshape(shape), gate.temperature, scale
 
 
 class ChannelBias(nn.Module):

@@ -2,14 +2,17 @@
 
 A tensor ``<path>.<name>`` masked by :class:`~lightning_masks.masking.gate.MaskGate` is saved, as
 ``torch.nn.utils.parametrize`` writes it, under ``<path>.parametrizations.<name>.`` followed by ``original`` (the
-weight) and the gate's tensors ``0.scores``, ``0.keep``, ``0.temperature`` and, when the gate rescales,
-``0.gate_scale``. A bias gated by its layer's per-channel mask (:class:`~lightning_masks.masking.gate.ChannelBias`) saves
+weight) and the gate's tensors ``0.scores``, ``0.keep_bits`` (uint8, the keep bits packed eight a byte along the
+scores' last dimension: :func:`~lightning_masks.masking.bits.pack_rows`), ``0.temperature`` and, when the gate
+rescales, ``0.gate_scale``. A bias gated by its layer's per-channel mask (:class:`~lightning_masks.masking.gate.ChannelBias`) saves
 its ``original`` only: its gate is its weight's (:func:`~lightning_masks.masking.kinds.weight_name`).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
+
+from .bits import unpack_rows
 
 __all__ = [
     "GATE_FIELDS",
@@ -18,13 +21,14 @@ __all__ = [
     "REQUIRED_FIELDS",
     "group_mask_keys",
     "mask_key",
+    "saved_keep",
     "split_mask_key",
 ]
 
 PARAMETRIZATION_MARK = ".parametrizations."
 ORIGINAL = "original"
-GATE_FIELDS = ("scores", "keep", "temperature", "gate_scale")  # the buffers of MaskGate, its state dict
-REQUIRED_FIELDS = (ORIGINAL, "scores", "keep", "temperature")  # gate_scale only with rescale_gate
+GATE_FIELDS = ("scores", "keep_bits", "temperature", "gate_scale")  # the tensors of MaskGate, its state dict
+REQUIRED_FIELDS = (ORIGINAL, "scores", "keep_bits", "temperature")  # gate_scale only with rescale_gate
 _GATE_INDEX = "0."  # our gate is the first (and only) parametrization of the tensor
 
 
@@ -77,3 +81,16 @@ def group_mask_keys(state_dict: dict[str, Tensor], prefix: str = "") -> dict[str
         if split is not None:
             grouped.setdefault(split[0], {})[split[1]] = value
     return grouped
+
+
+def saved_keep(fields: dict[str, Tensor]) -> Tensor:
+    """The keep bits of one masked tensor's saved ``fields`` (as :func:`group_mask_keys` gives them), unpacked: a bool
+    tensor of the scores' shape.
+
+    >>> import torch
+    >>> saved_keep({"scores": torch.zeros(2, 3), "keep_bits": torch.tensor([[0b10100000], [0b01000000]], dtype=torch.uint8)})
+    tensor([[ True, False,  True],
+            [False,  True, False]])
+    """
+    scores = fields["scores"]
+    return unpack_rows(fields["keep_bits"], scores.shape[-1] if scores.dim() else 1).reshape(scores.shape)

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .gate import (
-    PRUNED_SCORE,
     SCORE_DTYPES,
     ChannelBias,
     MaskGate,
@@ -33,7 +32,6 @@ from .kinds import bias_name, channel_shape, output_axis
 from .targets import Targets, TargetSpec, find_targets, is_masked, nothing_to_mask, resolve_targets, tensor_slots
 
 __all__ = [
-    "PRUNED_SCORE",
     "SCORE_DTYPES",
     "ChannelBias",
     "MaskGate",
@@ -115,7 +113,7 @@ def attach(
             channel; pruning a unit then zeroes the whole channel and its bias.
         score_dtype: the scores' dtype (see :class:`MaskGate`), never wider than the weight's (a bfloat16 weight
             keeps bfloat16 scores); ``None``: the weight's.
-        compact: keep bits held in the scores and a per-tensor rescale (see :class:`MaskGate`).
+        compact: one rescale scalar per tensor instead of a float per weight (see :class:`MaskGate`).
 
     Raises:
         ValueError: a pattern that matches nothing, a weight holding NaN/Inf, scores of the wrong shape,
@@ -297,7 +295,7 @@ def fold(model: nn.Module) -> nn.Module:
     """
     for entry in masked_tensors(model):
         gate = entry.gate
-        value = masked_value(entry.weight, gate.scores, gate.stored_keep(), gate.temperature, gate.gate_scale)
+        value = masked_value(entry.weight, gate.scores, gate.keep, gate.temperature, gate.gate_scale)
         for module, name in gated_biases(entry):
             bias = module.parametrizations[name].original
             bias_value = masked_value(bias, *channel_gate_args(gate, bias.shape))
@@ -324,10 +322,10 @@ def gates_disabled(masked: Iterable[MaskedTensor]) -> Iterator[None]:
 
 @contextmanager
 def keep_bits_cached(masked: Iterable[MaskedTensor]) -> Iterator[None]:
-    """Within the block, a compact gate reads its keep bits off the scores once per change of the scores, not at
-    every ``gate.keep`` (selection reads them several times an update: on LeNet-300-100, eleven comparison passes
-    over the scores). The cached bits are dropped when the block ends; treat ``gate.keep`` as read-only within it."""
-    gates = [entry.gate for entry in masked if entry.gate.stored_keep() is None]
+    """Within the block, a gate unpacks its keep bits once per change of them, not at every ``gate.keep`` (selection
+    reads them several times an update). The unpacked bits (a byte a unit) are dropped when the block ends; treat
+    ``gate.keep`` as read-only within it."""
+    gates = [entry.gate for entry in masked]
     for gate in gates:
         gate._keep_cache = (-1, None)
     try:

@@ -144,14 +144,9 @@ class Selector:
         return self.tie == "auto"
 
     def check(self, masked: Sequence[MaskedTensor]) -> None:
-        """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M), ``tie`` does not
-        fit the masked tensors, or ``regrow`` meets compact gates."""
+        """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M) or ``tie`` does not
+        fit the masked tensors."""
         m = self.grain.m
-        compact = [entry.name for entry in masked if getattr(entry.gate, "compact", False)]
-        if self.regrow and compact:
-            raise ValueError(f"regrow=True needs the scores of pruned entries, but {compact[:4]} hold the keep bits in "
-                             "their scores (compact gates, whose pruned scores are a sentinel); attach with "
-                             "compact=False")
         for entry in masked:
             row = entry.numel // entry.weight.shape[entry.axis] if entry.weight.dim() > 1 else entry.numel
             if m and row % m:
