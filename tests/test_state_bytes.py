@@ -215,7 +215,7 @@ def test_regrowth_brings_back_a_pruned_entry_with_its_score():
 def test_keep_bits_are_cached_within_a_selection_until_they_change():
     from lightning_masks.masking.masks import keep_bits_cached
 
-    layer, entry, keep = pruned_layer()
+    _, entry, keep = pruned_layer()
     gate = entry.gate
     assert gate.keep is not gate.keep  # unpacked afresh each time outside the block
     with keep_bits_cached([entry]):

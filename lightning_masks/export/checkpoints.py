@@ -11,7 +11,15 @@ from torch import Tensor
 
 from ..masking.gate import masked_value
 from ..masking.kinds import weight_name
-from ..masking.layout import GATE_FIELDS, ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key, saved_keep, split_mask_key
+from ..masking.layout import (
+    GATE_FIELDS,
+    ORIGINAL,
+    REQUIRED_FIELDS,
+    group_mask_keys,
+    mask_key,
+    saved_keep,
+    split_mask_key,
+)
 from .files import atomic_write
 
 __all__ = ["fold_checkpoint", "fold_state_dict", "load_checkpoint"]
