@@ -3,7 +3,7 @@
 import pytest
 
 from lightning_masks import MaskPruningCallback, Schedule, ThresholdSchedule
-from lightning_masks.lifecycle.plan import Plan
+from lightning_masks.lifecycle.plan import UPDATE_COST_STEPS, UPDATE_SHARE, Plan, auto_interval
 from lightning_masks.lifecycle.schedule import CallableSchedule
 
 
@@ -22,12 +22,31 @@ def run(plan, epochs, steps_per_epoch):
     return updates
 
 
-def test_auto_cadence_spreads_about_a_hundred_updates_over_the_ramp():
+def test_auto_cadence_spreads_about_a_hundred_updates_over_a_long_ramp():
     plan = Plan(Schedule("linear", final=0.5, start=15, end=65))
-    updates = run(plan, epochs=75, steps_per_epoch=4)  # the ramp: steps 60..260
-    assert plan.cadence == "step" and plan.every == 2 and plan.span == (60.0, 260.0)
+    updates = run(plan, epochs=75, steps_per_epoch=100)  # the ramp: steps 1500..6500
+    assert plan.cadence == "step" and plan.every == 50 and plan.span == (1500.0, 6500.0)
     assert len(updates) == 1 + 100  # the first (empty) update, then the ramp's; equal targets are skipped
-    assert updates[-1] == (260, 0.5) and plan.shortfall() is None
+    assert updates[-1] == (6500, 0.5) and plan.shortfall() is None
+
+
+def test_auto_cadence_of_a_short_fit_keeps_updates_to_its_share_of_the_steps():
+    plan = Plan(Schedule("linear", final=0.5, start=15, end=65))
+    updates = run(plan, epochs=75, steps_per_epoch=4)  # the ramp: steps 60..260 of 300
+    assert plan.every == auto_interval(200, 300) == 14  # 200 / 14 updates of a step each: 5% of 300 steps
+    assert [t for t, _ in updates][:3] == [0, 70, 84] and updates[-1] == (266, 0.5)
+    assert (len(updates) - 1) * UPDATE_COST_STEPS <= UPDATE_SHARE * 300 and plan.shortfall() is None
+    assert [auto_interval(ramp, total) for ramp, total in [(0, 10), (1, 10), (4, 6), (30, 45), (2000, 3000)]] == \
+        [1, 1, 2, 14, 20]  # never wider than half the ramp
+
+
+def test_the_auto_cadence_depends_on_the_fit_only_and_resumes_alike():
+    plans = [Plan(Schedule("cubic", final=0.8)) for _ in range(2)]
+    whole = run(plans[0], epochs=30, steps_per_epoch=5)
+    resumed = plans[1].fresh()
+    resumed.load_state_dict(plans[0].state_dict())
+    resumed.resolve(150, 5)
+    assert resumed.every == plans[0].every and resumed.span == plans[0].span and whole[-1][1] == 0.8
 
 
 def test_epoch_cadence_and_callables_update_as_epochs_start():
@@ -39,9 +58,9 @@ def test_epoch_cadence_and_callables_update_as_epochs_start():
 
 
 def test_equal_targets_are_skipped_unless_regrowing_or_thresholding():
-    for plan, count in [(Plan(Schedule("constant", final=0.6)), 1),
-                        (Plan(Schedule("constant", final=0.6), regrow=True), 8),
-                        (Plan(ThresholdSchedule("constant", final=0.6)), 8)]:
+    for plan, count in [(Plan(Schedule("constant", final=0.6), 1), 1),
+                        (Plan(Schedule("constant", final=0.6), 1, regrow=True), 8),
+                        (Plan(ThresholdSchedule("constant", final=0.6), 1), 8)]:
         assert len(run(plan, epochs=2, steps_per_epoch=4)) == count
         assert plan.position == 7
 
@@ -62,7 +81,7 @@ def test_an_early_end_is_a_shortfall_and_final_jumps():
     plan = Plan(Schedule("cubic", final=0.9, end=8))
     run(plan, epochs=3, steps_per_epoch=4)  # resolved for 3 epochs: the ramp is clamped to end at step 11
     assert plan.shortfall() is None
-    plan = Plan(Schedule("cubic", final=0.9, end=8), early_end="final")
+    plan = Plan(Schedule("cubic", final=0.9, end=8), 1, early_end="final")
     plan.resolve(12 * 4, 4)
     for step in range(10):
         target = plan.decide(plan.due(step // 4, step, epoch_start=False))

@@ -11,11 +11,38 @@ from typing import Any, Optional, Union
 from .budget import UpdateBudget
 from .schedule import CallableSchedule, Schedule, ThresholdSchedule, Unit, resolve_span
 
-__all__ = ["AUTO_UPDATES", "EARLY_END", "MIN_RAMP_UPDATES", "Plan", "Shortfall"]
+__all__ = ["AUTO_UPDATES", "EARLY_END", "MIN_RAMP_UPDATES", "UPDATE_COST_STEPS", "UPDATE_SHARE", "Plan", "Shortfall",
+           "auto_interval"]
 
-AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto"
-MIN_RAMP_UPDATES = 2  # the update budget never spaces updates wider than half the ramp
+AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto" (a finer ramp prunes better)
+MIN_RAMP_UPDATES = 2  # neither the cost model nor the update budget spaces updates wider than half the ramp
 EARLY_END = ("warn", "final")  # what a fit that ends before its ramp does at the end
+#: The cost of a mask update, in training steps, that the auto cadence plans for: an update costs about what one
+#: training step on a single example costs (0.33-1.05x of it on the six models of benchmarks/real_sizes.py:
+#: benchmarks/results/update_cost.md), and a step on a batch costs more.
+UPDATE_COST_STEPS = 1.0
+#: The share of a fit's steps that the auto cadence lets mask updates take, at :data:`UPDATE_COST_STEPS` a step.
+UPDATE_SHARE = 0.05
+
+
+def auto_interval(ramp: float, total: float) -> int:
+    """The optimizer steps between mask updates under ``update_every="auto"``: about :data:`AUTO_UPDATES` updates
+    over a ramp of ``ramp`` steps, but no more than a fit of ``total`` steps affords, at :data:`UPDATE_COST_STEPS`
+    a step an update, within :data:`UPDATE_SHARE` of it; never wider than 1 / :data:`MIN_RAMP_UPDATES` of the ramp.
+
+    A function of the fit's configuration only (never of timings), so that seeded runs repeat bit for bit. With
+    ``u = ramp / every`` updates the updates' share is ``u * UPDATE_COST_STEPS / total``.
+
+    >>> auto_interval(20_000, 30_000)  # a long fine-tuning ramp: 100 updates
+    200
+    >>> auto_interval(30, 45)  # a short fit: updates 14 steps apart, 3 on the ramp
+    14
+    """
+    if ramp <= 0:
+        return 1
+    fine = round(ramp / AUTO_UPDATES)
+    affordable = math.ceil(ramp * UPDATE_COST_STEPS / (UPDATE_SHARE * total) - 1e-9) if total > 0 else 1
+    return max(1, min(max(fine, affordable), int(ramp) // MIN_RAMP_UPDATES))
 
 
 @dataclass(frozen=True)
@@ -47,21 +74,22 @@ class Plan:
 
     Args:
         schedule: the sparsity (or gate-threshold) schedule.
-        update_every: ``"auto"`` (every N optimizer steps, N chosen so that about :data:`AUTO_UPDATES` updates fall
-            on the ramp; per epoch for a callable schedule), ``"epoch"``, or ``N`` optimizer steps.
+        update_every: ``"auto"`` (every N optimizer steps, N from the fit's length and ramp: :func:`auto_interval`;
+            per epoch for a callable schedule), ``"epoch"``, or ``N`` optimizer steps.
         regrow: pruned entries may come back, so an update whose target equals the last one still runs.
         early_end: a fit that ends before its ramp: ``"warn"`` (fold what was reached, and say so) or ``"final"``
             (one last update to the final target, then fold).
-        update_budget: under ``"auto"`` with a step cadence, the most that mask updates may take of the training
-            time (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`): :meth:`account` is told each step's and update's
-            seconds, and the interval widens (from the step it widens at, its ``anchor``) where the measured
-            costs need it. ``None``: no budget.
+        update_budget: opt-in, under ``"auto"`` with a step cadence: the most that mask updates may take of the
+            measured training time (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`): :meth:`account` is told
+            each step's and update's seconds, and the interval widens (from the step it widens at, its ``anchor``)
+            where the measured costs need it. Its decisions depend on timings; they are saved in the checkpoint
+            and restored on resume. ``None`` (the default): no budget, a cadence that repeats bit for bit.
 
     Example:
         >>> plan = Plan(Schedule("linear", final=0.5, end=3))
         >>> plan.resolve(total_steps=16, steps_per_epoch=4)  # 4 epochs of 4 steps: the ramp is steps 0..12
-        >>> plan.every, plan.span
-        (1, (0, 12))
+        >>> plan.every, plan.span  # a short fit: an update every 6 steps (auto_interval)
+        (6, (0, 12))
         >>> plan.decide(plan.due(epoch=1, step=6, epoch_start=False))
         0.25
     """
@@ -75,6 +103,7 @@ class Plan:
     every: int = 1
     span: tuple[float, float] = (0.0, 0.0)
     base_every: int = 1  # the auto cadence's interval before the budget widens it
+    planned: Optional[tuple] = None  # what the cadence was planned for (ramp, length); a resume of another keeps none
     anchor: int = 0  # updates fall on steps anchor + k * every (the budget moves the anchor when it widens)
     total: float = 0.0  # this fit's length in optimizer steps
     steps_per_epoch: float = 1.0
@@ -116,14 +145,24 @@ class Plan:
     def resolve(self, total_steps: float, steps_per_epoch: float) -> None:
         """Fit the ramp to this fit's length: the update cadence behind ``"auto"`` and the span in its unit.
 
+        A resumed fit keeps the update budget's widened interval only when it continues the ramp it was planned
+        for (same final target, span and length); a fit continued with another ramp (a higher target, more
+        epochs) plans its cadence afresh.
+
         Raises:
             ValueError: the ramp's start, resolved in this fit, falls after its end.
         """
         total = total_steps if self.cadence == "step" else math.ceil(total_steps / steps_per_epoch)
         self.total, self.steps_per_epoch = total, steps_per_epoch
+        start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
+        planned = (self.final, start, end, total)
+        if self.planned is not None and self.planned != planned:  # continued with another ramp: re-plan
+            self.every, self.anchor = self.update_every if isinstance(self.update_every, int) else 1, 0
+            if self.budget is not None:
+                self.budget = UpdateBudget(self.budget.share)
+        self.planned = planned
         if self.update_every == "auto" and self.cadence == "step":
-            start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
-            self.base_every = max(1, round((end - start) / AUTO_UPDATES))
+            self.base_every = auto_interval(end - start, total)
             self.every = max(self.base_every, self.every if self.anchor else 1)  # a resume keeps a widened interval
         if isinstance(self.schedule, Schedule):
             start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
@@ -210,9 +249,10 @@ class Plan:
         return self.schedule.final if isinstance(self.schedule, Schedule) else None
 
     def shortfall(self) -> Optional[Shortfall]:
-        """Return how the fit fell short of its ramp when it ended before the ramp's final target, else ``None``."""
+        """Return how the fit fell short of its ramp when it ended with a target below the final one (it ended
+        early, or its updates stalled), else ``None``."""
         final = self.final
-        if final is None or (self.position is not None and (self.position >= self.span[1] or self.target >= final)):
+        if final is None or (self.position is not None and self.target >= final - 1e-9):  # a shape's rounding
             return None
         return Shortfall(self.position, self.span[1], final, self.target, self.cadence, self.by_threshold)
 
@@ -224,7 +264,8 @@ class Plan:
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "target": self.target, "pruned": self.pruned,
                 "threshold": self.threshold, "history": self.history, "update_every": self.every,
-                "update_anchor": self.anchor, "budget": self.budget.state_dict() if self.budget else None}
+                "update_anchor": self.anchor, "budget": self.budget.state_dict() if self.budget else None,
+                "planned": self.planned}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the lifecycle of a checkpointed fit (the cadence and span are resolved again from the fit)."""
@@ -234,3 +275,4 @@ class Plan:
         if state.get("budget") and self.budget is not None:  # the measured costs and the widened interval
             self.budget = UpdateBudget(**{**state["budget"], "share": self.budget.share})
             self.every, self.anchor = state.get("update_every", self.every), state.get("update_anchor", 0)
+            self.planned = state.get("planned")

@@ -21,7 +21,6 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from ..lifecycle.budget import DEFAULT_UPDATE_SHARE
 from ..lifecycle.plan import Plan
 from ..lifecycle.schedule import ScheduleSpec, ThresholdSchedule, get_schedule
 from ..masking import stats
@@ -89,16 +88,18 @@ class MaskPruningCallback(Callback):
         start, end: the ramp of a named schedule: ``int`` epochs or ``float`` fractions of training (for
             steps, pass a :class:`~lightning_masks.lifecycle.schedule.Schedule` with ``unit="step"``). Default: over the
             first two thirds.
-        update_every: when the keep-masks are updated: ``"auto"`` (every N optimizer steps, N chosen so that
-            about 100 updates follow the ramp: a finer ramp prunes better, benchmarks/results/study_cadence.md),
+        update_every: when the keep-masks are updated: ``"auto"`` (every N optimizer steps, N a function of the
+            fit's length and ramp only, :func:`~lightning_masks.lifecycle.plan.auto_interval`: about 100 updates
+            over the ramp, as a finer ramp prunes better, benchmarks/results/study_cadence.md, but on a short fit
+            no more than keep updates near 5% of its steps, counting an update as one step on a single example),
             ``"epoch"`` (as each epoch starts) or an int ``N`` (every N steps). Updates whose target equals the
             last one are skipped (nothing would change). A callable ``schedule`` is called per epoch under
-            ``"auto"``.
-        update_budget: under ``"auto"``, the most that mask updates may take of the training time (default 0.05):
-            from the measured mean update and step times (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`), the
-            interval is widened where needed (short fits of small models), rank zero deciding for all. ``None``:
-            the ~100 updates whatever they cost. The interval then depends on timings: for runs that must repeat
-            bit for bit, pass ``update_every=N`` or ``update_budget=None``.
+            ``"auto"``. Seeded runs repeat bit for bit.
+        update_budget: opt-in, under ``"auto"``: the most that mask updates may take of the measured training
+            time (e.g. 0.05): from the measured mean update and step times
+            (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`) the interval is widened where needed, rank zero
+            deciding for all. The interval then depends on timings, so runs no longer repeat bit for bit; its
+            decisions are saved in checkpoints and restored on resume. ``None`` (the default): no timing.
         targets, exclude: what to mask: globs on module names (the module's weights, whatever its type), globs
             on tensor names, or module types (see :func:`~lightning_masks.masking.masks.resolve_targets`). Default: the
             weights of every registered layer kind (:func:`~lightning_masks.masking.kinds.list_layer_kinds`: Linear,
@@ -173,7 +174,7 @@ class MaskPruningCallback(Callback):
         start: Union[int, float] = 0,
         end: Union[int, float] = 2 / 3,
         update_every: Union[str, int] = "auto",
-        update_budget: Optional[float] = DEFAULT_UPDATE_SHARE,
+        update_budget: Optional[float] = None,
         targets: Optional[Iterable[TargetSpec]] = None,
         exclude: Iterable[TargetSpec] = (),
         init_kwargs: Optional[Mapping[str, Any]] = None,
