@@ -54,16 +54,24 @@ def test_digits_mlp_reaches_the_exact_sparsity_within_a_few_points_of_dense():
     assert zeros_and_total(dense)[0] == 0
 
 
-def test_default_schedule_is_cubic_to_0_9_over_the_first_two_thirds_updated_every_step(tiny_module):
-    pruner = MaskPruningCallback(update_budget=None)  # the ramp's own spacing (the budget's: test_budget.py)
+def test_default_schedule_is_cubic_to_0_9_over_the_first_two_thirds(tiny_module):
+    pruner = MaskPruningCallback(update_every=1)
     probe = Probe(pruner)
     make_trainer(max_epochs=6, callbacks=[pruner, probe]).fit(tiny_module)
-    assert pruner.update_every == 1  # 24 steps: a ramp of 16 steps is shorter than 100 updates
     end = 16.0  # two thirds of 6 epochs of 4 steps
     for step, position, target, pruned, total in probe.steps:
         expected = 0.9 * (1 - (1 - min(step / end, 1)) ** 3)
         assert position == step and target == pytest.approx(expected)
         assert pruned == round(expected * total)
+    zeros, total = zeros_and_total(tiny_module)
+    assert zeros == round(0.9 * total)
+
+
+def test_the_default_cadence_of_a_short_fit_is_spaced_by_its_length(tiny_module):
+    pruner = MaskPruningCallback()
+    make_trainer(max_epochs=6, callbacks=[pruner]).fit(tiny_module)
+    assert pruner.update_every == 8  # 24 steps, a ramp of 16: half the ramp (plan.auto_interval)
+    assert pruner.history["positions"] == [0, 8, 16]
     zeros, total = zeros_and_total(tiny_module)
     assert zeros == round(0.9 * total)
 

@@ -43,11 +43,11 @@ def pruned_weights(module: nn.Module) -> tuple[int, int]:
 
 
 FITS = {
-    "clamp": (dict(clamp=0.01), {}, {}),
-    "weight_decay": (dict(weight_decay=10.0), {}, {}),
-    "16-true": (dict(eps=1e-4), dict(precision="16-true"), {}),
-    "bf16-true": ({}, dict(precision="bf16-true"), {}),
-    "swa": ({}, {}, dict(swa=True)),
+    "clamp": ({"clamp": 0.01}, {}, {}),
+    "weight_decay": ({"weight_decay": 10.0}, {}, {}),
+    "16-true": ({"eps": 1e-4}, {"precision": "16-true"}, {}),
+    "bf16-true": ({}, {"precision": "bf16-true"}, {}),
+    "swa": ({}, {}, {"swa": True}),
 }
 
 

@@ -60,8 +60,9 @@ class Shortfall:
         stopped = "before its first mask update" if self.position is None else f"at {self.unit} {self.position:g}"
         goal = (f"gate threshold {self.final} (reached {self.reached:.4g}, sparsity {sparsity:.2%})" if self.threshold
                 else f"sparsity {self.final} (reached {sparsity:.2%})")
-        return (f"lightning_masks: fit ended {stopped}, before the ramp's end at {self.unit} {self.ramp_end:g}: "
-                f"target {goal}; {action}")
+        when = (f"before the ramp's end at {self.unit} {self.ramp_end:g}" if self.position is None or
+                self.position < self.ramp_end else "with no update left to reach the final target")
+        return f"lightning_masks: fit ended {stopped}, {when}: target {goal}; {action}"
 
 
 @dataclass
