@@ -9,10 +9,10 @@ Methods, each on its own copy of the same network, 90% sparse:
     prune              ``torch.nn.utils.prune`` global L1 masks (what Lightning's ModelPruning installs)
     masks              ``lightning_masks.attach(rescale=True, score_dtype=torch.bfloat16, compact=True)`` +
                        ``Selector()`` + ``place_scores``, what ``MaskPruningCallback()`` installs: ``w * sigmoid(s) *
-                       scale`` with bfloat16 scores, the keep bits in the scores and one scale a tensor (8 bytes of
-                       mask state a weight), scores trained by the user's Adam, which ``place_scores`` switches to
+                       scale`` with bfloat16 scores, the keep bits packed apart and one scale a tensor (8.125 bytes
+                       of mask state a weight), scores trained by the user's Adam, which ``place_scores`` switches to
                        torch's fused kernel (CPU Adam, no choice made)
-    masks (21 B state) the same with the state before issue 17: float32 scores, a bool keep buffer and a float32
+    masks (20 B state) the same with float32 state: float32 scores, the packed keep bits and a float32
                        scale per weight (``attach(rescale=True)``)
     masks (Adam loop)  the same masks with the Adam left as given (torch's per-tensor loop on CPU)
     masks, scores frozen   ``masks`` with the scores not trained: the gate's cost without its score gradient and
@@ -75,8 +75,8 @@ def with_prune(net: nn.Module) -> nn.Module:
 
 
 def with_masks(net: nn.Module, train_scores: bool = True, gate: bool = True, compact: bool = True) -> nn.Module:
-    """Attach our masks as the callback does (``rescale_gate`` on, bfloat16 compact state; ``compact=False``: the
-    float32 state before issue 17) and select 90% of them; for the breakdown rows, freeze the scores or disable
+    """Attach our masks as the callback does (``rescale_gate`` on, bfloat16 compact state; ``compact=False``: float32
+    state, a scale per weight) and select 90% of them; for the breakdown rows, freeze the scores or disable
     the gates."""
     options = {"score_dtype": torch.bfloat16, "compact": True} if compact else {}
     masked = lightning_masks.attach(net, rescale=True, **options)
@@ -97,7 +97,7 @@ METHODS: dict[str, tuple[Callable[[nn.Module], nn.Module], Callable[[nn.Module, 
     "dense (fused)": (lambda net: net, lambda net, optimizer: optimizer.param_groups[0].update(fused=True)),
     "prune": (with_prune, lambda net, optimizer: None),
     "masks": (with_masks, fuse),
-    "masks (21 B state)": (lambda net: with_masks(net, compact=False), fuse),
+    "masks (20 B state)": (lambda net: with_masks(net, compact=False), fuse),
     "masks (Adam loop)": (with_masks, lambda net, optimizer: place_scores(
         [optimizer], [], lightning_masks.masked_tensors(net), fuse=False)),
     "masks, scores frozen": (lambda net: with_masks(net, train_scores=False), fuse),

@@ -79,9 +79,11 @@ def test_the_step_anatomy_counts_faults_for_every_method_and_profiles_both_steps
 def test_runs_made_before_a_setting_existed_are_named_by_what_they_ran():
     ran = {k: v for k, v in json.loads(quality.callback_defaults()).items() if k not in quality.ADDED_SINCE}
     before = {"method": "masks", "defaults": json.dumps(ran)}  # from before score_dtype, compact and update_budget
-    assert quality.label(before) == "masks[score_dtype=None,compact=False,update_budget=None]"
-    ran["score_dtype"], ran["compact"] = "'bfloat16'", "True"  # from before update_budget alone
-    assert quality.label({"method": "masks", "defaults": json.dumps(ran)}) == "masks[update_budget=None]"
+    assert quality.label(before) == "masks[score_dtype=None,compact=False]"
+    ran["score_dtype"], ran["compact"] = "'bfloat16'", "True"  # from before update_budget alone: none, as today
+    assert quality.label({"method": "masks", "defaults": json.dumps(ran)}) == "masks"
+    ran["update_budget"] = "0.05"  # the runs whose default was the timing budget
+    assert quality.label({"method": "masks", "defaults": json.dumps(ran)}) == "masks[update_budget=0.05]"
     assert quality.label(record("masks")) == "masks"
 
 
@@ -93,8 +95,9 @@ def test_the_real_size_benchmark_counts_the_mask_state_of_each_method(tmp_path):
     records = {r["method"]: r for r in json.loads((tmp_path / "tiny.json").read_text())}
     assert set(records) == set(real_sizes.METHODS)
     masks, before, dense = records["masks"], records["masks_before"], records["dense"]
-    assert masks["state_mask"] == 8 * masks["state_masked_weights"] + 12 * 14  # 14 Linear: 3 scalars each
-    assert before["state_mask"] == 21 * before["state_masked_weights"] + 8 * 14
+    # 8 bytes and the keep bits packed eight a byte a weight; 14 Linear: 3 scalars each
+    assert 8 * masks["state_mask"] == 65 * masks["state_masked_weights"] + 8 * 12 * 14
+    assert 8 * before["state_mask"] == 161 * before["state_masked_weights"] + 8 * 8 * 14
     assert dense["state_total"] < masks["state_total"] < before["state_total"]
     assert masks["updates"] >= 2 and (tmp_path / "tiny.png").exists()
     assert "| tiny_bert | dense |" in (tmp_path / "tiny.md").read_text()

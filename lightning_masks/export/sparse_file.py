@@ -14,12 +14,12 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from ..masking.bits import pack_rows, unpack_rows
 from .files import atomic_write
 
 __all__ = ["SparseFileInfo", "dense_size", "load_sparse", "pack_bits", "save_sparse", "unpack_bits"]
 
 SPARSE_MARK = "::"
-_BIT_ORDER = torch.arange(7, -1, -1, dtype=torch.uint8)
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -48,14 +48,12 @@ def _nonzero_bits(tensor: Tensor) -> Tensor:
 
 def pack_bits(mask: Tensor) -> Tensor:
     """Pack a flat bool tensor into uint8, eight entries a byte, most significant bit first."""
-    padded = torch.zeros((mask.numel() + 7) // 8 * 8, dtype=torch.uint8)
-    padded[: mask.numel()] = mask
-    return (padded.view(-1, 8) << _BIT_ORDER).sum(1, dtype=torch.uint8)
+    return pack_rows(mask.reshape(-1))
 
 
 def unpack_bits(bits: Tensor, count: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` entries as a flat bool tensor."""
-    return ((bits.unsqueeze(1) >> _BIT_ORDER) & 1).reshape(-1)[:count].bool()
+    return unpack_rows(bits.reshape(-1), count)
 
 
 def _encode(name: str, tensor: Tensor) -> dict[str, Tensor]:
