@@ -101,3 +101,13 @@ def test_the_real_size_benchmark_counts_the_mask_state_of_each_method(tmp_path):
     assert dense["state_total"] < masks["state_total"] < before["state_total"]
     assert masks["updates"] >= 2 and (tmp_path / "tiny.png").exists()
     assert "| tiny_bert | dense |" in (tmp_path / "tiny.md").read_text()
+
+
+def test_the_update_cost_benchmark_sets_an_update_against_a_step_on_one_example(tmp_path):
+    import update_cost
+
+    update_cost.main(["--models", "lenet300", "--out", str(tmp_path)])
+    [record] = json.loads((tmp_path / "update_cost.json").read_text())
+    assert record["units"] == 266200 and record["tensors"] == 3
+    assert 0 < record["step_one_s"] <= record["step_batch_s"] and record["update_s"] > 0
+    assert "| lenet300 | 3 | 0.27M |" in (tmp_path / "update_cost.md").read_text()

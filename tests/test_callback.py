@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_masks import MaskPruningCallback, Schedule, Selector, ThresholdSchedule, fold_checkpoint, masked_tensors
+from lightning_masks.lifecycle.plan import auto_interval
 from lightning_masks.lightning.trainer import check_strategy
 from lightning_masks.masking import gate as gate_module
 from lightning_masks.masking import masks
@@ -87,15 +88,14 @@ def test_epoch_cadence_updates_as_each_epoch_starts(tiny_module):
         assert pruned == round(expected * total)
 
 
-def test_auto_cadence_spreads_about_a_hundred_updates_over_the_ramp(tiny_module):
-    pruner = MaskPruningCallback(0.5, schedule="linear", start=15, end=65,  # 4 steps an epoch: steps 60..260
-                                 update_budget=None)
+def test_auto_cadence_is_planned_from_the_fit_length_and_ramp(tiny_module):
+    pruner = MaskPruningCallback(0.5, schedule="linear", start=15, end=65)  # 4 steps an epoch: steps 60..260
     probe = Probe(pruner)
     make_trainer(max_epochs=75, callbacks=[pruner, probe]).fit(tiny_module)
-    assert pruner.update_every == 2
-    assert len(pruner.history["positions"]) == 1 + 100  # the first (empty) update, then the ramp's
+    assert pruner.update_every == auto_interval(200, 300) == 14  # 300 steps: about 5% of them for 14 updates
+    assert len(pruner.history["positions"]) == 1 + 15  # the first (empty) update, then the ramp's
     for step, position, target, pruned, total in probe.steps:
-        assert position == step // 2 * 2
+        assert position == step // 14 * 14
         assert target == pytest.approx(0.5 * min(max(position - 60, 0) / 200, 1)) and pruned == round(target * total)
 
 

@@ -23,14 +23,13 @@ def fit(tmp_path, max_epochs, ckpt_path=None, **callback_kwargs):
 
 
 def test_resume_mid_schedule_reaches_the_same_masks_position_and_metrics(tmp_path):
-    # the update budget spaces updates by measured times, which two runs do not share (its resume: test_budget.py)
-    whole, whole_pruner, whole_trainer = fit(tmp_path / "whole", 6, mask_lr=0.05, update_budget=None)
+    whole, whole_pruner, whole_trainer = fit(tmp_path / "whole", 6, mask_lr=0.05, update_every=1)
     checkpoint = tmp_path / "whole" / "epoch=1.ckpt"
     state = torch.load(checkpoint, weights_only=False)
     [callback_state] = [v for k, v in state["callbacks"].items() if k.startswith("MaskPruningCallback")]
     assert 0 < callback_state["target"] < 0.8  # mid-schedule
     resumed, resumed_pruner, resumed_trainer = fit(tmp_path / "resumed", 6, ckpt_path=checkpoint, mask_lr=0.05,
-                                                   update_budget=None)
+                                                   update_every=1)
     assert (resumed_pruner.position, resumed_pruner.target, resumed_pruner.pruned) == (
         whole_pruner.position, whole_pruner.target, whole_pruner.pruned)
     for a, b in zip(masked_tensors(whole), masked_tensors(resumed)):
