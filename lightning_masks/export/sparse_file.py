@@ -53,7 +53,7 @@ def pack_bits(mask: Tensor) -> Tensor:
 
 def unpack_bits(bits: Tensor, count: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` entries as a flat bool tensor."""
-    return unpack_rows(bits.reshape(-1), count)
+    return unpack_rows(bits.reshape(-1), (count,))
 
 
 def _encode(name: str, tensor: Tensor) -> dict[str, Tensor]:

@@ -18,7 +18,7 @@ AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto" (
 MIN_RAMP_UPDATES = 2  # neither the cost model nor the update budget spaces updates wider than half the ramp
 EARLY_END = ("warn", "final")  # what a fit that ends before its ramp does at the end
 #: The cost of a mask update, in training steps, that the auto cadence plans for: an update costs about what one
-#: training step on a single example costs (0.33-1.05x of it on the six models of benchmarks/real_sizes.py:
+#: training step on a single example costs (0.35-1.21x of it on the six models of benchmarks/real_sizes.py:
 #: benchmarks/results/update_cost.md), and a step on a batch costs more.
 UPDATE_COST_STEPS = 1.0
 #: The share of a fit's steps that the auto cadence lets mask updates take, at :data:`UPDATE_COST_STEPS` a step.

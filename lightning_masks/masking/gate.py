@@ -210,8 +210,8 @@ def reduce_to(scores: Tensor, shape: torch.Size) -> Tensor:
 class MaskGate(nn.Module):
     """Parametrization ``w -> w * sigmoid(scores / T) * keep`` with learnable ``scores``.
 
-    The keep bits live in the ``keep_bits`` buffer, packed eight a byte along the scores' last dimension
-    (:func:`~lightning_masks.masking.bits.pack_rows`: a slice of rows holds its rows' bits). An integer buffer is
+    The keep bits live in the ``keep_bits`` buffer, packed eight a byte, each row (slice of dim 0) of the scores
+    on its own (:func:`~lightning_masks.masking.bits.pack_rows`: a slice of rows holds its rows' bits). An integer buffer is
     beyond the reach of what users, optimizers and Lightning do to floating-point parameters and buffers: clamps,
     weight decay, ``.half()`` / ``.to(dtype)``, ``precision="16-true"``, averages of the parameters. A pruned entry
     keeps its score (regrowth can bring it back).
@@ -262,7 +262,7 @@ class MaskGate(nn.Module):
         cache, version = self._keep_cache, self.keep_bits._version
         if cache is not None and cache[0] == version and cache[1] is not None:
             return cache[1]
-        keep = unpack_rows(self.keep_bits, self.scores.shape[-1] if self.scores.dim() else 1).view(self.scores.shape)
+        keep = unpack_rows(self.keep_bits, self.scores.shape)
         if cache is not None:  # caching (keep_bits_cached): until the keep bits change
             self._keep_cache = (version, keep)
         return keep

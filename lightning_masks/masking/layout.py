@@ -2,8 +2,8 @@
 
 A tensor ``<path>.<name>`` masked by :class:`~lightning_masks.masking.gate.MaskGate` is saved, as
 ``torch.nn.utils.parametrize`` writes it, under ``<path>.parametrizations.<name>.`` followed by ``original`` (the
-weight) and the gate's tensors ``0.scores``, ``0.keep_bits`` (uint8, the keep bits packed eight a byte along the
-scores' last dimension: :func:`~lightning_masks.masking.bits.pack_rows`), ``0.temperature`` and, when the gate
+weight) and the gate's tensors ``0.scores``, ``0.keep_bits`` (uint8, the keep bits packed eight a byte, row by row
+along the scores' dim 0: :func:`~lightning_masks.masking.bits.pack_rows`), ``0.temperature`` and, when the gate
 rescales, ``0.gate_scale``. A bias gated by its layer's per-channel mask (:class:`~lightning_masks.masking.gate.ChannelBias`) saves
 its ``original`` only: its gate is its weight's (:func:`~lightning_masks.masking.kinds.weight_name`).
 """
@@ -92,5 +92,4 @@ def saved_keep(fields: dict[str, Tensor]) -> Tensor:
     tensor([[ True, False,  True],
             [False,  True, False]])
     """
-    scores = fields["scores"]
-    return unpack_rows(fields["keep_bits"], scores.shape[-1] if scores.dim() else 1).reshape(scores.shape)
+    return unpack_rows(fields["keep_bits"], fields["scores"].shape)
