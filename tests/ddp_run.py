@@ -52,8 +52,7 @@ class SaveRankState(Callback):
 def main(strategy: str, out: str, ckpt_path: str | None) -> None:
     pl.seed_everything(0, verbose=False)
     module = TinyModule()
-    # update_budget=None: an update every step (the budget's interval depends on timings, the resume test compares)
-    pruner = MaskPruningCallback(0.8, end=3, fold_on_fit_end=False, log_every_n_steps=1, update_budget=None)
+    pruner = MaskPruningCallback(0.8, end=3, fold_on_fit_end=False, log_every_n_steps=1)
     trainer = pl.Trainer(
         strategy=strategy, accelerator="cpu", devices=2, max_epochs=4, deterministic=True,
         callbacks=[pruner, ModelCheckpoint(dirpath=out, filename="{epoch}", save_top_k=-1),

@@ -126,7 +126,7 @@ def test_backbone_frozen_by_finetuning_is_masked_in_either_order(finetuning_firs
 # ------------------------------------------------------------------------------------------ early ends
 def test_early_stopping_warns_and_folds_what_was_reached(tiny_module):
     stopper = EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)
-    pruner = MaskPruningCallback(0.9, end=8)
+    pruner = MaskPruningCallback(0.9, end=8, update_every=1)  # updates before the stop at the end of epoch 1
     with pytest.warns(UserWarning, match=r"fit ended at step \d+, before the ramp's end at step 32: target sparsity "
                                          r"0.9 \(reached (\d+\.\d+)%\); the model is folded as it is; pass "
                                          r"early_end='final'"):
@@ -164,7 +164,7 @@ def test_an_exception_mid_ramp_warns_and_folds_what_was_reached(tiny_module):
             if trainer.global_step == 6:
                 raise RuntimeError("boom")
 
-    pruner = MaskPruningCallback(0.9, end=8, update_budget=None)  # an update every step: the last one at 6
+    pruner = MaskPruningCallback(0.9, end=8, update_every=1)  # an update every step: the last one at 6
     with pytest.warns(UserWarning, match=r"fit ended at step 6, .* target sparsity 0.9"), \
             pytest.raises(RuntimeError, match="boom"):
         make_trainer(max_epochs=12, callbacks=[pruner, Boom()]).fit(tiny_module)
@@ -247,7 +247,7 @@ def test_exporting_mid_training_gives_the_masked_function_and_leaves_training_al
     def fit(callbacks):
         pl.seed_everything(0, verbose=False)
         module = TinyModule()
-        pruner = MaskPruningCallback(0.5, end=2, update_budget=None)  # the budget's interval depends on timings
+        pruner = MaskPruningCallback(0.5, end=2)
         make_trainer(max_epochs=3, callbacks=[pruner, *callbacks], deterministic=True,
                      limit_val_batches=2).fit(module)
         return module
