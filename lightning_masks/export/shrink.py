@@ -9,12 +9,15 @@ from dataclasses import dataclass, field
 from typing import Union
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from .._extras import extra
 from ..masking.inputs import call_with
 from ..masking.layout import PARAMETRIZATION_MARK
+
+with extra("export"):
+    import torch_pruning as tp
 
 __all__ = ["ShrinkReport", "shrink"]
 

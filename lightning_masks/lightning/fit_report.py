@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -14,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ..masking import stats
 from ..masking.masks import MaskedTensor
 from ..masking.targets import Targets
-from . import loggers, plots
+from . import loggers
 
 __all__ = ["announce", "histograms", "log_scalars", "report_fit"]
 
@@ -53,7 +52,7 @@ def _left_dense(resolved: Targets, outputs: Sequence[str]) -> str:
 
 
 def log_scalars(trainer: pl.Trainer, masked: Sequence[MaskedTensor], churn: Mapping[str, torch.Tensor],
-                target: float, threshold: Optional[float]) -> None:
+                target: float, threshold: float | None) -> None:
     """The ``masks/...`` scalars (:func:`~lightning_masks.masking.stats.mask_stats`, the last update's target and cut) to
     every logger, with one host sync."""
     values = stats.mask_stats(masked, churn)
@@ -99,11 +98,20 @@ def report_fit(trainer: pl.Trainer, rows: Sequence[Mapping], masked: Sequence[Ma
     summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k})
     loggers.log_summary(trainer.loggers, summary)
     if pictures:
-        gates = {name: (c.cpu().numpy(), e.cpu().numpy()) for name, (c, e) in gate_histograms(masked).items()}
-        images = {
-            "masks/sparsity_over_training": plots.sparsity_over_training(
-                history["layers"], history["sparsity"], history["positions"], folder / "sparsity_over_training.png",
-                unit=unit),
-            "masks/gate_histograms": plots.gate_histograms(gates, folder / "gate_histograms.png"),
-        }
-        loggers.log_images(trainer.loggers, images, trainer.global_step)
+        loggers.log_images(trainer.loggers, _draw(masked, history, unit, folder), trainer.global_step)
+
+
+def _draw(masked: Sequence[MaskedTensor], history: Mapping, unit: str, folder: Path) -> dict[str, Path]:
+    """The pictures as PNG files in ``folder``; none, with a warning naming the extra, without matplotlib."""
+    try:
+        from . import plots
+    except ImportError as error:
+        rank_zero_warn(f"lightning_masks: no pictures drawn ({error}); or pass plots=False")
+        return {}
+    gates = {name: (c.cpu().numpy(), e.cpu().numpy()) for name, (c, e) in gate_histograms(masked).items()}
+    return {
+        "masks/sparsity_over_training": plots.sparsity_over_training(
+            history["layers"], history["sparsity"], history["positions"], folder / "sparsity_over_training.png",
+            unit=unit),
+        "masks/gate_histograms": plots.gate_histograms(gates, folder / "gate_histograms.png"),
+    }
