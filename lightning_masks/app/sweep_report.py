@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import statistics
@@ -20,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from scipy.stats import ttest_ind
@@ -59,8 +59,13 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
         return None
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
-    parsed = OverridesParser.create().parse_overrides(arguments)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    choices: dict[str, list[str]] = {}  # the basic sweeper's product: a later override of a key replaces an earlier
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        values = override.sweep_string_iterator() if override.is_sweep_override() else [
+            override.get_value_element_as_str()]
+        choices[key] = [f"{key}={value}" for value in values]
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def _load_json(path: Path) -> dict | None:
