@@ -37,10 +37,11 @@ from ..masking.masks import (
     masked_tensors,
 )
 from ..masking.outputs import kept_whole
+from ..masking.sharded import local_entries, shard_with_weights
 from ..masking.targets import TargetSpec, resolve_targets
 from ..selection.coupling import ties_among
 from ..selection.selector import Selector
-from . import fit_report, loggers
+from . import fit_report, loggers, sharding
 from .arguments import (
     check_flags,
     check_output_layers,
@@ -276,12 +277,36 @@ class MaskPruningCallback(Callback):
         if self.initializer.needs_grad and not pl_module.automatic_optimization:
             raise ValueError(f"{self.initializer!r} scores one automatic-optimization training step; this module "
                              "uses manual optimization: pick another init")
-        after_configure_model(pl_module, lambda: self._mask(trainer, pl_module))
+        before = None
+        if sharding.model_parallel(trainer):
+            if self.initializer.needs_grad:
+                raise ValueError(f"{self.initializer!r} scores one training step of the dense model, which "
+                                 "ModelParallelStrategy shards only after the masks attach: pick an init computed "
+                                 "from the weights (e.g. init='magnitude')")
+            before = lambda: self.mask_before_sharding(trainer, pl_module, required=False)  # noqa: E731
+        after_configure_model(pl_module, lambda: self._mask(trainer, pl_module), before)
+
+    def mask_before_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, required: bool = True
+                             ) -> None:
+        """Attach the masks to the unsharded module, their per-unit state held as parameters so that ``fully_shard``
+        shards it with the weights (ModelParallelStrategy: called as ``configure_model`` starts, and by
+        :func:`~lightning_masks.lightning.sharding.mask_before_sharding` within it). Without ``required``, a module
+        with nothing to mask yet (its layers built in ``configure_model``) is left for later."""
+        if masked_tensors(pl_module):
+            return
+        if not required and not resolve_targets(pl_module, self.targets, self.exclude).chosen:
+            return
+        with frozen_by_finetuning(trainer, pl_module) as thawed:
+            masked = self._attach(trainer, pl_module)
+        refreeze(masked, thawed)
+        shard_with_weights(masked)
 
     def _mask(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach the masks to the built module (after ``setup`` and ``configure_model``, before the optimizers,
         the checkpoint restore and the DDP wrapper), or adopt the ones it has; check them against the selector."""
         attached = not masked_tensors(pl_module)
+        if attached and sharding.model_parallel(trainer):
+            sharding.refuse_unmasked_shards(pl_module)
         groups = coupled_norms(pl_module) if self.selector.auto_tie else None
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
@@ -310,9 +335,11 @@ class MaskPruningCallback(Callback):
             lambda weight: self.initializer(weight, generator=generator))
         exclude = self.exclude + self._outputs_kept_whole(trainer, pl_module)
         resolved = resolve_targets(pl_module, self.targets, exclude)
+        # FSDP2 gathers a module's trainable parameters in one dtype: the scores take their weight's
+        score_dtype = None if sharding.model_parallel(trainer) else self.score_dtype
         masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=self.temperature,
                         rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
-                        score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow)
+                        score_dtype=score_dtype, compact=self.compact and not self.selector.regrow)
         self.scores_initialized = not self.initializer.needs_grad
         goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
                 else f"final sparsity {self.sparsity}")
@@ -390,8 +417,9 @@ class MaskPruningCallback(Callback):
     def _select(self, trainer: pl.Trainer, t: float, target: float) -> None:
         """Set the keep-masks to ``target`` (a sparsity, or a gate threshold) and record the update at ``t``."""
         select = self.selector.threshold if self.plan.by_threshold else self.selector
-        pruned, threshold, self._churn = select(self._masked, target)
-        rows = stats.layer_rows(self._masked)
+        with sharding.counting(trainer, self._masked):  # over every process's shards under FSDP2
+            pruned, threshold, self._churn = select(local_entries(self._masked), target)
+        rows = sharding.layer_rows(self._masked)
         self.plan.record(t, target, pruned, threshold, [row["name"] for row in rows], [row["sparsity"] for row in rows])
         mask_copies(trainer, trainer.lightning_module)
 
@@ -418,13 +446,18 @@ class MaskPruningCallback(Callback):
         self._log_stats(trainer, histograms=self.log_histograms)
 
     def _log_stats(self, trainer: pl.Trainer, histograms: bool) -> None:
-        if not (trainer.loggers and trainer.is_global_zero and self._masked):
+        # Sharded masks are counted by every process (collective calls); rank zero logs.
+        sharded = sharding.model_parallel(trainer)
+        if not (trainer.loggers and (trainer.is_global_zero or sharded) and self._masked):
             return
         if self._logged_step != trainer.global_step:
             self._logged_step = trainer.global_step
-            fit_report.log_scalars(trainer, self._masked, self._churn, self.target, self.threshold)
+            fit_report.log_scalars(trainer, self._masked, self._churn, self.target, self.threshold,
+                                   statistics=sharding.mask_stats)
         if histograms:
-            loggers.log_histograms(trainer.loggers, fit_report.histograms(self._masked), trainer.global_step)
+            values = sharding.histograms(self._masked) if sharded else fit_report.histograms(self._masked)
+            if trainer.is_global_zero:
+                loggers.log_histograms(trainer.loggers, values, trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- evaluation
     def _cache_gates(self) -> None:
@@ -451,19 +484,27 @@ class MaskPruningCallback(Callback):
         elif self._masked and self.position is not None:
             self._end_short(trainer, jump=False)  # warn with what was reached
             if self.fold_on_fit_end:
-                fold(pl_module)
-                self._masked = []
+                self._fold(pl_module)
 
     # ----------------------------------------------------------------------------------------- the end
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._masked:
             self._end_short(trainer, jump=True)
-            self.final_layers = stats.layer_rows(self._masked)
-            fit_report.report_fit(trainer, self.final_layers, self._masked, self.history, self.cadence, self.plots)
+            self.final_layers = sharding.layer_rows(self._masked)
+            gates = sharding.gate_histograms(self._masked) if self.plots and sharding.model_parallel(trainer) else None
+            fit_report.report_fit(trainer, self.final_layers, self._masked, self.history, self.cadence, self.plots,
+                                  gates=gates)
         if self.fold_on_fit_end:
-            fold(pl_module)
-            self._masked = []
+            self._fold(pl_module)
+
+    def _fold(self, pl_module: pl.LightningModule) -> None:
+        """Fold the masks into plain weights (sharded ones shard by shard, FSDP2 then gathering the plain weights)."""
+        folded = masked_tensors(pl_module)
+        fold(pl_module)
+        if sharding.is_sharded(folded):
+            sharding.repoint_folded(pl_module, folded)
+        self._masked = []
 
     def _end_short(self, trainer: pl.Trainer, jump: bool) -> None:
         """A fit that ended before its ramp: one last update to the final target (``early_end="final"``), or warn."""

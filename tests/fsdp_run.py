@@ -1,0 +1,159 @@
+"""Prune a tiny Llama under FSDP2 (ModelParallelStrategy, 2 CPU processes, gloo); run by tests/test_fsdp.py.
+
+One run covers the lifecycle: a fit with distributed checkpoints whose last epoch ends in a recording of the sharded
+masks (gathered for the test to compare with one process's selection on the same tensors), the folded model's
+forward and export from rank 0, a resume from its epoch-1 checkpoint, a fit with full checkpoints that ends early,
+and its resume. Each rank writes what it saw under OUT_DIR.
+
+Usage: python tests/fsdp_run.py OUT_DIR
+"""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_masks import MaskPruningCallback, Selector, masked_tensors
+from lightning_masks.lightning.sharding import full_state_dict
+from lightning_masks.masking.sharded import local_entries, mask_state_bytes
+from lightning_masks.selection.distributed import across_shards
+
+CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=32)
+#: selections checked on the recorded tensors: (name, selector, target); the floor binds in "floor"
+CHECKS = [("global", Selector(), 0.9), ("floor", Selector(layer_floor=1.0), 0.6),
+          ("layer", Selector(mode="layer"), 0.7), ("gate", Selector(importance="gate"), 0.95)]
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**CONFIG))
+
+
+class TinyLlamaModule(pl.LightningModule):
+    """A causal LM with its decoder layers sharded in ``configure_model``, as FSDP2 users write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama()
+
+    def configure_model(self) -> None:
+        if getattr(self.model, "_sharded", False):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self.model._sharded = True
+
+    def forward(self, tokens):
+        return self.model(input_ids=tokens).logits
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        loss = self.model(input_ids=tokens, labels=tokens).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(1)
+        return DataLoader(TensorDataset(torch.randint(0, 64, (32, 16), generator=generator)), batch_size=8)
+
+
+def gathered(masked) -> dict:
+    """Every masked tensor's state, gathered whole (a collective call)."""
+    full = lambda t: t.full_tensor().clone()  # noqa: E731
+    return {entry.name: {"weight": full(entry.weight.detach()), "scores": full(entry.gate.scores.detach()),
+                         "keep": full(entry.gate.keep), "gate_scale": entry.gate.gate_scale.clone()}
+            for entry in masked}
+
+
+class Record(Callback):
+    """At the last epoch's end (before the fold): the sharded masks, gathered; the mask state each rank holds; and
+    the keep bits of each check in CHECKS, chosen on the shards, gathered (then the masks are put back)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        masked = masked_tensors(pl_module)
+        record = {"state": gathered(masked), "bytes": mask_state_bytes(masked),
+                  "whole_bytes": sum(t.numel() * t.element_size() for e in masked
+                                     for t in [*e.gate._parameters.values(), *e.gate._buffers.values()]),
+                  "checks": {}}
+        local = local_entries(masked)
+        saved = [entry.gate.scores.clone() for entry in local]
+        for name, selector, target in CHECKS:
+            with across_shards(trainer.strategy.device_mesh["data_parallel"].get_group()):
+                pruned = selector(local, target).pruned
+            record["checks"][name] = (pruned, {entry.name: entry.gate.keep.full_tensor().clone() for entry in masked})
+            for entry, scores in zip(local, saved):
+                entry.gate.scores.copy_(scores)  # compact gates: the keep bits are in the scores
+        torch.save(record, self.out / f"record-rank{trainer.global_rank}.pt")
+
+
+class StopAfter(Callback):
+    """End the fit after epoch ``epoch`` (as EarlyStopping would), before its ramp ends."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch >= self.epoch:
+            trainer.should_stop = True
+
+
+def fit(out: Path, *, distributed: bool, ckpt_path=None, extra=(), **pruning) -> tuple:
+    pl.seed_everything(0, verbose=False)
+    module = TinyLlamaModule()
+    pruner = MaskPruningCallback(0.8, end=2, update_budget=None, log_every_n_steps=1, plots=False, **pruning)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, max_epochs=3, deterministic=True,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                       save_distributed_checkpoint=distributed),
+        callbacks=[pruner, ModelCheckpoint(dirpath=out, filename="{epoch}", save_top_k=-1), *extra],
+        logger=CSVLogger(out, name="logs"), enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    torch.save({"pruned": pruner.pruned, "position": pruner.position, "masked": len(masked_tensors(module))},
+               out / f"end-rank{trainer.global_rank}.pt")
+    return trainer, module, pruner
+
+
+def folded_outputs(trainer, module, pruner, out: Path) -> None:
+    """The folded model's forward under FSDP2 and its full state dict, exported from rank 0."""
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = module(tokens)
+    state = full_state_dict(module)
+    if trainer.is_global_zero:
+        torch.save({"state": state, "logits": logits, "tokens": tokens, "pruned": pruner.pruned,
+                    "masked": len(masked_tensors(module))}, out / "export.pt")
+
+
+def main(out: Path) -> None:
+    first = out / "distributed"
+    trainer, module, pruner = fit(first, distributed=True, extra=[Record(first)])
+    folded_outputs(trainer, module, pruner, first)
+    resumed = out / "distributed-resumed"
+    fit(resumed, distributed=True, ckpt_path=first / "epoch=1.ckpt", extra=[Record(resumed)])
+    # full (rank-0) checkpoints, a fit ending before its ramp (early_end="final" jumps to the target), its resume
+    full = out / "full"
+    fit(full, distributed=False, early_end="final", extra=[StopAfter(1), Record(full)])
+    full_resumed = out / "full-resumed"
+    fit(full_resumed, distributed=False, early_end="final", ckpt_path=full / "epoch=0.ckpt",
+        extra=[StopAfter(1), Record(full_resumed)])
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
