@@ -16,20 +16,27 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_masks import MaskPruningCallback, Selector, masked_tensors
+from lightning_masks import MaskPruningCallback, Selector, attach, masked_tensors
 from lightning_masks.lightning.sharding import full_state_dict
-from lightning_masks.masking.sharded import local_entries, mask_state_bytes
+from lightning_masks.masking.sharded import local_entries, mask_state_bytes, shard_with_weights
 from lightning_masks.selection.distributed import across_shards
 
 CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=32)
 #: selections checked on the recorded tensors: (name, selector, target); the floor binds in "floor"
-CHECKS = [("global", Selector(), 0.9), ("floor", Selector(layer_floor=1.0), 0.6),
-          ("layer", Selector(mode="layer"), 0.7), ("gate", Selector(importance="gate"), 0.95)]
+CHECKS = [("global", Selector(), 0.9), ("floor", Selector(layer_floor=0.9), 0.9),
+          ("layer", Selector(mode="layer"), 0.85), ("gate", Selector(importance="gate"), 0.95)]
+#: selections on freshly masked, sharded tiny Llamas: (name, attach options, selector, target, weights rounded to
+#: one decimal so that many importances tie at the cut)
+GRAINS = [("channel", dict(per_channel=True), Selector(granularity="channel"), 0.5, False),
+          ("channel-layer", dict(per_channel=True), Selector(granularity="channel", mode="layer"), 0.5, False),
+          ("2:4", {}, Selector(granularity="2:4"), 0.5, False),
+          ("ties", {}, Selector(), 0.7, True), ("ties-floor", {}, Selector(layer_floor=0.9), 0.9, True)]
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -141,6 +148,34 @@ def folded_outputs(trainer, module, pruner, out: Path) -> None:
                     "masked": len(masked_tensors(module))}, out / "export.pt")
 
 
+def masked_llama(options: dict, rounded: bool):
+    """A tiny Llama with masks, as one process builds it (its weights rounded to one decimal with ``rounded``)."""
+    model = tiny_llama()
+    if rounded:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.round_(decimals=1)
+    return model, attach(model, exclude=["model.embed_tokens"], rescale=True, compact=True, **options)
+
+
+def grains(out: Path, rank: int) -> None:
+    """The keep bits of each selection in GRAINS, chosen on the shards of a tiny Llama sharded per layer."""
+    mesh = init_device_mesh("cpu", (2,))
+    found = {}
+    for name, options, selector, target, rounded in GRAINS:
+        model, masked = masked_llama(options, rounded)
+        shard_with_weights(masked)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        masked = masked_tensors(model)
+        with across_shards():
+            pruned = selector(local_entries(masked), target).pruned
+        found[name] = (pruned, {entry.name: entry.gate.keep.full_tensor() for entry in masked})
+    if rank == 0:
+        torch.save(found, out / "grains.pt")
+
+
 def main(out: Path) -> None:
     first = out / "distributed"
     trainer, module, pruner = fit(first, distributed=True, extra=[Record(first)])
@@ -151,8 +186,9 @@ def main(out: Path) -> None:
     full = out / "full"
     fit(full, distributed=False, early_end="final", extra=[StopAfter(1), Record(full)])
     full_resumed = out / "full-resumed"
-    fit(full_resumed, distributed=False, early_end="final", ckpt_path=full / "epoch=0.ckpt",
-        extra=[StopAfter(1), Record(full_resumed)])
+    trainer, _, _ = fit(full_resumed, distributed=False, early_end="final", ckpt_path=full / "epoch=0.ckpt",
+                        extra=[StopAfter(1), Record(full_resumed)])
+    grains(out, trainer.global_rank)
 
 
 if __name__ == "__main__":
