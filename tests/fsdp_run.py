@@ -3,12 +3,13 @@
 One run covers the lifecycle: a fit with distributed checkpoints whose last epoch ends in a recording of the sharded
 masks (gathered for the test to compare with one process's selection on the same tensors), the folded model's
 forward and export from rank 0, a resume from its epoch-1 checkpoint, a fit with full checkpoints that ends early,
-and its resume. Each rank writes what it saw under OUT_DIR.
+and its resume (those two with the layers built in configure_model). Each rank writes what it saw under OUT_DIR.
 
 Usage: python tests/fsdp_run.py OUT_DIR
 """
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -21,8 +22,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_masks import MaskPruningCallback, Selector, attach, masked_tensors
-from lightning_masks.lightning.sharding import full_state_dict
+from lightning_masks import MaskPruningCallback, Selector, attach, mask_before_sharding, masked_tensors
+from lightning_masks.lightning.sharding import full_state_dict, reshard
 from lightning_masks.masking.sharded import local_entries, mask_state_bytes, shard_with_weights
 from lightning_masks.selection.distributed import across_shards
 
@@ -45,15 +46,20 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 class TinyLlamaModule(pl.LightningModule):
-    """A causal LM with its decoder layers sharded in ``configure_model``, as FSDP2 users write it."""
+    """A causal LM with its decoder layers sharded in ``configure_model``, as FSDP2 users write it; built there too
+    with ``build_in_configure_model`` (then masked by the one line before sharding)."""
 
-    def __init__(self) -> None:
+    def __init__(self, build_in_configure_model: bool = False) -> None:
         super().__init__()
-        self.model = tiny_llama()
+        self.build_in_configure_model = build_in_configure_model
+        self.model = None if build_in_configure_model else tiny_llama()
 
     def configure_model(self) -> None:
         if getattr(self.model, "_sharded", False):
             return
+        if self.model is None:
+            self.model = tiny_llama()
+            mask_before_sharding(self)
         mesh = self.device_mesh["data_parallel"]
         for layer in self.model.model.layers:
             fully_shard(layer, mesh=mesh)
@@ -68,6 +74,13 @@ class TinyLlamaModule(pl.LightningModule):
         loss = self.model(input_ids=tokens, labels=tokens).loss
         self.log("train_loss", loss)
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        (tokens,) = batch
+        self.log("val_loss", self.model(input_ids=tokens, labels=tokens).loss)
+
+    def val_dataloader(self):
+        return self.train_dataloader()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
@@ -93,6 +106,7 @@ class Record(Callback):
         self.out = out
 
     def on_train_end(self, trainer, pl_module):
+        reshard(pl_module)  # the validation forward left the root module's parameters gathered
         masked = masked_tensors(pl_module)
         record = {"state": gathered(masked), "bytes": mask_state_bytes(masked),
                   "whole_bytes": sum(t.numel() * t.element_size() for e in masked
@@ -120,14 +134,15 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
-def fit(out: Path, *, distributed: bool, ckpt_path=None, extra=(), **pruning) -> tuple:
+def fit(out: Path, *, distributed: bool, ckpt_path=None, extra=(), build_in_configure_model=False,
+        **pruning) -> tuple:
     pl.seed_everything(0, verbose=False)
-    module = TinyLlamaModule()
+    module = TinyLlamaModule(build_in_configure_model)
     pruner = MaskPruningCallback(0.8, end=2, update_budget=None, log_every_n_steps=1, plots=False, **pruning)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_epochs=3, deterministic=True,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
-                                       save_distributed_checkpoint=distributed),
+                                       save_distributed_checkpoint=distributed, timeout=timedelta(minutes=3)),
         callbacks=[pruner, ModelCheckpoint(dirpath=out, filename="{epoch}", save_top_k=-1), *extra],
         logger=CSVLogger(out, name="logs"), enable_progress_bar=False, enable_model_summary=False,
     )
@@ -182,12 +197,13 @@ def main(out: Path) -> None:
     folded_outputs(trainer, module, pruner, first)
     resumed = out / "distributed-resumed"
     fit(resumed, distributed=True, ckpt_path=first / "epoch=1.ckpt", extra=[Record(resumed)])
-    # full (rank-0) checkpoints, a fit ending before its ramp (early_end="final" jumps to the target), its resume
+    # full (rank-0) checkpoints, a fit ending before its ramp (early_end="final" jumps to the target), its resume;
+    # the layers built in configure_model
     full = out / "full"
-    fit(full, distributed=False, early_end="final", extra=[StopAfter(1), Record(full)])
+    fit(full, distributed=False, early_end="final", build_in_configure_model=True, extra=[StopAfter(1), Record(full)])
     full_resumed = out / "full-resumed"
-    trainer, _, _ = fit(full_resumed, distributed=False, early_end="final", ckpt_path=full / "epoch=0.ckpt",
-                        extra=[StopAfter(1), Record(full_resumed)])
+    trainer, _, _ = fit(full_resumed, distributed=False, early_end="final", build_in_configure_model=True,
+                        ckpt_path=full / "epoch=0.ckpt", extra=[StopAfter(1), Record(full_resumed)])
     grains(out, trainer.global_rank)
 
 

@@ -36,7 +36,7 @@ def record(run, name, rank=0):
 
 def unsharded(state: dict):
     """One process's masked tiny Llama holding the gathered tensors of ``state``, by masked tensor name."""
-    model, masked = masked_llama({}, rounded=False)
+    _, masked = masked_llama({}, rounded=False)
     entries = {"model." + entry.name: entry for entry in masked}
     assert set(entries) == set(state)
     with torch.no_grad():

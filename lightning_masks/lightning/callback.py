@@ -24,7 +24,6 @@ from typing_extensions import override
 from ..lifecycle.budget import DEFAULT_UPDATE_SHARE
 from ..lifecycle.plan import Plan
 from ..lifecycle.schedule import ScheduleSpec, ThresholdSchedule, get_schedule
-from ..masking import stats
 from ..masking.gate import cached_gates
 from ..masking.initializers import InitSpec, get_initializer
 from ..masking.loading import restore_masks_on_load
@@ -37,7 +36,7 @@ from ..masking.masks import (
     masked_tensors,
 )
 from ..masking.outputs import kept_whole
-from ..masking.sharded import local_entries, shard_with_weights
+from ..masking.sharded import is_sharded, local_entries, shard_with_weights
 from ..masking.targets import TargetSpec, resolve_targets
 from ..selection.coupling import ties_among
 from ..selection.selector import Selector
@@ -323,6 +322,8 @@ class MaskPruningCallback(Callback):
                                    "meet in a sum, and none is masked; add them to targets (e.g. targets=[nn.Linear, "
                                    "nn.Conv2d, nn.BatchNorm2d]) or drop tie='auto'")
             self.selector.check(self._masked)
+            if is_sharded(self._masked):
+                sharding.check_shard_layout(self._masked, self.selector)
         except ValueError:
             if attached:
                 detach(pl_module)
@@ -417,11 +418,17 @@ class MaskPruningCallback(Callback):
     def _select(self, trainer: pl.Trainer, t: float, target: float) -> None:
         """Set the keep-masks to ``target`` (a sparsity, or a gate threshold) and record the update at ``t``."""
         select = self.selector.threshold if self.plan.by_threshold else self.selector
+        self._reshard(trainer)
         with sharding.counting(trainer, self._masked):  # over every process's shards under FSDP2
             pruned, threshold, self._churn = select(local_entries(self._masked), target)
         rows = sharding.layer_rows(self._masked)
         self.plan.record(t, target, pruned, threshold, [row["name"] for row in rows], [row["sparsity"] for row in rows])
         mask_copies(trainer, trainer.lightning_module)
+
+    def _reshard(self, trainer: pl.Trainer) -> None:
+        """Under FSDP2, read the masks from the shards (a forward without backward leaves the root's gathered)."""
+        if sharding.model_parallel(trainer):
+            sharding.reshard(trainer.lightning_module)
 
     # ----------------------------------------------------------------------------------------- logging
     @property
@@ -450,6 +457,7 @@ class MaskPruningCallback(Callback):
         sharded = sharding.model_parallel(trainer)
         if not (trainer.loggers and (trainer.is_global_zero or sharded) and self._masked):
             return
+        self._reshard(trainer)
         if self._logged_step != trainer.global_step:
             self._logged_step = trainer.global_step
             fit_report.log_scalars(trainer, self._masked, self._churn, self.target, self.threshold,
@@ -460,9 +468,10 @@ class MaskPruningCallback(Callback):
                 loggers.log_histograms(trainer.loggers, values, trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def _cache_gates(self) -> None:
-        """Compute each masked weight once per evaluation loop instead of once per batch."""
-        if self._gate_cache is None:
+    def _cache_gates(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Compute each masked weight once per evaluation loop instead of once per batch (not when sharded: the
+        cache would hold every layer's whole weight at once, which FSDP2 gathers one layer at a time)."""
+        if self._gate_cache is None and not sharding.model_parallel(trainer):
             self._gate_cache = cached_gates()
             self._gate_cache.__enter__()
 
@@ -471,7 +480,7 @@ class MaskPruningCallback(Callback):
             cache, self._gate_cache = self._gate_cache, None
             cache.__exit__(None, None, None)
 
-    on_validation_start = on_test_start = on_predict_start = override(lambda self, *args: self._cache_gates())
+    on_validation_start = on_test_start = on_predict_start = override(_cache_gates)
     on_validation_end = on_test_end = on_predict_end = override(_drop_gate_cache)
 
     @override
@@ -482,6 +491,7 @@ class MaskPruningCallback(Callback):
             detach(pl_module)  # failed before any mask update: give the user back the plain model
             self._masked = []
         elif self._masked and self.position is not None:
+            self._reshard(trainer)
             self._end_short(trainer, jump=False)  # warn with what was reached
             if self.fold_on_fit_end:
                 self._fold(pl_module)
@@ -489,6 +499,7 @@ class MaskPruningCallback(Callback):
     # ----------------------------------------------------------------------------------------- the end
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reshard(trainer)
         if self._masked:
             self._end_short(trainer, jump=True)
             self.final_layers = sharding.layer_rows(self._masked)
@@ -502,7 +513,7 @@ class MaskPruningCallback(Callback):
         """Fold the masks into plain weights (sharded ones shard by shard, FSDP2 then gathering the plain weights)."""
         folded = masked_tensors(pl_module)
         fold(pl_module)
-        if sharding.is_sharded(folded):
+        if is_sharded(folded):
             sharding.repoint_folded(pl_module, folded)
         self._masked = []
 

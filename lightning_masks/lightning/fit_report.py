@@ -57,6 +57,8 @@ def log_scalars(trainer: pl.Trainer, masked: Sequence[MaskedTensor], churn: Mapp
     """The ``masks/...`` scalars (``statistics``: :func:`~lightning_masks.masking.stats.mask_stats`, or its version over
     every process's shards; the last update's target and cut) to every logger, with one host sync."""
     values = statistics(masked, churn)
+    if not trainer.is_global_zero:  # a rank that only took part in counting its shards
+        return
     numbers = torch.stack([v.float().cpu() for v in values.values()]).tolist()  # the one host sync
     metrics = {f"masks/{key}": number for key, number in zip(values, numbers)}
     metrics["masks/global/target"] = target

@@ -24,10 +24,11 @@ from ..masking import stats
 from ..masking.masks import MaskedTensor
 from ..masking.sharded import is_sharded, local_entries
 from ..selection.distributed import across_shards
+from ..selection.selector import Selector
 
-__all__ = ["check_model_parallel", "counting", "data_parallel_group", "full_state_dict", "gate_histograms",
+__all__ = ["check_model_parallel", "check_shard_layout", "counting", "data_parallel_group", "full_state_dict", "gate_histograms",
            "histograms", "layer_rows", "mask_before_sharding", "mask_stats", "model_parallel", "refuse_unmasked_shards",
-           "repoint_folded"]
+           "repoint_folded", "reshard"]
 
 
 def model_parallel(trainer: pl.Trainer) -> bool:
@@ -50,6 +51,16 @@ def check_model_parallel(strategy: ModelParallelStrategy) -> None:
 def data_parallel_group(trainer: pl.Trainer) -> Any:
     """The process group the shards are spread over (FSDP2's data-parallel mesh dimension)."""
     return trainer.strategy.device_mesh["data_parallel"].get_group()
+
+
+def reshard(pl_module: nn.Module) -> None:
+    """Put every FSDP2 module's sharded parameters back in place (``FSDPModule.reshard``): outside forward the root
+    module's stay gathered after a forward without backward (validation), and the masks are read from the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in pl_module.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def counting(trainer: pl.Trainer, masked: Sequence[MaskedTensor]):
@@ -95,6 +106,20 @@ def refuse_unmasked_shards(pl_module: pl.LightningModule) -> None:
             "(masks must be attached to unsharded layers). Call lightning_masks.mask_before_sharding(self) in "
             "configure_model between building the layers and the first fully_shard, or build them in __init__"
         )
+
+
+def check_shard_layout(masked: Sequence[MaskedTensor], selector: Selector) -> None:
+    """Raise if channel or N:M masks would not follow FSDP2's dim-0 shards: a shard must hold whole output units
+    (their rows), which it does where the layer kind's output axis is dim 0 (Linear, Conv), not where it is dim 1
+    (ConvTranspose, transformers' ``Conv1D``: a dim-0 shard splits their channels and N:M groups)."""
+    grain = selector.grain
+    if not (grain.channel or grain.is_nm):
+        return
+    across = [entry.name for entry in masked if entry.weight.dim() > 1 and entry.axis != 0]
+    if across:
+        raise ValueError(f"granularity={selector.granularity!r} under FSDP2 needs output units on dim 0 (the dim "
+                         f"fully_shard splits), but {stats.short_names(across)} hold theirs on dim 1; exclude them "
+                         "(exclude=[...]) or use granularity='element'")
 
 
 def layer_rows(masked: Sequence[MaskedTensor]) -> list[dict]:

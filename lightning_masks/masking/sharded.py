@@ -14,8 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .gate import MaskGate, local
 from .masks import MaskedTensor
