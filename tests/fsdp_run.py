@@ -31,7 +31,8 @@ CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_la
               num_key_value_heads=2, max_position_embeddings=32)
 #: selections checked on the recorded tensors: (name, selector, target); the floor binds in "floor"
 CHECKS = [("global", Selector(), 0.9), ("floor", Selector(layer_floor=0.9), 0.9),
-          ("layer", Selector(mode="layer"), 0.85), ("gate", Selector(importance="gate"), 0.95)]
+          ("layer", Selector(mode="layer"), 0.85), ("gate", Selector(importance="gate"), 0.95),
+          ("threshold", Selector(), 0.45)]
 #: selections on freshly masked, sharded tiny Llamas: (name, attach options, selector, target, weights rounded to
 #: one decimal so that many importances tie at the cut)
 GRAINS = [("channel", dict(per_channel=True), Selector(granularity="channel"), 0.5, False),
@@ -113,13 +114,14 @@ class Record(Callback):
                                      for t in [*e.gate._parameters.values(), *e.gate._buffers.values()]),
                   "checks": {}}
         local = local_entries(masked)
-        saved = [entry.gate.scores.clone() for entry in local]
+        saved = [(t, t.clone()) for entry in local for t in entry.gate._parameters.values()]
         for name, selector, target in CHECKS:
             with across_shards(trainer.strategy.device_mesh["data_parallel"].get_group()):
-                pruned = selector(local, target).pruned
+                select = selector.threshold if name == "threshold" else selector
+                pruned = select(local, target).pruned
             record["checks"][name] = (pruned, {entry.name: entry.gate.keep.full_tensor().clone() for entry in masked})
-            for entry, scores in zip(local, saved):
-                entry.gate.scores.copy_(scores)  # compact gates: the keep bits are in the scores
+            for tensor, value in saved:  # the shards as they were (scores, and keep bits where held apart)
+                tensor.copy_(value)
         torch.save(record, self.out / f"record-rank{trainer.global_rank}.pt")
 
 
@@ -191,6 +193,27 @@ def grains(out: Path, rank: int) -> None:
         torch.save(found, out / "grains.pt")
 
 
+class Unmasked(TinyLlamaModule):
+    """Builds and shards its layers in configure_model without the line that masks them first."""
+
+    def configure_model(self) -> None:
+        self.model = tiny_llama()
+        super().configure_model()
+
+
+def refused(out: Path, rank: int) -> None:
+    """The error a fit gives whose configure_model shards layers the masks could not attach to first (last: on an
+    error Lightning ends the other processes)."""
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_epochs=1, callbacks=[MaskPruningCallback()],
+                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                         logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    try:
+        trainer.fit(Unmasked(build_in_configure_model=True))
+    except ValueError as error:
+        if rank == 0:
+            (out / "refused.txt").write_text(str(error))
+
+
 def main(out: Path) -> None:
     first = out / "distributed"
     trainer, module, pruner = fit(first, distributed=True, extra=[Record(first)])
@@ -198,13 +221,15 @@ def main(out: Path) -> None:
     resumed = out / "distributed-resumed"
     fit(resumed, distributed=True, ckpt_path=first / "epoch=1.ckpt", extra=[Record(resumed)])
     # full (rank-0) checkpoints, a fit ending before its ramp (early_end="final" jumps to the target), its resume;
-    # the layers built in configure_model
+    # the layers built in configure_model; the keep bits held apart from the scores (a sharded bool parameter)
     full = out / "full"
-    fit(full, distributed=False, early_end="final", build_in_configure_model=True, extra=[StopAfter(1), Record(full)])
+    options = dict(distributed=False, early_end="final", build_in_configure_model=True, compact=False)
+    fit(full, **options, extra=[StopAfter(1), Record(full)])
     full_resumed = out / "full-resumed"
-    trainer, _, _ = fit(full_resumed, distributed=False, early_end="final", build_in_configure_model=True,
-                        ckpt_path=full / "epoch=0.ckpt", extra=[StopAfter(1), Record(full_resumed)])
+    trainer, _, _ = fit(full_resumed, **options, ckpt_path=full / "epoch=0.ckpt",
+                        extra=[StopAfter(1), Record(full_resumed)])
     grains(out, trainer.global_rank)
+    refused(out, trainer.global_rank)
 
 
 if __name__ == "__main__":

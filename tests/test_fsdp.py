@@ -1,6 +1,7 @@
 """FSDP2 through ModelParallelStrategy on two CPU processes (gloo): the sharded masks choose the keep bits one
 process chooses on the same tensors, resume exactly, hold half the mask state a rank, log global counts, fold and
-export; tensor parallelism is refused. One run of tests/fsdp_run.py serves every check."""
+export; layers sharded before masking and tensor parallelism are refused. One run of tests/fsdp_run.py serves every
+check."""
 
 import csv
 import os
@@ -62,7 +63,8 @@ def test_selection_across_shards_equals_one_process(run):
     for name, selector, target in CHECKS:
         masked, entries = unsharded(state["state"])
         pruned, keeps = state["checks"][name]
-        assert selector(masked, target).pruned == pruned, name
+        select = selector.threshold if name == "threshold" else selector
+        assert select(masked, target).pruned == pruned, name
         assert_same_keep(entries, keeps)
         results[name] = keeps
     assert any(not torch.equal(results["floor"][n], results["global"][n]) for n in results["global"])  # floor binds
@@ -127,6 +129,12 @@ def test_fold_into_sharded_weights_and_export_from_rank_zero(run):
     plain.load_state_dict(export["state"])
     with torch.no_grad():
         assert torch.allclose(plain(export["tokens"]), export["logits"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_layers_sharded_before_masking_are_refused_naming_the_line(run):
+    message = (run / "refused.txt").read_text()
+    assert "lightning_masks.mask_before_sharding(self)" in message and "the first fully_shard" in message
 
 
 def test_tensor_parallelism_is_refused_naming_what_works():
