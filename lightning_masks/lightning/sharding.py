@@ -26,9 +26,9 @@ from ..masking.sharded import is_sharded, local_entries
 from ..selection.distributed import across_shards
 from ..selection.selector import Selector
 
-__all__ = ["check_model_parallel", "check_shard_layout", "counting", "data_parallel_group", "full_state_dict", "gate_histograms",
-           "histograms", "layer_rows", "mask_before_sharding", "mask_stats", "model_parallel", "refuse_unmasked_shards",
-           "repoint_folded", "reshard"]
+__all__ = ["check_model_parallel", "check_shard_layout", "counting", "data_parallel_group", "full_state_dict",
+           "gate_histograms", "histograms", "layer_rows", "mask_before_sharding", "mask_stats", "model_parallel",
+           "refuse_unmasked_shards", "repoint_folded", "reshard"]
 
 
 def model_parallel(trainer: pl.Trainer) -> bool:
