@@ -109,9 +109,13 @@ class Record(Callback):
     def on_train_end(self, trainer, pl_module):
         reshard(pl_module)  # the validation forward left the root module's parameters gathered
         masked = masked_tensors(pl_module)
+        scores = [entry.gate.scores for entry in masked]
+        moments = [t for p in scores for t in trainer.optimizers[0].state[p].values() if t.dim()]  # Adam's, sharded
         record = {"state": gathered(masked), "bytes": mask_state_bytes(masked),
                   "whole_bytes": sum(t.numel() * t.element_size() for e in masked
                                      for t in [*e.gate._parameters.values(), *e.gate._buffers.values()]),
+                  "optimizer_bytes": sum(t.to_local().numel() * t.element_size() for t in moments),
+                  "whole_optimizer_bytes": sum(t.numel() * t.element_size() for t in moments),
                   "checks": {}}
         local = local_entries(masked)
         saved = [(t, t.clone()) for entry in local for t in entry.gate._parameters.values()]

@@ -93,12 +93,14 @@ def test_resume_is_exact_from_distributed_and_full_checkpoints(run):
 
 
 @pytest.mark.slow
-def test_each_rank_holds_half_the_mask_state(run):
+def test_each_rank_holds_half_the_mask_state_and_its_optimizer_state(run):
     ranks = [record(run, "distributed", rank) for rank in (0, 1)]
     whole = ranks[0]["whole_bytes"]
     for rank in ranks:
         assert 0.45 * whole < rank["bytes"] < 0.55 * whole, (rank["bytes"], whole)
     assert sum(rank["bytes"] for rank in ranks) < 1.01 * whole  # only the 0-dim temperatures and scales are whole
+    for rank in ranks:  # the scores' optimizer state (AdamW's moments) is sharded alike
+        assert rank["optimizer_bytes"] * 2 == rank["whole_optimizer_bytes"] > 0
 
 
 @pytest.mark.slow
