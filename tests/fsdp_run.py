@@ -93,9 +93,9 @@ class TinyLlamaModule(pl.LightningModule):
 
 def gathered(masked) -> dict:
     """Every masked tensor's state, gathered whole (a collective call)."""
-    full = lambda t: t.full_tensor().clone()  # noqa: E731
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t.clone()  # noqa: E731 (0-dim: whole)
     return {entry.name: {"weight": full(entry.weight.detach()), "scores": full(entry.gate.scores.detach()),
-                         "keep": full(entry.gate.keep), "gate_scale": entry.gate.gate_scale.clone()}
+                         "keep": full(entry.gate.keep), "gate_scale": full(entry.gate.gate_scale)}
             for entry in masked}
 
 
