@@ -9,6 +9,7 @@ Usage: python tests/fsdp_run.py OUT_DIR
 """
 
 import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -197,6 +198,36 @@ def grains(out: Path, rank: int) -> None:
         torch.save(found, out / "grains.pt")
 
 
+class LateLayer(TinyLlamaModule):
+    """Built in ``__init__``, with one more layer added in configure_model (masked by the one line when ``line``)."""
+
+    def __init__(self, line: bool) -> None:
+        super().__init__()
+        self.line = line
+
+    def configure_model(self) -> None:
+        self.model.late = torch.nn.Linear(32, 32, bias=False)
+        if self.line:
+            mask_before_sharding(self)
+        super().configure_model()
+
+
+def late_layers(out: Path, rank: int) -> None:
+    """One step of each LateLayer: the layer left dense with a warning naming it, or masked by the line."""
+    for line in (False, True):
+        pruner = MaskPruningCallback(plots=False, fold_on_fit_end=False)
+        trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=1, callbacks=[pruner],
+                             strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                             logger=False, enable_progress_bar=False, enable_checkpointing=False)
+        module = LateLayer(line)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module)
+        if rank == 0:
+            masked = [entry.name for entry in masked_tensors(module)]
+            (out / f"late-{line}.txt").write_text("\n".join([*masked, *(str(w.message) for w in caught)]))
+
+
 class Unmasked(TinyLlamaModule):
     """Builds and shards its layers in configure_model without the line that masks them first."""
 
@@ -233,6 +264,7 @@ def main(out: Path) -> None:
     trainer, _, _ = fit(full_resumed, **options, ckpt_path=full / "epoch=0.ckpt",
                         extra=[StopAfter(1), Record(full_resumed)])
     grains(out, trainer.global_rank)
+    late_layers(out, trainer.global_rank)
     refused(out, trainer.global_rank)
 
 

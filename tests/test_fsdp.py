@@ -139,6 +139,15 @@ def test_layers_sharded_before_masking_are_refused_naming_the_line(run):
     assert "lightning_masks.mask_before_sharding(self)" in message and "the first fully_shard" in message
 
 
+@pytest.mark.slow
+def test_layers_built_after_masking_are_named_or_masked_by_the_line(run):
+    left = (run / "late-False.txt").read_text()
+    assert "built in configure_model are left dense: model.late.weight" in left and "mask_before_sharding" in left
+    assert "model.late.weight" not in left.splitlines()  # not among the masked tensors
+    masked = (run / "late-True.txt").read_text()
+    assert "model.late.weight" in masked.splitlines() and "left dense: model.late" not in masked
+
+
 def test_tensor_parallelism_is_refused_naming_what_works():
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2.*tensor_parallel_size=1"):
         check_strategy(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))

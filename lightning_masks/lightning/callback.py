@@ -242,6 +242,7 @@ class MaskPruningCallback(Callback):
         self._masked: list[MaskedTensor] = []
         self._load_hook = None
         self._masked_at_setup = False
+        self._excluded: list = []  # what the last attach left out (exclude, and output layers kept whole)
         self.final_layers: list[dict] = []  # the end-of-fit table's rows (stats.layer_rows) of the last fit
 
     # the plan's state, read (and set) on the callback as before
@@ -289,12 +290,17 @@ class MaskPruningCallback(Callback):
                              ) -> None:
         """Attach the masks to the unsharded module, their per-unit state held as parameters so that ``fully_shard``
         shards it with the weights (ModelParallelStrategy: called as ``configure_model`` starts, and by
-        :func:`~lightning_masks.lightning.sharding.mask_before_sharding` within it). Without ``required``, a module
-        with nothing to mask yet (its layers built in ``configure_model``) is left for later."""
-        if masked_tensors(pl_module):
+        :func:`~lightning_masks.lightning.sharding.mask_before_sharding` within it, which masks the layers built
+        since). Without ``required``, a module with nothing to mask yet (its layers built in ``configure_model``) is
+        left for later."""
+        try:
+            pending = resolve_targets(pl_module, self.targets, self.exclude).chosen
+        except ValueError:  # targets naming layers configure_model has yet to build
+            if required:
+                raise
             return
-        if not required and not resolve_targets(pl_module, self.targets, self.exclude).chosen:
-            return
+        if not pending and (masked_tensors(pl_module) or not required):
+            return  # all masked already, or nothing built yet
         with frozen_by_finetuning(trainer, pl_module) as thawed:
             masked = self._attach(trainer, pl_module)
         refreeze(masked, thawed)
@@ -306,6 +312,8 @@ class MaskPruningCallback(Callback):
         attached = not masked_tensors(pl_module)
         if attached and sharding.model_parallel(trainer):
             sharding.refuse_unmasked_shards(pl_module)
+        elif sharding.model_parallel(trainer):
+            sharding.warn_built_after_masking(pl_module, self.targets, self._excluded)
         groups = coupled_norms(pl_module) if self.selector.auto_tie else None
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
@@ -334,7 +342,7 @@ class MaskPruningCallback(Callback):
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         init = torch.zeros_like if self.initializer.needs_grad else (
             lambda weight: self.initializer(weight, generator=generator))
-        exclude = self.exclude + self._outputs_kept_whole(trainer, pl_module)
+        exclude = self._excluded = self.exclude + self._outputs_kept_whole(trainer, pl_module)
         resolved = resolve_targets(pl_module, self.targets, exclude)
         # FSDP2 gathers a module's trainable parameters in one dtype: the scores take their weight's
         score_dtype = None if sharding.model_parallel(trainer) else self.score_dtype

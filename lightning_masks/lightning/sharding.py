@@ -18,17 +18,19 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ..masking import stats
 from ..masking.masks import MaskedTensor
 from ..masking.sharded import is_sharded, local_entries
+from ..masking.targets import resolve_targets
 from ..selection.distributed import across_shards
 from ..selection.selector import Selector
 
 __all__ = ["check_model_parallel", "check_shard_layout", "counting", "data_parallel_group", "full_state_dict",
            "gate_histograms", "histograms", "layer_rows", "mask_before_sharding", "mask_stats", "model_parallel",
-           "refuse_unmasked_shards", "repoint_folded", "reshard"]
+           "refuse_unmasked_shards", "repoint_folded", "reshard", "warn_built_after_masking"]
 
 
 def model_parallel(trainer: pl.Trainer) -> bool:
@@ -109,9 +111,18 @@ def refuse_unmasked_shards(pl_module: pl.LightningModule) -> None:
 
 
 def check_shard_layout(masked: Sequence[MaskedTensor], selector: Selector) -> None:
-    """Raise if channel or N:M masks would not follow FSDP2's dim-0 shards: a shard must hold whole output units
+    """Raise if a masked weight is not sharded on dim 0 (``fully_shard`` missed it), or channel or N:M masks would not
+    follow FSDP2's dim-0 shards: a shard must hold whole output units
     (their rows), which it does where the layer kind's output axis is dim 0 (Linear, Conv), not where it is dim 1
     (ConvTranspose, transformers' ``Conv1D``: a dim-0 shard splits their channels and N:M groups)."""
+    from torch.distributed.tensor import Shard
+
+    whole = [entry.name for entry in masked if tuple(getattr(entry.weight, "placements", ())) != (Shard(0),)]
+    if whole:  # each process would count a replicated tensor as its own
+        raise ValueError(f"under ModelParallelStrategy every masked weight must be sharded by fully_shard (on dim 0 "
+                         f"of the data-parallel mesh), but {stats.short_names(whole)} are not; call fully_shard on "
+                         "the modules holding them (fully_shard on the root covers what no other call did), or "
+                         "exclude them (exclude=[...])")
     grain = selector.grain
     if not (grain.channel or grain.is_nm):
         return
@@ -120,6 +131,19 @@ def check_shard_layout(masked: Sequence[MaskedTensor], selector: Selector) -> No
         raise ValueError(f"granularity={selector.granularity!r} under FSDP2 needs output units on dim 0 (the dim "
                          f"fully_shard splits), but {stats.short_names(across)} hold theirs on dim 1; exclude them "
                          "(exclude=[...]) or use granularity='element'")
+
+
+def warn_built_after_masking(pl_module: pl.LightningModule, targets: Any, exclude: Sequence) -> None:
+    """Warn, naming them, about targets left dense because ``configure_model`` built them after the masks attached
+    (and sharded them without :func:`mask_before_sharding`)."""
+    try:
+        late = list(resolve_targets(pl_module, targets, exclude).chosen)
+    except ValueError:
+        return
+    if late:
+        rank_zero_warn(f"lightning_masks: {len(late)} target tensors built in configure_model are left dense: "
+                       f"{stats.short_names(late)}; call lightning_masks.mask_before_sharding(self) in configure_model "
+                       "after building them, before the first fully_shard")
 
 
 def layer_rows(masked: Sequence[MaskedTensor]) -> list[dict]:
