@@ -3,6 +3,7 @@
 from .export.checkpoints import fold_checkpoint, fold_state_dict
 from .lifecycle.schedule import Schedule, ThresholdSchedule, list_schedules, register_schedule
 from .lightning.callback import MaskPruningCallback
+from .lightning.sharding import full_state_dict, mask_before_sharding
 from .masking.gate import MaskGate
 from .masking.initializers import Initializer, get_initializer, list_initializers, register_initializer
 from .masking.kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
@@ -22,12 +23,14 @@ __all__ = [
     "fold",
     "fold_checkpoint",
     "fold_state_dict",
+    "full_state_dict",
     "get_initializer",
     "get_layer_kind",
     "list_importances",
     "list_initializers",
     "list_layer_kinds",
     "list_schedules",
+    "mask_before_sharding",
     "masked_tensors",
     "register_importance",
     "register_initializer",

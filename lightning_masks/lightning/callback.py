@@ -24,7 +24,6 @@ from typing_extensions import override
 from ..lifecycle.budget import DEFAULT_UPDATE_SHARE
 from ..lifecycle.plan import Plan
 from ..lifecycle.schedule import ScheduleSpec, ThresholdSchedule, get_schedule
-from ..masking import stats
 from ..masking.gate import cached_gates
 from ..masking.initializers import InitSpec, get_initializer
 from ..masking.loading import restore_masks_on_load
@@ -37,10 +36,11 @@ from ..masking.masks import (
     masked_tensors,
 )
 from ..masking.outputs import kept_whole
+from ..masking.sharded import is_sharded, local_entries, shard_with_weights
 from ..masking.targets import TargetSpec, resolve_targets
 from ..selection.coupling import ties_among
 from ..selection.selector import Selector
-from . import fit_report, loggers
+from . import fit_report, loggers, sharding
 from .arguments import (
     check_flags,
     check_output_layers,
@@ -242,6 +242,7 @@ class MaskPruningCallback(Callback):
         self._masked: list[MaskedTensor] = []
         self._load_hook = None
         self._masked_at_setup = False
+        self._excluded: list = []  # what the last attach left out (exclude, and output layers kept whole)
         self.final_layers: list[dict] = []  # the end-of-fit table's rows (stats.layer_rows) of the last fit
 
     # the plan's state, read (and set) on the callback as before
@@ -276,12 +277,43 @@ class MaskPruningCallback(Callback):
         if self.initializer.needs_grad and not pl_module.automatic_optimization:
             raise ValueError(f"{self.initializer!r} scores one automatic-optimization training step; this module "
                              "uses manual optimization: pick another init")
-        after_configure_model(pl_module, lambda: self._mask(trainer, pl_module))
+        before = None
+        if sharding.model_parallel(trainer):
+            if self.initializer.needs_grad:
+                raise ValueError(f"{self.initializer!r} scores one training step of the dense model, which "
+                                 "ModelParallelStrategy shards only after the masks attach: pick an init computed "
+                                 "from the weights (e.g. init='magnitude')")
+            before = lambda: self.mask_before_sharding(trainer, pl_module, required=False)  # noqa: E731
+        after_configure_model(pl_module, lambda: self._mask(trainer, pl_module), before)
+
+    def mask_before_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, required: bool = True
+                             ) -> None:
+        """Attach the masks to the unsharded module, their per-unit state held as parameters so that ``fully_shard``
+        shards it with the weights (ModelParallelStrategy: called as ``configure_model`` starts, and by
+        :func:`~lightning_masks.lightning.sharding.mask_before_sharding` within it, which masks the layers built
+        since). Without ``required``, a module with nothing to mask yet (its layers built in ``configure_model``) is
+        left for later."""
+        try:
+            pending = resolve_targets(pl_module, self.targets, self.exclude).chosen
+        except ValueError:  # targets naming layers configure_model has yet to build
+            if required:
+                raise
+            return
+        if not pending and (masked_tensors(pl_module) or not required):
+            return  # all masked already, or nothing built yet
+        with frozen_by_finetuning(trainer, pl_module) as thawed:
+            masked = self._attach(trainer, pl_module)
+        refreeze(masked, thawed)
+        shard_with_weights(masked)
 
     def _mask(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach the masks to the built module (after ``setup`` and ``configure_model``, before the optimizers,
         the checkpoint restore and the DDP wrapper), or adopt the ones it has; check them against the selector."""
         attached = not masked_tensors(pl_module)
+        if attached and sharding.model_parallel(trainer):
+            sharding.refuse_unmasked_shards(pl_module)
+        elif sharding.model_parallel(trainer):
+            sharding.warn_built_after_masking(pl_module, self.targets, self._excluded)
         groups = coupled_norms(pl_module) if self.selector.auto_tie else None
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
@@ -298,6 +330,8 @@ class MaskPruningCallback(Callback):
                                    "meet in a sum, and none is masked; add them to targets (e.g. targets=[nn.Linear, "
                                    "nn.Conv2d, nn.BatchNorm2d]) or drop tie='auto'")
             self.selector.check(self._masked)
+            if is_sharded(self._masked):
+                sharding.check_shard_layout(self._masked, self.selector)
         except ValueError:
             if attached:
                 detach(pl_module)
@@ -308,11 +342,13 @@ class MaskPruningCallback(Callback):
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         init = torch.zeros_like if self.initializer.needs_grad else (
             lambda weight: self.initializer(weight, generator=generator))
-        exclude = self.exclude + self._outputs_kept_whole(trainer, pl_module)
+        exclude = self._excluded = self.exclude + self._outputs_kept_whole(trainer, pl_module)
         resolved = resolve_targets(pl_module, self.targets, exclude)
+        # FSDP2 gathers a module's trainable parameters in one dtype: the scores take their weight's
+        score_dtype = None if sharding.model_parallel(trainer) else self.score_dtype
         masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=self.temperature,
                         rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
-                        score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow)
+                        score_dtype=score_dtype, compact=self.compact and not self.selector.regrow)
         self.scores_initialized = not self.initializer.needs_grad
         goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
                 else f"final sparsity {self.sparsity}")
@@ -390,10 +426,17 @@ class MaskPruningCallback(Callback):
     def _select(self, trainer: pl.Trainer, t: float, target: float) -> None:
         """Set the keep-masks to ``target`` (a sparsity, or a gate threshold) and record the update at ``t``."""
         select = self.selector.threshold if self.plan.by_threshold else self.selector
-        pruned, threshold, self._churn = select(self._masked, target)
-        rows = stats.layer_rows(self._masked)
+        self._reshard(trainer)
+        with sharding.counting(trainer, self._masked):  # over every process's shards under FSDP2
+            pruned, threshold, self._churn = select(local_entries(self._masked), target)
+        rows = sharding.layer_rows(self._masked)
         self.plan.record(t, target, pruned, threshold, [row["name"] for row in rows], [row["sparsity"] for row in rows])
         mask_copies(trainer, trainer.lightning_module)
+
+    def _reshard(self, trainer: pl.Trainer) -> None:
+        """Under FSDP2, read the masks from the shards (a forward without backward leaves the root's gathered)."""
+        if sharding.model_parallel(trainer):
+            sharding.reshard(trainer.lightning_module)
 
     # ----------------------------------------------------------------------------------------- logging
     @property
@@ -418,18 +461,25 @@ class MaskPruningCallback(Callback):
         self._log_stats(trainer, histograms=self.log_histograms)
 
     def _log_stats(self, trainer: pl.Trainer, histograms: bool) -> None:
-        if not (trainer.loggers and trainer.is_global_zero and self._masked):
+        # Sharded masks are counted by every process (collective calls); rank zero logs.
+        sharded = sharding.model_parallel(trainer)
+        if not (trainer.loggers and (trainer.is_global_zero or sharded) and self._masked):
             return
+        self._reshard(trainer)
         if self._logged_step != trainer.global_step:
             self._logged_step = trainer.global_step
-            fit_report.log_scalars(trainer, self._masked, self._churn, self.target, self.threshold)
+            fit_report.log_scalars(trainer, self._masked, self._churn, self.target, self.threshold,
+                                   statistics=sharding.mask_stats)
         if histograms:
-            loggers.log_histograms(trainer.loggers, fit_report.histograms(self._masked), trainer.global_step)
+            values = sharding.histograms(self._masked) if sharded else fit_report.histograms(self._masked)
+            if trainer.is_global_zero:
+                loggers.log_histograms(trainer.loggers, values, trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def _cache_gates(self) -> None:
-        """Compute each masked weight once per evaluation loop instead of once per batch."""
-        if self._gate_cache is None:
+    def _cache_gates(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Compute each masked weight once per evaluation loop instead of once per batch (not when sharded: the
+        cache would hold every layer's whole weight at once, which FSDP2 gathers one layer at a time)."""
+        if self._gate_cache is None and not sharding.model_parallel(trainer):
             self._gate_cache = cached_gates()
             self._gate_cache.__enter__()
 
@@ -438,7 +488,7 @@ class MaskPruningCallback(Callback):
             cache, self._gate_cache = self._gate_cache, None
             cache.__exit__(None, None, None)
 
-    on_validation_start = on_test_start = on_predict_start = override(lambda self, *args: self._cache_gates())
+    on_validation_start = on_test_start = on_predict_start = override(_cache_gates)
     on_validation_end = on_test_end = on_predict_end = override(_drop_gate_cache)
 
     @override
@@ -449,21 +499,31 @@ class MaskPruningCallback(Callback):
             detach(pl_module)  # failed before any mask update: give the user back the plain model
             self._masked = []
         elif self._masked and self.position is not None:
+            self._reshard(trainer)
             self._end_short(trainer, jump=False)  # warn with what was reached
             if self.fold_on_fit_end:
-                fold(pl_module)
-                self._masked = []
+                self._fold(pl_module)
 
     # ----------------------------------------------------------------------------------------- the end
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reshard(trainer)
         if self._masked:
             self._end_short(trainer, jump=True)
-            self.final_layers = stats.layer_rows(self._masked)
-            fit_report.report_fit(trainer, self.final_layers, self._masked, self.history, self.cadence, self.plots)
+            self.final_layers = sharding.layer_rows(self._masked)
+            gates = sharding.gate_histograms(self._masked) if self.plots and sharding.model_parallel(trainer) else None
+            fit_report.report_fit(trainer, self.final_layers, self._masked, self.history, self.cadence, self.plots,
+                                  gates=gates)
         if self.fold_on_fit_end:
-            fold(pl_module)
-            self._masked = []
+            self._fold(pl_module)
+
+    def _fold(self, pl_module: pl.LightningModule) -> None:
+        """Fold the masks into plain weights (sharded ones shard by shard, FSDP2 then gathering the plain weights)."""
+        folded = masked_tensors(pl_module)
+        fold(pl_module)
+        if is_sharded(folded):
+            sharding.repoint_folded(pl_module, folded)
+        self._masked = []
 
     def _end_short(self, trainer: pl.Trainer, jump: bool) -> None:
         """A fit that ended before its ramp: one last update to the final target (``early_end="final"``), or warn."""

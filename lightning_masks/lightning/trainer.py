@@ -22,18 +22,25 @@ from lightning.pytorch.utilities import CombinedLoader
 
 from ..masking.inputs import call_with
 from ..selection.coupling import coupled_channels
+from .sharding import check_model_parallel
 
 __all__ = ["after_configure_model", "check_strategy", "coupled_norms", "first_batch", "logging_disabled", "one_pass",
            "restore_configure_model", "training_length", "training_loss", "unbounded"]
 
 
 def check_strategy(strategy: Any) -> None:
-    """Raise ``ValueError`` for a strategy that shards or wraps parameters (only a single device and DDP are safe)."""
-    unsupported = isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
+    """Raise ``ValueError`` for a strategy whose sharding or wrapping the masks do not follow: a single device, DDP
+    and FSDP2 through ``ModelParallelStrategy`` (without tensor parallelism) are supported."""
+    if isinstance(strategy, ModelParallelStrategy):
+        check_model_parallel(strategy)
+        return
+    unsupported = isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy))
     if unsupported or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise ValueError(
             f"MaskPruningCallback does not support the {type(strategy).__name__} strategy: it shards or wraps "
-            "parameters, which would give wrong masks. Use a single device, 'ddp' or 'ddp_spawn'"
+            "parameters, which would give wrong masks. Use a single device, 'ddp', 'ddp_spawn', or FSDP2 through "
+            "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with fully_shard in "
+            "configure_model"
         )
 
 
@@ -63,8 +70,10 @@ def logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
         del pl_module.log, pl_module.log_dict
 
 
-def after_configure_model(pl_module: pl.LightningModule, then: Callable[[], None]) -> None:
-    """Make the module's next ``configure_model`` call ``then()`` once it has run.
+def after_configure_model(pl_module: pl.LightningModule, then: Callable[[], None],
+                          before: Optional[Callable[[], None]] = None) -> None:
+    """Make the module's next ``configure_model`` call ``then()`` once it has run (and ``before()`` first, e.g. to
+    mask the layers that exist already before ``configure_model`` shards them).
 
     Lightning builds layers in ``LightningModule.setup`` and ``configure_model`` after every callback's ``setup``,
     then restores the checkpoint, wraps the module (DDP) and creates the optimizers: masks attached right after
@@ -76,6 +85,8 @@ def after_configure_model(pl_module: pl.LightningModule, then: Callable[[], None
 
     def configure_model() -> None:
         restore_configure_model(pl_module)
+        if before is not None:
+            before()
         build()
         then()
 

@@ -23,6 +23,7 @@ __all__ = [
     "derived_keep",
     "gate_value",
     "gated",
+    "local",
     "masked_value",
     "straight_through_gated",
 ]
@@ -46,6 +47,13 @@ def _compute_dtype(scores: Tensor, weight: Tensor | None = None) -> torch.dtype:
     if scores.dtype not in (torch.bfloat16, torch.float16):
         return scores.dtype
     return torch.promote_types(scores.dtype, torch.float32 if weight is None else weight.dtype)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This process's shard of a sharded tensor (a DTensor, as FSDP2 holds parameters outside forward: a view of its
+    storage, writes reach the shard), or ``tensor`` itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
 
 
 def derived_keep(scores: Tensor) -> Tensor:
@@ -275,7 +283,7 @@ class MaskGate(nn.Module):
     def keep(self) -> Tensor:
         """The keep bits, a bool tensor of the scores' shape: the ``keep`` buffer, or (``compact``) a fresh tensor
         read off the scores, which writing into does not change: use :meth:`set_keep`."""
-        stored = self._buffers.get("keep")
+        stored = self.stored_keep()
         if stored is not None:
             return stored
         cache, version = self._keep_cache, self.scores._version
@@ -287,8 +295,10 @@ class MaskGate(nn.Module):
         return keep
 
     def stored_keep(self) -> Tensor | None:
-        """The ``keep`` buffer, or ``None`` when the keep bits are in the scores (``compact``)."""
-        return self._buffers.get("keep")
+        """The ``keep`` buffer, or ``None`` when the keep bits are in the scores (``compact``). Sharded training holds
+        it as a frozen parameter instead (FSDP2 shards parameters, not buffers)."""
+        stored = self._buffers.get("keep")
+        return self._parameters.get("keep") if stored is None else stored
 
     @torch.no_grad()
     def set_keep(self, keep: Tensor) -> None:
@@ -297,7 +307,7 @@ class MaskGate(nn.Module):
         ``compact``: pruned entries get :data:`PRUNED_SCORE` (afresh, undoing any weight decay of the sentinel);
         an entry kept again after being pruned restarts from score 0 (its old score is gone).
         """
-        stored = self._buffers.get("keep")
+        stored = self.stored_keep()
         keep = keep.reshape(self.scores.shape)
         if stored is not None:
             stored.copy_(keep)

@@ -25,6 +25,7 @@ from .gate import (
     channel_gate_args,
     gate_value,
     gated,
+    local,
     masked_value,
     reduce_to,
     straight_through_gated,
@@ -293,19 +294,24 @@ def fold(model: nn.Module) -> nn.Module:
     """Bake the masks into the weights and remove them, leaving a plain module with exact zeros.
 
     The original ``nn.Parameter`` objects are kept (so optimizers and tied weights stay valid) and
-    receive ``w * gate * keep``. Returns ``model``.
+    receive ``w * gate * keep``; sharded ones (FSDP2's DTensors) shard by shard, each process folding its own.
+    Returns ``model``.
     """
     for entry in masked_tensors(model):
         gate = entry.gate
-        value = masked_value(entry.weight, gate.scores, gate.stored_keep(), gate.temperature, gate.gate_scale)
+        keep = gate.stored_keep()
+        value = masked_value(local(entry.weight), local(gate.scores), None if keep is None else local(keep),
+                             gate.temperature, None if gate.gate_scale is None else local(gate.gate_scale))
         for module, name in gated_biases(entry):
             bias = module.parametrizations[name].original
-            bias_value = masked_value(bias, *channel_gate_args(gate, bias.shape))
+            scores, keep, temperature, scale = channel_gate_args(gate, bias.shape)
+            bias_value = masked_value(local(bias), local(scores), None if keep is None else local(keep), temperature,
+                                      None if scale is None else local(scale))
             _remove_gate(module, name)
-            bias.copy_(bias_value)
+            local(bias).copy_(bias_value)
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)
-        entry.weight.copy_(value)
+        local(entry.weight).copy_(value)
     return model
 
 
