@@ -83,7 +83,7 @@ def histograms(masked: Sequence[MaskedTensor]) -> dict[str, tuple[torch.Tensor, 
 
 
 def report_fit(trainer: pl.Trainer, rows: Sequence[Mapping], masked: Sequence[MaskedTensor], history: Mapping,
-               unit: str, pictures: bool, *, gates: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None
+               unit: str, pictures: bool, *, gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
                ) -> None:
     """The end-of-fit console table of ``rows`` (:func:`~lightning_masks.masking.stats.layer_rows`, printed by
     :func:`~lightning_masks.masking.stats.format_layer_table`), the loggers' table and summary and, with ``pictures``, each
@@ -102,12 +102,23 @@ def report_fit(trainer: pl.Trainer, rows: Sequence[Mapping], masked: Sequence[Ma
     summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k})
     loggers.log_summary(trainer.loggers, summary)
     if pictures:
-        gates = {name: (c.cpu().numpy(), e.cpu().numpy())
-                 for name, (c, e) in (gate_histograms(masked) if gates is None else gates).items()}
-        images = {
-            "masks/sparsity_over_training": plots.sparsity_over_training(
-                history["layers"], history["sparsity"], history["positions"], folder / "sparsity_over_training.png",
-                unit=unit),
-            "masks/gate_histograms": plots.gate_histograms(gates, folder / "gate_histograms.png"),
-        }
-        loggers.log_images(trainer.loggers, images, trainer.global_step)
+        if gates is None:
+            gates = gate_histograms(masked)
+        loggers.log_images(trainer.loggers, _draw(gates, history, unit, folder), trainer.global_step)
+
+
+def _draw(gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], history: Mapping, unit: str,
+          folder: Path) -> dict[str, Path]:
+    """The pictures as PNG files in ``folder``; none, with a warning naming the extra, without matplotlib."""
+    try:
+        from . import plots
+    except ImportError as error:
+        rank_zero_warn(f"lightning_masks: no pictures drawn ({error}); or pass plots=False")
+        return {}
+    arrays = {name: (counts.cpu().numpy(), edges.cpu().numpy()) for name, (counts, edges) in gates.items()}
+    return {
+        "masks/sparsity_over_training": plots.sparsity_over_training(
+            history["layers"], history["sparsity"], history["positions"], folder / "sparsity_over_training.png",
+            unit=unit),
+        "masks/gate_histograms": plots.gate_histograms(arrays, folder / "gate_histograms.png"),
+    }
