@@ -26,6 +26,7 @@ from ..lifecycle.plan import Plan
 from ..lifecycle.schedule import ScheduleSpec, ThresholdSchedule, get_schedule
 from ..masking import stats
 from ..masking.gate import cached_gates
+from ..masking.hiding import masks_hidden
 from ..masking.initializers import InitSpec, get_initializer
 from ..masking.loading import restore_masks_on_load
 from ..masking.masks import (
@@ -52,7 +53,7 @@ from .arguments import (
     selector_of,
 )
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze
-from .optim import place_scores
+from .optim import ScoreOptimizers
 from .trainer import (
     after_configure_model,
     check_strategy,
@@ -60,9 +61,12 @@ from .trainer import (
     first_batch,
     one_pass,
     restore_configure_model,
+    restore_configure_optimizers,
+    step_clock,
     training_length,
     training_loss,
     unbounded,
+    within_configure_optimizers,
 )
 
 __all__ = ["MaskPruningCallback"]
@@ -240,6 +244,8 @@ class MaskPruningCallback(Callback):
         self._logged_step: Optional[int] = None  # step of the last scalar log, not to log a step twice
         self._shown_sparsity: Optional[float] = None  # the progress bar's masks/sparsity, logged when it moves
         self._masked: list[MaskedTensor] = []
+        self._scores = ScoreOptimizers([], [])  # the scores' optimizers of this fit (optim.py)
+        self._score_states: Optional[list] = None  # their checkpointed state, until they exist
         self._load_hook = None
         self._masked_at_setup = False
         self.final_layers: list[dict] = []  # the end-of-fit table's rows (stats.layer_rows) of the last fit
@@ -303,6 +309,8 @@ class MaskPruningCallback(Callback):
                 detach(pl_module)
             raise
         mask_copies(trainer, pl_module)  # e.g. StochasticWeightAveraging's copy, made in its setup before ours
+        # configure_optimizers groups what it sees by name and type (minGPT): show it the plain model
+        within_configure_optimizers(pl_module, lambda: masks_hidden(pl_module))
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[MaskedTensor]:
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
@@ -334,9 +342,16 @@ class MaskPruningCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mask_copies(trainer, pl_module)  # copies made by other callbacks before the masks existed
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        place_scores(trainer.optimizers, schedulers, self._masked, self.mask_lr, self.mask_weight_decay,
-                     fuse=self.fused_adam)
+        self._scores = ScoreOptimizers(trainer.optimizers, self._masked, self.mask_lr, self.mask_weight_decay,
+                                       fuse=self.fused_adam, clip_val=trainer.gradient_clip_val,
+                                       clip_algorithm=trainer.gradient_clip_algorithm)
+        if self._score_states is not None:  # a resume loaded the callback's state before the optimizers existed
+            self._scores.load_state_dict(self._score_states)
+            self._score_states = None
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._scores.stash(optimizer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -359,13 +374,13 @@ class MaskPruningCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clock = None  # the budget times steps within an epoch (not the validation between)
-        self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=True))
+        self._update(trainer, self.plan.due(trainer.current_epoch, step_clock(trainer), epoch_start=True))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         started = time.perf_counter()
-        updated = self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=False))
+        updated = self._update(trainer, self.plan.due(trainer.current_epoch, step_clock(trainer), epoch_start=False))
         if self.plan.budgeted:
             self._account(trainer, started, updated)
 
@@ -377,8 +392,8 @@ class MaskPruningCallback(Callback):
         step = None if self._clock is None else (started - self._clock) * trainer.accumulate_grad_batches
         self._clock = now
         if self.plan.account(step, now - started if updated else None):
-            wanted = trainer.strategy.broadcast(self.plan.wanted_interval(trainer.global_step))
-            self.plan.widen(trainer.global_step, wanted)
+            step = step_clock(trainer)
+            self.plan.widen(step, trainer.strategy.broadcast(self.plan.wanted_interval(step)))
 
     def _update(self, trainer: pl.Trainer, t: Optional[float]) -> bool:
         """Make the update due at ``t`` (if any); return whether a selection ran."""
@@ -444,6 +459,8 @@ class MaskPruningCallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         restore_configure_model(pl_module)
+        restore_configure_optimizers(pl_module)
+        self._scores.remove()
         self._drop_gate_cache()
         if self._masked and not self._masked_at_setup and self.position is None:
             detach(pl_module)  # failed before any mask update: give the user back the plain model
@@ -473,7 +490,7 @@ class MaskPruningCallback(Callback):
         final = self.plan.end_target() if jump else None
         if final is not None:
             reached = self.sparsity_now
-            self._select(trainer, self.position if self.position is not None else trainer.global_step, final)
+            self._select(trainer, self.position if self.position is not None else step_clock(trainer), final)
             rank_zero_info(shortfall.message(reached, f"early_end='final' made the last update to the final target "
                                                       f"({self.sparsity_now:.2%} now)"))
             return
@@ -484,6 +501,9 @@ class MaskPruningCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         restore_configure_model(pl_module)
+        restore_configure_optimizers(pl_module)
+        if stage == "fit":
+            self._scores.remove()
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
@@ -499,11 +519,17 @@ class MaskPruningCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**self.plan.state_dict(), "scores_initialized": self.scores_initialized}
+        return {**self.plan.state_dict(), "scores_initialized": self.scores_initialized,
+                "score_optimizers": self._scores.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.plan.load_state_dict(state_dict)
         self.scores_initialized = state_dict["scores_initialized"]
+        states = state_dict.get("score_optimizers") or None
+        if states is not None and self._scores.optimizers:
+            self._scores.load_state_dict(states)
+        else:
+            self._score_states = states
 
 
