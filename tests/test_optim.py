@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import lightning.pytorch as pl
@@ -64,6 +65,65 @@ def test_a_twin_that_cannot_be_built_is_refused_with_the_way_out():
         ScoreOptimizers([Custom([model.parametrizations.weight.original], model)], masked, lr=0.01)
 
 
+def test_cpu_adam_groups_holding_scores_or_masked_weights_run_the_fused_kernel():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    masked = attach(model)
+    chosen = torch.optim.Adam(model.parameters(), foreach=False)
+    default = torch.optim.Adam(model.parameters())
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    for optimizer in (chosen, default, sgd):
+        ScoreOptimizers([optimizer], masked)
+    assert default.param_groups[0]["fused"] is True  # no choice made: the fused kernel
+    assert chosen.param_groups[0]["fused"] is None and chosen.param_groups[0]["foreach"] is False  # user's choice
+    assert sgd.param_groups[0].get("fused") is None  # only Adam/AdamW
+    kept = torch.optim.Adam(model.parameters())
+    ScoreOptimizers([kept], masked, fuse=False)
+    assert kept.param_groups[0]["fused"] is None
+    # the masked weights' group gets the fused kernel (their pruned entries' gradients are exact zeros too), and so
+    # does the twin's; a group of other parameters only is left alone
+    others = nn.Linear(2, 2)
+    weights = [e.weight for e in masked]
+    split = torch.optim.Adam([{"params": weights}, {"params": list(others.parameters())}])
+    [twin] = ScoreOptimizers([split], masked, lr=0.01).optimizers
+    assert split.param_groups[0]["fused"] is True and split.param_groups[1]["fused"] is None
+    assert twin.param_groups[0]["fused"] is True
+
+
+def test_fused_adam_trains_masks_like_the_loop():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    results = []
+    for fuse in (False, True):
+        model = copy.deepcopy(base)
+        masked = attach(model, rescale=True)
+        masked[0].gate.keep.view(-1)[::2] = False
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        ScoreOptimizers([optimizer], masked, fuse=fuse)
+        x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
+        for _ in range(20):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*results))
+
+
+def test_the_fused_adam_switch_is_an_explicit_callback_setting(tiny_module):
+    seen = {}
+
+    class Spy(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["fused"] = [group.get("fused") for group in trainer.optimizers[0].param_groups]
+            seen["twin"] = [group.get("fused") for t in pruner.score_optimizers for group in t.param_groups]
+
+    for fused_adam, expected in ((True, True), (False, None)):
+        pruner = MaskPruningCallback(0.5, fused_adam=fused_adam)
+        make_trainer(max_steps=1, callbacks=[pruner, Spy()]).fit(tiny_module)
+        assert seen["fused"] and seen["twin"] and all(flag is expected for flag in seen["fused"] + seen["twin"]), seen
+    with pytest.raises(ValueError, match="fused_adam must be True or False, got 'yes'"):
+        MaskPruningCallback(fused_adam="yes")
+
+
 # ------------------------------------------------------------------------------------------------ schedulers
 def _every_scheduler(optimizer: torch.optim.Optimizer, total: int) -> dict:
     """One instance of each scheduler class in ``torch.optim.lr_scheduler``, as its docs show it."""
@@ -80,7 +140,8 @@ def _every_scheduler(optimizer: torch.optim.Optimizer, total: int) -> dict:
             optimizer, [linear(optimizer, start_factor=0.1, total_iters=2), cosine(optimizer, T_max=total)], [2]),
         "CosineAnnealingLR": lambda: cosine(optimizer, T_max=total),
         "ChainedScheduler": lambda: lr_scheduler.ChainedScheduler(
-            [lr_scheduler.ConstantLR(optimizer, factor=0.5, total_iters=2), lr_scheduler.ExponentialLR(optimizer, 0.8)]),
+            [lr_scheduler.ConstantLR(optimizer, factor=0.5, total_iters=2),
+             lr_scheduler.ExponentialLR(optimizer, 0.8)]),
         "ReduceLROnPlateau": lambda: lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5, threshold=10),
         # (cycled momentum would reach the scores too: their effective lr is then not their lr)
         "CyclicLR": lambda: lr_scheduler.CyclicLR(optimizer, base_lr=0.01, max_lr=0.1, step_size_up=2,
@@ -92,7 +153,8 @@ def _every_scheduler(optimizer: torch.optim.Optimizer, total: int) -> dict:
     }
 
 
-SCHEDULERS = sorted(name for name, cls in vars(lr_scheduler).items() if inspect.isclass(cls) and not name.startswith("_")
+SCHEDULERS = sorted(name for name, cls in vars(lr_scheduler).items()
+                    if inspect.isclass(cls) and not name.startswith("_")
                     and issubclass(cls, (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau))
                     and cls is not lr_scheduler.LRScheduler)
 STEPS = 6  # 3 epochs of 2 batches
@@ -194,7 +256,7 @@ def test_transformers_warmup_schedules_fine_tune_gpt2_with_the_default_callback(
 
     class Spy(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            twin = pruner._scores.optimizers
+            twin = pruner.score_optimizers
             lrs.append(([g["lr"] for g in optimizer.param_groups], [g["lr"] for t in twin for g in t.param_groups]))
 
     pl.seed_everything(0, verbose=False)
@@ -248,7 +310,7 @@ def test_mingpt_param_groups_by_name_and_type_train_the_masked_weights_with_thei
     class Spy(Callback):
         def on_train_end(self, trainer, pl_module):
             seen["decay"] = trainer.optimizers[0].param_groups[0]
-            seen["twin"] = pruner._scores.optimizers
+            seen["twin"] = pruner.score_optimizers
 
     before = [module.net[0].weight.detach().clone(), module.net[3].weight.detach().clone()]
     make_trainer(max_steps=4, callbacks=[pruner, Spy()]).fit(module)
@@ -327,28 +389,25 @@ def test_a_gan_with_two_optimizers_follows_the_ramp_in_batches():
     pl.seed_everything(0, verbose=False)
     module = TinyGAN()
     pruner = MaskPruningCallback(0.5, fold_on_fit_end=False)
-    reached, scores = [], {}
+    reached, twins = [], []
 
     class Spy(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             reached.append(pruner.sparsity_now)
 
         def on_train_end(self, trainer, pl_module):
-            for name, twin in zip(("generator", "discriminator"), pruner._scores.optimizers):
-                scores[name] = (ids(p for g in twin.param_groups for p in g["params"]),
-                                {int(s["step"]) for s in twin.state.values()})
+            twins.extend(getattr(pruner, "score_optimizers", []))
 
     trainer = make_trainer(max_epochs=3, callbacks=[pruner, Spy()])
     trainer.fit(module)
-    batches = len(reached)
-    assert batches == 18 and trainer.global_step == 36
-    first_final = reached.index(max(reached))
+    assert len(reached) == 18 and trainer.global_step == 36  # Lightning counts both optimizers' steps
     assert max(reached) == pytest.approx(0.5, abs=0.01)
-    assert first_final == round(2 / 3 * batches) - 1 or first_final == round(2 / 3 * batches)  # not a third
-    for name in ("generator", "discriminator"):
-        part = getattr(module, name)
-        assert scores[name][0] == ids(e.gate.scores for e in masked_tensors(part))
-        assert scores[name][1] == {batches}  # each twin stepped with its own optimizer, once a batch
+    assert reached.index(max(reached)) == 12  # two thirds of the 18 batches, not of the 36 steps
+    assert len(twins) == 2
+    for part, twin in zip((module.generator, module.discriminator), twins):
+        trained = ids(p for g in twin.param_groups for p in g["params"])
+        assert trained == ids(e.gate.scores for e in masked_tensors(part))
+        assert {int(state["step"]) for state in twin.state.values()} == {18}  # with its own optimizer, once a batch
 
 
 def test_a_gan_bounded_by_max_steps_ends_its_ramp_at_two_thirds():
@@ -364,43 +423,49 @@ def test_a_gan_bounded_by_max_steps_ends_its_ramp_at_two_thirds():
     assert len(targets) == 12 and targets.index(0.5) == 8  # the ramp ends at batch 8 of 0..11
 
 
-# ------------------------------------------------------------------------------------------------ AMP, clipping, accumulation
-def _adam_steps(optimizer, params):
-    return {int(optimizer.state[p]["step"]) for p in params if p in optimizer.state}
-
-
+# ----------------------------------------------------------------------------------- AMP, clipping, accumulation
 class Counting(Callback):
-    """The user's and the scores' optimizer step counts as training ends."""
+    """The number of batches that changed the masked weights and the scores."""
 
-    def __init__(self, pruner):
-        self.pruner, self.counts = pruner, None
+    def __init__(self):
+        self.changed, self._before = [0, 0], None
 
-    def on_train_end(self, trainer, pl_module):
+    def _tensors(self, pl_module):
         masked = masked_tensors(pl_module)
-        [twin] = self.pruner._scores.optimizers
-        self.counts = (_adam_steps(trainer.optimizers[0], [e.weight for e in masked]),
-                       _adam_steps(twin, [e.gate.scores for e in masked]))
+        return [e.weight.detach().clone() for e in masked], [e.gate.scores.detach().clone() for e in masked]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = self._tensors(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for index, (before, after) in enumerate(zip(self._before, self._tensors(pl_module))):
+            self.changed[index] += any(not torch.equal(b, a) for b, a in zip(before, after))
 
 
-def test_amp_skipped_steps_skip_the_scores_too():
+@pytest.mark.parametrize("fused", [None, True])
+def test_amp_skipped_steps_skip_the_scores_too(fused):
     """float16 AMP with a GradScaler whose first scales overflow: the scaler skips those steps for the weights and
-    the scores alike, and both step together once the scale has come down."""
+    the scores alike, and both step together once the scale has come down. A fused Adam unscales inside its step
+    (the scaler hands it the scale): the scores' copy is unscaled by the callback then."""
     from lightning.pytorch.plugins import MixedPrecision
 
     pl.seed_everything(0, verbose=False)
-    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False)
-    counting = Counting(pruner)
+    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False, update_every=100)  # no update moves the scores
+    counting = Counting()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=2.0 ** -40, growth_interval=1000)
 
     class LargeLoss(TinyModule):  # its scaled loss overflows float32 at the first scale
         def training_step(self, batch, batch_idx):
             return super().training_step(batch, batch_idx) * 1e4
 
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2, fused=fused)
+
     trainer = make_trainer(max_steps=8, callbacks=[pruner, counting],
                            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     trainer.fit(LargeLoss())
-    weights, scores = counting.counts
-    assert weights == scores and len(weights) == 1 and 0 < next(iter(weights)) < 8, counting.counts
+    weights, scores = counting.changed
+    assert weights == scores and 0 < weights < 8, counting.changed
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])

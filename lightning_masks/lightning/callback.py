@@ -93,11 +93,12 @@ class MaskPruningCallback(Callback):
         start, end: the ramp of a named schedule: ``int`` epochs or ``float`` fractions of training (for
             steps, pass a :class:`~lightning_masks.lifecycle.schedule.Schedule` with ``unit="step"``). Default: over the
             first two thirds.
-        update_every: when the keep-masks are updated: ``"auto"`` (every N optimizer steps, N chosen so that
-            about 100 updates follow the ramp: a finer ramp prunes better, benchmarks/results/study_cadence.md),
-            ``"epoch"`` (as each epoch starts) or an int ``N`` (every N steps). Updates whose target equals the
-            last one are skipped (nothing would change). A callable ``schedule`` is called per epoch under
-            ``"auto"``.
+        update_every: when the keep-masks are updated (steps are optimizer steps, or batches in manual
+            optimization, where Lightning's ``global_step`` counts every optimizer's steps): ``"auto"`` (every N
+            steps, N chosen so that about 100 updates follow the ramp: a finer ramp prunes better,
+            benchmarks/results/study_cadence.md), ``"epoch"`` (as each epoch starts) or an int ``N`` (every N
+            steps). Updates whose target equals the last one are skipped (nothing would change). A callable
+            ``schedule`` is called per epoch under ``"auto"``.
         update_budget: under ``"auto"``, the most that mask updates may take of the training time (default 0.05):
             from the measured mean update and step times (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`), the
             interval is widened where needed (short fits of small models), rank zero deciding for all. ``None``:
@@ -141,13 +142,16 @@ class MaskPruningCallback(Callback):
             that add into one residual stream, so that export can remove the stream's pruned channels.
             ``"auto"``: the masked BatchNorms whose channels meet in a sum
             (:func:`~lightning_masks.selection.coupling.coupled_channels` on the module's ``example_input_array``).
-        mask_lr, mask_weight_decay: learning rate and weight decay of the scores, in their own param group of
-            the optimizer that trains the weight (default ``mask_lr=0.01``, the weight decay of the weight's
-            group). Both ``None`` leaves the scores where ``configure_optimizers`` put them.
+        mask_lr, mask_weight_decay: learning rate and weight decay of the scores (default ``mask_lr=0.01``, the
+            weight decay of their weight's param group). ``configure_optimizers`` runs on the plain model (the
+            masks hidden: your param groups hold ``fc.weight``, not the scores); the scores then ride in the
+            param group of their weight, and a copy of that optimizer steps them at these settings whenever yours
+            steps (:class:`~lightning_masks.lightning.optim.ScoreOptimizers`): your LR schedulers schedule your
+            groups only. ``None``: the group's value at each step; both ``None``: your optimizer trains them.
         fused_adam: switch the CPU ``Adam``/``AdamW`` param groups that train scores or masked weights, and whose
             ``foreach``/``fused`` you left unset, to torch's fused kernel (``fused=True``): the same update up to
-            float rounding, several times faster on the exactly-zero gradients of pruned entries
-            (:func:`~lightning_masks.lightning.optim.place_scores`). ``False`` leaves your optimizer's groups as they are.
+            float rounding, several times faster on the exactly-zero gradients of pruned entries. ``False`` leaves
+            your optimizer's groups as they are.
         fold_on_fit_end: leave a plain model (no parametrizations, exact zeros) when fit ends.
         early_end: a fit that ends before its ramp does (EarlyStopping, ``max_time``, an exception): ``"warn"``
             (the default) warns with the target and the sparsity reached and folds what was reached; ``"final"``
@@ -409,6 +413,13 @@ class MaskPruningCallback(Callback):
         rows = stats.layer_rows(self._masked)
         self.plan.record(t, target, pruned, threshold, [row["name"] for row in rows], [row["sparsity"] for row in rows])
         mask_copies(trainer, trainer.lightning_module)
+
+    @property
+    def score_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers that train the scores in this fit (copies of yours at ``mask_lr``), one for each of your
+        optimizers whose param groups hold scores; empty outside a fit, or when yours train them (``mask_lr=None,
+        mask_weight_decay=None``)."""
+        return self._scores.optimizers
 
     # ----------------------------------------------------------------------------------------- logging
     @property

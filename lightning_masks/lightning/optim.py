@@ -58,21 +58,23 @@ class ScoreOptimizers:
                  clip_algorithm: str = "norm") -> None:
         self.lr, self.weight_decay = lr, weight_decay
         self.clip_val, self.clip_algorithm = clip_val, clip_algorithm
-        self._twins: dict[int, tuple[Optimizer, list[tuple[dict, dict]]]] = {}  # id(user optimizer) -> twin, groups
+        # id(user optimizer) -> (twin, [(index of the user's group, its scores)]): groups by index, since an
+        # optimizer's load_state_dict (a resume) replaces its group dicts
+        self._twins: dict[int, tuple[Optimizer, list[tuple[int, list[torch.Tensor]]]]] = {}
         self._pending: dict[int, list[Optional[torch.Tensor]]] = {}  # stashed gradients, by id(user optimizer)
         self._hooks: list[Any] = []
-        self._riders: list[tuple[dict, list[torch.Tensor]]] = []
+        self._riders: list[tuple[Optimizer, int, list[torch.Tensor]]] = []
         self._warned = False
         if not optimizers or not masked or not optimizers[0].param_groups:
             return
         rides = _ride(optimizers, masked)
-        self._riders = [(group, scores) for _, group, scores in rides]
+        self._riders = rides
         if fuse:
             _fuse_groups(optimizers, {id(t) for entry in masked for t in (entry.gate.scores, entry.weight)})
         if lr is None and weight_decay is None:
             return
         for optimizer in optimizers:
-            groups = [(group, scores) for owner, group, scores in rides if owner is optimizer]
+            groups = [(index, scores) for owner, index, scores in rides if owner is optimizer]
             if groups:
                 self._twins[id(optimizer)] = (self._twin(optimizer, groups, fuse), groups)
                 self._hooks.append(optimizer.register_step_post_hook(self._after_step))
@@ -83,9 +85,10 @@ class ScoreOptimizers:
         them)."""
         return [twin for twin, _ in self._twins.values()]
 
-    def _twin(self, optimizer: Optimizer, groups: list[tuple[dict, list[torch.Tensor]]], fuse: bool) -> Optimizer:
+    def _twin(self, optimizer: Optimizer, groups: list[tuple[int, list[torch.Tensor]]], fuse: bool) -> Optimizer:
         cls = type(optimizer)
-        twin_groups = [{"params": scores, **self._hyper(optimizer, group)} for group, scores in groups]
+        twin_groups = [{"params": scores, **self._hyper(optimizer, optimizer.param_groups[index])}
+                       for index, scores in groups]
         try:
             twin = cls(twin_groups, **_constructor_args(cls, optimizer.defaults))
         except Exception as error:
@@ -139,7 +142,8 @@ class ScoreOptimizers:
                 torch.nn.utils.clip_grad_value_(live, self.clip_val)
             else:
                 torch.nn.utils.clip_grad_norm_(live, self.clip_val)
-        for target, (source, _) in zip(twin.param_groups, groups):
+        for target, (index, _) in zip(twin.param_groups, groups):
+            source = optimizer.param_groups[index]
             for key in optimizer.defaults:
                 if key in source and key not in _IMPLEMENTATION and not self._own(key):
                     target[key] = source[key]
@@ -166,8 +170,9 @@ class ScoreOptimizers:
         """Remove the step hooks and take the scores out of the user's param groups."""
         for hook in self._hooks:
             hook.remove()
-        for group, scores in self._riders:
+        for optimizer, index, scores in self._riders:
             ids = {id(s) for s in scores}
+            group = optimizer.param_groups[index]
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         self._hooks, self._riders, self._twins, self._pending = [], [], {}, {}
 
@@ -192,22 +197,22 @@ def _constructor_args(cls: type, defaults: dict) -> dict:
     return {key: value for key, value in defaults.items() if key in parameters}
 
 
-def _ride(optimizers: Sequence[Optimizer], masked: Sequence[MaskedTensor]) -> list[tuple[Optimizer, dict, list]]:
+def _ride(optimizers: Sequence[Optimizer], masked: Sequence[MaskedTensor]) -> list[tuple[Optimizer, int, list]]:
     """Put each score in the group holding its weight (else the first group of the first optimizer), unless a group
-    holds it already; return ``(optimizer, group, scores)`` for every group holding scores, in order."""
-    where: dict[int, tuple[Optimizer, dict]] = {}
+    holds it already; return ``(optimizer, group index, scores)`` for every group holding scores, in order."""
+    where: dict[int, tuple[Optimizer, int]] = {}
     for optimizer in optimizers:
-        for group in optimizer.param_groups:
+        for index, group in enumerate(optimizer.param_groups):
             for param in group["params"]:
-                where.setdefault(id(param), (optimizer, group))
-    rides: dict[int, tuple[Optimizer, dict, list]] = {}
+                where.setdefault(id(param), (optimizer, index))
+    rides: dict[tuple[int, int], tuple[Optimizer, int, list]] = {}
     for entry in masked:
         scores = entry.gate.scores
         found = where.get(id(scores))
-        optimizer, group = found or where.get(id(entry.weight)) or (optimizers[0], optimizers[0].param_groups[0])
+        optimizer, index = found or where.get(id(entry.weight)) or (optimizers[0], 0)
         if found is None:
-            group["params"].append(scores)
-        rides.setdefault(id(group), (optimizer, group, []))[2].append(scores)
+            optimizer.param_groups[index]["params"].append(scores)
+        rides.setdefault((id(optimizer), index), (optimizer, index, []))[2].append(scores)
     return list(rides.values())
 
 

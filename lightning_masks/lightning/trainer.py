@@ -102,9 +102,10 @@ def restore_configure_model(pl_module: pl.LightningModule) -> None:
 
 
 def within_configure_optimizers(pl_module: pl.LightningModule, context: Callable[[], ContextManager]) -> None:
-    """Run the module's ``configure_optimizers`` within ``context()`` until :func:`restore_configure_optimizers`
-    (every call in the fit: the learning-rate finder calls it again)."""
+    """Run the module's next ``configure_optimizers`` within ``context()``; like :func:`after_configure_model`'s,
+    the wrapper removes itself when called (a module holding it could not be pickled or copied faithfully)."""
     def configure_optimizers(build: Callable[[], Any]) -> Any:
+        restore_configure_optimizers(pl_module)
         with context():
             return build()
 
