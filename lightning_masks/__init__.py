@@ -4,6 +4,7 @@ from .export.checkpoints import fold_checkpoint, fold_state_dict
 from .lifecycle.schedule import Schedule, ThresholdSchedule, list_schedules, register_schedule
 from .lightning.callback import MaskPruningCallback
 from .masking.gate import MaskGate
+from .masking.hiding import masks_hidden
 from .masking.initializers import Initializer, get_initializer, list_initializers, register_initializer
 from .masking.kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
 from .masking.masks import attach, fold, masked_tensors
@@ -29,6 +30,7 @@ __all__ = [
     "list_layer_kinds",
     "list_schedules",
     "masked_tensors",
+    "masks_hidden",
     "register_importance",
     "register_initializer",
     "register_layer_kind",
