@@ -410,6 +410,47 @@ def test_a_gan_with_two_optimizers_follows_the_ramp_in_batches():
         assert {int(state["step"]) for state in twin.state.values()} == {18}  # with its own optimizer, once a batch
 
 
+class UntoggledGAN(TinyGAN):
+    """The generator's loss flows through the discriminator, and nothing but the user's ``opt_d.zero_grad()``
+    clears what it leaves in the discriminator's gradients."""
+
+    def training_step(self, batch, batch_idx):
+        real = batch[0]
+        opt_g, opt_d = self.optimizers()
+        noise = torch.randn(real.shape[0], 4)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
+        opt_g.zero_grad()
+        self.manual_backward(bce(self.discriminator(self.generator(noise)), ones))
+        opt_g.step()
+        self.d_inputs = real, self.generator(noise).detach()
+        opt_d.zero_grad()
+        self.manual_backward(self.d_loss(*self.d_inputs))
+        opt_d.step()
+
+    def d_loss(self, real, fake):
+        bce = nn.functional.binary_cross_entropy_with_logits
+        return bce(self.discriminator(real), torch.ones(len(real), 1)) + bce(self.discriminator(fake),
+                                                                              torch.zeros(len(fake), 1))
+
+
+def test_the_users_zero_grad_reaches_the_scores_a_generator_loss_does_not_train_the_discriminators_scores():
+    pl.seed_everything(0, verbose=False)
+    module = UntoggledGAN()
+    checked = []
+
+    class Spy(Callback):  # before the pruning callback: the gradients the discriminator's scores step with
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if optimizer is not trainer.optimizers[1]:
+                return
+            scores = [e.gate.scores for e in masked_tensors(pl_module.discriminator)]
+            expected = torch.autograd.grad(pl_module.d_loss(*pl_module.d_inputs), scores)
+            checked.append(all(torch.allclose(s.grad, g, atol=1e-6) for s, g in zip(scores, expected)))
+
+    make_trainer(max_steps=8, callbacks=[Spy(), MaskPruningCallback(0.5)]).fit(module)
+    assert checked == [True] * 4
+
+
 def test_a_gan_bounded_by_max_steps_ends_its_ramp_at_two_thirds():
     pl.seed_everything(0, verbose=False)
     pruner = MaskPruningCallback(0.5, schedule="linear", update_every=1)
