@@ -61,8 +61,12 @@ def test_a_twin_that_cannot_be_built_is_refused_with_the_way_out():
 
     model = nn.Linear(3, 3)
     masked = attach(model)
+    weight = model.parametrizations.weight.original
     with pytest.raises(ValueError, match=r"copy of your optimizer \(Custom\).*mask_lr=None and mask_weight_decay=None"):
-        ScoreOptimizers([Custom([model.parametrizations.weight.original], model)], masked, lr=0.01)
+        ScoreOptimizers([Custom([weight], model)], masked, lr=0.01)
+    with pytest.raises(ValueError, match=r"\(LBFGS\).*LBFGS.step needs a closure"):
+        ScoreOptimizers([torch.optim.LBFGS([weight])], masked, lr=0.01)
+    ScoreOptimizers([torch.optim.LBFGS([weight])], masked)  # no copy needed: LBFGS trains the scores itself
 
 
 def test_cpu_adam_groups_holding_scores_or_masked_weights_run_the_fused_kernel():

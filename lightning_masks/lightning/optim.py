@@ -90,6 +90,8 @@ class ScoreOptimizers:
         twin_groups = [{"params": scores, **self._hyper(optimizer, optimizer.param_groups[index])}
                        for index, scores in groups]
         try:
+            if _needs_closure(cls):  # stepped by the hook, which has no closure to give
+                raise TypeError(f"{cls.__name__}.step needs a closure")
             twin = cls(twin_groups, **_constructor_args(cls, optimizer.defaults))
         except Exception as error:
             raise ValueError(
@@ -186,6 +188,11 @@ class ScoreOptimizers:
                              f"{len(twins)} (mask_lr/mask_weight_decay or the optimizers changed?)")
         for twin, state in zip(twins, states):
             twin.load_state_dict(state)
+
+
+def _needs_closure(cls: type) -> bool:
+    closure = inspect.signature(cls.step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def _constructor_args(cls: type, defaults: dict) -> dict:
