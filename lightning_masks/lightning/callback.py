@@ -396,8 +396,8 @@ class MaskPruningCallback(Callback):
         step = None if self._clock is None else (started - self._clock) * trainer.accumulate_grad_batches
         self._clock = now
         if self.plan.account(step, now - started if updated else None):
-            step = step_clock(trainer)
-            self.plan.widen(step, trainer.strategy.broadcast(self.plan.wanted_interval(step)))
+            at = step_clock(trainer)
+            self.plan.widen(at, trainer.strategy.broadcast(self.plan.wanted_interval(at)))
 
     def _update(self, trainer: pl.Trainer, t: Optional[float]) -> bool:
         """Make the update due at ``t`` (if any); return whether a selection ran."""
