@@ -423,9 +423,8 @@ class UntoggledGAN(TinyGAN):
         opt_g, opt_d = self.optimizers()
         noise = torch.randn(real.shape[0], 4)
         bce = nn.functional.binary_cross_entropy_with_logits
-        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
         opt_g.zero_grad()
-        self.manual_backward(bce(self.discriminator(self.generator(noise)), ones))
+        self.manual_backward(bce(self.discriminator(self.generator(noise)), torch.ones(real.shape[0], 1)))
         opt_g.step()
         self.d_inputs = real, self.generator(noise).detach()
         opt_d.zero_grad()
