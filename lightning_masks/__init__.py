@@ -5,6 +5,7 @@ from .lifecycle.schedule import Schedule, ThresholdSchedule, list_schedules, reg
 from .lightning.callback import MaskPruningCallback
 from .lightning.sharding import full_state_dict, mask_before_sharding
 from .masking.gate import MaskGate
+from .masking.hiding import masks_hidden
 from .masking.initializers import Initializer, get_initializer, list_initializers, register_initializer
 from .masking.kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
 from .masking.masks import attach, fold, masked_tensors
@@ -32,6 +33,7 @@ __all__ = [
     "list_schedules",
     "mask_before_sharding",
     "masked_tensors",
+    "masks_hidden",
     "register_importance",
     "register_initializer",
     "register_layer_kind",

@@ -25,6 +25,7 @@ from ..lifecycle.budget import DEFAULT_UPDATE_SHARE
 from ..lifecycle.plan import Plan
 from ..lifecycle.schedule import ScheduleSpec, ThresholdSchedule, get_schedule
 from ..masking.gate import cached_gates
+from ..masking.hiding import masks_hidden
 from ..masking.initializers import InitSpec, get_initializer
 from ..masking.loading import restore_masks_on_load
 from ..masking.masks import (
@@ -52,7 +53,7 @@ from .arguments import (
     selector_of,
 )
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze
-from .optim import place_scores
+from .optim import ScoreOptimizers
 from .trainer import (
     after_configure_model,
     check_strategy,
@@ -60,9 +61,12 @@ from .trainer import (
     first_batch,
     one_pass,
     restore_configure_model,
+    restore_configure_optimizers,
+    step_clock,
     training_length,
     training_loss,
     unbounded,
+    within_configure_optimizers,
 )
 
 __all__ = ["MaskPruningCallback"]
@@ -89,11 +93,12 @@ class MaskPruningCallback(Callback):
         start, end: the ramp of a named schedule: ``int`` epochs or ``float`` fractions of training (for
             steps, pass a :class:`~lightning_masks.lifecycle.schedule.Schedule` with ``unit="step"``). Default: over the
             first two thirds.
-        update_every: when the keep-masks are updated: ``"auto"`` (every N optimizer steps, N chosen so that
-            about 100 updates follow the ramp: a finer ramp prunes better, benchmarks/results/study_cadence.md),
-            ``"epoch"`` (as each epoch starts) or an int ``N`` (every N steps). Updates whose target equals the
-            last one are skipped (nothing would change). A callable ``schedule`` is called per epoch under
-            ``"auto"``.
+        update_every: when the keep-masks are updated (steps are optimizer steps, or batches in manual
+            optimization, where Lightning's ``global_step`` counts every optimizer's steps): ``"auto"`` (every N
+            steps, N chosen so that about 100 updates follow the ramp: a finer ramp prunes better,
+            benchmarks/results/study_cadence.md), ``"epoch"`` (as each epoch starts) or an int ``N`` (every N
+            steps). Updates whose target equals the last one are skipped (nothing would change). A callable
+            ``schedule`` is called per epoch under ``"auto"``.
         update_budget: under ``"auto"``, the most that mask updates may take of the training time (default 0.05):
             from the measured mean update and step times (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`), the
             interval is widened where needed (short fits of small models), rank zero deciding for all. ``None``:
@@ -137,13 +142,16 @@ class MaskPruningCallback(Callback):
             that add into one residual stream, so that export can remove the stream's pruned channels.
             ``"auto"``: the masked BatchNorms whose channels meet in a sum
             (:func:`~lightning_masks.selection.coupling.coupled_channels` on the module's ``example_input_array``).
-        mask_lr, mask_weight_decay: learning rate and weight decay of the scores, in their own param group of
-            the optimizer that trains the weight (default ``mask_lr=0.01``, the weight decay of the weight's
-            group). Both ``None`` leaves the scores where ``configure_optimizers`` put them.
+        mask_lr, mask_weight_decay: learning rate and weight decay of the scores (default ``mask_lr=0.01``, the
+            weight decay of their weight's param group). ``configure_optimizers`` runs on the plain model (the
+            masks hidden: your param groups hold ``fc.weight``, not the scores); the scores then ride in the
+            param group of their weight, and a copy of that optimizer steps them at these settings whenever yours
+            steps (:class:`~lightning_masks.lightning.optim.ScoreOptimizers`): your LR schedulers schedule your
+            groups only. ``None``: the group's value at each step; both ``None``: your optimizer trains them.
         fused_adam: switch the CPU ``Adam``/``AdamW`` param groups that train scores or masked weights, and whose
             ``foreach``/``fused`` you left unset, to torch's fused kernel (``fused=True``): the same update up to
-            float rounding, several times faster on the exactly-zero gradients of pruned entries
-            (:func:`~lightning_masks.lightning.optim.place_scores`). ``False`` leaves your optimizer's groups as they are.
+            float rounding, several times faster on the exactly-zero gradients of pruned entries. ``False`` leaves
+            your optimizer's groups as they are.
         fold_on_fit_end: leave a plain model (no parametrizations, exact zeros) when fit ends.
         early_end: a fit that ends before its ramp does (EarlyStopping, ``max_time``, an exception): ``"warn"``
             (the default) warns with the target and the sparsity reached and folds what was reached; ``"final"``
@@ -240,6 +248,8 @@ class MaskPruningCallback(Callback):
         self._logged_step: Optional[int] = None  # step of the last scalar log, not to log a step twice
         self._shown_sparsity: Optional[float] = None  # the progress bar's masks/sparsity, logged when it moves
         self._masked: list[MaskedTensor] = []
+        self._scores = ScoreOptimizers([], [])  # the scores' optimizers of this fit (optim.py)
+        self._score_states: Optional[list] = None  # their checkpointed state, until they exist
         self._load_hook = None
         self._masked_at_setup = False
         self._excluded: list = []  # what the last attach left out (exclude, and output layers kept whole)
@@ -337,6 +347,8 @@ class MaskPruningCallback(Callback):
                 detach(pl_module)
             raise
         mask_copies(trainer, pl_module)  # e.g. StochasticWeightAveraging's copy, made in its setup before ours
+        # configure_optimizers groups what it sees by name and type (minGPT): show it the plain model
+        within_configure_optimizers(pl_module, lambda: masks_hidden(pl_module))
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[MaskedTensor]:
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
@@ -370,9 +382,16 @@ class MaskPruningCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mask_copies(trainer, pl_module)  # copies made by other callbacks before the masks existed
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        place_scores(trainer.optimizers, schedulers, self._masked, self.mask_lr, self.mask_weight_decay,
-                     fuse=self.fused_adam)
+        self._scores = ScoreOptimizers(trainer.optimizers, self._masked, self.mask_lr, self.mask_weight_decay,
+                                       fuse=self.fused_adam, clip_val=trainer.gradient_clip_val,
+                                       clip_algorithm=trainer.gradient_clip_algorithm)
+        if self._score_states is not None:  # a resume loaded the callback's state before the optimizers existed
+            self._scores.load_state_dict(self._score_states)
+            self._score_states = None
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._scores.stash(optimizer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -395,13 +414,13 @@ class MaskPruningCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clock = None  # the budget times steps within an epoch (not the validation between)
-        self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=True))
+        self._update(trainer, self.plan.due(trainer.current_epoch, step_clock(trainer), epoch_start=True))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         started = time.perf_counter()
-        updated = self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=False))
+        updated = self._update(trainer, self.plan.due(trainer.current_epoch, step_clock(trainer), epoch_start=False))
         if self.plan.budgeted:
             self._account(trainer, started, updated)
 
@@ -413,8 +432,8 @@ class MaskPruningCallback(Callback):
         step = None if self._clock is None else (started - self._clock) * trainer.accumulate_grad_batches
         self._clock = now
         if self.plan.account(step, now - started if updated else None):
-            wanted = trainer.strategy.broadcast(self.plan.wanted_interval(trainer.global_step))
-            self.plan.widen(trainer.global_step, wanted)
+            at = step_clock(trainer)
+            self.plan.widen(at, trainer.strategy.broadcast(self.plan.wanted_interval(at)))
 
     def _update(self, trainer: pl.Trainer, t: Optional[float]) -> bool:
         """Make the update due at ``t`` (if any); return whether a selection ran."""
@@ -437,6 +456,13 @@ class MaskPruningCallback(Callback):
         """Under FSDP2, read the masks from the shards (a forward without backward leaves the root's gathered)."""
         if sharding.model_parallel(trainer):
             sharding.reshard(trainer.lightning_module)
+
+    @property
+    def score_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers that train the scores in this fit (copies of yours at ``mask_lr``), one for each of your
+        optimizers whose param groups hold scores; empty outside a fit, or when yours train them (``mask_lr=None,
+        mask_weight_decay=None``)."""
+        return self._scores.optimizers
 
     # ----------------------------------------------------------------------------------------- logging
     @property
@@ -494,6 +520,8 @@ class MaskPruningCallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         restore_configure_model(pl_module)
+        restore_configure_optimizers(pl_module)
+        self._scores.remove()
         self._drop_gate_cache()
         if self._masked and not self._masked_at_setup and self.position is None:
             detach(pl_module)  # failed before any mask update: give the user back the plain model
@@ -533,7 +561,7 @@ class MaskPruningCallback(Callback):
         final = self.plan.end_target() if jump else None
         if final is not None:
             reached = self.sparsity_now
-            self._select(trainer, self.position if self.position is not None else trainer.global_step, final)
+            self._select(trainer, self.position if self.position is not None else step_clock(trainer), final)
             rank_zero_info(shortfall.message(reached, f"early_end='final' made the last update to the final target "
                                                       f"({self.sparsity_now:.2%} now)"))
             return
@@ -544,6 +572,9 @@ class MaskPruningCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         restore_configure_model(pl_module)
+        restore_configure_optimizers(pl_module)
+        if stage == "fit":
+            self._scores.remove()
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
@@ -559,11 +590,17 @@ class MaskPruningCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**self.plan.state_dict(), "scores_initialized": self.scores_initialized}
+        return {**self.plan.state_dict(), "scores_initialized": self.scores_initialized,
+                "score_optimizers": self._scores.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.plan.load_state_dict(state_dict)
         self.scores_initialized = state_dict["scores_initialized"]
+        states = state_dict.get("score_optimizers") or None
+        if states is not None and self._scores.optimizers:
+            self._scores.load_state_dict(states)
+        else:
+            self._score_states = states
 
 
