@@ -382,7 +382,14 @@ class MaskPruningCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mask_copies(trainer, pl_module)  # copies made by other callbacks before the masks existed
-        self._scores = ScoreOptimizers(trainer.optimizers, self._masked, self.mask_lr, self.mask_weight_decay,
+        lr, weight_decay = self.mask_lr, self.mask_weight_decay
+        if sharding.model_parallel(trainer) and (lr, weight_decay) != (None, None):
+            # a copy's state would be neither sharded nor in the distributed checkpoint: yours trains them
+            rank_zero_warn("lightning_masks: under ModelParallelStrategy your optimizer trains the mask scores in "
+                           f"the param groups of their weights (mask_lr={lr} and mask_weight_decay={weight_decay} "
+                           "are not applied); pass mask_lr=None, mask_weight_decay=None to silence this")
+            lr = weight_decay = None
+        self._scores = ScoreOptimizers(trainer.optimizers, self._masked, lr, weight_decay,
                                        fuse=self.fused_adam, clip_val=trainer.gradient_clip_val,
                                        clip_algorithm=trainer.gradient_clip_algorithm)
         if self._score_states is not None:  # a resume loaded the callback's state before the optimizers existed
