@@ -18,7 +18,7 @@ from torch import nn
 
 from ..masking.inputs import as_arguments
 from ..masking.masks import fold
-from .checkpoints import fold_checkpoint, fold_state_dict, load_checkpoint
+from .checkpoints import checkpoint_globals, fold_checkpoint, fold_state_dict, load_checkpoint
 from .files import atomic_write
 from .shrink import ShrinkReport, shrink
 from .sparse_file import SparseFileInfo, load_sparse, save_sparse
@@ -88,14 +88,18 @@ def _parser() -> argparse.ArgumentParser:
                         help="the LightningModule class of the checkpoint (needed by --shrink)")
     parser.add_argument("--input-shape", type=_input_shape, metavar="B,C,H,W",
                         help="shape of an example batch of random inputs (needed by --shrink), e.g. 8,1,28,28")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="read a checkpoint holding objects beyond tensors and plain data (unpickling them can "
+                             "run code): only for a file you trust")
     return parser
 
 
 def _shrink_checkpoint(args: argparse.Namespace, cls: type, output: Path) -> None:
     """Load the folded checkpoint into ``cls``, shrink it, write the program and print the savings."""
     with tempfile.TemporaryDirectory() as folder:
-        model = cls.load_from_checkpoint(fold_checkpoint(args.checkpoint, Path(folder) / "folded.ckpt"),
-                                         map_location="cpu")
+        folded = fold_checkpoint(args.checkpoint, Path(folder) / "folded.ckpt", trust_pickle=args.unsafe_pickle)
+        with checkpoint_globals():
+            model = cls.load_from_checkpoint(folded, map_location="cpu", weights_only=not args.unsafe_pickle)
     example = torch.randn(*args.input_shape, generator=torch.Generator().manual_seed(0))
     small, report = shrink(model, example)
     program = save_program(small, example, output.with_suffix(".pt2"))
@@ -114,7 +118,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     output = args.output or args.checkpoint.with_suffix(".safetensors")
     try:
         cls = _module_class(args.module_class) if args.shrink else None  # fail before writing anything
-        info = save_sparse(fold_state_dict(load_checkpoint(args.checkpoint)["state_dict"]), output)
+        info = save_sparse(fold_state_dict(load_checkpoint(args.checkpoint, trust_pickle=args.unsafe_pickle)["state_dict"]),
+                           output)
         print(f"wrote {info.path}: {info.sparse_bytes:,} bytes, {info.ratio:.3f} of the dense state dict "
               f"({info.dense_bytes:,} bytes); {info.sparse_tensors} tensors stored sparse")
         if args.shrink:
