@@ -7,6 +7,7 @@ from .masking.gate import MaskGate
 from .masking.initializers import Initializer, get_initializer, list_initializers, register_initializer
 from .masking.kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
 from .masking.masks import attach, fold, masked_tensors
+from .masking.plain import folded_state, plain_state_dict
 from .selection.importance import list_importances, register_importance
 from .selection.selector import Selector
 
@@ -22,6 +23,7 @@ __all__ = [
     "fold",
     "fold_checkpoint",
     "fold_state_dict",
+    "folded_state",
     "get_initializer",
     "get_layer_kind",
     "list_importances",
@@ -29,6 +31,7 @@ __all__ = [
     "list_layer_kinds",
     "list_schedules",
     "masked_tensors",
+    "plain_state_dict",
     "register_importance",
     "register_initializer",
     "register_layer_kind",

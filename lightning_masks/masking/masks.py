@@ -307,17 +307,29 @@ def fold(model: nn.Module) -> nn.Module:
     receive ``w * gate * keep``. Returns ``model``.
     """
     for entry in masked_tensors(model):
-        gate = entry.gate
-        value = masked_value(entry.weight, gate.scores, gate.stored_keep(), gate.temperature, gate.gate_scale)
+        value = folded_value(entry)
         for module, name in gated_biases(entry):
             bias = module.parametrizations[name].original
-            bias_value = masked_value(bias, *channel_gate_args(gate, bias.shape))
+            bias_value = folded_bias(entry, bias)
             _remove_gate(module, name)
             bias.copy_(bias_value)
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)
         entry.weight.copy_(value)
     return model
+
+
+@torch.no_grad()
+def folded_value(entry: MaskedTensor) -> Tensor:
+    """What :func:`fold` writes into the entry's weight: ``w * gate * keep``, pruned entries exactly zero."""
+    gate = entry.gate
+    return masked_value(entry.weight, gate.scores, gate.stored_keep(), gate.temperature, gate.gate_scale)
+
+
+@torch.no_grad()
+def folded_bias(entry: MaskedTensor, bias: Tensor) -> Tensor:
+    """What :func:`fold` writes into a bias that the entry's per-channel gate gates (``bias`` is its original)."""
+    return masked_value(bias, *channel_gate_args(entry.gate, bias.shape))
 
 
 @contextmanager
