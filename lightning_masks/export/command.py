@@ -137,6 +137,13 @@ def _shrunk_program(args: argparse.Namespace, cls: type) -> tuple[torch.export.E
         with checkpoint_globals():
             model = cls.load_from_checkpoint(folded, map_location="cpu", weights_only=not args.unsafe_pickle)
     example = _example(args, model)
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as error:
+        raise ValueError(f"{cls.__name__} does not run on --input-shape {','.join(map(str, args.input_shape))} "
+                         f"--input-dtype {args.input_dtype} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                         "give the shape and dtype it takes (token ids: --input-dtype long)") from error
     small, report = shrink(model, example)
     try:
         return export_program(small, example), report
