@@ -3,6 +3,8 @@ they were; tuners and evaluation before fit leave the model as they found it."""
 
 from __future__ import annotations
 
+import copy
+
 import lightning.pytorch as pl
 import pytest
 import safetensors.torch
@@ -78,6 +80,23 @@ def test_plain_view_leaves_the_checkpoint_and_the_model_masked(tmp_path):
     keys = torch.load(tmp_path / "masked.ckpt", weights_only=True)["state_dict"]
     assert "net.0.parametrizations.weight.0.scores" in keys and "net.0.weight" not in keys
     assert masked_tensors(module) and torch.equal(plain["net.0.weight"], module.net[0].weight)
+
+
+def test_copies_and_pickles_of_a_masked_transformers_model_save_their_own_plain_weights(tmp_path):
+    module = HFModule(gpt2())
+    make_trainer(max_epochs=1, limit_train_batches=2, callbacks=[
+        MaskPruningCallback(0.5, end=1, plots=False, fold_on_fit_end=False)]).fit(module)
+    torch.save(module, tmp_path / "whole.pt")
+    copies = {"deepcopy": copy.deepcopy(module), "pickle": torch.load(tmp_path / "whole.pt", weights_only=False)}
+    probe = torch.randint(0, 100, (2, 8))
+    for name, twin in copies.items():
+        with torch.no_grad():
+            twin.model.transformer.h[0].mlp.c_fc.parametrizations.weight.original.mul_(2.0)  # the twin differs
+            expected = twin.model.eval()(input_ids=probe).logits
+        twin.model.save_pretrained(tmp_path / name)
+        loaded = type(twin.model).from_pretrained(tmp_path / name).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=probe).logits, expected, rtol=0, atol=0)
 
 
 def snapshot(model: nn.Module) -> tuple:

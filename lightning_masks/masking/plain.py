@@ -10,7 +10,6 @@ keep`` instead (what :func:`~lightning_masks.masking.masks.fold` would write), w
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from .layout import PARAMETRIZATION_MARK
 from .masks import MaskedTensor, folded_bias, folded_value, gated_biases, masked_tensors
 
-__all__ = ["folded_state", "plain_saves", "plain_state_dict", "remove_plain_saves"]
+__all__ = ["PlainSave", "folded_state", "plain_saves", "plain_state_dict", "remove_plain_saves"]
 
 
 def plain_state_dict(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
@@ -89,24 +88,27 @@ def _plain_keys(memo: dict, names: list[tuple[str, Callable[[], Tensor]]]) -> Ca
 
 def plain_saves(model: nn.Module) -> None:
     """Make the ``save_pretrained`` of each transformers (or alike) model in ``model`` save the plain view
-    (:func:`folded_state`), unless it is given a ``state_dict``: a snapshot taken during training then loads with
-    ``from_pretrained`` into the plain architecture with the masks as they were. Undone by
-    :func:`remove_plain_saves`."""
+    (:func:`folded_state`): a snapshot taken during training then loads with ``from_pretrained`` into the plain
+    architecture with the masks as they were. Undone by :func:`remove_plain_saves`."""
     for module in model.modules():
         if callable(getattr(type(module), "save_pretrained", None)) and "save_pretrained" not in vars(module):
-            module.save_pretrained = types.MethodType(save_pretrained, module)
+            module.save_pretrained = PlainSave(module)
 
 
-def save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The class's ``save_pretrained``, on the plain view of the model (named as the method it stands in for, so
-    that a pickled model rebinds the class's own)."""
-    with folded_state(self):
-        return type(self).save_pretrained(self, *args, **kwargs)
+class PlainSave:
+    """A model's own ``save_pretrained``, called on the plain view of the model (an instance attribute of the model,
+    so that copies and pickles of the model get one bound to themselves)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with folded_state(self.model):
+            return type(self.model).save_pretrained(self.model, *args, **kwargs)
 
 
 def remove_plain_saves(model: nn.Module) -> None:
     """Undo :func:`plain_saves`."""
     for module in model.modules():
-        method = vars(module).get("save_pretrained")
-        if isinstance(method, types.MethodType) and method.__func__ is save_pretrained:
+        if isinstance(vars(module).get("save_pretrained"), PlainSave):
             del module.save_pretrained
