@@ -50,7 +50,7 @@ def test_shrink_returns_a_model_that_matches_the_input_and_lists_what_it_kept(ar
 
 
 def test_the_command_shrinks_a_token_model_from_token_id_inputs(tmp_path, capsys):
-    module, trainer = channel_pruned("bert", fold_on_fit_end=False)
+    _, trainer = channel_pruned("bert", fold_on_fit_end=False)
     checkpoint = tmp_path / "bert.ckpt"
     trainer.save_checkpoint(checkpoint)
     output = tmp_path / "bert.safetensors"

@@ -22,7 +22,7 @@ from ..masking.kinds import weight_name
 from ..masking.layout import GATE_FIELDS, ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key, split_mask_key
 from .files import atomic_write
 
-__all__ = ["SAFE_GLOBALS", "fold_checkpoint", "fold_state_dict", "load_checkpoint", "checkpoint_globals"]
+__all__ = ["SAFE_GLOBALS", "checkpoint_globals", "fold_checkpoint", "fold_state_dict", "load_checkpoint"]
 
 #: What a Lightning checkpoint holds beyond tensors and plain containers, allowed to ``torch.load(weights_only=True)``:
 #: hyperparameters given as an ``argparse.Namespace``, paths, and (when omegaconf is installed) the OmegaConf

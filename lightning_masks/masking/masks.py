@@ -127,8 +127,8 @@ def attach(
     Raises:
         ValueError: a pattern that matches nothing, a weight holding NaN/Inf, scores of the wrong shape,
             channel masks on a grouped ConvTranspose or on a matrix of no registered layer kind (whose output axis
-            nothing declares: :func:`~lightning_masks.masking.kinds.register_layer_kind`), a ``score_dtype`` outside :data:`SCORE_DTYPES`, or no maskable
-            tensor at all. The model is left unchanged.
+            nothing declares: :func:`~lightning_masks.masking.kinds.register_layer_kind`), a ``score_dtype``
+            outside :data:`SCORE_DTYPES`, or no maskable tensor at all. The model is left unchanged.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
