@@ -99,6 +99,22 @@ def test_copies_and_pickles_of_a_masked_transformers_model_save_their_own_plain_
             torch.testing.assert_close(loaded(input_ids=probe).logits, expected, rtol=0, atol=0)
 
 
+def test_a_lora_adapter_saved_during_fit_loads_with_peft_with_the_masks_applied(tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    pl.seed_everything(0, verbose=False)
+    adapted = get_peft_model(gpt2(), LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    module = Snapshots(adapted, tmp_path)  # its save_pretrained writes the adapter only
+    make_trainer(max_epochs=1, limit_train_batches=2, callbacks=[
+        MaskPruningCallback(0.5, end=1, plots=False)]).fit(module)
+    loaded = PeftModel.from_pretrained(gpt2(), tmp_path / "epoch0" / "pretrained").eval()
+    lora = [m.weight for name, m in loaded.named_modules() if name.endswith("lora_A.default")]
+    assert lora and all(w.eq(0).any() for w in lora)  # the masks reached the adapter
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=module.probe).logits, module.expected[0], rtol=0, atol=0)
+
+
 def snapshot(model: nn.Module) -> tuple:
     """Everything a tuner or an evaluation could leave changed: module classes, state, hooks, instance attributes."""
     structure = [(name, type(m), sorted(vars(m)), len(m._forward_pre_hooks), len(m._state_dict_hooks),
