@@ -136,17 +136,17 @@ class BatchSized(TinyModule):
         self.batch_size = 4
 
     def train_dataloader(self):
-        return synthetic_loader(n=256, batch_size=self.batch_size)
+        return synthetic_loader(n=64, batch_size=self.batch_size)
 
 
-@pytest.mark.parametrize("tune", [lambda tuner, m: tuner.lr_find(m, num_training=12),
+@pytest.mark.parametrize("tune", [lambda tuner, m: tuner.lr_find(m, num_training=8),
                                   lambda tuner, m: tuner.scale_batch_size(m, max_trials=2, steps_per_trial=2)],
                          ids=["lr_find", "scale_batch_size"])
 def test_a_tuner_leaves_the_weights_exactly_as_they_were_and_the_fit_after_it_prunes(tune):
     pl.seed_everything(0, verbose=False)
     module = BatchSized()
     before = snapshot(module)
-    trainer = make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.8, plots=False)])
+    trainer = make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.8, plots=False)])
     tune(Tuner(trainer), module)
     assert_unchanged(before, module)
     trainer.fit(module)
