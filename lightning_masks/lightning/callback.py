@@ -38,6 +38,7 @@ from ..masking.masks import (
 )
 from ..masking.outputs import kept_whole
 from ..masking.sharded import is_sharded, local_entries, shard_with_weights
+from ..masking.plain import plain_saves, remove_plain_saves
 from ..masking.targets import TargetSpec, resolve_targets
 from ..selection.coupling import ties_among
 from ..selection.selector import Selector
@@ -253,6 +254,7 @@ class MaskPruningCallback(Callback):
         self._load_hook = None
         self._masked_at_setup = False
         self._excluded: list = []  # what the last attach left out (exclude, and output layers kept whole)
+        self._fit_running = False  # between a fit's setup and its end (on_fit_end or on_exception)
         self.final_layers: list[dict] = []  # the end-of-fit table's rows (stats.layer_rows) of the last fit
 
     # the plan's state, read (and set) on the callback as before
@@ -276,6 +278,7 @@ class MaskPruningCallback(Callback):
         if stage != "fit":
             return
         self.plan = self.plan.fresh()  # each fit starts a new lifecycle; a resume loads its state after setup
+        self._fit_running = True
         self._shown_sparsity = self._logged_step = None
         self._churn = {}
         if getattr(self.schedule, "uses_fractions", False) and unbounded(trainer):
@@ -349,6 +352,7 @@ class MaskPruningCallback(Callback):
         mask_copies(trainer, pl_module)  # e.g. StochasticWeightAveraging's copy, made in its setup before ours
         # configure_optimizers groups what it sees by name and type (minGPT): show it the plain model
         within_configure_optimizers(pl_module, lambda: masks_hidden(pl_module))
+        plain_saves(pl_module)  # a save_pretrained snapshot during fit saves the masked weights under plain keys
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[MaskedTensor]:
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
@@ -526,6 +530,7 @@ class MaskPruningCallback(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._fit_running = False
         restore_configure_model(pl_module)
         restore_configure_optimizers(pl_module)
         self._scores.remove()
@@ -543,6 +548,7 @@ class MaskPruningCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reshard(trainer)
+        self._fit_running = False
         if self._masked:
             self._end_short(trainer, jump=True)
             self.final_layers = sharding.layer_rows(self._masked)
@@ -587,12 +593,21 @@ class MaskPruningCallback(Callback):
             self._load_hook = None
         if stage != "fit" and self.fold_on_fit_end and not self._masked_at_setup:
             fold(pl_module)  # masks restored from a checkpoint for this evaluation only
+        if stage == "fit" and self._fit_running:
+            # A tuner's fit (Tuner.lr_find, scale_batch_size) ends here, with neither on_fit_end nor on_exception,
+            # once it has restored the model's state from before its trial steps: give the weights back as they were.
+            self._fit_running = False
+            if not self._masked_at_setup:
+                detach(pl_module)
+                self._masked = []
         if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):  # a worker of ddp_spawn (or fork)
             if stage == "fit" and self._masked:
                 # The main process loads this state dict into its plain model, non-strictly: masked keys would be
                 # dropped. Folded, it gets the trained function with its exact zeros (the worker's model ends here).
                 fold(pl_module)
                 self._masked = []
+        if not masked_tensors(pl_module):
+            remove_plain_saves(pl_module)
         end_process_group_at_exit()
 
     @override

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from ..masking.kinds import undeclared_layout
 from ..masking.masks import MaskedTensor, keep_bits_cached
 from ..masking.stats import nonzero_counts
 from .distributed import summed_counts
@@ -145,7 +146,8 @@ class Selector:
         return self.tie == "auto"
 
     def check(self, masked: Sequence[MaskedTensor]) -> None:
-        """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M), ``tie`` does not
+        """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M along a declared output
+        axis: :func:`~lightning_masks.masking.kinds.undeclared_layout`), ``tie`` does not
         fit the masked tensors, or ``regrow`` meets compact gates."""
         m = self.grain.m
         compact = [entry.name for entry in masked if getattr(entry.gate, "compact", False)]
@@ -154,6 +156,9 @@ class Selector:
                              "their scores (compact gates, whose pruned scores are a sentinel); attach with "
                              "compact=False")
         for entry in masked:
+            undeclared = undeclared_layout(entry.name, entry.owners, tuple(entry.weight.shape), self.granularity)
+            if m and undeclared:
+                raise ValueError(undeclared)
             row = entry.numel // entry.weight.shape[entry.axis] if entry.weight.dim() > 1 else entry.numel
             if m and row % m:
                 raise ValueError(f"{self.granularity} needs rows divisible by {m}, but {entry.name!r} of shape "

@@ -2,6 +2,6 @@
 files in the zoo's formats and a reader of W&B offline runs (``helpers.datafiles``, ``helpers.wandb_reader``)."""
 
 from .counts import zeros_and_total
-from .models import TiedLM, TinyModule, make_trainer, synthetic_loader
+from .models import TiedLM, TinyModule, TokenModule, make_trainer, synthetic_loader
 
-__all__ = ["TiedLM", "TinyModule", "make_trainer", "synthetic_loader", "zeros_and_total"]
+__all__ = ["TiedLM", "TinyModule", "TokenModule", "make_trainer", "synthetic_loader", "zeros_and_total"]
