@@ -8,10 +8,11 @@ Methods, each on its own copy of the same network, 90% sparse:
     dense (fused)      the same with ``Adam(fused=True)``: the baseline for ``masks`` at equal optimizer kernels
     prune              ``torch.nn.utils.prune`` global L1 masks (what Lightning's ModelPruning installs)
     masks              ``lightning_masks.attach(rescale=True, score_dtype=torch.bfloat16, compact=True)`` +
-                       ``Selector()`` + ``place_scores``, what ``MaskPruningCallback()`` installs: ``w * sigmoid(s) *
-                       scale`` with bfloat16 scores, the keep bits packed apart and one scale a tensor (8.125 bytes
-                       of mask state a weight), scores trained by the user's Adam, which ``place_scores`` switches to
-                       torch's fused kernel (CPU Adam, no choice made)
+                       ``Selector()`` + ``ScoreOptimizers``, what ``MaskPruningCallback()`` installs: ``w *
+                       sigmoid(s) * scale`` with bfloat16 scores, the keep bits packed apart and one scale a tensor
+                       (8.125 bytes of mask state a weight), scores trained by the user's Adam (``mask_lr=None``; the
+                       callback's default steps them with a copy of it, the same kernel), which ``ScoreOptimizers``
+                       switches to torch's fused kernel (CPU Adam, no choice made)
     masks (20 B state) the same with float32 state: float32 scores, the packed keep bits and a float32
                        scale per weight (``attach(rescale=True)``)
     masks (Adam loop)  the same masks with the Adam left as given (torch's per-tensor loop on CPU)
@@ -60,7 +61,7 @@ import quality
 from common import RESULTS, build_model, markdown_table, prunable, sparsity_counts
 
 import lightning_masks
-from lightning_masks.lightning.optim import place_scores
+from lightning_masks.lightning.optim import ScoreOptimizers
 
 SPARSITY = 0.9
 INPUT = {"lenet300": (784,), "lenet5": (1, 28, 28)}
@@ -88,7 +89,7 @@ def with_masks(net: nn.Module, train_scores: bool = True, gate: bool = True, com
 
 
 def fuse(net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    place_scores([optimizer], [], lightning_masks.masked_tensors(net))
+    ScoreOptimizers([optimizer], lightning_masks.masked_tensors(net))
 
 
 #: name -> (network transform, optimizer setup after ``Adam(net.parameters())``).
@@ -98,8 +99,8 @@ METHODS: dict[str, tuple[Callable[[nn.Module], nn.Module], Callable[[nn.Module, 
     "prune": (with_prune, lambda net, optimizer: None),
     "masks": (with_masks, fuse),
     "masks (20 B state)": (lambda net: with_masks(net, compact=False), fuse),
-    "masks (Adam loop)": (with_masks, lambda net, optimizer: place_scores(
-        [optimizer], [], lightning_masks.masked_tensors(net), fuse=False)),
+    "masks (Adam loop)": (with_masks, lambda net, optimizer: ScoreOptimizers(
+        [optimizer], lightning_masks.masked_tensors(net), fuse=False)),
     "masks, scores frozen": (lambda net: with_masks(net, train_scores=False), fuse),
     "masks, gate off": (lambda net: with_masks(net, train_scores=False, gate=False), fuse),
 }
@@ -319,7 +320,7 @@ def render(results: list[dict], evaluations: list[dict], fits: list[dict]) -> st
             f"median of {results[0]['rounds']} rounds of {results[0]['repeat']} steps after warm-up.\n\n"
             "## Training step (forward, backward, Adam step)\n\n"
             "`× dense` compares with the user's network and optimizer as written; `× dense (fused)` with the dense network "
-            "under the fused Adam kernel that `place_scores` gives `masks`: the cost of the masks alone.\n\n"
+            "under the fused Adam kernel that `ScoreOptimizers` gives `masks`: the cost of the masks alone.\n\n"
             + markdown_table(header, rows)
             + "\n\n## Lightning fit (`Trainer.fit`, the module's own Adam), per training step at 90%\n\n"
             + (f"Median of {fits[0]['rounds']} interleaved fits of {fits[0]['steps']} steps an epoch; each fit's fastest "

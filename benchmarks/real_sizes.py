@@ -230,7 +230,8 @@ class Clock(Callback):
         synchronize()
         self.steps.append(now() - self._start)
         if trainer.global_step == trainer.max_steps:
-            self.state = training_state(pl_module, trainer.optimizers)
+            scores = [o for c in trainer.callbacks if isinstance(c, MaskPruningCallback) for o in c.score_optimizers]
+            self.state = training_state(pl_module, [*trainer.optimizers, *scores])  # the scores' copy holds theirs
 
 
 class TimedPruner(MaskPruningCallback):

@@ -3,10 +3,13 @@
 from .export.checkpoints import fold_checkpoint, fold_state_dict
 from .lifecycle.schedule import Schedule, ThresholdSchedule, list_schedules, register_schedule
 from .lightning.callback import MaskPruningCallback
+from .lightning.sharding import full_state_dict, mask_before_sharding
 from .masking.gate import MaskGate
+from .masking.hiding import masks_hidden
 from .masking.initializers import Initializer, get_initializer, list_initializers, register_initializer
 from .masking.kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
 from .masking.masks import attach, fold, masked_tensors
+from .masking.plain import folded_state, plain_state_dict
 from .selection.importance import list_importances, register_importance
 from .selection.selector import Selector
 
@@ -22,13 +25,18 @@ __all__ = [
     "fold",
     "fold_checkpoint",
     "fold_state_dict",
+    "full_state_dict",
+    "folded_state",
     "get_initializer",
     "get_layer_kind",
     "list_importances",
     "list_initializers",
     "list_layer_kinds",
     "list_schedules",
+    "mask_before_sharding",
     "masked_tensors",
+    "masks_hidden",
+    "plain_state_dict",
     "register_importance",
     "register_initializer",
     "register_layer_kind",

@@ -122,20 +122,23 @@ def test_update_every_n_steps_with_a_fractional_end(tiny_module):
 def test_scores_are_trained_by_the_unmodified_configure_optimizers(tiny_module):
     pruner = MaskPruningCallback(fold_on_fit_end=False, mask_lr=None)
     trainer = make_trainer(max_steps=3, callbacks=[pruner])
-    initial = None
+    initial, groups, twins = None, None, None
 
     class Snapshot(Callback):
         def on_train_start(self, trainer, pl_module):
             nonlocal initial
             initial = [e.gate.scores.detach().clone() for e in masked_tensors(pl_module)]
 
+        def on_train_end(self, trainer, pl_module):
+            nonlocal groups, twins
+            groups = [[id(p) for p in g["params"]] for g in trainer.optimizers[0].param_groups]
+            twins = pruner.score_optimizers
+
     trainer.callbacks.append(Snapshot())
     trainer.fit(tiny_module)
-    [optimizer] = trainer.optimizers
-    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     masked = masked_tensors(tiny_module)
-    assert all(id(e.gate.scores) in in_optimizer for e in masked)
-    assert len(optimizer.param_groups) == 1  # with mask_lr=None, left where configure_optimizers put them
+    assert len(groups) == 1  # with mask_lr=None, in the group of their weights
+    assert all(id(e.gate.scores) in groups[0] for e in masked) and twins == []
     assert all(not torch.equal(a, e.gate.scores) for a, e in zip(initial, masked))
 
 
@@ -145,19 +148,26 @@ class ScheduledModule(TinyModule):
         return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
 
 
-def test_mask_lr_and_weight_decay_get_their_own_param_group():
+def test_mask_lr_and_weight_decay_are_the_scores_own_whatever_the_schedule():
     pl.seed_everything(0, verbose=False)
     module = ScheduledModule()
     pruner = MaskPruningCallback(mask_lr=0.1, mask_weight_decay=0.0, fold_on_fit_end=False)
-    trainer = make_trainer(max_epochs=2, callbacks=[pruner])
+    seen = {}
+
+    class Spy(Callback):
+        def on_train_end(self, trainer, pl_module):
+            seen["user"], seen["twins"] = trainer.optimizers, pruner.score_optimizers
+
+    trainer = make_trainer(max_epochs=2, callbacks=[pruner, Spy()])
     trainer.fit(module)
-    [optimizer] = trainer.optimizers
-    user, masks = optimizer.param_groups
+    [optimizer], [twin] = seen["user"], seen["twins"]
+    [user] = optimizer.param_groups  # the scores ride in it, trained by the twin
+    [masks] = twin.param_groups
     scores = {id(e.gate.scores) for e in masked_tensors(module)}
-    assert {id(p) for p in masks["params"]} == scores
-    assert not scores & {id(p) for p in user["params"]}
+    assert {id(p) for p in masks["params"]} == scores and type(twin) is torch.optim.AdamW
     assert masks["weight_decay"] == 0.0 and user["weight_decay"] == 0.05
-    assert masks["lr"] == pytest.approx(0.1 * 0.5**2) and user["lr"] == pytest.approx(1e-2 * 0.5**2)
+    assert masks["lr"] == 0.1 and user["lr"] == pytest.approx(1e-2 * 0.5**2)
+    assert not {id(p) for p in user["params"]} & scores  # taken out again as the fit ends
 
 
 class TwoOptimizers(TinyModule):
@@ -185,13 +195,21 @@ class TwoOptimizers(TinyModule):
 def test_several_optimizers_each_train_the_scores_of_their_weights():
     pl.seed_everything(0, verbose=False)
     module = TwoOptimizers()
-    trainer = make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, mask_lr=0.05, fold_on_fit_end=False)])
+    pruner = MaskPruningCallback(0.5, mask_lr=0.05, fold_on_fit_end=False)
+    twins = []
+
+    class Spy(Callback):
+        def on_train_end(self, trainer, pl_module):
+            twins.extend(pruner.score_optimizers)
+
+    trainer = make_trainer(max_epochs=3, callbacks=[pruner, Spy()])
     trainer.fit(module)
     net_scores = {id(e.gate.scores) for e in masked_tensors(module.net)}
     other_scores = {id(e.gate.scores) for e in masked_tensors(module.other)}
-    first, second = trainer.optimizers
-    assert {id(p) for p in first.param_groups[-1]["params"]} == net_scores
-    assert {id(p) for p in second.param_groups[-1]["params"]} == other_scores
+    first, second = twins
+    assert type(first) is torch.optim.SGD and type(second) is torch.optim.Adam
+    assert {id(p) for p in first.param_groups[0]["params"]} == net_scores
+    assert {id(p) for p in second.param_groups[0]["params"]} == other_scores
     assert sum(int((~e.gate.keep).sum()) for e in masked_tensors(module)) == round(
         0.5 * sum(e.numel for e in masked_tensors(module)))
 
@@ -391,13 +409,15 @@ def test_automatic_ties_need_an_example_input_array(tiny_module):
                   max_epochs=1, callbacks=[MaskPruningCallback(tie="auto")])
 
 
-@pytest.mark.parametrize("strategy", [FSDPStrategy(), ModelParallelStrategy()])
-def test_sharding_strategies_are_refused(strategy):
-    # FSDP and model parallelism need GPUs to run, so the decision is tested on the real strategy objects
-    with pytest.raises(ValueError, match=rf"does not support the {type(strategy).__name__} strategy.*'ddp_spawn'"):
-        check_strategy(strategy)
+def test_fsdp1_is_refused_naming_what_works():
+    # Lightning refuses FSDPStrategy on CPU itself, so the decision is tested on the real strategy object; FSDP2
+    # (ModelParallelStrategy) runs in tests/test_fsdp.py
+    works = r"ModelParallelStrategy\(data_parallel_size=<devices>, tensor_parallel_size=1\)"
+    with pytest.raises(ValueError, match=r"does not support the FSDPStrategy strategy.*'ddp_spawn'.*" + works):
+        check_strategy(FSDPStrategy())
     check_strategy(DDPStrategy())
     check_strategy(SingleDeviceStrategy("cpu"))
+    check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
 
 
 @pytest.mark.parametrize("stage", ["validate", "test", "predict"])

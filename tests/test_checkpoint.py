@@ -11,9 +11,15 @@ from lightning_masks import MaskPruningCallback, fold_checkpoint, masked_tensors
 from lightning_masks.masking.layout import group_mask_keys, saved_keep
 
 
-def fit(tmp_path, max_epochs, ckpt_path=None, **callback_kwargs):
+class Scheduled(TinyModule):
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)]
+
+
+def fit(tmp_path, max_epochs, ckpt_path=None, module_cls=TinyModule, **callback_kwargs):
     pl.seed_everything(0, verbose=False)
-    module = TinyModule()
+    module = module_cls()
     pruner = MaskPruningCallback(0.8, end=4, fold_on_fit_end=False, **callback_kwargs)
     saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
     trainer = make_trainer(max_epochs=max_epochs, callbacks=[pruner, saver], deterministic=True,
@@ -22,14 +28,18 @@ def fit(tmp_path, max_epochs, ckpt_path=None, **callback_kwargs):
     return module, pruner, trainer
 
 
-def test_resume_mid_schedule_reaches_the_same_masks_position_and_metrics(tmp_path):
-    whole, whole_pruner, whole_trainer = fit(tmp_path / "whole", 6, mask_lr=0.05, update_every=1)
+@pytest.mark.parametrize("module_cls, options", [(TinyModule, {"mask_lr": 0.05}),
+                                                 (Scheduled, {"mask_lr": None, "mask_weight_decay": 0.0})])
+def test_resume_mid_schedule_reaches_the_same_masks_position_and_metrics(tmp_path, module_cls, options):
+    """The scores' optimizer resumes too: its state, and (``mask_lr=None``) the scheduled lr it follows."""
+    whole, whole_pruner, whole_trainer = fit(tmp_path / "whole", 6, module_cls=module_cls, update_every=1,
+                                             **options)
     checkpoint = tmp_path / "whole" / "epoch=1.ckpt"
     state = torch.load(checkpoint, weights_only=False)
     [callback_state] = [v for k, v in state["callbacks"].items() if k.startswith("MaskPruningCallback")]
     assert 0 < callback_state["target"] < 0.8  # mid-schedule
-    resumed, resumed_pruner, resumed_trainer = fit(tmp_path / "resumed", 6, ckpt_path=checkpoint, mask_lr=0.05,
-                                                   update_every=1)
+    resumed, resumed_pruner, resumed_trainer = fit(tmp_path / "resumed", 6, ckpt_path=checkpoint,
+                                                   module_cls=module_cls, update_every=1, **options)
     assert (resumed_pruner.position, resumed_pruner.target, resumed_pruner.pruned) == (
         whole_pruner.position, whole_pruner.target, whole_pruner.pruned)
     for a, b in zip(masked_tensors(whole), masked_tensors(resumed)):

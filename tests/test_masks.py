@@ -1,6 +1,5 @@
 """The parametrization, target selection, attach and fold, without a Trainer."""
 
-import copy
 
 import pytest
 import torch
@@ -296,53 +295,6 @@ def test_gate_forward_values_are_unchanged_under_cached_evaluation():
     training = model(x)
     with torch.no_grad(), parametrize.cached():
         assert torch.equal(model(x), training.detach())
-
-
-def test_place_scores_switches_cpu_adam_holding_scores_or_masked_weights_to_the_fused_kernel():
-    from lightning_masks.lightning.optim import place_scores
-
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    masked = attach(model)
-    chosen = torch.optim.Adam(model.parameters(), foreach=False)
-    default = torch.optim.Adam(model.parameters())
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    for optimizer in (chosen, default, sgd):
-        place_scores([optimizer], [], masked)
-    assert default.param_groups[0]["fused"] is True  # no choice made: the fused kernel
-    assert chosen.param_groups[0]["fused"] is None and chosen.param_groups[0]["foreach"] is False  # user's choice
-    assert sgd.param_groups[0].get("fused") is None  # only Adam/AdamW
-    kept = torch.optim.Adam(model.parameters())
-    place_scores([kept], [], masked, fuse=False)
-    assert kept.param_groups[0]["fused"] is None
-    # scores in a group of their own: the masked weights' group gets the fused kernel too (their pruned entries'
-    # gradients are exact zeros as well); a group of other parameters only is left alone
-    others = nn.Linear(2, 2)
-    split = torch.optim.Adam([{"params": list(model.parameters())}, {"params": list(others.parameters())}])
-    place_scores([split], [], masked, lr=0.01)
-    weights, other, scores = split.param_groups
-    assert weights["fused"] is True and scores["fused"] is True and other["fused"] is None
-    assert {id(p) for p in scores["params"]} == {id(entry.gate.scores) for entry in masked}
-
-
-def test_fused_adam_trains_masks_like_the_loop():
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
-    results = []
-    for fuse in (False, True):
-        from lightning_masks.lightning.optim import place_scores
-
-        model = copy.deepcopy(base)
-        masked = attach(model, rescale=True)
-        prune(masked[0].gate, slice(None, None, 2), flat=True)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        place_scores([optimizer], [], masked, fuse=fuse)
-        x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
-        for _ in range(20):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        results.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*results))
 
 
 def test_masked_module_works_under_torch_func_transforms():

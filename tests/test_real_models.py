@@ -141,6 +141,59 @@ def test_a_registered_user_layer_is_masked_by_default_along_its_output_axis():
     assert [(e.name, tuple(e.gate.scores.shape)) for e in masked] == [("0.w", (1, 4)), ("2.weight", (2, 1))]
 
 
+class OwnConv1D(nn.Module):
+    """A user's copy of GPT-2's Conv1D: ``y = x @ weight + bias`` with ``weight`` stored ``(in, out)``."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.randn(in_features, out_features) * 0.3)
+        self.bias = nn.Parameter(torch.randn(out_features) * 0.1)
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class OwnConv1DModule(TinyModule):
+    """TinyModule whose hidden layer is the user's Conv1D copy."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=16)
+        self.net[0] = OwnConv1D(16, 8)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "2:4"])
+def test_structured_masks_on_a_layer_of_no_registered_kind_are_refused_before_any_step(granularity):
+    module = OwnConv1DModule()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    pruner = MaskPruningCallback(granularity=granularity, targets=[OwnConv1D, nn.Linear], end=1, plots=False)
+    with pytest.raises(ValueError, match=rf"granularity='{granularity}' needs to know which axis of 'net.0.weight'.*"
+                                         r"not a registered layer kind.*register_layer_kind\(OwnConv1D, output_axis"):
+        fit(module, pruner, limit_train_batches=2)
+    assert not masked_tensors(module)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_element_masks_on_a_layer_of_no_registered_kind_still_work():
+    pl.seed_everything(0, verbose=False)
+    module = OwnConv1DModule()
+    fit(module, MaskPruningCallback(0.5, targets=[OwnConv1D, nn.Linear], end=1, plots=False), limit_train_batches=2)
+    zeros = int(module.net[0].weight.eq(0).sum())
+    assert zeros == pytest.approx(0.5 * module.net[0].weight.numel(), abs=0.15 * module.net[0].weight.numel())
+
+
+def test_a_layer_registered_with_its_axis_gets_channel_masks_on_its_outputs():
+    pl.seed_everything(0, verbose=False)
+    register_layer_kind(OwnConv1D, output_axis=1)
+    module = OwnConv1DModule()
+    fit(module, MaskPruningCallback(0.5, granularity="channel", end=1, plots=False), limit_train_batches=2)
+    weight, bias = module.net[0].weight, module.net[0].bias
+    dead = weight.eq(0).all(0)  # whole output columns
+    assert 0 < int(dead.sum()) < weight.shape[1] and not weight.eq(0).all(1).any()
+    assert bias[dead].eq(0).all() and bias[~dead].ne(0).all()
+
+
 # ----------------------------------------------------------------------------------------- transformers
 def test_gpt2_masks_the_blocks_conv1d_weights_and_leaves_the_tied_embedding_whole(caplog, monkeypatch):
     module = HFModule(gpt2())
@@ -254,7 +307,8 @@ def test_output_layers_none_prunes_the_classifier_too():
 def test_channel_pruning_keeps_a_tied_lm_head_whole_when_types_select_it():
     module = HFModule(gpt2())
     module.example_input_array = torch.randint(0, VOCAB, (2, 8))
-    pruner = MaskPruningCallback(0.5, granularity="channel", targets=[Conv1D, nn.Embedding], end=1, plots=False)
+    pruner = MaskPruningCallback(0.5, granularity="channel", targets=[Conv1D, nn.Embedding], end=1, plots=False,
+                                 exclude=["model.transformer.wpe"])  # no layer kind says which axis is a channel
     fit(module, pruner, limit_train_batches=2)
     assert module.model.lm_head.weight.ne(0).any(1).all()  # the whole vocabulary survives
     assert module.model.transformer.h[0].mlp.c_fc.weight.eq(0).all(0).any()  # c_fc lost output channels

@@ -164,7 +164,7 @@ def test_report_groups_seeds_into_configurations_and_marks_those_indistinguishab
 def test_the_sweep_plot_draws_error_bars_for_configurations(tmp_path):
     import matplotlib.image
 
-    from lightning_masks.lightning.plots import plot_sweep
+    from lightning_masks.app.sweep_plot import plot_sweep
 
     rows = [{"init": "magnitude", "sparsity": s, "test_acc": 0.9 - s / 10, "seeds": 3, "noise_used": False}
             for s in (0.5, 0.9)]

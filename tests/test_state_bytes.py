@@ -49,11 +49,13 @@ class StateBytes(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx != 2 or trainer.current_epoch:  # the ramp has pruned entries by then (update_every=1)
             return
-        optimizer = trainer.optimizers[0]
+        [pruner] = [c for c in trainer.callbacks if isinstance(c, MaskPruningCallback)]
+        optimizers = [*pruner.score_optimizers, *trainer.optimizers]  # the scores' copy of AdamW holds their state
         for entry in masked_tensors(pl_module):
             gate = entry.gate
-            assert gate.scores.grad is not None and optimizer.state[gate.scores]
-            tensors = [gate.scores, gate.scores.grad, *optimizer.state[gate.scores].values(), *gate.buffers()]
+            [state] = [o.state[gate.scores] for o in optimizers if o.state.get(gate.scores)]
+            assert gate.scores.grad is not None
+            tensors = [gate.scores, gate.scores.grad, *state.values(), *gate.buffers()]
             for tensor in tensors:
                 if tensor.dim():
                     self.per_weight += nbytes(tensor)

@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from scipy.stats import ttest_ind
 
-from ..lightning.plots import plot_sweep
+from .sweep_plot import plot_sweep
 from .train import RESULT_FILE
 
 __all__ = ["ALPHA", "COLUMNS", "CONFIG_COLUMNS", "collect", "configs_to_markdown", "expected_jobs", "group_seeds",
@@ -44,7 +44,7 @@ OVERRIDES = Path(".hydra") / "overrides.yaml"
 CONFIG = Path(".hydra") / "config.yaml"
 
 
-def expected_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
+def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     """Return the override lists of every job a basic-sweeper sweep launches, or ``None`` when unknown.
 
     Expands the sweep's ``multirun.yaml`` as Hydra's basic sweeper does (command-line overrides and
@@ -59,18 +59,23 @@ def expected_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
         return None
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
-    parsed = OverridesParser.create().parse_overrides(arguments)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    choices: dict[str, list[str]] = {}  # the basic sweeper's product: a later override of a key replaces an earlier
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        values = override.sweep_string_iterator() if override.is_sweep_override() else [
+            override.get_value_element_as_str()]
+        choices[key] = [f"{key}={value}" for value in values]
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
-def _load_json(path: Path) -> Optional[dict]:
+def _load_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _override(overrides: Sequence[str], key: str) -> Optional[str]:
+def _override(overrides: Sequence[str], key: str) -> str | None:
     for item in overrides:
         name, _, value = item.partition("=")
         if name.lstrip("+~") == key:
@@ -265,7 +270,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
             writer.writerow({c: " ".join(row["overrides"]) if c == "overrides" else row.get(c) for c in COLUMNS})
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightning-masks-report``: exit status 0 when every job is ok, 2 when some are not."""
     parser = argparse.ArgumentParser(prog="lightning-masks-report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="the folder of a sweep (multirun/DATE/TIME)")

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..masking.inputs import as_arguments
 from ..masking.masks import fold
-from .checkpoints import fold_checkpoint, fold_state_dict, load_checkpoint
+from .checkpoints import checkpoint_globals, fold_checkpoint, fold_state_dict, load_checkpoint
 from .files import atomic_write
 from .shrink import ShrinkReport, shrink
 from .sparse_file import SparseFileInfo, load_sparse, save_sparse
@@ -26,6 +26,7 @@ from .sparse_file import SparseFileInfo, load_sparse, save_sparse
 __all__ = [
     "ShrinkReport",
     "SparseFileInfo",
+    "export_program",
     "fold",
     "fold_checkpoint",
     "fold_state_dict",
@@ -38,12 +39,17 @@ __all__ = [
 ]
 
 
+def export_program(model: nn.Module, example_inputs) -> torch.export.ExportedProgram:
+    """``model`` as a ``torch.export`` program whose batch size is free (not just the example's)."""
+    args, kwargs = as_arguments(example_inputs)
+    batch = tuple({0: torch.export.Dim.DYNAMIC} for _ in (*args, *kwargs))
+    return torch.export.export(model.eval(), args, kwargs, dynamic_shapes=batch)
+
+
 def save_program(model: nn.Module, example_inputs, destination: Union[str, os.PathLike]) -> Path:
     """Save ``model`` as a ``torch.export`` program (batch size free): ``torch.export.load(path).module()`` runs it
     with no class of the model importable."""
-    args, kwargs = as_arguments(example_inputs)
-    batch = tuple({0: torch.export.Dim.DYNAMIC} for _ in (*args, *kwargs))  # any batch size, not just the example's
-    program = torch.export.export(model.eval(), args, kwargs, dynamic_shapes=batch)
+    program = export_program(model, example_inputs)
     return atomic_write(destination, lambda temporary: torch.export.save(program, temporary))
 
 
@@ -88,21 +94,62 @@ def _parser() -> argparse.ArgumentParser:
                         help="the LightningModule class of the checkpoint (needed by --shrink)")
     parser.add_argument("--input-shape", type=_input_shape, metavar="B,C,H,W",
                         help="shape of an example batch of random inputs (needed by --shrink), e.g. 8,1,28,28")
+    parser.add_argument("--input-dtype", choices=sorted(_INPUT_DTYPES), default="float",
+                        help="dtype of the example inputs: float (Gaussian noise) or long (token ids, uniform in "
+                             "[0, --input-high))")
+    parser.add_argument("--input-high", type=int, metavar="N",
+                        help="with --input-dtype long, one more than the largest token id (default: the model's "
+                             "config.vocab_size, or its first embedding's size)")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="read a checkpoint holding objects beyond tensors and plain data (unpickling them can "
+                             "run code): only for a file you trust")
     return parser
 
 
-def _shrink_checkpoint(args: argparse.Namespace, cls: type, output: Path) -> None:
-    """Load the folded checkpoint into ``cls``, shrink it, write the program and print the savings."""
+_INPUT_DTYPES = {"float": torch.float32, "long": torch.int64}
+
+
+def _vocabulary(model: nn.Module) -> Optional[int]:
+    """The number of token ids ``model`` takes: a ``config.vocab_size`` (transformers) or its first embedding's."""
+    for module in model.modules():
+        size = getattr(getattr(module, "config", None), "vocab_size", None)
+        if isinstance(size, int):
+            return size
+    return next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def _example(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
+    """The example batch of ``--input-shape``: Gaussian noise, or token ids below ``--input-high``."""
+    generator = torch.Generator().manual_seed(0)
+    if args.input_dtype == "float":
+        return torch.randn(*args.input_shape, generator=generator)
+    high = args.input_high or _vocabulary(model)
+    if not high or high < 1:
+        raise ValueError(f"--input-dtype long needs --input-high N (token ids in [0, N)); {type(model).__name__} has "
+                         "no config.vocab_size or embedding to take it from")
+    return torch.randint(0, high, args.input_shape, generator=generator)
+
+
+def _shrunk_program(args: argparse.Namespace, cls: type) -> tuple[torch.export.ExportedProgram, ShrinkReport]:
+    """Load the folded checkpoint into ``cls``, shrink it and export it, writing nothing."""
     with tempfile.TemporaryDirectory() as folder:
-        model = cls.load_from_checkpoint(fold_checkpoint(args.checkpoint, Path(folder) / "folded.ckpt"),
-                                         map_location="cpu")
-    example = torch.randn(*args.input_shape, generator=torch.Generator().manual_seed(0))
+        folded = fold_checkpoint(args.checkpoint, Path(folder) / "folded.ckpt", trust_pickle=args.unsafe_pickle)
+        with checkpoint_globals():
+            model = cls.load_from_checkpoint(folded, map_location="cpu", weights_only=not args.unsafe_pickle)
+    example = _example(args, model)
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as error:
+        raise ValueError(f"{cls.__name__} does not run on --input-shape {','.join(map(str, args.input_shape))} "
+                         f"--input-dtype {args.input_dtype} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                         "give the shape and dtype it takes (token ids: --input-dtype long)") from error
     small, report = shrink(model, example)
-    program = save_program(small, example, output.with_suffix(".pt2"))
-    print(f"wrote {program}: {report.params_after:,} of {report.params_before:,} parameters "
-          f"({report.params_after / report.params_before:.3f}), {sum(report.removed.values())} channels removed")
-    for name, reason in report.skipped.items():
-        print(f"  kept {name}: {reason}")
+    try:
+        return export_program(small, example), report
+    except Exception as error:
+        raise ValueError(f"torch.export could not export the shrunk {type(model).__name__} ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]}); export it without --shrink") from error
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -113,12 +160,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("--shrink needs --module-class pkg.mod:ClassName and --input-shape B,C,H,W")
     output = args.output or args.checkpoint.with_suffix(".safetensors")
     try:
-        cls = _module_class(args.module_class) if args.shrink else None  # fail before writing anything
-        info = save_sparse(fold_state_dict(load_checkpoint(args.checkpoint)["state_dict"]), output)
+        state = fold_state_dict(load_checkpoint(args.checkpoint, trust_pickle=args.unsafe_pickle)["state_dict"])
+        shrunk = _shrunk_program(args, _module_class(args.module_class)) if args.shrink else None  # before writing
+        info = save_sparse(state, output)
         print(f"wrote {info.path}: {info.sparse_bytes:,} bytes, {info.ratio:.3f} of the dense state dict "
               f"({info.dense_bytes:,} bytes); {info.sparse_tensors} tensors stored sparse")
-        if args.shrink:
-            _shrink_checkpoint(args, cls, output)
+        if shrunk is not None:
+            program, report = shrunk
+            path = atomic_write(output.with_suffix(".pt2"), lambda temporary: torch.export.save(program, temporary))
+            print(f"wrote {path}: {report.params_after:,} of {report.params_before:,} parameters "
+                  f"({report.params_after / report.params_before:.3f}), {sum(report.removed.values())} channels "
+                  "removed")
+            for name, reason in report.skipped.items():
+                print(f"  kept {name}: {reason}")
     except ValueError as error:
         parser.error(str(error))
 

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-import safetensors.torch
 import torch
 from torch import Tensor
 
+from .._extras import extra
 from ..masking.bits import pack_rows, unpack_rows
 from .files import atomic_write
+
+with extra("export"):
+    import safetensors.torch
 
 __all__ = ["SparseFileInfo", "dense_size", "load_sparse", "pack_bits", "save_sparse", "unpack_bits"]
 

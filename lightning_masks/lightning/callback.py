@@ -23,8 +23,8 @@ from typing_extensions import override
 
 from ..lifecycle.plan import Plan
 from ..lifecycle.schedule import ScheduleSpec, ThresholdSchedule, get_schedule
-from ..masking import stats
 from ..masking.gate import cached_gates
+from ..masking.hiding import masks_hidden
 from ..masking.initializers import InitSpec, get_initializer
 from ..masking.loading import restore_masks_on_load
 from ..masking.masks import (
@@ -36,10 +36,12 @@ from ..masking.masks import (
     masked_tensors,
 )
 from ..masking.outputs import kept_whole
+from ..masking.sharded import is_sharded, local_entries, shard_with_weights
+from ..masking.plain import plain_saves, remove_plain_saves
 from ..masking.targets import TargetSpec, resolve_targets
 from ..selection.coupling import ties_among
 from ..selection.selector import Selector
-from . import fit_report, loggers
+from . import fit_report, loggers, sharding
 from .arguments import (
     check_flags,
     check_output_layers,
@@ -51,7 +53,7 @@ from .arguments import (
     selector_of,
 )
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze
-from .optim import place_scores
+from .optim import ScoreOptimizers
 from .trainer import (
     after_configure_model,
     check_strategy,
@@ -59,9 +61,12 @@ from .trainer import (
     first_batch,
     one_pass,
     restore_configure_model,
+    restore_configure_optimizers,
+    step_clock,
     training_length,
     training_loss,
     unbounded,
+    within_configure_optimizers,
 )
 
 __all__ = ["MaskPruningCallback"]
@@ -88,13 +93,15 @@ class MaskPruningCallback(Callback):
         start, end: the ramp of a named schedule: ``int`` epochs or ``float`` fractions of training (for
             steps, pass a :class:`~lightning_masks.lifecycle.schedule.Schedule` with ``unit="step"``). Default: over the
             first two thirds.
-        update_every: when the keep-masks are updated: ``"auto"`` (every N optimizer steps, N a function of the
-            fit's length and ramp only, :func:`~lightning_masks.lifecycle.plan.auto_interval`: about 100 updates
-            over the ramp, as a finer ramp prunes better, benchmarks/results/study_cadence.md, but on a short fit
-            no more than keep updates near 5% of its steps, counting an update as one step on a single example),
-            ``"epoch"`` (as each epoch starts) or an int ``N`` (every N steps). Updates whose target equals the
-            last one are skipped (nothing would change). A callable ``schedule`` is called per epoch under
-            ``"auto"``. Seeded runs repeat bit for bit.
+        update_every: when the keep-masks are updated (steps are optimizer steps, or batches in manual
+            optimization, where Lightning's ``global_step`` counts every optimizer's steps): ``"auto"`` (every N
+            steps, N a function of the fit's length and ramp only,
+            :func:`~lightning_masks.lifecycle.plan.auto_interval`: about 100 updates over the ramp, as a finer ramp
+            prunes better, benchmarks/results/study_cadence.md, but on a short fit few enough to keep updates near
+            5% of its steps, counting an update as one step on a single example), ``"epoch"`` (as each epoch
+            starts) or an int ``N`` (every N steps). Updates whose target equals the last one are skipped (nothing
+            would change). A callable ``schedule`` is called per epoch under ``"auto"``. Seeded runs repeat bit
+            for bit.
         update_budget: opt-in, under ``"auto"``: the most that mask updates may take of the measured training
             time (e.g. 0.05): from the measured mean update and step times
             (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`) the interval is widened where needed, rank zero
@@ -138,13 +145,16 @@ class MaskPruningCallback(Callback):
             that add into one residual stream, so that export can remove the stream's pruned channels.
             ``"auto"``: the masked BatchNorms whose channels meet in a sum
             (:func:`~lightning_masks.selection.coupling.coupled_channels` on the module's ``example_input_array``).
-        mask_lr, mask_weight_decay: learning rate and weight decay of the scores, in their own param group of
-            the optimizer that trains the weight (default ``mask_lr=0.01``, the weight decay of the weight's
-            group). Both ``None`` leaves the scores where ``configure_optimizers`` put them.
+        mask_lr, mask_weight_decay: learning rate and weight decay of the scores (default ``mask_lr=0.01``, the
+            weight decay of their weight's param group). ``configure_optimizers`` runs on the plain model (the
+            masks hidden: your param groups hold ``fc.weight``, not the scores); the scores then ride in the
+            param group of their weight, and a copy of that optimizer steps them at these settings whenever yours
+            steps (:class:`~lightning_masks.lightning.optim.ScoreOptimizers`): your LR schedulers schedule your
+            groups only. ``None``: the group's value at each step; both ``None``: your optimizer trains them.
         fused_adam: switch the CPU ``Adam``/``AdamW`` param groups that train scores or masked weights, and whose
             ``foreach``/``fused`` you left unset, to torch's fused kernel (``fused=True``): the same update up to
-            float rounding, several times faster on the exactly-zero gradients of pruned entries
-            (:func:`~lightning_masks.lightning.optim.place_scores`). ``False`` leaves your optimizer's groups as they are.
+            float rounding, several times faster on the exactly-zero gradients of pruned entries. ``False`` leaves
+            your optimizer's groups as they are.
         fold_on_fit_end: leave a plain model (no parametrizations, exact zeros) when fit ends.
         early_end: a fit that ends before its ramp does (EarlyStopping, ``max_time``, an exception): ``"warn"``
             (the default) warns with the target and the sparsity reached and folds what was reached; ``"final"``
@@ -241,8 +251,12 @@ class MaskPruningCallback(Callback):
         self._logged_step: Optional[int] = None  # step of the last scalar log, not to log a step twice
         self._shown_sparsity: Optional[float] = None  # the progress bar's masks/sparsity, logged when it moves
         self._masked: list[MaskedTensor] = []
+        self._scores = ScoreOptimizers([], [])  # the scores' optimizers of this fit (optim.py)
+        self._score_states: Optional[list] = None  # their checkpointed state, until they exist
         self._load_hook = None
         self._masked_at_setup = False
+        self._excluded: list = []  # what the last attach left out (exclude, and output layers kept whole)
+        self._fit_running = False  # between a fit's setup and its end (on_fit_end or on_exception)
         self.final_layers: list[dict] = []  # the end-of-fit table's rows (stats.layer_rows) of the last fit
 
     # the plan's state, read (and set) on the callback as before
@@ -266,6 +280,7 @@ class MaskPruningCallback(Callback):
         if stage != "fit":
             return
         self.plan = self.plan.fresh()  # each fit starts a new lifecycle; a resume loads its state after setup
+        self._fit_running = True
         self._shown_sparsity = self._logged_step = None
         self._churn = {}
         if getattr(self.schedule, "uses_fractions", False) and unbounded(trainer):
@@ -277,12 +292,43 @@ class MaskPruningCallback(Callback):
         if self.initializer.needs_grad and not pl_module.automatic_optimization:
             raise ValueError(f"{self.initializer!r} scores one automatic-optimization training step; this module "
                              "uses manual optimization: pick another init")
-        after_configure_model(pl_module, lambda: self._mask(trainer, pl_module))
+        before = None
+        if sharding.model_parallel(trainer):
+            if self.initializer.needs_grad:
+                raise ValueError(f"{self.initializer!r} scores one training step of the dense model, which "
+                                 "ModelParallelStrategy shards only after the masks attach: pick an init computed "
+                                 "from the weights (e.g. init='magnitude')")
+            before = lambda: self.mask_before_sharding(trainer, pl_module, required=False)  # noqa: E731
+        after_configure_model(pl_module, lambda: self._mask(trainer, pl_module), before)
+
+    def mask_before_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, required: bool = True
+                             ) -> None:
+        """Attach the masks to the unsharded module, their per-unit state held as parameters so that ``fully_shard``
+        shards it with the weights (ModelParallelStrategy: called as ``configure_model`` starts, and by
+        :func:`~lightning_masks.lightning.sharding.mask_before_sharding` within it, which masks the layers built
+        since). Without ``required``, a module with nothing to mask yet (its layers built in ``configure_model``) is
+        left for later."""
+        try:
+            pending = resolve_targets(pl_module, self.targets, self.exclude).chosen
+        except ValueError:  # targets naming layers configure_model has yet to build
+            if required:
+                raise
+            return
+        if not pending and (masked_tensors(pl_module) or not required):
+            return  # all masked already, or nothing built yet
+        with frozen_by_finetuning(trainer, pl_module) as thawed:
+            masked = self._attach(trainer, pl_module)
+        refreeze(masked, thawed)
+        shard_with_weights(masked)
 
     def _mask(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach the masks to the built module (after ``setup`` and ``configure_model``, before the optimizers,
         the checkpoint restore and the DDP wrapper), or adopt the ones it has; check them against the selector."""
         attached = not masked_tensors(pl_module)
+        if attached and sharding.model_parallel(trainer):
+            sharding.refuse_unmasked_shards(pl_module)
+        elif sharding.model_parallel(trainer):
+            sharding.warn_built_after_masking(pl_module, self.targets, self._excluded)
         groups = coupled_norms(pl_module) if self.selector.auto_tie else None
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
@@ -299,21 +345,28 @@ class MaskPruningCallback(Callback):
                                    "meet in a sum, and none is masked; add them to targets (e.g. targets=[nn.Linear, "
                                    "nn.Conv2d, nn.BatchNorm2d]) or drop tie='auto'")
             self.selector.check(self._masked)
+            if is_sharded(self._masked):
+                sharding.check_shard_layout(self._masked, self.selector)
         except ValueError:
             if attached:
                 detach(pl_module)
             raise
         mask_copies(trainer, pl_module)  # e.g. StochasticWeightAveraging's copy, made in its setup before ours
+        # configure_optimizers groups what it sees by name and type (minGPT): show it the plain model
+        within_configure_optimizers(pl_module, lambda: masks_hidden(pl_module))
+        plain_saves(pl_module)  # a save_pretrained snapshot during fit saves the masked weights under plain keys
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[MaskedTensor]:
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         init = torch.zeros_like if self.initializer.needs_grad else (
             lambda weight: self.initializer(weight, generator=generator))
-        exclude = self.exclude + self._outputs_kept_whole(trainer, pl_module)
+        exclude = self._excluded = self.exclude + self._outputs_kept_whole(trainer, pl_module)
         resolved = resolve_targets(pl_module, self.targets, exclude)
+        # FSDP2 gathers a module's trainable parameters in one dtype: the scores take their weight's
+        score_dtype = None if sharding.model_parallel(trainer) else self.score_dtype
         masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=self.temperature,
                         rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
-                        score_dtype=self.score_dtype, compact=self.compact)
+                        score_dtype=score_dtype, compact=self.compact)
         self.scores_initialized = not self.initializer.needs_grad
         goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
                 else f"final sparsity {self.sparsity}")
@@ -335,9 +388,23 @@ class MaskPruningCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mask_copies(trainer, pl_module)  # copies made by other callbacks before the masks existed
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        place_scores(trainer.optimizers, schedulers, self._masked, self.mask_lr, self.mask_weight_decay,
-                     fuse=self.fused_adam)
+        lr, weight_decay = self.mask_lr, self.mask_weight_decay
+        if sharding.model_parallel(trainer) and (lr, weight_decay) != (None, None):
+            # a copy's state would be neither sharded nor in the distributed checkpoint: yours trains them
+            rank_zero_warn("lightning_masks: under ModelParallelStrategy your optimizer trains the mask scores in "
+                           f"the param groups of their weights (mask_lr={lr} and mask_weight_decay={weight_decay} "
+                           "are not applied); pass mask_lr=None, mask_weight_decay=None to silence this")
+            lr = weight_decay = None
+        self._scores = ScoreOptimizers(trainer.optimizers, self._masked, lr, weight_decay,
+                                       fuse=self.fused_adam, clip_val=trainer.gradient_clip_val,
+                                       clip_algorithm=trainer.gradient_clip_algorithm)
+        if self._score_states is not None:  # a resume loaded the callback's state before the optimizers existed
+            self._scores.load_state_dict(self._score_states)
+            self._score_states = None
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._scores.stash(optimizer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -360,13 +427,13 @@ class MaskPruningCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clock = None  # the budget times steps within an epoch (not the validation between)
-        self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=True))
+        self._update(trainer, self.plan.due(trainer.current_epoch, step_clock(trainer), epoch_start=True))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         started = time.perf_counter()
-        updated = self._update(trainer, self.plan.due(trainer.current_epoch, trainer.global_step, epoch_start=False))
+        updated = self._update(trainer, self.plan.due(trainer.current_epoch, step_clock(trainer), epoch_start=False))
         if self.plan.budgeted:
             self._account(trainer, started, updated)
 
@@ -378,8 +445,8 @@ class MaskPruningCallback(Callback):
         step = None if self._clock is None else (started - self._clock) * trainer.accumulate_grad_batches
         self._clock = now
         if self.plan.account(step, now - started if updated else None):
-            wanted = trainer.strategy.broadcast(self.plan.wanted_interval(trainer.global_step))
-            self.plan.widen(trainer.global_step, wanted)
+            at = step_clock(trainer)
+            self.plan.widen(at, trainer.strategy.broadcast(self.plan.wanted_interval(at)))
 
     def _update(self, trainer: pl.Trainer, t: Optional[float]) -> bool:
         """Make the update due at ``t`` (if any); return whether a selection ran."""
@@ -391,10 +458,24 @@ class MaskPruningCallback(Callback):
     def _select(self, trainer: pl.Trainer, t: float, target: float) -> None:
         """Set the keep-masks to ``target`` (a sparsity, or a gate threshold) and record the update at ``t``."""
         select = self.selector.threshold if self.plan.by_threshold else self.selector
-        pruned, threshold, self._churn = select(self._masked, target)
-        rows = stats.layer_rows(self._masked)
+        self._reshard(trainer)
+        with sharding.counting(trainer, self._masked):  # over every process's shards under FSDP2
+            pruned, threshold, self._churn = select(local_entries(self._masked), target)
+        rows = sharding.layer_rows(self._masked)
         self.plan.record(t, target, pruned, threshold, [row["name"] for row in rows], [row["sparsity"] for row in rows])
         mask_copies(trainer, trainer.lightning_module)
+
+    def _reshard(self, trainer: pl.Trainer) -> None:
+        """Under FSDP2, read the masks from the shards (a forward without backward leaves the root's gathered)."""
+        if sharding.model_parallel(trainer):
+            sharding.reshard(trainer.lightning_module)
+
+    @property
+    def score_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers that train the scores in this fit (copies of yours at ``mask_lr``), one for each of your
+        optimizers whose param groups hold scores; empty outside a fit, or when yours train them (``mask_lr=None,
+        mask_weight_decay=None``)."""
+        return self._scores.optimizers
 
     # ----------------------------------------------------------------------------------------- logging
     @property
@@ -419,18 +500,25 @@ class MaskPruningCallback(Callback):
         self._log_stats(trainer, histograms=self.log_histograms)
 
     def _log_stats(self, trainer: pl.Trainer, histograms: bool) -> None:
-        if not (trainer.loggers and trainer.is_global_zero and self._masked):
+        # Sharded masks are counted by every process (collective calls); rank zero logs.
+        sharded = sharding.model_parallel(trainer)
+        if not (trainer.loggers and (trainer.is_global_zero or sharded) and self._masked):
             return
+        self._reshard(trainer)
         if self._logged_step != trainer.global_step:
             self._logged_step = trainer.global_step
-            fit_report.log_scalars(trainer, self._masked, self._churn, self.target, self.threshold)
+            fit_report.log_scalars(trainer, self._masked, self._churn, self.target, self.threshold,
+                                   statistics=sharding.mask_stats)
         if histograms:
-            loggers.log_histograms(trainer.loggers, fit_report.histograms(self._masked), trainer.global_step)
+            values = sharding.histograms(self._masked) if sharded else fit_report.histograms(self._masked)
+            if trainer.is_global_zero:
+                loggers.log_histograms(trainer.loggers, values, trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def _cache_gates(self) -> None:
-        """Compute each masked weight once per evaluation loop instead of once per batch."""
-        if self._gate_cache is None:
+    def _cache_gates(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Compute each masked weight once per evaluation loop instead of once per batch (not when sharded: the
+        cache would hold every layer's whole weight at once, which FSDP2 gathers one layer at a time)."""
+        if self._gate_cache is None and not sharding.model_parallel(trainer):
             self._gate_cache = cached_gates()
             self._gate_cache.__enter__()
 
@@ -439,32 +527,46 @@ class MaskPruningCallback(Callback):
             cache, self._gate_cache = self._gate_cache, None
             cache.__exit__(None, None, None)
 
-    on_validation_start = on_test_start = on_predict_start = override(lambda self, *args: self._cache_gates())
+    on_validation_start = on_test_start = on_predict_start = override(_cache_gates)
     on_validation_end = on_test_end = on_predict_end = override(_drop_gate_cache)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._fit_running = False
         restore_configure_model(pl_module)
+        restore_configure_optimizers(pl_module)
+        self._scores.remove()
         self._drop_gate_cache()
         if self._masked and not self._masked_at_setup and self.position is None:
             detach(pl_module)  # failed before any mask update: give the user back the plain model
             self._masked = []
         elif self._masked and self.position is not None:
+            self._reshard(trainer)
             self._end_short(trainer, jump=False)  # warn with what was reached
             if self.fold_on_fit_end:
-                fold(pl_module)
-                self._masked = []
+                self._fold(pl_module)
 
     # ----------------------------------------------------------------------------------------- the end
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reshard(trainer)
+        self._fit_running = False
         if self._masked:
             self._end_short(trainer, jump=True)
-            self.final_layers = stats.layer_rows(self._masked)
-            fit_report.report_fit(trainer, self.final_layers, self._masked, self.history, self.cadence, self.plots)
+            self.final_layers = sharding.layer_rows(self._masked)
+            gates = sharding.gate_histograms(self._masked) if self.plots and sharding.model_parallel(trainer) else None
+            fit_report.report_fit(trainer, self.final_layers, self._masked, self.history, self.cadence, self.plots,
+                                  gates=gates)
         if self.fold_on_fit_end:
-            fold(pl_module)
-            self._masked = []
+            self._fold(pl_module)
+
+    def _fold(self, pl_module: pl.LightningModule) -> None:
+        """Fold the masks into plain weights (sharded ones shard by shard, FSDP2 then gathering the plain weights)."""
+        folded = masked_tensors(pl_module)
+        fold(pl_module)
+        if is_sharded(folded):
+            sharding.repoint_folded(pl_module, folded)
+        self._masked = []
 
     def _end_short(self, trainer: pl.Trainer, jump: bool) -> None:
         """A fit that ended before its ramp: one last update to the final target (``early_end="final"``), or warn."""
@@ -474,7 +576,7 @@ class MaskPruningCallback(Callback):
         final = self.plan.end_target() if jump else None
         if final is not None:
             reached = self.sparsity_now
-            self._select(trainer, self.position if self.position is not None else trainer.global_step, final)
+            self._select(trainer, self.position if self.position is not None else step_clock(trainer), final)
             rank_zero_info(shortfall.message(reached, f"early_end='final' made the last update to the final target "
                                                       f"({self.sparsity_now:.2%} now)"))
             return
@@ -485,26 +587,44 @@ class MaskPruningCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         restore_configure_model(pl_module)
+        restore_configure_optimizers(pl_module)
+        if stage == "fit":
+            self._scores.remove()
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
         if stage != "fit" and self.fold_on_fit_end and not self._masked_at_setup:
             fold(pl_module)  # masks restored from a checkpoint for this evaluation only
+        if stage == "fit" and self._fit_running:
+            # A tuner's fit (Tuner.lr_find, scale_batch_size) ends here, with neither on_fit_end nor on_exception,
+            # once it has restored the model's state from before its trial steps: give the weights back as they were.
+            self._fit_running = False
+            if not self._masked_at_setup:
+                detach(pl_module)
+                self._masked = []
         if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):  # a worker of ddp_spawn (or fork)
             if stage == "fit" and self._masked:
                 # The main process loads this state dict into its plain model, non-strictly: masked keys would be
                 # dropped. Folded, it gets the trained function with its exact zeros (the worker's model ends here).
                 fold(pl_module)
                 self._masked = []
+        if not masked_tensors(pl_module):
+            remove_plain_saves(pl_module)
         end_process_group_at_exit()
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**self.plan.state_dict(), "scores_initialized": self.scores_initialized}
+        return {**self.plan.state_dict(), "scores_initialized": self.scores_initialized,
+                "score_optimizers": self._scores.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.plan.load_state_dict(state_dict)
         self.scores_initialized = state_dict["scores_initialized"]
+        states = state_dict.get("score_optimizers") or None
+        if states is not None and self._scores.optimizers:
+            self._scores.load_state_dict(states)
+        else:
+            self._score_states = states
 
 

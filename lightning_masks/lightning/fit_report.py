@@ -3,9 +3,8 @@ per-layer table, summary and pictures at its end (to the console and whatever lo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -14,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ..masking import stats
 from ..masking.masks import MaskedTensor
 from ..masking.targets import Targets
-from . import loggers, plots
+from . import loggers
 
 __all__ = ["announce", "histograms", "log_scalars", "report_fit"]
 
@@ -53,10 +52,12 @@ def _left_dense(resolved: Targets, outputs: Sequence[str]) -> str:
 
 
 def log_scalars(trainer: pl.Trainer, masked: Sequence[MaskedTensor], churn: Mapping[str, torch.Tensor],
-                target: float, threshold: Optional[float]) -> None:
-    """The ``masks/...`` scalars (:func:`~lightning_masks.masking.stats.mask_stats`, the last update's target and cut) to
-    every logger, with one host sync."""
-    values = stats.mask_stats(masked, churn)
+                target: float, threshold: float | None, *, statistics: Callable = stats.mask_stats) -> None:
+    """The ``masks/...`` scalars (``statistics``: :func:`~lightning_masks.masking.stats.mask_stats`, or its version over
+    every process's shards; the last update's target and cut) to every logger, with one host sync."""
+    values = statistics(masked, churn)
+    if not trainer.is_global_zero:  # a rank that only took part in counting its shards
+        return
     numbers = torch.stack([v.float().cpu() for v in values.values()]).tolist()  # the one host sync
     metrics = {f"masks/{key}": number for key, number in zip(values, numbers)}
     metrics["masks/global/target"] = target
@@ -82,11 +83,13 @@ def histograms(masked: Sequence[MaskedTensor]) -> dict[str, tuple[torch.Tensor, 
 
 
 def report_fit(trainer: pl.Trainer, rows: Sequence[Mapping], masked: Sequence[MaskedTensor], history: Mapping,
-               unit: str, pictures: bool) -> None:
+               unit: str, pictures: bool, *, gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+               ) -> None:
     """The end-of-fit console table of ``rows`` (:func:`~lightning_masks.masking.stats.layer_rows`, printed by
     :func:`~lightning_masks.masking.stats.format_layer_table`), the loggers' table and summary and, with ``pictures``, each
     layer's sparsity over training (``history``, positions in ``unit``) and the gate histograms of ``masked`` as PNGs
-    in the run folder, logged to W&B."""
+    in the run folder, logged to W&B. ``gates``: those histograms when the caller has them (over every process's
+    shards), else they are taken from ``masked``."""
     rank_zero_info(stats.format_layer_table(rows))
     if not trainer.loggers:
         return
@@ -99,11 +102,23 @@ def report_fit(trainer: pl.Trainer, rows: Sequence[Mapping], masked: Sequence[Ma
     summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k})
     loggers.log_summary(trainer.loggers, summary)
     if pictures:
-        gates = {name: (c.cpu().numpy(), e.cpu().numpy()) for name, (c, e) in gate_histograms(masked).items()}
-        images = {
-            "masks/sparsity_over_training": plots.sparsity_over_training(
-                history["layers"], history["sparsity"], history["positions"], folder / "sparsity_over_training.png",
-                unit=unit),
-            "masks/gate_histograms": plots.gate_histograms(gates, folder / "gate_histograms.png"),
-        }
-        loggers.log_images(trainer.loggers, images, trainer.global_step)
+        if gates is None:
+            gates = gate_histograms(masked)
+        loggers.log_images(trainer.loggers, _draw(gates, history, unit, folder), trainer.global_step)
+
+
+def _draw(gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], history: Mapping, unit: str,
+          folder: Path) -> dict[str, Path]:
+    """The pictures as PNG files in ``folder``; none, with a warning naming the extra, without matplotlib."""
+    try:
+        from . import plots
+    except ImportError as error:
+        rank_zero_warn(f"lightning_masks: no pictures drawn ({error}); or pass plots=False")
+        return {}
+    arrays = {name: (counts.cpu().numpy(), edges.cpu().numpy()) for name, (counts, edges) in gates.items()}
+    return {
+        "masks/sparsity_over_training": plots.sparsity_over_training(
+            history["layers"], history["sparsity"], history["positions"], folder / "sparsity_over_training.png",
+            unit=unit),
+        "masks/gate_histograms": plots.gate_histograms(arrays, folder / "gate_histograms.png"),
+    }

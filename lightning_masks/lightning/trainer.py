@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -22,18 +23,26 @@ from lightning.pytorch.utilities import CombinedLoader
 
 from ..masking.inputs import call_with
 from ..selection.coupling import coupled_channels
+from .sharding import check_model_parallel
 
 __all__ = ["after_configure_model", "check_strategy", "coupled_norms", "first_batch", "logging_disabled", "one_pass",
-           "restore_configure_model", "training_length", "training_loss", "unbounded"]
+           "restore_configure_model", "restore_configure_optimizers", "step_clock", "training_length", "training_loss",
+           "unbounded", "within_configure_optimizers"]
 
 
 def check_strategy(strategy: Any) -> None:
-    """Raise ``ValueError`` for a strategy that shards or wraps parameters (only a single device and DDP are safe)."""
-    unsupported = isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
+    """Raise ``ValueError`` for a strategy whose sharding or wrapping the masks do not follow: a single device, DDP
+    and FSDP2 through ``ModelParallelStrategy`` (without tensor parallelism) are supported."""
+    if isinstance(strategy, ModelParallelStrategy):
+        check_model_parallel(strategy)
+        return
+    unsupported = isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy))
     if unsupported or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise ValueError(
             f"MaskPruningCallback does not support the {type(strategy).__name__} strategy: it shards or wraps "
-            "parameters, which would give wrong masks. Use a single device, 'ddp' or 'ddp_spawn'"
+            "parameters, which would give wrong masks. Use a single device, 'ddp', 'ddp_spawn', or FSDP2 through "
+            "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with fully_shard in "
+            "configure_model"
         )
 
 
@@ -42,15 +51,30 @@ def unbounded(trainer: pl.Trainer) -> bool:
 
 
 def training_length(trainer: pl.Trainer) -> tuple[float, float]:
-    """Return ``(total optimizer steps, optimizer steps per epoch)`` of this fit."""
+    """Return ``(total steps, steps per epoch)`` of this fit, in the unit of :func:`step_clock`.
+
+    In manual optimization Lightning's ``max_steps`` bounds ``global_step``, which counts every optimizer's steps:
+    the fit is taken to step each of its optimizers once a batch (a GAN's generator and discriminator).
+    """
     per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches) \
         if math.isfinite(trainer.num_training_batches) else math.inf
     by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
     by_steps = trainer.max_steps if trainer.max_steps != -1 else math.inf
+    if not trainer.lightning_module.automatic_optimization:
+        by_steps = math.ceil(by_steps / max(len(trainer.optimizers), 1)) if math.isfinite(by_steps) else by_steps
     total = min(by_epochs, by_steps)
     if not math.isfinite(per_epoch):
         per_epoch = total
     return total, max(per_epoch, 1)
+
+
+def step_clock(trainer: pl.Trainer) -> int:
+    """The steps the ramp counts: optimizer steps (``global_step``) in automatic optimization; in manual
+    optimization, where ``global_step`` counts every optimizer's steps (two a batch in a GAN), the batches that
+    stepped (the step Lightning's loggers use)."""
+    if trainer.lightning_module.automatic_optimization:
+        return trainer.global_step
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 @contextmanager
@@ -63,30 +87,68 @@ def logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
         del pl_module.log, pl_module.log_dict
 
 
-def after_configure_model(pl_module: pl.LightningModule, then: Callable[[], None]) -> None:
-    """Make the module's next ``configure_model`` call ``then()`` once it has run.
+def after_configure_model(pl_module: pl.LightningModule, then: Callable[[], None],
+                          before: Optional[Callable[[], None]] = None) -> None:
+    """Make the module's next ``configure_model`` call ``then()`` once it has run (and ``before()`` first, e.g. to
+    mask the layers that exist already before ``configure_model`` shards them).
 
     Lightning builds layers in ``LightningModule.setup`` and ``configure_model`` after every callback's ``setup``,
     then restores the checkpoint, wraps the module (DDP) and creates the optimizers: masks attached right after
     ``configure_model`` see every layer and are in place for all of that. The wrapper is an instance attribute
     (so Lightning calls it even when the class does not override the hook) that removes itself when called.
     """
-    restore_configure_model(pl_module)
-    build = pl_module.configure_model
-
-    def configure_model() -> None:
+    def configure_model(build: Callable[[], None]) -> None:
         restore_configure_model(pl_module)
+        if before is not None:
+            before()
         build()
         then()
 
-    configure_model.masks_wrapper = True
-    pl_module.configure_model = configure_model
+    _wrap_hook(pl_module, "configure_model", configure_model)
 
 
 def restore_configure_model(pl_module: pl.LightningModule) -> None:
     """Remove the wrapper of :func:`after_configure_model`, if it is still there."""
-    if getattr(pl_module.__dict__.get("configure_model"), "masks_wrapper", False):
-        del pl_module.configure_model
+    _unwrap_hook(pl_module, "configure_model")
+
+
+def within_configure_optimizers(pl_module: pl.LightningModule, context: Callable[[], ContextManager]) -> None:
+    """Run the module's next ``configure_optimizers`` within ``context()``; like :func:`after_configure_model`'s,
+    the wrapper removes itself when called (a module holding it could not be pickled or copied faithfully)."""
+    def configure_optimizers(build: Callable[[], Any]) -> Any:
+        restore_configure_optimizers(pl_module)
+        with context():
+            return build()
+
+    _wrap_hook(pl_module, "configure_optimizers", configure_optimizers)
+
+
+def restore_configure_optimizers(pl_module: pl.LightningModule) -> None:
+    """Remove the wrapper of :func:`within_configure_optimizers`, if it is still there."""
+    _unwrap_hook(pl_module, "configure_optimizers")
+
+
+def _wrap_hook(pl_module: pl.LightningModule, name: str, wrapper: Callable[..., Any]) -> None:
+    """Make ``pl_module.<name>()`` call ``wrapper(the hook as it was)``, as an instance attribute that
+    :func:`_unwrap_hook` removes, giving back an instance attribute that was there (LightningCLI sets one)."""
+    _unwrap_hook(pl_module, name)
+    previous, build = pl_module.__dict__.get(name), getattr(pl_module, name)
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        return wrapper(lambda: build(*args, **kwargs))
+
+    hook.masks_previous = previous
+    setattr(pl_module, name, hook)
+
+
+def _unwrap_hook(pl_module: pl.LightningModule, name: str) -> None:
+    hook = pl_module.__dict__.get(name)
+    if hook is None or not hasattr(hook, "masks_previous"):
+        return
+    if hook.masks_previous is None:
+        delattr(pl_module, name)
+    else:
+        setattr(pl_module, name, hook.masks_previous)
 
 
 def first_batch(trainer: pl.Trainer) -> Any:

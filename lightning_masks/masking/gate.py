@@ -23,6 +23,7 @@ __all__ = [
     "cached_gates",
     "gate_value",
     "gated",
+    "local",
     "masked_value",
     "straight_through_gated",
 ]
@@ -39,6 +40,13 @@ def _compute_dtype(scores: Tensor, weight: Tensor | None = None) -> torch.dtype:
     if scores.dtype not in (torch.bfloat16, torch.float16):
         return scores.dtype
     return torch.promote_types(scores.dtype, torch.float32 if weight is None else weight.dtype)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This process's shard of a sharded tensor (a DTensor, as FSDP2 holds parameters outside forward: a view of its
+    storage, writes reach the shard), or ``tensor`` itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
 
 
 def gate_value(scores: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None) -> Tensor:

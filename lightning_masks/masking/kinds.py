@@ -23,11 +23,13 @@ __all__ = [
     "LayerKind",
     "bias_name",
     "channel_shape",
+    "declared_axis",
     "get_layer_kind",
     "kind_of",
     "list_layer_kinds",
     "output_axis",
     "register_layer_kind",
+    "undeclared_layout",
     "weight_name",
 ]
 
@@ -134,10 +136,34 @@ def kind_of(module: nn.Module) -> Optional[LayerKind]:
     return None
 
 
-def output_axis(module: nn.Module, tensor_name: str) -> int:
-    """The axis of ``module.<tensor_name>`` that holds output units: the kind's for its weights, else 0."""
+def declared_axis(module: nn.Module, tensor_name: str) -> Optional[int]:
+    """The axis of ``module.<tensor_name>`` that holds output units, as its layer kind declares it; ``None`` when no
+    registered kind covers the tensor (then nothing says which axis that is)."""
     kind = kind_of(module)
-    return kind.output_axis if kind is not None and tensor_name in kind.tensor_names(module) else 0
+    return kind.output_axis if kind is not None and tensor_name in kind.tensor_names(module) else None
+
+
+def output_axis(module: nn.Module, tensor_name: str) -> int:
+    """The axis of ``module.<tensor_name>`` that holds output units: the kind's for its weights, else 0 (only
+    element masks, which need no axis, and 1-D tensors rely on that default; see :func:`undeclared_layout`)."""
+    axis = declared_axis(module, tensor_name)
+    return 0 if axis is None else axis
+
+
+def undeclared_layout(name: str, owners: list[tuple[nn.Module, str]], shape: tuple[int, ...],
+                      granularity: str) -> Optional[str]:
+    """Why ``granularity`` (channel or N:M masks, which follow the output axis) cannot be put on the tensor ``name``
+    of ``shape`` held by ``owners``: no registered kind of an owner declares its output axis; ``None`` when one does,
+    or when the tensor has a single axis."""
+    if len(shape) < 2 or any(declared_axis(module, tensor) is not None for module, tensor in owners):
+        return None
+    cls = type(owners[0][0])
+    cls = cls.__bases__[0] if cls.__name__.startswith("Parametrized") else cls  # torch's class over a masked module
+    return (f"granularity={granularity!r} needs to know which axis of {name!r} (shape {tuple(shape)}) holds its "
+            f"output units, and {cls.__qualname__} is not a registered layer kind, so lightning_masks will not "
+            f"guess: register it with lightning_masks.register_layer_kind({cls.__qualname__}, output_axis=0) if "
+            "its weight is (out, in, ...) like nn.Linear's, output_axis=1 if (in, out) like GPT-2's Conv1D; or "
+            f"leave it out with exclude=[{name!r}]; or use granularity='element', which needs no axis")
 
 
 def bias_name(weight: str) -> Optional[str]:

@@ -24,11 +24,12 @@ from .gate import (
     channel_gate_args,
     gate_value,
     gated,
+    local,
     masked_value,
     reduce_to,
     straight_through_gated,
 )
-from .kinds import bias_name, channel_shape, output_axis
+from .kinds import bias_name, channel_shape, declared_axis, undeclared_layout
 from .targets import Targets, TargetSpec, find_targets, is_masked, nothing_to_mask, resolve_targets, tensor_slots
 
 __all__ = [
@@ -82,7 +83,14 @@ class MaskedTensor:
     @property
     def axis(self) -> int:
         """The weight axis that holds output units (its layer kind's; 0 for tensors of no kind)."""
-        return output_axis(*self.owners[0]) if self.owners else 0
+        return owners_axis(self.owners)
+
+
+def owners_axis(owners: list[tuple[nn.Module, str]]) -> int:
+    """The output axis of a tensor shared by ``owners``: the first one a layer kind declares (a tied LM head's
+    Linear, not the Embedding listed before it), else 0."""
+    declared = [declared_axis(module, name) for module, name in owners]
+    return next((axis for axis in declared if axis is not None), 0)
 
 
 def attach(
@@ -117,8 +125,9 @@ def attach(
 
     Raises:
         ValueError: a pattern that matches nothing, a weight holding NaN/Inf, scores of the wrong shape,
-            channel masks on a grouped ConvTranspose, a ``score_dtype`` outside :data:`SCORE_DTYPES`, or no maskable
-            tensor at all. The model is left unchanged.
+            channel masks on a grouped ConvTranspose or on a matrix of no registered layer kind (whose output axis
+            nothing declares: :func:`~lightning_masks.masking.kinds.register_layer_kind`), a ``score_dtype``
+            outside :data:`SCORE_DTYPES`, or no maskable tensor at all. The model is left unchanged.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -149,7 +158,10 @@ def attach(
                              f"{tuple(weight.shape)}; an initializer must keep the weight's shape")
         if per_channel:
             _refuse_grouped_transpose(name, module)
-            scores = reduce_to(scores, torch.Size(channel_shape(weight, output_axis(module, tensor_name))))
+            undeclared = undeclared_layout(name, owners, tuple(weight.shape), "channel")
+            if undeclared:
+                raise ValueError(undeclared)
+            scores = reduce_to(scores, torch.Size(channel_shape(weight, owners_axis(owners))))
         dtype = score_dtype if score_dtype is not None and score_dtype.itemsize <= weight.dtype.itemsize else None
         prepared.append((name, owners, MaskGate(scores.to(weight), temperature, rescale=rescale, score_dtype=dtype,
                                                 compact=compact)))
@@ -291,20 +303,35 @@ def fold(model: nn.Module) -> nn.Module:
     """Bake the masks into the weights and remove them, leaving a plain module with exact zeros.
 
     The original ``nn.Parameter`` objects are kept (so optimizers and tied weights stay valid) and
-    receive ``w * gate * keep``. Returns ``model``.
+    receive ``w * gate * keep``; sharded ones (FSDP2's DTensors) shard by shard, each process folding its own.
+    Returns ``model``.
     """
     for entry in masked_tensors(model):
-        gate = entry.gate
-        value = masked_value(entry.weight, gate.scores, gate.keep, gate.temperature, gate.gate_scale)
+        value = folded_value(entry)
         for module, name in gated_biases(entry):
             bias = module.parametrizations[name].original
-            bias_value = masked_value(bias, *channel_gate_args(gate, bias.shape))
+            bias_value = folded_bias(entry, bias)
             _remove_gate(module, name)
-            bias.copy_(bias_value)
+            local(bias).copy_(bias_value)
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)
-        entry.weight.copy_(value)
+        local(entry.weight).copy_(value)
     return model
+
+
+@torch.no_grad()
+def folded_value(entry: MaskedTensor) -> Tensor:
+    """What :func:`fold` writes into the entry's weight: ``w * gate * keep``, pruned entries exactly zero."""
+    gate = entry.gate
+    return masked_value(local(entry.weight), local(gate.scores), gate.keep, gate.temperature,
+                        None if gate.gate_scale is None else local(gate.gate_scale))
+
+
+@torch.no_grad()
+def folded_bias(entry: MaskedTensor, bias: Tensor) -> Tensor:
+    """What :func:`fold` writes into a bias that the entry's per-channel gate gates (``bias`` is its original)."""
+    scores, keep, temperature, scale = channel_gate_args(entry.gate, bias.shape)
+    return masked_value(local(bias), local(scores), keep, temperature, None if scale is None else local(scale))
 
 
 @contextmanager

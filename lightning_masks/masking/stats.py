@@ -6,7 +6,7 @@ Gate statistics are over the kept entries (the live gates) and use the raw gate 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Optional
 
 import torch
@@ -84,10 +84,17 @@ def tensor_stats(entry: MaskedTensor, churned: Optional[Tensor] = None) -> dict[
     return _finish(_moments(entry, churned))
 
 
-def mask_stats(masked: Sequence[MaskedTensor], churned: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
-    """Per-tensor statistics keyed ``"<name>/<stat>"`` and global ones keyed ``"global/<stat>"``."""
+def mask_stats(masked: Sequence[MaskedTensor], churned: Optional[Mapping[str, Tensor]] = None, *,
+               combine: Optional[Callable[[list[dict[str, Tensor]]], list[dict[str, Tensor]]]] = None
+               ) -> dict[str, Tensor]:
+    """Per-tensor statistics keyed ``"<name>/<stat>"`` and global ones keyed ``"global/<stat>"``.
+
+    ``combine`` maps the per-tensor moments (sums, min and max) before the statistics are derived from them, e.g. to
+    sum the moments of every process's shards of sharded tensors."""
     churned = churned or {}
     moments = [_moments(entry, churned.get(entry.name)) for entry in masked]
+    if combine is not None:
+        moments = combine(moments)
     result = {}
     for entry, m in zip(masked, moments):
         result.update({f"{entry.name}/{k}": v for k, v in _finish(m).items()})

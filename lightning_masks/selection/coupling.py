@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from .._extras import extra
+
 __all__ = ["coupled_channels", "ties_among"]
 
 
@@ -32,7 +34,8 @@ def coupled_channels(model: nn.Module, example_inputs,
         ValueError: coupled layers of different widths (channels joined by position through an op the graph
             does not follow, such as a channel pad), or a model the dependency graph cannot trace.
     """
-    import torch_pruning as tp  # imported on use: only tie='auto' and this function need it
+    with extra("export"):  # imported on use: only tie='auto' and this function need it
+        import torch_pruning as tp
 
     was_training = model.training
     try:

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .distributed import summed
+
 __all__ = ["PROTECTED", "PRUNED", "SLICE", "float_keys", "key_value", "kth_key", "mark_pruned", "top_mask"]
 
 SLICE = 1 << 22  # keys histogrammed per bincount, at most
@@ -84,12 +86,14 @@ def kth_key(pieces: Callable[[], Iterator[Tensor]], k: int, total: int | None = 
     Pass 1 histograms the high 16 bits; pass 2 the low 16 bits of the keys in the chosen bucket, the others
     clamped into two overflow bins (no boolean masks: integer clamps and bincounts only). Both passes share one
     digit buffer and sum their histograms in place: on a small model each 2^16-bin histogram costs more than
-    the keys, and fresh half-megabyte buffers are fresh pages for the allocator to map.
+    the keys, and fresh half-megabyte buffers are fresh pages for the allocator to map. Within
+    :func:`~lightning_masks.selection.distributed.across_shards` each pass's histogram is summed over the processes,
+    so ``pieces`` are this process's shards and the key is the k-th over all of them.
     """
     size = 1 << 16
     batch = min(SLICE, total) if total else SLICE
     cumulative, buffer = _histogram(pieces(), _high_digits, size, batch)
-    cumulative = cumulative.cumsum_(0)
+    cumulative = summed(cumulative).cumsum_(0)  # summed over the shards of every process (distributed.across_shards)
     digit = int(torch.searchsorted(cumulative, k))
     if digit >= size:
         raise ValueError(f"cannot select {k} entries out of {int(cumulative[-1])}")
@@ -102,6 +106,7 @@ def kth_key(pieces: Callable[[], Iterator[Tensor]], k: int, total: int | None = 
         return torch.clamp(piece, low, high, out=out).sub_(low)
 
     counts, _ = _histogram(pieces(), offsets, high - low + 1, batch, buffer)
+    counts = summed(counts)
     inside = counts[base - low:base - low + size].cumsum_(0)
     offset = int(torch.searchsorted(inside, k - below))
     before = int(inside[offset - 1]) if offset else 0

@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 
 from ..masking.masks import MaskedTensor
-from . import kth
-from .kth import PROTECTED, float_keys, mark_pruned
+from . import distributed, kth
+from .kth import PROTECTED, float_keys, kth_key, mark_pruned
 
 __all__ = ["CACHE_ELEMENTS", "Keys", "Ranked", "TiedUnits", "keep_above", "keep_of", "members", "refuse_nan",
-           "set_keep"]
+           "set_keep", "top_of"]
 
 CACHE_ELEMENTS = 1 << 23  # importance keys kept between passes (32 MiB of int32), not more
 
@@ -140,6 +140,8 @@ class Keys:
 
     def above(self, key: int, ties: int, equal: int) -> list[Tensor]:
         """Per entry, the keep of its ranked units for a cut at ``key`` (see :func:`keep_above`)."""
+        if distributed.active():
+            return _above_across_shards([self.of(entry) for entry in self.masked], key, ties, equal)
         flat = self._flat()
         if flat is not None:
             return list(keep_above(flat, key, ties, equal)[0].split(self.sizes))
@@ -148,6 +150,28 @@ class Keys:
             keep, ties = keep_above(self.of(entry), key, ties, equal)
             keeps.append(keep)
         return keeps
+
+
+def _above_across_shards(keys: Sequence[Tensor], key: int, ties: int, equal: int) -> list[Tensor]:
+    """:meth:`Keys.above` over shards: each shard prunes the equal keys the global order puts among the first
+    ``ties`` (those on earlier tensors and lower ranks come first)."""
+    if not 0 < ties < equal:
+        return [keep_above(k, key, ties, equal)[0] for k in keys]
+    before = distributed.preceding([int((k == key).count_nonzero()) for k in keys])
+    return [keep_above(k, key, max(ties - b, 0), equal)[0] for k, b in zip(keys, before)]
+
+
+def top_of(keys: Tensor, m: int) -> Tensor:
+    """A bool mask of the ``m`` highest of ``keys``, ties broken towards later positions (as
+    :func:`~lightning_masks.selection.kth.top_mask`), where ``keys`` may be one process's shard of a tensor split
+    across processes (:func:`~lightning_masks.selection.distributed.across_shards`): ``m`` counts over all shards."""
+    if not distributed.active():
+        return kth.top_mask(keys, m)
+    n = distributed.summed_counts([keys.numel()])[0]
+    if m >= n:
+        return torch.ones_like(keys, dtype=torch.bool)
+    key, below, equal = kth_key(lambda: iter([keys]), n - m, keys.numel())
+    return _above_across_shards([keys], key, n - m - below, equal)[0]
 
 
 def members(entry: Ranked) -> list[MaskedTensor]:

@@ -20,11 +20,13 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from ..masking.kinds import undeclared_layout
 from ..masking.masks import MaskedTensor, keep_bits_cached
 from ..masking.stats import nonzero_counts
+from .distributed import summed_counts
 from .importance import get_importance, list_importances, log_sigmoid
-from .kth import PRUNED, key_value, kth_key, top_mask
-from .ranked import Keys, Ranked, TiedUnits, keep_of, members, refuse_nan, set_keep
+from .kth import PRUNED, key_value, kth_key
+from .ranked import Keys, Ranked, TiedUnits, keep_of, members, refuse_nan, set_keep, top_of
 
 __all__ = [
     "Granularity",
@@ -144,10 +146,13 @@ class Selector:
         return self.tie == "auto"
 
     def check(self, masked: Sequence[MaskedTensor]) -> None:
-        """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M) or ``tie`` does not
-        fit the masked tensors."""
+        """Raise if a tensor cannot take this granularity (N:M needs rows divisible by M along a declared output
+        axis: :func:`~lightning_masks.masking.kinds.undeclared_layout`) or ``tie`` does not fit the masked tensors."""
         m = self.grain.m
         for entry in masked:
+            undeclared = undeclared_layout(entry.name, entry.owners, tuple(entry.weight.shape), self.granularity)
+            if m and undeclared:
+                raise ValueError(undeclared)
             row = entry.numel // entry.weight.shape[entry.axis] if entry.weight.dim() > 1 else entry.numel
             if m and row % m:
                 raise ValueError(f"{self.granularity} needs rows divisible by {m}, but {entry.name!r} of shape "
@@ -215,7 +220,8 @@ class Selector:
     def _call(self, masked: Sequence[MaskedTensor], target: float) -> Selection:
         if self.grain.is_nm:
             flipped: dict[str, Tensor] = {}
-            return Selection(sum(self._select_nm(entry, target, flipped) for entry in masked), None, flipped)
+            pruned = summed_counts([self._select_nm(entry, target, flipped) for entry in masked])
+            return Selection(sum(pruned), None, flipped)
         ranked = self.tied(masked)
         if self.mode == "layer":
             each = [self._select([entry], target, floor=0.0) for entry in ranked]
@@ -223,12 +229,15 @@ class Selector:
         return self._select(ranked, target, floor=self.layer_floor)
 
     def _select(self, masked: Sequence[Ranked], target: float, floor: float) -> Selection:
-        total = sum(entry.units for entry in masked)
-        alive = [entry.units for entry in masked] if self.regrow else \
-            nonzero_counts([keep_of(entry) for entry in masked])
+        # Counts over every process's shards (distributed.across_shards); each process decides on its own shard.
+        units, local_alive = [entry.units for entry in masked], nonzero_counts([keep_of(entry) for entry in masked])
+        counted = summed_counts(units + local_alive)
+        units, alive = counted[:len(masked)], counted[len(masked):]
+        total = sum(units)
+        alive = units if self.regrow else alive
         count = max(round(target * total), total - sum(alive))
-        floors = [min(math.ceil(floor * (1.0 - target) * entry.units), n) if floor > 0 else 0
-                  for entry, n in zip(masked, alive)]
+        floors = [min(math.ceil(floor * (1.0 - target) * n_units), n) if floor > 0 else 0
+                  for n_units, n in zip(units, alive)]
         if count > total - sum(floors):
             raise ValueError(
                 f"target sparsity {target} needs {count} of {total} entries pruned, but layer_floor={floor} "
@@ -236,7 +245,7 @@ class Selector:
             )
         flipped: dict[str, Tensor] = {}
         if count == 0:
-            for entry, n in zip(masked, alive):
+            for entry, n in zip(masked, local_alive):
                 if self.regrow or n < entry.units or isinstance(entry, TiedUnits):
                     set_keep(entry, torch.ones_like(keep_of(entry)), flipped)
                 else:  # all kept already (a fit's first update): nothing to write
@@ -245,16 +254,16 @@ class Selector:
         # Without regrowth a mostly pruned tensor is ranked on its live units only (the pruned ones stay below
         # every key): importance, keys and histograms then cost a fraction of the tensor.
         ranked = {id(entry): keep_of(entry).reshape(-1).nonzero().view(-1)
-                  if not self.regrow and 2 * n <= entry.units else None for entry, n in zip(masked, alive)}
+                  if not self.regrow and 2 * n <= entry.units else None for entry, n in zip(masked, local_alive)}
         sizes = [entry.units if ranked[id(entry)] is None else len(ranked[id(entry)]) for entry in masked]
         keys = Keys(masked, sizes, lambda entry: self._ranked_values(entry, ranked[id(entry)]),
                      lambda entry: None if self.regrow or ranked[id(entry)] is not None else keep_of(entry))
         key, keeps = self._cut(masked, count, ranked, keys)
-        kept = nonzero_counts(keeps) if any(floors) else []
+        kept = summed_counts(nonzero_counts(keeps)) if any(floors) else []
         if any(f and n < f for n, f in zip(kept, floors)):
             # The floor binds: protect each tensor's top entries and cut again. Where it does not, protecting
             # would change nothing (a tensor's kept entries are its top ones in the same order), so it is skipped.
-            keys.protect({id(entry): top_mask(keys.of(entry), f) for entry, f in zip(masked, floors) if f})
+            keys.protect({id(entry): top_of(keys.of(entry), f) for entry, f in zip(masked, floors) if f})
             key, keeps = self._cut(masked, count, ranked, keys)
         for entry, keep in zip(masked, keeps):
             set_keep(entry, keep, flipped)
@@ -273,7 +282,8 @@ class Selector:
         ``ranked`` gives, per entry, the flat positions of the units it ranks (its live ones; ``None``: all);
         the others are pruned and count as the lowest keys. ``keys`` are those of the ranked units.
         """
-        left_out = sum(entry.units - len(ranked[id(entry)]) for entry in masked if ranked[id(entry)] is not None)
+        left_out = sum(summed_counts([entry.units - len(ranked[id(entry)]) for entry in masked
+                                      if ranked[id(entry)] is not None]))
         if count == left_out:  # only the pruned units go: nothing changes
             return PRUNED, [keep_of(entry).clone() for entry in masked]
         key, below, equal = kth_key(keys.pieces, count - left_out, keys.size)
@@ -319,4 +329,4 @@ class Selector:
                 keep &= current
             set_keep(entry, keep, flipped)
             pruned += int((~keep).sum())
-        return Selection(pruned, threshold, flipped)
+        return Selection(summed_counts([pruned])[0], threshold, flipped)

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .._extras import extra
+
 __all__ = [
     "CIFAR10DataModule",
     "DigitsDataModule",
@@ -112,7 +114,8 @@ class DigitsDataModule(TensorDataModule):
         self.test_fraction = test_fraction
 
     def load(self) -> Splits:
-        from sklearn.datasets import load_digits
+        with extra("app"):
+            from sklearn.datasets import load_digits
 
         images, labels = load_digits(return_X_y=True)
         inputs = torch.tensor(images, dtype=torch.float32) / 16.0

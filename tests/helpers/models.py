@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["TiedLM", "TinyModule", "make_trainer", "synthetic_loader"]
+__all__ = ["TiedLM", "TinyModule", "TokenModule", "make_trainer", "synthetic_loader"]
 
 
 def make_trainer(**kwargs) -> pl.Trainer:
@@ -87,3 +87,45 @@ class TiedLM(nn.Module):
 
     def forward(self, tokens):
         return self.head(self.hidden(self.embed(tokens)))
+
+
+class TokenModule(pl.LightningModule):
+    """A tiny transformers model (``arch``: ``"bert"`` classifies, ``"gpt2"`` and ``"llama"`` model language) on
+    random token ids, built from its config as a user's module builds it, so that ``load_from_checkpoint`` works."""
+
+    def __init__(self, arch: str = "bert", vocab: int = 100, length: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        import transformers
+
+        torch.manual_seed(0)
+        if arch == "bert":
+            self.model = transformers.BertForSequenceClassification(transformers.BertConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=vocab,
+                num_labels=2, max_position_embeddings=length, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0))
+        elif arch == "gpt2":
+            self.model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=length, bos_token_id=0,
+                eos_token_id=0))
+        else:
+            self.model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=length, pad_token_id=0, bos_token_id=0,
+                eos_token_id=0))
+
+    def forward(self, tokens):
+        return self.model(input_ids=tokens).logits
+
+    def training_step(self, batch, batch_idx):
+        tokens = batch[0]
+        labels = tokens[:, 0] % 2 if self.hparams.arch == "bert" else tokens
+        return self.model(input_ids=tokens, labels=labels).loss
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, self.hparams.vocab, (32, self.hparams.length), generator=generator)
+        return DataLoader(TensorDataset(tokens), batch_size=8)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
