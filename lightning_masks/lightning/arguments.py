@@ -154,7 +154,7 @@ def selector_of(selector: Optional[Selector], **loose: Any) -> Selector:
         return selector
     for name in ("mode", "importance", "granularity"):
         if not isinstance(loose[name], str):
-            raise ValueError(f"{name} must be a string, got {loose[name]!r}; see lightning_masks.selection.selector.Selector")
+            raise ValueError(f"{name} must be a string, got {loose[name]!r}; see lightning_masks.Selector")
     check_number("layer_floor", loose["layer_floor"], 0.0, 1.0, hint="e.g. layer_floor=0.25 (a float); 0 disables "
                  "the floor")
     tie = loose["tie"]

@@ -2,9 +2,8 @@
 
 The hooks are thin: argument checks are in :mod:`~lightning_masks.lightning.arguments`, the fit's lifecycle in
 :mod:`~lightning_masks.lifecycle.plan`, what is read from the Trainer and run outside its loop in
-:mod:`~lightning_masks.lightning.trainer`, what the fit logs and prints in :mod:`~lightning_masks.lightning.fit_report`, other
-callbacks' copies in :mod:`~lightning_masks.lightning.companions`. Over 400 lines because its docstrings document thirty
-arguments and the hooks (110 lines); the code without them is under 400.
+:mod:`~lightning_masks.lightning.trainer`, what the fit logs and prints in
+:mod:`~lightning_masks.lightning.fit_report`, other callbacks' copies in :mod:`~lightning_masks.lightning.companions`.
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ from ..masking.masks import (
     masked_tensors,
 )
 from ..masking.outputs import kept_whole
-from ..masking.sharded import is_sharded, local_entries, shard_with_weights
 from ..masking.plain import plain_saves, remove_plain_saves
+from ..masking.sharded import is_sharded, local_entries, shard_with_weights
 from ..masking.targets import TargetSpec, resolve_targets
 from ..selection.coupling import ties_among
 from ..selection.selector import Selector
@@ -128,21 +127,22 @@ class MaskPruningCallback(Callback):
             moments, and the keep bits packed eight a byte) instead of 20.125. The keep bits are held apart from
             the scores in an integer buffer, whatever this says: clamps, casts and weight decay of the parameters
             leave pruned entries pruned.
-        selector: how scores become keep-masks, one :class:`~lightning_masks.selection.selector.Selector` (ranking ``mode``,
+        selector: how scores become keep-masks, one :class:`~lightning_masks.selection.selector.Selector` (ranking
+        ``mode``,
             ``importance``, ``layer_floor``, ``regrow``, ``granularity``, ``tie``); default ``Selector()``.
         mode, importance, layer_floor, regrow, granularity, tie: the same fields one by one (the selector's, when
             ``selector`` is not given; giving both is refused).
         straight_through: pruned entries' scores keep learning, their gradient taken as if they were kept
             (straight-through, movement pruning: :func:`~lightning_masks.masking.masks.straight_through_gated`), so that
             with ``regrow=True`` a pruned weight whose gate the loss raises can come back. Needs ``regrow=True``.
-            Off by default (benchmarks/README.md, issue 16: what it gained at 99 / 99.5%).
+            Off by default (benchmarks/README.md: what it gained at 99 / 99.5%).
         output_layers: with ``granularity="channel"``, the layers left whole because their output units are
             the model's outputs (classes, vocabulary). ``"auto"``: the masked layers whose outputs reach the
             model's outputs through no other masked layer, traced on ``forward(example_input_array)`` or, when
-            that is not set, on the loss of the first training batch (:func:`~lightning_masks.masking.outputs.output_layers`);
-            a list of globs on module names; or ``None`` to prune them too.
-            ``tie``: groups of globs on masked tensor names pruned together unit by unit, e.g. the BatchNorms
-            that add into one residual stream, so that export can remove the stream's pruned channels.
+            that is not set, on the loss of the first training batch
+            (:func:`~lightning_masks.masking.outputs.output_layers`); a list of globs on module names; or ``None`` to
+            prune them too. ``tie``: groups of globs on masked tensor names pruned together unit by unit, e.g. the
+            BatchNorms that add into one residual stream, so that export can remove the stream's pruned channels.
             ``"auto"``: the masked BatchNorms whose channels meet in a sum
             (:func:`~lightning_masks.selection.coupling.coupled_channels` on the module's ``example_input_array``).
         mask_lr, mask_weight_decay: learning rate and weight decay of the scores (default ``mask_lr=0.01``, the

@@ -86,9 +86,9 @@ def report_fit(trainer: pl.Trainer, rows: Sequence[Mapping], masked: Sequence[Ma
                unit: str, pictures: bool, *, gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
                ) -> None:
     """The end-of-fit console table of ``rows`` (:func:`~lightning_masks.masking.stats.layer_rows`, printed by
-    :func:`~lightning_masks.masking.stats.format_layer_table`), the loggers' table and summary and, with ``pictures``, each
-    layer's sparsity over training (``history``, positions in ``unit``) and the gate histograms of ``masked`` as PNGs
-    in the run folder, logged to W&B. ``gates``: those histograms when the caller has them (over every process's
+    :func:`~lightning_masks.masking.stats.format_layer_table`), the loggers' table and summary and, with ``pictures``,
+    each layer's sparsity over training (``history``, positions in ``unit``) and the gate histograms of ``masked`` as
+    PNGs in the run folder, logged to W&B. ``gates``: those histograms when the caller has them (over every process's
     shards), else they are taken from ``masked``."""
     rank_zero_info(stats.format_layer_table(rows))
     if not trainer.loggers:

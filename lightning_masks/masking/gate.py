@@ -1,9 +1,9 @@
 """The mask gate itself: ``w -> w * sigmoid(scores / T) * keep`` as a parametrization, its math and its caches.
 
 :class:`MaskGate` holds the scores (their dtype is ``score_dtype``), the keep bits (packed eight a byte in a uint8
-buffer, apart from anything an optimizer, a cast or a clamp of the parameters touches) and the temperature; :func:`gated` computes the masked tensor with a hand-written
-backward. Over 400 lines because the gate's forward, backward, traced and straight-through forms must agree value
-for value and are kept side by side.
+buffer, apart from anything an optimizer, a cast or a clamp of the parameters touches) and the temperature;
+:func:`gated` computes the masked tensor with a hand-written backward. The gate's forward, backward, traced and
+straight-through forms must agree value for value, so they are kept side by side here.
 """
 
 from __future__ import annotations
@@ -166,10 +166,10 @@ def gated(
 ) -> Tensor:
     """Return ``weight * sigmoid(scores / T) * keep`` (times ``gate_scale`` when set), the masked tensor.
 
-    ``keep`` is a bool tensor broadcastable to the weight. ``gate_scale`` is per entry (broadcast to the scores) or one 0-dim scalar per tensor. The values are exactly
-    ``weight * (gate_value(...) * keep)`` (for a 0-dim scale, ``(weight * gate) * scale``); with gradients on, a fused
-    :class:`torch.autograd.Function` computes them and keeps one gate-sized buffer for backward, against
-    autograd's chain of several saved intermediates.
+    ``keep`` is a bool tensor broadcastable to the weight. ``gate_scale`` is per entry (broadcast to the scores) or one
+    0-dim scalar per tensor. The values are exactly ``weight * (gate_value(...) * keep)`` (for a 0-dim scale, ``(weight
+    * gate) * scale``); with gradients on, a fused :class:`torch.autograd.Function` computes them and keeps one
+    gate-sized buffer for backward, against autograd's chain of several saved intermediates.
     """
     if _tracing():
         return _traced(weight, scores, keep, temperature, gate_scale)
@@ -219,10 +219,10 @@ class MaskGate(nn.Module):
     """Parametrization ``w -> w * sigmoid(scores / T) * keep`` with learnable ``scores``.
 
     The keep bits live in the ``keep_bits`` buffer, packed eight a byte, each row (slice of dim 0) of the scores
-    on its own (:func:`~lightning_masks.masking.bits.pack_rows`: a slice of rows holds its rows' bits). An integer buffer is
-    beyond the reach of what users, optimizers and Lightning do to floating-point parameters and buffers: clamps,
-    weight decay, ``.half()`` / ``.to(dtype)``, ``precision="16-true"``, averages of the parameters. A pruned entry
-    keeps its score (regrowth can bring it back).
+    on its own (:func:`~lightning_masks.masking.bits.pack_rows`: a slice of rows holds its rows' bits). An integer
+    buffer is beyond the reach of what users, optimizers and Lightning do to floating-point parameters and buffers:
+    clamps, weight decay, ``.half()`` / ``.to(dtype)``, ``precision="16-true"``, averages of the parameters. A pruned
+    entry keeps its score (regrowth can bring it back).
 
     Args:
         scores: initial scores, the weight's shape (element masks) or broadcastable to it (e.g. one per

@@ -1,8 +1,8 @@
 """Layer kinds: for each maskable module type, which tensors are its weights and which axis holds its outputs.
 
-The registry follows the initializers' idiom (:mod:`lightning_masks.masking.initializers`, after timm's ``_registry.py``):
-:func:`register_layer_kind` adds a kind, :func:`get_layer_kind` looks one up (a miss names the registered
-ones), :func:`list_layer_kinds` lists them, and :func:`kind_of` finds the kind of a module instance (its most
+The registry follows the initializers' idiom (:mod:`lightning_masks.masking.initializers`, after timm's
+``_registry.py``): :func:`register_layer_kind` adds a kind, :func:`get_layer_kind` looks one up (a miss names the
+registered ones), :func:`list_layer_kinds` lists them, and :func:`kind_of` finds the kind of a module instance (its most
 specific registered class). A kind is keyed by its class's dotted path, so a class from a library that is not
 imported (transformers' ``Conv1D``) is recognised by name without importing it. The default mask targets
 are the weights of the registered kinds.

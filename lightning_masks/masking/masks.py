@@ -1,9 +1,10 @@
 """Learnable weight masks as a parametrization: ``w -> w * sigmoid(scores / T) * keep``.
 
 This module knows nothing of Lightning: :func:`attach` and :func:`fold` work on any ``nn.Module``. The gate and its
-math are in :mod:`lightning_masks.masking.gate`, what to mask in :mod:`lightning_masks.masking.targets` (which tensors are weights,
-and which of their axes holds output units, in :mod:`lightning_masks.masking.kinds`); their public names are re-exported here.
-Loading a masked state dict is in :mod:`lightning_masks.masking.loading`, its keys in :mod:`lightning_masks.masking.layout`.
+math are in :mod:`lightning_masks.masking.gate`, what to mask in :mod:`lightning_masks.masking.targets` (which tensors
+are weights, and which of their axes holds output units, in :mod:`lightning_masks.masking.kinds`); their public names
+are re-exported here. Loading a masked state dict is in :mod:`lightning_masks.masking.loading`, its keys in
+:mod:`lightning_masks.masking.layout`.
 """
 
 from __future__ import annotations

@@ -145,11 +145,11 @@ def resolve_targets(
       ``weight``);
     * a glob on qualified tensor names (``"lm_head.weight"``, ``"*.bias"``): those tensors.
 
-    ``None`` selects the weights of every registered layer kind (:func:`~lightning_masks.masking.kinds.list_layer_kinds`)
-    except embedding tables and the tensors tied to one (a tied LM head): those are masked only when a name
-    glob, or an embedding type, selects them. ``exclude`` specs resolve the same way and are removed. Frozen
-    (``requires_grad=False``), lazy and already-masked tensors are skipped. A parameter shared by several
-    modules (tied weights) is one entry with several owners.
+    ``None`` selects the weights of every registered layer kind
+    (:func:`~lightning_masks.masking.kinds.list_layer_kinds`) except embedding tables and the tensors tied to one (a
+    tied LM head): those are masked only when a name glob, or an embedding type, selects them. ``exclude`` specs
+    resolve the same way and are removed. Frozen (``requires_grad=False``), lazy and already-masked tensors are
+    skipped. A parameter shared by several modules (tied weights) is one entry with several owners.
 
     Raises:
         ValueError: a target or exclude pattern that matches nothing, naming candidates; a selected module

@@ -2,8 +2,8 @@
 
 Global selection finds the exact k-th smallest importance with :mod:`lightning_masks.selection.kth`'s radix select over
 int32 keys that order like the floats, one tensor (in bounded slices) at a time, or, while all the keys fit
-``ranked.CACHE_ELEMENTS`` (32 MiB), in one buffer (:class:`~lightning_masks.selection.ranked.Keys`; a small model's update
-is then a few operations, not a few per tensor): no model-sized concatenation, no ``torch.quantile`` (limited to
+``ranked.CACHE_ELEMENTS`` (32 MiB), in one buffer (:class:`~lightning_masks.selection.ranked.Keys`; a small model's
+update is then a few operations, not a few per tensor): no model-sized concatenation, no ``torch.quantile`` (limited to
 2^24 elements), and ties broken by position (tensor order, then flat index).
 Without regrowth a pruned entry's key lies below every importance (even ``-inf``), so it stays pruned.
 """
@@ -87,7 +87,8 @@ class Selector:
 
     Args:
         mode: ``"global"`` ranks all masked tensors together; ``"layer"`` prunes each to the target.
-        importance: a registered criterion (:func:`~lightning_masks.selection.importance.list_importances`): ``"gate"`` or
+        importance: a registered criterion (:func:`~lightning_masks.selection.importance.list_importances`): ``"gate"``
+        or
             the weight-dependent ``"effective_weight"``.
         layer_floor: in global mode every tensor keeps at least ``ceil(layer_floor * (1 - target) * units)``
             entries, a fraction of what a uniform split would give it, so no layer is wiped out. 0 disables.
