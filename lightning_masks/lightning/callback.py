@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ..lifecycle.plan import Plan
-from ..lifecycle.schedule import ScheduleSpec, ThresholdSchedule, get_schedule
+from ..lifecycle.schedule import ScheduleSpec, get_schedule
 from ..masking.gate import cached_gates
 from ..masking.hiding import masks_hidden
 from ..masking.initializers import InitSpec, get_initializer
@@ -283,7 +283,7 @@ class MaskPruningCallback(Callback):
         self._fit_running = True
         self._shown_sparsity = self._logged_step = None
         self._churn = {}
-        if getattr(self.schedule, "uses_fractions", False) and unbounded(trainer):
+        if self.schedule.uses_fractions and unbounded(trainer):
             raise ValueError(
                 "the schedule's start/end are fractions of training, but training length is unbounded "
                 f"(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}); set max_epochs or max_steps, "
@@ -368,7 +368,7 @@ class MaskPruningCallback(Callback):
                         rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
                         score_dtype=score_dtype, compact=self.compact)
         self.scores_initialized = not self.initializer.needs_grad
-        goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
+        goal = (f"gate threshold up to {self.schedule.final}" if self.schedule.by_threshold
                 else f"final sparsity {self.sparsity}")
         fit_report.announce(masked, resolved, exclude[len(self.exclude):], f"init={self.initializer!r}, {goal}")
         return masked
