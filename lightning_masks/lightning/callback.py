@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -114,7 +114,6 @@ class MaskPruningCallback(Callback):
             The setup line lists what is left dense; trainable weight matrices left dense for no stated reason
             get a warning. One string is one glob. Tensors frozen at setup are left unmasked (the
             setup line names them), except those a ``BaseFinetuning`` callback froze.
-        init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
         temperature: the gate's ``T > 0``.
         rescale_gate: divide each gate by its initial value so training starts from the dense function
             (on by default: benchmarks/results/study_lenet300_s99.md); with ``compact``, by one scalar per tensor,
@@ -127,24 +126,15 @@ class MaskPruningCallback(Callback):
             moments, and the keep bits packed eight a byte) instead of 20.125. The keep bits are held apart from
             the scores in an integer buffer, whatever this says: clamps, casts and weight decay of the parameters
             leave pruned entries pruned.
-        selector: how scores become keep-masks, one :class:`~lightning_masks.selection.selector.Selector` (ranking
-        ``mode``,
-            ``importance``, ``layer_floor``, ``regrow``, ``granularity``, ``tie``); default ``Selector()``.
-        mode, importance, layer_floor, regrow, granularity, tie: the same fields one by one (the selector's, when
-            ``selector`` is not given; giving both is refused).
-        straight_through: pruned entries' scores keep learning, their gradient taken as if they were kept
-            (straight-through, movement pruning: :func:`~lightning_masks.masking.masks.straight_through_gated`), so that
-            with ``regrow=True`` a pruned weight whose gate the loss raises can come back. Needs ``regrow=True``.
-            Off by default (benchmarks/README.md: what it gained at 99 / 99.5%).
-        output_layers: with ``granularity="channel"``, the layers left whole because their output units are
+        selector: how scores become keep-masks, a :class:`~lightning_masks.Selector`: ranking ``mode``,
+            ``importance``, ``layer_floor``, ``regrow`` and ``straight_through``, ``granularity`` (element,
+            channel, N:M), ``tie``; default ``Selector()``.
+        output_layers: with ``Selector(granularity="channel")``, the layers left whole because their output units are
             the model's outputs (classes, vocabulary). ``"auto"``: the masked layers whose outputs reach the
             model's outputs through no other masked layer, traced on ``forward(example_input_array)`` or, when
             that is not set, on the loss of the first training batch
             (:func:`~lightning_masks.masking.outputs.output_layers`); a list of globs on module names; or ``None`` to
-            prune them too. ``tie``: groups of globs on masked tensor names pruned together unit by unit, e.g. the
-            BatchNorms that add into one residual stream, so that export can remove the stream's pruned channels.
-            ``"auto"``: the masked BatchNorms whose channels meet in a sum
-            (:func:`~lightning_masks.selection.coupling.coupled_channels` on the module's ``example_input_array``).
+            prune them too.
         mask_lr, mask_weight_decay: learning rate and weight decay of the scores (default ``mask_lr=0.01``, the
             weight decay of their weight's param group). ``configure_optimizers`` runs on the plain model (the
             masks hidden: your param groups hold ``fc.weight``, not the scores); the scores then ride in the
@@ -187,19 +177,11 @@ class MaskPruningCallback(Callback):
         update_budget: Optional[float] = None,
         targets: Optional[Iterable[TargetSpec]] = None,
         exclude: Iterable[TargetSpec] = (),
-        init_kwargs: Optional[Mapping[str, Any]] = None,
         temperature: float = 1.0,
         rescale_gate: bool = True,
         score_dtype: Union[str, torch.dtype, None] = "bfloat16",
         compact: bool = True,
         selector: Optional[Selector] = None,
-        mode: str = "global",
-        importance: str = "effective_weight",
-        layer_floor: float = 0.25,
-        regrow: bool = False,
-        straight_through: bool = False,
-        granularity: str = "element",
-        tie: Union[str, Iterable[Iterable[str]]] = (),
         output_layers: Union[str, Iterable[str], None] = "auto",
         mask_lr: Optional[float] = 1e-2,
         mask_weight_decay: Optional[float] = None,
@@ -212,17 +194,16 @@ class MaskPruningCallback(Callback):
         plots: bool = True,
     ) -> None:
         targets, exclude = check_targets("targets", targets, optional=True), check_targets("exclude", exclude)
-        selector = selector_of(selector, mode=mode, importance=importance, layer_floor=layer_floor, regrow=regrow,
-                               granularity=granularity, tie=tie)
+        selector = selector_of(selector)
         final = final_sparsity(sparsity, selector, DEFAULT_SPARSITY)
-        check_settings(update_every=update_every, init_kwargs=init_kwargs, temperature=temperature, mask_lr=mask_lr,
+        check_settings(update_every=update_every, temperature=temperature, mask_lr=mask_lr,
                        mask_weight_decay=mask_weight_decay, early_end=early_end, seed=seed,
-                       log_every_n_steps=log_every_n_steps, straight_through=straight_through, regrow=selector.regrow)
+                       log_every_n_steps=log_every_n_steps)
         check_flags(rescale_gate=rescale_gate, fold_on_fit_end=fold_on_fit_end, fused_adam=fused_adam,
                     log_histograms=log_histograms, plots=plots)
 
         self.sparsity = final
-        self.initializer = get_initializer(init, **dict(init_kwargs or {}))
+        self.initializer = get_initializer(init)
         self.schedule = get_schedule(schedule, final, **ramp_of(schedule, start, end))
         self.targets = targets
         self.exclude = exclude
@@ -233,7 +214,6 @@ class MaskPruningCallback(Callback):
         self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
         self.output_layers = check_output_layers(output_layers)
         self.selector = selector
-        self.straight_through = bool(straight_through)
         self.mask_lr = mask_lr
         self.mask_weight_decay = mask_weight_decay
         self.fused_adam = fused_adam
@@ -334,7 +314,7 @@ class MaskPruningCallback(Callback):
             self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
         refreeze(self._masked, thawed)
         for entry in self._masked:
-            entry.gate.straight_through = self.straight_through
+            entry.gate.straight_through = self.selector.straight_through
         try:
             if groups is not None:
                 tie = ties_among(groups, [entry.name for entry in self._masked])
