@@ -24,7 +24,7 @@ from ..masking.inputs import call_with
 from ..selection.coupling import coupled_channels
 
 __all__ = ["after_configure_model", "check_strategy", "coupled_norms", "first_batch", "logging_disabled", "one_pass",
-           "restore_configure_model", "training_length", "training_loss", "unbounded"]
+           "restore_configure_model", "training_batches", "training_length", "training_loss", "unbounded"]
 
 
 def check_strategy(strategy: Any) -> None:
@@ -91,10 +91,18 @@ def restore_configure_model(pl_module: pl.LightningModule) -> None:
 
 def first_batch(trainer: pl.Trainer) -> Any:
     """The first batch of the fit's training data (from the datamodule, the module or the loaders passed to fit)."""
+    return next(training_batches(trainer, 1))
+
+
+def training_batches(trainer: pl.Trainer, count: int) -> Iterator[Any]:
+    """The first ``count`` batches of the fit's training data (fewer when an epoch has fewer)."""
     loaders = trainer.train_dataloader
     if loaders is None:  # before the fit loop set its data up (configure_model): no public way in but its source
         loaders = trainer.fit_loop._data_source.dataloader()
-    return next(iter(CombinedLoader(loaders, "max_size_cycle")))[0]
+    for index, (batch, *_) in enumerate(CombinedLoader(loaders, "max_size_cycle")):
+        if index == count:
+            return
+        yield batch
 
 
 def one_pass(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Callable[[], Any]]:
