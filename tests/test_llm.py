@@ -3,6 +3,8 @@ PEFT/LoRA adapters over masked base weights. Tiny transformers configs, random w
 
 from __future__ import annotations
 
+import logging
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -89,3 +91,99 @@ def test_from_zeros_fixed_holds_the_one_shot_mask_while_the_kept_weights_train(g
         assert torch.equal(weight == 0, zero)  # the same zeros, no more
         assert not torch.equal(weight, before[name])  # the kept weights trained
     assert pruner.pruned == sum(z.sum().item() for z in zeros.values())  # what the fit reports as pruned
+
+
+# ----------------------------------------------------------------------------------------- mixture of experts
+def mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                            num_experts_per_tok=2, max_position_embeddings=32))
+
+
+def qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    torch.manual_seed(0)
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                              moe_intermediate_size=8, shared_expert_intermediate_size=16,
+                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                              num_experts=4, num_experts_per_tok=2, max_position_embeddings=32))
+
+
+def switch():
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    torch.manual_seed(0)
+    return SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2, num_experts=4,
+        encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=64, decoder_start_token_id=0, pad_token_id=0))
+
+
+VOCAB = 64
+MOE = {  # model, its routing weights, its expert weights
+    "mixtral": (mixtral, ["*.mlp.gate.weight"], ["*.mlp.experts.gate_up_proj", "*.mlp.experts.down_proj"]),
+    "qwen2_moe": (qwen2_moe, ["*.mlp.gate.weight", "*.mlp.shared_expert_gate.weight"],
+                  ["*.mlp.experts.gate_up_proj", "*.mlp.experts.down_proj", "*.shared_expert.*_proj.weight"]),
+    "switch": (switch, ["*.mlp.router.classifier.weight"], ["*.mlp.experts.expert_*.w?.weight"]),
+}
+
+
+class LM(pl.LightningModule):
+    """A transformers model in a LightningModule, as a user writes it: its own loss on random token batches."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.model, self.lr = model, lr
+
+    def training_step(self, batch, batch_idx):
+        tokens = batch[0]
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, VOCAB, (16, 12), generator=generator)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=4)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def matching(model: nn.Module, globs: list[str]) -> set[str]:
+    import fnmatch
+    return {n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, g) for g in globs)}
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_moe_routers_stay_dense_and_named_while_every_expert_is_pruned(family, caplog, monkeypatch):
+    build, router_globs, expert_globs = MOE[family]
+    module = LM(build())
+    routing = {"model." + n for n in matching(module.model, router_globs)}
+    experts = {"model." + n for n in matching(module.model, expert_globs)}
+    assert routing and experts
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if n in routing}
+    pruner = MaskPruningCallback(sparsity=0.9, fold_on_fit_end=False, plots=False)
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    make_trainer(max_epochs=1, limit_train_batches=3, callbacks=[pruner]).fit(module)
+    masked = {e.name: e for e in masked_tensors(module)}
+    assert not routing & set(masked)
+    assert experts <= set(masked)
+    line = next(r.getMessage() for r in caplog.records if "lightning_masks: masking" in r.getMessage())
+    assert "routers and gates left dense" in line and router_globs[0].split(".")[-2] in line
+    params = dict(module.named_parameters())
+    assert all(torch.count_nonzero(params[n]) == params[n].numel() for n in before)
+    for name in experts:  # each expert of a fused tensor is pruned, not whole experts
+        keep = masked[name].gate.keep
+        per_expert = (~keep).reshape(keep.shape[0], -1).float().mean(1) if keep.dim() == 3 else (~keep).float().mean()
+        assert torch.all(per_expert > 0.5), name
+
+
+def test_fused_experts_take_2_4_along_each_experts_inputs_and_a_glob_masks_a_router():
+    module = LM(mixtral())
+    pruner = MaskPruningCallback(granularity="2:4", targets=["*.mlp.experts", "*.layers.0.mlp.gate"])
+    make_trainer(max_epochs=1, limit_train_batches=1, callbacks=[pruner]).fit(module)
+    experts = module.model.model.layers[0].mlp.experts
+    for weight in (experts.gate_up_proj, experts.down_proj):  # (experts, out, in): groups of 4 inputs, 2 kept
+        assert torch.all((weight.reshape(-1, 4) != 0).sum(1) <= 2)
+    assert (module.model.model.layers[0].mlp.gate.weight == 0).float().mean() == 0.5
+    assert torch.count_nonzero(module.model.model.layers[1].mlp.gate.weight) == 4 * 16
