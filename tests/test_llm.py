@@ -187,3 +187,70 @@ def test_fused_experts_take_2_4_along_each_experts_inputs_and_a_glob_masks_a_rou
         assert torch.all((weight.reshape(-1, 4) != 0).sum(1) <= 2)
     assert (module.model.model.layers[0].mlp.gate.weight == 0).float().mean() == 0.5
     assert torch.count_nonzero(module.model.model.layers[1].mlp.gate.weight) == 4 * 16
+
+
+# ----------------------------------------------------------------------------------------- PEFT / LoRA
+def llama(tie: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                        tie_word_embeddings=tie))
+
+
+def lora(model, dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=dropout))
+
+
+def logits(module: LM, tokens: torch.Tensor) -> torch.Tensor:
+    module.eval()
+    with torch.no_grad():
+        return module.model(input_ids=tokens).logits
+
+
+def test_lora_prunes_the_frozen_base_under_the_adapters_and_merge_and_unload_keeps_the_zeros():
+    module = LM(lora(llama()), lr=1e-2)
+    base = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad and p.dim() == 2}
+    factors = {n for n, p in module.named_parameters() if "lora_" in n}
+    pruner = MaskPruningCallback(sparsity=0.5, fold_on_fit_end=False, plots=False)
+    snapshot = Snapshot()
+    make_trainer(max_epochs=2, callbacks=[pruner, snapshot]).fit(module)
+    masked = {e.name: e for e in masked_tensors(module)}
+    assert not factors & set(masked)  # the LoRA factors stay dense
+    assert {n for n in base if "embed" not in n} == set(masked)  # every frozen base matrix, adapted or not
+    assert all(torch.equal(masked[n].weight, base[n]) for n in masked)  # the base stayed frozen
+    for start, entry in zip(snapshot.scores, masked.values()):  # the scores trained
+        kept = entry.gate.keep
+        assert entry.gate.scores.requires_grad and not torch.equal(entry.gate.scores.float()[kept], start[kept])
+    tokens = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(5))
+    trained = logits(module, tokens)
+
+    from lightning_masks import fold
+    fold(module)
+    assert torch.allclose(logits(module, tokens), trained, atol=1e-5)  # the function it trained, folded
+    merged = module.model.merge_and_unload()
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    matrices = [p for n, p in merged.named_parameters() if p.dim() == 2 and "embed" not in n]
+    assert sum(p.numel() for p in matrices) == sum(e.numel for e in masked.values())
+    assert sum((p == 0).sum().item() for p in matrices) == round(0.5 * sum(p.numel() for p in matrices))
+    merged.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=tokens).logits, trained, atol=1e-5)
+
+
+def test_a_masked_lora_layer_computes_the_adapters_update_under_the_same_mask():
+    from lightning_masks import attach
+    model = lora(llama())
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()  # a nonzero update (peft starts B at zero)
+    attach(model, ["*.q_proj.base_layer"], init=lambda w: torch.randn_like(w))
+    entry = masked_tensors(model)[0]
+    with torch.no_grad():
+        entry.gate.set_keep(torch.rand_like(entry.weight) > 0.5)
+    x = torch.randn(3, 16)
+    delta = layer.get_delta_weight("default")
+    gate = entry.gate
+    expected = x @ (gate(entry.weight + delta)).T
+    assert torch.allclose(layer(x), expected, atol=1e-5)

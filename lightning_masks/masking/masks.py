@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .adapters import hold_adapter_updates, merge_under_masks, release_adapter_updates
 from .gate import (
     PRUNED_SCORE,
     SCORE_DTYPES,
@@ -170,9 +171,11 @@ def attach(
                     parametrize.register_parametrization(module, bias, ChannelBias(gate))
                     done.append((module, bias))
             masked.append(MaskedTensor(name, gate, original, list(owners)))
+        hold_adapter_updates(model)
     except Exception:
         for module, tensor_name in reversed(done):
             _remove_gate(module, tensor_name)
+        release_adapter_updates(model)
         raise
     return masked
 
@@ -276,6 +279,7 @@ def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
 def detach(model: nn.Module) -> nn.Module:
     """Remove every mask and leave the original weights exactly as they were (the masks are lost)."""
     detach_entries(masked_tensors(model))
+    release_adapter_updates(model)
     return model
 
 
@@ -293,8 +297,11 @@ def fold(model: nn.Module) -> nn.Module:
     """Bake the masks into the weights and remove them, leaving a plain module with exact zeros.
 
     The original ``nn.Parameter`` objects are kept (so optimizers and tied weights stay valid) and
-    receive ``w * gate * keep``. Returns ``model``.
+    receive ``w * gate * keep``. A masked base weight under a LoRA adapter receives ``(w + B A * scaling) * gate *
+    keep`` and the adapter's ``B`` is zeroed (:mod:`lightning_masks.masking.adapters`): the model computes what it
+    trained, and peft's ``merge_and_unload()`` keeps the zeros. Returns ``model``.
     """
+    merge_under_masks(model)
     for entry in masked_tensors(model):
         gate = entry.gate
         value = masked_value(entry.weight, gate.scores, gate.stored_keep(), gate.temperature, gate.gate_scale)
@@ -306,6 +313,7 @@ def fold(model: nn.Module) -> nn.Module:
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)
         entry.weight.copy_(value)
+    release_adapter_updates(model)
     return model
 
 

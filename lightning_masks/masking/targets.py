@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from .adapters import adapter_tensors
 from .gate import MaskGate
 from .kinds import kind_of, output_axis
 
@@ -152,7 +153,8 @@ class Targets:
     left out by default), ``frozen`` (``requires_grad=False``), ``excluded`` (by ``exclude``) and ``unmasked``
     (every other trainable weight matrix: no registered layer kind, not targeted). Tied names are joined by
     ``" = "``. ``routers``: the routing weights of mixture-of-experts blocks (:func:`routers`), left out by default
-    like embeddings. With explicit ``targets``, the trainable matrices they leave out are ``untargeted`` instead of
+    like embeddings. ``adapters``: the PEFT adapters' own tensors (LoRA factors), left out unless a glob names them.
+    With explicit ``targets``, the trainable matrices they leave out are ``untargeted`` instead of
     ``unmasked``. ``foreign`` names the layers left dense by default because something else already computes
     their weight (weight_norm, spectral_norm, torch.nn.utils.prune), with why. ``named``: the chosen tensors a
     name glob in ``targets`` selected (not only a type).
@@ -167,6 +169,7 @@ class Targets:
     foreign: list[str] = field(default_factory=list)
     named: list[str] = field(default_factory=list)
     routers: list[str] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
 
 
 def resolve_targets(
@@ -188,7 +191,9 @@ def resolve_targets(
     ``None`` selects the weights of every registered layer kind (:func:`~lightning_masks.masking.kinds.list_layer_kinds`)
     except embedding tables and the tensors tied to one (a tied LM head), and the routers and gates of
     mixture-of-experts blocks (:func:`routers`): those are masked only when a name glob (or, for tables, an
-    embedding type) selects them. ``exclude`` specs resolve the same way and are removed. Frozen
+    embedding type) selects them. In a PEFT model (one holding peft tuner layers) the frozen weights are the base
+    model's: they are masked like trainable ones (their scores train), and the adapters' own tensors are left out
+    unless a name glob selects them. ``exclude`` specs resolve the same way and are removed. Frozen
     (``requires_grad=False``), lazy and already-masked tensors are skipped. A parameter shared by several
     modules (tied weights) is one entry with several owners.
 
@@ -240,6 +245,7 @@ def resolve_targets(
 
     embedded = {key for key, owners in by_param.items() if any(_is_embedding(m) for _, m, _ in owners)}
     routing = routers(model)
+    adapters = adapter_tensors(model)  # None: no PEFT adapters
     targets = None if targets is None else list(targets)
     exclude = list(exclude)
     if targets is None:
@@ -263,9 +269,12 @@ def resolve_targets(
         if key in excluded:
             if matrix:
                 result.excluded.append(name)
-        elif not tensor.requires_grad:
+        elif not tensor.requires_grad and not (adapters is not None and key in wanted):
             if matrix or key in wanted:
                 result.frozen.append(name)
+        elif adapters is not None and key in adapters and key not in globbed:
+            if matrix:
+                result.adapters.append(name)
         elif key in embedded and key not in explicit:
             if key in wanted or matrix:
                 result.embeddings.append(name)
@@ -329,6 +338,7 @@ def nothing_to_mask(resolved: Targets, targets: list[TargetSpec] | None) -> str:
     reasons = [f"{label} {names[:6]}" for label, names in (
         ("embedding tables (mask them by naming them in targets):", resolved.embeddings),
         ("MoE routers and gates (mask them by naming them in targets):", resolved.routers),
+        ("PEFT adapter factors (mask them by naming them in targets):", resolved.adapters),
         ("frozen (requires_grad=False):", resolved.frozen), ("excluded:", resolved.excluded),
         ("already computed by another parametrization or hook:", resolved.foreign),
         ("of no registered layer kind:", resolved.unmasked), ("not in targets:", resolved.untargeted)) if names]
