@@ -307,7 +307,7 @@ def test_state_dict_round_trip():
     ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1.0"),
     ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\), got -0.1"),
     ({"sparsity": 1.5}, r"sparsity must be in \[0, 1\), got 1.5"),
-    ({"init": "magnitde"}, r"unknown initializer 'magnitde'; known initializers: \['constant', 'kaiming'"),
+    ({"init": "magnitde"}, r"unknown initializer 'magnitde'; known initializers: \['constant', 'from_zeros', 'kaiming'"),
     ({"init": "magnitude_noise", "init_kwargs": {"noise_scale": -1.0}}, r"noise_scale must be .* >= 0, got -1.0"),
     ({"temperature": 0}, r"temperature must be > 0, got 0"),
     ({"temperature": -2.0}, r"temperature must be > 0, got -2.0"),
