@@ -54,14 +54,14 @@ def data(seq_len: int, batch_size: int, eval_windows: int) -> PythonSourceDataMo
 
 def pretrained(datamodule: PythonSourceDataModule, steps: int, lr: float = 2e-3) -> Path:
     """Pretrain the tiny Llama once (plain loop, AdamW, warmup then cosine) and return its saved directory."""
-    path = CACHE / f"llama_{steps}"
+    path = CACHE / f"llama_{steps}x{datamodule.hparams.batch_size}x{datamodule.hparams.seq_len}"
     if (path / "config.json").exists():
         return path
     torch.manual_seed(0)
     model = tiny_llama(vocab_size=datamodule.hparams.vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     windows = datamodule.windows(datamodule.train)
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
@@ -73,7 +73,7 @@ def pretrained(datamodule: PythonSourceDataModule, steps: int, lr: float = 2e-3)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        if step % 100 == 0:
+        if step % 25 == 0:
             print(f"pretrain step {step}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
     model.save_pretrained(path)
     return path
@@ -212,7 +212,7 @@ def table(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=50, help="fine-tuning steps of every arm")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -254,3 +254,34 @@ def test_a_masked_lora_layer_computes_the_adapters_update_under_the_same_mask():
     gate = entry.gate
     expected = x @ (gate(entry.weight + delta)).T
     assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- the README's examples
+def readme_block(marker: str) -> str:
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", text, re.S)
+    assert match, f"README lost its {marker} block"
+    return match.group(1)
+
+
+def test_the_readme_llm_and_lora_examples_save_pretrained_models_with_exact_zeros(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(readme_block("llm-example"), namespace)
+    saved = load_file(tmp_path / "pruned" / "model.safetensors")
+    decoder = {n: w for n, w in saved.items() if ".layers." in n and w.dim() == 2}
+    assert len(decoder) == 2 * 7
+    for weight in decoder.values():  # exact 2:4: every group of 4 inputs keeps 2
+        assert torch.all((weight.reshape(-1, 4) != 0).sum(1) == 2)
+    assert all(torch.count_nonzero(saved[n]) == saved[n].numel() for n in saved if "embed" in n or "lm_head" in n)
+
+    exec(readme_block("lora-example"), namespace)
+    merged = load_file(tmp_path / "pruned_merged" / "model.safetensors")
+    assert not any("lora" in n for n in merged)
+    matrices = {n: w for n, w in merged.items() if w.dim() == 2 and "embed" not in n}
+    assert set(matrices) == set(decoder) | {"lm_head.weight"}
+    for name, weight in matrices.items():  # 50% of each base Linear, the adapters' update merged under the mask
+        assert (weight == 0).sum().item() == weight.numel() // 2, name

@@ -121,7 +121,8 @@ def tiny_llama(vocab_size: int = 2048, hidden_size: int = 128, layers: int = 4, 
 
 
 class CausalLM(pl.LightningModule):
-    """Any ``AutoModelForCausalLM`` trained on next-token prediction; logs ``val/loss`` and ``val/ppl``.
+    """Any ``AutoModelForCausalLM`` trained on next-token prediction; logs ``val/loss`` (perplexity is its exp) and
+    ``val/acc`` (next-token accuracy), and the same under ``test/``.
 
     Args:
         model: the causal LM (default: :func:`tiny_llama`), or a local directory for ``from_pretrained``.
@@ -143,26 +144,29 @@ class CausalLM(pl.LightningModule):
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(input_ids=tokens).logits
 
-    def _loss(self, batch: Any) -> Tensor:
+    def _loss(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """The mean next-token loss of a batch of windows, and its next-token accuracy."""
         window = batch[0]
         logits = self(window[:, :-1])
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten())
+        targets = window[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return loss, (logits.argmax(-1) == targets).float().mean()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
+        loss, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        loss, accuracy = self._loss(batch)
+        self.log(f"{stage}/loss", loss)  # averaged over batches: equal windows a batch but the last
+        self.log(f"{stage}/acc", accuracy)  # next-token accuracy
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._losses.append(self._loss(batch).detach())
+        self._evaluate(batch, "val")
 
-    def on_validation_epoch_start(self) -> None:
-        self._losses: list[Tensor] = []
-
-    def on_validation_epoch_end(self) -> None:
-        loss = torch.stack(self._losses).mean()  # equal windows a batch but the last: close to the token mean
-        self.log("val/loss", loss)
-        self.log("val/ppl", loss.clamp(max=50.0).exp(), prog_bar=True)
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
