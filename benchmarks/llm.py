@@ -33,9 +33,8 @@ import torch
 from torch import nn
 
 from lightning_masks import MaskPruningCallback, attach
-from lightning_masks.masking.masks import detach
 from lightning_masks.masking.activations import input_norms
-from lightning_masks.masking.masks import gates_disabled
+from lightning_masks.masking.masks import detach, gates_disabled
 from lightning_masks.zoo import CausalLM, PythonSourceDataModule, tiny_llama
 
 HERE = Path(__file__).resolve().parent

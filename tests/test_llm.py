@@ -261,7 +261,7 @@ def readme_block(marker: str) -> str:
     import re
     from pathlib import Path
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    match = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", text, re.S)
+    match = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", text, re.DOTALL)
     assert match, f"README lost its {marker} block"
     return match.group(1)
 
