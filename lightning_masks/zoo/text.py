@@ -139,7 +139,7 @@ class CausalLM(pl.LightningModule):
         elif isinstance(model, (str, Path)):
             from transformers import AutoModelForCausalLM
             model = AutoModelForCausalLM.from_pretrained(model)
-        self.model = model
+        self.model = model.train()  # from_pretrained leaves it in eval mode
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(input_ids=tokens).logits
