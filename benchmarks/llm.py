@@ -8,9 +8,12 @@ fine-tuning token budget, in two columns: the weights frozen (lr 0: only masks l
 
 * ``dense``: no pruning (fine-tuned in the training column);
 * ``one-shot magnitude`` / ``one-shot wanda``: the mask of ``|w|`` per layer, or of Wanda's ``|w_ij| * ||x_j||``
-  per output row (Sun et al. 2023; this repository's implementation: llm-compressor 0.14 pins its own torch and
-  transformers) on 8 calibration batches; then, in the training column, masked fine-tuning with that mask held
-  (``init="from_zeros", fixed=True``);
+  per output row (Sun et al. 2023; this repository's implementation) on 8 calibration batches; then, in the
+  training column, masked fine-tuning with that mask held (``init="from_zeros", fixed=True``);
+* ``one-shot SparseGPT / Wanda (llm-compressor)``: llm-compressor 0.14's ``oneshot`` (``SparseGPTModifier``,
+  ``WandaPruningModifier``) on 64 training windows, run in a venv the benchmark creates
+  (``benchmarks/llm_compressor_oneshot.py``: it pins ``transformers<=5.17``); the head is kept dense (its
+  ``ignore=["lm_head"]`` still pruned the head here); then the same masked fine-tuning;
 * ``learned``: ``MaskPruningCallback`` defaults (magnitude init, cubic ramp over the first two thirds);
 * ``learned (wanda init)``: ``init="wanda"``;
 * ``GMP``: the same callback with ``mask_lr=0`` (gradual magnitude pruning).
@@ -25,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,6 +126,37 @@ def one_shot(module: CausalLM, pattern: str, criterion: str, datamodule: PythonS
             weight.mul_(keep)
 
 
+COMPRESSOR = "llmcompressor==0.14.*"
+
+
+def compressor_python() -> Path:
+    """The python of a venv holding llm-compressor (created on first use, beside the cache; it shares this
+    environment's torch and takes the transformers it pins)."""
+    venv = CACHE / "llmcompressor-venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", COMPRESSOR], check=True)
+    return python
+
+
+def compressor_one_shot(module: CausalLM, pattern: str, method: str, datamodule: PythonSourceDataModule,
+                        source: Path, windows: int = 64) -> None:
+    """Prune the decoder Linears with llm-compressor's ``oneshot`` (``wanda`` or ``sparsegpt``) in its own venv, on
+    ``windows`` training windows, and load the result; the head stays the dense model's."""
+    from safetensors.torch import load_file
+    work = CACHE / f"llmc_{method}_{pattern.replace(':', '-').replace('%', 'pct')}_{source.name}"
+    if not (work / "model.safetensors").exists():
+        calibration = CACHE / "calibration.pt"
+        torch.save(datamodule.windows(datamodule.train, windows)[:, :-1].contiguous(), calibration)
+        subprocess.run([str(compressor_python()), str(HERE / "llm_compressor_oneshot.py"), str(source), str(work),
+                        method, pattern, str(calibration), str(datamodule.cache)], check=True)
+    pruned = load_file(work / "model.safetensors")
+    decoder = {name: tensor for name, tensor in pruned.items() if name.startswith("model.layers.")}
+    missing = module.model.load_state_dict(decoder, strict=False)
+    assert not missing.unexpected_keys, missing.unexpected_keys
+
+
 def fine_tune(module: CausalLM, datamodule: PythonSourceDataModule, steps: int, callback=None) -> None:
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -136,6 +172,10 @@ def arms(pattern: str) -> dict:
         "one-shot magnitude": ("magnitude", lambda: MaskPruningCallback(
             init="from_zeros", init_kwargs={"fixed": True}, **options)),
         "one-shot wanda": ("wanda", lambda: MaskPruningCallback(
+            init="from_zeros", init_kwargs={"fixed": True}, **options)),
+        "one-shot SparseGPT (llm-compressor)": ("llmc-sparsegpt", lambda: MaskPruningCallback(
+            init="from_zeros", init_kwargs={"fixed": True}, **options)),
+        "one-shot Wanda (llm-compressor)": ("llmc-wanda", lambda: MaskPruningCallback(
             init="from_zeros", init_kwargs={"fixed": True}, **options)),
         "learned": (None, lambda: MaskPruningCallback(**options)),
         "learned (wanda init)": (None, lambda: MaskPruningCallback(init="wanda", **options)),
@@ -167,7 +207,9 @@ def run(args: argparse.Namespace) -> None:
                     pl.seed_everything(seed, verbose=False)
                     module = CausalLM(str(path), lr=lr)
                     started = time.perf_counter()
-                    if criterion:
+                    if criterion and criterion.startswith("llmc-"):
+                        compressor_one_shot(module, pattern, criterion[5:], datamodule, path)
+                    elif criterion:
                         one_shot(module, pattern, criterion, datamodule)
                     trains = (lr > 0 or callback is not None) and not (criterion and lr == 0)
                     if trains:  # a held mask over frozen weights would not change: evaluated as it is
@@ -186,9 +228,9 @@ def table(path: Path) -> None:
     records = [json.loads(line) for line in path.open()]
     lines = []
     for pattern in PATTERNS:
-        rows = [r for r in records if r["pattern"] == pattern or (r["arm"] == "dense")]
-        if not rows:
+        if not any(r["pattern"] == pattern for r in records):
             continue
+        rows = [r for r in records if r["pattern"] == pattern or r["arm"] == "dense"]
         lines += [f"\n### {pattern} of the decoder Linears\n", "| arm | weights frozen (lr 0) | weights train (lr 3e-4) |"
                   " tokens | wall s (lr 0 / 3e-4) |", "|---|---|---|---|---|"]
         for arm in arms(pattern):
