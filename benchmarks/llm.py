@@ -150,7 +150,7 @@ def compressor_one_shot(module: CausalLM, pattern: str, method: str, datamodule:
         calibration = CACHE / "calibration.pt"
         torch.save(datamodule.windows(datamodule.train, windows)[:, :-1].contiguous(), calibration)
         subprocess.run([str(compressor_python()), str(HERE / "llm_compressor_oneshot.py"), str(source), str(work),
-                        method, pattern, str(calibration), str(datamodule.cache)], check=True)
+                        method, pattern, str(calibration), str(datamodule.tokenizer_dir)], check=True)
     pruned = load_file(work / "model.safetensors")
     decoder = {name: tensor for name, tensor in pruned.items() if name.startswith("model.layers.")}
     missing = module.model.load_state_dict(decoder, strict=False)

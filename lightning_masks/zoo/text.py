@@ -65,20 +65,25 @@ class PythonSourceDataModule(pl.LightningDataModule):
         self.train: Optional[Tensor] = None
         self.held_out: Optional[Tensor] = None
 
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Where the BPE's ``vocab.json`` and ``merges.txt`` are kept (one folder per vocabulary and text size)."""
+        return self.cache / f"bpe_{self.hparams.vocab_size}_{self.hparams.train_chars}"
+
     def tokenizer(self):
         """The BPE tokenizer (trained on first use)."""
         from tokenizers import ByteLevelBPETokenizer
-        vocab, merges = self.cache / "vocab.json", self.cache / "merges.txt"
+        vocab, merges = self.tokenizer_dir / "vocab.json", self.tokenizer_dir / "merges.txt"
         if not vocab.exists():
-            self.cache.mkdir(parents=True, exist_ok=True)
+            self.tokenizer_dir.mkdir(parents=True, exist_ok=True)
             tokenizer = ByteLevelBPETokenizer()
             tokenizer.train_from_iterator(_read(python_sources("train"), self.hparams.train_chars),
                                           vocab_size=self.hparams.vocab_size, min_frequency=2)
-            tokenizer.save_model(str(self.cache))
+            tokenizer.save_model(str(self.tokenizer_dir))
         return ByteLevelBPETokenizer(str(vocab), str(merges))
 
     def _stream(self, split: str, chars: int) -> Tensor:
-        path = self.cache / f"{split}_{self.hparams.vocab_size}_{chars}.pt"
+        path = self.tokenizer_dir / f"{split}_{chars}.pt"
         if path.exists():
             return torch.load(path)
         tokenizer = self.tokenizer()
