@@ -334,7 +334,8 @@ def test_state_dict_round_trip():
     ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1.0"),
     ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\), got -0.1"),
     ({"sparsity": 1.5}, r"sparsity must be in \[0, 1\), got 1.5"),
-    ({"init": "magnitde"}, r"unknown initializer 'magnitde'; known initializers: \['constant', 'kaiming'"),
+    ({"init": "magnitde"}, r"unknown initializer 'magnitde'; known initializers: \['constant', 'from_zeros', "
+                           r"'kaiming'"),
     ({"init": "magnitude_noise", "seed": 0.5}, r"seed must be an int or None, got 0.5"),
     ({"temperature": 0}, r"temperature must be > 0, got 0"),
     ({"temperature": -2.0}, r"temperature must be > 0, got -2.0"),

@@ -132,3 +132,20 @@ def test_optimizer_and_scheduler_factories_are_used():
     assert isinstance(configured["optimizer"], torch.optim.SGD) and configured["optimizer"].defaults["lr"] == 0.5
     assert "optimizer" not in model.hparams
     assert isinstance(MLP().configure_optimizers(), torch.optim.Adam)
+
+
+def test_python_source_is_split_by_path_and_a_tiny_llama_learns_its_windows(tmp_path):
+    from lightning_masks.zoo import CausalLM, PythonSourceDataModule, tiny_llama
+    from lightning_masks.zoo.text import python_sources
+
+    train, held_out = python_sources("train"), python_sources("held_out")
+    assert train and held_out and not set(train) & set(held_out)
+    data = PythonSourceDataModule(cache_dir=str(tmp_path), vocab_size=300, seq_len=16, batch_size=4,
+                                  train_chars=20_000, held_out_chars=5_000, eval_windows=8)
+    data.setup()
+    (window,) = next(iter(data.val_dataloader()))
+    assert window.shape == (4, 17) and int(window.max()) < 300
+    assert torch.equal(next(iter(data.val_dataloader()))[0], window)  # fixed evaluation windows
+    assert (data.tokenizer_dir / "vocab.json").exists()
+    module = CausalLM(tiny_llama(vocab_size=300, hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64))
+    assert module.model.training and module(window[:, :-1]).shape == (4, 16, 300)

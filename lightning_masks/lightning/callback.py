@@ -22,7 +22,8 @@ from typing_extensions import override
 
 from ..lifecycle.plan import Plan
 from ..lifecycle.schedule import ScheduleSpec, get_schedule
-from ..masking.gate import cached_gates
+from ..masking.activations import input_norms
+from ..masking.gate import cached_gates, reduce_to
 from ..masking.hiding import masks_hidden
 from ..masking.initializers import InitSpec, get_initializer
 from ..masking.loading import restore_masks_on_load
@@ -62,6 +63,7 @@ from .trainer import (
     restore_configure_model,
     restore_configure_optimizers,
     step_clock,
+    training_batches,
     training_length,
     training_loss,
     unbounded,
@@ -269,7 +271,7 @@ class MaskPruningCallback(Callback):
                 f"(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}); set max_epochs or max_steps, "
                 "or give the schedule int start/end"
             )
-        if self.initializer.needs_grad and not pl_module.automatic_optimization:
+        if (self.initializer.needs_grad or self.initializer.needs_inputs) and not pl_module.automatic_optimization:
             raise ValueError(f"{self.initializer!r} scores one automatic-optimization training step; this module "
                              "uses manual optimization: pick another init")
         before = None
@@ -315,6 +317,8 @@ class MaskPruningCallback(Callback):
         refreeze(self._masked, thawed)
         for entry in self._masked:
             entry.gate.straight_through = self.selector.straight_through
+            if self.initializer.fixed:  # a held mask: the scores do not learn
+                entry.gate.scores.requires_grad_(False)
         try:
             if groups is not None:
                 tie = ties_among(groups, [entry.name for entry in self._masked])
@@ -338,8 +342,8 @@ class MaskPruningCallback(Callback):
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[MaskedTensor]:
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-        init = torch.zeros_like if self.initializer.needs_grad else (
-            lambda weight: self.initializer(weight, generator=generator))
+        from_batches = self.initializer.needs_grad or self.initializer.needs_inputs
+        init = torch.zeros_like if from_batches else (lambda weight: self.initializer(weight, generator=generator))
         exclude = self._excluded = self.exclude + self._outputs_kept_whole(trainer, pl_module)
         resolved = resolve_targets(pl_module, self.targets, exclude)
         # FSDP2 gathers a module's trainable parameters in one dtype: the scores take their weight's
@@ -347,11 +351,26 @@ class MaskPruningCallback(Callback):
         masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=self.temperature,
                         rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
                         score_dtype=score_dtype, compact=self.compact)
-        self.scores_initialized = not self.initializer.needs_grad
+        self.scores_initialized = not from_batches
+        self._start_from_initial_keep(masked)
         goal = (f"gate threshold up to {self.schedule.final}" if self.schedule.by_threshold
                 else f"final sparsity {self.sparsity}")
         fit_report.announce(masked, resolved, exclude[len(self.exclude):], f"init={self.initializer!r}, {goal}")
         return masked
+
+    def _start_from_initial_keep(self, masked: list[MaskedTensor]) -> None:
+        """Prune what the initializer's :meth:`~lightning_masks.masking.initializers.Initializer.initial_keep` drops
+        (e.g. a one-shot pruner's zeros); a ``fixed`` initializer's mask is held by skipping every update."""
+        held = 0
+        for entry in masked:
+            keep = self.initializer.initial_keep(entry.weight.detach())
+            if keep is not None:
+                keep = reduce_to(keep.float(), entry.gate.scores.shape) > 0  # a channel stays while any entry does
+                entry.gate.set_keep(keep)
+                entry.gate.reset_scores(entry.gate.scores.detach().clone())  # the rescale over the kept entries
+                held += int((~keep).sum())
+        if self.initializer.fixed:
+            self.plan.pruned = held
 
     def _outputs_kept_whole(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         """With channel masks, the layers whose output units are the model's outputs (see ``output_layers``)."""
@@ -389,8 +408,28 @@ class MaskPruningCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.scores_initialized:
-            self._score_from_one_batch(trainer, pl_module)
+            if self.initializer.needs_inputs:
+                self._score_from_inputs(trainer, pl_module)
+            else:
+                self._score_from_one_batch(trainer, pl_module)
         self.plan.resolve(*training_length(trainer))
+
+    def _score_from_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Initialise activation-aware scores (e.g. Wanda) from the input norms of the dense network, in eval mode,
+        over the first training batches (summed over data-parallel ranks, so every rank gets the same scores)."""
+        training = pl_module.training
+        pl_module.eval()
+        try:
+            with gates_disabled(self._masked), torch.no_grad(), input_norms(self._masked) as norms:
+                for batch in training_batches(trainer, self.initializer.batches):
+                    training_loss(pl_module, trainer.strategy.batch_to_device(batch))
+        finally:
+            pl_module.train(training)
+        for entry in self._masked:
+            norms.squares[entry.name] = trainer.strategy.reduce(norms.squares[entry.name], reduce_op="sum")
+            norms.rows[entry.name] = trainer.strategy.reduce(norms.rows[entry.name], reduce_op="sum")
+            entry.gate.reset_scores(self.initializer(entry.weight.detach(), input_norm=norms.rms(entry.name)))
+        self.scores_initialized = True
 
     def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise gradient-based scores (e.g. SNIP) from one training batch of the dense network."""
@@ -430,7 +469,7 @@ class MaskPruningCallback(Callback):
 
     def _update(self, trainer: pl.Trainer, t: Optional[float]) -> bool:
         """Make the update due at ``t`` (if any); return whether a selection ran."""
-        target = self.plan.decide(t)
+        target = None if self.initializer.fixed else self.plan.decide(t)
         if target is not None:
             self._select(trainer, t, target)
         return target is not None
@@ -550,7 +589,7 @@ class MaskPruningCallback(Callback):
 
     def _end_short(self, trainer: pl.Trainer, jump: bool) -> None:
         """A fit that ended before its ramp: one last update to the final target (``early_end="final"``), or warn."""
-        shortfall = self.plan.shortfall()
+        shortfall = None if self.initializer.fixed else self.plan.shortfall()
         if shortfall is None:
             return
         final = self.plan.end_target() if jump else None

@@ -41,6 +41,13 @@ def _left_dense(resolved: Targets, outputs: Sequence[str]) -> str:
         example = resolved.embeddings[0].split(" = ")[0]
         parts.append(f"embedding tables and tensors tied to them left dense: {stats.short_names(resolved.embeddings)} "
                      f"(to mask them, name them in targets, e.g. targets=[..., {example!r}])")
+    if resolved.routers:
+        example = resolved.routers[0].split(" = ")[0]
+        parts.append(f"mixture-of-experts routers and gates left dense: {stats.short_names(resolved.routers)} (to "
+                     f"mask them, name them in targets, e.g. targets=[..., {example!r}])")
+    if resolved.adapters:
+        parts.append(f"PEFT adapter factors left dense (the frozen base weights under them are masked): "
+                     f"{stats.short_names(resolved.adapters)}")
     if outputs:
         parts.append(f"output layers kept whole by channel pruning: {stats.short_names(outputs)} "
                      "(output_layers=None prunes them)")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .adapters import hold_adapter_updates, merge_under_masks, release_adapter_updates
 from .gate import (
     SCORE_DTYPES,
     ChannelBias,
@@ -181,9 +182,11 @@ def attach(
                     parametrize.register_parametrization(module, bias, ChannelBias(gate))
                     done.append((module, bias))
             masked.append(MaskedTensor(name, gate, original, list(owners)))
+        hold_adapter_updates(model)
     except Exception:
         for module, tensor_name in reversed(done):
             _remove_gate(module, tensor_name)
+        release_adapter_updates(model)
         raise
     return masked
 
@@ -287,6 +290,7 @@ def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
 def detach(model: nn.Module) -> nn.Module:
     """Remove every mask and leave the original weights exactly as they were (the masks are lost)."""
     detach_entries(masked_tensors(model))
+    release_adapter_updates(model)
     return model
 
 
@@ -305,8 +309,11 @@ def fold(model: nn.Module) -> nn.Module:
 
     The original ``nn.Parameter`` objects are kept (so optimizers and tied weights stay valid) and
     receive ``w * gate * keep``; sharded ones (FSDP2's DTensors) shard by shard, each process folding its own.
-    Returns ``model``.
+    A masked base weight under a LoRA adapter receives ``(w + B A * scaling) * gate * keep`` and the adapter's
+    ``B`` is zeroed (:mod:`lightning_masks.masking.adapters`): the model computes what it trained, and peft's
+    ``merge_and_unload()`` keeps the zeros. Returns ``model``.
     """
+    merge_under_masks(model)
     for entry in masked_tensors(model):
         value = folded_value(entry)
         for module, name in gated_biases(entry):
@@ -317,6 +324,7 @@ def fold(model: nn.Module) -> nn.Module:
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)
         local(entry.weight).copy_(value)
+    release_adapter_updates(model)
     return model
 
 

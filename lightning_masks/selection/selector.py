@@ -317,8 +317,13 @@ class Selector:
         if per_group:
             importance = self._importance(entry).movedim(axis, 0).reshape(-1, m)
             keep.scatter_(1, importance.topk(per_group, dim=1, largest=False).indices, False)
-        set_keep(entry, keep.view(rows).movedim(0, axis), flipped)
-        return per_group * (entry.numel // m)
+        keep = keep.view(rows).movedim(0, axis)
+        if self.regrow:
+            set_keep(entry, keep, flipped)
+            return per_group * (entry.numel // m)
+        keep &= keep_of(entry)  # pruned stays pruned (e.g. a one-shot mask the masks started from)
+        set_keep(entry, keep, flipped)
+        return entry.numel - int(keep.sum())
 
     @torch.no_grad()
     def threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
