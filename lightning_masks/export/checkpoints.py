@@ -41,7 +41,7 @@ def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if missing:
             raise ValueError(f"masked tensor {target!r} misses {missing} in the checkpoint; it is incomplete")
         folded[target] = masked_value(parts[ORIGINAL], parts["scores"], parts["keep"].bool(),
-                                      parts["temperature"], parts.get("gate_scale"))
+                                      parts["temperature"], parts.get("gate_scale"), binary="binary" in parts)
     return folded
 
 

@@ -105,8 +105,14 @@ class MaskPruningCallback(Callback):
             Conv and ConvTranspose 1d/2d/3d, MultiheadAttention projections, RNN/LSTM/GRU, transformers'
             ``Conv1D``) except embedding tables and tensors tied to one (name them in ``targets`` to mask them).
             The setup line lists what is left dense; trainable weight matrices left dense for no stated reason
-            get a warning. One string is one glob. Tensors frozen at setup are left unmasked (the
-            setup line names them), except those a ``BaseFinetuning`` callback froze.
+            get a warning. One string is one glob. What happens to frozen tensors is ``frozen``'s.
+        frozen: the targeted tensors frozen at setup (``requires_grad=False``, or frozen by a ``BaseFinetuning``
+            callback such as ``BackboneFinetuning``): ``"skip"`` (the default) leaves those frozen by hand dense
+            and masks those a ``BaseFinetuning`` froze, their scores frozen and unfrozen with them; ``"mask"``
+            learns masks over all of them while the weights stay as they are (fine-pruning a frozen backbone,
+            piggyback / supermasks): their scores train from the first step, and their masks are binary (the
+            network computes ``w * keep``, :func:`~lightning_masks.masking.gate.binary_gated`), so that the folded
+            model holds every kept weight bit for bit and exact zeros elsewhere. The setup line says which.
         init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
         temperature: the gate's ``T > 0``.
         rescale_gate: divide each gate by its initial value so training starts from the dense function
@@ -176,6 +182,7 @@ class MaskPruningCallback(Callback):
         update_budget: Optional[float] = DEFAULT_UPDATE_SHARE,
         targets: Optional[Iterable[TargetSpec]] = None,
         exclude: Iterable[TargetSpec] = (),
+        frozen: str = "skip",
         init_kwargs: Optional[Mapping[str, Any]] = None,
         temperature: float = 1.0,
         rescale_gate: bool = True,
@@ -206,7 +213,8 @@ class MaskPruningCallback(Callback):
         final = final_sparsity(sparsity, selector, DEFAULT_SPARSITY)
         check_settings(update_every=update_every, init_kwargs=init_kwargs, temperature=temperature, mask_lr=mask_lr,
                        mask_weight_decay=mask_weight_decay, early_end=early_end, seed=seed,
-                       log_every_n_steps=log_every_n_steps, straight_through=straight_through, regrow=selector.regrow)
+                       log_every_n_steps=log_every_n_steps, straight_through=straight_through, regrow=selector.regrow,
+                       frozen=frozen)
         check_flags(rescale_gate=rescale_gate, fold_on_fit_end=fold_on_fit_end, fused_adam=fused_adam,
                     log_histograms=log_histograms, plots=plots)
 
@@ -215,6 +223,7 @@ class MaskPruningCallback(Callback):
         self.schedule = get_schedule(schedule, final, **ramp_of(schedule, start, end))
         self.targets = targets
         self.exclude = exclude
+        self.frozen = frozen
         self.temperature = float(temperature)
         self.rescale_gate = rescale_gate
         self.score_dtype = score_dtype_of(score_dtype)
@@ -284,8 +293,9 @@ class MaskPruningCallback(Callback):
         attached = not masked_tensors(pl_module)
         groups = coupled_norms(pl_module) if self.selector.auto_tie else None
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
-            self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
-        refreeze(self._masked, thawed)
+            self._masked = self._attach(trainer, pl_module, thawed) if attached else masked_tensors(pl_module)
+        if self.frozen == "skip":
+            refreeze(self._masked, thawed)
         for entry in self._masked:
             entry.gate.straight_through = self.straight_through
         try:
@@ -304,12 +314,19 @@ class MaskPruningCallback(Callback):
             raise
         mask_copies(trainer, pl_module)  # e.g. StochasticWeightAveraging's copy, made in its setup before ours
 
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[MaskedTensor]:
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                thawed: list[torch.Tensor]) -> list[MaskedTensor]:
+        """Mask the targets; with ``frozen="mask"``, those frozen at setup (by hand, or ``thawed`` here from a
+        finetuning callback's freezing) get binary masks."""
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         init = torch.zeros_like if self.initializer.needs_grad else (
             lambda weight: self.initializer(weight, generator=generator))
         exclude = self.exclude + self._outputs_kept_whole(trainer, pl_module)
-        resolved = resolve_targets(pl_module, self.targets, exclude)
+        resolved = resolve_targets(pl_module, self.targets, exclude, mask_frozen=self.frozen == "mask")
+        if self.frozen == "mask":
+            ids = {id(p) for p in thawed}
+            resolved.frozen_chosen += [name for name, owners in resolved.chosen.items()
+                                       if id(getattr(*owners[0])) in ids]
         masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=self.temperature,
                         rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
                         score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow)

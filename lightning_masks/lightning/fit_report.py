@@ -45,10 +45,12 @@ def _left_dense(resolved: Targets, outputs: Sequence[str]) -> str:
     if outputs:
         parts.append(f"output layers kept whole by channel pruning: {stats.short_names(outputs)} "
                      "(output_layers=None prunes them)")
+    if resolved.frozen_chosen:
+        parts.append(f"frozen tensors masked with binary masks, their weights kept (frozen='mask'): "
+                     f"{stats.short_names(resolved.frozen_chosen)}")
     if resolved.frozen:
         parts.append(f"frozen tensors (requires_grad=False at setup) left dense: {stats.short_names(resolved.frozen)}; "
-                     "to mask them, make them trainable before fit, or freeze them with a BaseFinetuning callback "
-                     "(e.g. BackboneFinetuning), whose frozen tensors are masked")
+                     "to learn masks over them with the weights kept, pass frozen='mask' (targeted ones)")
     return "".join(f"; {part}" for part in parts)
 
 

@@ -23,8 +23,8 @@ __all__ = [
 
 PARAMETRIZATION_MARK = ".parametrizations."
 ORIGINAL = "original"
-GATE_FIELDS = ("scores", "keep", "temperature", "gate_scale")  # the buffers of MaskGate, its state dict
-REQUIRED_FIELDS = (ORIGINAL, "scores", "keep", "temperature")  # gate_scale only with rescale_gate
+GATE_FIELDS = ("scores", "keep", "temperature", "gate_scale", "binary")  # the buffers of MaskGate, its state dict
+REQUIRED_FIELDS = (ORIGINAL, "scores", "keep", "temperature")  # gate_scale only with rescale, binary when binary
 _GATE_INDEX = "0."  # our gate is the first (and only) parametrization of the tensor
 
 

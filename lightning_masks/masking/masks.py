@@ -8,7 +8,7 @@ Loading a masked state dict is in :mod:`lightning_masks.masking.loading`, its ke
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -21,6 +21,7 @@ from .gate import (
     SCORE_DTYPES,
     ChannelBias,
     MaskGate,
+    binary_gated,
     cached_gates,
     channel_gate_args,
     gate_value,
@@ -47,6 +48,7 @@ __all__ = [
     "find_targets",
     "fold",
     "gate_value",
+    "binary_gated",
     "gated",
     "gates_disabled",
     "keep_bits_cached",
@@ -99,6 +101,8 @@ def attach(
     per_channel: bool = False,
     score_dtype: torch.dtype | None = None,
     compact: bool = False,
+    frozen: str = "skip",
+    binary: Collection[str] = (),
 ) -> list[MaskedTensor]:
     """Mask the selected tensors of ``model`` in place and return them.
 
@@ -116,6 +120,9 @@ def attach(
         score_dtype: the scores' dtype (see :class:`MaskGate`), never wider than the weight's (a bfloat16 weight
             keeps bfloat16 scores); ``None``: the weight's.
         compact: keep bits held in the scores and a per-tensor rescale (see :class:`MaskGate`).
+        frozen: the targeted tensors with ``requires_grad=False``: ``"skip"`` leaves them dense, ``"mask"`` masks
+            them with binary masks (``w * keep``, see :class:`MaskGate`): the weights are kept as they are.
+        binary: the names (keys of ``resolved.chosen``) of further tensors whose masks are binary.
 
     Raises:
         ValueError: a pattern that matches nothing, a weight holding NaN/Inf, scores of the wrong shape,
@@ -128,8 +135,11 @@ def attach(
         ['0.weight', '2.weight']
     """
     targets = None if targets is None else list(targets)
+    if frozen not in ("skip", "mask"):
+        raise ValueError(f"frozen must be 'skip' or 'mask', got {frozen!r}")
     if resolved is None:
-        resolved = resolve_targets(model, targets, exclude)
+        resolved = resolve_targets(model, targets, exclude, mask_frozen=frozen == "mask")
+    binary = {*binary, *resolved.frozen_chosen}
     if score_dtype is not None and score_dtype not in SCORE_DTYPES:
         raise ValueError(f"score_dtype must be one of {[str(d) for d in SCORE_DTYPES]} or None, got {score_dtype!r}")
     found = resolved.chosen
@@ -154,7 +164,7 @@ def attach(
             scores = reduce_to(scores, torch.Size(channel_shape(weight, output_axis(module, tensor_name))))
         dtype = score_dtype if score_dtype is not None and score_dtype.itemsize <= weight.dtype.itemsize else None
         prepared.append((name, owners, MaskGate(scores.to(weight), temperature, rescale=rescale, score_dtype=dtype,
-                                                compact=compact)))
+                                                compact=compact, binary=name in binary)))
 
     done: list[tuple[nn.Module, str]] = []
     masked = []
@@ -293,14 +303,15 @@ def fold(model: nn.Module) -> nn.Module:
     """Bake the masks into the weights and remove them, leaving a plain module with exact zeros.
 
     The original ``nn.Parameter`` objects are kept (so optimizers and tied weights stay valid) and
-    receive ``w * gate * keep``. Returns ``model``.
+    receive ``w * gate * keep`` (a binary mask's ``w * keep``: the kept weights as they were, bit for bit).
+    Returns ``model``.
     """
     for entry in masked_tensors(model):
         gate = entry.gate
-        value = masked_value(entry.weight, gate.scores, gate.stored_keep(), gate.temperature, gate.gate_scale)
+        value = gate.folded(entry.weight)
         for module, name in gated_biases(entry):
             bias = module.parametrizations[name].original
-            bias_value = masked_value(bias, *channel_gate_args(gate, bias.shape))
+            bias_value = masked_value(bias, *channel_gate_args(gate, bias.shape), binary=gate.is_binary)
             _remove_gate(module, name)
             bias.copy_(bias_value)
         for module, tensor_name in entry.owners:
