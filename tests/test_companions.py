@@ -165,8 +165,8 @@ def test_frozen_mask_learns_masks_over_weights_frozen_by_hand_and_keeps_them_bit
         assert not weight.requires_grad and torch.equal(weight[kept], original[kept])
     first, last = scores[0], scores[-1]
     assert all(not torch.equal(a[a > -1e30], b[a > -1e30]) for a, b in zip(first, last))  # the scores learned
-    assert any("frozen tensors masked with binary masks, their weights kept (frozen='mask'): backbone.*.weight (x2)"
-               in line for line in said)
+    assert any("frozen tensors under binary masks, their kept weights kept bit for bit (frozen='mask'): "
+               "backbone.*.weight (x2)" in line for line in said)
 
 
 def test_frozen_mask_masks_what_finetuning_freezes_and_trains_the_scores_while_frozen():
@@ -192,8 +192,26 @@ def test_frozen_mask_masks_what_finetuning_freezes_and_trains_the_scores_while_f
     assert all(int((layer.weight == 0).sum()) > 0 for layer in frozen[:2])
 
 
-def test_frozen_must_be_skip_or_mask():
-    with pytest.raises(ValueError, match=r"frozen must be one of \['skip', 'mask'\], got 'learn'"):
+def test_frozen_gate_learns_soft_gates_over_frozen_weights_and_folds_them_in(monkeypatch):
+    pl.seed_everything(0, verbose=False)
+    module = FrozenBackbone()
+    before = [module.backbone[i].weight.detach().clone() for i in (0, 2)]
+    said = []
+    monkeypatch.setattr("lightning_masks.lightning.fit_report.rank_zero_info", said.append)
+    pruner = MaskPruningCallback(0.8, end=3, exclude=["head", "net.*"], frozen="gate", fold_on_fit_end=False)
+    make_trainer(max_epochs=4, callbacks=[pruner]).fit(module)
+    assert [e.gate.is_binary for e in masked_tensors(module)] == [False, False]
+    assert all(torch.equal(e.weight, w) for e, w in zip(masked_tensors(module), before))  # the parameters untouched
+    fold(module)
+    weights = [module.backbone[i].weight for i in (0, 2)]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
+    assert not torch.equal(weights[1][weights[1] != 0], before[1][weights[1] != 0])  # scaled by the learned gates
+    assert any("frozen tensors under soft gates, their kept weights scaled by the learned gate when folded "
+               "(frozen='gate'): backbone.*.weight (x2)" in line for line in said)
+
+
+def test_frozen_must_be_skip_mask_or_gate():
+    with pytest.raises(ValueError, match=r"frozen must be one of \['skip', 'mask', 'gate'\], got 'learn'"):
         MaskPruningCallback(frozen="learn")
 
 

@@ -16,8 +16,9 @@ from ..selection.selector import Selector
 __all__ = ["FROZEN", "check_flags", "check_number", "check_output_layers", "check_settings", "check_targets", "final_sparsity",
            "is_int", "ramp_of", "score_dtype_of", "selector_of"]
 
-#: what ``frozen`` may say of the tensors frozen at setup: left dense, or masked (binary masks, weights kept)
-FROZEN = ("skip", "mask")
+#: what ``frozen`` may say of the tensors frozen at setup: left dense, binary masks (the kept weights kept bit for bit),
+#: or soft gates (the kept weights scaled by their learned gate when folded)
+FROZEN = ("skip", "mask", "gate")
 
 #: ``start`` and ``end`` as the callback's signature defaults them (a ramp over the first two thirds)
 DEFAULT_RAMP = {"start": 0, "end": 2 / 3}
@@ -71,7 +72,7 @@ def check_settings(*, update_every: Any, init_kwargs: Any, temperature: Any, mas
         raise ValueError(f"early_end must be one of {list(EARLY_END)}, got {early_end!r}")
     if frozen not in FROZEN:
         raise ValueError(f"frozen must be one of {list(FROZEN)}, got {frozen!r}: 'skip' leaves tensors frozen at "
-                         "setup dense, 'mask' learns binary masks over them")
+                         "setup dense, 'mask' learns binary masks over them, 'gate' learns soft gates")
     if seed is not None and not is_int(seed):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
     if log_every_n_steps is not None and not (is_int(log_every_n_steps) and log_every_n_steps >= 0):

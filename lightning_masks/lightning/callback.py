@@ -108,11 +108,14 @@ class MaskPruningCallback(Callback):
             get a warning. One string is one glob. What happens to frozen tensors is ``frozen``'s.
         frozen: the targeted tensors frozen at setup (``requires_grad=False``, or frozen by a ``BaseFinetuning``
             callback such as ``BackboneFinetuning``): ``"skip"`` (the default) leaves those frozen by hand dense
-            and masks those a ``BaseFinetuning`` froze, their scores frozen and unfrozen with them; ``"mask"``
-            learns masks over all of them while the weights stay as they are (fine-pruning a frozen backbone,
-            piggyback / supermasks): their scores train from the first step, and their masks are binary (the
-            network computes ``w * keep``, :func:`~lightning_masks.masking.gate.binary_gated`), so that the folded
-            model holds every kept weight bit for bit and exact zeros elsewhere. The setup line says which.
+            and masks those a ``BaseFinetuning`` froze, their scores frozen and unfrozen with them. ``"mask"`` and
+            ``"gate"`` learn masks over all of them while the weights themselves stay as they are (fine-pruning a
+            frozen backbone; piggyback, supermasks): their scores train from the first step. ``"mask"``: binary
+            masks (the network computes ``w * keep``, :func:`~lightning_masks.masking.gate.binary_gated`), so that
+            the folded model holds every kept weight bit for bit and exact zeros elsewhere. ``"gate"``: the soft
+            gate as for trained weights (``w * gate * keep``), which also learns a scale for each kept weight:
+            more accurate (benchmarks/results/finepruning_lenet300.md), but the folded weights are the scaled
+            ones. The setup line says which.
         init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
         temperature: the gate's ``T > 0``.
         rescale_gate: divide each gate by its initial value so training starts from the dense function
@@ -316,20 +319,21 @@ class MaskPruningCallback(Callback):
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                 thawed: list[torch.Tensor]) -> list[MaskedTensor]:
-        """Mask the targets; with ``frozen="mask"``, those frozen at setup (by hand, or ``thawed`` here from a
-        finetuning callback's freezing) get binary masks."""
+        """Mask the targets; with ``frozen="mask"`` or ``"gate"``, those frozen at setup too (by hand, or ``thawed``
+        here from a finetuning callback's freezing), binary masks for ``"mask"``."""
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         init = torch.zeros_like if self.initializer.needs_grad else (
             lambda weight: self.initializer(weight, generator=generator))
         exclude = self.exclude + self._outputs_kept_whole(trainer, pl_module)
-        resolved = resolve_targets(pl_module, self.targets, exclude, mask_frozen=self.frozen == "mask")
-        if self.frozen == "mask":
+        resolved = resolve_targets(pl_module, self.targets, exclude, mask_frozen=self.frozen != "skip")
+        if self.frozen != "skip":
             ids = {id(p) for p in thawed}
             resolved.frozen_chosen += [name for name, owners in resolved.chosen.items()
                                        if id(getattr(*owners[0])) in ids]
         masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=self.temperature,
                         rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
-                        score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow)
+                        score_dtype=self.score_dtype, compact=self.compact and not self.selector.regrow,
+                        frozen=self.frozen)
         self.scores_initialized = not self.initializer.needs_grad
         goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
                 else f"final sparsity {self.sparsity}")

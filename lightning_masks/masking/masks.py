@@ -121,7 +121,8 @@ def attach(
             keeps bfloat16 scores); ``None``: the weight's.
         compact: keep bits held in the scores and a per-tensor rescale (see :class:`MaskGate`).
         frozen: the targeted tensors with ``requires_grad=False``: ``"skip"`` leaves them dense, ``"mask"`` masks
-            them with binary masks (``w * keep``, see :class:`MaskGate`): the weights are kept as they are.
+            them with binary masks (``w * keep``, see :class:`MaskGate`): the weights are kept as they are;
+            ``"gate"`` masks them like the others (``w * gate * keep``: the gate learns a scale for each weight).
         binary: the names (keys of ``resolved.chosen``) of further tensors whose masks are binary.
 
     Raises:
@@ -135,11 +136,11 @@ def attach(
         ['0.weight', '2.weight']
     """
     targets = None if targets is None else list(targets)
-    if frozen not in ("skip", "mask"):
-        raise ValueError(f"frozen must be 'skip' or 'mask', got {frozen!r}")
+    if frozen not in ("skip", "mask", "gate"):
+        raise ValueError(f"frozen must be 'skip', 'mask' or 'gate', got {frozen!r}")
     if resolved is None:
-        resolved = resolve_targets(model, targets, exclude, mask_frozen=frozen == "mask")
-    binary = {*binary, *resolved.frozen_chosen}
+        resolved = resolve_targets(model, targets, exclude, mask_frozen=frozen != "skip")
+    binary = {*binary, *resolved.frozen_chosen} if frozen == "mask" else set(binary)
     if score_dtype is not None and score_dtype not in SCORE_DTYPES:
         raise ValueError(f"score_dtype must be one of {[str(d) for d in SCORE_DTYPES]} or None, got {score_dtype!r}")
     found = resolved.chosen
