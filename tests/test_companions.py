@@ -210,6 +210,18 @@ def test_frozen_gate_learns_soft_gates_over_frozen_weights_and_folds_them_in(mon
                "(frozen='gate'): backbone.*.weight (x2)" in line for line in said)
 
 
+def test_finetuning_preset_learns_gates_over_a_frozen_backbone():
+    pl.seed_everything(0, verbose=False)
+    module = FrozenBackbone()
+    before = module.backbone[2].weight.detach().clone()
+    pruner = MaskPruningCallback.finetuning(0.8, end=3, exclude=["head", "net.*"])
+    assert pruner.frozen == "gate" and pruner.sparsity == 0.8
+    make_trainer(max_epochs=2, callbacks=[pruner]).fit(module)
+    weight = module.backbone[2].weight
+    assert int((weight == 0).sum()) > 0.7 * weight.numel() and not torch.equal(weight[weight != 0], before[weight != 0])
+    assert MaskPruningCallback.finetuning(frozen="mask").frozen == "mask"
+
+
 def test_frozen_must_be_skip_mask_or_gate():
     with pytest.raises(ValueError, match=r"frozen must be one of \['skip', 'mask', 'gate'\], got 'learn'"):
         MaskPruningCallback(frozen="learn")
