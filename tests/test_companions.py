@@ -192,6 +192,16 @@ def test_frozen_mask_masks_what_finetuning_freezes_and_trains_the_scores_while_f
     assert all(int((layer.weight == 0).sum()) > 0 for layer in frozen[:2])
 
 
+def test_gradient_initializers_score_frozen_weights():
+    pl.seed_everything(0, verbose=False)
+    module = FrozenBackbone()
+    pruner = MaskPruningCallback(0.8, init="snip", end=1, exclude=["head", "net.*"], frozen="mask")
+    make_trainer(max_epochs=2, limit_train_batches=2, callbacks=[pruner]).fit(module)
+    weights = [module.backbone[i].weight for i in (0, 2)]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
+    assert not any(w.requires_grad for w in weights)
+
+
 def test_frozen_gate_learns_soft_gates_over_frozen_weights_and_folds_them_in(monkeypatch):
     pl.seed_everything(0, verbose=False)
     module = FrozenBackbone()

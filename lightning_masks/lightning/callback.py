@@ -388,8 +388,15 @@ class MaskPruningCallback(Callback):
         """Initialise gradient-based scores (e.g. SNIP) from one training batch of the dense network."""
         batch = trainer.strategy.batch_to_device(first_batch(trainer))
         weights = [entry.weight for entry in self._masked]
-        with gates_disabled(self._masked), torch.enable_grad():
-            grads = torch.autograd.grad(training_loss(pl_module, batch), weights, allow_unused=True)
+        frozen = [weight for weight in weights if not weight.requires_grad]  # frozen="mask"/"gate": scored all the same
+        for weight in frozen:
+            weight.requires_grad_(True)
+        try:
+            with gates_disabled(self._masked), torch.enable_grad():
+                grads = torch.autograd.grad(training_loss(pl_module, batch), weights, allow_unused=True)
+        finally:
+            for weight in frozen:
+                weight.requires_grad_(False)
         for entry, grad in zip(self._masked, grads):
             grad = torch.zeros_like(entry.weight) if grad is None else grad
             entry.gate.reset_scores(self.initializer(entry.weight.detach(), grad=grad))
