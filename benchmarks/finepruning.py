@@ -222,7 +222,8 @@ def render(path: Path) -> Path:
     inexact = sorted({r["method"] for r in records if r["sparsity"] > 0 and r["zeros"] != r["target_zeros"]})
     changed = sorted({r["method"] for r in records if r.get("kept_weights_unchanged") is False
                       and r["method"].split("[")[0] not in SOFT})  # a soft gate scales them by design
-    text += (f"\nAchieved sparsity of the backbone: {'exact in every run' if not inexact else 'inexact: ' + str(inexact)}."
+    exact = "exact in every run" if not inexact else f"inexact: {inexact}"
+    text += (f"\nAchieved sparsity of the backbone: {exact}."
              f" Frozen backbone, kept weights equal to the pretrained ones bit for bit after folding: "
              f"{'every run' if not changed else 'NOT in ' + str(changed)} (but `masks_soft`, whose gates scale "
              f"them).\n")

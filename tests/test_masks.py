@@ -453,7 +453,7 @@ def test_binary_mask_folds_to_the_original_weights_and_survives_a_state_dict_rou
     assert [e.gate.is_binary for e in masked_tensors(target)] == [True, False] and torch.equal(target(x), source(x))
     by_file = fold_state_dict(state)
     fold(source)
-    kept = source[0].weight != 0
-    assert torch.equal(source[0].weight[kept], original[0][kept]) and not torch.equal(source[2].weight[source[2].weight != 0],
-                                                                                       original[1][source[2].weight != 0])
+    kept, soft = source[0].weight != 0, source[2].weight != 0
+    assert torch.equal(source[0].weight[kept], original[0][kept])  # binary: the weights themselves
+    assert not torch.equal(source[2].weight[soft], original[1][soft])  # soft: scaled by the rescaled gate
     assert torch.equal(by_file["0.weight"], source[0].weight) and torch.equal(by_file["2.weight"], source[2].weight)

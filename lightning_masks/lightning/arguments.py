@@ -13,8 +13,8 @@ from ..lifecycle.plan import EARLY_END
 from ..masking.gate import SCORE_DTYPES
 from ..selection.selector import Selector
 
-__all__ = ["FROZEN", "check_flags", "check_number", "check_output_layers", "check_settings", "check_targets", "final_sparsity",
-           "is_int", "ramp_of", "score_dtype_of", "selector_of"]
+__all__ = ["FROZEN", "check_flags", "check_number", "check_output_layers", "check_settings", "check_targets",
+           "final_sparsity", "is_int", "ramp_of", "score_dtype_of", "selector_of"]
 
 #: what ``frozen`` may say of the tensors frozen at setup: left dense, binary masks (the kept weights kept bit for bit),
 #: or soft gates (the kept weights scaled by their learned gate when folded)
