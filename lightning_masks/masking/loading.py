@@ -24,7 +24,8 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
     Before loading, tensors whose keys say they were masked (``<path>.parametrizations.<name>.original``
     beside ``...0.scores``) get a gate attached, with the saved scores' dtype and, where the saved ``gate_scale``
     is one scalar, a compact gate (a binary one where ``binary`` is saved); the load then fills scores, keep and
-    temperature. A strict load whose mask tensors are missing or mis-shaped raises ``ValueError`` before anything is loaded.
+    temperature. A strict load whose mask tensors are missing or mis-shaped raises ``ValueError`` before anything is
+    loaded.
     Returns the hook handle; call ``.remove()`` to stop.
     """
     return model._register_load_state_dict_pre_hook(_restore_masks, with_module=True)
