@@ -12,8 +12,12 @@ from ..lifecycle.plan import EARLY_END
 from ..masking.gate import SCORE_DTYPES
 from ..selection.selector import Selector
 
-__all__ = ["check_flags", "check_number", "check_output_layers", "check_settings", "check_targets", "final_sparsity",
-           "is_int", "ramp_of", "score_dtype_of", "selector_of"]
+__all__ = ["FROZEN", "check_flags", "check_number", "check_output_layers", "check_settings", "check_targets",
+           "final_sparsity", "is_int", "ramp_of", "score_dtype_of", "selector_of"]
+
+#: what ``frozen`` may say of the tensors frozen at setup: left dense, binary masks (the kept weights kept bit for bit),
+#: or soft gates (the kept weights scaled by their learned gate when folded)
+FROZEN = ("skip", "mask", "gate")
 
 #: ``start`` and ``end`` as the callback's signature defaults them (a ramp over the first two thirds)
 DEFAULT_RAMP = {"start": 0, "end": 2 / 3}
@@ -48,7 +52,7 @@ def check_number(name: str, value: Any, low: float, high: float, *, low_open: bo
 
 
 def check_settings(*, update_every: Any, temperature: Any, mask_lr: Any, mask_weight_decay: Any, early_end: Any,
-                   seed: Any, log_every_n_steps: Any) -> None:
+                   seed: Any, log_every_n_steps: Any, frozen: Any = "skip") -> None:
     """Check the callback's settings (see :class:`~lightning_masks.MaskPruningCallback` for their meaning)."""
     if update_every not in ("auto", "epoch") and not (is_int(update_every) and update_every > 0):
         raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got {update_every!r}")
@@ -57,6 +61,9 @@ def check_settings(*, update_every: Any, temperature: Any, mask_lr: Any, mask_we
         check_number(name, value, 0.0, math.inf, optional=True, hint=f"e.g. {name}=0.01 (a float, not a string)")
     if early_end not in EARLY_END:
         raise ValueError(f"early_end must be one of {list(EARLY_END)}, got {early_end!r}")
+    if frozen not in FROZEN:
+        raise ValueError(f"frozen must be one of {list(FROZEN)}, got {frozen!r}: 'skip' leaves tensors frozen at "
+                         "setup dense, 'mask' learns binary masks over them, 'gate' learns soft gates")
     if seed is not None and not is_int(seed):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
     if log_every_n_steps is not None and not (is_int(log_every_n_steps) and log_every_n_steps >= 0):

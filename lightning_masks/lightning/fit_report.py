@@ -23,7 +23,7 @@ def announce(masked: Sequence[MaskedTensor], resolved: Targets, outputs: Sequenc
     layer left dense for no stated reason."""
     total = sum(entry.numel for entry in masked)
     rank_zero_info(f"lightning_masks: masking {len(masked)} tensors ({total:,} weights), {what}"
-                   f"{_left_dense(resolved, outputs)}")
+                   f"{_frozen_masked(masked, resolved)}{_left_dense(resolved, outputs)}")
     if resolved.unmasked:
         rank_zero_warn(f"lightning_masks: {len(resolved.unmasked)} trainable weight matrices are left dense "
                        f"(no registered layer kind): {stats.short_names(resolved.unmasked)}. Name them in "
@@ -32,6 +32,21 @@ def announce(masked: Sequence[MaskedTensor], resolved: Targets, outputs: Sequenc
         rank_zero_warn(f"lightning_masks: {len(resolved.foreign)} layers are left dense because something else "
                        f"already computes their weight: {stats.short_names(resolved.foreign)}. To mask them, remove "
                        "that first (torch.nn.utils.parametrize.remove_parametrizations, prune.remove)")
+
+
+def _frozen_masked(masked: Sequence[MaskedTensor], resolved: Targets) -> str:
+    """The setup line's words on the frozen tensors it masks (``frozen="mask"`` or ``"gate"``)."""
+    frozen = set(resolved.frozen_chosen)
+    binary = [entry.name for entry in masked if entry.name in frozen and entry.gate.is_binary]
+    gated = [entry.name for entry in masked if entry.name in frozen and not entry.gate.is_binary]
+    parts = []
+    if binary:
+        parts.append(f"frozen tensors under binary masks, their kept weights kept bit for bit (frozen='mask'): "
+                     f"{stats.short_names(binary)}")
+    if gated:
+        parts.append(f"frozen tensors under soft gates, their kept weights scaled by the learned gate when folded "
+                     f"(frozen='gate'): {stats.short_names(gated)}")
+    return "".join(f"; {part}" for part in parts)
 
 
 def _left_dense(resolved: Targets, outputs: Sequence[str]) -> str:
@@ -53,8 +68,7 @@ def _left_dense(resolved: Targets, outputs: Sequence[str]) -> str:
                      "(output_layers=None prunes them)")
     if resolved.frozen:
         parts.append(f"frozen tensors (requires_grad=False at setup) left dense: {stats.short_names(resolved.frozen)}; "
-                     "to mask them, make them trainable before fit, or freeze them with a BaseFinetuning callback "
-                     "(e.g. BackboneFinetuning), whose frozen tensors are masked")
+                     "to learn masks over them with the weights kept, pass frozen='mask' (targeted ones)")
     return "".join(f"; {part}" for part in parts)
 
 

@@ -9,7 +9,7 @@ are re-exported here. Loading a masked state dict is in :mod:`lightning_masks.ma
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -22,6 +22,7 @@ from .gate import (
     SCORE_DTYPES,
     ChannelBias,
     MaskGate,
+    binary_gated,
     cached_gates,
     channel_gate_args,
     gate_value,
@@ -48,6 +49,7 @@ __all__ = [
     "find_targets",
     "fold",
     "gate_value",
+    "binary_gated",
     "gated",
     "gates_disabled",
     "keep_bits_cached",
@@ -107,6 +109,8 @@ def attach(
     per_channel: bool = False,
     score_dtype: torch.dtype | None = None,
     compact: bool = False,
+    frozen: str = "skip",
+    binary: Collection[str] = (),
 ) -> list[MaskedTensor]:
     """Mask the selected tensors of ``model`` in place and return them.
 
@@ -124,6 +128,10 @@ def attach(
         score_dtype: the scores' dtype (see :class:`MaskGate`), never wider than the weight's (a bfloat16 weight
             keeps bfloat16 scores); ``None``: the weight's.
         compact: one rescale scalar per tensor instead of a float per weight (see :class:`MaskGate`).
+        frozen: the targeted tensors with ``requires_grad=False``: ``"skip"`` leaves them dense, ``"mask"`` masks
+            them with binary masks (``w * keep``, see :class:`MaskGate`): the weights are kept as they are;
+            ``"gate"`` masks them like the others (``w * gate * keep``: the gate learns a scale for each weight).
+        binary: the names (keys of ``resolved.chosen``) of further tensors whose masks are binary.
 
     Raises:
         ValueError: a pattern that matches nothing, a weight holding NaN/Inf, scores of the wrong shape,
@@ -137,8 +145,11 @@ def attach(
         ['0.weight', '2.weight']
     """
     targets = None if targets is None else list(targets)
+    if frozen not in ("skip", "mask", "gate"):
+        raise ValueError(f"frozen must be 'skip', 'mask' or 'gate', got {frozen!r}")
     if resolved is None:
-        resolved = resolve_targets(model, targets, exclude)
+        resolved = resolve_targets(model, targets, exclude, mask_frozen=frozen != "skip")
+    binary = {*binary, *resolved.frozen_chosen} if frozen == "mask" else set(binary)
     if score_dtype is not None and score_dtype not in SCORE_DTYPES:
         raise ValueError(f"score_dtype must be one of {[str(d) for d in SCORE_DTYPES]} or None, got {score_dtype!r}")
     found = resolved.chosen
@@ -166,7 +177,7 @@ def attach(
             scores = reduce_to(scores, torch.Size(channel_shape(weight, owners_axis(owners))))
         dtype = score_dtype if score_dtype is not None and score_dtype.itemsize <= weight.dtype.itemsize else None
         prepared.append((name, owners, MaskGate(scores.to(weight), temperature, rescale=rescale, score_dtype=dtype,
-                                                compact=compact)))
+                                                compact=compact, binary=name in binary)))
 
     done: list[tuple[nn.Module, str]] = []
     masked = []
@@ -308,7 +319,8 @@ def fold(model: nn.Module) -> nn.Module:
     """Bake the masks into the weights and remove them, leaving a plain module with exact zeros.
 
     The original ``nn.Parameter`` objects are kept (so optimizers and tied weights stay valid) and
-    receive ``w * gate * keep``; sharded ones (FSDP2's DTensors) shard by shard, each process folding its own.
+    receive ``w * gate * keep`` (a binary mask's ``w * keep``: the kept weights as they were, bit for bit);
+    sharded ones (FSDP2's DTensors) shard by shard, each process folding its own.
     A masked base weight under a LoRA adapter receives ``(w + B A * scaling) * gate * keep`` and the adapter's
     ``B`` is zeroed (:mod:`lightning_masks.masking.adapters`): the model computes what it trained, and peft's
     ``merge_and_unload()`` keeps the zeros. Returns ``model``.
@@ -330,17 +342,19 @@ def fold(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def folded_value(entry: MaskedTensor) -> Tensor:
-    """What :func:`fold` writes into the entry's weight: ``w * gate * keep``, pruned entries exactly zero."""
+    """What :func:`fold` writes into the entry's weight: ``w * gate * keep`` (a binary mask's ``w * keep``), pruned
+    entries exactly zero."""
     gate = entry.gate
     return masked_value(local(entry.weight), local(gate.scores), gate.keep, gate.temperature,
-                        None if gate.gate_scale is None else local(gate.gate_scale))
+                        None if gate.gate_scale is None else local(gate.gate_scale), binary=gate.is_binary)
 
 
 @torch.no_grad()
 def folded_bias(entry: MaskedTensor, bias: Tensor) -> Tensor:
     """What :func:`fold` writes into a bias that the entry's per-channel gate gates (``bias`` is its original)."""
     scores, keep, temperature, scale = channel_gate_args(entry.gate, bias.shape)
-    return masked_value(local(bias), local(scores), keep, temperature, None if scale is None else local(scale))
+    return masked_value(local(bias), local(scores), keep, temperature, None if scale is None else local(scale),
+                        binary=entry.gate.is_binary)
 
 
 @contextmanager

@@ -150,14 +150,15 @@ class Targets:
 
     ``chosen`` maps the first qualified name of each tensor to mask to every ``(module, tensor_name)`` that
     shares it. The name lists say what was left out and why: ``embeddings`` (tables, and tensors tied to one,
-    left out by default), ``frozen`` (``requires_grad=False``), ``excluded`` (by ``exclude``) and ``unmasked``
-    (every other trainable weight matrix: no registered layer kind, not targeted). Tied names are joined by
-    ``" = "``. ``routers``: the routing weights of mixture-of-experts blocks (:func:`routers`), left out by default
-    like embeddings. ``adapters``: the PEFT adapters' own tensors (LoRA factors), left out unless a glob names them.
-    With explicit ``targets``, the trainable matrices they leave out are ``untargeted`` instead of
+    left out by default), ``frozen`` (``requires_grad=False``, left out unless ``mask_frozen``), ``excluded`` (by
+    ``exclude``) and ``unmasked`` (every other trainable weight matrix: no registered layer kind, not targeted). Tied
+    names are joined by ``" = "``. ``routers``: the routing weights of mixture-of-experts blocks (:func:`routers`),
+    left out by default like embeddings. ``adapters``: the PEFT adapters' own tensors (LoRA factors), left out unless a
+    glob names them. With explicit ``targets``, the trainable matrices they leave out are ``untargeted`` instead of
     ``unmasked``. ``foreign`` names the layers left dense by default because something else already computes
     their weight (weight_norm, spectral_norm, torch.nn.utils.prune), with why. ``named``: the chosen tensors a
-    name glob in ``targets`` selected (not only a type).
+    name glob in ``targets`` selected (not only a type). ``frozen_chosen``: the chosen tensors that were frozen
+    (``mask_frozen=True``).
     """
 
     chosen: dict[str, list[tuple[nn.Module, str]]]
@@ -170,12 +171,15 @@ class Targets:
     named: list[str] = field(default_factory=list)
     routers: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
+    frozen_chosen: list[str] = field(default_factory=list)
 
 
 def resolve_targets(
     model: nn.Module,
     targets: Iterable[TargetSpec] | None = None,
     exclude: Iterable[TargetSpec] = (),
+    *,
+    mask_frozen: bool = False,
 ) -> Targets:
     """Resolve ``targets`` and ``exclude`` on ``model``: the tensors to mask, and what is left dense and why.
 
@@ -194,7 +198,8 @@ def resolve_targets(
     a name glob (or, for tables, an embedding type) selects them. In a PEFT model (one holding peft tuner layers) the
     frozen weights are the base model's: they are masked like trainable ones (their scores train), and the adapters'
     own tensors are left out unless a name glob selects them. ``exclude`` specs resolve the same way and are removed.
-    Frozen (``requires_grad=False``), lazy and already-masked tensors are skipped. A parameter shared by several
+    Frozen (``requires_grad=False``) tensors are skipped unless ``mask_frozen``; lazy and already-masked ones
+    always. A parameter shared by several
     modules (tied weights) is one entry with several owners.
 
     Raises:
@@ -269,7 +274,8 @@ def resolve_targets(
         if key in excluded:
             if matrix:
                 result.excluded.append(name)
-        elif not tensor.requires_grad and not (adapters is not None and key in wanted):
+        elif not tensor.requires_grad and not (adapters is not None and key in wanted) and not (
+                mask_frozen and key in wanted and key not in embedded - explicit):
             if matrix or key in wanted:
                 result.frozen.append(name)
         elif adapters is not None and key in adapters and key not in globbed:
@@ -282,6 +288,8 @@ def resolve_targets(
             result.routers.append(name)
         elif key in wanted and not isinstance(tensor, nn.parameter.UninitializedParameter):
             result.chosen[owners[0][0]] = [(m, tn) for _, m, tn in owners]
+            if not tensor.requires_grad:
+                result.frozen_chosen.append(owners[0][0])
             if key in globbed:
                 result.named.append(owners[0][0])
         elif matrix and targets is not None:
