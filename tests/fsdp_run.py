@@ -39,7 +39,9 @@ CHECKS = [("global", Selector(), 0.9), ("floor", Selector(layer_floor=0.9), 0.9)
 GRAINS = [("channel", dict(per_channel=True), Selector(granularity="channel"), 0.5, False),
           ("channel-layer", dict(per_channel=True), Selector(granularity="channel", mode="layer"), 0.5, False),
           ("2:4", {}, Selector(granularity="2:4"), 0.5, False),
-          ("ties", {}, Selector(), 0.7, True), ("ties-floor", {}, Selector(layer_floor=0.9), 0.9, True)]
+          ("ties", {}, Selector(), 0.7, True), ("ties-floor", {}, Selector(layer_floor=0.9), 0.9, True),
+          # each tensor half pruned: its first rows (one process's shard) mostly, its last ones little
+          ("straddle", {"prepruned": True}, Selector(), 0.7, False)]
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -114,7 +116,8 @@ class Record(Callback):
         moments = [t for p in scores for t in trainer.optimizers[0].state[p].values() if t.dim()]  # Adam's, sharded
         record = {"state": gathered(masked), "bytes": mask_state_bytes(masked),
                   "whole_bytes": sum(t.numel() * t.element_size() for e in masked
-                                     for t in [*e.gate._parameters.values(), *e.gate._buffers.values()]),
+                                     for t in [*e.gate._parameters.values(), *e.gate._buffers.values()]
+                                     if t is not None),
                   "optimizer_bytes": sum(t.to_local().numel() * t.element_size() for t in moments),
                   "whole_optimizer_bytes": sum(t.numel() * t.element_size() for t in moments),
                   "checks": {}}
@@ -172,12 +175,21 @@ def folded_outputs(trainer, module, pruner, out: Path) -> None:
 
 def masked_llama(options: dict, rounded: bool):
     """A tiny Llama with masks, as one process builds it (its weights rounded to one decimal with ``rounded``)."""
+    options = dict(options)
+    prepruned = options.pop("prepruned", False)
     model = tiny_llama()
     if rounded:
         with torch.no_grad():
             for param in model.parameters():
                 param.round_(decimals=1)
-    return model, attach(model, exclude=["model.embed_tokens"], rescale=True, compact=True, **options)
+    masked = attach(model, exclude=["model.embed_tokens"], rescale=True, compact=True, **options)
+    for entry in masked if prepruned else []:
+        keep = torch.ones_like(entry.gate.keep)
+        rows, columns = keep.shape
+        keep[:rows // 2, :columns * 3 // 4] = False
+        keep[rows // 2:, :columns // 4] = False
+        entry.gate.set_keep(keep)
+    return model, masked
 
 
 def grains(out: Path, rank: int) -> None:

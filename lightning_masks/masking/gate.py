@@ -8,6 +8,7 @@ straight-through forms must agree value for value, so they are kept side by side
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -301,7 +302,7 @@ class MaskGate(nn.Module):
         cache, version = self._keep_cache, self.keep_bits._version
         if cache is not None and cache[0] == version and cache[1] is not None:
             return cache[1]
-        keep = unpack_rows(self.keep_bits, self.scores.shape)
+        keep = _unpacked(self.keep_bits, self.scores)
         if cache is not None:  # caching (keep_bits_cached): until the keep bits change
             self._keep_cache = (version, keep)
         return keep
@@ -358,6 +359,28 @@ class MaskGate(nn.Module):
         flags = (", compact" if self.compact else "") + (", binary" if self.is_binary else "")
         return (f"shape={tuple(self.scores.shape)}, temperature={self.temperature.item():g}, "
                 f"score_dtype={self.scores.dtype}{flags}")
+
+
+def _unpacked(bits: Tensor, scores: Tensor) -> Tensor:
+    """The bool keep bits of ``scores``' shape from their packed rows; sharded (FSDP2) packed rows give the keep
+    bits sharded alike, each process unpacking its own rows."""
+    if not hasattr(bits, "to_local"):
+        return unpack_rows(bits, scores.shape)
+    from torch.distributed.tensor import DTensor
+
+    local_keep = unpack_rows(local(bits), local(scores).shape)
+    return DTensor.from_local(local_keep, bits.device_mesh, bits.placements, run_check=False, shape=scores.shape,
+                              stride=scores.stride())
+
+
+def local_view(gate: MaskGate) -> MaskGate:
+    """A shallow copy of ``gate`` whose tensors are this process's shards (views: writes reach the shards); the
+    gate's own tensors when nothing is sharded."""
+    view = copy.copy(gate)
+    view.__dict__["_parameters"] = {k: None if v is None else local(v).detach() for k, v in gate._parameters.items()}
+    view.__dict__["_buffers"] = {k: None if v is None else local(v) for k, v in gate._buffers.items()}
+    view.__dict__["_keep_cache"] = None
+    return view
 
 
 def channel_gate_args(gate: MaskGate, shape: torch.Size) -> tuple:

@@ -28,6 +28,7 @@ from .gate import (
     gate_value,
     gated,
     local,
+    local_view,
     masked_value,
     reduce_to,
     straight_through_gated,
@@ -344,17 +345,16 @@ def fold(model: nn.Module) -> nn.Module:
 def folded_value(entry: MaskedTensor) -> Tensor:
     """What :func:`fold` writes into the entry's weight: ``w * gate * keep`` (a binary mask's ``w * keep``), pruned
     entries exactly zero."""
-    gate = entry.gate
-    return masked_value(local(entry.weight), local(gate.scores), gate.keep, gate.temperature,
-                        None if gate.gate_scale is None else local(gate.gate_scale), binary=gate.is_binary)
+    gate = local_view(entry.gate)  # under FSDP2, this process's shard
+    return masked_value(local(entry.weight), gate.scores, gate.keep, gate.temperature, gate.gate_scale,
+                        binary=gate.is_binary)
 
 
 @torch.no_grad()
 def folded_bias(entry: MaskedTensor, bias: Tensor) -> Tensor:
     """What :func:`fold` writes into a bias that the entry's per-channel gate gates (``bias`` is its original)."""
-    scores, keep, temperature, scale = channel_gate_args(entry.gate, bias.shape)
-    return masked_value(local(bias), local(scores), keep, temperature, None if scale is None else local(scale),
-                        binary=entry.gate.is_binary)
+    gate = local_view(entry.gate)
+    return masked_value(local(bias), *channel_gate_args(gate, local(bias).shape), binary=gate.is_binary)
 
 
 @contextmanager

@@ -11,12 +11,11 @@ statistics read.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 from torch import nn
 
-from .gate import MaskGate, local
+from .gate import local, local_view
 from .masks import MaskedTensor
 
 __all__ = ["is_sharded", "local", "local_entries", "mask_state_bytes", "shard_with_weights"]
@@ -43,21 +42,13 @@ def shard_with_weights(masked: Sequence[MaskedTensor]) -> None:
                 gate._parameters[name] = nn.Parameter(buffer, requires_grad=False)
 
 
-def _local_gate(gate: MaskGate) -> MaskGate:
-    """A shallow copy of ``gate`` whose tensors are this process's shards (views: writes reach the shards)."""
-    view = copy.copy(gate)
-    view.__dict__["_parameters"] = {k: None if v is None else local(v).detach() for k, v in gate._parameters.items()}
-    view.__dict__["_buffers"] = {k: None if v is None else local(v) for k, v in gate._buffers.items()}
-    return view
-
-
 def local_entries(masked: Sequence[MaskedTensor]) -> list[MaskedTensor]:
     """The masked tensors as this process's local shards: gates and weights over plain tensors (the same entries
     when nothing is sharded). Shapes and counts are the shard's; selection within
     :func:`~lightning_masks.selection.distributed.across_shards` counts over every process's."""
     if not is_sharded(masked):
         return list(masked)
-    return [MaskedTensor(entry.name, _local_gate(entry.gate), local(entry.weight).detach(), entry.owners)
+    return [MaskedTensor(entry.name, local_view(entry.gate), local(entry.weight).detach(), entry.owners)
             for entry in masked]
 
 

@@ -242,6 +242,7 @@ class Selector:
         units, local_alive = [entry.units for entry in masked], nonzero_counts([keep_of(entry) for entry in masked])
         counted = summed_counts(units + local_alive)
         units, alive = counted[:len(masked)], counted[len(masked):]
+        live_only = [not self.regrow and 2 * n <= n_units for n, n_units in zip(alive, units)]  # same on every shard
         total = sum(units)
         alive = units if self.regrow else alive
         count = max(round(target * total), total - sum(alive))
@@ -262,8 +263,9 @@ class Selector:
             return Selection(0, None, flipped)
         # Without regrowth a mostly pruned tensor is ranked on its live units only (the pruned ones stay below
         # every key): importance, keys and histograms then cost a fraction of the tensor.
-        ranked = {id(entry): keep_of(entry).reshape(-1).nonzero().view(-1)
-                  if not self.regrow and 2 * n <= entry.units else None for entry, n in zip(masked, local_alive)}
+        # The choice is made on the counts over every shard, so that each process issues the same collectives.
+        ranked = {id(entry): keep_of(entry).reshape(-1).nonzero().view(-1) if live else None
+                  for entry, live in zip(masked, live_only)}
         sizes = [entry.units if ranked[id(entry)] is None else len(ranked[id(entry)]) for entry in masked]
         keys = Keys(masked, sizes, lambda entry: self._ranked_values(entry, ranked[id(entry)]),
                      lambda entry: None if self.regrow or ranked[id(entry)] is not None else keep_of(entry))
