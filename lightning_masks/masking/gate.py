@@ -42,6 +42,16 @@ def _compute_dtype(scores: Tensor, weight: Tensor | None = None) -> torch.dtype:
     return torch.promote_types(scores.dtype, torch.float32 if weight is None else weight.dtype)
 
 
+def _unpacked(keep_bits: Tensor, scores: Tensor) -> Tensor:
+    """The keep bits unpacked to the scores' shape; sharded (a DTensor of rows, as FSDP2 holds them outside forward),
+    this process's rows unpacked and held as a DTensor laid out like the packed bits."""
+    if not hasattr(keep_bits, "to_local"):
+        return unpack_rows(keep_bits, scores.shape)
+    rows = unpack_rows(keep_bits.to_local(), (keep_bits.to_local().shape[0], *scores.shape[1:]))
+    return type(keep_bits).from_local(rows, keep_bits.device_mesh, keep_bits.placements, run_check=False,
+                                      shape=scores.shape, stride=torch.empty(scores.shape, device="meta").stride())
+
+
 def local(tensor: Tensor) -> Tensor:
     """This process's shard of a sharded tensor (a DTensor, as FSDP2 holds parameters outside forward: a view of its
     storage, writes reach the shard), or ``tensor`` itself."""
@@ -270,7 +280,7 @@ class MaskGate(nn.Module):
         cache, version = self._keep_cache, self.keep_bits._version
         if cache is not None and cache[0] == version and cache[1] is not None:
             return cache[1]
-        keep = unpack_rows(self.keep_bits, self.scores.shape)
+        keep = _unpacked(self.keep_bits, self.scores)
         if cache is not None:  # caching (keep_bits_cached): until the keep bits change
             self._keep_cache = (version, keep)
         return keep

@@ -323,7 +323,7 @@ def fold(model: nn.Module) -> nn.Module:
 def folded_value(entry: MaskedTensor) -> Tensor:
     """What :func:`fold` writes into the entry's weight: ``w * gate * keep``, pruned entries exactly zero."""
     gate = entry.gate
-    return masked_value(local(entry.weight), local(gate.scores), gate.keep, gate.temperature,
+    return masked_value(local(entry.weight), local(gate.scores), local(gate.keep), gate.temperature,
                         None if gate.gate_scale is None else local(gate.gate_scale))
 
 
@@ -331,7 +331,7 @@ def folded_value(entry: MaskedTensor) -> Tensor:
 def folded_bias(entry: MaskedTensor, bias: Tensor) -> Tensor:
     """What :func:`fold` writes into a bias that the entry's per-channel gate gates (``bias`` is its original)."""
     scores, keep, temperature, scale = channel_gate_args(entry.gate, bias.shape)
-    return masked_value(local(bias), local(scores), keep, temperature, None if scale is None else local(scale))
+    return masked_value(local(bias), local(scores), local(keep), temperature, None if scale is None else local(scale))
 
 
 @contextmanager
