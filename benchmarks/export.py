@@ -154,7 +154,7 @@ def train(name: str, sparsity: float | None, data: FashionMNISTDataModule, args:
     if sparsity is not None:
         batches = args.limit_train_batches or len(data.train_set) // data.batch_size + 1
         steps = int(batches if batches > 1 else batches * (len(data.train_set) // data.batch_size + 1)) * args.epochs
-        callbacks.append(MaskPruningCallback(sparsity, granularity="channel", mode="layer", **spec.masks(module),
+        callbacks.append(MaskPruningCallback(sparsity, selector=Selector(granularity="channel", mode="layer"), **spec.masks(module),
                                              update_every=max(1, steps // 30), fold_on_fit_end=False,
                                              seed=args.seed, log_histograms=False, plots=False))
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=args.devices, logger=False,

@@ -1,5 +1,6 @@
 """MaskPruningCallback in real Trainer runs: schedule, optimizers, cadence, folding and bad input."""
 
+import inspect
 
 import lightning.pytorch as pl
 import pytest
@@ -333,8 +334,9 @@ def test_state_dict_round_trip():
     ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1.0"),
     ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\), got -0.1"),
     ({"sparsity": 1.5}, r"sparsity must be in \[0, 1\), got 1.5"),
-    ({"init": "magnitde"}, r"unknown initializer 'magnitde'; known initializers: \['constant', 'kaiming'"),
-    ({"init": "magnitude_noise", "init_kwargs": {"noise_scale": -1.0}}, r"noise_scale must be .* >= 0, got -1.0"),
+    ({"init": "magnitde"}, r"unknown initializer 'magnitde'; known initializers: \['constant', 'from_zeros', "
+                           r"'kaiming'"),
+    ({"init": "magnitude_noise", "seed": 0.5}, r"seed must be an int or None, got 0.5"),
     ({"temperature": 0}, r"temperature must be > 0, got 0"),
     ({"temperature": -2.0}, r"temperature must be > 0, got -2.0"),
     ({"granularity": "4:2"}, r"invalid granularity '4:2'; use 'element', 'channel' or an N:M spec"),
@@ -348,10 +350,34 @@ def test_state_dict_round_trip():
     ({"tie": "automatic"}, r"tie must be 'auto' or a list of groups, each .* got 'automatic'"),
     ({"schedule": Schedule("linear", 0.9), "end": 5}, r"start/end \(\{'end': 5\}\) only shape a named schedule"),
     ({"schedule": lambda t: 0.5, "start": 1}, r"start/end \(\{'start': 1\}\) only shape a named schedule"),
+    ({"start": 0.8, "end": 0.2}, r"the ramp is inverted: start=0.8 > end=0.2; .* give start <= end"),
+    ({"start": 5, "end": 2}, r"the ramp is inverted: start=5 > end=2"),
+    ({"mask_lr": "0.01"}, r"mask_lr must be >= 0 or None, got '0.01', a str: pass a number; e.g. mask_lr=0.01"),
+    ({"mask_weight_decay": "0"}, r"mask_weight_decay must be >= 0 or None, got '0', a str"),
+    ({"layer_floor": "0.25"}, r"layer_floor must be in \[0, 1\], got '0.25'"),
+    ({"layer_floor": 1.5}, r"layer_floor must be in \[0, 1\], got 1.5"),
+    ({"sparsity": "0.9"}, r"sparsity must be in \[0, 1\), got '0.9', a str"),
+    ({"temperature": True}, r"temperature must be > 0, got True, a bool"),
+    ({"update_every": True}, r"update_every must be 'auto', 'epoch' or a positive int \(steps\), got True"),
+    ({"targets": 3}, r"targets must be a glob on qualified names, a module type, or a list of them or None, got 3"),
+    ({"exclude": [1]}, r"exclude must be a glob .* got \[1\]"),
+    ({"mode": 1}, r"mode must be 'global' or 'layer', got 1"),
+    ({"early_end": "jump"}, r"early_end must be one of \['warn', 'final'\], got 'jump'"),
+    ({"seed": 1.5}, r"seed must be an int or None, got 1.5"),
+    ({"fold_on_fit_end": "no"}, r"fold_on_fit_end must be True or False, got 'no'"),
+    ({"log_every_n_steps": -1}, r"log_every_n_steps must be an int >= 0 or None, got -1"),
 ])
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        MaskPruningCallback(**kwargs)
+        MaskPruningCallback(**with_selector(kwargs))
+
+
+def with_selector(kwargs: dict) -> dict:
+    """The callback's arguments with the selection's fields (``granularity``, ``tie``, ...) in a ``Selector``."""
+    fields = set(inspect.signature(Selector).parameters)
+    selection = {key: value for key, value in kwargs.items() if key in fields}
+    rest = {key: value for key, value in kwargs.items() if key not in fields}
+    return {**rest, "selector": Selector(**selection)} if selection else rest
 
 
 def fit_expecting(error_match, module, **trainer_kwargs):
@@ -391,7 +417,7 @@ def test_unbounded_training_with_fractional_schedule_is_refused(tiny_module):
 
 def test_nm_rows_not_divisible_are_refused_in_setup(tiny_module):
     fit_expecting(r"2:5 needs rows divisible by 5, but 'net.0.weight'", tiny_module, max_epochs=1,
-                  callbacks=[MaskPruningCallback(granularity="2:5")])
+                  callbacks=[MaskPruningCallback(selector=Selector(granularity="2:5"))])
 
 
 @pytest.mark.parametrize("tie, message", [
@@ -401,12 +427,13 @@ def test_nm_rows_not_divisible_are_refused_in_setup(tiny_module):
 ])
 def test_bad_tie_groups_are_refused_in_setup(tiny_module, tie, message):
     fit_expecting(message, tiny_module, max_epochs=1,  # output_layers=None: the classifier is masked too
-                  callbacks=[MaskPruningCallback(granularity="channel", tie=tie, output_layers=None)])
+                  callbacks=[MaskPruningCallback(selector=Selector(granularity="channel", tie=tie),
+                                                 output_layers=None)])
 
 
 def test_automatic_ties_need_an_example_input_array(tiny_module):
     fit_expecting(r"tie='auto' traces the model on pl_module.example_input_array, which is not set", tiny_module,
-                  max_epochs=1, callbacks=[MaskPruningCallback(tie="auto")])
+                  max_epochs=1, callbacks=[MaskPruningCallback(selector=Selector(tie="auto"))])
 
 
 def test_fsdp1_is_refused_naming_what_works():
@@ -439,7 +466,8 @@ def test_channel_granularity_zeroes_whole_channels_and_restores_from_a_checkpoin
     pl.seed_everything(0, verbose=False)
     module = ConvBatchNorm()
     # output_layers=None: the classifier's rows are pruned too (the default keeps them whole)
-    pruner = MaskPruningCallback(0.5, end=1, granularity="channel", fold_on_fit_end=False, output_layers=None)
+    pruner = MaskPruningCallback(0.5, end=1, selector=Selector(granularity="channel"), fold_on_fit_end=False,
+                                 output_layers=None)
     trainer = make_trainer(max_epochs=2, callbacks=[pruner])
     trainer.fit(module)
     trainer.save_checkpoint(tmp_path / "channel.ckpt")
@@ -448,7 +476,7 @@ def test_channel_granularity_zeroes_whole_channels_and_restores_from_a_checkpoin
     x = torch.randn(5, 16)
     expected = module.eval()(x)  # eval: BatchNorm uses (and keeps) its running statistics
     plain = ConvBatchNorm()
-    evaluator = make_trainer(callbacks=[MaskPruningCallback(granularity="channel")])
+    evaluator = make_trainer(callbacks=[MaskPruningCallback(selector=Selector(granularity="channel"))])
     evaluator.validate(plain, ckpt_path=tmp_path / "channel.ckpt")
     assert torch.allclose(plain.eval()(x), expected, atol=1e-6)
     zero_rows = [int((layer.weight.reshape(layer.weight.shape[0], -1) == 0).all(1).sum())
@@ -460,23 +488,24 @@ def test_channel_granularity_zeroes_whole_channels_and_restores_from_a_checkpoin
     assert linear.parametrizations.weight[0].scores.shape == (3, 1)
 
 
-def test_the_selection_is_one_selector_object_or_the_loose_arguments_not_both(tiny_module):
+def test_the_selection_is_one_selector_object(tiny_module):
     selector = Selector(mode="layer", granularity="2:4")
     pruner = MaskPruningCallback(selector=selector, end=1)
     assert pruner.selector is selector and pruner.sparsity == 0.5
     make_trainer(max_epochs=1, callbacks=[pruner]).fit(tiny_module)
     for layer in (tiny_module.net[0], tiny_module.net[2]):
         assert layer.weight.reshape(-1, 4).ne(0).sum(1).le(2).all()
-    assert MaskPruningCallback(mode="layer", tie=[]).selector == Selector(mode="layer")
-    with pytest.raises(ValueError, match=r"the selection is given twice: .* and \['layer_floor'\]"):
-        MaskPruningCallback(selector=Selector(), layer_floor=0.5)
-    with pytest.raises(ValueError, match="selector must be a lightning_masks.Selector, got 'layer'"):
+    assert MaskPruningCallback().selector == Selector()
+    assert Selector(mode="layer", tie=[]) == Selector(mode="layer")
+    with pytest.raises(TypeError, match="layer_floor"):
+        MaskPruningCallback(**{"layer_floor": 0.5})  # the selection's fields live in the Selector only
+    with pytest.raises(ValueError, match="selector must be a lightning_masks.Selector .* got 'layer'"):
         MaskPruningCallback(selector="layer")
 
 
 def test_straight_through_needs_regrowth_and_lets_pruned_entries_come_back():
     with pytest.raises(ValueError, match="straight_through=True needs regrow=True"):
-        MaskPruningCallback(0.5, straight_through=True)
+        Selector(straight_through=True)
 
     class Watch(Callback):
         """After each backward: do pruned entries' scores have a gradient? Which pruned entries came back?"""
@@ -495,8 +524,9 @@ def test_straight_through_needs_regrowth_and_lets_pruned_entries_come_back():
     def fit(straight_through):
         torch.manual_seed(0)
         model, watch = TinyModule(), Watch()
-        pruner = MaskPruningCallback(0.7, start=0, end=3, update_every=2, regrow=True,
-                                     straight_through=straight_through, plots=False, log_histograms=False)
+        pruner = MaskPruningCallback(0.7, start=0, end=3, update_every=2,
+                                     selector=Selector(regrow=True, straight_through=straight_through), plots=False,
+                                     log_histograms=False)
         make_trainer(max_epochs=4, callbacks=[pruner, watch]).fit(model, synthetic_loader(n=128))
         assert zeros_and_total(model)[0] == round(0.7 * zeros_and_total(model)[1])
         return watch

@@ -119,8 +119,122 @@ def test_backbone_frozen_by_finetuning_is_masked_in_either_order(finetuning_firs
     assert pruned == round(0.7 * total)
     assert all(int((w == 0).sum()) > 0.3 * w.numel() for w in backbone)
     assert not (module.frozen.weight == 0).any() and not module.frozen.weight.requires_grad
-    assert any("frozen tensors (requires_grad=False at setup) left dense: frozen.weight; to mask them"
+    assert any("frozen tensors (requires_grad=False at setup) left dense: frozen.weight; to learn masks over them"
                in line for line in said)
+
+
+class FrozenBackbone(TinyModule):
+    """A pretrained backbone frozen by hand (``requires_grad_(False)``) under a new head; the optimizer holds the head
+    only, or every trainable parameter (the scores included)."""
+
+    def __init__(self, head_only=True):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU())
+        self.backbone.requires_grad_(False)
+        self.head = nn.Linear(40, 3)
+        self.head_only = head_only
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def configure_optimizers(self):
+        params = self.head.parameters() if self.head_only else filter(lambda p: p.requires_grad, self.parameters())
+        return torch.optim.Adam(params, lr=1e-2)
+
+
+@pytest.mark.parametrize("head_only", [True, False])
+def test_frozen_mask_learns_masks_over_weights_frozen_by_hand_and_keeps_them_bit_for_bit(head_only, monkeypatch):
+    pl.seed_everything(0, verbose=False)
+    module = FrozenBackbone(head_only)
+    before = [module.backbone[i].weight.detach().clone() for i in (0, 2)]
+    pruner = MaskPruningCallback(0.8, end=3, exclude=["head", "net.*"], frozen="mask")
+    scores = []
+
+    class Watch(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            scores.append([e.gate.scores.detach().float().clone() for e in masked_tensors(pl_module)])
+
+    said = []
+    monkeypatch.setattr("lightning_masks.lightning.fit_report.rank_zero_info", said.append)
+    make_trainer(max_epochs=4, callbacks=[pruner, Watch()]).fit(module)
+    assert plain(module)
+    weights = [module.backbone[i].weight for i in (0, 2)]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))  # exact count
+    for weight, original in zip(weights, before):  # the kept weights bit for bit, exact zeros elsewhere
+        kept = weight != 0
+        assert not weight.requires_grad and torch.equal(weight[kept], original[kept])
+    first, last = scores[0], scores[-1]
+    assert all(not torch.equal(a[a > -1e30], b[a > -1e30]) for a, b in zip(first, last))  # the scores learned
+    assert any("frozen tensors under binary masks, their kept weights kept bit for bit (frozen='mask'): "
+               "backbone.*.weight (x2)" in line for line in said)
+
+
+def test_frozen_mask_masks_what_finetuning_freezes_and_trains_the_scores_while_frozen():
+    pl.seed_everything(0, verbose=False)
+    module = Backboned()
+    frozen = [module.backbone[0], module.backbone[2], module.frozen]  # by the finetuning callback, and by hand
+    before = [layer.weight.detach().clone() for layer in frozen]
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=10)  # never unfrozen in this fit
+    pruner = MaskPruningCallback(0.7, end=3, frozen="mask")
+    trained = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            trained.append(all(e.gate.scores.grad is not None for e in masked_tensors(pl_module)))
+
+    make_trainer(max_epochs=4, callbacks=[finetuning, pruner, Watch()]).fit(module)
+    assert all(trained)  # every mask's scores got a gradient at every step, the frozen weights' included
+    weights = [layer.weight for layer in frozen] + [module.net.weight]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.7 * sum(w.numel() for w in weights))
+    for layer, original in zip(frozen, before):
+        kept = layer.weight != 0
+        assert torch.equal(layer.weight[kept], original[kept])
+    assert all(int((layer.weight == 0).sum()) > 0 for layer in frozen[:2])
+
+
+def test_gradient_initializers_score_frozen_weights():
+    pl.seed_everything(0, verbose=False)
+    module = FrozenBackbone()
+    pruner = MaskPruningCallback(0.8, init="snip", end=1, exclude=["head", "net.*"], frozen="mask")
+    make_trainer(max_epochs=2, limit_train_batches=2, callbacks=[pruner]).fit(module)
+    weights = [module.backbone[i].weight for i in (0, 2)]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
+    assert not any(w.requires_grad for w in weights)
+
+
+def test_frozen_gate_learns_soft_gates_over_frozen_weights_and_folds_them_in(monkeypatch):
+    pl.seed_everything(0, verbose=False)
+    module = FrozenBackbone()
+    before = [module.backbone[i].weight.detach().clone() for i in (0, 2)]
+    said = []
+    monkeypatch.setattr("lightning_masks.lightning.fit_report.rank_zero_info", said.append)
+    pruner = MaskPruningCallback(0.8, end=3, exclude=["head", "net.*"], frozen="gate", fold_on_fit_end=False)
+    make_trainer(max_epochs=4, callbacks=[pruner]).fit(module)
+    assert [e.gate.is_binary for e in masked_tensors(module)] == [False, False]
+    assert all(torch.equal(e.weight, w) for e, w in zip(masked_tensors(module), before))  # the parameters untouched
+    fold(module)
+    weights = [module.backbone[i].weight for i in (0, 2)]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
+    assert not torch.equal(weights[1][weights[1] != 0], before[1][weights[1] != 0])  # scaled by the learned gates
+    assert any("frozen tensors under soft gates, their kept weights scaled by the learned gate when folded "
+               "(frozen='gate'): backbone.*.weight (x2)" in line for line in said)
+
+
+def test_finetuning_preset_learns_gates_over_a_frozen_backbone():
+    pl.seed_everything(0, verbose=False)
+    module = FrozenBackbone()
+    before = module.backbone[2].weight.detach().clone()
+    pruner = MaskPruningCallback.finetuning(0.8, end=3, exclude=["head", "net.*"])
+    assert pruner.frozen == "gate" and pruner.sparsity == 0.8
+    make_trainer(max_epochs=2, callbacks=[pruner]).fit(module)
+    weight = module.backbone[2].weight
+    assert int((weight == 0).sum()) > 0.7 * weight.numel() and not torch.equal(weight[weight != 0], before[weight != 0])
+    assert MaskPruningCallback.finetuning(frozen="mask").frozen == "mask"
+
+
+def test_frozen_must_be_skip_mask_or_gate():
+    with pytest.raises(ValueError, match=r"frozen must be one of \['skip', 'mask', 'gate'\], got 'learn'"):
+        MaskPruningCallback(frozen="learn")
 
 
 # ------------------------------------------------------------------------------------------ early ends

@@ -8,13 +8,14 @@ from lightning_masks.masking.initializers import _INITIALIZERS, Initializer, Mag
 
 WEIGHT = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
 GRAD = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+NORM = torch.rand(1, 32, generator=torch.Generator().manual_seed(2))
 
 
 @pytest.mark.parametrize("name", list_initializers())
 def test_every_initializer_gives_finite_scores_of_the_weight_shape_and_is_seeded(name):
     init = get_initializer(name)
-    first = init(WEIGHT, grad=GRAD, generator=torch.Generator().manual_seed(3))
-    second = init(WEIGHT, grad=GRAD, generator=torch.Generator().manual_seed(3))
+    first = init(WEIGHT, grad=GRAD, input_norm=NORM, generator=torch.Generator().manual_seed(3))
+    second = init(WEIGHT, grad=GRAD, input_norm=NORM, generator=torch.Generator().manual_seed(3))
     assert first.shape == WEIGHT.shape and first.dtype == WEIGHT.dtype
     assert torch.isfinite(first).all()
     assert torch.equal(first, second)
@@ -48,6 +49,27 @@ def test_constant_uniform_kaiming_and_snip_definitions():
     assert get_initializer("snip").needs_grad
     with pytest.raises(ValueError, match="needs the weight's gradient"):
         get_initializer("snip")(WEIGHT)
+
+
+def test_wanda_is_the_magnitude_times_the_input_features_norm():
+    wanda = get_initializer("wanda", batches=2)
+    assert wanda.needs_inputs and not wanda.needs_grad and wanda.batches == 2
+    assert torch.equal(wanda(WEIGHT, input_norm=NORM), WEIGHT.abs() * NORM)
+    with pytest.raises(ValueError, match="needs the input features' norms"):
+        wanda(WEIGHT)
+    with pytest.raises(ValueError, match="batches must be an int >= 1"):
+        get_initializer("wanda", batches=0)
+
+
+def test_from_zeros_keeps_the_nonzeros_and_scores_them_by_magnitude_or_holds_them():
+    weight = WEIGHT.masked_fill(WEIGHT.abs() < 0.5, 0.0)
+    prior = get_initializer("from_zeros")
+    assert torch.equal(prior.initial_keep(weight), weight != 0) and not prior.fixed
+    assert torch.equal(prior(weight), weight.abs())
+    held = get_initializer("from_zeros", fixed=True)
+    assert held.fixed and torch.equal(torch.sigmoid(held(weight)), torch.ones_like(weight))
+    assert all(get_initializer(name).initial_keep(weight) is None for name in list_initializers()
+               if name != "from_zeros")
 
 
 def test_scale_shift_and_normalize():

@@ -361,3 +361,51 @@ def test_straight_through_gate_has_gated_values_and_gives_pruned_scores_the_kept
     assert torch.all(grad_weight[~keep] == 0)
     torch.testing.assert_close(grad_scores, all_kept_scores)  # every score's gradient as if kept
     assert torch.all(grad_scores[~keep] != 0) and torch.all(ref_scores[~keep] == 0)
+
+
+# ------------------------------------------------------------------------------------------ binary masks
+@pytest.mark.parametrize("compact", [False, True])
+def test_binary_gate_computes_the_weight_times_keep_and_trains_scores_straight_through(compact):
+    from lightning_masks.masking.masks import binary_gated, gated
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=generator)  # frozen: no gradient asked
+    scores = torch.randn(6, 5, generator=generator).requires_grad_()
+    keep = torch.rand(6, 5, generator=generator) > 0.5
+    upstream = torch.randn(6, 5, generator=generator)
+    out = binary_gated(weight, scores, keep, 0.7)
+    assert torch.equal(out, torch.where(keep, weight, 0.0))  # bit for bit: the kept weights are the weight's own
+    (grad,) = torch.autograd.grad((out * upstream).sum(), scores)
+    reference = gated(weight, scores, torch.ones_like(keep), 0.7)  # the soft gate's gradient, every entry
+    (expected,) = torch.autograd.grad((reference * upstream).sum(), scores)
+    torch.testing.assert_close(grad, expected)
+    layer = nn.Linear(5, 6, bias=False)
+    layer.weight.requires_grad_(False)
+    [entry] = attach(layer, compact=compact, rescale=True, frozen="mask")
+    entry.gate.set_keep(keep)
+    assert entry.gate.is_binary and torch.equal(layer.weight, torch.where(keep, entry.weight, 0.0))
+
+
+def test_binary_mask_folds_to_the_original_weights_and_survives_a_state_dict_round_trip():
+    from lightning_masks.export.checkpoints import fold_state_dict
+
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    original = [m.weight.detach().clone() for m in source[::2]]
+    entries = attach(source, rescale=True, compact=True, binary=["0.weight"])
+    entries[0].gate.set_keep(torch.rand(6, 4) > 0.5)
+    entries[1].gate.set_keep(torch.rand(2, 6) > 0.5)
+    state = source.state_dict()
+    assert state["0.parametrizations.weight.0.binary"] and "2.parametrizations.weight.0.binary" not in state
+    target = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    handle = restore_masks_on_load(target)
+    target.load_state_dict(state)
+    handle.remove()
+    x = torch.randn(3, 4)
+    assert [e.gate.is_binary for e in masked_tensors(target)] == [True, False] and torch.equal(target(x), source(x))
+    by_file = fold_state_dict(state)
+    fold(source)
+    kept, soft = source[0].weight != 0, source[2].weight != 0
+    assert torch.equal(source[0].weight[kept], original[0][kept])  # binary: the weights themselves
+    assert not torch.equal(source[2].weight[soft], original[1][soft])  # soft: scaled by the rescaled gate
+    assert torch.equal(by_file["0.weight"], source[0].weight) and torch.equal(by_file["2.weight"], source[2].weight)

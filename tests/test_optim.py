@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.optim import lr_scheduler
 
-from lightning_masks import MaskPruningCallback, attach, masked_tensors
+from lightning_masks import MaskPruningCallback, Selector, attach, masked_tensors
 from lightning_masks.lightning.optim import ScoreOptimizers
 
 
@@ -345,7 +345,7 @@ def test_nanogpt_param_groups_by_dimension_hold_what_they_hold_without_the_masks
     make_trainer(max_steps=1).fit(plain)
     pl.seed_everything(0, verbose=False)
     module = NanoGPTStyle()
-    make_trainer(max_steps=3, callbacks=[MaskPruningCallback(0.5, granularity=granularity,
+    make_trainer(max_steps=3, callbacks=[MaskPruningCallback(0.5, selector=Selector(granularity=granularity),
                                                              output_layers=None)]).fit(module)
     assert module.counts == plain.counts == (2, 8 * 16 + 16 * 3, 2)
 

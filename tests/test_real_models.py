@@ -167,7 +167,8 @@ class OwnConv1DModule(TinyModule):
 def test_structured_masks_on_a_layer_of_no_registered_kind_are_refused_before_any_step(granularity):
     module = OwnConv1DModule()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    pruner = MaskPruningCallback(granularity=granularity, targets=[OwnConv1D, nn.Linear], end=1, plots=False)
+    pruner = MaskPruningCallback(selector=Selector(granularity=granularity), targets=[OwnConv1D, nn.Linear], end=1,
+                                 plots=False)
     with pytest.raises(ValueError, match=rf"granularity='{granularity}' needs to know which axis of 'net.0.weight'.*"
                                          r"not a registered layer kind.*register_layer_kind\(OwnConv1D, output_axis"):
         fit(module, pruner, limit_train_batches=2)
@@ -187,7 +188,8 @@ def test_a_layer_registered_with_its_axis_gets_channel_masks_on_its_outputs():
     pl.seed_everything(0, verbose=False)
     register_layer_kind(OwnConv1D, output_axis=1)
     module = OwnConv1DModule()
-    fit(module, MaskPruningCallback(0.5, granularity="channel", end=1, plots=False), limit_train_batches=2)
+    fit(module, MaskPruningCallback(0.5, selector=Selector(granularity="channel"), end=1,
+                                    plots=False), limit_train_batches=2)
     weight, bias = module.net[0].weight, module.net[0].bias
     dead = weight.eq(0).all(0)  # whole output columns
     assert 0 < int(dead.sum()) < weight.shape[1] and not weight.eq(0).all(1).any()
@@ -287,7 +289,8 @@ def test_gpt2_resume_from_a_mid_ramp_checkpoint_reaches_the_same_weights(tmp_pat
 def test_channel_pruning_keeps_the_classifier_whole_so_every_class_keeps_its_logit():
     pl.seed_everything(0, verbose=False)
     module = TinyModule(hidden=32, classes=10)
-    fit(module, MaskPruningCallback(0.8, granularity="channel", end=1, plots=False), limit_train_batches=2)
+    fit(module, MaskPruningCallback(0.8, selector=Selector(granularity="channel"), end=1,
+                                    plots=False), limit_train_batches=2)
     head = module.net[2]
     assert head.weight.ne(0).any(1).all()  # every class row has live weights
     rows = module.net[0].weight.ne(0).any(1)
@@ -299,7 +302,8 @@ def test_channel_pruning_keeps_the_classifier_whole_so_every_class_keeps_its_log
 def test_output_layers_none_prunes_the_classifier_too():
     pl.seed_everything(0, verbose=False)
     module = TinyModule(hidden=32, classes=10)
-    fit(module, MaskPruningCallback(0.8, granularity="channel", end=1, plots=False, output_layers=None),
+    fit(module, MaskPruningCallback(0.8, selector=Selector(granularity="channel"), end=1, plots=False,
+                                    output_layers=None),
         limit_train_batches=2)
     assert not module.net[2].weight.ne(0).any(1).all()
 
@@ -307,7 +311,8 @@ def test_output_layers_none_prunes_the_classifier_too():
 def test_channel_pruning_keeps_a_tied_lm_head_whole_when_types_select_it():
     module = HFModule(gpt2())
     module.example_input_array = torch.randint(0, VOCAB, (2, 8))
-    pruner = MaskPruningCallback(0.5, granularity="channel", targets=[Conv1D, nn.Embedding], end=1, plots=False,
+    pruner = MaskPruningCallback(0.5, selector=Selector(granularity="channel"), targets=[Conv1D, nn.Embedding], end=1,
+                                 plots=False,
                                  exclude=["model.transformer.wpe"])  # no layer kind says which axis is a channel
     fit(module, pruner, limit_train_batches=2)
     assert module.model.lm_head.weight.ne(0).any(1).all()  # the whole vocabulary survives
@@ -317,7 +322,8 @@ def test_channel_pruning_keeps_a_tied_lm_head_whole_when_types_select_it():
 def test_an_output_layer_named_in_targets_is_channel_pruned_as_asked():
     pl.seed_everything(0, verbose=False)
     module = TinyModule(hidden=32, classes=10)
-    fit(module, MaskPruningCallback(0.5, granularity="channel", targets=["net.0", "net.2"], end=1, plots=False),
+    fit(module, MaskPruningCallback(0.5, selector=Selector(granularity="channel"), targets=["net.0", "net.2"], end=1,
+                                    plots=False),
         limit_train_batches=2)
     assert module.net[2].weight.eq(0).all(1).any()
 
@@ -326,7 +332,8 @@ def test_pattern_errors_name_the_argument_they_come_from(tiny_module):
     with pytest.raises(ValueError, match="exclude pattern 'nothing' matches no module"):
         attach(tiny_module, exclude=["nothing"])
     with pytest.raises(ValueError, match="output_layers pattern 'nope' matches no module"):
-        fit(tiny_module, MaskPruningCallback(granularity="channel", output_layers=["nope"]), max_epochs=1)
+        fit(tiny_module, MaskPruningCallback(selector=Selector(granularity="channel"),
+                                             output_layers=["nope"]), max_epochs=1)
 
 
 @pytest.mark.parametrize("layer, weight, bias", [(nn.LSTM(8, 8), "weight_ih_l0", "bias_ih_l0"),
@@ -400,7 +407,8 @@ class RecurrentLM(pl.LightningModule):
 def test_recurrent_weights_are_masked_per_gate_row_and_the_masked_forward_equals_the_folded(cell, granularity):
     pl.seed_everything(0, verbose=False)
     module = RecurrentLM(cell)
-    pruner = MaskPruningCallback(0.5, granularity=granularity, end=1, fold_on_fit_end=False, plots=False)
+    pruner = MaskPruningCallback(0.5, selector=Selector(granularity=granularity), end=1, fold_on_fit_end=False,
+                                 plots=False)
     fit(module, pruner, limit_train_batches=2)
     names = [e.name for e in masked_tensors(module)]
     assert names[:4] == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1"]
@@ -463,7 +471,8 @@ class ConvAutoencoderClassifier(pl.LightningModule):
 def test_vision_blocks_with_grouped_depthwise_and_transposed_convs_prune_exactly(granularity):
     pl.seed_everything(0, verbose=False)
     module = ConvAutoencoderClassifier()
-    pruner = MaskPruningCallback(0.5, granularity=granularity, mode="layer", end=1, fold_on_fit_end=False,
+    pruner = MaskPruningCallback(0.5, selector=Selector(granularity=granularity, mode="layer"), end=1,
+                                 fold_on_fit_end=False,
                                  plots=False)
     fit(module, pruner, limit_train_batches=2)
     masked = {e.name: e for e in masked_tensors(module)}
@@ -561,4 +570,5 @@ def test_no_left_dense_warning_when_targets_are_chosen_or_for_embedding_like_par
 def test_automatic_ties_that_tie_nothing_say_why():
     module = ConvAutoencoderClassifier()
     with pytest.warns(UserWarning, match="tie='auto' tied nothing"):
-        fit(module, MaskPruningCallback(0.5, tie="auto", end=1, plots=False), max_epochs=1, limit_train_batches=1)
+        fit(module, MaskPruningCallback(0.5, selector=Selector(tie="auto"), end=1,
+                                        plots=False), max_epochs=1, limit_train_batches=1)

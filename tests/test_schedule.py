@@ -6,7 +6,7 @@ import pytest
 
 from lightning_masks import Schedule, ThresholdSchedule, list_schedules
 from lightning_masks.lifecycle import schedule as schedule_module
-from lightning_masks.lifecycle.schedule import CallableSchedule, get_schedule, register_schedule, resolve_span
+from lightning_masks.lifecycle.schedule import CallableSchedule, get_schedule, register_schedule
 
 
 def test_cubic_is_zhu_and_gupta():
@@ -35,13 +35,13 @@ def test_shape_specifics():
     assert Schedule("exponential", final=0.99).value(5, 0, 10) == pytest.approx(0.9)
 
 
-def test_resolve_span_fractions_units_and_clamping():
+def test_span_fractions_units_and_clamping():
     schedule = Schedule("cubic", final=0.9, start=0, end=2 / 3)
-    assert resolve_span(schedule, "epoch", total=12, steps_per_epoch=100) == (0.0, 8.0)
-    assert resolve_span(Schedule(final=0.9, start=0.25, end=1.0), "epoch", 10, 5) == (2.5, 9.0)
-    assert resolve_span(Schedule(final=0.9, start=1, end=3), "step", 1000, 50) == (50.0, 150.0)
-    assert resolve_span(Schedule(final=0.9, start=100, end=300, unit="step"), "epoch", 10, 50) == (2.0, 6.0)
-    assert resolve_span(Schedule(final=0.9, start=0, end=1.0), "step", 100, 10, every=30) == (0.0, 90.0)
+    assert schedule.span("epoch", total=12, steps_per_epoch=100) == (0.0, 8.0)
+    assert Schedule(final=0.9, start=0.25, end=1.0).span("epoch", 10, 5) == (2.5, 9.0)
+    assert Schedule(final=0.9, start=1, end=3).span("step", 1000, 50) == (50.0, 150.0)
+    assert Schedule(final=0.9, start=100, end=300, unit="step").span("epoch", 10, 50) == (2.0, 6.0)
+    assert Schedule(final=0.9, start=0, end=1.0).span("step", 100, 10, every=30) == (0.0, 90.0)
 
 
 def test_threshold_schedule_and_callable():

@@ -18,7 +18,9 @@ from lightning_masks.zoo import (
     LeNet5Caffe,
     ResNet20,
     SyntheticDataModule,
+    TransferClassifier,
     TransformerClassifier,
+    pretrained,
     read_idx,
 )
 
@@ -132,3 +134,52 @@ def test_optimizer_and_scheduler_factories_are_used():
     assert isinstance(configured["optimizer"], torch.optim.SGD) and configured["optimizer"].defaults["lr"] == 0.5
     assert "optimizer" not in model.hparams
     assert isinstance(MLP().configure_optimizers(), torch.optim.Adam)
+
+
+def test_python_source_is_split_by_path_and_a_tiny_llama_learns_its_windows(tmp_path):
+    from lightning_masks.zoo import CausalLM, PythonSourceDataModule, tiny_llama
+    from lightning_masks.zoo.text import python_sources
+
+    train, held_out = python_sources("train"), python_sources("held_out")
+    assert train and held_out and not set(train) & set(held_out)
+    data = PythonSourceDataModule(cache_dir=str(tmp_path), vocab_size=300, seq_len=16, batch_size=4,
+                                  train_chars=20_000, held_out_chars=5_000, eval_windows=8)
+    data.setup()
+    (window,) = next(iter(data.val_dataloader()))
+    assert window.shape == (4, 17) and int(window.max()) < 300
+    assert torch.equal(next(iter(data.val_dataloader()))[0], window)  # fixed evaluation windows
+    assert (data.tokenizer_dir / "vocab.json").exists()
+    module = CausalLM(tiny_llama(vocab_size=300, hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64))
+    assert module.model.training and module(window[:, :-1]).shape == (4, 16, 300)
+
+
+# ------------------------------------------------------------------------------------------ transfer tasks
+def test_fashion_mnist_classes_keep_those_images_relabelled_in_order(tmp_path):
+    root = write_fashion_mnist(tmp_path, train=200, test=100)
+    everything = FashionMNISTDataModule(root, val_size=10)
+    everything.setup()
+    part = FashionMNISTDataModule(root, val_size=10, classes=[7, 5])
+    part.setup()
+    test_x, test_y = everything.test_set.tensors
+    chosen = (test_y == 7) | (test_y == 5)
+    assert part.num_classes == 2 and torch.equal(part.test_set.tensors[1], (test_y[chosen] == 5).long())
+    assert torch.equal(part.test_set.tensors[0], test_x[chosen])  # standardized by all ten classes alike
+    with pytest.raises(ValueError, match=r"classes must be distinct class indices in \[0, 10\), got \[1, 1\]"):
+        FashionMNISTDataModule(root, classes=[1, 1])
+
+
+def test_pretrained_trains_once_then_reads_the_cache_and_transfer_freezes_at_backbone_lr_0(tmp_path):
+    data = FashionMNISTDataModule(write_fashion_mnist(tmp_path / "data"), val_size=8, batch_size=16, classes=[0, 1, 2])
+    path = tmp_path / "cache" / "source.pt"
+    fresh = MLP(784, 3, hidden=(12,))
+    start = {k: v.clone() for k, v in fresh.state_dict().items()}
+    first = pretrained(fresh, data, epochs=1, path=path)
+    assert path.is_file() and not torch.equal(first.net[1].weight, start["net.1.weight"])  # trained
+    again = pretrained(MLP(784, 3, hidden=(12,)), data, epochs=1, path=path)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values()))
+    frozen = TransferClassifier(again, num_classes=4, backbone_lr=0.0)
+    assert torch.equal(frozen.net.backbone[1].weight, first.net[1].weight) and frozen.net.head.out_features == 4
+    assert not any(p.requires_grad for p in frozen.net.backbone.parameters())
+    assert [len(g["params"]) for g in frozen.configure_optimizers().param_groups] == [2]
+    small = TransferClassifier(MLP(784, 3, hidden=(12,)), num_classes=4, backbone_lr=1e-4)
+    assert [(len(g["params"]), g["lr"]) for g in small.configure_optimizers().param_groups] == [(2, 1e-3), (2, 1e-4)]

@@ -30,7 +30,7 @@ class Anneal(Callback):
                 g.gate_scale.copy_(1.0 / torch.sigmoid(s0 / t))
 
 
-import quality
+import quality  # noqa: E402
 
 plain_masks = quality.masks
 

@@ -13,6 +13,6 @@ def forward(self, weight):
     return dense * keep + (dense - dense.detach()) * (1 - keep)
 
 M.MaskGate.forward = forward
-import quality
+import quality  # noqa: E402
 
 quality.main(sys.argv[1:])

@@ -17,7 +17,7 @@ class StopRegrowth(Callback):
             self.pruner.selector = dataclasses.replace(self.pruner.selector, regrow=False)
 
 
-import quality
+import quality  # noqa: E402
 
 plain_masks = quality.masks
 

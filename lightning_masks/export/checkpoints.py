@@ -71,7 +71,8 @@ def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             shape = parts[ORIGINAL].shape
             scores, keep = scores.reshape(shape), keep.reshape(shape)
             scale = scale.reshape(shape) if scale is not None and scale.dim() else scale
-        folded[target] = masked_value(parts[ORIGINAL], scores, keep, parts["temperature"], scale)
+        folded[target] = masked_value(parts[ORIGINAL], scores, keep, parts["temperature"], scale,
+                                      binary="binary" in parts)
     return folded
 
 

@@ -1,8 +1,8 @@
 """How far apart mask updates must be for their measured cost to stay within a share of the training time.
 
 Pure bookkeeping (no Lightning): the callback reports the seconds of each training step and of each mask update,
-and asks for the update interval. Issue 17: on short fits of small models an update costs several steps, and an
-update every step or two made the whole fit 1.65-4.3x the dense one.
+and asks for the update interval: on short fits of small models an update costs several steps, and an update every
+step or two made the whole fit 1.65-4.3x the dense one.
 """
 
 from __future__ import annotations

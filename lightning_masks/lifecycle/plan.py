@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .budget import UpdateBudget
-from .schedule import CallableSchedule, Schedule, ThresholdSchedule, Unit, resolve_span
+from .schedule import CallableSchedule, Schedule, Unit
 
 __all__ = ["AUTO_UPDATES", "EARLY_END", "MIN_RAMP_UPDATES", "UPDATE_COST_STEPS", "UPDATE_SHARE", "Plan", "Shortfall",
            "auto_interval"]
@@ -102,7 +102,8 @@ class Plan:
     update_budget: Optional[float] = None
     # resolved from the fit's length (resolve)
     every: int = 1
-    span: tuple[float, float] = (0.0, 0.0)
+    ramp: tuple[float, float] = (0.0, 0.0)  # the schedule's (start, end) in the cadence's unit
+    span: tuple[float, float] = (0.0, 0.0)  # the same, its end clamped to the last update point
     base_every: int = 1  # the auto cadence's interval before the budget widens it
     planned: Optional[tuple] = None  # what the cadence was planned for (ramp, length); a resume of another keeps none
     anchor: int = 0  # updates fall on steps anchor + k * every (the budget moves the anchor when it widens)
@@ -130,14 +131,14 @@ class Plan:
     @property
     def cadence(self) -> Unit:
         """``"epoch"``: updates as epochs start (position = epoch index); ``"step"``: at optimizer steps."""
-        if self.update_every == "epoch" or (self.update_every == "auto" and not isinstance(self.schedule, Schedule)):
+        if self.update_every == "epoch" or (self.update_every == "auto" and not self.schedule.stepwise):
             return "epoch"
         return "step"
 
     @property
     def by_threshold(self) -> bool:
         """Whether updates cut the gates at a threshold (rather than keeping an exact count)."""
-        return isinstance(self.schedule, ThresholdSchedule)
+        return self.schedule.by_threshold
 
     def fresh(self) -> "Plan":
         """Return this plan with a new lifecycle: no update yet, empty history (a new fit)."""
@@ -155,7 +156,7 @@ class Plan:
         """
         total = total_steps if self.cadence == "step" else math.ceil(total_steps / steps_per_epoch)
         self.total, self.steps_per_epoch = total, steps_per_epoch
-        start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
+        self.ramp = start, end = self.schedule.span(self.cadence, total, steps_per_epoch)
         planned = (self.final, start, end, total)
         if self.planned is not None and self.planned != planned:  # continued with another ramp: re-plan
             self.every, self.anchor = self.update_every if isinstance(self.update_every, int) else 1, 0
@@ -165,20 +166,18 @@ class Plan:
         if self.update_every == "auto" and self.cadence == "step":
             self.base_every = auto_interval(end - start, total)
             self.every = max(self.base_every, self.every if self.anchor else 1)  # a resume keeps a widened interval
-        if isinstance(self.schedule, Schedule):
-            start, end = resolve_span(self.schedule, self.cadence, total, steps_per_epoch)
-            if start > end:
-                raise ValueError(f"the schedule's ramp is inverted in this fit: start={self.schedule.start!r} is "
-                                 f"{self.cadence} {start:g}, after end={self.schedule.end!r} at {self.cadence} "
-                                 f"{end:g}; give start <= end")
-        self.span = resolve_span(self.schedule, self.cadence, total, steps_per_epoch, self.every)
+        if start > end:
+            raise ValueError(f"the schedule's ramp is inverted in this fit: start={self.schedule.start!r} is "
+                             f"{self.cadence} {start:g}, after end={self.schedule.end!r} at {self.cadence} "
+                             f"{end:g}; give start <= end")
+        self.span = self.schedule.span(self.cadence, total, steps_per_epoch, self.every)
         if self.anchor:  # resumed after the budget widened the interval from step `anchor` on
             self._end_on_grid()
 
     def _end_on_grid(self) -> None:
         """Clamp the ramp's end to the last update point of the grid ``anchor + k * every`` within the fit."""
         last = int(self.total - 1)
-        _, end = resolve_span(self.schedule, self.cadence, self.total, self.steps_per_epoch)
+        end = self.ramp[1]
         grid_end = self.anchor + (last - self.anchor) // self.every * self.every
         self.span = (self.span[0], min(end, grid_end) if grid_end >= self.span[0] else end)
 
@@ -206,8 +205,7 @@ class Plan:
         so the final target still arrives there (never later), at most 1 / :data:`MIN_RAMP_UPDATES` of the ramp
         apart: on a short fit of a small model the budget alone would turn the ramp into one late jump."""
         every = max(self.base_every, wanted)
-        start, end = resolve_span(self.schedule, self.cadence, self.total, self.steps_per_epoch)
-        end = math.ceil(end)
+        start, end = self.ramp[0], math.ceil(self.ramp[1])
         if step < end:  # the ramp goes on
             every = max(1, min(every, int(end - start) // MIN_RAMP_UPDATES))
         if every != self.every:
@@ -247,7 +245,7 @@ class Plan:
     @property
     def final(self) -> Optional[float]:
         """The ramp's final target, or ``None`` when unknown (a callable schedule)."""
-        return self.schedule.final if isinstance(self.schedule, Schedule) else None
+        return self.schedule.final
 
     def shortfall(self) -> Optional[Shortfall]:
         """Return how the fit fell short of its ramp when it ended with a target below the final one (it ended

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 from ..registry import Registry
 
@@ -21,7 +21,6 @@ __all__ = [
     "get_schedule_shape",
     "list_schedules",
     "register_schedule",
-    "resolve_span",
 ]
 
 Unit = Literal["epoch", "step"]
@@ -146,9 +145,33 @@ class Schedule:
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} sparsity must be in [0, 1), got {value!r}; e.g. 0.9 prunes 90%")
 
+    #: whether updates cut the gates at a threshold (``ThresholdSchedule``) rather than keep an exact count
+    by_threshold: ClassVar[bool] = False
+    #: whether the ramp can follow optimizer steps (``update_every="auto"``), not only epochs
+    stepwise: ClassVar[bool] = True
+
     @property
     def uses_fractions(self) -> bool:
+        """Whether ``start`` or ``end`` is a fraction of training (a bounded run is needed)."""
         return isinstance(self.start, float) or isinstance(self.end, float)
+
+    def span(self, cadence: Unit, total: float, steps_per_epoch: float, every: int = 1) -> tuple[float, float]:
+        """Return the ramp's ``(start, end)`` in the cadence's unit (epoch index or global step).
+
+        Fractions are of ``total`` (epochs or steps, in the cadence's unit); an ``int`` in the other unit is
+        converted with ``steps_per_epoch``. ``end`` is clamped to the last update point, ``total - 1`` rounded
+        down to a multiple of ``every``, so the final value is always reached.
+        """
+
+        def convert(position: Position) -> float:
+            if isinstance(position, float):
+                return position * total
+            if self.unit == cadence:
+                return float(position)
+            return position * steps_per_epoch if cadence == "step" else position / steps_per_epoch
+
+        last = max(((total - 1) // every) * every, 0)
+        return min(convert(self.start), last), min(convert(self.end), last)
 
     def with_final(self, final: float) -> "Schedule":
         """Return a copy whose ``final`` is set."""
@@ -172,6 +195,7 @@ class ThresholdSchedule(Schedule):
     """
 
     final: Optional[float] = 0.5
+    by_threshold: ClassVar[bool] = True
 
     def _check_value(self, name: str, value: float) -> None:
         if not 0.0 <= value < 1.0:
@@ -183,6 +207,14 @@ class CallableSchedule:
     """Any callable ``t -> sparsity``, ``t`` the epoch index or global step (the callback's cadence)."""
 
     fn: Callable[[int], float]
+    final: ClassVar[Optional[float]] = None  # unknown until called
+    by_threshold: ClassVar[bool] = False
+    stepwise: ClassVar[bool] = False  # called per epoch under update_every="auto"
+    uses_fractions: ClassVar[bool] = False
+
+    def span(self, cadence: Unit, total: float, steps_per_epoch: float, every: int = 1) -> tuple[float, float]:
+        """No ramp: the callable maps positions to targets itself."""
+        return 0.0, 0.0
 
     def value(self, t: float, start: float = 0, end: float = 0) -> float:
         target = float(self.fn(int(t)))
@@ -208,26 +240,3 @@ def get_schedule(spec: ScheduleSpec, final: float, **kwargs) -> Union[Schedule, 
         return CallableSchedule(spec)
     raise TypeError(f"schedule must be a name in {list_schedules()}, a Schedule or a callable t -> sparsity, "
                     f"got {spec!r}")
-
-
-def resolve_span(
-    schedule: Union[Schedule, CallableSchedule], cadence: Unit, total: float, steps_per_epoch: float, every: int = 1
-) -> tuple[float, float]:
-    """Return the schedule's ``(start, end)`` in the cadence's unit (epoch index or global step).
-
-    Fractions are of ``total`` (epochs or steps, in the cadence's unit); an ``int`` in the other unit is
-    converted with ``steps_per_epoch``. ``end`` is clamped to the last update point, ``total - 1`` rounded
-    down to a multiple of ``every``, so the final value is always reached.
-    """
-    if isinstance(schedule, CallableSchedule):
-        return 0.0, 0.0
-
-    def convert(position: Position) -> float:
-        if isinstance(position, float):
-            return position * total
-        if schedule.unit == cadence:
-            return float(position)
-        return position * steps_per_epoch if cadence == "step" else position / steps_per_epoch
-
-    last = max(((total - 1) // every) * every, 0)
-    return min(convert(schedule.start), last), min(convert(schedule.end), last)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
@@ -13,15 +12,15 @@ from ..lifecycle.plan import EARLY_END
 from ..masking.gate import SCORE_DTYPES
 from ..selection.selector import Selector
 
-__all__ = ["check_flags", "check_number", "check_output_layers", "check_settings", "check_targets", "final_sparsity",
-           "is_int", "ramp_of", "score_dtype_of", "selector_of"]
+__all__ = ["FROZEN", "check_flags", "check_number", "check_output_layers", "check_settings", "check_targets",
+           "final_sparsity", "is_int", "ramp_of", "score_dtype_of", "selector_of"]
+
+#: what ``frozen`` may say of the tensors frozen at setup: left dense, binary masks (the kept weights kept bit for bit),
+#: or soft gates (the kept weights scaled by their learned gate when folded)
+FROZEN = ("skip", "mask", "gate")
 
 #: ``start`` and ``end`` as the callback's signature defaults them (a ramp over the first two thirds)
 DEFAULT_RAMP = {"start": 0, "end": 2 / 3}
-
-# the loose selection arguments' defaults: the Selector's own
-_SELECTION_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Selector)}
-
 
 def is_int(value: Any) -> bool:
     """An ``int`` that is not a ``bool``."""
@@ -52,27 +51,24 @@ def check_number(name: str, value: Any, low: float, high: float, *, low_open: bo
                      f"{'; ' + hint if hint else ''}")
 
 
-def check_settings(*, update_every: Any, init_kwargs: Any, temperature: Any, mask_lr: Any, mask_weight_decay: Any,
-                   early_end: Any, seed: Any, log_every_n_steps: Any, straight_through: bool, regrow: bool) -> None:
+def check_settings(*, update_every: Any, temperature: Any, mask_lr: Any, mask_weight_decay: Any, early_end: Any,
+                   seed: Any, log_every_n_steps: Any, frozen: Any = "skip") -> None:
     """Check the callback's settings (see :class:`~lightning_masks.MaskPruningCallback` for their meaning)."""
     if update_every not in ("auto", "epoch") and not (is_int(update_every) and update_every > 0):
         raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got {update_every!r}")
-    if init_kwargs is not None and not isinstance(init_kwargs, Mapping):
-        raise ValueError(f"init_kwargs must be a mapping of the initializer's options or None, got "
-                         f"{init_kwargs!r}; e.g. init_kwargs={{'noise_scale': 0.1}}")
     check_number("temperature", temperature, 0.0, math.inf, low_open=True, hint="try 1.0 (lower is a harder gate)")
     for name, value in (("mask_lr", mask_lr), ("mask_weight_decay", mask_weight_decay)):
         check_number(name, value, 0.0, math.inf, optional=True, hint=f"e.g. {name}=0.01 (a float, not a string)")
     if early_end not in EARLY_END:
         raise ValueError(f"early_end must be one of {list(EARLY_END)}, got {early_end!r}")
+    if frozen not in FROZEN:
+        raise ValueError(f"frozen must be one of {list(FROZEN)}, got {frozen!r}: 'skip' leaves tensors frozen at "
+                         "setup dense, 'mask' learns binary masks over them, 'gate' learns soft gates")
     if seed is not None and not is_int(seed):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
     if log_every_n_steps is not None and not (is_int(log_every_n_steps) and log_every_n_steps >= 0):
         raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}; 0 logs "
                          "only as each epoch ends")
-    if straight_through and not regrow:
-        raise ValueError("straight_through=True needs regrow=True: without regrowth a pruned entry never comes "
-                         "back, and its scores' gradients would change nothing")
 
 
 def final_sparsity(sparsity: Any, selector: Selector, default: float) -> float:
@@ -141,26 +137,12 @@ def score_dtype_of(spec: Union[str, torch.dtype, None]) -> Optional[torch.dtype]
     return dtype
 
 
-def selector_of(selector: Optional[Selector], **loose: Any) -> Selector:
-    """The selection: ``selector``, or one built from the loose ``mode``, ``importance``, ``layer_floor``, ``regrow``,
-    ``granularity`` and ``tie`` arguments; giving ``selector`` and a loose argument off its default is refused."""
-    if selector is not None:
-        if not isinstance(selector, Selector):
-            raise ValueError(f"selector must be a lightning_masks.Selector, got {selector!r}")
-        given = [name for name, value in loose.items() if _normalized(value) != _SELECTION_DEFAULTS[name]]
-        if given:
-            raise ValueError(f"the selection is given twice: selector={selector!r} and {given}; put them in the "
-                             f"Selector (e.g. Selector(granularity='channel')) or drop selector=")
-        return selector
-    for name in ("mode", "importance", "granularity"):
-        if not isinstance(loose[name], str):
-            raise ValueError(f"{name} must be a string, got {loose[name]!r}; see lightning_masks.selection.selector.Selector")
-    check_number("layer_floor", loose["layer_floor"], 0.0, 1.0, hint="e.g. layer_floor=0.25 (a float); 0 disables "
-                 "the floor")
-    tie = loose["tie"]
-    return Selector(**{**loose, "tie": tie if isinstance(tie, str) else tuple(tie)})
+def selector_of(selector: Optional[Selector]) -> Selector:
+    """The selection: ``selector``, or ``Selector()`` when it is ``None``."""
+    if selector is None:
+        return Selector()
+    if not isinstance(selector, Selector):
+        raise ValueError(f"selector must be a lightning_masks.Selector (e.g. Selector(granularity='channel')), got "
+                         f"{selector!r}")
+    return selector
 
-
-def _normalized(value: Any) -> Any:
-    """A selection argument as its default is written (a list of tie groups as a tuple)."""
-    return tuple(value) if isinstance(value, (list, tuple)) else value

@@ -2,16 +2,15 @@
 
 The hooks are thin: argument checks are in :mod:`~lightning_masks.lightning.arguments`, the fit's lifecycle in
 :mod:`~lightning_masks.lifecycle.plan`, what is read from the Trainer and run outside its loop in
-:mod:`~lightning_masks.lightning.trainer`, what the fit logs and prints in :mod:`~lightning_masks.lightning.fit_report`, other
-callbacks' copies in :mod:`~lightning_masks.lightning.companions`. Over 400 lines because its docstrings document thirty
-arguments and the hooks (110 lines); the code without them is under 400.
+:mod:`~lightning_masks.lightning.trainer`, what the fit logs and prints in
+:mod:`~lightning_masks.lightning.fit_report`, other callbacks' copies in :mod:`~lightning_masks.lightning.companions`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -22,8 +21,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ..lifecycle.plan import Plan
-from ..lifecycle.schedule import ScheduleSpec, ThresholdSchedule, get_schedule
-from ..masking.gate import cached_gates
+from ..lifecycle.schedule import ScheduleSpec, get_schedule
+from ..masking.activations import input_norms
+from ..masking.gate import cached_gates, reduce_to
 from ..masking.hiding import masks_hidden
 from ..masking.initializers import InitSpec, get_initializer
 from ..masking.loading import restore_masks_on_load
@@ -36,8 +36,8 @@ from ..masking.masks import (
     masked_tensors,
 )
 from ..masking.outputs import kept_whole
-from ..masking.sharded import is_sharded, local_entries, shard_with_weights
 from ..masking.plain import plain_saves, remove_plain_saves
+from ..masking.sharded import is_sharded, local_entries, shard_with_weights
 from ..masking.targets import TargetSpec, resolve_targets
 from ..selection.coupling import ties_among
 from ..selection.selector import Selector
@@ -63,6 +63,7 @@ from .trainer import (
     restore_configure_model,
     restore_configure_optimizers,
     step_clock,
+    training_batches,
     training_length,
     training_loss,
     unbounded,
@@ -113,9 +114,17 @@ class MaskPruningCallback(Callback):
             Conv and ConvTranspose 1d/2d/3d, MultiheadAttention projections, RNN/LSTM/GRU, transformers'
             ``Conv1D``) except embedding tables and tensors tied to one (name them in ``targets`` to mask them).
             The setup line lists what is left dense; trainable weight matrices left dense for no stated reason
-            get a warning. One string is one glob. Tensors frozen at setup are left unmasked (the
-            setup line names them), except those a ``BaseFinetuning`` callback froze.
-        init_kwargs: options for a named ``init`` (e.g. ``{"noise_scale": 0.1}``).
+            get a warning. One string is one glob. What happens to frozen tensors is ``frozen``'s.
+        frozen: the targeted tensors frozen at setup (``requires_grad=False``, or frozen by a ``BaseFinetuning``
+            callback such as ``BackboneFinetuning``): ``"skip"`` (the default) leaves those frozen by hand dense
+            and masks those a ``BaseFinetuning`` froze, their scores frozen and unfrozen with them. ``"mask"`` and
+            ``"gate"`` learn masks over all of them while the weights themselves stay as they are (fine-pruning a
+            frozen backbone; piggyback, supermasks): their scores train from the first step. ``"mask"``: binary
+            masks (the network computes ``w * keep``, :func:`~lightning_masks.masking.gate.binary_gated`), so that
+            the folded model holds every kept weight bit for bit and exact zeros elsewhere. ``"gate"``: the soft
+            gate as for trained weights (``w * gate * keep``), which also learns a scale for each kept weight:
+            more accurate (benchmarks/results/finepruning_lenet300.md), but the folded weights are the scaled
+            ones. The setup line says which.
         temperature: the gate's ``T > 0``.
         rescale_gate: divide each gate by its initial value so training starts from the dense function
             (on by default: benchmarks/results/study_lenet300_s99.md); with ``compact``, by one scalar per tensor,
@@ -128,23 +137,15 @@ class MaskPruningCallback(Callback):
             moments, and the keep bits packed eight a byte) instead of 20.125. The keep bits are held apart from
             the scores in an integer buffer, whatever this says: clamps, casts and weight decay of the parameters
             leave pruned entries pruned.
-        selector: how scores become keep-masks, one :class:`~lightning_masks.selection.selector.Selector` (ranking ``mode``,
-            ``importance``, ``layer_floor``, ``regrow``, ``granularity``, ``tie``); default ``Selector()``.
-        mode, importance, layer_floor, regrow, granularity, tie: the same fields one by one (the selector's, when
-            ``selector`` is not given; giving both is refused).
-        straight_through: pruned entries' scores keep learning, their gradient taken as if they were kept
-            (straight-through, movement pruning: :func:`~lightning_masks.masking.masks.straight_through_gated`), so that
-            with ``regrow=True`` a pruned weight whose gate the loss raises can come back. Needs ``regrow=True``.
-            Off by default (benchmarks/README.md, issue 16: what it gained at 99 / 99.5%).
-        output_layers: with ``granularity="channel"``, the layers left whole because their output units are
+        selector: how scores become keep-masks, a :class:`~lightning_masks.Selector`: ranking ``mode``,
+            ``importance``, ``layer_floor``, ``regrow`` and ``straight_through``, ``granularity`` (element,
+            channel, N:M), ``tie``; default ``Selector()``.
+        output_layers: with ``Selector(granularity="channel")``, the layers left whole because their output units are
             the model's outputs (classes, vocabulary). ``"auto"``: the masked layers whose outputs reach the
             model's outputs through no other masked layer, traced on ``forward(example_input_array)`` or, when
-            that is not set, on the loss of the first training batch (:func:`~lightning_masks.masking.outputs.output_layers`);
-            a list of globs on module names; or ``None`` to prune them too.
-            ``tie``: groups of globs on masked tensor names pruned together unit by unit, e.g. the BatchNorms
-            that add into one residual stream, so that export can remove the stream's pruned channels.
-            ``"auto"``: the masked BatchNorms whose channels meet in a sum
-            (:func:`~lightning_masks.selection.coupling.coupled_channels` on the module's ``example_input_array``).
+            that is not set, on the loss of the first training batch
+            (:func:`~lightning_masks.masking.outputs.output_layers`); a list of globs on module names; or ``None`` to
+            prune them too.
         mask_lr, mask_weight_decay: learning rate and weight decay of the scores (default ``mask_lr=0.01``, the
             weight decay of their weight's param group). ``configure_optimizers`` runs on the plain model (the
             masks hidden: your param groups hold ``fc.weight``, not the scores); the scores then ride in the
@@ -187,19 +188,12 @@ class MaskPruningCallback(Callback):
         update_budget: Optional[float] = None,
         targets: Optional[Iterable[TargetSpec]] = None,
         exclude: Iterable[TargetSpec] = (),
-        init_kwargs: Optional[Mapping[str, Any]] = None,
+        frozen: str = "skip",
         temperature: float = 1.0,
         rescale_gate: bool = True,
         score_dtype: Union[str, torch.dtype, None] = "bfloat16",
         compact: bool = True,
         selector: Optional[Selector] = None,
-        mode: str = "global",
-        importance: str = "effective_weight",
-        layer_floor: float = 0.25,
-        regrow: bool = False,
-        straight_through: bool = False,
-        granularity: str = "element",
-        tie: Union[str, Iterable[Iterable[str]]] = (),
         output_layers: Union[str, Iterable[str], None] = "auto",
         mask_lr: Optional[float] = 1e-2,
         mask_weight_decay: Optional[float] = None,
@@ -212,20 +206,20 @@ class MaskPruningCallback(Callback):
         plots: bool = True,
     ) -> None:
         targets, exclude = check_targets("targets", targets, optional=True), check_targets("exclude", exclude)
-        selector = selector_of(selector, mode=mode, importance=importance, layer_floor=layer_floor, regrow=regrow,
-                               granularity=granularity, tie=tie)
+        selector = selector_of(selector)
         final = final_sparsity(sparsity, selector, DEFAULT_SPARSITY)
-        check_settings(update_every=update_every, init_kwargs=init_kwargs, temperature=temperature, mask_lr=mask_lr,
+        check_settings(update_every=update_every, temperature=temperature, mask_lr=mask_lr,
                        mask_weight_decay=mask_weight_decay, early_end=early_end, seed=seed,
-                       log_every_n_steps=log_every_n_steps, straight_through=straight_through, regrow=selector.regrow)
+                       log_every_n_steps=log_every_n_steps, frozen=frozen)
         check_flags(rescale_gate=rescale_gate, fold_on_fit_end=fold_on_fit_end, fused_adam=fused_adam,
                     log_histograms=log_histograms, plots=plots)
 
         self.sparsity = final
-        self.initializer = get_initializer(init, **dict(init_kwargs or {}))
+        self.initializer = get_initializer(init)
         self.schedule = get_schedule(schedule, final, **ramp_of(schedule, start, end))
         self.targets = targets
         self.exclude = exclude
+        self.frozen = frozen
         self.temperature = float(temperature)
         self.rescale_gate = rescale_gate
         self.score_dtype = score_dtype_of(score_dtype)
@@ -233,7 +227,6 @@ class MaskPruningCallback(Callback):
         self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
         self.output_layers = check_output_layers(output_layers)
         self.selector = selector
-        self.straight_through = bool(straight_through)
         self.mask_lr = mask_lr
         self.mask_weight_decay = mask_weight_decay
         self.fused_adam = fused_adam
@@ -259,6 +252,25 @@ class MaskPruningCallback(Callback):
         self._fit_running = False  # between a fit's setup and its end (on_fit_end or on_exception)
         self.final_layers: list[dict] = []  # the end-of-fit table's rows (stats.layer_rows) of the last fit
 
+    @classmethod
+    def finetuning(cls, sparsity: Optional[float] = None, **overrides: Any) -> "MaskPruningCallback":
+        """The fine-pruning preset: prune a pretrained network while it adapts to a new task.
+
+        The defaults, with ``frozen="gate"``: a backbone frozen by hand or by a ``BaseFinetuning`` callback gets
+        learned soft gates, scores trained from the first step. On the transfer benchmark
+        (``benchmarks/results/finepruning_lenet300.md``: LeNet-300-100 pretrained on five Fashion-MNIST classes,
+        fine-pruned on the other five under a new dense head) they gain over binary masks (``frozen="mask"``) with the
+        backbone frozen, and are the defaults' own masks where the backbone trains. The other fine-pruning settings
+        tried there (a later ramp start, the scores' learning rate 0.003 / 0.05, ``importance="gate"``, no rescale)
+        did not beat the defaults beyond the seeds' spread, so they stay as they are. Pass ``frozen="mask"`` to keep
+        every kept weight bit for bit.
+
+        Args:
+            sparsity: as for the callback.
+            overrides: any other argument of the callback.
+        """
+        return cls(sparsity, **{"frozen": "gate", **overrides})
+
     # the plan's state, read (and set) on the callback as before
     position = property(lambda self: self.plan.position, lambda self, v: setattr(self.plan, "position", v),
                         doc="Position (epoch index or global step) of the last mask update, ``None`` before the first.")
@@ -283,13 +295,13 @@ class MaskPruningCallback(Callback):
         self._fit_running = True
         self._shown_sparsity = self._logged_step = None
         self._churn = {}
-        if getattr(self.schedule, "uses_fractions", False) and unbounded(trainer):
+        if self.schedule.uses_fractions and unbounded(trainer):
             raise ValueError(
                 "the schedule's start/end are fractions of training, but training length is unbounded "
                 f"(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}); set max_epochs or max_steps, "
                 "or give the schedule int start/end"
             )
-        if self.initializer.needs_grad and not pl_module.automatic_optimization:
+        if (self.initializer.needs_grad or self.initializer.needs_inputs) and not pl_module.automatic_optimization:
             raise ValueError(f"{self.initializer!r} scores one automatic-optimization training step; this module "
                              "uses manual optimization: pick another init")
         before = None
@@ -317,7 +329,7 @@ class MaskPruningCallback(Callback):
         if not pending and (masked_tensors(pl_module) or not required):
             return  # all masked already, or nothing built yet
         with frozen_by_finetuning(trainer, pl_module) as thawed:
-            masked = self._attach(trainer, pl_module)
+            masked = self._attach(trainer, pl_module, thawed)
         refreeze(masked, thawed)
         shard_with_weights(masked)
 
@@ -331,10 +343,13 @@ class MaskPruningCallback(Callback):
             sharding.warn_built_after_masking(pl_module, self.targets, self._excluded)
         groups = coupled_norms(pl_module) if self.selector.auto_tie else None
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
-            self._masked = self._attach(trainer, pl_module) if attached else masked_tensors(pl_module)
-        refreeze(self._masked, thawed)
+            self._masked = self._attach(trainer, pl_module, thawed) if attached else masked_tensors(pl_module)
+        if self.frozen == "skip":
+            refreeze(self._masked, thawed)
         for entry in self._masked:
-            entry.gate.straight_through = self.straight_through
+            entry.gate.straight_through = self.selector.straight_through
+            if self.initializer.fixed:  # a held mask: the scores do not learn
+                entry.gate.scores.requires_grad_(False)
         try:
             if groups is not None:
                 tie = ties_among(groups, [entry.name for entry in self._masked])
@@ -356,22 +371,44 @@ class MaskPruningCallback(Callback):
         within_configure_optimizers(pl_module, lambda: masks_hidden(pl_module))
         plain_saves(pl_module)  # a save_pretrained snapshot during fit saves the masked weights under plain keys
 
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[MaskedTensor]:
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                thawed: list[torch.Tensor]) -> list[MaskedTensor]:
+        """Mask the targets; with ``frozen="mask"`` or ``"gate"``, those frozen at setup too (by hand, or ``thawed``
+        here from a finetuning callback's freezing), binary masks for ``"mask"``."""
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-        init = torch.zeros_like if self.initializer.needs_grad else (
-            lambda weight: self.initializer(weight, generator=generator))
+        from_batches = self.initializer.needs_grad or self.initializer.needs_inputs
+        init = torch.zeros_like if from_batches else (lambda weight: self.initializer(weight, generator=generator))
         exclude = self._excluded = self.exclude + self._outputs_kept_whole(trainer, pl_module)
-        resolved = resolve_targets(pl_module, self.targets, exclude)
+        resolved = resolve_targets(pl_module, self.targets, exclude, mask_frozen=self.frozen != "skip")
+        if self.frozen != "skip":
+            ids = {id(p) for p in thawed}
+            resolved.frozen_chosen += [name for name, owners in resolved.chosen.items()
+                                       if id(getattr(*owners[0])) in ids]
         # FSDP2 gathers a module's trainable parameters in one dtype: the scores take their weight's
         score_dtype = None if sharding.model_parallel(trainer) else self.score_dtype
         masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=self.temperature,
                         rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
-                        score_dtype=score_dtype, compact=self.compact)
-        self.scores_initialized = not self.initializer.needs_grad
-        goal = (f"gate threshold up to {self.schedule.final}" if isinstance(self.schedule, ThresholdSchedule)
+                        score_dtype=score_dtype, compact=self.compact, frozen=self.frozen)
+        self.scores_initialized = not from_batches
+        self._start_from_initial_keep(masked)
+        goal = (f"gate threshold up to {self.schedule.final}" if self.schedule.by_threshold
                 else f"final sparsity {self.sparsity}")
         fit_report.announce(masked, resolved, exclude[len(self.exclude):], f"init={self.initializer!r}, {goal}")
         return masked
+
+    def _start_from_initial_keep(self, masked: list[MaskedTensor]) -> None:
+        """Prune what the initializer's :meth:`~lightning_masks.masking.initializers.Initializer.initial_keep` drops
+        (e.g. a one-shot pruner's zeros); a ``fixed`` initializer's mask is held by skipping every update."""
+        held = 0
+        for entry in masked:
+            keep = self.initializer.initial_keep(entry.weight.detach())
+            if keep is not None:
+                keep = reduce_to(keep.float(), entry.gate.scores.shape) > 0  # a channel stays while any entry does
+                entry.gate.set_keep(keep)
+                entry.gate.reset_scores(entry.gate.scores.detach().clone())  # the rescale over the kept entries
+                held += int((~keep).sum())
+        if self.initializer.fixed:
+            self.plan.pruned = held
 
     def _outputs_kept_whole(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         """With channel masks, the layers whose output units are the model's outputs (see ``output_layers``)."""
@@ -409,15 +446,42 @@ class MaskPruningCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.scores_initialized:
-            self._score_from_one_batch(trainer, pl_module)
+            if self.initializer.needs_inputs:
+                self._score_from_inputs(trainer, pl_module)
+            else:
+                self._score_from_one_batch(trainer, pl_module)
         self.plan.resolve(*training_length(trainer))
+
+    def _score_from_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Initialise activation-aware scores (e.g. Wanda) from the input norms of the dense network, in eval mode,
+        over the first training batches (summed over data-parallel ranks, so every rank gets the same scores)."""
+        training = pl_module.training
+        pl_module.eval()
+        try:
+            with gates_disabled(self._masked), torch.no_grad(), input_norms(self._masked) as norms:
+                for batch in training_batches(trainer, self.initializer.batches):
+                    training_loss(pl_module, trainer.strategy.batch_to_device(batch))
+        finally:
+            pl_module.train(training)
+        for entry in self._masked:
+            norms.squares[entry.name] = trainer.strategy.reduce(norms.squares[entry.name], reduce_op="sum")
+            norms.rows[entry.name] = trainer.strategy.reduce(norms.rows[entry.name], reduce_op="sum")
+            entry.gate.reset_scores(self.initializer(entry.weight.detach(), input_norm=norms.rms(entry.name)))
+        self.scores_initialized = True
 
     def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise gradient-based scores (e.g. SNIP) from one training batch of the dense network."""
         batch = trainer.strategy.batch_to_device(first_batch(trainer))
         weights = [entry.weight for entry in self._masked]
-        with gates_disabled(self._masked), torch.enable_grad():
-            grads = torch.autograd.grad(training_loss(pl_module, batch), weights, allow_unused=True)
+        frozen = [weight for weight in weights if not weight.requires_grad]  # frozen="mask"/"gate": scored all the same
+        for weight in frozen:
+            weight.requires_grad_(True)
+        try:
+            with gates_disabled(self._masked), torch.enable_grad():
+                grads = torch.autograd.grad(training_loss(pl_module, batch), weights, allow_unused=True)
+        finally:
+            for weight in frozen:
+                weight.requires_grad_(False)
         for entry, grad in zip(self._masked, grads):
             grad = torch.zeros_like(entry.weight) if grad is None else grad
             entry.gate.reset_scores(self.initializer(entry.weight.detach(), grad=grad))
@@ -450,7 +514,7 @@ class MaskPruningCallback(Callback):
 
     def _update(self, trainer: pl.Trainer, t: Optional[float]) -> bool:
         """Make the update due at ``t`` (if any); return whether a selection ran."""
-        target = self.plan.decide(t)
+        target = None if self.initializer.fixed else self.plan.decide(t)
         if target is not None:
             self._select(trainer, t, target)
         return target is not None
@@ -570,7 +634,7 @@ class MaskPruningCallback(Callback):
 
     def _end_short(self, trainer: pl.Trainer, jump: bool) -> None:
         """A fit that ended before its ramp: one last update to the final target (``early_end="final"``), or warn."""
-        shortfall = self.plan.shortfall()
+        shortfall = None if self.initializer.fixed else self.plan.shortfall()
         if shortfall is None:
             return
         final = self.plan.end_target() if jump else None

@@ -23,7 +23,7 @@ def announce(masked: Sequence[MaskedTensor], resolved: Targets, outputs: Sequenc
     layer left dense for no stated reason."""
     total = sum(entry.numel for entry in masked)
     rank_zero_info(f"lightning_masks: masking {len(masked)} tensors ({total:,} weights), {what}"
-                   f"{_left_dense(resolved, outputs)}")
+                   f"{_frozen_masked(masked, resolved)}{_left_dense(resolved, outputs)}")
     if resolved.unmasked:
         rank_zero_warn(f"lightning_masks: {len(resolved.unmasked)} trainable weight matrices are left dense "
                        f"(no registered layer kind): {stats.short_names(resolved.unmasked)}. Name them in "
@@ -34,6 +34,21 @@ def announce(masked: Sequence[MaskedTensor], resolved: Targets, outputs: Sequenc
                        "that first (torch.nn.utils.parametrize.remove_parametrizations, prune.remove)")
 
 
+def _frozen_masked(masked: Sequence[MaskedTensor], resolved: Targets) -> str:
+    """The setup line's words on the frozen tensors it masks (``frozen="mask"`` or ``"gate"``)."""
+    frozen = set(resolved.frozen_chosen)
+    binary = [entry.name for entry in masked if entry.name in frozen and entry.gate.is_binary]
+    gated = [entry.name for entry in masked if entry.name in frozen and not entry.gate.is_binary]
+    parts = []
+    if binary:
+        parts.append(f"frozen tensors under binary masks, their kept weights kept bit for bit (frozen='mask'): "
+                     f"{stats.short_names(binary)}")
+    if gated:
+        parts.append(f"frozen tensors under soft gates, their kept weights scaled by the learned gate when folded "
+                     f"(frozen='gate'): {stats.short_names(gated)}")
+    return "".join(f"; {part}" for part in parts)
+
+
 def _left_dense(resolved: Targets, outputs: Sequence[str]) -> str:
     """The setup line's tail: what is left dense by rule, and how to include it."""
     parts = []
@@ -41,13 +56,19 @@ def _left_dense(resolved: Targets, outputs: Sequence[str]) -> str:
         example = resolved.embeddings[0].split(" = ")[0]
         parts.append(f"embedding tables and tensors tied to them left dense: {stats.short_names(resolved.embeddings)} "
                      f"(to mask them, name them in targets, e.g. targets=[..., {example!r}])")
+    if resolved.routers:
+        example = resolved.routers[0].split(" = ")[0]
+        parts.append(f"mixture-of-experts routers and gates left dense: {stats.short_names(resolved.routers)} (to "
+                     f"mask them, name them in targets, e.g. targets=[..., {example!r}])")
+    if resolved.adapters:
+        parts.append(f"PEFT adapter factors left dense (the frozen base weights under them are masked): "
+                     f"{stats.short_names(resolved.adapters)}")
     if outputs:
         parts.append(f"output layers kept whole by channel pruning: {stats.short_names(outputs)} "
                      "(output_layers=None prunes them)")
     if resolved.frozen:
         parts.append(f"frozen tensors (requires_grad=False at setup) left dense: {stats.short_names(resolved.frozen)}; "
-                     "to mask them, make them trainable before fit, or freeze them with a BaseFinetuning callback "
-                     "(e.g. BackboneFinetuning), whose frozen tensors are masked")
+                     "to learn masks over them with the weights kept, pass frozen='mask' (targeted ones)")
     return "".join(f"; {part}" for part in parts)
 
 
@@ -86,9 +107,9 @@ def report_fit(trainer: pl.Trainer, rows: Sequence[Mapping], masked: Sequence[Ma
                unit: str, pictures: bool, *, gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
                ) -> None:
     """The end-of-fit console table of ``rows`` (:func:`~lightning_masks.masking.stats.layer_rows`, printed by
-    :func:`~lightning_masks.masking.stats.format_layer_table`), the loggers' table and summary and, with ``pictures``, each
-    layer's sparsity over training (``history``, positions in ``unit``) and the gate histograms of ``masked`` as PNGs
-    in the run folder, logged to W&B. ``gates``: those histograms when the caller has them (over every process's
+    :func:`~lightning_masks.masking.stats.format_layer_table`), the loggers' table and summary and, with ``pictures``,
+    each layer's sparsity over training (``history``, positions in ``unit``) and the gate histograms of ``masked`` as
+    PNGs in the run folder, logged to W&B. ``gates``: those histograms when the caller has them (over every process's
     shards), else they are taken from ``masked``."""
     rank_zero_info(stats.format_layer_table(rows))
     if not trainer.loggers:

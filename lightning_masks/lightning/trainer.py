@@ -26,8 +26,8 @@ from ..selection.coupling import coupled_channels
 from .sharding import check_model_parallel
 
 __all__ = ["after_configure_model", "check_strategy", "coupled_norms", "first_batch", "logging_disabled", "one_pass",
-           "restore_configure_model", "restore_configure_optimizers", "step_clock", "training_length", "training_loss",
-           "unbounded", "within_configure_optimizers"]
+           "restore_configure_model", "restore_configure_optimizers", "step_clock", "training_batches",
+           "training_length", "training_loss", "unbounded", "within_configure_optimizers"]
 
 
 def check_strategy(strategy: Any) -> None:
@@ -153,10 +153,18 @@ def _unwrap_hook(pl_module: pl.LightningModule, name: str) -> None:
 
 def first_batch(trainer: pl.Trainer) -> Any:
     """The first batch of the fit's training data (from the datamodule, the module or the loaders passed to fit)."""
+    return next(training_batches(trainer, 1))
+
+
+def training_batches(trainer: pl.Trainer, count: int) -> Iterator[Any]:
+    """The first ``count`` batches of the fit's training data (fewer when an epoch has fewer)."""
     loaders = trainer.train_dataloader
     if loaders is None:  # before the fit loop set its data up (configure_model): no public way in but its source
         loaders = trainer.fit_loop._data_source.dataloader()
-    return next(iter(CombinedLoader(loaders, "max_size_cycle")))[0]
+    for index, (batch, *_) in enumerate(CombinedLoader(loaders, "max_size_cycle")):
+        if index == count:
+            return
+        yield batch
 
 
 def one_pass(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Callable[[], Any]]:

@@ -1,9 +1,9 @@
 """The mask gate itself: ``w -> w * sigmoid(scores / T) * keep`` as a parametrization, its math and its caches.
 
 :class:`MaskGate` holds the scores (their dtype is ``score_dtype``), the keep bits (packed eight a byte in a uint8
-buffer, apart from anything an optimizer, a cast or a clamp of the parameters touches) and the temperature; :func:`gated` computes the masked tensor with a hand-written
-backward. Over 400 lines because the gate's forward, backward, traced and straight-through forms must agree value
-for value and are kept side by side.
+buffer, apart from anything an optimizer, a cast or a clamp of the parameters touches) and the temperature;
+:func:`gated` computes the masked tensor with a hand-written backward. The gate's forward, backward, traced and
+straight-through forms must agree value for value, so they are kept side by side here.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "SCORE_DTYPES",
     "ChannelBias",
     "MaskGate",
+    "binary_gated",
     "cached_gates",
     "gate_value",
     "gated",
@@ -69,13 +70,17 @@ def gate_value(scores: Tensor, temperature: Tensor | float, gate_scale: Tensor |
 
 
 def masked_value(
-    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
+    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None,
+    *, binary: bool = False,
 ) -> Tensor:
-    """Return ``weight * gate * keep`` with pruned entries exactly zero (the fold formula).
+    """Return ``weight * gate * keep`` with pruned entries exactly zero (the fold formula); ``binary``: ``weight *
+    keep``, the kept entries exactly the weight's (:func:`binary_gated`).
 
     ``keep`` is a bool tensor broadcastable to the weight. The products are taken in the order the live gate takes
     them, so the folded weight equals the masked one bit for bit.
     """
+    if binary:
+        return torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
     raw = torch.sigmoid(scores.to(_compute_dtype(scores, weight)) / temperature)
     value = _times(weight, raw, gate_scale)
     return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device))
@@ -176,10 +181,10 @@ def gated(
 ) -> Tensor:
     """Return ``weight * sigmoid(scores / T) * keep`` (times ``gate_scale`` when set), the masked tensor.
 
-    ``keep`` is a bool tensor broadcastable to the weight. ``gate_scale`` is per entry (broadcast to the scores) or one 0-dim scalar per tensor. The values are exactly
-    ``weight * (gate_value(...) * keep)`` (for a 0-dim scale, ``(weight * gate) * scale``); with gradients on, a fused
-    :class:`torch.autograd.Function` computes them and keeps one gate-sized buffer for backward, against
-    autograd's chain of several saved intermediates.
+    ``keep`` is a bool tensor broadcastable to the weight. ``gate_scale`` is per entry (broadcast to the scores) or one
+    0-dim scalar per tensor. The values are exactly ``weight * (gate_value(...) * keep)`` (for a 0-dim scale, ``(weight
+    * gate) * scale``); with gradients on, a fused :class:`torch.autograd.Function` computes them and keeps one
+    gate-sized buffer for backward, against autograd's chain of several saved intermediates.
     """
     if _tracing():
         return _traced(weight, scores, keep, temperature, gate_scale)
@@ -218,6 +223,28 @@ def straight_through_gated(
     return weight * (gate * kept + (gate - gate.detach()) * (1 - kept))
 
 
+def binary_gated(
+    weight: Tensor, scores: Tensor, keep: Tensor, temperature: Tensor | float, gate_scale: Tensor | None = None
+) -> Tensor:
+    """Return ``weight * keep``, the kept entries exactly the weight's, with the scores' gradient taken through the
+    soft gate ``sigmoid(scores / T) [* gate_scale]`` as if it multiplied the weight (straight-through).
+
+    The mask over a weight that does not train (piggyback, Mallya et al. 2018, https://arxiv.org/abs/1801.06519;
+    movement pruning's hard top-k, Sanh et al. 2020): the network is the original weights times a bit mask, so
+    the folded model keeps every kept weight bit for bit, while the scores still learn
+    ``dL/d(w * keep) * w * dg/ds`` (every entry with a live score, kept or pruned).
+
+    Args:
+        weight, scores, keep, temperature, gate_scale: as :func:`gated` (``keep=None``: read off the scores).
+
+    Returns:
+        ``weight * keep``, the weight's shape.
+    """
+    if not (torch.is_grad_enabled() and scores.requires_grad) or _tracing():
+        return masked_value(weight, scores, keep, temperature, binary=True)
+    gate = gate_value(scores, temperature, gate_scale)
+    return weight * (keep.to(gate.dtype) + (gate - gate.detach()))  # the added term is exactly 0: values are w*keep
+
 
 def reduce_to(scores: Tensor, shape: torch.Size) -> Tensor:
     """Average ``scores`` over the dimensions that ``shape`` keeps at size 1."""
@@ -229,10 +256,10 @@ class MaskGate(nn.Module):
     """Parametrization ``w -> w * sigmoid(scores / T) * keep`` with learnable ``scores``.
 
     The keep bits live in the ``keep_bits`` buffer, packed eight a byte, each row (slice of dim 0) of the scores
-    on its own (:func:`~lightning_masks.masking.bits.pack_rows`: a slice of rows holds its rows' bits). An integer buffer is
-    beyond the reach of what users, optimizers and Lightning do to floating-point parameters and buffers: clamps,
-    weight decay, ``.half()`` / ``.to(dtype)``, ``precision="16-true"``, averages of the parameters. A pruned entry
-    keeps its score (regrowth can bring it back).
+    on its own (:func:`~lightning_masks.masking.bits.pack_rows`: a slice of rows holds its rows' bits). An integer
+    buffer is beyond the reach of what users, optimizers and Lightning do to floating-point parameters and buffers:
+    clamps, weight decay, ``.half()`` / ``.to(dtype)``, ``precision="16-true"``, averages of the parameters. A pruned
+    entry keeps its score (regrowth can bring it back).
 
     Args:
         scores: initial scores, the weight's shape (element masks) or broadcastable to it (e.g. one per
@@ -245,6 +272,9 @@ class MaskGate(nn.Module):
             halves them; ``None`` (the default) takes the initial scores' dtype. The gate is computed in the
             weight's dtype all the same. One of :data:`SCORE_DTYPES`.
         compact: the rescale is one scalar per tensor instead of a float per entry.
+        binary: the masked tensor is ``w * keep`` (:func:`binary_gated`): the soft gate only carries the scores'
+            gradient and ranks them, and the kept entries are the weight's own, while training and once folded
+            (masks over weights that do not train). Saved as a 0-dim bool buffer ``binary``.
 
     With ``score_dtype=torch.bfloat16, compact=True`` and Adam, a masked weight carries 8.125 bytes of mask state:
     2 of scores, 2 of their gradient, 2 + 2 of Adam moments (their dtype follows the scores'), 1/8 of keep bits;
@@ -255,7 +285,7 @@ class MaskGate(nn.Module):
     """
 
     def __init__(self, scores: Tensor, temperature: float = 1.0, *, rescale: bool = False,
-                 score_dtype: torch.dtype | None = None, compact: bool = False) -> None:
+                 score_dtype: torch.dtype | None = None, compact: bool = False, binary: bool = False) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}; pass a positive float such as 1.0")
@@ -268,6 +298,7 @@ class MaskGate(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature), device=scores.device))
         scale = None if not rescale else torch.ones((), device=scores.device) if compact else torch.ones_like(scores)
         self.register_buffer("gate_scale", scale)
+        self.register_buffer("binary", torch.ones((), dtype=torch.bool, device=scores.device) if binary else None)
         self.enabled = True
         self.straight_through = False  # pruned entries' scores get gradients (straight_through_gated)
         self._keep_cache: tuple[int, Tensor | None] | None = None  # (keep_bits' version, keep) under keep_bits_cached
@@ -304,13 +335,25 @@ class MaskGate(nn.Module):
                 gate = live.mean() if live.numel() else torch.ones_like(self.gate_scale)
             self.gate_scale.copy_(1.0 / gate)
 
+    @property
+    def is_binary(self) -> bool:
+        """Whether the masked tensor is ``w * keep`` (``binary=True``), not ``w * gate * keep``."""
+        return self._buffers.get("binary") is not None
+
     def gate(self) -> Tensor:
         """Return the soft gate (scaled when ``rescale`` was set)."""
         return gate_value(self.scores, self.temperature, self.gate_scale)
 
+    def folded(self, weight: Tensor) -> Tensor:
+        """The masked value of ``weight`` as :func:`~lightning_masks.masking.masks.fold` writes it, exact zeros."""
+        return masked_value(weight, self.scores, self.stored_keep(), self.temperature, self.gate_scale,
+                            binary=self.is_binary)
+
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
+        if self.is_binary:
+            return binary_gated(weight, self.scores, self.stored_keep(), self.temperature, self.gate_scale)
         if self.straight_through and torch.is_grad_enabled() and not _tracing():
             return straight_through_gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
         if _gate_cache is None or _tracing() or torch.compiler.is_compiling():
@@ -322,9 +365,9 @@ class MaskGate(nn.Module):
         return value
 
     def extra_repr(self) -> str:
-        compact = ", compact" if self.compact else ""
+        flags = (", compact" if self.compact else "") + (", binary" if self.is_binary else "")
         return (f"shape={tuple(self.scores.shape)}, temperature={self.temperature.item():g}, "
-                f"score_dtype={self.scores.dtype}{compact}")
+                f"score_dtype={self.scores.dtype}{flags}")
 
 
 def channel_gate_args(gate: MaskGate, shape: torch.Size) -> tuple:
@@ -350,7 +393,7 @@ class ChannelBias(nn.Module):
         gate = self.gate
         if not gate.enabled:
             return bias
-        return gated(bias, *channel_gate_args(gate, bias.shape))
+        return (binary_gated if gate.is_binary else gated)(bias, *channel_gate_args(gate, bias.shape))
 
 
 _gate_cache: dict[MaskGate, Tensor] | None = None

@@ -14,6 +14,7 @@ from ..registry import Registry
 
 __all__ = [
     "Constant",
+    "FromZeros",
     "FunctionInitializer",
     "Initializer",
     "InitSpec",
@@ -23,6 +24,7 @@ __all__ = [
     "Snip",
     "StdDev",
     "Uniform",
+    "Wanda",
     "get_initializer",
     "list_initializers",
     "register_initializer",
@@ -69,6 +71,11 @@ class Initializer:
 
     #: True when the initializer needs ``dL/dw`` from one training batch.
     needs_grad: ClassVar[bool] = False
+    #: True when the initializer needs the root mean square of each input feature of the layer over calibration
+    #: batches (``input_norm=``, see :mod:`lightning_masks.masking.activations`).
+    needs_inputs: ClassVar[bool] = False
+    #: True when the keep bits of :meth:`initial_keep` are held for the whole fit (no mask update changes them).
+    fixed: bool = False
 
     def __init__(self, *, scale: float = 1.0, shift: float = 0.0, normalize: bool = False) -> None:
         for name, value in (("scale", scale), ("shift", shift)):
@@ -82,11 +89,18 @@ class Initializer:
         """Return the unscaled scores for ``weight``."""
         raise NotImplementedError
 
+    def initial_keep(self, weight: Tensor) -> Tensor | None:
+        """The keep bits the masks start from (a bool tensor of the weight's shape), or ``None``: all kept."""
+        return None
+
     @torch.no_grad()
     def __call__(
-        self, weight: Tensor, *, grad: Tensor | None = None, generator: torch.Generator | None = None
+        self, weight: Tensor, *, grad: Tensor | None = None, generator: torch.Generator | None = None,
+        input_norm: Tensor | None = None,
     ) -> Tensor:
-        scores = self.raw(weight, grad=grad, generator=generator).to(device=weight.device, dtype=weight.dtype)
+        evidence = {"input_norm": input_norm} if self.needs_inputs else {}
+        scores = self.raw(weight, grad=grad, generator=generator, **evidence).to(device=weight.device,
+                                                                                 dtype=weight.dtype)
         if self.normalize:
             centered = scores - scores.mean()
             scores = centered / scores.std() if scores.max() > scores.min() else torch.zeros_like(scores)
@@ -184,6 +198,71 @@ class Snip(Initializer):
         if grad is None:
             raise ValueError("the snip initializer needs the weight's gradient from one batch (grad=...)")
         return (weight * grad).abs()
+
+
+@register_initializer("wanda")
+class Wanda(Initializer):
+    """``scores = |w_ij| * rms_j(x)``: the weight's magnitude times the root mean square of its input feature over
+    calibration batches of the training data (Wanda, Sun et al. 2023, https://arxiv.org/abs/2306.11695).
+
+    Wanda's score is ``|w_ij| * ||x_j||_2``; dividing the norm by the square root of the number of rows seen gives
+    the same ranking at the scale of ``|w|`` (so the gates start as magnitude's do). The callback runs ``batches``
+    training batches of the dense network in eval mode with forward hooks on the masked layers (summed over DDP
+    ranks) before the first step. Selection ranks ``|w * gate|`` by default, in which the gate carries the input
+    feature's share; ``importance="gate"`` ranks by the scores alone, so the first update is Wanda's own mask.
+
+    Supported layers: ``nn.Linear`` (PEFT adapters' base layers included), transformers' ``Conv1D``, ungrouped
+    ``ConvNd`` (one norm per input channel).
+
+    Args:
+        batches: calibration batches, ``>= 1`` (Wanda used 128 sequences of 2048 tokens).
+    """
+
+    needs_inputs = True
+
+    def __init__(self, batches: int = 8, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"batches must be an int >= 1 (calibration batches of the training data), got "
+                             f"{batches!r}; try 8")
+        self.batches = batches
+
+    def raw(self, weight, *, grad, generator, input_norm=None):
+        if input_norm is None:
+            raise ValueError("the wanda initializer needs the input features' norms (input_norm=..., see "
+                             "lightning_masks.masking.activations.input_norms); MaskPruningCallback gathers them")
+        return weight.abs() * input_norm.to(weight)
+
+
+@register_initializer("from_zeros")
+class FromZeros(Initializer):
+    """Start from the mask a one-shot pruner left in the weights (Wanda, SparseGPT, llm-compressor, torch.ao): its
+    zeros are pruned before the first step, so they stay zero while the weights train.
+
+    As a prior (``fixed=False``) the scores start as magnitude's, ``|w|``, and the masks learn on from there: later
+    updates prune more up to the target sparsity and never revive the one-shot zeros. With ``fixed=True`` that mask
+    is kept for the whole fit: no update changes it, the scores are frozen at a gate of exactly 1, and the fit is
+    masked fine-tuning of the kept weights.
+
+    Args:
+        fixed: hold the one-shot mask (no mask learning) instead of starting from it.
+    """
+
+    def __init__(self, fixed: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(fixed, bool):
+            raise ValueError(f"fixed must be True or False, got {fixed!r}")
+        self.fixed = fixed
+
+    def raw(self, weight, *, grad, generator):
+        return torch.full_like(weight, HELD_SCORE) if self.fixed else weight.abs()
+
+    def initial_keep(self, weight: Tensor) -> Tensor:
+        return weight != 0
+
+
+#: The score of a held mask's kept entries: ``sigmoid(30)`` rounds to exactly 1 in float32 and bfloat16.
+HELD_SCORE = 30.0
 
 
 class FunctionInitializer(Initializer):

@@ -1,8 +1,8 @@
 """Layer kinds: for each maskable module type, which tensors are its weights and which axis holds its outputs.
 
-The registry follows the initializers' idiom (:mod:`lightning_masks.masking.initializers`, after timm's ``_registry.py``):
-:func:`register_layer_kind` adds a kind, :func:`get_layer_kind` looks one up (a miss names the registered
-ones), :func:`list_layer_kinds` lists them, and :func:`kind_of` finds the kind of a module instance (its most
+The registry follows the initializers' idiom (:mod:`lightning_masks.masking.initializers`, after timm's
+``_registry.py``): :func:`register_layer_kind` adds a kind, :func:`get_layer_kind` looks one up (a miss names the
+registered ones), :func:`list_layer_kinds` lists them, and :func:`kind_of` finds the kind of a module instance (its most
 specific registered class). A kind is keyed by its class's dotted path, so a class from a library that is not
 imported (transformers' ``Conv1D``) is recognised by name without importing it. The default mask targets
 are the weights of the registered kinds.
@@ -24,6 +24,7 @@ __all__ = [
     "bias_name",
     "channel_shape",
     "declared_axis",
+    "fused_experts_kind",
     "get_layer_kind",
     "kind_of",
     "list_layer_kinds",
@@ -128,12 +129,41 @@ def get_layer_kind(layer: Union[type, str]) -> LayerKind:
 
 
 def kind_of(module: nn.Module) -> Optional[LayerKind]:
-    """The kind of a module instance (its most specific registered class), or ``None``."""
+    """The kind of a module instance (its most specific registered class, else :func:`fused_experts_kind`), or
+    ``None``."""
     for cls in type(module).__mro__:
         kind = _KINDS.find(_dotted(cls))
         if kind is not None:
             return kind
-    return None
+    return fused_experts_kind(module)
+
+
+def fused_experts_kind(module: nn.Module) -> Optional[LayerKind]:
+    """The kind of transformers' fused experts (``@use_experts_implementation``: Mixtral, Qwen2-MoE, OLMoE, ...),
+    or ``None`` for any other module.
+
+    Such a module holds each projection of every expert in one 3-D tensor, ``(experts, out, in)`` or, with
+    ``is_transposed``, ``(experts, in, out)``: those tensors are its weights, masked per expert (N:M groups run
+    along each expert's inputs).
+    """
+    transposed = getattr(module, "is_transposed", None)
+    if not isinstance(transposed, bool) or not hasattr(module, "has_gate"):
+        return None
+    names = tuple(name for name in _own_tensors(module) if _own_tensor(module, name).dim() == 3)
+    return LayerKind(names, output_axis=2 if transposed else 1) if names else None
+
+
+def _own_tensors(module: nn.Module) -> list[str]:
+    names = [name for name, tensor in module._parameters.items() if tensor is not None]
+    parametrizations = getattr(module, "parametrizations", None)
+    return names + [n for n in (parametrizations or {}) if n not in names]
+
+
+def _own_tensor(module: nn.Module, name: str) -> Tensor:
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and name in parametrizations:
+        return parametrizations[name].original
+    return module._parameters[name]
 
 
 def declared_axis(module: nn.Module, tensor_name: str) -> Optional[int]:

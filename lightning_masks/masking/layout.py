@@ -4,8 +4,9 @@ A tensor ``<path>.<name>`` masked by :class:`~lightning_masks.masking.gate.MaskG
 ``torch.nn.utils.parametrize`` writes it, under ``<path>.parametrizations.<name>.`` followed by ``original`` (the
 weight) and the gate's tensors ``0.scores``, ``0.keep_bits`` (uint8, the keep bits packed eight a byte, row by row
 along the scores' dim 0: :func:`~lightning_masks.masking.bits.pack_rows`), ``0.temperature`` and, when the gate
-rescales, ``0.gate_scale``. A bias gated by its layer's per-channel mask (:class:`~lightning_masks.masking.gate.ChannelBias`) saves
-its ``original`` only: its gate is its weight's (:func:`~lightning_masks.masking.kinds.weight_name`).
+rescales, ``0.gate_scale``. A bias gated by its layer's per-channel mask
+(:class:`~lightning_masks.masking.gate.ChannelBias`) saves its ``original`` only: its gate is its weight's
+(:func:`~lightning_masks.masking.kinds.weight_name`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ __all__ = [
 
 PARAMETRIZATION_MARK = ".parametrizations."
 ORIGINAL = "original"
-GATE_FIELDS = ("scores", "keep_bits", "temperature", "gate_scale")  # the tensors of MaskGate, its state dict
-REQUIRED_FIELDS = (ORIGINAL, "scores", "keep_bits", "temperature")  # gate_scale only with rescale_gate
+GATE_FIELDS = ("scores", "keep_bits", "temperature", "gate_scale", "binary")  # the tensors of MaskGate, its state dict
+REQUIRED_FIELDS = (ORIGINAL, "scores", "keep_bits", "temperature")  # gate_scale only with rescale, binary when binary
 _GATE_INDEX = "0."  # our gate is the first (and only) parametrization of the tensor
 
 
@@ -88,7 +89,8 @@ def saved_keep(fields: dict[str, Tensor]) -> Tensor:
     tensor of the scores' shape.
 
     >>> import torch
-    >>> saved_keep({"scores": torch.zeros(2, 3), "keep_bits": torch.tensor([[0b10100000], [0b01000000]], dtype=torch.uint8)})
+    >>> bits = torch.tensor([[0b10100000], [0b01000000]], dtype=torch.uint8)
+    >>> saved_keep({"scores": torch.zeros(2, 3), "keep_bits": bits})
     tensor([[ True, False,  True],
             [False,  True, False]])
     """

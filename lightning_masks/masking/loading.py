@@ -23,8 +23,9 @@ def restore_masks_on_load(model: nn.Module) -> torch.utils.hooks.RemovableHandle
 
     Before loading, tensors whose keys say they were masked (``<path>.parametrizations.<name>.original``
     beside ``...0.scores``) get a gate attached, with the saved scores' dtype and, where the saved ``gate_scale``
-    is one scalar, a compact gate; the load then fills scores, keep bits and temperature. A
-    strict load whose mask tensors are missing or mis-shaped raises ``ValueError`` before anything is loaded.
+    is one scalar, a compact gate (a binary one where ``binary`` is saved); the load then fills scores, keep bits and
+    temperature. A strict load whose mask tensors are missing or mis-shaped raises ``ValueError`` before anything is
+    loaded.
     Returns the hook handle; call ``.remove()`` to stop.
     """
     return model._register_load_state_dict_pre_hook(_restore_masks, with_module=True)
@@ -35,6 +36,7 @@ def _restore_masks(module: nn.Module, state_dict: dict, prefix: str, metadata: d
     slots = {q: (m, tn, t) for q, _, m, tn, t in tensor_slots(module)}
     saved = group_mask_keys(state_dict, prefix)
     wanted: dict[tuple[bool, bool, torch.dtype], list[str]] = {}  # (per_channel, compact, dtype) -> tensors
+    binary = [qualified for qualified, fields in saved.items() if "binary" in fields]
     for qualified, fields in saved.items():
         scores = fields.get("scores")
         if scores is None or qualified not in slots or is_masked(*slots[qualified][:2]):
@@ -49,7 +51,7 @@ def _restore_masks(module: nn.Module, state_dict: dict, prefix: str, metadata: d
     rescale = any("gate_scale" in fields for fields in saved.values())
     attached = [entry for (per_channel, compact, dtype), names in wanted.items()
                 for entry in attach(module, names, init=torch.zeros_like, rescale=rescale, per_channel=per_channel,
-                                    score_dtype=dtype, compact=compact)]
+                                    score_dtype=dtype, compact=compact, binary=binary)]
     try:
         if strict:
             _check_mask_keys(module, state_dict, prefix)

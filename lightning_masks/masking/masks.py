@@ -1,14 +1,15 @@
 """Learnable weight masks as a parametrization: ``w -> w * sigmoid(scores / T) * keep``.
 
 This module knows nothing of Lightning: :func:`attach` and :func:`fold` work on any ``nn.Module``. The gate and its
-math are in :mod:`lightning_masks.masking.gate`, what to mask in :mod:`lightning_masks.masking.targets` (which tensors are weights,
-and which of their axes holds output units, in :mod:`lightning_masks.masking.kinds`); their public names are re-exported here.
-Loading a masked state dict is in :mod:`lightning_masks.masking.loading`, its keys in :mod:`lightning_masks.masking.layout`.
+math are in :mod:`lightning_masks.masking.gate`, what to mask in :mod:`lightning_masks.masking.targets` (which tensors
+are weights, and which of their axes holds output units, in :mod:`lightning_masks.masking.kinds`); their public names
+are re-exported here. Loading a masked state dict is in :mod:`lightning_masks.masking.loading`, its keys in
+:mod:`lightning_masks.masking.layout`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -16,10 +17,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .adapters import hold_adapter_updates, merge_under_masks, release_adapter_updates
 from .gate import (
     SCORE_DTYPES,
     ChannelBias,
     MaskGate,
+    binary_gated,
     cached_gates,
     channel_gate_args,
     gate_value,
@@ -46,6 +49,7 @@ __all__ = [
     "find_targets",
     "fold",
     "gate_value",
+    "binary_gated",
     "gated",
     "gates_disabled",
     "keep_bits_cached",
@@ -105,6 +109,8 @@ def attach(
     per_channel: bool = False,
     score_dtype: torch.dtype | None = None,
     compact: bool = False,
+    frozen: str = "skip",
+    binary: Collection[str] = (),
 ) -> list[MaskedTensor]:
     """Mask the selected tensors of ``model`` in place and return them.
 
@@ -122,6 +128,10 @@ def attach(
         score_dtype: the scores' dtype (see :class:`MaskGate`), never wider than the weight's (a bfloat16 weight
             keeps bfloat16 scores); ``None``: the weight's.
         compact: one rescale scalar per tensor instead of a float per weight (see :class:`MaskGate`).
+        frozen: the targeted tensors with ``requires_grad=False``: ``"skip"`` leaves them dense, ``"mask"`` masks
+            them with binary masks (``w * keep``, see :class:`MaskGate`): the weights are kept as they are;
+            ``"gate"`` masks them like the others (``w * gate * keep``: the gate learns a scale for each weight).
+        binary: the names (keys of ``resolved.chosen``) of further tensors whose masks are binary.
 
     Raises:
         ValueError: a pattern that matches nothing, a weight holding NaN/Inf, scores of the wrong shape,
@@ -135,8 +145,11 @@ def attach(
         ['0.weight', '2.weight']
     """
     targets = None if targets is None else list(targets)
+    if frozen not in ("skip", "mask", "gate"):
+        raise ValueError(f"frozen must be 'skip', 'mask' or 'gate', got {frozen!r}")
     if resolved is None:
-        resolved = resolve_targets(model, targets, exclude)
+        resolved = resolve_targets(model, targets, exclude, mask_frozen=frozen != "skip")
+    binary = {*binary, *resolved.frozen_chosen} if frozen == "mask" else set(binary)
     if score_dtype is not None and score_dtype not in SCORE_DTYPES:
         raise ValueError(f"score_dtype must be one of {[str(d) for d in SCORE_DTYPES]} or None, got {score_dtype!r}")
     found = resolved.chosen
@@ -164,7 +177,7 @@ def attach(
             scores = reduce_to(scores, torch.Size(channel_shape(weight, owners_axis(owners))))
         dtype = score_dtype if score_dtype is not None and score_dtype.itemsize <= weight.dtype.itemsize else None
         prepared.append((name, owners, MaskGate(scores.to(weight), temperature, rescale=rescale, score_dtype=dtype,
-                                                compact=compact)))
+                                                compact=compact, binary=name in binary)))
 
     done: list[tuple[nn.Module, str]] = []
     masked = []
@@ -180,9 +193,11 @@ def attach(
                     parametrize.register_parametrization(module, bias, ChannelBias(gate))
                     done.append((module, bias))
             masked.append(MaskedTensor(name, gate, original, list(owners)))
+        hold_adapter_updates(model)
     except Exception:
         for module, tensor_name in reversed(done):
             _remove_gate(module, tensor_name)
+        release_adapter_updates(model)
         raise
     return masked
 
@@ -286,6 +301,7 @@ def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
 def detach(model: nn.Module) -> nn.Module:
     """Remove every mask and leave the original weights exactly as they were (the masks are lost)."""
     detach_entries(masked_tensors(model))
+    release_adapter_updates(model)
     return model
 
 
@@ -303,9 +319,13 @@ def fold(model: nn.Module) -> nn.Module:
     """Bake the masks into the weights and remove them, leaving a plain module with exact zeros.
 
     The original ``nn.Parameter`` objects are kept (so optimizers and tied weights stay valid) and
-    receive ``w * gate * keep``; sharded ones (FSDP2's DTensors) shard by shard, each process folding its own.
-    Returns ``model``.
+    receive ``w * gate * keep`` (a binary mask's ``w * keep``: the kept weights as they were, bit for bit);
+    sharded ones (FSDP2's DTensors) shard by shard, each process folding its own.
+    A masked base weight under a LoRA adapter receives ``(w + B A * scaling) * gate * keep`` and the adapter's
+    ``B`` is zeroed (:mod:`lightning_masks.masking.adapters`): the model computes what it trained, and peft's
+    ``merge_and_unload()`` keeps the zeros. Returns ``model``.
     """
+    merge_under_masks(model)
     for entry in masked_tensors(model):
         value = folded_value(entry)
         for module, name in gated_biases(entry):
@@ -316,22 +336,25 @@ def fold(model: nn.Module) -> nn.Module:
         for module, tensor_name in entry.owners:
             _remove_gate(module, tensor_name)
         local(entry.weight).copy_(value)
+    release_adapter_updates(model)
     return model
 
 
 @torch.no_grad()
 def folded_value(entry: MaskedTensor) -> Tensor:
-    """What :func:`fold` writes into the entry's weight: ``w * gate * keep``, pruned entries exactly zero."""
+    """What :func:`fold` writes into the entry's weight: ``w * gate * keep`` (a binary mask's ``w * keep``), pruned
+    entries exactly zero."""
     gate = entry.gate
     return masked_value(local(entry.weight), local(gate.scores), local(gate.keep), gate.temperature,
-                        None if gate.gate_scale is None else local(gate.gate_scale))
+                        None if gate.gate_scale is None else local(gate.gate_scale), binary=gate.is_binary)
 
 
 @torch.no_grad()
 def folded_bias(entry: MaskedTensor, bias: Tensor) -> Tensor:
     """What :func:`fold` writes into a bias that the entry's per-channel gate gates (``bias`` is its original)."""
     scores, keep, temperature, scale = channel_gate_args(entry.gate, bias.shape)
-    return masked_value(local(bias), local(scores), local(keep), temperature, None if scale is None else local(scale))
+    return masked_value(local(bias), local(scores), local(keep), temperature, None if scale is None else local(scale),
+                        binary=entry.gate.is_binary)
 
 
 @contextmanager

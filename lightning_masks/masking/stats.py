@@ -138,7 +138,8 @@ def _row(name: str, shape: Sequence[int], kept: int, total: int) -> dict:
 
 def zero_rows(model: nn.Module, targets: Optional[Sequence] = None, exclude: Sequence = ()) -> list[dict]:
     """:func:`layer_rows` of a plain (folded) model: its exact zeros in the tensors ``targets``/``exclude`` select
-    (:func:`~lightning_masks.masking.masks.find_targets`; the names of the tensors a fit masked, to count what it pruned)."""
+    (:func:`~lightning_masks.masking.masks.find_targets`; the names of the tensors a fit masked, to count what it
+    pruned)."""
     rows = []
     for name, owners in find_targets(model, targets, exclude).items():
         tensor = getattr(*owners[0])

@@ -13,8 +13,9 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from .adapters import adapter_tensors
 from .gate import MaskGate
-from .kinds import kind_of
+from .kinds import kind_of, output_axis
 
 __all__ = ["TargetSpec", "Targets", "find_targets", "resolve_targets"]
 
@@ -101,6 +102,44 @@ def _looks_embedded(name: str) -> bool:
     return any(word in last for word in ("embed", "token", "position"))
 
 
+def _expert_count(experts: nn.Module) -> int:
+    """The number of experts an MoE block's ``experts`` module holds: its ``num_experts``, else its submodules with
+    weights (a ModuleList or ModuleDict of MLPs), else the first axis of its fused 3-D tensors."""
+    count = getattr(experts, "num_experts", None)
+    if isinstance(count, int):
+        return count
+    children = [child for child in experts.children() if any(True for _ in child.parameters())]
+    if children:
+        return len(children)
+    fused = [tensor for tensor in experts.parameters() if tensor.dim() == 3]
+    return fused[0].shape[0] if fused else 0
+
+
+def routers(model: nn.Module) -> set[int]:
+    """The ids of the routing weights of every mixture-of-experts block in ``model``.
+
+    An MoE block is a module with a child named ``experts`` (transformers' Mixtral, Qwen2-MoE, Switch, OLMoE,
+    DeepSeek, ...). Its routers are its weight matrices outside the experts whose outputs are one logit per expert
+    (Switch's ``router.classifier``, Mixtral's and Qwen2-MoE's ``gate``) or a single gate (Qwen2-MoE's
+    ``shared_expert_gate``): pruning them changes which experts run, so they are left dense like embeddings.
+    """
+    found: set[int] = set()
+    for block in model.modules():
+        experts = getattr(block, "experts", None)
+        if not isinstance(experts, nn.Module) or experts not in block.children():
+            continue
+        count = _expert_count(experts)
+        inside = {id(tensor) for tensor in experts.parameters()}
+        for module in block.modules():
+            for tensor_name, tensor in module.named_parameters(recurse=False):
+                if id(tensor) in inside or tensor.dim() != 2:
+                    continue
+                outputs = tensor.shape[output_axis(module, tensor_name)]
+                if outputs in (count, 1):
+                    found.add(id(tensor))
+    return found
+
+
 def _is_foreign(module: nn.Module) -> bool:
     return _foreign_reason(module) is not None
 
@@ -111,12 +150,15 @@ class Targets:
 
     ``chosen`` maps the first qualified name of each tensor to mask to every ``(module, tensor_name)`` that
     shares it. The name lists say what was left out and why: ``embeddings`` (tables, and tensors tied to one,
-    left out by default), ``frozen`` (``requires_grad=False``), ``excluded`` (by ``exclude``) and ``unmasked``
-    (every other trainable weight matrix: no registered layer kind, not targeted). Tied names are joined by
-    ``" = "``. With explicit ``targets``, the trainable matrices they leave out are ``untargeted`` instead of
+    left out by default), ``frozen`` (``requires_grad=False``, left out unless ``mask_frozen``), ``excluded`` (by
+    ``exclude``) and ``unmasked`` (every other trainable weight matrix: no registered layer kind, not targeted). Tied
+    names are joined by ``" = "``. ``routers``: the routing weights of mixture-of-experts blocks (:func:`routers`),
+    left out by default like embeddings. ``adapters``: the PEFT adapters' own tensors (LoRA factors), left out unless a
+    glob names them. With explicit ``targets``, the trainable matrices they leave out are ``untargeted`` instead of
     ``unmasked``. ``foreign`` names the layers left dense by default because something else already computes
     their weight (weight_norm, spectral_norm, torch.nn.utils.prune), with why. ``named``: the chosen tensors a
-    name glob in ``targets`` selected (not only a type).
+    name glob in ``targets`` selected (not only a type). ``frozen_chosen``: the chosen tensors that were frozen
+    (``mask_frozen=True``).
     """
 
     chosen: dict[str, list[tuple[nn.Module, str]]]
@@ -127,12 +169,17 @@ class Targets:
     untargeted: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)
     named: list[str] = field(default_factory=list)
+    routers: list[str] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
+    frozen_chosen: list[str] = field(default_factory=list)
 
 
 def resolve_targets(
     model: nn.Module,
     targets: Iterable[TargetSpec] | None = None,
     exclude: Iterable[TargetSpec] = (),
+    *,
+    mask_frozen: bool = False,
 ) -> Targets:
     """Resolve ``targets`` and ``exclude`` on ``model``: the tensors to mask, and what is left dense and why.
 
@@ -145,10 +192,14 @@ def resolve_targets(
       ``weight``);
     * a glob on qualified tensor names (``"lm_head.weight"``, ``"*.bias"``): those tensors.
 
-    ``None`` selects the weights of every registered layer kind (:func:`~lightning_masks.masking.kinds.list_layer_kinds`)
-    except embedding tables and the tensors tied to one (a tied LM head): those are masked only when a name
-    glob, or an embedding type, selects them. ``exclude`` specs resolve the same way and are removed. Frozen
-    (``requires_grad=False``), lazy and already-masked tensors are skipped. A parameter shared by several
+    ``None`` selects the weights of every registered layer kind
+    (:func:`~lightning_masks.masking.kinds.list_layer_kinds`) except embedding tables and the tensors tied to one (a
+    tied LM head), and the routers and gates of mixture-of-experts blocks (:func:`routers`): those are masked only when
+    a name glob (or, for tables, an embedding type) selects them. In a PEFT model (one holding peft tuner layers) the
+    frozen weights are the base model's: they are masked like trainable ones (their scores train), and the adapters'
+    own tensors are left out unless a name glob selects them. ``exclude`` specs resolve the same way and are removed.
+    Frozen (``requires_grad=False``) tensors are skipped unless ``mask_frozen``; lazy and already-masked ones
+    always. A parameter shared by several
     modules (tied weights) is one entry with several owners.
 
     Raises:
@@ -198,6 +249,8 @@ def resolve_targets(
         return chosen, explicit, globbed
 
     embedded = {key for key, owners in by_param.items() if any(_is_embedding(m) for _, m, _ in owners)}
+    routing = routers(model)
+    adapters = adapter_tensors(model)  # None: no PEFT adapters
     targets = None if targets is None else list(targets)
     exclude = list(exclude)
     if targets is None:
@@ -221,14 +274,22 @@ def resolve_targets(
         if key in excluded:
             if matrix:
                 result.excluded.append(name)
-        elif not tensor.requires_grad:
+        elif not tensor.requires_grad and not (adapters is not None and key in wanted) and not (
+                mask_frozen and key in wanted and key not in embedded - explicit):
             if matrix or key in wanted:
                 result.frozen.append(name)
+        elif adapters is not None and key in adapters and key not in globbed:
+            if matrix:
+                result.adapters.append(name)
         elif key in embedded and key not in explicit:
             if key in wanted or matrix:
                 result.embeddings.append(name)
+        elif key in routing and key not in globbed:
+            result.routers.append(name)
         elif key in wanted and not isinstance(tensor, nn.parameter.UninitializedParameter):
             result.chosen[owners[0][0]] = [(m, tn) for _, m, tn in owners]
+            if not tensor.requires_grad:
+                result.frozen_chosen.append(owners[0][0])
             if key in globbed:
                 result.named.append(owners[0][0])
         elif matrix and targets is not None:
@@ -284,6 +345,8 @@ def nothing_to_mask(resolved: Targets, targets: list[TargetSpec] | None) -> str:
         asked = f"targets={targets!r} select no trainable, unmasked tensor"
     reasons = [f"{label} {names[:6]}" for label, names in (
         ("embedding tables (mask them by naming them in targets):", resolved.embeddings),
+        ("MoE routers and gates (mask them by naming them in targets):", resolved.routers),
+        ("PEFT adapter factors (mask them by naming them in targets):", resolved.adapters),
         ("frozen (requires_grad=False):", resolved.frozen), ("excluded:", resolved.excluded),
         ("already computed by another parametrization or hook:", resolved.foreign),
         ("of no registered layer kind:", resolved.unmasked), ("not in targets:", resolved.untargeted)) if names]

@@ -1,8 +1,8 @@
 """Importance criteria: what mask selection ranks, and the registry that names them.
 
-The registry follows the initializers' idiom (:mod:`lightning_masks.masking.initializers`, after timm's ``_registry.py``):
-:func:`register_importance` adds a criterion, :func:`get_importance` looks one up (a miss names the registered
-ones), :func:`list_importances` lists them. A criterion maps a masked tensor to a float32 importance per unit
+The registry follows the initializers' idiom (:mod:`lightning_masks.masking.initializers`, after timm's
+``_registry.py``): :func:`register_importance` adds a criterion, :func:`get_importance` looks one up (a miss names the
+registered ones), :func:`list_importances` lists them. A criterion maps a masked tensor to a float32 importance per unit
 (the keep-mask's shape, or the flat units at ``index``: selection ranks only the live ones), in log scale so that
 tied tensors can be summed with ``logsumexp``; higher is kept first. The strategies are small functions, as
 Torch-Pruning's ``pruner/importance.py`` has small classes.

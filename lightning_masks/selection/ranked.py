@@ -1,6 +1,6 @@
-"""What selection ranks (:mod:`lightning_masks.selection.selector`): masked tensors, or tensors tied unit by unit, and their
-int32 importance keys (:mod:`lightning_masks.selection.kth`), held in one bounded buffer or recomputed per tensor; writing
-their keep bits."""
+"""What selection ranks (:mod:`lightning_masks.selection.selector`): masked tensors, or tensors tied unit by unit, and
+their int32 importance keys (:mod:`lightning_masks.selection.kth`), held in one bounded buffer or recomputed per
+tensor; writing their keep bits."""
 
 from __future__ import annotations
 

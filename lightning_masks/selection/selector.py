@@ -2,8 +2,8 @@
 
 Global selection finds the exact k-th smallest importance with :mod:`lightning_masks.selection.kth`'s radix select over
 int32 keys that order like the floats, one tensor (in bounded slices) at a time, or, while all the keys fit
-``ranked.CACHE_ELEMENTS`` (32 MiB), in one buffer (:class:`~lightning_masks.selection.ranked.Keys`; a small model's update
-is then a few operations, not a few per tensor): no model-sized concatenation, no ``torch.quantile`` (limited to
+``ranked.CACHE_ELEMENTS`` (32 MiB), in one buffer (:class:`~lightning_masks.selection.ranked.Keys`; a small model's
+update is then a few operations, not a few per tensor): no model-sized concatenation, no ``torch.quantile`` (limited to
 2^24 elements), and ties broken by position (tensor order, then flat index).
 Without regrowth a pruned entry's key lies below every importance (even ``-inf``), so it stays pruned.
 """
@@ -87,11 +87,15 @@ class Selector:
 
     Args:
         mode: ``"global"`` ranks all masked tensors together; ``"layer"`` prunes each to the target.
-        importance: a registered criterion (:func:`~lightning_masks.selection.importance.list_importances`): ``"gate"`` or
-            the weight-dependent ``"effective_weight"``.
+        importance: a registered criterion (:func:`~lightning_masks.selection.importance.list_importances`):
+            ``"gate"`` or the weight-dependent ``"effective_weight"``.
         layer_floor: in global mode every tensor keeps at least ``ceil(layer_floor * (1 - target) * units)``
             entries, a fraction of what a uniform split would give it, so no layer is wiped out. 0 disables.
         regrow: let pruned entries come back when their importance rises; off, pruned stays pruned.
+        straight_through: pruned entries' scores keep learning, their gradient taken as if they were kept
+            (the straight-through estimator of movement pruning, Sanh et al. 2020:
+            :func:`~lightning_masks.masking.masks.straight_through_gated`), so a pruned weight whose gate the loss
+            raises can come back. Needs ``regrow=True``.
         granularity: ``"element"``, ``"channel"`` or ``"N:M"``. Counts are in masked units: weights, or
             output channels.
         tie: groups of globs on masked tensor names; the tensors of a group are pruned together, unit by
@@ -110,6 +114,7 @@ class Selector:
     regrow: bool = False
     granularity: str = "element"
     tie: Union[str, Sequence[Sequence[str]]] = ()
+    straight_through: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("global", "layer"):
@@ -123,8 +128,12 @@ class Selector:
         grain = parse_granularity(self.granularity) if isinstance(self.granularity, str) else None
         if grain is None:
             raise ValueError(f"granularity must be a string ('element', 'channel' or 'N:M'), got {self.granularity!r}")
-        if not isinstance(self.regrow, bool):
-            raise ValueError(f"regrow must be True or False, got {self.regrow!r}")
+        for flag in ("regrow", "straight_through"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.straight_through and not self.regrow:
+            raise ValueError("straight_through=True needs regrow=True: without regrowth a pruned entry never comes "
+                             "back, and its scores' gradients would change nothing")
         if self.tie == "auto":
             return
         if isinstance(self.tie, str) or any(isinstance(group, str) or not group or
@@ -308,8 +317,13 @@ class Selector:
         if per_group:
             importance = self._importance(entry).movedim(axis, 0).reshape(-1, m)
             keep.scatter_(1, importance.topk(per_group, dim=1, largest=False).indices, False)
-        set_keep(entry, keep.view(rows).movedim(0, axis), flipped)
-        return per_group * (entry.numel // m)
+        keep = keep.view(rows).movedim(0, axis)
+        if self.regrow:
+            set_keep(entry, keep, flipped)
+            return per_group * (entry.numel // m)
+        keep &= keep_of(entry)  # pruned stays pruned (e.g. a one-shot mask the masks started from)
+        set_keep(entry, keep, flipped)
+        return entry.numel - int(keep.sum())
 
     @torch.no_grad()
     def threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:

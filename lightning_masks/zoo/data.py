@@ -172,11 +172,14 @@ class FashionMNISTDataModule(TensorDataModule):
     Args:
         root: folder of ``train-images-idx3-ubyte[.gz]`` and the three others. The default is where
             Debian's ``dataset-fashion-mnist`` package puts them.
-        val_size: training images held out for validation.
+        val_size: training images held out for validation (of the chosen classes).
         batch_size, seed, num_workers: see :class:`TensorDataModule`.
+        classes: keep only these classes, labelled ``0 .. len(classes) - 1`` in this order (a transfer task:
+            pretrain on some classes, fine-prune on the others); ``None``: all ten.
 
     Raises:
         FileNotFoundError: a file is missing; the message says how to get them.
+        ValueError: ``classes`` not distinct indices in [0, 10).
     """
 
     input_shape = (1, 28, 28)
@@ -184,10 +187,16 @@ class FashionMNISTDataModule(TensorDataModule):
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
     def __init__(self, root: str | os.PathLike = FASHION_MNIST_ROOT, val_size: int = 5000, batch_size: int = 128,
-                 seed: int = 0, num_workers: int = 0) -> None:
+                 seed: int = 0, num_workers: int = 0, classes: Sequence[int] | None = None) -> None:
         super().__init__(batch_size, seed, num_workers)
         self.root = Path(root).expanduser()
         self.val_size = val_size
+        self.classes = None if classes is None else [int(c) for c in classes]
+        if self.classes is not None:
+            if not self.classes or len(set(self.classes)) != len(self.classes) or not all(
+                    0 <= c < 10 for c in self.classes):
+                raise ValueError(f"classes must be distinct class indices in [0, 10), got {classes!r}")
+            self.num_classes = len(self.classes)
 
     def _find(self, name: str) -> Path:
         for candidate in (self.root / f"{name}.gz", self.root / name):
@@ -205,9 +214,19 @@ class FashionMNISTDataModule(TensorDataModule):
             raise ValueError(f"Fashion-MNIST {part}: {len(images)} images but {len(labels)} labels in {self.root}")
         return images.unsqueeze(1).float() / 255.0, labels.long()
 
+    def _chosen(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The images of ``classes``, relabelled in their order."""
+        if self.classes is None:
+            return images, labels
+        relabel = torch.full((10,), -1, dtype=torch.long)
+        relabel[self.classes] = torch.arange(len(self.classes))
+        chosen = relabel[labels] >= 0
+        return images[chosen], relabel[labels[chosen]]
+
     def load(self) -> Splits:
         (train_x, train_y), (test_x, test_y) = self._read("train"), self._read("test")
-        train_x, test_x = standardize(train_x, train_x), standardize(test_x, train_x)
+        train_x, test_x = standardize(train_x, train_x), standardize(test_x, train_x)  # by all ten classes
+        (train_x, train_y), (test_x, test_y) = self._chosen(train_x, train_y), self._chosen(test_x, test_y)
         train, val = split(train_x, train_y, [-1, min(self.val_size, len(train_x) // 2)], self.seed)
         return train, val, TensorDataset(test_x, test_y)
 

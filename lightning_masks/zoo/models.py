@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -10,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["MLP", "Classifier", "LeNet5", "ResNet20", "TransformerClassifier"]
+__all__ = ["MLP", "Classifier", "LeNet5", "ResNet20", "TransferClassifier", "TransformerClassifier", "pretrained"]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -275,3 +278,69 @@ class TransformerClassifier(Classifier):
         super().__init__(net, num_classes, **training)
         self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
 
+
+
+def pretrained(model: Classifier, datamodule: pl.LightningDataModule, epochs: int, path: str | os.PathLike,
+               seed: int = 0) -> Classifier:
+    """Return ``model`` trained (dense) on ``datamodule`` for ``epochs``, its weights cached at ``path``.
+
+    The first call trains it (seeded with ``seed`` inside a forked RNG, so the caller's random state is untouched)
+    and saves its state dict to ``path``; a later call loads that file instead. The file stands for this model,
+    data and length: name it after them, since nothing checks a cached file against them.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        return model
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                             num_sanity_val_steps=0, deterministic=True)
+        trainer.fit(model, datamodule=datamodule)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+class TransferClassifier(Classifier):
+    """A pretrained classifier's layers but the last (the backbone) under a new linear head, for another task.
+
+    The network is ``net = Sequential(backbone=..., head=Linear(...))``: masks targets name ``net.backbone.*`` and
+    ``net.head``. The backbone trains at ``backbone_lr`` (Adam, its own param group); ``backbone_lr=0`` freezes it
+    (``requires_grad_(False)``, out of the optimizer), the fine-pruning of a frozen backbone
+    (``MaskPruningCallback(frozen="mask")`` learns masks over it).
+
+    Args:
+        source: the pretrained :class:`Classifier` (its ``net`` a ``Sequential`` ending in a ``Linear``), e.g. from
+            :func:`pretrained`.
+        num_classes: classes of the new task.
+        backbone_lr: the backbone's Adam learning rate; 0 freezes it.
+        lr: the head's Adam learning rate.
+        weight_decay: Adam weight decay of both.
+
+    Raises:
+        ValueError: a ``source`` whose ``net`` does not end in a ``Linear``, or a negative ``backbone_lr``.
+    """
+
+    def __init__(self, source: Classifier, num_classes: int, backbone_lr: float = 1e-4, lr: float = 1e-3,
+                 weight_decay: float = 0.0) -> None:
+        layers = list(getattr(source, "net", ()))
+        if not layers or not isinstance(layers[-1], nn.Linear):
+            raise ValueError(f"source must be a zoo Classifier whose net ends in a Linear layer, got "
+                             f"{type(source).__name__}")
+        if not backbone_lr >= 0:
+            raise ValueError(f"backbone_lr must be >= 0 (0 freezes the backbone), got {backbone_lr!r}")
+        net = nn.Sequential(OrderedDict(backbone=nn.Sequential(*layers[:-1]),
+                                        head=nn.Linear(layers[-1].in_features, num_classes)))
+        super().__init__(net, num_classes, lr, weight_decay)
+        self.save_hyperparameters(ignore=["source"])
+        if backbone_lr == 0:
+            net.backbone.requires_grad_(False)
+
+    def configure_optimizers(self) -> Any:
+        groups = [{"params": list(self.net.head.parameters()), "lr": self.hparams.lr}]
+        backbone = [p for p in self.net.backbone.parameters() if p.requires_grad]
+        if backbone:
+            groups.append({"params": backbone, "lr": self.hparams.backbone_lr})
+        return torch.optim.Adam(groups, weight_decay=self.hparams.weight_decay)

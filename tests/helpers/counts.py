@@ -1,4 +1,5 @@
-"""Exact zeros of a plain (folded) model, counted by the package's own :func:`lightning_masks.masking.stats.zero_rows`."""
+"""Exact zeros of a plain (folded) model, counted by the package's own
+:func:`lightning_masks.masking.stats.zero_rows`."""
 
 from __future__ import annotations
 
