@@ -235,7 +235,7 @@ def binary_gated(
     ``dL/d(w * keep) * w * dg/ds`` (every entry with a live score, kept or pruned).
 
     Args:
-        weight, scores, keep, temperature, gate_scale: as :func:`gated` (``keep=None``: read off the scores).
+        weight, scores, keep, temperature, gate_scale: as :func:`gated`.
 
     Returns:
         ``weight * keep``, the weight's shape.
@@ -346,14 +346,14 @@ class MaskGate(nn.Module):
 
     def folded(self, weight: Tensor) -> Tensor:
         """The masked value of ``weight`` as :func:`~lightning_masks.masking.masks.fold` writes it, exact zeros."""
-        return masked_value(weight, self.scores, self.stored_keep(), self.temperature, self.gate_scale,
+        return masked_value(weight, self.scores, self.keep, self.temperature, self.gate_scale,
                             binary=self.is_binary)
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
         if self.is_binary:
-            return binary_gated(weight, self.scores, self.stored_keep(), self.temperature, self.gate_scale)
+            return binary_gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
         if self.straight_through and torch.is_grad_enabled() and not _tracing():
             return straight_through_gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
         if _gate_cache is None or _tracing() or torch.compiler.is_compiling():
