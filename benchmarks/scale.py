@@ -67,6 +67,7 @@ def run_lightning_masks(size: int) -> dict:
     """Our global selection (gate importance) over the scores, as the callback runs it."""
     import torch
 
+    from lightning_masks.masking.bits import pack_rows
     from lightning_masks.masking.masks import MaskedTensor, MaskGate
     from lightning_masks.selection.selector import Selector
 
@@ -75,9 +76,10 @@ def run_lightning_masks(size: int) -> dict:
         gate = MaskGate.__new__(MaskGate)  # wrap the scores without copying them
         torch.nn.Module.__init__(gate)
         gate.scores = torch.nn.Parameter(scores, requires_grad=False)
-        gate.register_buffer("keep", torch.ones_like(scores, dtype=torch.bool))
+        gate.register_buffer("keep_bits", pack_rows(torch.ones_like(scores, dtype=torch.bool)))
         gate.register_buffer("temperature", torch.tensor(1.0))
         gate.register_buffer("gate_scale", None)
+        gate._keep_cache = None
         masked.append(MaskedTensor(f"t{index}", gate, scores))
     count = round(SPARSITY * sum(e.numel for e in masked))
     with PeakMemory() as memory:

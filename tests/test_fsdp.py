@@ -44,7 +44,8 @@ def unsharded(state: dict):
         for name, tensors in state.items():
             entry = entries[name]
             entry.weight.copy_(tensors["weight"])
-            entry.gate.scores.copy_(tensors["scores"])  # compact gates: the keep bits are in the scores
+            entry.gate.scores.copy_(tensors["scores"])
+            entry.gate.set_keep(tensors["keep"])
             entry.gate.gate_scale.copy_(tensors["gate_scale"])
     return masked, entries
 

@@ -39,4 +39,5 @@ def test_gate_state_as_parameters_keeps_keys_values_and_function(compact):
 def test_unsharded_entries_are_their_own_local_views():
     masked = attach(net(), compact=False)
     assert not is_sharded(masked) and local_entries(masked) == masked
-    assert mask_state_bytes(masked) == sum(e.gate.scores.numel() * (4 + 1) + 4 for e in masked)  # scores, keep, T
+    # scores, the keep bits (a byte for each row of up to 8 entries: 5 rows of 6, 3 rows of 5), T
+    assert mask_state_bytes(masked) == sum(e.gate.scores.numel() * 4 + 4 for e in masked) + 5 + 3

@@ -84,7 +84,7 @@ def test_the_defaults_keep_8_and_an_eighth_bytes_a_masked_weight_where_float32_s
 
 
 def test_regrow_keeps_the_default_state():
-    counter = state_bytes(regrow=True)
+    counter = state_bytes(selector=Selector(regrow=True))
     assert counter.per_weight * 8 == 65 * counter.weights  # the pruned entries keep their scores: nothing more
 
 

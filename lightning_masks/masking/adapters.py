@@ -96,7 +96,7 @@ def _masked_update(layer: nn.Module, args: tuple, output: Tensor) -> Tensor | No
     delta = _delta(layer)
     if delta is None:
         return None
-    correction = gated(delta, gate.scores, gate.stored_keep(), gate.temperature, gate.gate_scale) - delta
+    correction = gated(delta, gate.scores, gate.keep, gate.temperature, gate.gate_scale) - delta
     if getattr(layer, "fan_in_fan_out", False):  # the base weight is (in, out), as transformers' Conv1D
         correction = correction.T
     x = args[0]

@@ -44,6 +44,16 @@ def _compute_dtype(scores: Tensor, weight: Tensor | None = None) -> torch.dtype:
     return torch.promote_types(scores.dtype, torch.float32 if weight is None else weight.dtype)
 
 
+def _unpacked(keep_bits: Tensor, scores: Tensor) -> Tensor:
+    """The keep bits unpacked to the scores' shape; sharded (a DTensor of rows, as FSDP2 holds them outside forward),
+    this process's rows unpacked and held as a DTensor laid out like the packed bits."""
+    if not hasattr(keep_bits, "to_local"):
+        return unpack_rows(keep_bits, scores.shape)
+    rows = unpack_rows(keep_bits.to_local(), (keep_bits.to_local().shape[0], *scores.shape[1:]))
+    return type(keep_bits).from_local(rows, keep_bits.device_mesh, keep_bits.placements, run_check=False,
+                                      shape=scores.shape, stride=torch.empty(scores.shape, device="meta").stride())
+
+
 def local(tensor: Tensor) -> Tensor:
     """This process's shard of a sharded tensor (a DTensor, as FSDP2 holds parameters outside forward: a view of its
     storage, writes reach the shard), or ``tensor`` itself."""
@@ -226,7 +236,7 @@ def binary_gated(
     ``dL/d(w * keep) * w * dg/ds`` (every entry with a live score, kept or pruned).
 
     Args:
-        weight, scores, keep, temperature, gate_scale: as :func:`gated` (``keep=None``: read off the scores).
+        weight, scores, keep, temperature, gate_scale: as :func:`gated`.
 
     Returns:
         ``weight * keep``, the weight's shape.
@@ -337,14 +347,14 @@ class MaskGate(nn.Module):
 
     def folded(self, weight: Tensor) -> Tensor:
         """The masked value of ``weight`` as :func:`~lightning_masks.masking.masks.fold` writes it, exact zeros."""
-        return masked_value(weight, self.scores, self.stored_keep(), self.temperature, self.gate_scale,
+        return masked_value(weight, self.scores, self.keep, self.temperature, self.gate_scale,
                             binary=self.is_binary)
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
         if self.is_binary:
-            return binary_gated(weight, self.scores, self.stored_keep(), self.temperature, self.gate_scale)
+            return binary_gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
         if self.straight_through and torch.is_grad_enabled() and not _tracing():
             return straight_through_gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
         if _gate_cache is None or _tracing() or torch.compiler.is_compiling():
