@@ -164,9 +164,10 @@ class ScoreOptimizers:
         found = getattr(optimizer, "found_inf", None)
         if found is not None and float(found) > 0:
             return False
-        for s in scores:
-            s.grad.div_(scale.to(s.grad.dtype))
-        return all(math.isfinite(float(s.grad.abs().max())) for s in scores)
+        grads = [s.grad for s in scores if s.grad is not None]  # all of them: only live scores are passed
+        for grad in grads:
+            grad.div_(scale.to(grad.dtype))
+        return all(math.isfinite(float(grad.abs().max())) for grad in grads)
 
     def remove(self) -> None:
         """Remove the step hooks and take the scores out of the user's param groups."""
@@ -190,12 +191,12 @@ class ScoreOptimizers:
             twin.load_state_dict(state)
 
 
-def _needs_closure(cls: type) -> bool:
+def _needs_closure(cls: type[Optimizer]) -> bool:
     closure = inspect.signature(cls.step).parameters.get("closure")
     return closure is not None and closure.default is inspect.Parameter.empty
 
 
-def _constructor_args(cls: type, defaults: dict) -> dict:
+def _constructor_args(cls: type[Optimizer], defaults: dict) -> dict:
     """The entries of an optimizer's ``defaults`` that its constructor takes (AdamW keeps a
     ``decoupled_weight_decay`` it does not take; the param groups carry every entry anyway)."""
     parameters = inspect.signature(cls.__init__).parameters
