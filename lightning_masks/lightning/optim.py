@@ -46,7 +46,8 @@ class ScoreOptimizers:
             1.04-1.11x (``benchmarks/README.md``). Groups with optimizer state already, or holding a tensor that is
             not a float32/float64/bfloat16 CPU one, are left as they are.
         clip_val, clip_algorithm: the Trainer's ``gradient_clip_val`` and ``gradient_clip_algorithm`` (``"norm"``
-            or ``"value"``), applied to the scores' gradients before the twin steps.
+            or ``"value"``; ``None``, the Trainer's default, is ``"norm"``), applied to the scores' gradients before
+            the twin steps.
 
     Raises:
         ValueError: the twin cannot be built from the user's optimizer (its class's constructor does not take its
@@ -55,7 +56,7 @@ class ScoreOptimizers:
 
     def __init__(self, optimizers: Sequence[Optimizer], masked: Sequence[MaskedTensor], lr: Optional[float] = None,
                  weight_decay: Optional[float] = None, *, fuse: bool = True, clip_val: Optional[float] = None,
-                 clip_algorithm: str = "norm") -> None:
+                 clip_algorithm: Optional[str] = "norm") -> None:
         self.lr, self.weight_decay = lr, weight_decay
         self.clip_val, self.clip_algorithm = clip_val, clip_algorithm
         # id(user optimizer) -> (twin, [(index of the user's group, its scores)]): groups by index, since an
