@@ -29,7 +29,7 @@ def subplots(*grid: int, figsize: tuple[float, float], squeeze: bool = True) -> 
     return figure, figure.subplots(*grid, squeeze=squeeze)
 
 
-def save(figure: Figure, path: Path) -> Path:
+def save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()

@@ -135,7 +135,8 @@ def _shrunk_program(args: argparse.Namespace, cls: type) -> tuple[torch.export.E
     with tempfile.TemporaryDirectory() as folder:
         folded = fold_checkpoint(args.checkpoint, Path(folder) / "folded.ckpt", trust_pickle=args.unsafe_pickle)
         with checkpoint_globals():
-            model = cls.load_from_checkpoint(folded, map_location="cpu", weights_only=not args.unsafe_pickle)
+            load = getattr(cls, "load_from_checkpoint")  # checked by _module_class (export/ imports no lightning)
+            model = load(folded, map_location="cpu", weights_only=not args.unsafe_pickle)
     example = _example(args, model)
     try:
         with torch.no_grad():

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ class ShrinkReport:
 class _BiasAbsorb:
     """Add ``weight[:, idxs] @ values`` (summed over the kernel) to ``layer``'s bias before ``idxs`` go."""
 
-    layer: nn.Module
+    layer: Union[nn.Linear, nn.modules.conv._ConvNd]
     idxs: list[int]
     values: Tensor
 
@@ -61,16 +61,20 @@ def _prunable(layer: nn.Module) -> bool:
 
 def _zero_rows(layer: nn.Module) -> list[int]:
     """Output channels whose weights are all exactly zero."""
-    return torch.nonzero(layer.weight.detach().flatten(1).ne(0).sum(1) == 0).flatten().tolist()
+    weight = cast(Tensor, layer.weight)
+    return torch.nonzero(weight.detach().flatten(1).ne(0).sum(1) == 0).flatten().tolist()
 
 
 def _pads_with_zeros(layer: nn.Module) -> bool:
     """Whether a conv pads its input with zeros (then a constant input channel is not constant in its output)."""
-    if isinstance(layer, nn.Linear) or layer.padding_mode != "zeros":
+    if isinstance(layer, nn.Linear):
         return False
-    if layer.padding == "same":
-        return any(k > 1 for k in layer.kernel_size)
-    return layer.padding != "valid" and any(p > 0 for p in layer.padding)
+    conv = cast(nn.modules.conv._ConvNd, layer)  # the other prunable layers
+    if conv.padding_mode != "zeros":
+        return False
+    if conv.padding == "same":
+        return any(k > 1 for k in conv.kernel_size)
+    return not isinstance(conv.padding, str) and any(p > 0 for p in conv.padding)  # "valid" pads nothing
 
 
 @torch.no_grad()
@@ -107,10 +111,10 @@ def _bounded_groups(graph) -> Iterator[None]:
     bound while the block runs.
     """
     limit = 4 * len(graph.module2node) + 64
-    module = sys.modules[type(graph).__module__]
+    module: Any = sys.modules[type(graph).__module__]  # Torch-Pruning's, untyped
     unbounded = module.Group
 
-    class Bounded(unbounded):
+    class Bounded(module.Group):
         def add_dep(self, dep, idxs):
             if len(self.items) >= limit:
                 raise _RunawaySearch()
@@ -221,7 +225,8 @@ def _shrink_layer(graph, name: str, layer: nn.Module, inputs: dict[nn.Module, Te
     try:
         with _bounded_groups(graph):
             plans = {c: _plan_channel(graph, layer, c, inputs) for c in zero}
-            removable = [c for c, plan in plans.items() if not isinstance(plan, str)]
+            absorbs = {c: plan for c, plan in plans.items() if not isinstance(plan, str)}
+            removable = list(absorbs)
             group = graph.get_pruning_group(layer, _out_pruner(layer), idxs=removable) if removable else None
     except _RunawaySearch:
         report.skipped[name] = f"{len(zero)} zero channels kept: {RUNAWAY}"
@@ -229,12 +234,13 @@ def _shrink_layer(graph, name: str, layer: nn.Module, inputs: dict[nn.Module, Te
     reasons = sorted({plan for plan in plans.values() if isinstance(plan, str)})
     if reasons:
         report.skipped[name] = f"{len(zero) - len(removable)} zero channels kept: " + "; ".join(reasons)
-    if removable and len(removable) == layer.weight.shape[0]:
+    if removable and len(removable) == cast(Tensor, layer.weight).shape[0]:
         report.skipped[name] = f"all {len(removable)} channels are zero: the layer is kept whole"
         return
     if not removable:
         return
-    absorbed = [absorb for c in removable for absorb in plans[c]]
+    assert group is not None  # removable channels have their group
+    absorbed = [absorb for plan in absorbs.values() for absorb in plan]
     trial = _Trial([item.dep.target.module for item in group] + [absorb.layer for absorb in absorbed])
     readers = [(item.dep.target.module, [int(i) for i in item.idxs]) for item in group
                if getattr(item.dep.handler, "__name__", "") == "prune_in_channels" and item.dep.target.module in inputs]
@@ -319,13 +325,13 @@ def _caches_off(model: nn.Module) -> Iterator[list[str]]:
         config = getattr(module, "config", None)
         if getattr(config, "use_cache", False) is True:
             configs.setdefault(id(config), (name, config))
-    configs = list(configs.values())
-    for _, config in configs:
+    found = list(configs.values())
+    for _, config in found:
         config.use_cache = False
     try:
-        yield [name for name, _ in configs]
+        yield [name for name, _ in found]
     finally:
-        for _, config in configs:
+        for _, config in found:
             config.use_cache = True
 
 

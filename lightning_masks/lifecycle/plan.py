@@ -183,7 +183,10 @@ class Plan:
 
     def wanted_interval(self, step: int) -> int:
         """The interval the budget asks for at ``step`` (the base interval until it has measured enough)."""
-        return self.budget.interval(self.base_every, self.total, step) if self.budgeted else self.every
+        if not self.budgeted:
+            return self.every
+        assert self.budget is not None  # budgeted
+        return self.budget.interval(self.base_every, self.total, step)
 
     def account(self, step_seconds: Optional[float], update_seconds: Optional[float]) -> bool:
         """Tell the budget the seconds of the step just ended (``None``: not timed) and of the update just made
@@ -192,12 +195,14 @@ class Plan:
         estimate."""
         if not self.budgeted:
             return False
+        budget = self.budget
+        assert budget is not None  # budgeted
         settled = False
         if step_seconds is not None:
-            self.budget.add_step(step_seconds)
-            settled = self.budget.settling()
+            budget.add_step(step_seconds)
+            settled = budget.settling()
         if update_seconds is not None:
-            self.budget.add_update(update_seconds, measured=self.target > 0)
+            budget.add_update(update_seconds, measured=self.target > 0)
         return settled or update_seconds is not None
 
     def widen(self, step: int, wanted: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union, overload
 
 import torch
 
@@ -100,6 +100,12 @@ def check_flags(**flags: Any) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+@overload
+def check_targets(name: str, value: Any, optional: Literal[False] = False) -> list: ...
+@overload
+def check_targets(name: str, value: Any, optional: bool) -> Optional[list]: ...
 
 
 def check_targets(name: str, value: Any, optional: bool = False) -> Optional[list]:

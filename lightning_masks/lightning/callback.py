@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -18,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from ..lifecycle.plan import Plan
@@ -205,7 +207,8 @@ class MaskPruningCallback(Callback):
         log_histograms: bool = True,
         plots: bool = True,
     ) -> None:
-        targets, exclude = check_targets("targets", targets, optional=True), check_targets("exclude", exclude)
+        target_specs = check_targets("targets", targets, optional=True)
+        exclude_specs = check_targets("exclude", exclude)
         selector = selector_of(selector)
         final = final_sparsity(sparsity, selector, DEFAULT_SPARSITY)
         check_settings(update_every=update_every, temperature=temperature, mask_lr=mask_lr,
@@ -217,8 +220,8 @@ class MaskPruningCallback(Callback):
         self.sparsity = final
         self.initializer = get_initializer(init)
         self.schedule = get_schedule(schedule, final, **ramp_of(schedule, start, end))
-        self.targets = targets
-        self.exclude = exclude
+        self.targets = target_specs
+        self.exclude = exclude_specs
         self.frozen = frozen
         self.temperature = float(temperature)
         self.rescale_gate = rescale_gate
@@ -240,13 +243,13 @@ class MaskPruningCallback(Callback):
         self.plan = Plan(self.schedule, update_every, selector.regrow, early_end, update_budget)
         self.scores_initialized = False
         self._churn: dict[str, torch.Tensor] = {}
-        self._gate_cache = None
+        self._gate_cache: Optional[AbstractContextManager[None]] = None  # cached_gates(), entered, while evaluating
         self._logged_step: Optional[int] = None  # step of the last scalar log, not to log a step twice
         self._shown_sparsity: Optional[float] = None  # the progress bar's masks/sparsity, logged when it moves
         self._masked: list[MaskedTensor] = []
         self._scores = ScoreOptimizers([], [])  # the scores' optimizers of this fit (optim.py)
         self._score_states: Optional[list] = None  # their checkpointed state, until they exist
-        self._load_hook = None
+        self._load_hook: Optional[RemovableHandle] = None
         self._masked_at_setup = False
         self._excluded: list = []  # what the last attach left out (exclude, and output layers kept whole)
         self._fit_running = False  # between a fit's setup and its end (on_fit_end or on_exception)
@@ -512,8 +515,10 @@ class MaskPruningCallback(Callback):
             at = step_clock(trainer)
             self.plan.widen(at, trainer.strategy.broadcast(self.plan.wanted_interval(at)))
 
-    def _update(self, trainer: pl.Trainer, t: Optional[float]) -> bool:
+    def _update(self, trainer: pl.Trainer, t: Optional[int]) -> bool:
         """Make the update due at ``t`` (if any); return whether a selection ran."""
+        if t is None:  # nothing due
+            return False
         target = None if self.initializer.fixed else self.plan.decide(t)
         if target is not None:
             self._select(trainer, t, target)
@@ -555,7 +560,8 @@ class MaskPruningCallback(Callback):
         if batch_idx == 0 or sparsity != self._shown_sparsity:  # a log call can cost ~ms: only when it moves
             pl_module.log("masks/sparsity", sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False)
             self._shown_sparsity = sparsity
-        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        every = (trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by a connector, not declared on Trainer
+                 if self.log_every_n_steps is None else self.log_every_n_steps)
         if every and trainer.global_step % every == 0:
             self._log_stats(trainer, histograms=False)
 
@@ -579,14 +585,14 @@ class MaskPruningCallback(Callback):
                 loggers.log_histograms(trainer.loggers, values, trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def _cache_gates(self, trainer: pl.Trainer, *args: Any) -> None:
+    def _cache_gates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute each masked weight once per evaluation loop instead of once per batch (not when sharded: the
         cache would hold every layer's whole weight at once, which FSDP2 gathers one layer at a time)."""
         if self._gate_cache is None and not sharding.model_parallel(trainer):
             self._gate_cache = cached_gates()
             self._gate_cache.__enter__()
 
-    def _drop_gate_cache(self, *args: Any) -> None:
+    def _drop_gate_cache(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._gate_cache is not None:
             cache, self._gate_cache = self._gate_cache, None
             cache.__exit__(None, None, None)
@@ -600,7 +606,7 @@ class MaskPruningCallback(Callback):
         restore_configure_model(pl_module)
         restore_configure_optimizers(pl_module)
         self._scores.remove()
-        self._drop_gate_cache()
+        self._drop_gate_cache(trainer, pl_module)
         if self._masked and not self._masked_at_setup and self.position is None:
             detach(pl_module)  # failed before any mask update: give the user back the plain model
             self._masked = []

@@ -25,7 +25,8 @@ def frozen_by_finetuning(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
     ``freeze_before_training`` runs (it freezes the same tensors as in its own ``setup``, which ran before or will
     run after this one). Yields those already frozen now; every tensor's ``requires_grad`` is restored after.
     """
-    finetuners = [callback for callback in trainer.callbacks if isinstance(callback, BaseFinetuning)]
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
+    finetuners = [callback for callback in callbacks if isinstance(callback, BaseFinetuning)]
     params = list(pl_module.parameters()) if finetuners else []
     before = [param.requires_grad for param in params]
     for param in params:
@@ -58,7 +59,8 @@ def mask_copies(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     gets copies of the masks, so that its parameters pair one to one with the masked module's again; a masked copy
     gets the module's current keep bits (it averages weights and scores, not the keep-masks).
     """
-    copies = [candidate for callback in trainer.callbacks if callback is not pl_module
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
+    copies = [candidate for callback in callbacks if callback is not pl_module
               for value in list(vars(callback).values()) for candidate in (value, getattr(value, "module", None))
               if isinstance(candidate, torch.nn.Module) and candidate is not pl_module]
     # The callbacks first: it runs at every mask update, and walking the module's tree is what costs (~0.3 ms on a

@@ -38,7 +38,7 @@ def log_histograms(loggers: Sequence[Logger], histograms: Mapping[str, tuple[Ten
 
             media = {name: wandb.Histogram(np_histogram=(counts.cpu().numpy(), edges.cpu().numpy()))
                      for name, (counts, edges) in histograms.items()}
-            logger.log_metrics(media, step=step)
+            logger.log_metrics(media, step=step)  # type: ignore[arg-type]  # wandb logs media; Lightning types floats
 
 
 def log_table(loggers: Sequence[Logger], key: str, rows: Sequence[Mapping]) -> None:

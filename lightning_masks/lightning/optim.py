@@ -46,7 +46,8 @@ class ScoreOptimizers:
             1.04-1.11x (``benchmarks/README.md``). Groups with optimizer state already, or holding a tensor that is
             not a float32/float64/bfloat16 CPU one, are left as they are.
         clip_val, clip_algorithm: the Trainer's ``gradient_clip_val`` and ``gradient_clip_algorithm`` (``"norm"``
-            or ``"value"``), applied to the scores' gradients before the twin steps.
+            or ``"value"``; ``None``, the Trainer's default, is ``"norm"``), applied to the scores' gradients before
+            the twin steps.
 
     Raises:
         ValueError: the twin cannot be built from the user's optimizer (its class's constructor does not take its
@@ -55,7 +56,7 @@ class ScoreOptimizers:
 
     def __init__(self, optimizers: Sequence[Optimizer], masked: Sequence[MaskedTensor], lr: Optional[float] = None,
                  weight_decay: Optional[float] = None, *, fuse: bool = True, clip_val: Optional[float] = None,
-                 clip_algorithm: str = "norm") -> None:
+                 clip_algorithm: Optional[str] = "norm") -> None:
         self.lr, self.weight_decay = lr, weight_decay
         self.clip_val, self.clip_algorithm = clip_val, clip_algorithm
         # id(user optimizer) -> (twin, [(index of the user's group, its scores)]): groups by index, since an
@@ -164,9 +165,10 @@ class ScoreOptimizers:
         found = getattr(optimizer, "found_inf", None)
         if found is not None and float(found) > 0:
             return False
-        for s in scores:
-            s.grad.div_(scale.to(s.grad.dtype))
-        return all(math.isfinite(float(s.grad.abs().max())) for s in scores)
+        grads = [s.grad for s in scores if s.grad is not None]  # all of them: only live scores are passed
+        for grad in grads:
+            grad.div_(scale.to(grad.dtype))
+        return all(math.isfinite(float(grad.abs().max())) for grad in grads)
 
     def remove(self) -> None:
         """Remove the step hooks and take the scores out of the user's param groups."""
@@ -190,12 +192,12 @@ class ScoreOptimizers:
             twin.load_state_dict(state)
 
 
-def _needs_closure(cls: type) -> bool:
+def _needs_closure(cls: type[Optimizer]) -> bool:
     closure = inspect.signature(cls.step).parameters.get("closure")
     return closure is not None and closure.default is inspect.Parameter.empty
 
 
-def _constructor_args(cls: type, defaults: dict) -> dict:
+def _constructor_args(cls: type[Optimizer], defaults: dict) -> dict:
     """The entries of an optimizer's ``defaults`` that its constructor takes (AdamW keeps a
     ``decoupled_weight_decay`` it does not take; the param groups carry every entry anyway)."""
     parameters = inspect.signature(cls.__init__).parameters

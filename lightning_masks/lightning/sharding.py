@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -52,7 +52,8 @@ def check_model_parallel(strategy: ModelParallelStrategy) -> None:
 
 def data_parallel_group(trainer: pl.Trainer) -> Any:
     """The process group the shards are spread over (FSDP2's data-parallel mesh dimension)."""
-    return trainer.strategy.device_mesh["data_parallel"].get_group()
+    strategy = cast(ModelParallelStrategy, trainer.strategy)  # the one strategy that shards the masks
+    return strategy.device_mesh["data_parallel"].get_group()
 
 
 def reshard(pl_module: nn.Module) -> None:
@@ -89,7 +90,8 @@ def mask_before_sharding(pl_module: pl.LightningModule) -> None:
     from .callback import MaskPruningCallback
 
     trainer = pl_module.trainer
-    found = [callback for callback in trainer.callbacks if isinstance(callback, MaskPruningCallback)]
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
+    found = [callback for callback in callbacks if isinstance(callback, MaskPruningCallback)]
     if not found:
         raise ValueError("mask_before_sharding found no MaskPruningCallback among the Trainer's callbacks; add "
                          "one: Trainer(callbacks=[MaskPruningCallback(...)])")
@@ -254,5 +256,6 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return cast(dict[str, Tensor], state)  # a module's state dict: tensors only
 

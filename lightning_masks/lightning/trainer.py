@@ -80,7 +80,11 @@ def step_clock(trainer: pl.Trainer) -> int:
 @contextmanager
 def logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
     """Make ``self.log``/``self.log_dict`` no-ops on a module for a block (a step run outside the loop)."""
-    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None
+    def silent(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    for name in ("log", "log_dict"):  # instance attributes over the methods (mypy refuses assigning to a method)
+        setattr(pl_module, name, silent)
     try:
         yield
     finally:
@@ -137,7 +141,7 @@ def _wrap_hook(pl_module: pl.LightningModule, name: str, wrapper: Callable[..., 
     def hook(*args: Any, **kwargs: Any) -> Any:
         return wrapper(lambda: build(*args, **kwargs))
 
-    hook.masks_previous = previous
+    setattr(hook, "masks_previous", previous)  # read back by _unwrap_hook
     setattr(pl_module, name, hook)
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .gate import ChannelBias
+from .gate import ChannelBias, MaskGate
 from .masks import MaskedTensor, gated_biases, make_picklable, masked_tensors
 
 __all__ = ["follow_masks", "mask_like"]
@@ -33,12 +33,15 @@ def mask_like(replica: nn.Module, source: nn.Module) -> list[MaskedTensor]:
         except AttributeError:
             return None
 
-    places = []
+    places: list[tuple[MaskGate, list[tuple[nn.Module, str]], list[tuple[nn.Module, str]]]] = []
     for entry in masked_tensors(source):
-        owners = [(place(m), tn) for m, tn in entry.owners]
-        if any(m is None or not _same_values(getattr(m, tn, None), entry.weight) for m, tn in owners):
+        found = [(place(m), tn) for m, tn in entry.owners]
+        placed = [(m, tn) for m, tn in found if m is not None and _same_values(getattr(m, tn, None), entry.weight)]
+        if len(placed) < len(found):
             return []
-        places.append((entry.gate, owners, [(place(m), name) for m, name in gated_biases(entry)]))
+        # the biases' modules are owners, placed above
+        biases = [(m, name) for m, name in ((place(o), name) for o, name in gated_biases(entry)) if m is not None]
+        places.append((entry.gate, placed, biases))
     for gate, owners, biases in places:
         gate = copy.deepcopy(gate)
         for module, tensor_name in owners:

@@ -285,6 +285,11 @@ class MaskGate(nn.Module):
         ValueError: ``temperature <= 0`` or a ``score_dtype`` outside :data:`SCORE_DTYPES`.
     """
 
+    scores: nn.Parameter
+    keep_bits: Tensor  # buffer
+    temperature: Tensor  # buffer
+    gate_scale: Tensor | None  # buffer, None without ``rescale``
+
     def __init__(self, scores: Tensor, temperature: float = 1.0, *, rescale: bool = False,
                  score_dtype: torch.dtype | None = None, compact: bool = False, binary: bool = False) -> None:
         super().__init__()
@@ -407,6 +412,8 @@ class ChannelBias(nn.Module):
     With it a pruned output channel is entirely zero (weight row and bias), so it can be removed. The
     gate is shared with the weight's :class:`MaskGate` and is not a submodule: its tensors are saved once.
     """
+
+    gate: MaskGate
 
     def __init__(self, gate: MaskGate) -> None:
         super().__init__()

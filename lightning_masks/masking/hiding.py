@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -40,8 +41,9 @@ def masks_hidden(model: nn.Module) -> Iterator[nn.Module]:
 
 def _hide(module: nn.Module):
     """Take the masks off ``module`` (see :func:`masks_hidden`); return what puts them back, or ``None``."""
-    registry = module.parametrizations
-    ours = [name for name, plist in registry.items() if any(isinstance(p, _OURS) for p in plist)]
+    registry = cast(nn.ModuleDict, module.parametrizations)
+    ours = [name for name, plist in registry.items()
+            if any(isinstance(p, _OURS) for p in cast(parametrize.ParametrizationList, plist))]
     if not ours:
         return None
     cls, parameters, modules = module.__class__, dict(module._parameters), dict(module._modules)
@@ -49,7 +51,7 @@ def _hide(module: nn.Module):
     lists = {name: dict(registry[name]._modules) for name in ours}
     plain: dict = {}
     for name in ours:
-        plist = registry[name]
+        plist = cast(parametrize.ParametrizationList, registry[name])
         theirs = [p for p in plist if not isinstance(p, _OURS)]
         if theirs:  # a user's parametrization under ours: it stays, without our gate
             plist._modules.clear()

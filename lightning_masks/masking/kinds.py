@@ -213,6 +213,7 @@ def channel_shape(weight: Tensor, axis: int = 0) -> tuple[int, ...]:
     return tuple(size if dim == axis else 1 for dim, size in enumerate(weight.shape))
 
 
+_layer: type[nn.Module]
 for _layer in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer_kind(_layer)
 for _layer in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):

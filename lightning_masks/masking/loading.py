@@ -13,7 +13,7 @@ from .gate import SCORE_DTYPES
 from .kinds import channel_shape, output_axis
 from .layout import ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key
 from .masks import attach, detach_entries
-from .targets import is_masked, tensor_slots
+from .targets import is_masked, parametrization_list, tensor_slots
 
 __all__ = ["restore_masks_on_load"]
 
@@ -35,7 +35,7 @@ def _restore_masks(module: nn.Module, state_dict: dict, prefix: str, metadata: d
     """The load pre-hook of :func:`restore_masks_on_load` (a module-level function: a hooked model pickles)."""
     slots = {q: (m, tn, t) for q, _, m, tn, t in tensor_slots(module)}
     saved = group_mask_keys(state_dict, prefix)
-    wanted: dict[tuple[bool, bool, torch.dtype], list[str]] = {}  # (per_channel, compact, dtype) -> tensors
+    wanted: dict[tuple[bool, bool, torch.dtype | None], list[str]] = {}  # (per_channel, compact, dtype) -> tensors
     binary = [qualified for qualified, fields in saved.items() if "binary" in fields]
     for qualified, fields in saved.items():
         scores = fields.get("scores")
@@ -64,14 +64,14 @@ def _check_mask_keys(model: nn.Module, state_dict: dict, prefix: str) -> None:
     """Raise if the state dict lacks, or mis-shapes, a mask tensor of ``model`` (before any is loaded)."""
     problems = []
     masked = {q for q, _, m, tn, _ in tensor_slots(model) if parametrize.is_parametrized(m, tn)}
-    for tensor, fields in group_mask_keys(state_dict, prefix).items():
-        if tensor not in masked:
-            problems += [f"{prefix + mask_key(tensor, field)!r} is a mask tensor of a weight the model does not mask"
+    for target, fields in group_mask_keys(state_dict, prefix).items():
+        if target not in masked:
+            problems += [f"{prefix + mask_key(target, field)!r} is a mask tensor of a weight the model does not mask"
                          for field in fields]
     for qualified, _, module, tensor_name, tensor in tensor_slots(model):
         if not is_masked(module, tensor_name):
             continue
-        gate = module.parametrizations[tensor_name][0]
+        gate = parametrization_list(module, tensor_name)[0]
         for field in REQUIRED_FIELDS:
             shape = (tensor if field == ORIGINAL else getattr(gate, field)).shape
             key = prefix + mask_key(qualified, field)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,16 @@ from .gate import (
     straight_through_gated,
 )
 from .kinds import bias_name, channel_shape, declared_axis, undeclared_layout
-from .targets import Targets, TargetSpec, find_targets, is_masked, nothing_to_mask, resolve_targets, tensor_slots
+from .targets import (
+    Targets,
+    TargetSpec,
+    find_targets,
+    is_masked,
+    nothing_to_mask,
+    parametrization_list,
+    resolve_targets,
+    tensor_slots,
+)
 
 __all__ = [
     "SCORE_DTYPES",
@@ -224,14 +234,16 @@ def _gated_bias(module: nn.Module, tensor_name: str, gate: MaskGate) -> str | No
 
 def _original(module: nn.Module, tensor_name: str) -> Tensor:
     if parametrize.is_parametrized(module, tensor_name):
-        return module.parametrizations[tensor_name].original
-    return module._parameters[tensor_name]
+        return parametrization_list(module, tensor_name).original
+    parameter = module._parameters[tensor_name]
+    assert parameter is not None, f"{tensor_name!r} is not a parameter of {type(module).__name__}"
+    return parameter
 
 
 def _remove_gate(module: nn.Module, tensor_name: str) -> None:
     """Remove our gate from ``module.tensor_name``, keeping the original parameter object."""
     _own_class(module)
-    plist = module.parametrizations[tensor_name]
+    plist = parametrization_list(module, tensor_name)
     ours = (MaskGate, ChannelBias)
     if all(isinstance(p, ours) for p in plist):
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
@@ -244,17 +256,17 @@ def _remove_gate(module: nn.Module, tensor_name: str) -> None:
 def make_picklable(module: nn.Module) -> None:
     """Let a masked module be pickled whole (``torch.save(model)``, ``copy`` through pickle), which torch refuses for
     parametrized modules: it pickles as its own class plus its state, and gets its parametrized class back on load."""
-    type(module).__reduce_ex__ = _reduce_masked
+    setattr(type(module), "__reduce_ex__", _reduce_masked)  # setattr: mypy refuses assigning to a method
 
 
 def _reduce_masked(module: nn.Module, protocol: int) -> tuple:
     cls = type(module).__bases__[0]  # the user's class, under torch's generated Parametrized<cls>
     getstate = getattr(cls, "__getstate__", None)
     state = getstate(module) if getstate is not None else module.__dict__
-    return _rebuild_masked, (cls, tuple(module.parametrizations)), state
+    return _rebuild_masked, (cls, tuple(cast(nn.ModuleDict, module.parametrizations))), state
 
 
-def _rebuild_masked(cls: type, names: tuple[str, ...]) -> nn.Module:
+def _rebuild_masked(cls: type[nn.Module], names: tuple[str, ...]) -> nn.Module:
     """An empty ``cls`` instance with the class of a module parametrized on ``names`` (its state is set after)."""
     module = cls.__new__(cls)
     parametrize._inject_new_class(module)
@@ -282,7 +294,7 @@ def gated_biases(entry: MaskedTensor) -> list[tuple[nn.Module, str]]:
     for module, tensor_name in entry.owners:
         name = bias_name(tensor_name)
         if name and parametrize.is_parametrized(module, name) and any(
-                isinstance(p, ChannelBias) and p.gate is entry.gate for p in module.parametrizations[name]):
+                isinstance(p, ChannelBias) and p.gate is entry.gate for p in parametrization_list(module, name)):
             found.append((module, name))
     return found
 
@@ -293,7 +305,7 @@ def masked_tensors(model: nn.Module) -> list[MaskedTensor]:
     for qualified, _, module, tensor_name, tensor in tensor_slots(model):
         if not is_masked(module, tensor_name):
             continue
-        gate = next(p for p in module.parametrizations[tensor_name] if isinstance(p, MaskGate))
+        gate = next(p for p in parametrization_list(module, tensor_name) if isinstance(p, MaskGate))
         entry = found.setdefault(id(gate), MaskedTensor(qualified, gate, tensor))
         entry.owners.append((module, tensor_name))
     return list(found.values())
@@ -330,7 +342,7 @@ def fold(model: nn.Module) -> nn.Module:
     for entry in masked_tensors(model):
         value = folded_value(entry)
         for module, name in gated_biases(entry):
-            bias = module.parametrizations[name].original
+            bias = parametrization_list(module, name).original
             bias_value = folded_bias(entry, bias)
             _remove_gate(module, name)
             local(bias).copy_(bias_value)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .layout import PARAMETRIZATION_MARK
 from .masks import MaskedTensor, folded_bias, folded_value, gated_biases, masked_tensors
+from .targets import parametrization_list
 
 __all__ = ["PlainSave", "folded_state", "plain_saves", "plain_state_dict", "remove_plain_saves"]
 
@@ -51,7 +52,7 @@ def folded_state(model: nn.Module) -> Iterator[None]:
         for module, name in entry.owners:
             slots.setdefault(module, []).append((name, _once(memo, entry, None)))
         for module, name in gated_biases(entry):
-            slots.setdefault(module, []).append((name, _once(memo, entry, module.parametrizations[name].original)))
+            slots.setdefault(module, []).append((name, _once(memo, entry, parametrization_list(module, name).original)))
     handles = [module.register_state_dict_post_hook(_plain_keys(memo, names)) for module, names in slots.items()]
     try:
         yield
@@ -92,7 +93,7 @@ def plain_saves(model: nn.Module) -> None:
     architecture with the masks as they were. Undone by :func:`remove_plain_saves`."""
     for module in model.modules():
         if callable(getattr(type(module), "save_pretrained", None)) and "save_pretrained" not in vars(module):
-            module.save_pretrained = PlainSave(module)
+            setattr(module, "save_pretrained", PlainSave(module))  # an attribute nn.Module's typing does not know
 
 
 class PlainSave:
@@ -104,7 +105,7 @@ class PlainSave:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with folded_state(self.model):
-            return type(self.model).save_pretrained(self.model, *args, **kwargs)
+            return getattr(type(self.model), "save_pretrained")(self.model, *args, **kwargs)  # not an nn.Module method
 
 
 def remove_plain_saves(model: nn.Module) -> None:

@@ -6,7 +6,7 @@ import difflib
 import fnmatch
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Union, cast
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
@@ -24,6 +24,16 @@ __all__ = ["TargetSpec", "Targets", "find_targets", "resolve_targets"]
 TargetSpec = Union[str, type]
 
 
+def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
+    """The parametrizations of ``module.<tensor_name>`` (which must be parametrized), with their ``original``."""
+    return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)[tensor_name])
+
+
+def parametrized_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s parametrized tensors (none when it has no parametrization)."""
+    return list(cast(nn.ModuleDict, module.parametrizations)) if parametrize.is_parametrized(module) else []
+
+
 def tensor_slots(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, Tensor]]:
     """Yield ``(qualified_name, module_name, module, tensor_name, parameter)`` for every parameter slot.
 
@@ -35,10 +45,10 @@ def tensor_slots(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, T
             continue
         names = list(module._parameters)
         if parametrize.is_parametrized(module):
-            names += [n for n in module.parametrizations if n not in names]
+            names += [n for n in parametrized_names(module) if n not in names]
         for tensor_name in names:
             if parametrize.is_parametrized(module, tensor_name):
-                tensor = getattr(module.parametrizations[tensor_name], "original", None)  # None: several originals
+                tensor = getattr(parametrization_list(module, tensor_name), "original", None)  # None: several originals
             else:
                 tensor = module._parameters[tensor_name]
             if tensor is None:
@@ -58,8 +68,7 @@ def _weight_names(module: nn.Module) -> list[str]:
 
 def _own_tensor_names(module: nn.Module) -> list[str]:
     names = list(module._parameters)
-    if parametrize.is_parametrized(module):
-        names += [n for n in module.parametrizations if n not in names]
+    names += [n for n in parametrized_names(module) if n not in names]
     return names
 
 
@@ -71,7 +80,7 @@ def _foreign_reason(module: nn.Module) -> str | None:
                "spectral_norm); call torch.nn.utils.prune.remove(module, 'weight') or remove the norm first"
     for name in _weight_names(module):
         if parametrize.is_parametrized(module, name):
-            others = [type(p).__name__ for p in module.parametrizations[name] if not isinstance(p, MaskGate)]
+            others = [type(p).__name__ for p in parametrization_list(module, name) if not isinstance(p, MaskGate)]
             if others:
                 return (f"already parametrized by {others} on {name!r}; remove it first with "
                         f"torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})")
@@ -80,7 +89,7 @@ def _foreign_reason(module: nn.Module) -> str | None:
 
 def is_masked(module: nn.Module, tensor_name: str) -> bool:
     return parametrize.is_parametrized(module, tensor_name) and any(
-        isinstance(p, MaskGate) for p in module.parametrizations[tensor_name]
+        isinstance(p, MaskGate) for p in parametrization_list(module, tensor_name)
     )
 
 
@@ -222,7 +231,8 @@ def resolve_targets(
     def resolve(spec: TargetSpec, role: str) -> tuple[set[int], bool]:
         """The tensors ``spec`` selects, and whether it names them explicitly (embeddings included)."""
         if isinstance(spec, type):
-            return tensors_of(m for _, m in modules if isinstance(m, spec)), issubclass(spec, nn.Embedding)
+            selected = (cast(nn.Module, m) for _, m in modules if isinstance(m, spec))  # isinstance narrows to object
+            return tensors_of(selected), issubclass(spec, nn.Embedding)
         if not isinstance(spec, str):
             raise TypeError(f"{role} must be a glob string or a module type, got {spec!r}")
         matched = [m for name, m in modules if fnmatch.fnmatchcase(name, spec)]
@@ -254,7 +264,8 @@ def resolve_targets(
     targets = None if targets is None else list(targets)
     exclude = list(exclude)
     if targets is None:
-        wanted, explicit, globbed = tensors_of(m for _, m in modules if kind_of(m) is not None), set(), set()
+        wanted = tensors_of(m for _, m in modules if kind_of(m) is not None)
+        explicit, globbed = set[int](), set[int]()
     else:
         wanted, explicit, globbed = select(targets, "target")
     excluded, _, _ = select(exclude, "exclude")

@@ -8,6 +8,7 @@ when it is zero in every one of them. :func:`coupled_channels` finds such layers
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 from torch import nn
 
@@ -57,7 +58,7 @@ def coupled_channels(model: nn.Module, example_inputs,
             target = item.dep.target.module
             action = getattr(item.dep.handler, "__name__", "")
             if isinstance(target, tuple(layers)) and target not in members and action == "prune_out_channels":
-                members.append(target)
+                members.append(cast(nn.Module, target))  # Torch-Pruning is untyped: isinstance gives object
         seen.update(members)
         if len(members) < 2:
             continue

@@ -54,19 +54,21 @@ def _high_digits(keys: Tensor, out: Tensor) -> Tensor:
 
 
 def _histogram(pieces: Iterator[Tensor], digits: Callable[[Tensor, Tensor], Tensor], bins: int, size: int,
-               buffer: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+               buffer: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Sum over ``pieces`` of the bincount of ``digits(piece, out)``, batched into one int32 buffer of up to
     ``size`` values per bincount (each bincount fills a ``bins``-long histogram; when all pieces fit the buffer,
-    that one is the sum). Return the sum and the buffer, for the next pass to reuse."""
+    that one is the sum). Return the sum and the buffer (``None`` when there were no pieces and none was given),
+    for the next pass to reuse."""
     hist, used = None, 0
 
     def count() -> None:
         nonlocal hist
+        assert buffer is not None  # values are only ever written into a buffer
         counts = torch.bincount(buffer[:used], minlength=bins).cpu()
         hist = counts if hist is None else hist.add_(counts)
 
     for piece in pieces:
-        if used and (used + piece.numel() > buffer.numel() or buffer.device != piece.device):
+        if used and buffer is not None and (used + piece.numel() > buffer.numel() or buffer.device != piece.device):
             count()
             used = 0
         if buffer is None or buffer.device != piece.device or piece.numel() > buffer.numel():

@@ -99,9 +99,9 @@ class Keys:
         keys = float_keys(flat)
         marks = [self.marked(entry) for entry in entries]
         if any(mark is not None for mark in marks):
-            marks = [torch.ones(len(value), dtype=torch.bool, device=value.device) if mark is None
-                     else mark.reshape(-1) for mark, value in zip(marks, values)]
-            mark_pruned(keys, marks[0] if len(marks) == 1 else torch.cat(marks))
+            keep = [torch.ones(len(value), dtype=torch.bool, device=value.device) if mark is None
+                    else mark.reshape(-1) for mark, value in zip(marks, values)]
+            mark_pruned(keys, keep[0] if len(keep) == 1 else torch.cat(keep))
         return keys
 
     def _flat(self) -> Optional[Tensor]:

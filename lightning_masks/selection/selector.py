@@ -189,18 +189,18 @@ class Selector:
         members: dict[int, list[MaskedTensor]] = {}
         ranked: list[Ranked] = []
         for entry in masked:
-            index = group_of.get(id(entry))
-            if index is None:
+            tied = group_of.get(id(entry))
+            if tied is None:
                 ranked.append(entry)
-            elif index in members:
-                members[index].append(entry)
+            elif tied in members:
+                members[tied].append(entry)
             else:
-                members[index] = [entry]
-                ranked.append(TiedUnits(members[index]))
-        for group in members.values():
-            if len({entry.units for entry in group}) > 1:
+                members[tied] = [entry]
+                ranked.append(TiedUnits(members[tied]))
+        for entries in members.values():
+            if len({entry.units for entry in entries}) > 1:
                 raise ValueError("tied tensors need the same number of units, got " +
-                                 ", ".join(f"{entry.name!r}: {entry.units}" for entry in group) +
+                                 ", ".join(f"{entry.name!r}: {entry.units}" for entry in entries) +
                                  "; tie only tensors with as many channels (or elements) as each other")
         return ranked
 
@@ -214,7 +214,7 @@ class Selector:
         return values if index is not None else values.view(entry.members[0].gate.scores.shape)
 
     def _importance(self, entry: MaskedTensor) -> Tensor:
-        values = get_importance(self.importance)(entry)
+        values = get_importance(self.importance)(entry, None)
         refuse_nan(entry, values)
         if not self.regrow:
             values = values.masked_fill(~entry.gate.keep, -math.inf)
@@ -266,7 +266,7 @@ class Selector:
         # The choice is made on the counts over every shard, so that each process issues the same collectives.
         ranked = {id(entry): keep_of(entry).reshape(-1).nonzero().view(-1) if live else None
                   for entry, live in zip(masked, live_only)}
-        sizes = [entry.units if ranked[id(entry)] is None else len(ranked[id(entry)]) for entry in masked]
+        sizes = [entry.units if (index := ranked[id(entry)]) is None else len(index) for entry in masked]
         keys = Keys(masked, sizes, lambda entry: self._ranked_values(entry, ranked[id(entry)]),
                      lambda entry: None if self.regrow or ranked[id(entry)] is not None else keep_of(entry))
         key, keeps = self._cut(masked, count, ranked, keys)
@@ -293,8 +293,8 @@ class Selector:
         ``ranked`` gives, per entry, the flat positions of the units it ranks (its live ones; ``None``: all);
         the others are pruned and count as the lowest keys. ``keys`` are those of the ranked units.
         """
-        left_out = sum(summed_counts([entry.units - len(ranked[id(entry)]) for entry in masked
-                                      if ranked[id(entry)] is not None]))
+        left_out = sum(summed_counts([entry.units - len(index) for entry in masked
+                                      if (index := ranked[id(entry)]) is not None]))
         if count == left_out:  # only the pruned units go: nothing changes
             return PRUNED, [keep_of(entry).clone() for entry in masked]
         key, below, equal = kth_key(keys.pieces, count - left_out, keys.size)
@@ -310,8 +310,9 @@ class Selector:
 
     def _select_nm(self, entry: MaskedTensor, target: float, flipped: dict[str, Tensor]) -> int:
         """Keep N of every M consecutive weights of each output unit (groups run along the input axes)."""
-        n, m = self.grain.n, self.grain.m
-        per_group = round(min(target / self.grain.sparsity, 1.0) * (m - n))
+        n, m, sparsity = self.grain.n, self.grain.m, self.grain.sparsity
+        assert sparsity is not None  # an N:M grain
+        per_group = round(min(target / sparsity, 1.0) * (m - n))
         axis = entry.axis if entry.weight.dim() > 1 else 0
         shape = list(entry.gate.scores.shape)
         rows = [shape.pop(axis), *shape]  # output units first: a group never spans two of them
@@ -334,7 +335,7 @@ class Selector:
             return self._threshold(masked, threshold)
 
     def _threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
-        pruned, flipped = 0, {}
+        pruned, flipped = 0, dict[str, Tensor]()
         for entry in self.tied(masked):
             current = keep_of(entry)
             keep = torch.ones_like(current)

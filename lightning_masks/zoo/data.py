@@ -27,7 +27,7 @@ __all__ = [
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
-Splits = tuple[TensorDataset, TensorDataset, TensorDataset]
+Splits = tuple[Dataset, Dataset, Dataset]
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -65,6 +65,7 @@ class TensorDataModule(pl.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "setup() loads the data sets"
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -121,7 +122,8 @@ class DigitsDataModule(TensorDataModule):
         inputs = torch.tensor(images, dtype=torch.float32) / 16.0
         targets = torch.tensor(labels, dtype=torch.long)
         n_val, n_test = int(len(inputs) * self.val_fraction), int(len(inputs) * self.test_fraction)
-        return tuple(split(inputs, targets, [-1, n_val, n_test], self.seed))
+        train, val, test = split(inputs, targets, [-1, n_val, n_test], self.seed)
+        return train, val, test
 
 
 class SyntheticDataModule(TensorDataModule):
@@ -148,7 +150,8 @@ class SyntheticDataModule(TensorDataModule):
         projection = torch.randn(inputs[0].numel(), self.num_classes, generator=generator)
         targets = (inputs.flatten(1) @ projection).argmax(1)
         quarter = self.num_samples // 4
-        return tuple(split(inputs, targets, [self.num_samples, quarter, quarter], self.seed))
+        train, val, test = split(inputs, targets, [self.num_samples, quarter, quarter], self.seed)
+        return train, val, test
 
 
 def read_idx(path: str | os.PathLike) -> Tensor:

@@ -6,7 +6,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -52,7 +52,7 @@ class Classifier(pl.LightningModule):
         inputs, targets = batch
         logits = self(inputs)
         loss = nn.functional.cross_entropy(logits, targets)
-        accuracy = self.metrics[f"{stage}_"]
+        accuracy = cast(MulticlassAccuracy, self.metrics[f"{stage}_"])
         accuracy(logits, targets)
         self.log(f"{stage}/loss", loss, prog_bar=stage != "train", sync_dist=stage != "train")
         self.log(f"{stage}/acc", accuracy, prog_bar=True)
@@ -71,8 +71,10 @@ class Classifier(pl.LightningModule):
         return self(batch[0]).argmax(dim=1)
 
     def configure_optimizers(self) -> Any:
+        optimizer: torch.optim.Optimizer
         if self.optimizer_factory is None:
-            optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams["lr"],
+                                         weight_decay=self.hparams["weight_decay"])
         else:
             optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
