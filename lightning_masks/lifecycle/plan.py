@@ -167,6 +167,7 @@ class Plan:
             self.base_every = auto_interval(end - start, total)
             self.every = max(self.base_every, self.every if self.anchor else 1)  # a resume keeps a widened interval
         if start > end:
+            assert isinstance(self.schedule, Schedule)  # a callable schedule's span is (0, 0)
             raise ValueError(f"the schedule's ramp is inverted in this fit: start={self.schedule.start!r} is "
                              f"{self.cadence} {start:g}, after end={self.schedule.end!r} at {self.cadence} "
                              f"{end:g}; give start <= end")

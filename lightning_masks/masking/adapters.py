@@ -14,6 +14,7 @@ and peft's ``merge_and_unload()`` keeps the exact zeros.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -48,21 +49,28 @@ def adapter_tensors(model: nn.Module) -> set[int] | None:
 
 
 def _base_of(layer: nn.Module) -> nn.Module:
-    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
+    tuner: Any = layer  # peft's attributes, untyped here
+    return tuner.get_base_layer() if hasattr(tuner, "get_base_layer") else tuner.base_layer
+
+
+def _weight_parametrizations(module: nn.Module) -> parametrize.ParametrizationList:
+    """``module.parametrizations["weight"]``, typed (targets.parametrization_list, whose module imports this one)."""
+    return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)["weight"])
 
 
 def _gate_of(module: nn.Module) -> MaskGate | None:
     if not parametrize.is_parametrized(module, "weight"):
         return None
-    return next((p for p in module.parametrizations["weight"] if isinstance(p, MaskGate)), None)
+    return next((p for p in _weight_parametrizations(module) if isinstance(p, MaskGate)), None)
 
 
 def _delta(layer: nn.Module) -> Tensor | None:
     """The active adapters' summed update ``dW`` in the base weight's layout, or ``None`` when none applies."""
     if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
         return None
-    names = [name for name in layer.active_adapters if name in getattr(layer, "lora_A", {})]
-    return sum(layer.get_delta_weight(name) for name in names) if names else None
+    tuner: Any = layer  # peft's attributes, untyped here
+    names = [name for name in tuner.active_adapters if name in getattr(tuner, "lora_A", {})]
+    return sum(tuner.get_delta_weight(name) for name in names) if names else None
 
 
 def hold_adapter_updates(model: nn.Module) -> None:
@@ -114,8 +122,9 @@ def merge_under_masks(model: nn.Module) -> None:
         delta = _delta(layer)
         if delta is None:
             continue
-        original = base.parametrizations["weight"].original
+        original = _weight_parametrizations(base).original
         original.add_(delta.to(original.dtype))
-        for name in layer.active_adapters:
-            if name in layer.lora_B:
-                layer.lora_B[name].weight.zero_()  # a lora_bias stays: it is added to the output, not to W
+        tuner: Any = layer  # peft's attributes, untyped here
+        for name in tuner.active_adapters:
+            if name in tuner.lora_B:
+                tuner.lora_B[name].weight.zero_()  # a lora_bias stays: it is added to the output, not to W

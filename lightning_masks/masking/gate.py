@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -42,16 +43,6 @@ def _compute_dtype(scores: Tensor, weight: Tensor | None = None) -> torch.dtype:
     if scores.dtype not in (torch.bfloat16, torch.float16):
         return scores.dtype
     return torch.promote_types(scores.dtype, torch.float32 if weight is None else weight.dtype)
-
-
-def _unpacked(keep_bits: Tensor, scores: Tensor) -> Tensor:
-    """The keep bits unpacked to the scores' shape; sharded (a DTensor of rows, as FSDP2 holds them outside forward),
-    this process's rows unpacked and held as a DTensor laid out like the packed bits."""
-    if not hasattr(keep_bits, "to_local"):
-        return unpack_rows(keep_bits, scores.shape)
-    rows = unpack_rows(keep_bits.to_local(), (keep_bits.to_local().shape[0], *scores.shape[1:]))
-    return type(keep_bits).from_local(rows, keep_bits.device_mesh, keep_bits.placements, run_check=False,
-                                      shape=scores.shape, stride=torch.empty(scores.shape, device="meta").stride())
 
 
 def local(tensor: Tensor) -> Tensor:
@@ -383,9 +374,10 @@ def _unpacked(bits: Tensor, scores: Tensor) -> Tensor:
         return unpack_rows(bits, scores.shape)
     from torch.distributed.tensor import DTensor
 
+    sharded = cast(DTensor, bits)  # has to_local: a DTensor
     local_keep = unpack_rows(local(bits), local(scores).shape)
-    return DTensor.from_local(local_keep, bits.device_mesh, bits.placements, run_check=False, shape=scores.shape,
-                              stride=scores.stride())
+    return DTensor.from_local(local_keep, sharded.device_mesh, sharded.placements, run_check=False,
+                              shape=scores.shape, stride=scores.stride())
 
 
 def local_view(gate: MaskGate) -> MaskGate:

@@ -74,6 +74,8 @@ class Initializer:
     #: True when the initializer needs the root mean square of each input feature of the layer over calibration
     #: batches (``input_norm=``, see :mod:`lightning_masks.masking.activations`).
     needs_inputs: ClassVar[bool] = False
+    #: How many calibration batches an initializer that ``needs_inputs`` reads (set by it, e.g. :class:`Wanda`).
+    batches: int
     #: True when the keep bits of :meth:`initial_keep` are held for the whole fit (no mask update changes them).
     fixed: bool = False
 

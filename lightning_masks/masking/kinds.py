@@ -163,7 +163,9 @@ def _own_tensor(module: nn.Module, name: str) -> Tensor:
     parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is not None and name in parametrizations:
         return parametrizations[name].original
-    return module._parameters[name]
+    parameter = module._parameters[name]
+    assert parameter is not None, f"{name!r} is not a parameter of {type(module).__name__}"  # one of _own_tensors
+    return parameter
 
 
 def declared_axis(module: nn.Module, tensor_name: str) -> Optional[int]:

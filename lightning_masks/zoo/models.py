@@ -341,8 +341,9 @@ class TransferClassifier(Classifier):
             net.backbone.requires_grad_(False)
 
     def configure_optimizers(self) -> Any:
-        groups = [{"params": list(self.net.head.parameters()), "lr": self.hparams.lr}]
-        backbone = [p for p in self.net.backbone.parameters() if p.requires_grad]
+        head, body = cast(nn.Module, self.net.head), cast(nn.Module, self.net.backbone)  # the Sequential's children
+        groups = [{"params": list(head.parameters()), "lr": self.hparams["lr"]}]
+        backbone = [p for p in body.parameters() if p.requires_grad]
         if backbone:
-            groups.append({"params": backbone, "lr": self.hparams.backbone_lr})
-        return torch.optim.Adam(groups, weight_decay=self.hparams.weight_decay)
+            groups.append({"params": backbone, "lr": self.hparams["backbone_lr"]})
+        return torch.optim.Adam(groups, weight_decay=self.hparams["weight_decay"])

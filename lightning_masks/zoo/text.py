@@ -68,7 +68,7 @@ class PythonSourceDataModule(pl.LightningDataModule):
     @property
     def tokenizer_dir(self) -> Path:
         """Where the BPE's ``vocab.json`` and ``merges.txt`` are kept (one folder per vocabulary and text size)."""
-        return self.cache / f"bpe_{self.hparams.vocab_size}_{self.hparams.train_chars}"
+        return self.cache / f"bpe_{self.hparams['vocab_size']}_{self.hparams['train_chars']}"
 
     def tokenizer(self):
         """The BPE tokenizer (trained on first use)."""
@@ -77,8 +77,8 @@ class PythonSourceDataModule(pl.LightningDataModule):
         if not vocab.exists():
             self.tokenizer_dir.mkdir(parents=True, exist_ok=True)
             tokenizer = ByteLevelBPETokenizer()
-            tokenizer.train_from_iterator(_read(python_sources("train"), self.hparams.train_chars),
-                                          vocab_size=self.hparams.vocab_size, min_frequency=2)
+            tokenizer.train_from_iterator(_read(python_sources("train"), self.hparams["train_chars"]),
+                                          vocab_size=self.hparams["vocab_size"], min_frequency=2)
             tokenizer.save_model(str(self.tokenizer_dir))
         return ByteLevelBPETokenizer(str(vocab), str(merges))
 
@@ -94,23 +94,25 @@ class PythonSourceDataModule(pl.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train is None:
-            self.train = self._stream("train", self.hparams.train_chars)
-            self.held_out = self._stream("held_out", self.hparams.held_out_chars)
+            self.train = self._stream("train", self.hparams["train_chars"])
+            self.held_out = self._stream("held_out", self.hparams["held_out_chars"])
 
     def windows(self, stream: Tensor, count: Optional[int] = None, offset: int = 0) -> Tensor:
         """Non-overlapping windows of ``seq_len + 1`` tokens of ``stream`` from ``offset``."""
-        size = self.hparams.seq_len + 1
+        size = self.hparams["seq_len"] + 1
         usable = (len(stream) - offset) // size
         return stream[offset:offset + size * min(usable, count or usable)].view(-1, size).long()
 
     def train_dataloader(self) -> DataLoader:
-        offset = int(torch.randint(0, self.hparams.seq_len, (1,)))  # a new phase each epoch
-        return DataLoader(TensorDataset(self.windows(self.train, offset=offset)), batch_size=self.hparams.batch_size,
-                          shuffle=True, num_workers=self.hparams.num_workers)
+        assert self.train is not None, "setup() loads the token streams"
+        offset = int(torch.randint(0, self.hparams["seq_len"], (1,)))  # a new phase each epoch
+        return DataLoader(TensorDataset(self.windows(self.train, offset=offset)),
+                          batch_size=self.hparams["batch_size"], shuffle=True, num_workers=self.hparams["num_workers"])
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.windows(self.held_out, self.hparams.eval_windows)),
-                          batch_size=self.hparams.batch_size)
+        assert self.held_out is not None, "setup() loads the token streams"
+        return DataLoader(TensorDataset(self.windows(self.held_out, self.hparams["eval_windows"])),
+                          batch_size=self.hparams["batch_size"])
 
     test_dataloader = val_dataloader
 
