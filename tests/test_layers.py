@@ -20,7 +20,7 @@ ALLOWED = {
     "app": {"masking", "selection", "lifecycle", "lightning", "export", "zoo"},
     "zoo": set(),
 }
-LIBRARIES = {"lightning": {"lightning", "app", "zoo"}, "hydra": {"app"}, "omegaconf": {"app"}}
+LIBRARIES = {"lightning": {"lightning", "app", "zoo"}, "hydra": {"app"}}
 
 
 def _imports(path: Path) -> list[str]:

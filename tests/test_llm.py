@@ -12,7 +12,7 @@ from helpers import TinyModule, make_trainer, synthetic_loader
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_masks import MaskPruningCallback, Selector, get_initializer, masked_tensors
+from lightning_masks import MaskPruningCallback, Selector, get_initializer, masked_tensors, register_layer_kind
 
 
 class Snapshot(Callback):
@@ -181,6 +181,8 @@ def test_moe_routers_stay_dense_and_named_while_every_expert_is_pruned(family, c
 
 def test_fused_experts_take_2_4_along_each_experts_inputs_and_a_glob_masks_a_router():
     module = LM(mixtral())
+    router = type(module.model.model.layers[0].mlp.gate)  # no registered kind: N:M needs its axis named
+    register_layer_kind(router, output_axis=0)
     pruner = MaskPruningCallback(selector=Selector(granularity="2:4"), targets=["*.mlp.experts", "*.layers.0.mlp.gate"])
     make_trainer(max_epochs=1, limit_train_batches=1, callbacks=[pruner]).fit(module)
     experts = module.model.model.layers[0].mlp.experts

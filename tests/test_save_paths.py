@@ -106,8 +106,9 @@ def test_a_lora_adapter_saved_during_fit_loads_with_peft_with_the_masks_applied(
     pl.seed_everything(0, verbose=False)
     adapted = get_peft_model(gpt2(), LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
     module = Snapshots(adapted, tmp_path)  # its save_pretrained writes the adapter only
+    # the adapters' factors named: by default the frozen base is masked, which an adapter-only save does not hold
     make_trainer(max_epochs=1, limit_train_batches=2, callbacks=[
-        MaskPruningCallback(0.5, end=1, plots=False)]).fit(module)
+        MaskPruningCallback(0.5, end=1, plots=False, targets=["*.lora_A.default", "*.lora_B.default"])]).fit(module)
     loaded = PeftModel.from_pretrained(gpt2(), tmp_path / "epoch0" / "pretrained").eval()
     lora = [m.weight for name, m in loaded.named_modules() if name.endswith("lora_A.default")]
     assert lora and all(w.eq(0).any() for w in lora)  # the masks reached the adapter
