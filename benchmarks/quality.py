@@ -243,7 +243,7 @@ def run_one(config: dict[str, Any], data: dict[str, tuple[Tensor, Tensor]] | Non
     cadence = {}  # the interval the auto cadence chose, and how many updates ran
     for callback in callbacks:
         if isinstance(callback, MaskPruningCallback):
-            cadence = {"update_every": callback.update_every, "updates": len(callback.history["positions"])}
+            cadence = {"update_every": callback.plan.every, "updates": len(callback.plan.history["positions"])}
     return {**config, "accuracy": accuracy(model, *data["test"]), "zeros": zeros, "total": total,
             "target_zeros": round(config["sparsity"] * total), "achieved": zeros / total,
             "layers": layer_zeros(model), "seconds": round(seconds, 1), **cadence}

@@ -311,8 +311,8 @@ def fit_once(model: str, method: str, accelerator: str, precision: str, threads:
     if accelerator == "gpu":
         record["peak_bytes"] = torch.cuda.max_memory_allocated()
     if pruner is not None:
-        record.update(update_s=pruner.update_seconds, updates=len(pruner.history["positions"]),
-                      update_every=pruner.update_every, base_every=pruner.plan.base_every)
+        record.update(update_s=pruner.update_seconds, updates=len(pruner.plan.history["positions"]),
+                      update_every=pruner.plan.every, base_every=pruner.plan.base_every)
     return record
 
 

@@ -42,8 +42,8 @@ class SaveRankState(Callback):
             "keep": [e.gate.keep.clone() for e in masked],
             "scores": [e.gate.scores.detach().clone() for e in masked],
             "weights": [e.weight.detach().clone() for e in masked],
-            "position": self.pruner.position,
-            "pruned": self.pruner.pruned,
+            "position": self.pruner.plan.position,
+            "pruned": self.pruner.plan.pruned,
             "total": sum(e.numel for e in masked),
             "masked_weights": [getattr(*e.owners[0]).detach().clone() for e in masked],
         }, Path(self.out) / f"rank{trainer.global_rank}.pt")

@@ -157,7 +157,7 @@ def fit(out: Path, *, distributed: bool, ckpt_path=None, extra=(), build_in_conf
         logger=CSVLogger(out, name="logs"), enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(module, ckpt_path=ckpt_path)
-    torch.save({"pruned": pruner.pruned, "position": pruner.position, "masked": len(masked_tensors(module))},
+    torch.save({"pruned": pruner.plan.pruned, "position": pruner.plan.position, "masked": len(masked_tensors(module))},
                out / f"end-rank{trainer.global_rank}.pt")
     return trainer, module, pruner
 
@@ -169,7 +169,7 @@ def folded_outputs(trainer, module, pruner, out: Path) -> None:
         logits = module(tokens)
     state = full_state_dict(module)
     if trainer.is_global_zero:
-        torch.save({"state": state, "logits": logits, "tokens": tokens, "pruned": pruner.pruned,
+        torch.save({"state": state, "logits": logits, "tokens": tokens, "pruned": pruner.plan.pruned,
                     "masked": len(masked_tensors(module))}, out / "export.pt")
 
 

@@ -91,8 +91,8 @@ def slow_importance():
 def test_costly_updates_are_spaced_out_and_the_final_sparsity_is_still_reached(tiny_module, slow_importance):
     pruner = MaskPruningCallback(0.8, selector=Selector(importance=slow_importance), update_budget=0.05, end=0.25)
     make_trainer(max_epochs=10, callbacks=[pruner]).fit(tiny_module)  # 40 steps, a ramp of 10: every 5 steps
-    updates = len(pruner.history["positions"])
-    assert pruner.update_every >= 5, pruner.update_every  # ~0.2 s updates against steps of a few ms
+    updates = len(pruner.plan.history["positions"])
+    assert pruner.plan.every >= 5, pruner.plan.every  # ~0.2 s updates against steps of a few ms
     assert updates < 4  # against 3 on the ramp and the first without the budget
     pruned, total = zeros_and_total(tiny_module)
     assert pruned == round(0.8 * total)
@@ -102,7 +102,7 @@ def test_by_default_the_cadence_of_a_short_ramp_comes_from_its_length_whatever_u
                                                                                            slow_importance):
     pruner = MaskPruningCallback(0.8, selector=Selector(importance=slow_importance), end=0.25)
     make_trainer(max_epochs=4, callbacks=[pruner]).fit(tiny_module)  # 16 steps, a ramp of 4: every 2 steps
-    assert pruner.update_every == 2 and pruner.history["positions"] == [0, 2, 4]
+    assert pruner.plan.every == 2 and pruner.plan.history["positions"] == [0, 2, 4]
 
 
 def test_the_widened_interval_and_measured_costs_resume_from_the_checkpoint(tmp_path, slow_importance):
@@ -116,7 +116,7 @@ def test_the_widened_interval_and_measured_costs_resume_from_the_checkpoint(tmp_
 
         def on_train_start(trainer, pl_module):
             original(trainer, pl_module)
-            seen["every"], seen["budget"] = pruner.update_every, pruner.plan.budget.state_dict()
+            seen["every"], seen["budget"] = pruner.plan.every, pruner.plan.budget.state_dict()
         pruner.on_train_start = on_train_start
         trainer.fit(TinyModule(), ckpt_path=ckpt_path)
         return pruner, seen
@@ -127,14 +127,14 @@ def test_the_widened_interval_and_measured_costs_resume_from_the_checkpoint(tmp_
     assert saved["update_every"] >= 4 and saved["budget"]["updates"] >= 1
     resumed, seen = fit(10, tmp_path / "epoch=4.ckpt")
     assert seen["every"] == saved["update_every"] and seen["budget"] == saved["budget"]
-    assert resumed.target == pytest.approx(0.8)
+    assert resumed.plan.target == pytest.approx(0.8)
 
 
 def test_the_budget_still_ends_the_ramp_on_time_with_a_few_updates_on_it(tiny_module, slow_importance):
     # a new user's trial: on a tiny fast model the budget alone spaced updates past the ramp's end (0, 1, 23)
     pruner = MaskPruningCallback(0.8, selector=Selector(importance=slow_importance), update_budget=0.05)
     make_trainer(max_epochs=6, callbacks=[pruner]).fit(tiny_module)  # 24 steps, the ramp ends at step 16
-    positions = pruner.history["positions"]
+    positions = pruner.plan.history["positions"]
     assert positions[-1] == 16 and len(positions) >= 1 + MIN_RAMP_UPDATES, positions
     assert pruner.plan.target == pytest.approx(0.8)
     pruned, total = zeros_and_total(tiny_module)

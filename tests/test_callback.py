@@ -29,7 +29,7 @@ class Probe(Callback):
     def _record(self, pl_module):
         masked = masked_tensors(pl_module)
         pruned = sum(int((~e.gate.keep).sum()) for e in masked)
-        return self.pruner.position, self.pruner.target, pruned, sum(e.numel for e in masked)
+        return self.pruner.plan.position, self.pruner.plan.target, pruned, sum(e.numel for e in masked)
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.epochs.append(self._record(pl_module))
@@ -72,8 +72,8 @@ def test_default_schedule_is_cubic_to_0_9_over_the_first_two_thirds(tiny_module)
 def test_the_default_cadence_of_a_short_fit_is_spaced_by_its_length(tiny_module):
     pruner = MaskPruningCallback()
     make_trainer(max_epochs=6, callbacks=[pruner]).fit(tiny_module)
-    assert pruner.update_every == 8  # 24 steps, a ramp of 16: half the ramp (plan.auto_interval)
-    assert pruner.history["positions"] == [0, 8, 16]
+    assert pruner.plan.every == 8  # 24 steps, a ramp of 16: half the ramp (plan.auto_interval)
+    assert pruner.plan.history["positions"] == [0, 8, 16]
     zeros, total = zeros_and_total(tiny_module)
     assert zeros == round(0.9 * total)
 
@@ -93,8 +93,8 @@ def test_auto_cadence_is_planned_from_the_fit_length_and_ramp(tiny_module):
     pruner = MaskPruningCallback(0.5, schedule="linear", start=15, end=65)  # 4 steps an epoch: steps 60..260
     probe = Probe(pruner)
     make_trainer(max_epochs=75, callbacks=[pruner, probe]).fit(tiny_module)
-    assert pruner.update_every == auto_interval(200, 300) == 14  # 300 steps: about 5% of them for 14 updates
-    assert len(pruner.history["positions"]) == 1 + 15  # the first (empty) update, then the ramp's
+    assert pruner.plan.every == auto_interval(200, 300) == 14  # 300 steps: about 5% of them for 14 updates
+    assert len(pruner.plan.history["positions"]) == 1 + 15  # the first (empty) update, then the ramp's
     for step, position, target, pruned, total in probe.steps:
         assert position == step // 14 * 14
         assert target == pytest.approx(0.5 * min(max(position - 60, 0) / 200, 1)) and pruned == round(target * total)
@@ -323,10 +323,10 @@ def test_seed_gives_the_same_scores():
 
 def test_state_dict_round_trip():
     pruner = MaskPruningCallback()
-    pruner.position, pruner.target, pruner.pruned = 3, 0.5, 12
+    pruner.plan.position, pruner.plan.target, pruner.plan.pruned = 3, 0.5, 12
     other = MaskPruningCallback()
     other.load_state_dict(pruner.state_dict())
-    assert (other.position, other.target, other.pruned, other.scores_initialized) == (3, 0.5, 12, False)
+    assert (other.plan.position, other.plan.target, other.plan.pruned, other.scores_initialized) == (3, 0.5, 12, False)
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -472,7 +472,7 @@ def test_channel_granularity_zeroes_whole_channels_and_restores_from_a_checkpoin
     trainer.fit(module)
     trainer.save_checkpoint(tmp_path / "channel.ckpt")
     conv, linear = module.net[1], module.net[5]
-    assert pruner.pruned == round(0.5 * (4 + 3))
+    assert pruner.plan.pruned == round(0.5 * (4 + 3))
     x = torch.randn(5, 16)
     expected = module.eval()(x)  # eval: BatchNorm uses (and keeps) its running statistics
     plain = ConvBatchNorm()
@@ -481,8 +481,8 @@ def test_channel_granularity_zeroes_whole_channels_and_restores_from_a_checkpoin
     assert torch.allclose(plain.eval()(x), expected, atol=1e-6)
     zero_rows = [int((layer.weight.reshape(layer.weight.shape[0], -1) == 0).all(1).sum())
                  for layer in (plain.net[1], plain.net[5])]
-    assert sum(zero_rows) == pruner.pruned and conv.parametrizations.weight[0].scores.shape == (4, 1, 1, 1)
-    assert int((plain.net[1].bias == 0).sum()) + int((plain.net[5].bias == 0).sum()) == pruner.pruned
+    assert sum(zero_rows) == pruner.plan.pruned and conv.parametrizations.weight[0].scores.shape == (4, 1, 1, 1)
+    assert int((plain.net[1].bias == 0).sum()) + int((plain.net[5].bias == 0).sum()) == pruner.plan.pruned
     folded = fold_checkpoint(tmp_path / "channel.ckpt", tmp_path / "plain.ckpt")
     assert torch.allclose(ConvBatchNorm.load_from_checkpoint(folded).eval()(x), expected, atol=1e-6)
     assert linear.parametrizations.weight[0].scores.shape == (3, 1)

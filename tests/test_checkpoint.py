@@ -40,8 +40,8 @@ def test_resume_mid_schedule_reaches_the_same_masks_position_and_metrics(tmp_pat
     assert 0 < callback_state["target"] < 0.8  # mid-schedule
     resumed, resumed_pruner, resumed_trainer = fit(tmp_path / "resumed", 6, ckpt_path=checkpoint,
                                                    module_cls=module_cls, update_every=1, **options)
-    assert (resumed_pruner.position, resumed_pruner.target, resumed_pruner.pruned) == (
-        whole_pruner.position, whole_pruner.target, whole_pruner.pruned)
+    assert (resumed_pruner.plan.position, resumed_pruner.plan.target, resumed_pruner.plan.pruned) == (
+        whole_pruner.plan.position, whole_pruner.plan.target, whole_pruner.plan.pruned)
     for a, b in zip(masked_tensors(whole), masked_tensors(resumed)):
         assert torch.equal(a.gate.keep, b.gate.keep)
         assert torch.allclose(a.gate.scores, b.gate.scores, atol=1e-6)

@@ -246,8 +246,8 @@ def test_early_stopping_warns_and_folds_what_was_reached(tiny_module):
                                          r"early_end='final'"):
         make_trainer(max_epochs=12, callbacks=[stopper, pruner]).fit(tiny_module)
     reached, total = zeros_and_total(tiny_module)
-    assert plain(tiny_module) and reached == pruner.pruned and 0 < reached < round(0.9 * total)
-    assert reached == round(pruner.target * total)
+    assert plain(tiny_module) and reached == pruner.plan.pruned and 0 < reached < round(0.9 * total)
+    assert reached == round(pruner.plan.target * total)
 
 
 def test_early_end_final_jumps_to_the_final_target(tiny_module, recwarn):
@@ -269,7 +269,7 @@ def test_max_time_ends_early_with_a_warning(tiny_module):
     with pytest.warns(UserWarning, match=r"before the ramp's end .* target sparsity 0.9"):
         make_trainer(max_epochs=12, max_time={"seconds": 2}, callbacks=[pruner, Slow()]).fit(tiny_module)
     reached, total = zeros_and_total(tiny_module)
-    assert plain(tiny_module) and reached == pruner.pruned < round(0.9 * total)
+    assert plain(tiny_module) and reached == pruner.plan.pruned < round(0.9 * total)
 
 
 def test_an_exception_mid_ramp_warns_and_folds_what_was_reached(tiny_module):
@@ -283,7 +283,7 @@ def test_an_exception_mid_ramp_warns_and_folds_what_was_reached(tiny_module):
             pytest.raises(RuntimeError, match="boom"):
         make_trainer(max_epochs=12, callbacks=[pruner, Boom()]).fit(tiny_module)
     reached, total = zeros_and_total(tiny_module)
-    assert plain(tiny_module) and reached == pruner.pruned > 0
+    assert plain(tiny_module) and reached == pruner.plan.pruned > 0
 
 
 def test_a_full_fit_does_not_warn(tiny_module, recwarn):
@@ -298,7 +298,7 @@ def test_one_callback_two_fits_gives_each_fit_its_own_lifecycle():
         pl.seed_everything(seed, verbose=False)
         module = TinyModule()
         make_trainer(max_epochs=3, callbacks=[pruner]).fit(module)
-        assert pruner.history["positions"] == [0, 1, 2]
+        assert pruner.plan.history["positions"] == [0, 1, 2]
         reached, total = zeros_and_total(module)
         assert reached == round(0.6 * total)
 

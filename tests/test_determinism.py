@@ -37,7 +37,7 @@ def fit(module_class=TinyModule, **options) -> tuple[list[torch.Tensor], list]:
     pl.seed_everything(0, verbose=False)
     module, pruner = module_class(), MaskPruningCallback(**options)
     make_trainer(max_epochs=10, deterministic=True, callbacks=[pruner]).fit(module)
-    return [p.detach().clone() for p in module.parameters()], pruner.history["positions"]
+    return [p.detach().clone() for p in module.parameters()], pruner.plan.history["positions"]
 
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -59,7 +59,7 @@ def test_a_resumed_default_fit_equals_the_uninterrupted_one(tmp_path):
         saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
         make_trainer(max_epochs=10, deterministic=True, callbacks=[pruner, saver],
                      enable_checkpointing=True).fit(module, ckpt_path=ckpt_path)
-        return [p.detach().clone() for p in module.parameters()], pruner.history["positions"]
+        return [p.detach().clone() for p in module.parameters()], pruner.plan.history["positions"]
 
     weights, positions = run()
     assert positions[-1] > 12  # the ramp goes on after the checkpoint of epoch 2 (step 12)

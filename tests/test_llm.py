@@ -91,7 +91,7 @@ def test_from_zeros_fixed_holds_the_one_shot_mask_while_the_kept_weights_train(g
         weight = module.get_submodule(name).weight
         assert torch.equal(weight == 0, zero)  # the same zeros, no more
         assert not torch.equal(weight, before[name])  # the kept weights trained
-    assert pruner.pruned == sum(z.sum().item() for z in zeros.values())  # what the fit reports as pruned
+    assert pruner.plan.pruned == sum(z.sum().item() for z in zeros.values())  # what the fit reports as pruned
 
 
 # ----------------------------------------------------------------------------------------- mixture of experts

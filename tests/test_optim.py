@@ -461,7 +461,7 @@ def test_a_gan_bounded_by_max_steps_ends_its_ramp_at_two_thirds():
 
     class Spy(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            targets.append(pruner.target)
+            targets.append(pruner.plan.target)
 
     make_trainer(max_steps=24, callbacks=[pruner, Spy()]).fit(TinyGAN())  # 12 batches
     assert len(targets) == 12 and targets.index(0.5) == 8  # the ramp ends at batch 8 of 0..11

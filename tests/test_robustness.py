@@ -160,7 +160,7 @@ def test_bf16_mixed_precision_reaches_the_same_sparsity(tiny_module):
 def test_gradient_accumulation_and_clipping_with_step_cadence(tiny_module):
     pruner = MaskPruningCallback(0.6, schedule="linear", end=1.0, update_every=2)
     make_trainer(max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.5, callbacks=[pruner]).fit(tiny_module)
-    assert pruner.position == 2  # 4 optimizer steps in all; updates at steps 0 and 2
+    assert pruner.plan.position == 2  # 4 optimizer steps in all; updates at steps 0 and 2
     assert exact(tiny_module, 0.6)
 
 

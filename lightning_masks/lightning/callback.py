@@ -274,18 +274,6 @@ class MaskPruningCallback(Callback):
         """
         return cls(sparsity, **{"frozen": "gate", **overrides})
 
-    # the plan's state, read (and set) on the callback as before
-    position = property(lambda self: self.plan.position, lambda self, v: setattr(self.plan, "position", v),
-                        doc="Position (epoch index or global step) of the last mask update, ``None`` before the first.")
-    target = property(lambda self: self.plan.target, lambda self, v: setattr(self.plan, "target", v),
-                      doc="Target of the last update (sparsity, or gate threshold).")
-    pruned = property(lambda self: self.plan.pruned, lambda self, v: setattr(self.plan, "pruned", v),
-                      doc="Units pruned by the last update.")
-    threshold = property(lambda self: self.plan.threshold, doc="The cut of the last update (select.Selection).")
-    history = property(lambda self: self.plan.history, doc="Per update: positions and per-layer sparsity.")
-    cadence = property(lambda self: self.plan.cadence, doc="``'epoch'`` or ``'step'``: what a position counts.")
-    update_every = property(lambda self: self.plan.every, doc="Optimizer steps between updates (step cadence).")
-
     # ----------------------------------------------------------------------------------------- setup
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -551,7 +539,7 @@ class MaskPruningCallback(Callback):
     def sparsity_now(self) -> float:
         """The global sparsity, in masked units, after the last update (host value, no sync)."""
         total = sum(entry.units for entry in self._masked)
-        return self.pruned / total if total else 0.0
+        return self.plan.pruned / total if total else 0.0
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -577,7 +565,7 @@ class MaskPruningCallback(Callback):
         self._reshard(trainer)
         if self._logged_step != trainer.global_step:
             self._logged_step = trainer.global_step
-            fit_report.log_scalars(trainer, self._masked, self._churn, self.target, self.threshold,
+            fit_report.log_scalars(trainer, self._masked, self._churn, self.plan.target, self.plan.threshold,
                                    statistics=sharding.mask_stats)
         if histograms:
             values = sharding.histograms(self._masked) if sharded else fit_report.histograms(self._masked)
@@ -607,10 +595,10 @@ class MaskPruningCallback(Callback):
         restore_configure_optimizers(pl_module)
         self._scores.remove()
         self._drop_gate_cache(trainer, pl_module)
-        if self._masked and not self._masked_at_setup and self.position is None:
+        if self._masked and not self._masked_at_setup and self.plan.position is None:
             detach(pl_module)  # failed before any mask update: give the user back the plain model
             self._masked = []
-        elif self._masked and self.position is not None:
+        elif self._masked and self.plan.position is not None:
             self._reshard(trainer)
             self._end_short(trainer, jump=False)  # warn with what was reached
             if self.fold_on_fit_end:
@@ -625,8 +613,8 @@ class MaskPruningCallback(Callback):
             self._end_short(trainer, jump=True)
             self.final_layers = sharding.layer_rows(self._masked)
             gates = sharding.gate_histograms(self._masked) if self.plots and sharding.model_parallel(trainer) else None
-            fit_report.report_fit(trainer, self.final_layers, self._masked, self.history, self.cadence, self.plots,
-                                  gates=gates)
+            fit_report.report_fit(trainer, self.final_layers, self._masked, self.plan.history, self.plan.cadence,
+                                  self.plots, gates=gates)
         if self.fold_on_fit_end:
             self._fold(pl_module)
 
@@ -646,7 +634,7 @@ class MaskPruningCallback(Callback):
         final = self.plan.end_target() if jump else None
         if final is not None:
             reached = self.sparsity_now
-            self._select(trainer, self.position if self.position is not None else step_clock(trainer), final)
+            self._select(trainer, self.plan.position if self.plan.position is not None else step_clock(trainer), final)
             rank_zero_info(shortfall.message(reached, f"early_end='final' made the last update to the final target "
                                                       f"({self.sparsity_now:.2%} now)"))
             return
