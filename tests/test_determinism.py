@@ -32,6 +32,16 @@ class Checkpointed(TinyModule):
         return checkpoint(self.net, x, use_reentrant=False)
 
 
+class Compiled(TinyModule):
+    """The same model compiled (dynamo's tracing on the first steps makes them much longer; the eager backend runs
+    the same kernels)."""
+
+    def forward(self, x):
+        if "_compiled" not in self.__dict__:  # not a submodule: the network is the same one
+            self.__dict__["_compiled"] = torch.compile(self.net, backend="eager")
+        return self.__dict__["_compiled"](x)
+
+
 def fit(module_class=TinyModule, **options) -> tuple[list[torch.Tensor], list]:
     """A default seeded fit, deterministic; returns its final weights and the positions of its mask updates."""
     pl.seed_everything(0, verbose=False)
@@ -44,7 +54,8 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("other", [TinyModule, Slow, Checkpointed], ids=["again", "slower_steps", "checkpointing"])
+@pytest.mark.parametrize("other", [TinyModule, Slow, Checkpointed, Compiled],
+                         ids=["again", "slower_steps", "checkpointing", "compiled"])
 def test_seeded_default_fits_repeat_bit_for_bit_however_long_their_steps_take(other):
     weights, positions = fit()
     other_weights, other_positions = fit(other)
