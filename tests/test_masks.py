@@ -279,7 +279,7 @@ def test_channel_bias_goes_through_the_fused_gate_with_the_same_values():
     [entry] = attach(layer, rescale=True, per_channel=True)
     prune(entry.gate, 1)
     gate = entry.gate
-    expected = bias * (gate.gate() * gate.keep).reshape(bias.shape)
+    expected = bias * (gate_value(gate.scores, gate.temperature, gate.gate_scale) * gate.keep).reshape(bias.shape)
     assert isinstance(layer.parametrizations.bias[0], ChannelBias)
     assert torch.equal(layer.bias, expected) and layer.bias[1] == 0
     layer.bias.sum().backward()

@@ -337,10 +337,6 @@ class MaskGate(nn.Module):
         """Whether the masked tensor is ``w * keep`` (``binary=True``), not ``w * gate * keep``."""
         return self._buffers.get("binary") is not None
 
-    def gate(self) -> Tensor:
-        """Return the soft gate (scaled when ``rescale`` was set)."""
-        return gate_value(self.scores, self.temperature, self.gate_scale)
-
     def folded(self, weight: Tensor) -> Tensor:
         """The masked value of ``weight`` as :func:`~lightning_masks.masking.masks.fold` writes it, exact zeros."""
         return masked_value(weight, self.scores, self.keep, self.temperature, self.gate_scale,

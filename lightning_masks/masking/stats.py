@@ -25,7 +25,6 @@ __all__ = [
     "mask_stats",
     "nonzero_counts",
     "short_names",
-    "tensor_stats",
     "zero_rows",
 ]
 
@@ -72,16 +71,6 @@ def _finish(m: Mapping[str, Tensor]) -> dict[str, Tensor]:
         "undecided": m["undecided"] / live,
         "churn": m["churn"],
     }
-
-
-def tensor_stats(entry: MaskedTensor, churned: Optional[Tensor] = None) -> dict[str, Tensor]:
-    """Statistics of one masked tensor as 0-dim tensors on its device.
-
-    ``sparsity`` (hard, from the keep bits) and ``kept`` (count), in weights; ``gate_mean``/``gate_std``/``gate_min``/
-    ``gate_max`` and ``undecided`` (the share of gates in (0.1, 0.9)) over kept entries, and ``churn``
-    as given: the keep bits the last update flipped (``Selection.flipped``; 0 without it).
-    """
-    return _finish(_moments(entry, churned))
 
 
 def mask_stats(masked: Sequence[MaskedTensor], churned: Optional[Mapping[str, Tensor]] = None, *,
