@@ -424,3 +424,21 @@ def test_stochastic_weight_averaging_first_resumes_from_a_checkpoint(tmp_path):
     assert zeros_whole == zeros_and_total(resumed)[0] == round(0.5 * total)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole.state_dict().values(),
                                                                 resumed.state_dict().values()))
+
+
+class WithInnerAverage(TinyModule):
+    """A module that keeps its own EMA of the network as a submodule (a pattern users write)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ema = torch.optim.swa_utils.AveragedModel(self.net)
+
+
+def test_a_weight_average_kept_inside_the_module_is_named_in_a_warning_and_excluding_it_keeps_the_target():
+    pl.seed_everything(0, verbose=False)
+    with pytest.warns(UserWarning, match=r"inside a weight average the module keeps \(ema\).*exclude=\['ema\.\*'\]"):
+        make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, end=0)]).fit(WithInnerAverage())
+    module = WithInnerAverage()
+    make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, end=0, exclude=["ema.*"])]).fit(module)
+    zeros, total = zeros_and_total(module.net)
+    assert zeros == round(0.5 * total) and not any(p.eq(0).any() for p in module.ema.parameters() if p.dim() > 1)

@@ -54,7 +54,7 @@ from .arguments import (
     score_dtype_of,
     selector_of,
 )
-from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze
+from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze, warn_inner_copies
 from .optim import ScoreOptimizers
 from .trainer import (
     after_configure_model,
@@ -385,6 +385,7 @@ class MaskPruningCallback(Callback):
         goal = (f"gate threshold up to {self.schedule.final}" if self.schedule.by_threshold
                 else f"final sparsity {self.sparsity}")
         fit_report.announce(masked, resolved, exclude[len(self.exclude):], f"init={self.initializer!r}, {goal}")
+        warn_inner_copies(pl_module, masked)
         return masked
 
     def _start_from_initial_keep(self, masked: list[MaskedTensor]) -> None:

@@ -10,11 +10,13 @@ from contextlib import contextmanager
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.optim.swa_utils import AveragedModel
 
 from ..masking.copies import follow_masks, mask_like
 from ..masking.masks import MaskedTensor, masked_tensors
 
-__all__ = ["end_process_group_at_exit", "frozen_by_finetuning", "mask_copies", "refreeze"]
+__all__ = ["end_process_group_at_exit", "frozen_by_finetuning", "mask_copies", "refreeze", "warn_inner_copies"]
 
 
 @contextmanager
@@ -90,3 +92,16 @@ def end_process_group_at_exit() -> None:
 def _destroy_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def warn_inner_copies(pl_module: pl.LightningModule, masked: list[MaskedTensor]) -> None:
+    """Warn, naming them, about masked tensors inside a weight average the module keeps as a submodule (an EMA's
+    ``AveragedModel``): they join the selection as tensors of their own, so the model proper ends off its target."""
+    copies = [name for name, module in pl_module.named_modules() if isinstance(module, AveragedModel) and name]
+    inside = [entry.name for entry in masked if any(entry.name.startswith(f"{name}.") for name in copies)]
+    if inside:
+        rank_zero_warn(f"lightning_masks: {len(inside)} masked tensors are inside a weight average the module keeps "
+                       f"({', '.join(copies)}): {inside[:4]}{' ...' if len(inside) > 4 else ''}; they are pruned as "
+                       f"tensors of their own, so the model ends off its target. Exclude them (exclude="
+                       f"{[f'{name}.*' for name in copies]}) or keep the average in a callback, whose copies follow "
+                       "the model's keep bits")
