@@ -14,7 +14,7 @@ and peft's ``merge_and_unload()`` keeps the exact zeros.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from .gate import MaskGate, gated
+from .kinds import parametrization_list
 
 __all__ = ["adapter_layers", "adapter_tensors", "hold_adapter_updates", "merge_under_masks", "release_adapter_updates"]
 
@@ -53,15 +54,10 @@ def _base_of(layer: nn.Module) -> nn.Module:
     return tuner.get_base_layer() if hasattr(tuner, "get_base_layer") else tuner.base_layer
 
 
-def _weight_parametrizations(module: nn.Module) -> parametrize.ParametrizationList:
-    """``module.parametrizations["weight"]``, typed (targets.parametrization_list, whose module imports this one)."""
-    return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)["weight"])
-
-
 def _gate_of(module: nn.Module) -> MaskGate | None:
     if not parametrize.is_parametrized(module, "weight"):
         return None
-    return next((p for p in _weight_parametrizations(module) if isinstance(p, MaskGate)), None)
+    return next((p for p in parametrization_list(module, "weight") if isinstance(p, MaskGate)), None)
 
 
 def _delta(layer: nn.Module) -> Tensor | None:
@@ -122,7 +118,7 @@ def merge_under_masks(model: nn.Module) -> None:
         delta = _delta(layer)
         if delta is None:
             continue
-        original = _weight_parametrizations(base).original
+        original = parametrization_list(base, "weight").original
         original.add_(delta.to(original.dtype))
         tuner: Any = layer  # peft's attributes, untyped here
         for name in tuner.active_adapters:

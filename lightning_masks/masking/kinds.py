@@ -13,9 +13,10 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional, TypeVar, Union
+from typing import Optional, TypeVar, Union, cast
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..registry import Registry
 
@@ -29,6 +30,9 @@ __all__ = [
     "kind_of",
     "list_layer_kinds",
     "output_axis",
+    "own_tensor_names",
+    "parametrization_list",
+    "parametrized_names",
     "register_layer_kind",
     "undeclared_layout",
     "weight_name",
@@ -57,11 +61,7 @@ class LayerKind:
 
     def tensor_names(self, module: nn.Module) -> list[str]:
         """The names of ``module``'s own parameters (parametrized ones included) that this kind masks."""
-        names = list(module._parameters)
-        parametrizations = getattr(module, "parametrizations", None)
-        if parametrizations is not None:
-            names += [n for n in parametrizations if n not in names]
-        return [n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in self.tensors)]
+        return [n for n in own_tensor_names(module) if any(fnmatch.fnmatchcase(n, pattern) for pattern in self.tensors)]
 
 
 def _dotted(layer: Union[type, str]) -> str:
@@ -149,23 +149,16 @@ def fused_experts_kind(module: nn.Module) -> Optional[LayerKind]:
     transposed = getattr(module, "is_transposed", None)
     if not isinstance(transposed, bool) or not hasattr(module, "has_gate"):
         return None
-    names = tuple(name for name in _own_tensors(module) if _own_tensor(module, name).dim() == 3)
+    names = tuple(name for name in own_tensor_names(module)
+                  if (tensor := _own_tensor(module, name)) is not None and tensor.dim() == 3)
     return LayerKind(names, output_axis=2 if transposed else 1) if names else None
 
 
-def _own_tensors(module: nn.Module) -> list[str]:
-    names = [name for name, tensor in module._parameters.items() if tensor is not None]
-    parametrizations = getattr(module, "parametrizations", None)
-    return names + [n for n in (parametrizations or {}) if n not in names]
-
-
-def _own_tensor(module: nn.Module, name: str) -> Tensor:
-    parametrizations = getattr(module, "parametrizations", None)
-    if parametrizations is not None and name in parametrizations:
-        return parametrizations[name].original
-    parameter = module._parameters[name]
-    assert parameter is not None, f"{name!r} is not a parameter of {type(module).__name__}"  # one of _own_tensors
-    return parameter
+def _own_tensor(module: nn.Module, name: str) -> Optional[Tensor]:
+    """``module.<name>``'s parameter (a parametrized one's ``original``), ``None`` for an empty slot."""
+    if name in parametrized_names(module):
+        return parametrization_list(module, name).original
+    return module._parameters[name]
 
 
 def declared_axis(module: nn.Module, tensor_name: str) -> Optional[int]:
@@ -224,3 +217,19 @@ register_layer_kind(nn.MultiheadAttention, tensors=("in_proj_weight", "q_proj_we
                                                     "v_proj_weight"))  # out_proj is an nn.Linear of its own
 register_layer_kind(nn.RNNBase, tensors=("weight_ih_l*", "weight_hh_l*", "weight_hr_l*"))  # gates stacked on dim 0
 register_layer_kind("transformers.pytorch_utils.Conv1D", output_axis=1)  # GPT-2's (in, out) weight
+
+
+def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
+    """The parametrizations of ``module.<tensor_name>`` (which must be parametrized), with their ``original``."""
+    return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)[tensor_name])
+
+
+def parametrized_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s parametrized tensors (none when it has no parametrization)."""
+    return list(cast(nn.ModuleDict, module.parametrizations)) if parametrize.is_parametrized(module) else []
+
+
+def own_tensor_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own parameter slots, its parametrized tensors under their user-facing names."""
+    names = list(module._parameters)
+    return names + [n for n in parametrized_names(module) if n not in names]

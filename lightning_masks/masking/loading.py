@@ -10,10 +10,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .gate import SCORE_DTYPES
-from .kinds import channel_shape, output_axis
+from .kinds import channel_shape, output_axis, parametrization_list
 from .layout import ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key
 from .masks import attach, detach_entries
-from .targets import is_masked, parametrization_list, tensor_slots
+from .targets import is_masked, tensor_slots
 
 __all__ = ["restore_masks_on_load"]
 

@@ -34,14 +34,13 @@ from .gate import (
     reduce_to,
     straight_through_gated,
 )
-from .kinds import bias_name, channel_shape, declared_axis, undeclared_layout
+from .kinds import bias_name, channel_shape, declared_axis, parametrization_list, undeclared_layout
 from .targets import (
     Targets,
     TargetSpec,
     find_targets,
     is_masked,
     nothing_to_mask,
-    parametrization_list,
     resolve_targets,
     tensor_slots,
 )

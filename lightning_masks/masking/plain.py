@@ -16,9 +16,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .kinds import parametrization_list
 from .layout import PARAMETRIZATION_MARK
 from .masks import MaskedTensor, folded_bias, folded_value, gated_biases, masked_tensors
-from .targets import parametrization_list
 
 __all__ = ["PlainSave", "folded_state", "plain_saves", "plain_state_dict", "remove_plain_saves"]
 

@@ -15,23 +15,13 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from .adapters import adapter_tensors
 from .gate import MaskGate
-from .kinds import kind_of, output_axis
+from .kinds import kind_of, output_axis, own_tensor_names, parametrization_list
 
 __all__ = ["TargetSpec", "Targets", "find_targets", "resolve_targets"]
 
 
 #: A target: a glob on fully-qualified module or tensor names, or a module type.
 TargetSpec = Union[str, type]
-
-
-def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.ParametrizationList:
-    """The parametrizations of ``module.<tensor_name>`` (which must be parametrized), with their ``original``."""
-    return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)[tensor_name])
-
-
-def parametrized_names(module: nn.Module) -> list[str]:
-    """The names of ``module``'s parametrized tensors (none when it has no parametrization)."""
-    return list(cast(nn.ModuleDict, module.parametrizations)) if parametrize.is_parametrized(module) else []
 
 
 def tensor_slots(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, Tensor]]:
@@ -43,10 +33,7 @@ def tensor_slots(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, T
     for module_name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, (parametrize.ParametrizationList, MaskGate)):
             continue
-        names = list(module._parameters)
-        if parametrize.is_parametrized(module):
-            names += [n for n in parametrized_names(module) if n not in names]
-        for tensor_name in names:
+        for tensor_name in own_tensor_names(module):
             if parametrize.is_parametrized(module, tensor_name):
                 tensor = getattr(parametrization_list(module, tensor_name), "original", None)  # None: several originals
             else:
@@ -63,13 +50,7 @@ def _weight_names(module: nn.Module) -> list[str]:
     kind = kind_of(module)
     if kind is not None:
         return kind.tensor_names(module)
-    return [name for name in _own_tensor_names(module) if "weight" in name]
-
-
-def _own_tensor_names(module: nn.Module) -> list[str]:
-    names = list(module._parameters)
-    names += [n for n in parametrized_names(module) if n not in names]
-    return names
+    return [name for name in own_tensor_names(module) if "weight" in name]
 
 
 def _foreign_reason(module: nn.Module) -> str | None:
