@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union, overload
 import torch
 
 from ..lifecycle.plan import EARLY_END
+from ..lifecycle.schedule import Schedule
 from ..masking.gate import SCORE_DTYPES
 from ..selection.selector import Selector
 
@@ -19,8 +20,8 @@ __all__ = ["FROZEN", "check_flags", "check_number", "check_output_layers", "chec
 #: or soft gates (the kept weights scaled by their learned gate when folded)
 FROZEN = ("skip", "mask", "gate")
 
-#: ``start`` and ``end`` as the callback's signature defaults them (a ramp over the first two thirds)
-DEFAULT_RAMP = {"start": 0, "end": 2 / 3}
+#: ``start`` and ``end`` as the callback's signature defaults them: the Schedule's (a ramp over the first two thirds)
+DEFAULT_RAMP = {"start": Schedule.start, "end": Schedule.end}
 
 def is_int(value: Any) -> bool:
     """An ``int`` that is not a ``bool``."""

@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from ..lifecycle.plan import Plan
-from ..lifecycle.schedule import ScheduleSpec, get_schedule
+from ..lifecycle.schedule import Schedule, ScheduleSpec, get_schedule
 from ..masking.activations import input_norms
 from ..masking.gate import cached_gates, reduce_to
 from ..masking.hiding import masks_hidden
@@ -184,8 +184,8 @@ class MaskPruningCallback(Callback):
         init: InitSpec = "magnitude",
         schedule: ScheduleSpec = "cubic",
         *,
-        start: Union[int, float] = 0,
-        end: Union[int, float] = 2 / 3,
+        start: Union[int, float] = Schedule.start,
+        end: Union[int, float] = Schedule.end,
         update_every: Union[str, int] = "auto",
         update_budget: Optional[float] = None,
         targets: Optional[Iterable[TargetSpec]] = None,
