@@ -17,7 +17,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from ..masking.gate import masked_value
+from ..masking.gate import along_bias, masked_value
 from ..masking.kinds import weight_name
 from ..masking.layout import (
     GATE_FIELDS,
@@ -67,10 +67,8 @@ def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             raise ValueError(f"masked tensor {target!r} misses {missing} in the checkpoint; it is incomplete")
         scores, keep = parts["scores"], saved_keep(parts)
         scale = parts.get("gate_scale")
-        if bias:  # the per-channel gate laid along the bias; a 0-dim (per-tensor) gate_scale stays as it is
-            shape = parts[ORIGINAL].shape
-            scores, keep = scores.reshape(shape), keep.reshape(shape)
-            scale = scale.reshape(shape) if scale is not None and scale.dim() else scale
+        if bias:
+            scores, keep, scale = along_bias(scores, keep, scale, parts[ORIGINAL].shape)
         folded[target] = masked_value(parts[ORIGINAL], scores, keep, parts["temperature"], scale,
                                       binary="binary" in parts)
     return folded

@@ -22,6 +22,7 @@ __all__ = [
     "SCORE_DTYPES",
     "ChannelBias",
     "MaskGate",
+    "along_bias",
     "binary_gated",
     "cached_gates",
     "gate_value",
@@ -386,12 +387,18 @@ def local_view(gate: MaskGate) -> MaskGate:
     return view
 
 
+def along_bias(scores: Tensor, keep: Tensor, gate_scale: Tensor | None,
+               shape: torch.Size) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A per-channel gate's ``(scores, keep, gate_scale)`` laid along its bias of ``shape`` (a 0-dim, per-tensor
+    scale stays as it is)."""
+    scale = gate_scale.reshape(shape) if gate_scale is not None and gate_scale.dim() else gate_scale
+    return scores.reshape(shape), keep.reshape(shape), scale
+
+
 def channel_gate_args(gate: MaskGate, shape: torch.Size) -> tuple:
-    """The gate's ``(scores, keep, temperature, gate_scale)`` reshaped for a per-channel bias (a 0-dim scale stays
-    as it is)."""
-    scale = gate.gate_scale
-    scale = scale.reshape(shape) if scale is not None and scale.dim() else scale
-    return gate.scores.reshape(shape), gate.keep.reshape(shape), gate.temperature, scale
+    """The gate's ``(scores, keep, temperature, gate_scale)`` for a per-channel bias of ``shape``."""
+    scores, keep, scale = along_bias(gate.scores, gate.keep, gate.gate_scale, shape)
+    return scores, keep, gate.temperature, scale
 
 
 class ChannelBias(nn.Module):
