@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from ..lightning.fit_report import accuracies
 from ..masking import stats
 from ..masking.masks import fold, masked_tensors
 from .configs import CONFIG_DIR, register
@@ -36,7 +37,7 @@ register()
 def format_result(result: dict[str, Any]) -> str:
     """The headline of a result: metrics, final sparsity, time (the callback has printed the per-layer table)."""
     pruned, total = stats.pruned_and_total(result["layers"])
-    metrics = "  ".join(f"{key} {value:.4f}" for key, value in sorted(result["metrics"].items()) if "acc" in key)
+    metrics = "  ".join(f"{key} {value:.4f}" for key, value in sorted(accuracies(result["metrics"]).items()))
     return (f"{metrics}  final sparsity {result['sparsity']:.4f} ({pruned:,} of {total:,} weights pruned)  "
             f"time {result['time_s']:.1f} s")
 

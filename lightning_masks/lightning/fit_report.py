@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -15,7 +16,7 @@ from ..masking.masks import MaskedTensor
 from ..masking.targets import Targets
 from . import loggers
 
-__all__ = ["announce", "histograms", "log_scalars", "report_fit"]
+__all__ = ["accuracies", "announce", "histograms", "log_scalars", "report_fit"]
 
 
 def announce(masked: Sequence[MaskedTensor], resolved: Targets, outputs: Sequence[str], what: str) -> None:
@@ -120,7 +121,7 @@ def report_fit(trainer: pl.Trainer, rows: Sequence[Mapping], masked: Sequence[Ma
     loggers.log_table(trainer.loggers, "masks/layers", rows)
     pruned, total = stats.pruned_and_total(rows)
     summary = {"masks/final_sparsity": pruned / total, "masks/pruned": pruned, "masks/total": total}
-    summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k})
+    summary.update({k: float(v) for k, v in accuracies(trainer.callback_metrics).items()})
     loggers.log_summary(trainer.loggers, summary)
     if pictures:
         if gates is None:
@@ -143,3 +144,8 @@ def _draw(gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], history: Mappi
             unit=unit),
         "masks/gate_histograms": plots.gate_histograms(arrays, folder / "gate_histograms.png"),
     }
+
+
+def accuracies(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The accuracy metrics among ``metrics`` (names holding ``"acc"``, as ``val/acc``), what the summary reports."""
+    return {key: value for key, value in metrics.items() if "acc" in key}
