@@ -321,8 +321,14 @@ class MaskPruningCallback(Callback):
             return  # all masked already, or nothing built yet
         with frozen_by_finetuning(trainer, pl_module) as thawed:
             masked = self._attach(trainer, pl_module, thawed)
-        refreeze(masked, thawed)
+        self._refreeze(masked, thawed)
         shard_with_weights(masked)
+
+    def _refreeze(self, masked: list[MaskedTensor], thawed: list[torch.Tensor]) -> None:
+        """Freeze the scores of the tensors a ``BaseFinetuning`` froze with them (``frozen="skip"``); the other
+        rules train them from the first step."""
+        if self.frozen == "skip":
+            refreeze(masked, thawed)
 
     def _mask(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach the masks to the built module (after ``setup`` and ``configure_model``, before the optimizers,
@@ -335,8 +341,7 @@ class MaskPruningCallback(Callback):
         groups = coupled_norms(pl_module) if self.selector.auto_tie else None
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(trainer, pl_module, thawed) if attached else masked_tensors(pl_module)
-        if self.frozen == "skip":
-            refreeze(self._masked, thawed)
+        self._refreeze(self._masked, thawed)
         for entry in self._masked:
             entry.gate.straight_through = self.selector.straight_through
             if self.initializer.fixed:  # a held mask: the scores do not learn
