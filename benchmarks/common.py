@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
 from collections.abc import Iterator
@@ -10,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_masks import Schedule
+from lightning_masks import MaskLogging, MaskOptimizer, MaskPruningCallback, MaskState, Schedule
 from lightning_masks.masking import stats
 from lightning_masks.zoo import MLP, FashionMNISTDataModule, LeNet5, LeNet5Caffe
 
@@ -19,6 +21,8 @@ __all__ = [
     "RESULTS",
     "append_jsonl",
     "build_model",
+    "callback_arguments",
+    "callback_defaults",
     "load_fashion_mnist",
     "markdown_table",
     "mean_std",
@@ -31,6 +35,47 @@ __all__ = [
 ]
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+#: The callback's options as the benchmarks write them (``masks[mask_lr=0.05]``, ``end=0.5``, ``plots=False``), each
+#: a field of one of its strategy objects: option -> (argument, field).
+STRATEGY_OPTIONS = {
+    "start": ("schedule", "start"), "end": ("schedule", "end"), "update_every": ("schedule", "update_every"),
+    "update_budget": ("schedule", "update_budget"), "early_end": ("schedule", "early_end"),
+    "temperature": ("state", "temperature"), "rescale_gate": ("state", "rescale_gate"),
+    "score_dtype": ("state", "score_dtype"), "compact": ("state", "compact"),
+    "mask_lr": ("optimizer", "lr"), "mask_weight_decay": ("optimizer", "weight_decay"),
+    "fused_adam": ("optimizer", "fused_adam"),
+    "log_every_n_steps": ("logging", "every_n_steps"), "log_histograms": ("logging", "histograms"),
+    "plots": ("logging", "plots"),
+}
+STRATEGIES = {"schedule": Schedule, "state": MaskState, "optimizer": MaskOptimizer, "logging": MaskLogging}
+
+
+def callback_arguments(options: dict[str, Any]) -> dict[str, Any]:
+    """``MaskPruningCallback``'s arguments from flat options: each strategy field (:data:`STRATEGY_OPTIONS`) goes
+    into its object, a named schedule becoming ``Schedule(name, ...)`` and a given object a copy with the fields."""
+    arguments = {key: value for key, value in options.items() if key not in STRATEGY_OPTIONS}
+    fields: dict[str, dict[str, Any]] = {}
+    for key in options.keys() & STRATEGY_OPTIONS.keys():
+        argument, field = STRATEGY_OPTIONS[key]
+        fields.setdefault(argument, {})[field] = options[key]
+    for argument, values in fields.items():
+        given = arguments.get(argument)
+        if isinstance(given, str):  # a schedule by name
+            given = Schedule(given)
+        arguments[argument] = STRATEGIES[argument](**values) if given is None else dataclasses.replace(given, **values)
+    return arguments
+
+
+def callback_defaults() -> dict[str, Any]:
+    """The callback's defaults as flat options (the strategy objects' fields under :data:`STRATEGY_OPTIONS`' names),
+    recorded with runs so that a later change of a default shows in their labels."""
+    parameters = inspect.signature(MaskPruningCallback).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty
+                and not (p.name in STRATEGIES and p.default is None)}  # an object's defaults are its fields'
+    for option, (argument, field) in STRATEGY_OPTIONS.items():
+        defaults[option] = getattr(STRATEGIES[argument], field)
+    return defaults
 
 #: Model name -> constructor of the LightningModule (Adam lr 1e-3 unless told otherwise).
 MODELS = {

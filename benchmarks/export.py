@@ -3,7 +3,7 @@ and CPU latency of LeNet-5 and ResNet-20 trained with channel masks and shrunk, 
 element-pruned ones.
 
 Channel rows (``--train``, the default): each model is trained on Fashion-MNIST (Adam 1e-3, the same epochs for
-all) dense, and with ``MaskPruningCallback(granularity="channel", sparsity=s, mode="layer")`` for each ``s``,
+all) dense, and with ``MaskPruningCallback(s, selector=Selector(granularity="channel", mode="layer"))`` for each ``s``,
 masks left unfolded. Reported: test accuracy of the dense model, of the masked model, of the folded one
 (``lightning_masks.fold``) and of the shrunk one (``shrink`` of the folded ``net``; its logits must match the
 folded model's, the largest difference is listed). What is masked:
@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_masks import MaskPruningCallback, Selector, attach, fold
+from lightning_masks import MaskLogging, MaskPruningCallback, Schedule, Selector, attach, fold
 from lightning_masks.export.command import save_sparse, shrink
 from lightning_masks.selection.coupling import coupled_channels
 from lightning_masks.zoo import FashionMNISTDataModule, LeNet5, ResNet20
@@ -154,9 +154,11 @@ def train(name: str, sparsity: float | None, data: FashionMNISTDataModule, args:
     if sparsity is not None:
         batches = args.limit_train_batches or len(data.train_set) // data.batch_size + 1
         steps = int(batches if batches > 1 else batches * (len(data.train_set) // data.batch_size + 1)) * args.epochs
-        callbacks.append(MaskPruningCallback(sparsity, selector=Selector(granularity="channel", mode="layer"), **spec.masks(module),
-                                             update_every=max(1, steps // 30), fold_on_fit_end=False,
-                                             seed=args.seed, log_histograms=False, plots=False))
+        masks = spec.masks(module)
+        selector = Selector(granularity="channel", mode="layer", tie=masks.pop("tie", ()))
+        callbacks.append(MaskPruningCallback(sparsity, selector=selector, **masks,
+                                             schedule=Schedule(update_every=max(1, steps // 30)), fold_on_fit_end=False,
+                                             seed=args.seed, logging=MaskLogging(histograms=False, plots=False)))
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=args.devices, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_train_batches=args.limit_train_batches, limit_val_batches=0, num_sanity_val_steps=0,

@@ -39,7 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_jsonl, load_fashion_mnist, markdown_table, mean_std, read_jsonl
+from common import RESULTS, append_jsonl, callback_arguments, load_fashion_mnist, markdown_table, mean_std, read_jsonl
 from quality import Plan, accuracy, layer_zeros, model_pruning, parse_method, train_loader
 
 from lightning_masks import MaskPruningCallback, Selector
@@ -124,11 +124,11 @@ class FinePruned(pl.LightningModule):
 # ------------------------------------------------------------------------------------------------ arms
 def _masks(plan: Plan, end: float, **options: Any) -> list[Callback]:
     options = {"sparsity": plan.final, "end": end, "exclude": ["head"], "frozen": "mask", **options}
-    return [MaskPruningCallback(**options)]
+    return [MaskPruningCallback(**callback_arguments(options))]
 
 
 def _preset(plan: Plan, end: float, **options: Any) -> list[Callback]:
-    return [MaskPruningCallback.finetuning(sparsity=plan.final, exclude=["head"], **options)]
+    return [MaskPruningCallback.finetuning(**callback_arguments({"sparsity": plan.final, "exclude": ["head"], **options}))]
 
 
 ARMS: dict[str, Any] = {

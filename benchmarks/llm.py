@@ -37,7 +37,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_masks import MaskPruningCallback, Selector, attach, get_initializer
+from lightning_masks import MaskLogging, MaskOptimizer, MaskPruningCallback, Selector, attach, get_initializer
 from lightning_masks.masking.activations import input_norms
 from lightning_masks.masking.masks import detach, gates_disabled
 from lightning_masks.zoo import CausalLM, PythonSourceDataModule, tiny_llama
@@ -166,7 +166,7 @@ def fine_tune(module: CausalLM, datamodule: PythonSourceDataModule, steps: int, 
 
 def arms(pattern: str) -> dict:
     """Name -> (one-shot criterion or None, callback factory or None)."""
-    options = dict(targets=DECODER, plots=False, log_histograms=False, **PATTERNS[pattern])
+    options = dict(targets=DECODER, logging=MaskLogging(histograms=False, plots=False), **PATTERNS[pattern])
     return {
         "dense": (None, None),
         "one-shot magnitude": ("magnitude", lambda: MaskPruningCallback(
@@ -179,7 +179,7 @@ def arms(pattern: str) -> dict:
             init=get_initializer("from_zeros", fixed=True), **options)),
         "learned": (None, lambda: MaskPruningCallback(**options)),
         "learned (wanda init)": (None, lambda: MaskPruningCallback(init="wanda", **options)),
-        "GMP (mask_lr=0)": (None, lambda: MaskPruningCallback(mask_lr=0.0, **options)),
+        "GMP (mask_lr=0)": (None, lambda: MaskPruningCallback(optimizer=MaskOptimizer(lr=0.0), **options)),
     }
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
-import inspect
 import json
 import multiprocessing
 import re
@@ -53,6 +52,7 @@ from common import (
     RESULTS,
     append_jsonl,
     build_model,
+    callback_arguments,
     load_fashion_mnist,
     markdown_table,
     mean_std,
@@ -63,6 +63,7 @@ from common import (
     target_sparsity,
     zero_rows,
 )
+from common import callback_defaults as common_defaults
 
 from lightning_masks import MaskPruningCallback, list_initializers
 
@@ -77,9 +78,8 @@ ADDED_SINCE = {"score_dtype": "None", "compact": "False", "update_budget": "None
 
 @functools.cache
 def callback_defaults() -> str:
-    """The callback's keyword defaults (JSON of reprs), recorded with every ``masks`` run."""
-    parameters = inspect.signature(MaskPruningCallback).parameters.values()
-    return json.dumps({p.name: repr(p.default) for p in parameters if p.default is not inspect.Parameter.empty})
+    """The callback's defaults as flat options (JSON of reprs), recorded with every ``masks`` run."""
+    return json.dumps({name: repr(value) for name, value in common_defaults().items()})
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -175,7 +175,8 @@ def wns(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
 
 def masks(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
     """lightning_masks: the shipped defaults, with the common schedule and any options given."""
-    return [MaskPruningCallback(sparsity=plan.final, start=plan.start, end=plan.end, **options)]
+    return [MaskPruningCallback(**callback_arguments({"sparsity": plan.final, "start": plan.start, "end": plan.end,
+                                                      **options}))]
 
 
 #: The methods that run MaskPruningCallback, with the options that define them (fixed, not overridable).

@@ -17,9 +17,9 @@ Methods, each fit in its own forked process (so its peak RSS is its own), one af
     dense         no callback
     masks         ``MaskPruningCallback(0.9)``: the defaults (bfloat16 scores, one scale a tensor, keep bits packed
                   eight a byte; the update cadence a function of the fit's configuration, ``plan.auto_interval``)
-    masks_budget  ``MaskPruningCallback(0.9, update_budget=0.05)``: the opt-in update budget, which spaces updates
+    masks_budget  ``MaskPruningCallback(0.9, schedule=Schedule(update_budget=0.05))``: the opt-in update budget, which spaces updates
                   by their measured cost (the runs then differ)
-    masks_before  ``MaskPruningCallback(0.9, score_dtype=None, compact=False)``: float32 scores and a float32 scale
+    masks_before  ``MaskPruningCallback(0.9, state=MaskState(score_dtype=None, compact=False))``: float32 scores and a float32 scale
                   per weight
 
 Measured per fit:
@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, build_model, markdown_table
+from common import RESULTS, build_model, callback_arguments, markdown_table
 
 from lightning_masks import MaskPruningCallback, masked_tensors
 
@@ -293,7 +293,8 @@ def fit_once(model: str, method: str, accelerator: str, precision: str, threads:
     callbacks: list[Callback] = [clock]
     pruner = None
     if method != "dense":
-        pruner = TimedPruner(SPARSITY, targets=spec.targets, plots=False, log_histograms=False, **OPTIONS[method])
+        pruner = TimedPruner(SPARSITY, **callback_arguments(dict(targets=spec.targets, plots=False, log_histograms=False,
+                                                                 **OPTIONS[method])))
         callbacks.append(pruner)
     trainer = pl.Trainer(max_steps=spec.steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import TinyModule  # noqa: E402
 
-from lightning_masks import MaskPruningCallback, masked_tensors  # noqa: E402
+from lightning_masks import MaskLogging, MaskPruningCallback, Schedule, masked_tensors  # noqa: E402
 
 
 def note_exit() -> None:
@@ -52,7 +52,8 @@ class SaveRankState(Callback):
 def main(strategy: str, out: str, ckpt_path: str | None) -> None:
     pl.seed_everything(0, verbose=False)
     module = TinyModule()
-    pruner = MaskPruningCallback(0.8, end=3, fold_on_fit_end=False, log_every_n_steps=1)
+    pruner = MaskPruningCallback(0.8, fold_on_fit_end=False, schedule=Schedule(end=3),
+                                 logging=MaskLogging(every_n_steps=1))
     trainer = pl.Trainer(
         strategy=strategy, accelerator="cpu", devices=2, max_epochs=4, deterministic=True,
         callbacks=[pruner, ModelCheckpoint(dirpath=out, filename="{epoch}", save_top_k=-1),

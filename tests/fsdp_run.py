@@ -23,7 +23,16 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_masks import MaskPruningCallback, Selector, attach, mask_before_sharding, masked_tensors
+from lightning_masks import (
+    MaskLogging,
+    MaskPruningCallback,
+    MaskState,
+    Schedule,
+    Selector,
+    attach,
+    mask_before_sharding,
+    masked_tensors,
+)
 from lightning_masks.lightning.sharding import full_state_dict, reshard
 from lightning_masks.masking.sharded import local_entries, mask_state_bytes, shard_with_weights
 from lightning_masks.selection.distributed import across_shards
@@ -145,10 +154,11 @@ class StopAfter(Callback):
 
 
 def fit(out: Path, *, distributed: bool, ckpt_path=None, extra=(), build_in_configure_model=False,
-        **pruning) -> tuple:
+        early_end="warn", state=None) -> tuple:
     pl.seed_everything(0, verbose=False)
     module = TinyLlamaModule(build_in_configure_model)
-    pruner = MaskPruningCallback(0.8, end=2, update_budget=None, log_every_n_steps=1, plots=False, **pruning)
+    pruner = MaskPruningCallback(0.8, schedule=Schedule(end=2, update_budget=None, early_end=early_end), state=state,
+                                 logging=MaskLogging(every_n_steps=1, plots=False))
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_epochs=3, deterministic=True,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
@@ -227,7 +237,7 @@ class LateLayer(TinyLlamaModule):
 def late_layers(out: Path, rank: int) -> None:
     """One step of each LateLayer: the layer left dense with a warning naming it, or masked by the line."""
     for line in (False, True):
-        pruner = MaskPruningCallback(plots=False, fold_on_fit_end=False)
+        pruner = MaskPruningCallback(fold_on_fit_end=False, logging=MaskLogging(plots=False))
         trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=1, callbacks=[pruner],
                              strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                              logger=False, enable_progress_bar=False, enable_checkpointing=False)
@@ -270,7 +280,7 @@ def main(out: Path) -> None:
     # full (rank-0) checkpoints, a fit ending before its ramp (early_end="final" jumps to the target), its resume;
     # the layers built in configure_model; the keep bits held apart from the scores (a sharded bool parameter)
     full = out / "full"
-    options = dict(distributed=False, early_end="final", build_in_configure_model=True, compact=False)
+    options = dict(distributed=False, early_end="final", build_in_configure_model=True, state=MaskState(compact=False))
     fit(full, **options, extra=[StopAfter(1), Record(full)])
     full_resumed = out / "full-resumed"
     trainer, _, _ = fit(full_resumed, **options, ckpt_path=full / "epoch=0.ckpt",

@@ -32,7 +32,7 @@ def test_gmp_and_plain_are_the_callback_with_their_option_fixed_and_named_agains
     plan = quality.Plan(0.9, 1, 7)
     (frozen,) = quality.METHODS["gmp"](None, plan)
     (plain,) = quality.METHODS["plain"](None, plan, init="stddev")
-    assert frozen.mask_lr == 0.0 and frozen.rescale_gate and plain.rescale_gate is False
+    assert frozen.optimizer.lr == 0.0 and frozen.state.rescale_gate and plain.state.rescale_gate is False
     with pytest.raises(ValueError, match="gmp fixes"):
         quality.METHODS["gmp"](None, plan, mask_lr=0.01)
 

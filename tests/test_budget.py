@@ -8,7 +8,7 @@ import torch
 from helpers import TinyModule, make_trainer, zeros_and_total
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_masks import MaskPruningCallback, Selector
+from lightning_masks import MaskPruningCallback, Schedule, Selector
 from lightning_masks.lifecycle.budget import UpdateBudget
 from lightning_masks.lifecycle.plan import MIN_RAMP_UPDATES
 from lightning_masks.selection import importance as importance_module
@@ -72,7 +72,7 @@ def test_the_share_is_checked(share):
     with pytest.raises(ValueError, match="update budget must be a share"):
         UpdateBudget(share)
     with pytest.raises(ValueError, match="update budget must be a share"):
-        MaskPruningCallback(update_budget=share)
+        MaskPruningCallback(schedule=Schedule(update_budget=share))
 
 
 @pytest.fixture
@@ -89,7 +89,8 @@ def slow_importance():
 
 
 def test_costly_updates_are_spaced_out_and_the_final_sparsity_is_still_reached(tiny_module, slow_importance):
-    pruner = MaskPruningCallback(0.8, selector=Selector(importance=slow_importance), update_budget=0.05, end=0.25)
+    pruner = MaskPruningCallback(0.8, selector=Selector(importance=slow_importance),
+                                 schedule=Schedule(update_budget=0.05, end=0.25))
     make_trainer(max_epochs=10, callbacks=[pruner]).fit(tiny_module)  # 40 steps, a ramp of 10: every 5 steps
     updates = len(pruner.plan.history["positions"])
     assert pruner.plan.every >= 5, pruner.plan.every  # ~0.2 s updates against steps of a few ms
@@ -100,7 +101,7 @@ def test_costly_updates_are_spaced_out_and_the_final_sparsity_is_still_reached(t
 
 def test_by_default_the_cadence_of_a_short_ramp_comes_from_its_length_whatever_updates_cost(tiny_module,
                                                                                            slow_importance):
-    pruner = MaskPruningCallback(0.8, selector=Selector(importance=slow_importance), end=0.25)
+    pruner = MaskPruningCallback(0.8, selector=Selector(importance=slow_importance), schedule=Schedule(end=0.25))
     make_trainer(max_epochs=4, callbacks=[pruner]).fit(tiny_module)  # 16 steps, a ramp of 4: every 2 steps
     assert pruner.plan.every == 2 and pruner.plan.history["positions"] == [0, 2, 4]
 
@@ -108,7 +109,7 @@ def test_by_default_the_cadence_of_a_short_ramp_comes_from_its_length_whatever_u
 def test_the_widened_interval_and_measured_costs_resume_from_the_checkpoint(tmp_path, slow_importance):
     def fit(max_epochs, ckpt_path=None):
         pruner = MaskPruningCallback(0.8, selector=Selector(importance=slow_importance), fold_on_fit_end=False,
-                                     update_budget=0.05)
+                                     schedule=Schedule(update_budget=0.05))
         saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
         trainer = make_trainer(max_epochs=max_epochs, callbacks=[pruner, saver], enable_checkpointing=True)
         seen = {}
@@ -132,7 +133,8 @@ def test_the_widened_interval_and_measured_costs_resume_from_the_checkpoint(tmp_
 
 def test_the_budget_still_ends_the_ramp_on_time_with_a_few_updates_on_it(tiny_module, slow_importance):
     # a new user's trial: on a tiny fast model the budget alone spaced updates past the ramp's end (0, 1, 23)
-    pruner = MaskPruningCallback(0.8, selector=Selector(importance=slow_importance), update_budget=0.05)
+    pruner = MaskPruningCallback(0.8, selector=Selector(importance=slow_importance),
+                                 schedule=Schedule(update_budget=0.05))
     make_trainer(max_epochs=6, callbacks=[pruner]).fit(tiny_module)  # 24 steps, the ramp ends at step 16
     positions = pruner.plan.history["positions"]
     assert positions[-1] == 16 and len(positions) >= 1 + MIN_RAMP_UPDATES, positions

@@ -11,7 +11,17 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_masks import MaskPruningCallback, Schedule, Selector, ThresholdSchedule, fold_checkpoint, masked_tensors
+from lightning_masks import (
+    MaskLogging,
+    MaskOptimizer,
+    MaskPruningCallback,
+    MaskState,
+    Schedule,
+    Selector,
+    ThresholdSchedule,
+    fold_checkpoint,
+    masked_tensors,
+)
 from lightning_masks.lifecycle.plan import auto_interval
 from lightning_masks.lightning.trainer import check_strategy
 from lightning_masks.masking import gate as gate_module
@@ -57,7 +67,7 @@ def test_digits_mlp_reaches_the_exact_sparsity_within_a_few_points_of_dense():
 
 
 def test_default_schedule_is_cubic_to_0_9_over_the_first_two_thirds(tiny_module):
-    pruner = MaskPruningCallback(update_every=1)
+    pruner = MaskPruningCallback(schedule=Schedule(update_every=1))
     probe = Probe(pruner)
     make_trainer(max_epochs=6, callbacks=[pruner, probe]).fit(tiny_module)
     end = 16.0  # two thirds of 6 epochs of 4 steps
@@ -79,7 +89,7 @@ def test_the_default_cadence_of_a_short_fit_is_spaced_by_its_length(tiny_module)
 
 
 def test_epoch_cadence_updates_as_each_epoch_starts(tiny_module):
-    pruner = MaskPruningCallback(update_every="epoch")
+    pruner = MaskPruningCallback(schedule=Schedule(update_every="epoch"))
     probe = Probe(pruner)
     make_trainer(max_epochs=6, callbacks=[pruner, probe]).fit(tiny_module)
     end = 4.0  # two thirds of 6 epochs
@@ -90,7 +100,7 @@ def test_epoch_cadence_updates_as_each_epoch_starts(tiny_module):
 
 
 def test_auto_cadence_is_planned_from_the_fit_length_and_ramp(tiny_module):
-    pruner = MaskPruningCallback(0.5, schedule="linear", start=15, end=65)  # 4 steps an epoch: steps 60..260
+    pruner = MaskPruningCallback(0.5, schedule=Schedule("linear", start=15, end=65))  # 4 steps an epoch: steps 60..260
     probe = Probe(pruner)
     make_trainer(max_epochs=75, callbacks=[pruner, probe]).fit(tiny_module)
     assert pruner.plan.every == auto_interval(200, 300) == 14  # 300 steps: about 5% of them for 14 updates
@@ -101,7 +111,7 @@ def test_auto_cadence_is_planned_from_the_fit_length_and_ramp(tiny_module):
 
 
 def test_int_start_and_end_count_epochs_whatever_the_cadence(tiny_module):
-    pruner = MaskPruningCallback(0.5, schedule="linear", start=1, end=3, update_every=2)
+    pruner = MaskPruningCallback(0.5, schedule=Schedule("linear", start=1, end=3, update_every=2))
     probe = Probe(pruner)
     make_trainer(max_epochs=4, callbacks=[pruner, probe]).fit(tiny_module)
     for step, position, target, pruned, total in probe.steps:
@@ -110,7 +120,7 @@ def test_int_start_and_end_count_epochs_whatever_the_cadence(tiny_module):
 
 
 def test_update_every_n_steps_with_a_fractional_end(tiny_module):
-    pruner = MaskPruningCallback(0.5, schedule="linear", end=1.0, update_every=3)
+    pruner = MaskPruningCallback(0.5, schedule=Schedule("linear", end=1.0, update_every=3))
     probe = Probe(pruner)
     make_trainer(max_steps=10, callbacks=[pruner, probe]).fit(tiny_module)
     positions = sorted({p for _, p, *_ in probe.steps})
@@ -121,7 +131,7 @@ def test_update_every_n_steps_with_a_fractional_end(tiny_module):
 
 
 def test_scores_are_trained_by_the_unmodified_configure_optimizers(tiny_module):
-    pruner = MaskPruningCallback(fold_on_fit_end=False, mask_lr=None)
+    pruner = MaskPruningCallback(fold_on_fit_end=False, optimizer=MaskOptimizer(lr=None))
     trainer = make_trainer(max_steps=3, callbacks=[pruner])
     initial, groups, twins = None, None, None
 
@@ -152,7 +162,7 @@ class ScheduledModule(TinyModule):
 def test_mask_lr_and_weight_decay_are_the_scores_own_whatever_the_schedule():
     pl.seed_everything(0, verbose=False)
     module = ScheduledModule()
-    pruner = MaskPruningCallback(mask_lr=0.1, mask_weight_decay=0.0, fold_on_fit_end=False)
+    pruner = MaskPruningCallback(fold_on_fit_end=False, optimizer=MaskOptimizer(lr=0.1, weight_decay=0.0))
     seen = {}
 
     class Spy(Callback):
@@ -196,7 +206,7 @@ class TwoOptimizers(TinyModule):
 def test_several_optimizers_each_train_the_scores_of_their_weights():
     pl.seed_everything(0, verbose=False)
     module = TwoOptimizers()
-    pruner = MaskPruningCallback(0.5, mask_lr=0.05, fold_on_fit_end=False)
+    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False, optimizer=MaskOptimizer(lr=0.05))
     twins = []
 
     class Spy(Callback):
@@ -231,7 +241,7 @@ class AttentionClassifier(TinyModule):
 def test_transformer_with_multihead_attention_is_masked_and_folded():
     pl.seed_everything(0, verbose=False)
     module = AttentionClassifier()
-    pruner = MaskPruningCallback(0.8, end=2)
+    pruner = MaskPruningCallback(0.8, schedule=Schedule(end=2))
     make_trainer(max_epochs=3, callbacks=[pruner]).fit(module)
     attention = module.net[1].layers[0].self_attn
     assert not parametrize.is_parametrized(attention)
@@ -254,7 +264,7 @@ def test_conv_with_batchnorm_and_frozen_layer():
     module = ConvBatchNorm()
     module.net[5].weight.requires_grad_(False)
     frozen = module.net[5].weight.detach().clone()
-    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, end=1)]).fit(module)
+    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, schedule=Schedule(end=1))]).fit(module)
     assert torch.equal(module.net[5].weight, frozen)
     conv = module.net[1].weight
     assert int((conv == 0).sum()) == round(0.5 * conv.numel())
@@ -262,7 +272,7 @@ def test_conv_with_batchnorm_and_frozen_layer():
 
 
 def test_fit_twice_does_not_mask_twice(tiny_module):
-    pruner = MaskPruningCallback(0.5, end=1, fold_on_fit_end=False)
+    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False, schedule=Schedule(end=1))
     make_trainer(max_epochs=2, callbacks=[pruner]).fit(tiny_module)
     first = masked_tensors(tiny_module)
     make_trainer(max_epochs=2, callbacks=[pruner]).fit(tiny_module)
@@ -271,7 +281,8 @@ def test_fit_twice_does_not_mask_twice(tiny_module):
 
 
 def test_fold_on_fit_end_false_keeps_the_masks(tiny_module):
-    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, end=1, fold_on_fit_end=False)]).fit(tiny_module)
+    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, fold_on_fit_end=False,
+                                                              schedule=Schedule(end=1))]).fit(tiny_module)
     assert len(masked_tensors(tiny_module)) == 2
 
 
@@ -337,46 +348,58 @@ def test_state_dict_round_trip():
     ({"init": "magnitde"}, r"unknown initializer 'magnitde'; known initializers: \['constant', 'from_zeros', "
                            r"'kaiming'"),
     ({"init": "magnitude_noise", "seed": 0.5}, r"seed must be an int or None, got 0.5"),
-    ({"temperature": 0}, r"temperature must be > 0, got 0"),
-    ({"temperature": -2.0}, r"temperature must be > 0, got -2.0"),
+    ({"state": {"temperature": 0}}, r"temperature must be > 0, got 0"),
+    ({"state": {"temperature": -2.0}}, r"temperature must be > 0, got -2.0"),
     ({"granularity": "4:2"}, r"invalid granularity '4:2'; use 'element', 'channel' or an N:M spec"),
     ({"granularity": "2:4", "sparsity": 0.9}, r"granularity '2:4' fixes sparsity at 0.5, got sparsity=0.9"),
     ({"schedule": "quadratic"}, r"unknown schedule 'quadratic'"),
-    ({"update_every": 0}, r"update_every must be 'auto', 'epoch' or a positive int"),
-    ({"mask_lr": -1.0}, r"mask_lr must be >= 0 or None, got -1.0"),
+    ({"schedule": {"update_every": 0}}, r"update_every must be 'auto', 'epoch' or a positive int"),
+    ({"optimizer": {"lr": -1.0}}, r"lr must be >= 0 or None, got -1.0"),
     ({"importance": "taylor"}, r"unknown importance 'taylor'"),
     ({"tie": ["net.0.weight", "net.2.weight"]}, r"tie must be 'auto' or a list of groups, each a non-empty list"),
     ({"tie": [["net.*"]], "granularity": "2:4"}, r"tie cannot be combined with N:M granularity"),
     ({"tie": "automatic"}, r"tie must be 'auto' or a list of groups, each .* got 'automatic'"),
-    ({"schedule": Schedule("linear", 0.9), "end": 5}, r"start/end \(\{'end': 5\}\) only shape a named schedule"),
-    ({"schedule": lambda t: 0.5, "start": 1}, r"start/end \(\{'start': 1\}\) only shape a named schedule"),
-    ({"start": 0.8, "end": 0.2}, r"the ramp is inverted: start=0.8 > end=0.2; .* give start <= end"),
-    ({"start": 5, "end": 2}, r"the ramp is inverted: start=5 > end=2"),
-    ({"mask_lr": "0.01"}, r"mask_lr must be >= 0 or None, got '0.01', a str: pass a number; e.g. mask_lr=0.01"),
-    ({"mask_weight_decay": "0"}, r"mask_weight_decay must be >= 0 or None, got '0', a str"),
+    ({"schedule": {"start": 0.8, "end": 0.2}}, r"the ramp is inverted: start=0.8 > end=0.2; .* give start <= end"),
+    ({"schedule": {"start": 5, "end": 2}}, r"the ramp is inverted: start=5 > end=2"),
+    ({"optimizer": {"lr": "0.01"}}, r"lr must be >= 0 or None, got '0.01', a str: pass a number; e.g. "
+                                    r"MaskOptimizer\(lr=0.01\)"),
+    ({"optimizer": {"weight_decay": "0"}}, r"weight_decay must be >= 0 or None, got '0', a str"),
     ({"layer_floor": "0.25"}, r"layer_floor must be in \[0, 1\], got '0.25'"),
     ({"layer_floor": 1.5}, r"layer_floor must be in \[0, 1\], got 1.5"),
     ({"sparsity": "0.9"}, r"sparsity must be in \[0, 1\), got '0.9', a str"),
-    ({"temperature": True}, r"temperature must be > 0, got True, a bool"),
-    ({"update_every": True}, r"update_every must be 'auto', 'epoch' or a positive int \(steps\), got True"),
+    ({"state": {"temperature": True}}, r"temperature must be > 0, got True, a bool"),
+    ({"schedule": {"update_every": True}},
+     r"update_every must be 'auto', 'epoch' or a positive int \(steps\), got True"),
     ({"targets": 3}, r"targets must be a glob on qualified names, a module type, or a list of them or None, got 3"),
     ({"exclude": [1]}, r"exclude must be a glob .* got \[1\]"),
     ({"mode": 1}, r"mode must be 'global' or 'layer', got 1"),
-    ({"early_end": "jump"}, r"early_end must be one of \['warn', 'final'\], got 'jump'"),
+    ({"schedule": {"early_end": "jump"}}, r"early_end must be one of \['warn', 'final'\], got 'jump'"),
     ({"seed": 1.5}, r"seed must be an int or None, got 1.5"),
     ({"fold_on_fit_end": "no"}, r"fold_on_fit_end must be True or False, got 'no'"),
-    ({"log_every_n_steps": -1}, r"log_every_n_steps must be an int >= 0 or None, got -1"),
+    ({"logging": {"every_n_steps": -1}}, r"every_n_steps must be an int >= 0 or None, got -1"),
+    ({"state": {"score_dtype": "float16"}}, r"score_dtype must be one of \['bfloat16', 'float32', 'float64'\]"),
+    ({"optimizer": {"fused_adam": 1}}, r"fused_adam must be True or False, got 1"),
+    ({"logging": {"plots": "no"}}, r"plots must be True or False, got 'no'"),
+    ({"state": MaskOptimizer()},
+     r"state must be a lightning_masks.MaskState \(e.g. state=MaskState\(temperature=0.5\)\), got MaskOptimizer"),
 ])
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        MaskPruningCallback(**with_selector(kwargs))
+        MaskPruningCallback(**as_objects(kwargs))
 
 
-def with_selector(kwargs: dict) -> dict:
-    """The callback's arguments with the selection's fields (``granularity``, ``tie``, ...) in a ``Selector``."""
+#: the callback's strategy arguments, built from the fields a table row gives them
+STRATEGIES = {"selector": Selector, "schedule": Schedule, "state": MaskState, "optimizer": MaskOptimizer,
+              "logging": MaskLogging}
+
+
+def as_objects(kwargs: dict) -> dict:
+    """The callback's arguments with each strategy's fields (``{"state": {"temperature": 0}}``, or the selection's
+    ``granularity``, ``tie``, ... given loose) built into its object, inside the ``raises`` block."""
     fields = set(inspect.signature(Selector).parameters)
     selection = {key: value for key, value in kwargs.items() if key in fields}
-    rest = {key: value for key, value in kwargs.items() if key not in fields}
+    rest = {key: STRATEGIES[key](**value) if isinstance(value, dict) else value
+            for key, value in kwargs.items() if key not in fields}
     return {**rest, "selector": Selector(**selection)} if selection else rest
 
 
@@ -449,7 +472,7 @@ def test_fsdp1_is_refused_naming_what_works():
 
 @pytest.mark.parametrize("stage", ["validate", "test", "predict"])
 def test_gates_are_computed_once_per_evaluation_loop(tiny_module, stage, monkeypatch):
-    pruner = MaskPruningCallback(0.5, end=1, fold_on_fit_end=False)
+    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False, schedule=Schedule(end=1))
     make_trainer(max_epochs=1, callbacks=[pruner], limit_val_batches=0).fit(tiny_module)
     calls = []
     computed = masks.gated
@@ -466,8 +489,8 @@ def test_channel_granularity_zeroes_whole_channels_and_restores_from_a_checkpoin
     pl.seed_everything(0, verbose=False)
     module = ConvBatchNorm()
     # output_layers=None: the classifier's rows are pruned too (the default keeps them whole)
-    pruner = MaskPruningCallback(0.5, end=1, selector=Selector(granularity="channel"), fold_on_fit_end=False,
-                                 output_layers=None)
+    pruner = MaskPruningCallback(0.5, selector=Selector(granularity="channel"), fold_on_fit_end=False,
+                                 output_layers=None, schedule=Schedule(end=1))
     trainer = make_trainer(max_epochs=2, callbacks=[pruner])
     trainer.fit(module)
     trainer.save_checkpoint(tmp_path / "channel.ckpt")
@@ -490,7 +513,7 @@ def test_channel_granularity_zeroes_whole_channels_and_restores_from_a_checkpoin
 
 def test_the_selection_is_one_selector_object(tiny_module):
     selector = Selector(mode="layer", granularity="2:4")
-    pruner = MaskPruningCallback(selector=selector, end=1)
+    pruner = MaskPruningCallback(selector=selector, schedule=Schedule(end=1))
     assert pruner.selector is selector and pruner.sparsity == 0.5
     make_trainer(max_epochs=1, callbacks=[pruner]).fit(tiny_module)
     for layer in (tiny_module.net[0], tiny_module.net[2]):
@@ -524,9 +547,9 @@ def test_straight_through_needs_regrowth_and_lets_pruned_entries_come_back():
     def fit(straight_through):
         torch.manual_seed(0)
         model, watch = TinyModule(), Watch()
-        pruner = MaskPruningCallback(0.7, start=0, end=3, update_every=2,
-                                     selector=Selector(regrow=True, straight_through=straight_through), plots=False,
-                                     log_histograms=False)
+        pruner = MaskPruningCallback(0.7, selector=Selector(regrow=True, straight_through=straight_through),
+                                     schedule=Schedule(start=0, end=3, update_every=2),
+                                     logging=MaskLogging(plots=False, histograms=False))
         make_trainer(max_epochs=4, callbacks=[pruner, watch]).fit(model, synthetic_loader(n=128))
         assert zeros_and_total(model)[0] == round(0.7 * zeros_and_total(model)[1])
         return watch

@@ -7,7 +7,7 @@ from helpers import TinyModule, make_trainer, synthetic_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn.utils import parametrize
 
-from lightning_masks import MaskPruningCallback, fold_checkpoint, masked_tensors
+from lightning_masks import MaskOptimizer, MaskPruningCallback, Schedule, fold_checkpoint, masked_tensors
 from lightning_masks.masking.layout import group_mask_keys, saved_keep
 
 
@@ -17,10 +17,11 @@ class Scheduled(TinyModule):
         return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)]
 
 
-def fit(tmp_path, max_epochs, ckpt_path=None, module_cls=TinyModule, **callback_kwargs):
+def fit(tmp_path, max_epochs, ckpt_path=None, module_cls=TinyModule, update_every="auto", **callback_kwargs):
     pl.seed_everything(0, verbose=False)
     module = module_cls()
-    pruner = MaskPruningCallback(0.8, end=4, fold_on_fit_end=False, **callback_kwargs)
+    pruner = MaskPruningCallback(0.8, fold_on_fit_end=False, schedule=Schedule(end=4, update_every=update_every),
+                                 **callback_kwargs)
     saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
     trainer = make_trainer(max_epochs=max_epochs, callbacks=[pruner, saver], deterministic=True,
                            enable_checkpointing=True)
@@ -28,10 +29,10 @@ def fit(tmp_path, max_epochs, ckpt_path=None, module_cls=TinyModule, **callback_
     return module, pruner, trainer
 
 
-@pytest.mark.parametrize("module_cls, options", [(TinyModule, {"mask_lr": 0.05}),
-                                                 (Scheduled, {"mask_lr": None, "mask_weight_decay": 0.0})])
+@pytest.mark.parametrize("module_cls, options", [(TinyModule, {"optimizer": MaskOptimizer(lr=0.05)}),
+                                                 (Scheduled, {"optimizer": MaskOptimizer(lr=None, weight_decay=0.0)})])
 def test_resume_mid_schedule_reaches_the_same_masks_position_and_metrics(tmp_path, module_cls, options):
-    """The scores' optimizer resumes too: its state, and (``mask_lr=None``) the scheduled lr it follows."""
+    """The scores' optimizer resumes too: its state, and (``lr=None``) the scheduled lr it follows."""
     whole, whole_pruner, whole_trainer = fit(tmp_path / "whole", 6, module_cls=module_cls, update_every=1,
                                              **options)
     checkpoint = tmp_path / "whole" / "epoch=1.ckpt"

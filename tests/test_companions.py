@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_masks import MaskPruningCallback, fold, masked_tensors
+from lightning_masks import MaskPruningCallback, Schedule, fold, masked_tensors
 
 
 def plain(module):
@@ -26,7 +26,8 @@ def plain(module):
 # ------------------------------------------------------------------------------------------ copies
 @pytest.mark.parametrize("swa_first", [True, False])
 def test_stochastic_weight_averaging_in_either_order(tiny_module, swa_first):
-    swa, pruner = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1), MaskPruningCallback(0.5, end=1)
+    swa = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1)
+    pruner = MaskPruningCallback(0.5, schedule=Schedule(end=1))
     make_trainer(max_epochs=3, callbacks=[swa, pruner] if swa_first else [pruner, swa]).fit(tiny_module)
     assert plain(tiny_module)
     assert zeros_and_total(tiny_module)[0] == round(0.5 * zeros_and_total(tiny_module)[1])
@@ -57,7 +58,7 @@ class EMA(Callback):
 @pytest.mark.parametrize("copy_at", ["setup", "train_start"])
 def test_ema_averaged_model_follows_the_masks(tiny_module, copy_at):
     ema = EMA(copy_at)
-    pruner = MaskPruningCallback(0.5, end=1)
+    pruner = MaskPruningCallback(0.5, schedule=Schedule(end=1))
     make_trainer(max_epochs=3, callbacks=[ema, pruner]).fit(tiny_module)
     averaged = ema.ema.module
     keep = [e.gate.keep for e in masked_tensors(averaged)]
@@ -78,7 +79,7 @@ def test_deepcopy_during_fit_after_fit_and_after_fold(tiny_module):
         def on_validation_end(self, trainer, pl_module):  # gates cached in evaluation loops
             copies.append((copy.deepcopy(pl_module), pl_module(x).detach()))
 
-    pruner = MaskPruningCallback(0.5, end=1, fold_on_fit_end=False)
+    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False, schedule=Schedule(end=1))
     make_trainer(max_epochs=2, callbacks=[pruner, Copier()]).fit(tiny_module)
     for replica, expected in copies:
         assert torch.allclose(replica(x), expected)
@@ -108,7 +109,8 @@ class Backboned(TinyModule):
 def test_backbone_frozen_by_finetuning_is_masked_in_either_order(finetuning_first, monkeypatch):
     pl.seed_everything(0, verbose=False)
     module = Backboned()
-    finetuning, pruner = BackboneFinetuning(unfreeze_backbone_at_epoch=2), MaskPruningCallback(0.7, end=3)
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=2)
+    pruner = MaskPruningCallback(0.7, schedule=Schedule(end=3))
     callbacks = [finetuning, pruner] if finetuning_first else [pruner, finetuning]
     said = []
     monkeypatch.setattr("lightning_masks.lightning.fit_report.rank_zero_info", said.append)
@@ -147,7 +149,7 @@ def test_frozen_mask_learns_masks_over_weights_frozen_by_hand_and_keeps_them_bit
     pl.seed_everything(0, verbose=False)
     module = FrozenBackbone(head_only)
     before = [module.backbone[i].weight.detach().clone() for i in (0, 2)]
-    pruner = MaskPruningCallback(0.8, end=3, exclude=["head", "net.*"], frozen="mask")
+    pruner = MaskPruningCallback(0.8, exclude=["head", "net.*"], frozen="mask", schedule=Schedule(end=3))
     scores = []
 
     class Watch(Callback):
@@ -175,7 +177,7 @@ def test_frozen_mask_masks_what_finetuning_freezes_and_trains_the_scores_while_f
     frozen = [module.backbone[0], module.backbone[2], module.frozen]  # by the finetuning callback, and by hand
     before = [layer.weight.detach().clone() for layer in frozen]
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=10)  # never unfrozen in this fit
-    pruner = MaskPruningCallback(0.7, end=3, frozen="mask")
+    pruner = MaskPruningCallback(0.7, frozen="mask", schedule=Schedule(end=3))
     trained = []
 
     class Watch(Callback):
@@ -195,7 +197,7 @@ def test_frozen_mask_masks_what_finetuning_freezes_and_trains_the_scores_while_f
 def test_gradient_initializers_score_frozen_weights():
     pl.seed_everything(0, verbose=False)
     module = FrozenBackbone()
-    pruner = MaskPruningCallback(0.8, init="snip", end=1, exclude=["head", "net.*"], frozen="mask")
+    pruner = MaskPruningCallback(0.8, init="snip", exclude=["head", "net.*"], frozen="mask", schedule=Schedule(end=1))
     make_trainer(max_epochs=2, limit_train_batches=2, callbacks=[pruner]).fit(module)
     weights = [module.backbone[i].weight for i in (0, 2)]
     assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
@@ -208,7 +210,8 @@ def test_frozen_gate_learns_soft_gates_over_frozen_weights_and_folds_them_in(mon
     before = [module.backbone[i].weight.detach().clone() for i in (0, 2)]
     said = []
     monkeypatch.setattr("lightning_masks.lightning.fit_report.rank_zero_info", said.append)
-    pruner = MaskPruningCallback(0.8, end=3, exclude=["head", "net.*"], frozen="gate", fold_on_fit_end=False)
+    pruner = MaskPruningCallback(0.8, exclude=["head", "net.*"], frozen="gate", fold_on_fit_end=False,
+                                 schedule=Schedule(end=3))
     make_trainer(max_epochs=4, callbacks=[pruner]).fit(module)
     assert [e.gate.is_binary for e in masked_tensors(module)] == [False, False]
     assert all(torch.equal(e.weight, w) for e, w in zip(masked_tensors(module), before))  # the parameters untouched
@@ -224,7 +227,7 @@ def test_finetuning_preset_learns_gates_over_a_frozen_backbone():
     pl.seed_everything(0, verbose=False)
     module = FrozenBackbone()
     before = module.backbone[2].weight.detach().clone()
-    pruner = MaskPruningCallback.finetuning(0.8, end=3, exclude=["head", "net.*"])
+    pruner = MaskPruningCallback.finetuning(0.8, exclude=["head", "net.*"], schedule=Schedule(end=3))
     assert pruner.frozen == "gate" and pruner.sparsity == 0.8
     make_trainer(max_epochs=2, callbacks=[pruner]).fit(module)
     weight = module.backbone[2].weight
@@ -240,7 +243,8 @@ def test_frozen_must_be_skip_mask_or_gate():
 # ------------------------------------------------------------------------------------------ early ends
 def test_early_stopping_warns_and_folds_what_was_reached(tiny_module):
     stopper = EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)
-    pruner = MaskPruningCallback(0.9, end=8, update_every=1)  # updates before the stop at the end of epoch 1
+    pruner = MaskPruningCallback(0.9, schedule=Schedule(end=8,
+        update_every=1))  # updates before the stop at the end of epoch 1
     with pytest.warns(UserWarning, match=r"fit ended at step \d+, before the ramp's end at step 32: target sparsity "
                                          r"0.9 \(reached (\d+\.\d+)%\); the model is folded as it is; pass "
                                          r"early_end='final'"):
@@ -252,7 +256,7 @@ def test_early_stopping_warns_and_folds_what_was_reached(tiny_module):
 
 def test_early_end_final_jumps_to_the_final_target(tiny_module, recwarn):
     stopper = EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)
-    pruner = MaskPruningCallback(0.9, end=8, early_end="final")
+    pruner = MaskPruningCallback(0.9, schedule=Schedule(end=8, early_end="final"))
     make_trainer(max_epochs=12, callbacks=[stopper, pruner]).fit(tiny_module)
     reached, total = zeros_and_total(tiny_module)
     assert reached == round(0.9 * total)
@@ -265,7 +269,7 @@ class Slow(Callback):
 
 
 def test_max_time_ends_early_with_a_warning(tiny_module):
-    pruner = MaskPruningCallback(0.9, end=8)
+    pruner = MaskPruningCallback(0.9, schedule=Schedule(end=8))
     with pytest.warns(UserWarning, match=r"before the ramp's end .* target sparsity 0.9"):
         make_trainer(max_epochs=12, max_time={"seconds": 2}, callbacks=[pruner, Slow()]).fit(tiny_module)
     reached, total = zeros_and_total(tiny_module)
@@ -278,7 +282,8 @@ def test_an_exception_mid_ramp_warns_and_folds_what_was_reached(tiny_module):
             if trainer.global_step == 6:
                 raise RuntimeError("boom")
 
-    pruner = MaskPruningCallback(0.9, end=8, update_every=1)  # an update every step: the last one at 6
+    pruner = MaskPruningCallback(0.9, schedule=Schedule(end=8,
+                                                        update_every=1))  # an update every step: the last one at 6
     with pytest.warns(UserWarning, match=r"fit ended at step 6, .* target sparsity 0.9"), \
             pytest.raises(RuntimeError, match="boom"):
         make_trainer(max_epochs=12, callbacks=[pruner, Boom()]).fit(tiny_module)
@@ -287,13 +292,13 @@ def test_an_exception_mid_ramp_warns_and_folds_what_was_reached(tiny_module):
 
 
 def test_a_full_fit_does_not_warn(tiny_module, recwarn):
-    make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, end=2)]).fit(tiny_module)
+    make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, schedule=Schedule(end=2))]).fit(tiny_module)
     assert not [w for w in recwarn if "ramp" in str(w.message)]
 
 
 # ------------------------------------------------------------------------------------------ two fits
 def test_one_callback_two_fits_gives_each_fit_its_own_lifecycle():
-    pruner = MaskPruningCallback(0.6, schedule="linear", end=2, update_every="epoch")
+    pruner = MaskPruningCallback(0.6, schedule=Schedule("linear", end=2, update_every="epoch"))
     for seed in (0, 1):
         pl.seed_everything(seed, verbose=False)
         module = TinyModule()
@@ -361,7 +366,7 @@ def test_exporting_mid_training_gives_the_masked_function_and_leaves_training_al
     def fit(callbacks):
         pl.seed_everything(0, verbose=False)
         module = TinyModule()
-        pruner = MaskPruningCallback(0.5, end=2)
+        pruner = MaskPruningCallback(0.5, schedule=Schedule(end=2))
         make_trainer(max_epochs=3, callbacks=[pruner, *callbacks], deterministic=True,
                      limit_val_batches=2).fit(module)
         return module
@@ -385,7 +390,7 @@ def test_torch_save_of_the_whole_module_during_fit(tmp_path):
 
     pl.seed_everything(0, verbose=False)
     module = TinyModule()
-    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, end=1), Saver()]).fit(module)
+    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, schedule=Schedule(end=1)), Saver()]).fit(module)
     for path, expected in saved:
         loaded = torch.load(path, weights_only=False)
         assert type(loaded) is TinyModule and len(masked_tensors(loaded)) == 2
@@ -402,7 +407,7 @@ def test_a_teacher_of_the_same_class_held_by_a_callback_is_left_alone(tiny_modul
 
     distill = Distill()
     before = {k: v.clone() for k, v in distill.teacher.state_dict().items()}
-    make_trainer(max_epochs=2, callbacks=[distill, MaskPruningCallback(0.5, end=1)]).fit(tiny_module)
+    make_trainer(max_epochs=2, callbacks=[distill, MaskPruningCallback(0.5, schedule=Schedule(end=1))]).fit(tiny_module)
     assert plain(distill.teacher) and all(torch.equal(before[k], v) for k, v in distill.teacher.state_dict().items())
 
 
@@ -415,7 +420,8 @@ def test_stochastic_weight_averaging_first_resumes_from_a_checkpoint(tmp_path):
         swa = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1)
         saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
         make_trainer(max_epochs=max_epochs, enable_checkpointing=True, deterministic=True,
-                     callbacks=[swa, MaskPruningCallback(0.5, end=2), saver]).fit(module, ckpt_path=ckpt_path)
+                     callbacks=[swa, MaskPruningCallback(0.5, schedule=Schedule(end=2)), saver]).fit(module,
+                         ckpt_path=ckpt_path)
         return module
 
     whole = fit(4)
@@ -437,8 +443,10 @@ class WithInnerAverage(TinyModule):
 def test_a_weight_average_kept_inside_the_module_is_named_in_a_warning_and_excluding_it_keeps_the_target():
     pl.seed_everything(0, verbose=False)
     with pytest.warns(UserWarning, match=r"inside a weight average the module keeps \(ema\).*exclude=\['ema\.\*'\]"):
-        make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, end=0)]).fit(WithInnerAverage())
+        pruner = MaskPruningCallback(0.5, schedule=Schedule(end=0))
+        make_trainer(max_epochs=1, callbacks=[pruner]).fit(WithInnerAverage())
     module = WithInnerAverage()
-    make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, end=0, exclude=["ema.*"])]).fit(module)
+    make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, exclude=["ema.*"],
+                                                              schedule=Schedule(end=0))]).fit(module)
     zeros, total = zeros_and_total(module.net)
     assert zeros == round(0.5 * total) and not any(p.eq(0).any() for p in module.ema.parameters() if p.dim() > 1)

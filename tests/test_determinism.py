@@ -14,7 +14,7 @@ from helpers import TinyModule, make_trainer, zeros_and_total
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.checkpoint import checkpoint
 
-from lightning_masks import MaskPruningCallback
+from lightning_masks import MaskPruningCallback, Schedule
 
 
 class Slow(TinyModule):
@@ -82,7 +82,7 @@ def test_a_resumed_default_fit_equals_the_uninterrupted_one(tmp_path):
 def test_a_finished_fit_continued_to_a_higher_target_replans_its_ramp_and_reaches_it(tmp_path, budget):
     def run(sparsity, max_epochs, ckpt_path=None):
         module = TinyModule()
-        pruner = MaskPruningCallback(sparsity, update_budget=budget)
+        pruner = MaskPruningCallback(sparsity, schedule=Schedule(update_budget=budget))
         saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
         make_trainer(max_epochs=max_epochs, callbacks=[pruner, saver], enable_checkpointing=True).fit(
             module, ckpt_path=ckpt_path)

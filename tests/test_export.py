@@ -14,7 +14,7 @@ import torch
 from helpers import TinyModule, make_trainer
 from torch import nn
 
-from lightning_masks import MaskPruningCallback, attach, fold_checkpoint, fold_state_dict
+from lightning_masks import MaskPruningCallback, Schedule, attach, fold_checkpoint, fold_state_dict
 from lightning_masks.export.command import load_checkpoint, load_sparse, main, save_program, save_sparse, shrink
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -273,7 +273,8 @@ def masked_checkpoint(tmp_path_factory):
     """A checkpoint of TinyModule pruned to 95% by the callback, masks not folded."""
     pl.seed_everything(0, verbose=False)
     module = TinyModule(hidden=32)
-    trainer = make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.95, end=1, fold_on_fit_end=False)])
+    trainer = make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.95, fold_on_fit_end=False,
+                                                                        schedule=Schedule(end=1))])
     trainer.fit(module)
     path = tmp_path_factory.mktemp("ckpt") / "masked.ckpt"
     trainer.save_checkpoint(path)

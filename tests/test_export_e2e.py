@@ -14,13 +14,14 @@ from helpers import TinyModule, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_export import readme_loader
 
-from lightning_masks import MaskPruningCallback, Selector, fold_checkpoint
+from lightning_masks import MaskLogging, MaskPruningCallback, Schedule, Selector, fold_checkpoint
 from lightning_masks.export.command import main
 
 
 def test_channel_checkpoint_exports_to_smaller_files_that_plain_pytorch_runs(tmp_path, capsys):
     pl.seed_everything(0, verbose=False)
-    pruner = MaskPruningCallback(0.75, selector=Selector(granularity="channel"), exclude=["net.2"], end=1, plots=False)
+    pruner = MaskPruningCallback(0.75, selector=Selector(granularity="channel"), exclude=["net.2"],
+                                 schedule=Schedule(end=1), logging=MaskLogging(plots=False))
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = make_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, enable_checkpointing=True,
                            callbacks=[pruner, saver])
@@ -74,12 +75,12 @@ def test_tied_stream_masks_let_shrink_narrow_a_resnets_residual_streams(auto):
         model.example_input_array = torch.randn(2, 1, 8, 8)
         norms = ["net.1.weight", "*.body.1.weight", "*.body.4.weight", "*.shortcut.1.weight"]
         pruner = MaskPruningCallback(0.5, selector=Selector(granularity="channel", mode="layer", tie="auto"),
-                                     targets=norms, end=1,
-                                     plots=False)
+                                     targets=norms, schedule=Schedule(end=1), logging=MaskLogging(plots=False))
     else:
         pruner = MaskPruningCallback(0.5, selector=Selector(granularity="channel", mode="layer", tie=streams),
                                      targets=[*sum(streams, []),
-                                     "net.*.body.1.weight"], end=1, plots=False)
+                                     "net.*.body.1.weight"],
+                                     schedule=Schedule(end=1), logging=MaskLogging(plots=False))
     data = SyntheticDataModule(64, (1, 8, 8), 3, batch_size=16)
     make_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[pruner]).fit(model, data)
     net = model.net.eval()

@@ -12,7 +12,14 @@ from helpers import TinyModule, make_trainer, synthetic_loader
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_masks import MaskPruningCallback, Selector, get_initializer, masked_tensors, register_layer_kind
+from lightning_masks import (
+    MaskLogging,
+    MaskPruningCallback,
+    Selector,
+    get_initializer,
+    masked_tensors,
+    register_layer_kind,
+)
 
 
 class Snapshot(Callback):
@@ -162,7 +169,7 @@ def test_moe_routers_stay_dense_and_named_while_every_expert_is_pruned(family, c
     experts = {"model." + n for n in matching(module.model, expert_globs)}
     assert routing and experts
     before = {n: p.detach().clone() for n, p in module.named_parameters() if n in routing}
-    pruner = MaskPruningCallback(sparsity=0.9, fold_on_fit_end=False, plots=False)
+    pruner = MaskPruningCallback(sparsity=0.9, fold_on_fit_end=False, logging=MaskLogging(plots=False))
     monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
     make_trainer(max_epochs=1, limit_train_batches=3, callbacks=[pruner]).fit(module)
@@ -216,7 +223,7 @@ def test_lora_prunes_the_frozen_base_under_the_adapters_and_merge_and_unload_kee
     module = LM(lora(llama()), lr=1e-2)
     base = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad and p.dim() == 2}
     factors = {n for n, p in module.named_parameters() if "lora_" in n}
-    pruner = MaskPruningCallback(sparsity=0.5, fold_on_fit_end=False, plots=False)
+    pruner = MaskPruningCallback(sparsity=0.5, fold_on_fit_end=False, logging=MaskLogging(plots=False))
     snapshot = Snapshot()
     make_trainer(max_epochs=2, callbacks=[pruner, snapshot]).fit(module)
     masked = {e.name: e for e in masked_tensors(module)}

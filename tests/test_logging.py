@@ -11,14 +11,14 @@ from helpers import make_trainer, wandb_reader
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_masks import MaskPruningCallback
+from lightning_masks import MaskLogging, MaskPruningCallback, Schedule
 
 LAYERS = ("net.0.weight", "net.2.weight")
 TOTAL = 8 * 16 + 16 * 3
 
 
 def fit_with(logger, module, **kwargs):
-    pruner = MaskPruningCallback(0.8, end=2, log_every_n_steps=2, **kwargs)
+    pruner = MaskPruningCallback(0.8, schedule=Schedule(end=2), logging=MaskLogging(every_n_steps=2), **kwargs)
     trainer = make_trainer(max_epochs=3, logger=logger, callbacks=[pruner])
     trainer.fit(module)
     return trainer
@@ -46,7 +46,7 @@ def test_the_progress_bar_shows_the_sparsity_of_every_step(tiny_module):
             seen.append((trainer.progress_bar_metrics["masks/sparsity"], pruner.sparsity_now))
 
     seen = []
-    pruner = MaskPruningCallback(0.8, end=2)
+    pruner = MaskPruningCallback(0.8, schedule=Schedule(end=2))
     make_trainer(max_epochs=3, callbacks=[pruner, Reader()]).fit(tiny_module)
     shown, actual = zip(*seen)
     assert shown == pytest.approx(actual) and len(set(actual)) > 2 and actual[-1] == pytest.approx(0.8, abs=0.01)

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.optim import lr_scheduler
 
-from lightning_masks import MaskPruningCallback, Selector, attach, masked_tensors
+from lightning_masks import MaskOptimizer, MaskPruningCallback, MaskState, Schedule, Selector, attach, masked_tensors
 from lightning_masks.lightning.optim import ScoreOptimizers
 
 
@@ -62,7 +62,8 @@ def test_a_twin_that_cannot_be_built_is_refused_with_the_way_out():
     model = nn.Linear(3, 3)
     masked = attach(model)
     weight = model.parametrizations.weight.original
-    with pytest.raises(ValueError, match=r"copy of your optimizer \(Custom\).*mask_lr=None and mask_weight_decay=None"):
+    with pytest.raises(ValueError, match=r"copy of your optimizer \(Custom\).*"
+                                         r"MaskOptimizer\(lr=None, weight_decay=None\)"):
         ScoreOptimizers([Custom([weight], model)], masked, lr=0.01)
     with pytest.raises(ValueError, match=r"\(LBFGS\).*LBFGS.step needs a closure"):
         ScoreOptimizers([torch.optim.LBFGS([weight])], masked, lr=0.01)
@@ -121,11 +122,11 @@ def test_the_fused_adam_switch_is_an_explicit_callback_setting(tiny_module):
             seen["twin"] = [group.get("fused") for t in pruner.score_optimizers for group in t.param_groups]
 
     for fused_adam, expected in ((True, True), (False, None)):
-        pruner = MaskPruningCallback(0.5, fused_adam=fused_adam)
+        pruner = MaskPruningCallback(0.5, optimizer=MaskOptimizer(fused_adam=fused_adam))
         make_trainer(max_steps=1, callbacks=[pruner, Spy()]).fit(tiny_module)
         assert seen["fused"] and seen["twin"] and all(flag is expected for flag in seen["fused"] + seen["twin"]), seen
     with pytest.raises(ValueError, match="fused_adam must be True or False, got 'yes'"):
-        MaskPruningCallback(fused_adam="yes")
+        MaskPruningCallback(optimizer=MaskOptimizer(fused_adam="yes"))
 
 
 # ------------------------------------------------------------------------------------------------ schedulers
@@ -223,7 +224,7 @@ def test_every_torch_scheduler_works_unmodified_and_the_scores_follow_mask_lr(sc
     pl.seed_everything(0, verbose=False)
     plain = _fit_with_spy(Scheduled(scheduler, interval), max_steps=STEPS)
     pl.seed_everything(0, verbose=False)
-    pruner = MaskPruningCallback(0.5, mask_lr=0.02, score_dtype="float32")
+    pruner = MaskPruningCallback(0.5, state=MaskState(score_dtype="float32"), optimizer=MaskOptimizer(lr=0.02))
     masked = _fit_with_spy(Scheduled(scheduler, interval), pruner, max_steps=STEPS)
     assert masked.user_lrs == plain.user_lrs and len(masked.user_lrs) == STEPS
     assert len(set(map(tuple, plain.user_lrs))) > 1 or scheduler == "ReduceLROnPlateau"  # the schedule moves
@@ -456,7 +457,7 @@ def test_the_users_zero_grad_reaches_the_scores_a_generator_loss_does_not_train_
 
 def test_a_gan_bounded_by_max_steps_ends_its_ramp_at_two_thirds():
     pl.seed_everything(0, verbose=False)
-    pruner = MaskPruningCallback(0.5, schedule="linear", update_every=1)
+    pruner = MaskPruningCallback(0.5, schedule=Schedule("linear", update_every=1))
     targets = []
 
     class Spy(Callback):
@@ -494,7 +495,8 @@ def test_amp_skipped_steps_skip_the_scores_too(fused):
     from lightning.pytorch.plugins import MixedPrecision
 
     pl.seed_everything(0, verbose=False)
-    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False, update_every=100)  # no update moves the scores
+    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False,
+                                 schedule=Schedule(update_every=100))  # no update moves the scores
     counting = Counting()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=2.0 ** -40, growth_interval=1000)
 
@@ -517,7 +519,8 @@ def test_clipping_and_accumulation_reach_the_scores(precision):
     """gradient_clip_val bounds the scores' steps (by their own norm); with accumulate_grad_batches the scores step
     with the user's optimizer, once per accumulated batch."""
     pl.seed_everything(0, verbose=False)
-    pruner = MaskPruningCallback(0.5, mask_lr=0.5, score_dtype="float32", fold_on_fit_end=False)
+    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False, state=MaskState(score_dtype="float32"),
+                                 optimizer=MaskOptimizer(lr=0.5))
 
     class SGDModule(TinyModule):
         def configure_optimizers(self):

@@ -50,7 +50,7 @@ def test_the_auto_cadence_depends_on_the_fit_only_and_resumes_alike():
 
 
 def test_epoch_cadence_and_callables_update_as_epochs_start():
-    plan = Plan(Schedule("linear", final=0.6, end=2), update_every="epoch")
+    plan = Plan(Schedule("linear", final=0.6, end=2, update_every="epoch"))
     assert run(plan, epochs=3, steps_per_epoch=4) == [(0, 0.0), (1, 0.3), (2, 0.6)]
     plan = Plan(CallableSchedule(lambda epoch: [0.0, 0.3, 0.7][epoch]))
     assert plan.cadence == "epoch" and run(plan, 3, 4) == [(0, 0.0), (1, 0.3), (2, 0.7)]
@@ -58,15 +58,15 @@ def test_epoch_cadence_and_callables_update_as_epochs_start():
 
 
 def test_equal_targets_are_skipped_unless_regrowing_or_thresholding():
-    for plan, count in [(Plan(Schedule("constant", final=0.6), 1), 1),
-                        (Plan(Schedule("constant", final=0.6), 1, regrow=True), 8),
-                        (Plan(ThresholdSchedule("constant", final=0.6), 1), 8)]:
+    for plan, count in [(Plan(Schedule("constant", final=0.6, update_every=1)), 1),
+                        (Plan(Schedule("constant", final=0.6, update_every=1), regrow=True), 8),
+                        (Plan(ThresholdSchedule("constant", final=0.6, update_every=1)), 8)]:
         assert len(run(plan, epochs=2, steps_per_epoch=4)) == count
         assert plan.position == 7
 
 
 def test_fresh_forgets_the_last_fit_and_state_dict_restores_it():
-    plan = Plan(Schedule("constant", final=0.6), update_every="epoch")
+    plan = Plan(Schedule("constant", final=0.6, update_every="epoch"))
     run(plan, 3, 4)
     saved = plan.state_dict()
     fresh = plan.fresh()
@@ -81,7 +81,7 @@ def test_an_early_end_is_a_shortfall_and_final_jumps():
     plan = Plan(Schedule("cubic", final=0.9, end=8))
     run(plan, epochs=3, steps_per_epoch=4)  # resolved for 3 epochs: the ramp is clamped to end at step 11
     assert plan.shortfall() is None
-    plan = Plan(Schedule("cubic", final=0.9, end=8), 1, early_end="final")
+    plan = Plan(Schedule("cubic", final=0.9, end=8, update_every=1, early_end="final"))
     plan.resolve(12 * 4, 4)
     for step in range(10):
         target = plan.decide(plan.due(step // 4, step, epoch_start=False))

@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from lightning_masks import MaskPruningCallback, attach, fold, masked_tensors
+from lightning_masks import MaskLogging, MaskPruningCallback, Schedule, attach, fold, masked_tensors
 from lightning_masks.masking.kinds import get_layer_kind, kind_of, list_layer_kinds, register_layer_kind
 from lightning_masks.masking.masks import resolve_targets
 from lightning_masks.selection.selector import Selector
@@ -167,8 +167,8 @@ class OwnConv1DModule(TinyModule):
 def test_structured_masks_on_a_layer_of_no_registered_kind_are_refused_before_any_step(granularity):
     module = OwnConv1DModule()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    pruner = MaskPruningCallback(selector=Selector(granularity=granularity), targets=[OwnConv1D, nn.Linear], end=1,
-                                 plots=False)
+    pruner = MaskPruningCallback(selector=Selector(granularity=granularity), targets=[OwnConv1D, nn.Linear],
+                                 schedule=Schedule(end=1), logging=MaskLogging(plots=False))
     with pytest.raises(ValueError, match=rf"granularity='{granularity}' needs to know which axis of 'net.0.weight'.*"
                                          r"not a registered layer kind.*register_layer_kind\(OwnConv1D, output_axis"):
         fit(module, pruner, limit_train_batches=2)
@@ -179,7 +179,8 @@ def test_structured_masks_on_a_layer_of_no_registered_kind_are_refused_before_an
 def test_element_masks_on_a_layer_of_no_registered_kind_still_work():
     pl.seed_everything(0, verbose=False)
     module = OwnConv1DModule()
-    fit(module, MaskPruningCallback(0.5, targets=[OwnConv1D, nn.Linear], end=1, plots=False), limit_train_batches=2)
+    fit(module, MaskPruningCallback(0.5, targets=[OwnConv1D, nn.Linear], schedule=Schedule(end=1),
+                                    logging=MaskLogging(plots=False)), limit_train_batches=2)
     zeros = int(module.net[0].weight.eq(0).sum())
     assert zeros == pytest.approx(0.5 * module.net[0].weight.numel(), abs=0.15 * module.net[0].weight.numel())
 
@@ -188,8 +189,8 @@ def test_a_layer_registered_with_its_axis_gets_channel_masks_on_its_outputs():
     pl.seed_everything(0, verbose=False)
     register_layer_kind(OwnConv1D, output_axis=1)
     module = OwnConv1DModule()
-    fit(module, MaskPruningCallback(0.5, selector=Selector(granularity="channel"), end=1,
-                                    plots=False), limit_train_batches=2)
+    fit(module, MaskPruningCallback(0.5, selector=Selector(granularity="channel"), schedule=Schedule(end=1),
+                                    logging=MaskLogging(plots=False)), limit_train_batches=2)
     weight, bias = module.net[0].weight, module.net[0].bias
     dead = weight.eq(0).all(0)  # whole output columns
     assert 0 < int(dead.sum()) < weight.shape[1] and not weight.eq(0).all(1).any()
@@ -199,7 +200,7 @@ def test_a_layer_registered_with_its_axis_gets_channel_masks_on_its_outputs():
 # ----------------------------------------------------------------------------------------- transformers
 def test_gpt2_masks_the_blocks_conv1d_weights_and_leaves_the_tied_embedding_whole(caplog, monkeypatch):
     module = HFModule(gpt2())
-    pruner = MaskPruningCallback(0.5, end=1, plots=False)
+    pruner = MaskPruningCallback(0.5, schedule=Schedule(end=1), logging=MaskLogging(plots=False))
     monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
     fit(module, pruner, limit_train_batches=2)
@@ -263,7 +264,8 @@ def test_encoder_and_seq2seq_models_mask_their_projections_and_keep_shared_embed
 
 def test_seq2seq_generate_works_after_a_masked_fit_and_fold():
     module = HFModule(t5())
-    fit(module, MaskPruningCallback(0.6, end=1, plots=False), limit_train_batches=2)
+    fit(module, MaskPruningCallback(0.6, schedule=Schedule(end=1), logging=MaskLogging(plots=False)),
+        limit_train_batches=2)
     assert not any(parametrize.is_parametrized(m) for m in module.modules())
     out = module.model.generate(torch.tensor([[5, 6, 7, 1]]), max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 1 and out.shape[1] <= 4
@@ -275,7 +277,8 @@ def test_gpt2_resume_from_a_mid_ramp_checkpoint_reaches_the_same_weights(tmp_pat
         module = HFModule(gpt2())
         saver = ModelCheckpoint(dirpath=tmp_path, filename="e{epoch}", save_top_k=-1)
         trainer = make_trainer(max_epochs=max_epochs, limit_train_batches=2, enable_checkpointing=True,
-                               callbacks=[MaskPruningCallback(0.5, start=0, end=3, plots=False), saver])
+                               callbacks=[MaskPruningCallback(0.5, schedule=Schedule(start=0, end=3),
+                                                              logging=MaskLogging(plots=False)), saver])
         trainer.fit(module, ckpt_path=ckpt_path)
         return module
 
@@ -289,8 +292,8 @@ def test_gpt2_resume_from_a_mid_ramp_checkpoint_reaches_the_same_weights(tmp_pat
 def test_channel_pruning_keeps_the_classifier_whole_so_every_class_keeps_its_logit():
     pl.seed_everything(0, verbose=False)
     module = TinyModule(hidden=32, classes=10)
-    fit(module, MaskPruningCallback(0.8, selector=Selector(granularity="channel"), end=1,
-                                    plots=False), limit_train_batches=2)
+    fit(module, MaskPruningCallback(0.8, selector=Selector(granularity="channel"), schedule=Schedule(end=1),
+                                    logging=MaskLogging(plots=False)), limit_train_batches=2)
     head = module.net[2]
     assert head.weight.ne(0).any(1).all()  # every class row has live weights
     rows = module.net[0].weight.ne(0).any(1)
@@ -302,8 +305,8 @@ def test_channel_pruning_keeps_the_classifier_whole_so_every_class_keeps_its_log
 def test_output_layers_none_prunes_the_classifier_too():
     pl.seed_everything(0, verbose=False)
     module = TinyModule(hidden=32, classes=10)
-    fit(module, MaskPruningCallback(0.8, selector=Selector(granularity="channel"), end=1, plots=False,
-                                    output_layers=None),
+    fit(module, MaskPruningCallback(0.8, selector=Selector(granularity="channel"), output_layers=None,
+                                    schedule=Schedule(end=1), logging=MaskLogging(plots=False)),
         limit_train_batches=2)
     assert not module.net[2].weight.ne(0).any(1).all()
 
@@ -311,9 +314,9 @@ def test_output_layers_none_prunes_the_classifier_too():
 def test_channel_pruning_keeps_a_tied_lm_head_whole_when_types_select_it():
     module = HFModule(gpt2())
     module.example_input_array = torch.randint(0, VOCAB, (2, 8))
-    pruner = MaskPruningCallback(0.5, selector=Selector(granularity="channel"), targets=[Conv1D, nn.Embedding], end=1,
-                                 plots=False,
-                                 exclude=["model.transformer.wpe"])  # no layer kind says which axis is a channel
+    pruner = MaskPruningCallback(0.5, selector=Selector(granularity="channel"), targets=[Conv1D, nn.Embedding],
+                                 exclude=["model.transformer.wpe"], schedule=Schedule(end=1),
+                                 logging=MaskLogging(plots=False))  # no layer kind says which axis is a channel
     fit(module, pruner, limit_train_batches=2)
     assert module.model.lm_head.weight.ne(0).any(1).all()  # the whole vocabulary survives
     assert module.model.transformer.h[0].mlp.c_fc.weight.eq(0).all(0).any()  # c_fc lost output channels
@@ -322,8 +325,8 @@ def test_channel_pruning_keeps_a_tied_lm_head_whole_when_types_select_it():
 def test_an_output_layer_named_in_targets_is_channel_pruned_as_asked():
     pl.seed_everything(0, verbose=False)
     module = TinyModule(hidden=32, classes=10)
-    fit(module, MaskPruningCallback(0.5, selector=Selector(granularity="channel"), targets=["net.0", "net.2"], end=1,
-                                    plots=False),
+    fit(module, MaskPruningCallback(0.5, selector=Selector(granularity="channel"), targets=["net.0", "net.2"],
+                                    schedule=Schedule(end=1), logging=MaskLogging(plots=False)),
         limit_train_batches=2)
     assert module.net[2].weight.eq(0).all(1).any()
 
@@ -407,8 +410,8 @@ class RecurrentLM(pl.LightningModule):
 def test_recurrent_weights_are_masked_per_gate_row_and_the_masked_forward_equals_the_folded(cell, granularity):
     pl.seed_everything(0, verbose=False)
     module = RecurrentLM(cell)
-    pruner = MaskPruningCallback(0.5, selector=Selector(granularity=granularity), end=1, fold_on_fit_end=False,
-                                 plots=False)
+    pruner = MaskPruningCallback(0.5, selector=Selector(granularity=granularity), fold_on_fit_end=False,
+                                 schedule=Schedule(end=1), logging=MaskLogging(plots=False))
     fit(module, pruner, limit_train_batches=2)
     names = [e.name for e in masked_tensors(module)]
     assert names[:4] == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1"]
@@ -471,9 +474,8 @@ class ConvAutoencoderClassifier(pl.LightningModule):
 def test_vision_blocks_with_grouped_depthwise_and_transposed_convs_prune_exactly(granularity):
     pl.seed_everything(0, verbose=False)
     module = ConvAutoencoderClassifier()
-    pruner = MaskPruningCallback(0.5, selector=Selector(granularity=granularity, mode="layer"), end=1,
-                                 fold_on_fit_end=False,
-                                 plots=False)
+    pruner = MaskPruningCallback(0.5, selector=Selector(granularity=granularity, mode="layer"), fold_on_fit_end=False,
+                                 schedule=Schedule(end=1), logging=MaskLogging(plots=False))
     fit(module, pruner, limit_train_batches=2)
     masked = {e.name: e for e in masked_tensors(module)}
     for entry in masked.values():
@@ -514,7 +516,7 @@ class BuiltLate(TinyModule):
 def test_layers_built_in_configure_model_are_masked_like_any_other(part):
     pl.seed_everything(0, verbose=False)
     module = BuiltLate(part)
-    pruner = MaskPruningCallback(0.5, end=1, plots=False)
+    pruner = MaskPruningCallback(0.5, schedule=Schedule(end=1), logging=MaskLogging(plots=False))
     fit(module, pruner, max_epochs=2, limit_train_batches=2)
     layers = [module.net[0], module.head if part else module.net[2]]
     pruned = sum(int(layer.weight.eq(0).sum()) for layer in layers)
@@ -548,7 +550,8 @@ def test_unmasked_weight_matrices_of_no_kind_get_a_warning_naming_them():
             return self.net(x @ self.mix)
 
     with pytest.warns(UserWarning, match=r"1 trainable weight matrices are left dense .no registered layer kind.: mix"):
-        fit(Custom(), MaskPruningCallback(0.5, end=1, plots=False), max_epochs=1, limit_train_batches=1)
+        fit(Custom(), MaskPruningCallback(0.5, schedule=Schedule(end=1), logging=MaskLogging(plots=False)),
+            max_epochs=1, limit_train_batches=1)
 
 
 def test_no_left_dense_warning_when_targets_are_chosen_or_for_embedding_like_parameters(recwarn):
@@ -561,8 +564,10 @@ def test_no_left_dense_warning_when_targets_are_chosen_or_for_embedding_like_par
         def forward(self, x):
             return self.net(x + self.cls_token[0, 0] + self.position_embeddings[0, 0])
 
-    fit(Vit(), MaskPruningCallback(0.5, end=1, plots=False), max_epochs=1, limit_train_batches=1)
-    fit(TinyModule(), MaskPruningCallback(0.5, targets=["net.0"], end=1, plots=False), max_epochs=1,
+    fit(Vit(), MaskPruningCallback(0.5, schedule=Schedule(end=1), logging=MaskLogging(plots=False)), max_epochs=1,
+        limit_train_batches=1)
+    fit(TinyModule(), MaskPruningCallback(0.5, targets=["net.0"], schedule=Schedule(end=1),
+                                          logging=MaskLogging(plots=False)), max_epochs=1,
         limit_train_batches=1)
     assert not [w for w in recwarn if "left dense" in str(w.message)]
 
@@ -570,5 +575,5 @@ def test_no_left_dense_warning_when_targets_are_chosen_or_for_embedding_like_par
 def test_automatic_ties_that_tie_nothing_say_why():
     module = ConvAutoencoderClassifier()
     with pytest.warns(UserWarning, match="tie='auto' tied nothing"):
-        fit(module, MaskPruningCallback(0.5, selector=Selector(tie="auto"), end=1,
-                                        plots=False), max_epochs=1, limit_train_batches=1)
+        fit(module, MaskPruningCallback(0.5, selector=Selector(tie="auto"), schedule=Schedule(end=1),
+                                        logging=MaskLogging(plots=False)), max_epochs=1, limit_train_batches=1)

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
-from lightning_masks import MaskPruningCallback, attach, masked_tensors
+from lightning_masks import MaskLogging, MaskPruningCallback, MaskState, Schedule, attach, masked_tensors
 from lightning_masks.masking.layout import group_mask_keys, saved_keep
 from lightning_masks.masking.masks import detach, resolve_targets
 
@@ -17,7 +17,8 @@ from lightning_masks.masking.masks import detach, resolve_targets
 def checkpoint(tmp_path):
     pl.seed_everything(0, verbose=False)
     saver = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    trainer = make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, end=1), saver], enable_checkpointing=True)
+    trainer = make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.5, schedule=Schedule(end=1)), saver],
+                           enable_checkpointing=True)
     trainer.fit(TinyModule())
     return tmp_path / "last.ckpt"
 
@@ -44,7 +45,7 @@ def test_doctored_checkpoint_is_refused_and_nothing_is_loaded(checkpoint, tmp_pa
     pl.seed_everything(1, verbose=False)
     module = TinyModule()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, end=1)])
+    trainer = make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, schedule=Schedule(end=1))])
     with pytest.raises(ValueError, match=message + r".*nothing was loaded"):
         getattr(trainer, stage)(module, ckpt_path=path)
     assert module.state_dict().keys() == before.keys()  # the model stays as the user had it
@@ -61,7 +62,7 @@ def test_interrupted_fit_leaves_model_and_checkpoint_consistent(tmp_path):
     pl.seed_everything(0, verbose=False)
     module = TinyModule()
     saver = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    pruner = MaskPruningCallback(0.5, end=2, update_every="epoch")
+    pruner = MaskPruningCallback(0.5, schedule=Schedule(end=2, update_every="epoch"))
     trainer = make_trainer(max_epochs=3, callbacks=[pruner, saver, Crash()], enable_checkpointing=True)
     with pytest.warns(UserWarning, match=r"fit ended at epoch 1, before the ramp's end at epoch 2: target sparsity "
                                          r"0.5 \(reached 43.75%\); the model is folded as it is"), \
@@ -85,7 +86,8 @@ def test_nan_appearing_during_training_is_named():
 
     # an update after the poisoning finds it
     with pytest.raises(ValueError, match=r"mask importance of 'net.2.weight' is NaN"):
-        make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, end=2, update_every=1), Poison()]).fit(
+        make_trainer(max_epochs=3, callbacks=[MaskPruningCallback(0.5, schedule=Schedule(end=2,
+            update_every=1)), Poison()]).fit(
             TinyModule())
 
 
@@ -112,7 +114,8 @@ def test_a_weight_normed_layer_in_a_fit_is_left_dense_with_a_warning(tiny_module
     parametrizations.weight_norm(tiny_module.net[0])
     with pytest.warns(UserWarning, match=r"1 layers are left dense because something else already computes their "
                                          r"weight: net.0 \(already parametrized"):
-        make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, end=1, plots=False)]).fit(tiny_module)
+        make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, schedule=Schedule(end=1),
+                                                                  logging=MaskLogging(plots=False))]).fit(tiny_module)
     assert parametrize.is_parametrized(tiny_module.net[0], "weight") and not masked_tensors(tiny_module)
 
 
@@ -127,7 +130,7 @@ def test_model_without_maskable_weights_is_refused(tiny_module):
 def test_empty_dataloader_trains_nothing_and_leaves_a_plain_model(tiny_module, compact):
     empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 8), torch.zeros(0).long()))
     before = tiny_module.net[0].weight.detach().clone()
-    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(compact=compact)]).fit(tiny_module,
+    make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(state=MaskState(compact=compact))]).fit(tiny_module,
                                                                                     train_dataloaders=empty)
     assert not masked_tensors(tiny_module)
     after = tiny_module.net[0].weight.detach()
@@ -140,7 +143,7 @@ def test_empty_dataloader_trains_nothing_and_leaves_a_plain_model(tiny_module, c
 
 
 def test_fit_twice_leaks_no_hooks(tiny_module):
-    pruner = MaskPruningCallback(0.5, end=1, fold_on_fit_end=False)
+    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False, schedule=Schedule(end=1))
     make_trainer(max_epochs=1, callbacks=[pruner]).fit(tiny_module)
     hooks = len(tiny_module._load_state_dict_pre_hooks)
     make_trainer(max_epochs=1, callbacks=[pruner]).fit(tiny_module)
@@ -153,12 +156,13 @@ def exact(module, target):
 
 
 def test_bf16_mixed_precision_reaches_the_same_sparsity(tiny_module):
-    make_trainer(max_epochs=3, precision="bf16-mixed", callbacks=[MaskPruningCallback(0.7, end=2)]).fit(tiny_module)
+    pruner = MaskPruningCallback(0.7, schedule=Schedule(end=2))
+    make_trainer(max_epochs=3, precision="bf16-mixed", callbacks=[pruner]).fit(tiny_module)
     assert exact(tiny_module, 0.7) and tiny_module.net[0].weight.dtype == torch.float32
 
 
 def test_gradient_accumulation_and_clipping_with_step_cadence(tiny_module):
-    pruner = MaskPruningCallback(0.6, schedule="linear", end=1.0, update_every=2)
+    pruner = MaskPruningCallback(0.6, schedule=Schedule("linear", end=1.0, update_every=2))
     make_trainer(max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.5, callbacks=[pruner]).fit(tiny_module)
     assert pruner.plan.position == 2  # 4 optimizer steps in all; updates at steps 0 and 2
     assert exact(tiny_module, 0.6)
@@ -179,7 +183,8 @@ def test_compiled_module_trains_with_masks(attach_first):
     if attach_first:  # masks attached before compiling; the callback adopts them
         attach(module)
     compiled = torch.compile(module, backend="eager")
-    make_trainer(max_epochs=2, limit_val_batches=0, callbacks=[MaskPruningCallback(0.5, end=1)]).fit(compiled)
+    pruner = MaskPruningCallback(0.5, schedule=Schedule(end=1))
+    make_trainer(max_epochs=2, limit_val_batches=0, callbacks=[pruner]).fit(compiled)
     assert exact(module, 0.5)
     x, _ = next(iter(synthetic_loader()))
     assert torch.allclose(compiled(x), module(x))

@@ -12,7 +12,7 @@ import torch
 from helpers import TinyModule, make_trainer
 from omegaconf import DictConfig, ListConfig
 
-from lightning_masks import MaskPruningCallback, fold_checkpoint
+from lightning_masks import MaskPruningCallback, Schedule, fold_checkpoint
 from lightning_masks.export.command import load_checkpoint, main
 
 
@@ -30,7 +30,8 @@ class Payload:
 def checkpoint(tmp_path_factory) -> Path:
     """A masked checkpoint written by a real fit (masks not folded)."""
     pl.seed_everything(0, verbose=False)
-    trainer = make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, end=1, fold_on_fit_end=False)])
+    trainer = make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, fold_on_fit_end=False,
+                                                                        schedule=Schedule(end=1))])
     trainer.fit(TinyModule())
     path = tmp_path_factory.mktemp("safe") / "masked.ckpt"
     trainer.save_checkpoint(path)

@@ -15,7 +15,7 @@ from test_real_models import HFModule, bert, gpt2
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_masks import MaskPruningCallback, folded_state, masked_tensors, plain_state_dict
+from lightning_masks import MaskLogging, MaskPruningCallback, Schedule, folded_state, masked_tensors, plain_state_dict
 
 
 def llama() -> LlamaForCausalLM:
@@ -52,7 +52,8 @@ def test_snapshots_saved_during_fit_load_into_the_plain_architecture_with_the_ma
     module = Snapshots(build(), tmp_path, labels)
     pl.seed_everything(0, verbose=False)
     trainer = make_trainer(max_epochs=2, limit_train_batches=2,
-                           callbacks=[MaskPruningCallback(0.5, end=1, plots=False)])
+                           callbacks=[MaskPruningCallback(0.5, schedule=Schedule(end=1),
+                                                          logging=MaskLogging(plots=False))])
     trainer.fit(module)
     for epoch, expected in enumerate(module.expected):
         folder = tmp_path / f"epoch{epoch}"
@@ -71,8 +72,9 @@ def test_snapshots_saved_during_fit_load_into_the_plain_architecture_with_the_ma
 
 def test_plain_view_leaves_the_checkpoint_and_the_model_masked(tmp_path):
     module = TinyModule()
-    trainer = make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, end=1, plots=False,
-                                                                        fold_on_fit_end=False)])
+    trainer = make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, fold_on_fit_end=False,
+                                                                        schedule=Schedule(end=1),
+                                                                        logging=MaskLogging(plots=False))])
     trainer.fit(module)
     plain = plain_state_dict(module)
     assert sorted(plain) == ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]
@@ -85,7 +87,8 @@ def test_plain_view_leaves_the_checkpoint_and_the_model_masked(tmp_path):
 def test_copies_and_pickles_of_a_masked_transformers_model_save_their_own_plain_weights(tmp_path):
     module = HFModule(gpt2())
     make_trainer(max_epochs=1, limit_train_batches=2, callbacks=[
-        MaskPruningCallback(0.5, end=1, plots=False, fold_on_fit_end=False)]).fit(module)
+        MaskPruningCallback(0.5, fold_on_fit_end=False, schedule=Schedule(end=1),
+                            logging=MaskLogging(plots=False))]).fit(module)
     torch.save(module, tmp_path / "whole.pt")
     copies = {"deepcopy": copy.deepcopy(module), "pickle": torch.load(tmp_path / "whole.pt", weights_only=False)}
     probe = torch.randint(0, 100, (2, 8))
@@ -108,7 +111,8 @@ def test_a_lora_adapter_saved_during_fit_loads_with_peft_with_the_masks_applied(
     module = Snapshots(adapted, tmp_path)  # its save_pretrained writes the adapter only
     # the adapters' factors named: by default the frozen base is masked, which an adapter-only save does not hold
     make_trainer(max_epochs=1, limit_train_batches=2, callbacks=[
-        MaskPruningCallback(0.5, end=1, plots=False, targets=["*.lora_A.default", "*.lora_B.default"])]).fit(module)
+        MaskPruningCallback(0.5, targets=["*.lora_A.default", "*.lora_B.default"], schedule=Schedule(end=1),
+                            logging=MaskLogging(plots=False))]).fit(module)
     loaded = PeftModel.from_pretrained(gpt2(), tmp_path / "epoch0" / "pretrained").eval()
     lora = [m.weight for name, m in loaded.named_modules() if name.endswith("lora_A.default")]
     assert lora and all(w.eq(0).any() for w in lora)  # the masks reached the adapter
@@ -147,7 +151,7 @@ def test_a_tuner_leaves_the_weights_exactly_as_they_were_and_the_fit_after_it_pr
     pl.seed_everything(0, verbose=False)
     module = BatchSized()
     before = snapshot(module)
-    trainer = make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.8, plots=False)])
+    trainer = make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(0.8, logging=MaskLogging(plots=False))])
     tune(Tuner(trainer), module)
     assert_unchanged(before, module)
     trainer.fit(module)
@@ -160,7 +164,8 @@ def test_a_tuner_leaves_the_weights_exactly_as_they_were_and_the_fit_after_it_pr
 def test_evaluation_before_fit_leaves_the_model_untouched(stage):
     module = TinyModule()
     before = snapshot(module)
-    trainer = make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, end=1, plots=False)])
+    trainer = make_trainer(max_epochs=1, callbacks=[MaskPruningCallback(0.5, schedule=Schedule(end=1),
+                                                                        logging=MaskLogging(plots=False))])
     getattr(trainer, stage)(module)
     assert_unchanged(before, module)
     trainer.fit(module)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import TokenModule, make_trainer
 
-from lightning_masks import MaskPruningCallback, Selector
+from lightning_masks import MaskLogging, MaskPruningCallback, Schedule, Selector
 from lightning_masks.export.command import fold_checkpoint, main, shrink
 from lightning_masks.export.shrink import output_tensors
 
@@ -18,7 +18,8 @@ def channel_pruned(arch: str, **callback) -> tuple[TokenModule, pl.Trainer]:
     pl.seed_everything(0, verbose=False)
     module = TokenModule(arch)
     trainer = make_trainer(max_epochs=1, limit_train_batches=2, callbacks=[
-        MaskPruningCallback(0.5, selector=Selector(granularity="channel"), end=1, plots=False, **callback)])
+        MaskPruningCallback(0.5, selector=Selector(granularity="channel"), schedule=Schedule(end=1),
+                            logging=MaskLogging(plots=False), **callback)])
     trainer.fit(module)
     return module, trainer
 

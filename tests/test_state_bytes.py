@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import lightning_masks
-from lightning_masks import MaskPruningCallback, attach, fold, masked_tensors
+from lightning_masks import MaskLogging, MaskPruningCallback, MaskState, Schedule, attach, fold, masked_tensors
 from lightning_masks.masking.loading import restore_masks_on_load
 from lightning_masks.masking.masks import MaskGate, gated, masked_value
 from lightning_masks.selection.selector import Selector
@@ -66,7 +66,8 @@ class StateBytes(Callback):
 
 def state_bytes(**options) -> StateBytes:
     counter = StateBytes()
-    pruner = MaskPruningCallback(0.9, end=1, update_every=1, fold_on_fit_end=False, plots=False, **options)
+    pruner = MaskPruningCallback(0.9, fold_on_fit_end=False, schedule=Schedule(end=1, update_every=1),
+                                 logging=MaskLogging(plots=False), **options)
     make_trainer(max_epochs=2, callbacks=[pruner, counter]).fit(Wide(), loader())
     return counter
 
@@ -79,7 +80,7 @@ def test_the_defaults_keep_8_and_an_eighth_bytes_a_masked_weight_where_float32_s
     assert default.per_tensor <= 12 * 3  # per tensor: temperature, scale, Adam's step (float32 scalars)
     assert (default.per_weight + default.per_tensor) / default.weights <= 8.25
     # float32 scores, gradient and moments (16), the packed keep bits (1/8) and a float32 scale a weight (4)
-    wide = state_bytes(score_dtype="float32", compact=False)
+    wide = state_bytes(state=MaskState(score_dtype="float32", compact=False))
     assert wide.per_weight * 8 == 161 * wide.weights
 
 
@@ -90,9 +91,9 @@ def test_regrow_keeps_the_default_state():
 
 def test_score_dtype_is_checked_and_named():
     with pytest.raises(ValueError, match="score_dtype must be one of"):
-        MaskPruningCallback(score_dtype="float16")
-    assert MaskPruningCallback(score_dtype="torch.float32").score_dtype is torch.float32
-    assert MaskPruningCallback(score_dtype=None).score_dtype is None
+        MaskPruningCallback(state=MaskState(score_dtype="float16"))
+    assert MaskPruningCallback(state=MaskState(score_dtype="torch.float32")).state.score_dtype is torch.float32
+    assert MaskPruningCallback(state=MaskState(score_dtype=None)).state.score_dtype is None
     with pytest.raises(ValueError, match="score_dtype must be one of"):
         attach(nn.Linear(3, 3), score_dtype=torch.float16)
 

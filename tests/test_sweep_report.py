@@ -16,8 +16,8 @@ from lightning_masks.app.sweep_report import collect
 from lightning_masks.app.sweep_report import main as report
 from lightning_masks.app.train import RESULT_FILE
 
-QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "masks.plots=false",
-         "masks.log_histograms=false"]
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "masks.logging.plots=false",
+         "masks.logging.histograms=false"]
 ONE_BATCH = ["trainer.fast_dev_run=true"]  # (fast_dev_run turns the loggers off)
 FEW_BATCHES = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                "trainer.limit_test_batches=1"]
@@ -97,7 +97,7 @@ def test_optuna_hparams_search_runs_its_trials(tmp_path):
     assert report([str(folder)]) == 0
     rows = collect(folder)
     assert len(rows) == 2 and all(row["status"] == "ok" for row in rows)
-    assert all(any(o.startswith("masks.mask_lr=") for o in row["overrides"]) for row in rows)
+    assert all(any(o.startswith("masks.optimizer.lr=") for o in row["overrides"]) for row in rows)
 
 
 def test_report_rejects_a_folder_that_is_not_a_sweep(tmp_path, capsys):

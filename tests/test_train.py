@@ -22,14 +22,22 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from lightning_masks import MaskPruningCallback, Selector, get_initializer, list_initializers
+from lightning_masks import (
+    MaskLogging,
+    MaskOptimizer,
+    MaskPruningCallback,
+    MaskState,
+    Selector,
+    get_initializer,
+    list_initializers,
+)
 from lightning_masks.app.configs import CONFIG_DIR, list_recipes
 from lightning_masks.app.train import RESULT_FILE, run
 from lightning_masks.lifecycle.schedule import Schedule
 from lightning_masks.masking.stats import zero_rows
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-NO_PICTURES = ["masks.plots=false", "masks.log_histograms=false"]  # (the callback's own tests cover them)
+NO_PICTURES = ["masks.logging.plots=false", "masks.logging.histograms=false"]  # (the callback's own tests cover them)
 
 
 def options(group: str) -> list[str]:
@@ -120,7 +128,7 @@ def test_hparams_search_is_an_optuna_sweep_over_init_noise_and_mask_lr():
     cfg = compose_config(["hparams_search=masks_optuna"])
     sweeper = HydraConfig.get().sweeper
     assert "optuna" in sweeper._target_.lower() and HydraConfig.get().mode == RunMode.MULTIRUN
-    assert set(sweeper.params) == {"masks/init", "masks.init.noise_scale", "masks.mask_lr"}
+    assert set(sweeper.params) == {"masks/init", "masks.init.noise_scale", "masks.optimizer.lr"}
     assert cfg.optimized_metric == "val/acc"
 
 
@@ -257,14 +265,21 @@ def test_the_callback_yaml_carries_every_argument_at_its_default():
     node = compose_config().masks
     defaults = _defaults(MaskPruningCallback)
     deliberate = {"sparsity": 0.9, "seed": 0}  # the command's defaults: 90% (the callback's None), the app's seed
-    # the init, schedule and selector groups carry these
-    composed = {"init", "schedule", "selector", "start", "end"}
-    assert set(node) - {"_target_"} == set(defaults) - composed | {"init", "schedule", "selector"}
+    composed = {"init", "schedule", "selector", "state", "optimizer", "logging"}  # config groups of their own
+    assert set(node) - {"_target_"} == set(defaults)
     for key, default in defaults.items():
         if key in composed:
             continue
         expected = deliberate.get(key, default)
         assert node[key] == (list(expected) if isinstance(expected, tuple) else expected), key
+
+
+@pytest.mark.parametrize("group, strategy", [("schedule", Schedule), ("state", MaskState),
+                                             ("optimizer", MaskOptimizer), ("logging", MaskLogging)])
+def test_each_strategy_yaml_carries_every_field_at_its_default(group, strategy):
+    node = compose_config().masks[group]
+    assert set(node) - {"_target_"} == {field.name for field in dataclasses.fields(strategy)}
+    assert instantiate(node) == strategy()
 
 
 @pytest.mark.parametrize("option", options("masks/selector"))

@@ -18,6 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+import lightning_masks
+
 from ..masking.initializers import Initializer, get_initializer
 
 __all__ = ["CONFIG_DIR", "RECIPE_DIR", "initializer", "list_recipes", "register"]
@@ -30,7 +32,7 @@ def _shipped(module: str, folder: str) -> Path:
     try:
         return Path(str(resources.files(module)))
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / folder
+        return Path(__file__).resolve().parents[2] / folder
 
 
 #: The Hydra config tree (``conf/``) and the recipes (``recipes/``).
@@ -82,6 +84,13 @@ def _sweep_group() -> Optional[str]:
     return str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
+def _default(name: str) -> Any:
+    """The default that ``name`` (``Class.field``, a class of the package's top level) declares in Python, so that a
+    config states it without writing it a second time: ``end: ${lm.default:Schedule.end}``."""
+    owner, _, field = name.partition(".")
+    return getattr(getattr(lightning_masks, owner), field)
+
+
 def register() -> None:
     """Store every shipped recipe in Hydra's ConfigStore (group ``recipe``) and register the resolvers.
 
@@ -93,5 +102,6 @@ def register() -> None:
         text = (RECIPE_DIR / f"{name}.yaml").read_text()
         store.store(name=name, node=OmegaConf.create(text), group="recipe", package=_package(text),
                     provider="lightning_masks")
-    for resolver_name, resolver in (("lm.run_name", _run_name), ("lm.sweep_group", _sweep_group)):
+    for resolver_name, resolver in (("lm.run_name", _run_name), ("lm.sweep_group", _sweep_group),
+                                    ("lm.default", _default)):
         OmegaConf.register_new_resolver(resolver_name, resolver, replace=True)

@@ -208,7 +208,7 @@ def configs_to_markdown(configs: Sequence[dict[str, Any]], alpha: float = ALPHA)
 
 def _with_series(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Name each configuration's plot series: its init, plus the overrides that vary across the sweep other than
-    the init, its noise and the sparsity (the plot's own axes), e.g. ``magnitude masks.rescale_gate=False``."""
+    the init, its noise and the sparsity (the plot's own axes), e.g. ``magnitude masks.state.rescale_gate=False``."""
     axes = ("masks/init", "masks.init.noise_scale", "masks.sparsity")
     values: dict[str, set] = {}
     for config in configs:

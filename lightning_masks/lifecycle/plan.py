@@ -11,12 +11,11 @@ from typing import Any, Optional, Union
 from .budget import UpdateBudget
 from .schedule import CallableSchedule, Schedule, Unit
 
-__all__ = ["AUTO_UPDATES", "EARLY_END", "MIN_RAMP_UPDATES", "UPDATE_COST_STEPS", "UPDATE_SHARE", "Plan", "Shortfall",
+__all__ = ["AUTO_UPDATES", "MIN_RAMP_UPDATES", "UPDATE_COST_STEPS", "UPDATE_SHARE", "Plan", "Shortfall",
            "auto_interval"]
 
 AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto" (a finer ramp prunes better)
 MIN_RAMP_UPDATES = 2  # neither the cost model nor the update budget spaces updates wider than half the ramp
-EARLY_END = ("warn", "final")  # what a fit that ends before its ramp does at the end
 #: The cost of a mask update, in training steps, that the auto cadence plans for: an update costs about what one
 #: training step on a single example costs (0.35-1.21x of it on the six models of benchmarks/real_sizes.py:
 #: benchmarks/results/update_cost.md), and a step on a batch costs more.
@@ -69,22 +68,21 @@ class Shortfall:
 class Plan:
     """When the keep-masks of one fit update, and what each update targets.
 
-    Built at setup from the callback's arguments (:meth:`fresh` for each fit), given the fit's length by
+    Built at setup from the callback's schedule (:meth:`fresh` for each fit), given the fit's length by
     :meth:`resolve` as training starts, asked by the hooks :meth:`due` / :meth:`decide`, told each update by
     :meth:`record`. :meth:`state_dict` is what a checkpoint saves and a resume restores.
 
     Args:
-        schedule: the sparsity (or gate-threshold) schedule.
-        update_every: ``"auto"`` (every N optimizer steps, N from the fit's length and ramp: :func:`auto_interval`;
-            per epoch for a callable schedule), ``"epoch"``, or ``N`` optimizer steps.
+        schedule: the sparsity (or gate-threshold) schedule, and its cadence: ``update_every`` (``"auto"``: every N
+            optimizer steps, N from the fit's length and ramp, :func:`auto_interval`, per epoch for a callable
+            schedule; ``"epoch"``; or ``N`` optimizer steps), ``early_end`` (a fit that ends before its ramp:
+            ``"warn"``, fold what was reached and say so, or ``"final"``, one last update to the final target) and
+            ``update_budget`` (opt-in, under ``"auto"`` with a step cadence: the most that mask updates may take of
+            the measured training time, :class:`~lightning_masks.lifecycle.budget.UpdateBudget`: :meth:`account` is
+            told each step's and update's seconds, and the interval widens, from the step it widens at, its
+            ``anchor``, where the measured costs need it; its decisions depend on timings and are saved in the
+            checkpoint and restored on resume).
         regrow: pruned entries may come back, so an update whose target equals the last one still runs.
-        early_end: a fit that ends before its ramp: ``"warn"`` (fold what was reached, and say so) or ``"final"``
-            (one last update to the final target, then fold).
-        update_budget: opt-in, under ``"auto"`` with a step cadence: the most that mask updates may take of the
-            measured training time (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`): :meth:`account` is told
-            each step's and update's seconds, and the interval widens (from the step it widens at, its ``anchor``)
-            where the measured costs need it. Its decisions depend on timings; they are saved in the checkpoint
-            and restored on resume. ``None`` (the default): no budget, a cadence that repeats bit for bit.
 
     Example:
         >>> plan = Plan(Schedule("linear", final=0.5, end=3))
@@ -96,10 +94,7 @@ class Plan:
     """
 
     schedule: Union[Schedule, CallableSchedule]
-    update_every: Union[str, int] = "auto"
     regrow: bool = False
-    early_end: str = "warn"
-    update_budget: Optional[float] = None
     # resolved from the fit's length (resolve)
     every: int = 1
     ramp: tuple[float, float] = (0.0, 0.0)  # the schedule's (start, end) in the cadence's unit
@@ -118,10 +113,15 @@ class Plan:
     history: dict[str, list] = field(default_factory=lambda: {"layers": [], "positions": [], "sparsity": []})
 
     def __post_init__(self) -> None:
-        if isinstance(self.update_every, int) and not isinstance(self.update_every, bool):
+        if isinstance(self.update_every, int):
             self.every = self.update_every
-        if self.update_budget is not None and self.budget is None:
-            self.budget = UpdateBudget(self.update_budget)  # checks the share
+        if self.schedule.update_budget is not None and self.budget is None:
+            self.budget = UpdateBudget(self.schedule.update_budget)
+
+    @property
+    def update_every(self) -> Union[str, int]:
+        """The schedule's ``update_every``."""
+        return self.schedule.update_every
 
     @property
     def budgeted(self) -> bool:
@@ -142,7 +142,7 @@ class Plan:
 
     def fresh(self) -> "Plan":
         """Return this plan with a new lifecycle: no update yet, empty history (a new fit)."""
-        return Plan(self.schedule, self.update_every, self.regrow, self.early_end, self.update_budget)
+        return Plan(self.schedule, self.regrow)
 
     def resolve(self, total_steps: float, steps_per_epoch: float) -> None:
         """Fit the ramp to this fit's length: the update cadence behind ``"auto"`` and the span in its unit.
@@ -264,7 +264,7 @@ class Plan:
     def end_target(self) -> Optional[float]:
         """The target of one last update when the fit ends short of its ramp, or ``None`` (keep what was reached)."""
         shortfall = self.shortfall()
-        return shortfall.final if shortfall is not None and self.early_end == "final" else None
+        return shortfall.final if shortfall is not None and self.schedule.early_end == "final" else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "target": self.target, "pruned": self.pruned,

@@ -1,4 +1,4 @@
-"""Sparsity and threshold schedules: pure functions of training progress."""
+"""Sparsity and threshold schedules: pure functions of training progress, with the cadence their updates follow."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional, Union
 
+from .._checks import is_int
 from ..registry import Registry
+from .budget import UpdateBudget
 
 __all__ = [
+    "EARLY_END",
     "CallableSchedule",
     "Schedule",
     "ScheduleSpec",
@@ -96,10 +99,52 @@ def exponential(p: float, initial: float, final: float) -> float:
 
 Position = Union[int, float]
 
+EARLY_END = ("warn", "final")  # what a fit that ends before its ramp does at the end
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Cadence:
+    """When the keep-masks follow a schedule, and what a fit that ends before its ramp does (every schedule's
+    keyword fields; :class:`~lightning_masks.lifecycle.plan.Plan` reads them).
+
+    Args:
+        update_every: when the keep-masks are updated (steps are optimizer steps, or batches in manual
+            optimization, where Lightning's ``global_step`` counts every optimizer's steps): ``"auto"`` (every N
+            steps, N a function of the fit's length and ramp only,
+            :func:`~lightning_masks.lifecycle.plan.auto_interval`: about 100 updates over the ramp, as a finer ramp
+            prunes better, benchmarks/results/study_cadence.md, but on a short fit few enough to keep updates near
+            5% of its steps, counting an update as one step on a single example), ``"epoch"`` (as each epoch
+            starts) or an int ``N`` (every N steps). Updates whose target equals the last one are skipped (nothing
+            would change). A :class:`CallableSchedule` is called per epoch under ``"auto"``. Seeded runs repeat
+            bit for bit.
+        update_budget: opt-in, under ``"auto"``: the most that mask updates may take of the measured training
+            time (e.g. 0.05): from the measured mean update and step times
+            (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`) the interval is widened where needed, rank zero
+            deciding for all. The interval then depends on timings, so runs no longer repeat bit for bit; its
+            decisions are saved in checkpoints and restored on resume. ``None`` (the default): no timing.
+        early_end: a fit that ends before its ramp does (EarlyStopping, ``max_time``, an exception): ``"warn"``
+            (the default) warns with the target and the sparsity reached and folds what was reached; ``"final"``
+            makes one last update to the final target first (not after an exception).
+    """
+
+    update_every: Union[str, int] = "auto"
+    update_budget: Optional[float] = None
+    early_end: str = "warn"
+
+    def __post_init__(self) -> None:
+        every = self.update_every
+        if every not in ("auto", "epoch") and not (isinstance(every, int) and is_int(every) and every > 0):
+            raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got "
+                             f"{self.update_every!r}")
+        if self.update_budget is not None:
+            UpdateBudget(self.update_budget)  # checks the share
+        if self.early_end not in EARLY_END:
+            raise ValueError(f"early_end must be one of {list(EARLY_END)}, got {self.early_end!r}")
+
 
 @dataclass(frozen=True)
-class Schedule:
-    """Target sparsity as a function of training progress.
+class Schedule(_Cadence):
+    """Target sparsity as a function of training progress, and when the keep-masks follow it.
 
     Args:
         shape: one of :func:`list_schedules` (``cubic`` is Zhu & Gupta 2017).
@@ -108,6 +153,7 @@ class Schedule:
         start, end: where the ramp begins and reaches ``final``. An ``int`` counts ``unit``\\ s
             (epochs or optimizer steps); a ``float`` is a fraction of the whole training run.
         unit: what an ``int`` start/end counts.
+        update_every, update_budget, early_end: keyword-only, the cadence of the updates (see :class:`_Cadence`).
 
     ``constant`` holds ``final`` from ``start`` on; ``one_shot`` jumps to it at ``end``; ``exponential``
     lowers the density ``1 - s`` geometrically from ``1 - initial`` to ``1 - final``.
@@ -121,6 +167,7 @@ class Schedule:
     unit: Unit = "epoch"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         get_schedule_shape(self.shape)  # an unknown shape: the error lists the registered ones
         if self.unit not in ("epoch", "step"):
             raise ValueError(f"unit must be 'epoch' or 'step', got {self.unit!r}")
@@ -203,8 +250,9 @@ class ThresholdSchedule(Schedule):
 
 
 @dataclass(frozen=True)
-class CallableSchedule:
-    """Any callable ``t -> sparsity``, ``t`` the epoch index or global step (the callback's cadence)."""
+class CallableSchedule(_Cadence):
+    """Any callable ``t -> sparsity``, ``t`` the epoch index or global step (the callback's cadence); its keyword
+    fields are the cadence of :class:`_Cadence`."""
 
     fn: Callable[[int], float]
     final: ClassVar[Optional[float]] = None  # unknown until called
@@ -227,15 +275,17 @@ class CallableSchedule:
 ScheduleSpec = Union[str, Schedule, Callable[[int], float]]
 
 
-def get_schedule(spec: ScheduleSpec, final: float, **kwargs) -> Union[Schedule, CallableSchedule]:
-    """Return a schedule from a shape name (``final`` and ``kwargs`` fill it), a :class:`Schedule`, or a callable.
+def get_schedule(spec: ScheduleSpec, final: float) -> Union[Schedule, CallableSchedule]:
+    """Return a schedule from a shape name (with the default ramp and cadence), a :class:`Schedule`, or a callable.
 
-    A :class:`Schedule` with ``final=None`` takes ``final``.
+    A :class:`Schedule` with ``final=None`` (and a named one) takes ``final``.
     """
     if isinstance(spec, str):
-        return Schedule(shape=spec, final=final, **kwargs)
+        return Schedule(shape=spec, final=final)
     if isinstance(spec, Schedule):
         return spec if spec.final is not None else spec.with_final(final)
+    if isinstance(spec, CallableSchedule):
+        return spec
     if callable(spec):
         return CallableSchedule(spec)
     raise TypeError(f"schedule must be a name in {list_schedules()}, a Schedule or a callable t -> sparsity, "

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -22,8 +22,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from .._checks import check_flags
 from ..lifecycle.plan import Plan
-from ..lifecycle.schedule import Schedule, ScheduleSpec, get_schedule
+from ..lifecycle.schedule import ScheduleSpec, get_schedule
 from ..masking.activations import input_norms
 from ..masking.gate import cached_gates, reduce_to
 from ..masking.hiding import masks_hidden
@@ -40,22 +41,15 @@ from ..masking.masks import (
 from ..masking.outputs import kept_whole
 from ..masking.plain import plain_saves, remove_plain_saves
 from ..masking.sharded import is_sharded, local_entries, shard_with_weights
+from ..masking.state import MaskState
 from ..masking.targets import TargetSpec, resolve_targets
 from ..selection.coupling import ties_among
 from ..selection.selector import Selector
 from . import fit_report, loggers, sharding
-from .arguments import (
-    check_flags,
-    check_output_layers,
-    check_settings,
-    check_targets,
-    final_sparsity,
-    ramp_of,
-    score_dtype_of,
-    selector_of,
-)
+from .arguments import check_output_layers, check_settings, check_targets, final_sparsity, instance_of
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze, warn_inner_copies
-from .optim import ScoreOptimizers
+from .fit_report import MaskLogging
+from .optim import MaskOptimizer, ScoreOptimizers
 from .trainer import (
     after_configure_model,
     check_strategy,
@@ -90,26 +84,24 @@ class MaskPruningCallback(Callback):
         sparsity: final fraction of pruned entries, in [0, 1). Default 0.9 (or ``1 - N/M`` for N:M).
         init: initializer name (see :func:`~lightning_masks.masking.initializers.list_initializers`), an
             :class:`~lightning_masks.masking.initializers.Initializer`, or a callable ``weight -> scores``.
-        schedule: a shape name (``cubic``, ``linear``, ...), a :class:`~lightning_masks.lifecycle.schedule.Schedule`
-            (a :class:`~lightning_masks.lifecycle.schedule.ThresholdSchedule` prunes by gate threshold), or a callable
-            ``t -> sparsity`` with ``t`` the epoch index or global step.
-        start, end: the ramp of a named schedule: ``int`` epochs or ``float`` fractions of training (for
-            steps, pass a :class:`~lightning_masks.lifecycle.schedule.Schedule` with ``unit="step"``). Default: over the
-            first two thirds.
-        update_every: when the keep-masks are updated (steps are optimizer steps, or batches in manual
-            optimization, where Lightning's ``global_step`` counts every optimizer's steps): ``"auto"`` (every N
-            steps, N a function of the fit's length and ramp only,
-            :func:`~lightning_masks.lifecycle.plan.auto_interval`: about 100 updates over the ramp, as a finer ramp
-            prunes better, benchmarks/results/study_cadence.md, but on a short fit few enough to keep updates near
-            5% of its steps, counting an update as one step on a single example), ``"epoch"`` (as each epoch
-            starts) or an int ``N`` (every N steps). Updates whose target equals the last one are skipped (nothing
-            would change). A callable ``schedule`` is called per epoch under ``"auto"``. Seeded runs repeat bit
-            for bit.
-        update_budget: opt-in, under ``"auto"``: the most that mask updates may take of the measured training
-            time (e.g. 0.05): from the measured mean update and step times
-            (:class:`~lightning_masks.lifecycle.budget.UpdateBudget`) the interval is widened where needed, rank zero
-            deciding for all. The interval then depends on timings, so runs no longer repeat bit for bit; its
-            decisions are saved in checkpoints and restored on resume. ``None`` (the default): no timing.
+        schedule: a shape name (``cubic``, ``linear``, ...: :func:`~lightning_masks.list_schedules`; the default ramp
+            over the first two thirds of training and the default cadence), a
+            :class:`~lightning_masks.lifecycle.schedule.Schedule` (its ``start``/``end`` ramp in ``int`` epochs or
+            steps or ``float`` fractions of training, and its cadence: ``update_every``, ``update_budget``,
+            ``early_end``; a :class:`~lightning_masks.lifecycle.schedule.ThresholdSchedule` prunes by gate
+            threshold), or a callable ``t -> sparsity`` with ``t`` the epoch index or global step (a
+            :class:`~lightning_masks.lifecycle.schedule.CallableSchedule` gives it a cadence).
+        selector: how scores become keep-masks, a :class:`~lightning_masks.Selector`: ranking ``mode``,
+            ``importance``, ``layer_floor``, ``regrow`` and ``straight_through``, ``granularity`` (element,
+            channel, N:M), ``tie``; default ``Selector()``.
+        state: the gate and its state, a :class:`~lightning_masks.MaskState`: ``temperature``, ``rescale_gate``,
+            ``score_dtype``, ``compact``; default ``MaskState()`` (bfloat16 scores, one rescale scalar a tensor:
+            8.125 bytes of mask state a masked weight under Adam).
+        optimizer: how the scores train, a :class:`~lightning_masks.MaskOptimizer`: ``lr`` (default 0.01),
+            ``weight_decay``, ``fused_adam``. ``configure_optimizers`` runs on the plain model; the scores ride in
+            the param group of their weight and a copy of that optimizer steps them at these settings.
+        logging: what the fit logs, a :class:`~lightning_masks.MaskLogging`: ``every_n_steps``, ``histograms``,
+            ``plots``.
         targets, exclude: what to mask: globs on module names (the module's weights, whatever its type), globs
             on tensor names, or module types (see :func:`~lightning_masks.masking.masks.resolve_targets`). Default: the
             weights of every registered layer kind (:func:`~lightning_masks.masking.kinds.list_layer_kinds`: Linear,
@@ -127,55 +119,26 @@ class MaskPruningCallback(Callback):
             gate as for trained weights (``w * gate * keep``), which also learns a scale for each kept weight:
             more accurate (benchmarks/results/finepruning_lenet300.md), but the folded weights are the scaled
             ones. The setup line says which.
-        temperature: the gate's ``T > 0``.
-        rescale_gate: divide each gate by its initial value so training starts from the dense function
-            (on by default: benchmarks/results/study_lenet300_s99.md); with ``compact``, by one scalar per tensor,
-            ``1 / mean(sigmoid(scores / T))`` over the kept entries.
-        score_dtype: the dtype of the scores, hence of their gradient and optimizer state: ``"bfloat16"`` (the
-            default), ``"float32"``, ``"float64"`` or a ``torch.dtype``; ``None`` takes the weight's. Never wider
-            than the weight; the gate is computed in the weight's dtype.
-        compact: one rescale scalar per tensor instead of a float per weight. With ``score_dtype="bfloat16"``
-            and Adam a masked weight then carries 8.125 bytes of mask state (scores, their gradient, two Adam
-            moments, and the keep bits packed eight a byte) instead of 20.125. The keep bits are held apart from
-            the scores in an integer buffer, whatever this says: clamps, casts and weight decay of the parameters
-            leave pruned entries pruned.
-        selector: how scores become keep-masks, a :class:`~lightning_masks.Selector`: ranking ``mode``,
-            ``importance``, ``layer_floor``, ``regrow`` and ``straight_through``, ``granularity`` (element,
-            channel, N:M), ``tie``; default ``Selector()``.
         output_layers: with ``Selector(granularity="channel")``, the layers left whole because their output units are
             the model's outputs (classes, vocabulary). ``"auto"``: the masked layers whose outputs reach the
             model's outputs through no other masked layer, traced on ``forward(example_input_array)`` or, when
             that is not set, on the loss of the first training batch
             (:func:`~lightning_masks.masking.outputs.output_layers`); a list of globs on module names; or ``None`` to
             prune them too.
-        mask_lr, mask_weight_decay: learning rate and weight decay of the scores (default ``mask_lr=0.01``, the
-            weight decay of their weight's param group). ``configure_optimizers`` runs on the plain model (the
-            masks hidden: your param groups hold ``fc.weight``, not the scores); the scores then ride in the
-            param group of their weight, and a copy of that optimizer steps them at these settings whenever yours
-            steps (:class:`~lightning_masks.lightning.optim.ScoreOptimizers`): your LR schedulers schedule your
-            groups only. ``None``: the group's value at each step; both ``None``: your optimizer trains them.
-        fused_adam: switch the CPU ``Adam``/``AdamW`` param groups that train scores or masked weights, and whose
-            ``foreach``/``fused`` you left unset, to torch's fused kernel (``fused=True``): the same update up to
-            float rounding, several times faster on the exactly-zero gradients of pruned entries. ``False`` leaves
-            your optimizer's groups as they are.
         fold_on_fit_end: leave a plain model (no parametrizations, exact zeros) when fit ends.
-        early_end: a fit that ends before its ramp does (EarlyStopping, ``max_time``, an exception): ``"warn"``
-            (the default) warns with the target and the sparsity reached and folds what was reached; ``"final"``
-            makes one last update to the final target first (not after an exception).
         seed: seed for random initializers; ``None`` uses torch's global generator.
-        log_every_n_steps: cadence of the ``masks/...`` scalars during training (``None``: the Trainer's;
-            0: only as each epoch ends). Statistics are computed (and synced to the host) only then.
-        log_histograms: log gate and score histograms (TensorBoard, W&B) as each epoch ends.
-        plots: at the end of fit, write each layer's sparsity over training and gate histograms (PNG) into the
-            run folder and log them to W&B.
 
     Raises:
-        ValueError: any argument of the wrong type or out of range, or an inverted ramp, at construction; an
+        ValueError: any argument of the wrong type or out of range, at construction (a strategy object's own
+            fields when it is built); an
             unsupported strategy, a target that matches nothing, NaN/Inf weights or an unbounded training length,
             in ``setup`` (or as ``configure_model`` ends, for what only the built module can tell).
 
     Example:
-        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[MaskPruningCallback(sparsity=0.9)])  # doctest: +SKIP
+        >>> from lightning_masks import MaskOptimizer, Schedule
+        >>> pruner = MaskPruningCallback(0.9, schedule=Schedule("cubic", start=1, end=0.7),
+        ...                              optimizer=MaskOptimizer(lr=0.05))
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[pruner])  # doctest: +SKIP
     """
 
     def __init__(
@@ -184,63 +147,41 @@ class MaskPruningCallback(Callback):
         init: InitSpec = "magnitude",
         schedule: ScheduleSpec = "cubic",
         *,
-        start: Union[int, float] = Schedule.start,
-        end: Union[int, float] = Schedule.end,
-        update_every: Union[str, int] = "auto",
-        update_budget: Optional[float] = None,
+        selector: Optional[Selector] = None,
+        state: Optional[MaskState] = None,
+        optimizer: Optional[MaskOptimizer] = None,
+        logging: Optional[MaskLogging] = None,
         targets: Optional[Iterable[TargetSpec]] = None,
         exclude: Iterable[TargetSpec] = (),
         frozen: str = "skip",
-        temperature: float = 1.0,
-        rescale_gate: bool = True,
-        score_dtype: Union[str, torch.dtype, None] = "bfloat16",
-        compact: bool = True,
-        selector: Optional[Selector] = None,
         output_layers: Union[str, Iterable[str], None] = "auto",
-        mask_lr: Optional[float] = 1e-2,
-        mask_weight_decay: Optional[float] = None,
-        fused_adam: bool = True,
         fold_on_fit_end: bool = True,
-        early_end: str = "warn",
         seed: Optional[int] = None,
-        log_every_n_steps: Optional[int] = None,
-        log_histograms: bool = True,
-        plots: bool = True,
     ) -> None:
         target_specs = check_targets("targets", targets, optional=True)
         exclude_specs = check_targets("exclude", exclude)
-        selector = selector_of(selector)
+        selector = instance_of("selector", selector, Selector, "Selector(granularity='channel')")
         final = final_sparsity(sparsity, selector, DEFAULT_SPARSITY)
-        check_settings(update_every=update_every, temperature=temperature, mask_lr=mask_lr,
-                       mask_weight_decay=mask_weight_decay, early_end=early_end, seed=seed,
-                       log_every_n_steps=log_every_n_steps, frozen=frozen)
-        check_flags(rescale_gate=rescale_gate, fold_on_fit_end=fold_on_fit_end, fused_adam=fused_adam,
-                    log_histograms=log_histograms, plots=plots)
+        check_settings(frozen=frozen, seed=seed)
+        check_flags(fold_on_fit_end=fold_on_fit_end)
 
         self.sparsity = final
         self.initializer = get_initializer(init)
-        self.schedule = get_schedule(schedule, final, **ramp_of(schedule, start, end))
+        self.schedule = get_schedule(schedule, final)
+        self.selector = selector
+        self.state = instance_of("state", state, MaskState, "MaskState(temperature=0.5)")
+        self.optimizer = instance_of("optimizer", optimizer, MaskOptimizer, "MaskOptimizer(lr=0.05)")
+        self.logging = instance_of("logging", logging, MaskLogging, "MaskLogging(plots=False)")
         self.targets = target_specs
         self.exclude = exclude_specs
         self.frozen = frozen
-        self.temperature = float(temperature)
-        self.rescale_gate = rescale_gate
-        self.score_dtype = score_dtype_of(score_dtype)
-        self.compact = compact
-        self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
         self.output_layers = check_output_layers(output_layers)
-        self.selector = selector
-        self.mask_lr = mask_lr
-        self.mask_weight_decay = mask_weight_decay
-        self.fused_adam = fused_adam
         self.fold_on_fit_end = fold_on_fit_end
         self.seed = seed
-        self.log_every_n_steps = log_every_n_steps
-        self.log_histograms = log_histograms
-        self.plots = plots
+        self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
 
         # this fit's lifecycle (plan.py)
-        self.plan = Plan(self.schedule, update_every, selector.regrow, early_end, update_budget)
+        self.plan = Plan(self.schedule, selector.regrow)
         self.scores_initialized = False
         self._churn: dict[str, torch.Tensor] = {}
         self._gate_cache: Optional[AbstractContextManager[None]] = None  # cached_gates(), entered, while evaluating
@@ -381,10 +322,11 @@ class MaskPruningCallback(Callback):
             resolved.frozen_chosen += [name for name, owners in resolved.chosen.items()
                                        if id(getattr(*owners[0])) in ids]
         # FSDP2 gathers a module's trainable parameters in one dtype: the scores take their weight's
-        score_dtype = None if sharding.model_parallel(trainer) else self.score_dtype
-        masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=self.temperature,
-                        rescale=self.rescale_gate, per_channel=self.selector.grain.channel,
-                        score_dtype=score_dtype, compact=self.compact, frozen=self.frozen)
+        state = self.state
+        score_dtype = None if sharding.model_parallel(trainer) else cast(Optional[torch.dtype], state.score_dtype)
+        masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=state.temperature,
+                        rescale=state.rescale_gate, per_channel=self.selector.grain.channel,
+                        score_dtype=score_dtype, compact=state.compact, frozen=self.frozen)
         self.scores_initialized = not from_batches
         self._start_from_initial_keep(masked)
         goal = (f"gate threshold up to {self.schedule.final}" if self.schedule.by_threshold
@@ -422,15 +364,15 @@ class MaskPruningCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mask_copies(trainer, pl_module)  # copies made by other callbacks before the masks existed
-        lr, weight_decay = self.mask_lr, self.mask_weight_decay
-        if sharding.model_parallel(trainer) and (lr, weight_decay) != (None, None):
+        lr, weight_decay = self.optimizer.lr, self.optimizer.weight_decay
+        if sharding.model_parallel(trainer) and self.optimizer.own_settings:
             # a copy's state would be neither sharded nor in the distributed checkpoint: yours trains them
             rank_zero_warn("lightning_masks: under ModelParallelStrategy your optimizer trains the mask scores in "
-                           f"the param groups of their weights (mask_lr={lr} and mask_weight_decay={weight_decay} "
-                           "are not applied); pass mask_lr=None, mask_weight_decay=None to silence this")
+                           f"the param groups of their weights ({self.optimizer!r}: lr and weight_decay are not "
+                           "applied); pass optimizer=MaskOptimizer(lr=None, weight_decay=None) to silence this")
             lr = weight_decay = None
         self._scores = ScoreOptimizers(trainer.optimizers, self._masked, lr, weight_decay,
-                                       fuse=self.fused_adam, clip_val=trainer.gradient_clip_val,
+                                       fuse=self.optimizer.fused_adam, clip_val=trainer.gradient_clip_val,
                                        clip_algorithm=trainer.gradient_clip_algorithm)
         if self._score_states is not None:  # a resume loaded the callback's state before the optimizers existed
             self._scores.load_state_dict(self._score_states)
@@ -535,9 +477,9 @@ class MaskPruningCallback(Callback):
 
     @property
     def score_optimizers(self) -> list[torch.optim.Optimizer]:
-        """The optimizers that train the scores in this fit (copies of yours at ``mask_lr``), one for each of your
-        optimizers whose param groups hold scores; empty outside a fit, or when yours train them (``mask_lr=None,
-        mask_weight_decay=None``)."""
+        """The optimizers that train the scores in this fit (copies of yours at ``optimizer.lr``), one for each of
+        your optimizers whose param groups hold scores; empty outside a fit, or when yours train them
+        (``MaskOptimizer(lr=None, weight_decay=None)``)."""
         return self._scores.optimizers
 
     # ----------------------------------------------------------------------------------------- logging
@@ -555,13 +497,13 @@ class MaskPruningCallback(Callback):
             pl_module.log("masks/sparsity", sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False)
             self._shown_sparsity = sparsity
         every = (trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by a connector, not declared on Trainer
-                 if self.log_every_n_steps is None else self.log_every_n_steps)
+                 if self.logging.every_n_steps is None else self.logging.every_n_steps)
         if every and trainer.global_step % every == 0:
             self._log_stats(trainer, histograms=False)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_stats(trainer, histograms=self.log_histograms)
+        self._log_stats(trainer, histograms=self.logging.histograms)
 
     def _log_stats(self, trainer: pl.Trainer, histograms: bool) -> None:
         # Sharded masks are counted by every process (collective calls); rank zero logs.
@@ -618,9 +560,10 @@ class MaskPruningCallback(Callback):
         if self._masked:
             self._end_short(trainer, jump=True)
             self.final_layers = sharding.layer_rows(self._masked)
-            gates = sharding.gate_histograms(self._masked) if self.plots and sharding.model_parallel(trainer) else None
+            plots = self.logging.plots
+            gates = sharding.gate_histograms(self._masked) if plots and sharding.model_parallel(trainer) else None
             fit_report.report_fit(trainer, self.final_layers, self._masked, self.plan.history, self.plan.cadence,
-                                  self.plots, gates=gates)
+                                  plots, gates=gates)
         if self.fold_on_fit_end:
             self._fold(pl_module)
 
@@ -645,7 +588,8 @@ class MaskPruningCallback(Callback):
                                                       f"({self.sparsity_now:.2%} now)"))
             return
         action = ("the model is folded as it is" if self.fold_on_fit_end else "the masks stay as they are") + \
-            ("; pass early_end='final' to jump to the final target when a fit ends early" if jump else "")
+            ("; pass early_end='final' in the schedule (e.g. Schedule('cubic', early_end='final')) to jump to the "
+             "final target when a fit ends early" if jump else "")
         rank_zero_warn(shortfall.message(self.sparsity_now, action))
 
     @override

@@ -4,19 +4,48 @@ per-layer table, summary and pictures at its end (to the console and whatever lo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from .._checks import check_flags, is_int
 from ..masking import stats
 from ..masking.masks import MaskedTensor
 from ..masking.targets import Targets
 from . import loggers
 
-__all__ = ["accuracies", "announce", "histograms", "log_scalars", "report_fit"]
+__all__ = ["MaskLogging", "accuracies", "announce", "histograms", "log_scalars", "report_fit"]
+
+
+@dataclass(frozen=True)
+class MaskLogging:
+    """What a fit logs about its masks, through whatever loggers the Trainer has.
+
+    Args:
+        every_n_steps: cadence of the ``masks/...`` scalars during training (``None``: the Trainer's
+            ``log_every_n_steps``; 0: only as each epoch ends). Statistics are computed (and synced to the host)
+            only then.
+        histograms: log gate and score histograms (TensorBoard, W&B) as each epoch ends.
+        plots: at the end of fit, write each layer's sparsity over training and gate histograms (PNG) into the
+            run folder and log them to W&B.
+
+    Raises:
+        ValueError: ``every_n_steps`` not an int >= 0 or ``None``, a flag not a bool.
+    """
+
+    every_n_steps: Optional[int] = None
+    histograms: bool = True
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps is not None and not (is_int(self.every_n_steps) and self.every_n_steps >= 0):
+            raise ValueError(f"every_n_steps must be an int >= 0 or None, got {self.every_n_steps!r}; 0 logs "
+                             "only as each epoch ends")
+        check_flags(histograms=self.histograms, plots=self.plots)
 
 
 def announce(masked: Sequence[MaskedTensor], resolved: Targets, outputs: Sequence[str], what: str) -> None:
@@ -135,7 +164,7 @@ def _draw(gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], history: Mappi
     try:
         from . import plots
     except ImportError as error:
-        rank_zero_warn(f"lightning_masks: no pictures drawn ({error}); or pass plots=False")
+        rank_zero_warn(f"lightning_masks: no pictures drawn ({error}); or pass logging=MaskLogging(plots=False)")
         return {}
     arrays = {name: (counts.cpu().numpy(), edges.cpu().numpy()) for name, (counts, edges) in gates.items()}
     return {

@@ -5,19 +5,62 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
+from .._checks import check_flags, check_number
 from ..masking.masks import MaskedTensor
 
-__all__ = ["ScoreOptimizers"]
+__all__ = ["MaskOptimizer", "ScoreOptimizers"]
 
 _IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")  # how a group steps, not what it computes
 _FUSABLE = (torch.optim.Adam, torch.optim.AdamW)
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # the fused CPU kernel computes bfloat16 in float32
+
+
+@dataclass(frozen=True)
+class MaskOptimizer:
+    """How the mask scores train: their learning rate and weight decay, and the fused Adam kernel.
+
+    ``configure_optimizers`` runs on the plain model (the masks hidden: your param groups hold ``fc.weight``, not the
+    scores); the scores then ride in the param group of their weight, and a copy of that optimizer steps them at these
+    settings whenever yours steps (:class:`ScoreOptimizers`): your LR schedulers schedule your groups only.
+
+    Args:
+        lr: the scores' learning rate (default 0.01); ``None``: their weight's group's, at each step.
+        weight_decay: the scores' weight decay; ``None`` (the default): their weight's group's. Both ``None``: your
+            optimizer trains them.
+        fused_adam: switch the CPU ``Adam``/``AdamW`` param groups that train scores or masked weights, and whose
+            ``foreach``/``fused`` you left unset, to torch's fused kernel (``fused=True``): the same update up to
+            float rounding, several times faster on the exactly-zero gradients of pruned entries. ``False`` leaves
+            your optimizer's groups as they are.
+
+    Raises:
+        ValueError: ``lr`` or ``weight_decay`` not a number >= 0 or ``None``, ``fused_adam`` not a bool.
+
+    Example:
+        >>> MaskOptimizer(lr=0.0)  # the scores stay as initialised: gradual magnitude pruning
+        MaskOptimizer(lr=0.0, weight_decay=None, fused_adam=True)
+    """
+
+    lr: Optional[float] = 1e-2
+    weight_decay: Optional[float] = None
+    fused_adam: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value in (("lr", self.lr), ("weight_decay", self.weight_decay)):
+            check_number(name, value, 0.0, math.inf, optional=True,
+                         hint=f"e.g. MaskOptimizer({name}=0.01) (a float, not a string)")
+        check_flags(fused_adam=self.fused_adam)
+
+    @property
+    def own_settings(self) -> bool:
+        """Whether the scores train at settings of their own (a copy of your optimizer steps them)."""
+        return (self.lr, self.weight_decay) != (None, None)
 
 
 class ScoreOptimizers:
@@ -51,7 +94,7 @@ class ScoreOptimizers:
 
     Raises:
         ValueError: the twin cannot be built from the user's optimizer (its class's constructor does not take its
-            ``defaults``); the message names it and the way out (``mask_lr=None, mask_weight_decay=None``).
+            ``defaults``); the message names it and the way out (``MaskOptimizer(lr=None, weight_decay=None)``).
     """
 
     def __init__(self, optimizers: Sequence[Optimizer], masked: Sequence[MaskedTensor], lr: Optional[float] = None,
@@ -96,10 +139,10 @@ class ScoreOptimizers:
             twin = cls(twin_groups, **_constructor_args(cls, optimizer.defaults))
         except Exception as error:
             raise ValueError(
-                f"lightning_masks trains the mask scores with a copy of your optimizer ({cls.__name__}) at mask_lr="
-                f"{self.lr}, mask_weight_decay={self.weight_decay}, and could not build one from its defaults: "
-                f"{error}. Pass mask_lr=None and mask_weight_decay=None to train the scores in your optimizer's "
-                "param group of their weight instead") from error
+                f"lightning_masks trains the mask scores with a copy of your optimizer ({cls.__name__}) at lr="
+                f"{self.lr}, weight_decay={self.weight_decay}, and could not build one from its defaults: "
+                f"{error}. Pass optimizer=MaskOptimizer(lr=None, weight_decay=None) to train the scores in your "
+                "optimizer's param group of their weight instead") from error
         if fuse:
             _fuse_groups([twin], {id(s) for _, scores in groups for s in scores})
         return twin
@@ -133,7 +176,8 @@ class ScoreOptimizers:
                 self._warned = True
                 rank_zero_warn(f"lightning_masks: {type(optimizer).__name__} stepped outside Lightning's "
                                "optimizer_step (a raw optimizer in manual optimization?), so it trained the mask "
-                               "scores with its own lr; step it through self.optimizers() to train them at mask_lr")
+                               "scores with its own lr; step it through self.optimizers() to train them at the "
+                               "MaskOptimizer's lr")
             return
         for s, grad in zip(scores, grads):
             s.grad = grad
@@ -187,7 +231,7 @@ class ScoreOptimizers:
         twins = self.optimizers
         if len(states) != len(twins):
             raise ValueError(f"the checkpoint holds {len(states)} mask-score optimizer states, this fit has "
-                             f"{len(twins)} (mask_lr/mask_weight_decay or the optimizers changed?)")
+                             f"{len(twins)} (the MaskOptimizer or the optimizers changed?)")
         for twin, state in zip(twins, states):
             twin.load_state_dict(state)
 
