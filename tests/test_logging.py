@@ -34,9 +34,9 @@ def test_csv_gets_the_scalars_at_the_cadence(tiny_module, tmp_path):
     assert float(last["masks/global/sparsity"]) == pytest.approx(round(0.8 * TOTAL) / TOTAL)
     assert float(last["masks/global/target"]) == pytest.approx(0.8)
     for layer in LAYERS:
-        for stat in ("sparsity", "kept", "gate_mean", "gate_std", "gate_min", "gate_max", "undecided", "churn"):
+        for stat in ("sparsity", "kept", "gate_mean", "gate_std", "gate_min", "gate_max", "undecided", "flips"):
             assert last[f"masks/{layer}/{stat}"] != "", (layer, stat)
-    assert sum(float(row["masks/global/churn"]) for row in rows if int(row["step"]) % 4 == 0) > 0
+    assert sum(float(row["masks/global/flips"]) for row in rows if int(row["step"]) % 4 == 0) > 0
     assert "masks/sparsity" in trainer.progress_bar_metrics
 
 

@@ -99,14 +99,14 @@ def test_target_zero_keeps_everything_and_counts_the_bits_it_flips(compact):
     masked = attach(model, compact=compact)
     names = [e.name for e in masked]
     first = Selector()(masked, 0.0)  # nothing pruned yet: nothing to write
-    assert first.pruned == 0 and list(first.flipped) == names and all(int(v) == 0 for v in first.flipped.values())
+    assert first.pruned == 0 and list(first.flips) == names and all(int(v) == 0 for v in first.flips.values())
     if compact:
         return  # compact gates cannot regrow
     Selector()(masked, 0.5)
     pruned = [int((~e.gate.keep).sum()) for e in masked]
     back = Selector(regrow=True)(masked, 0.0)
     assert all(bool(e.gate.keep.all()) for e in masked)
-    assert [int(back.flipped[name]) for name in names] == pruned and sum(pruned) == 400
+    assert [int(back.flips[name]) for name in names] == pruned and sum(pruned) == 400
 
 
 def test_layer_floor_keeps_every_layer_alive_on_a_tied_embedding_model():
@@ -371,7 +371,7 @@ def test_tied_tensors_prune_the_same_units_ranked_by_their_summed_importance(mod
     if mode == "layer":  # the group is one layer of 8 units
         assert int((~a).sum()) == 4 and int((~other).sum()) == 3
     assert selection.pruned == int((~a).sum()) + int((~other).sum()) == (4 + 3 if mode == "layer" else 7)
-    assert set(selection.flipped) == {"a.weight", "b.weight", "c.weight", "other.weight"}
+    assert set(selection.flips) == {"a.weight", "b.weight", "c.weight", "other.weight"}
     # the tied units that go are those of the lowest summed |w * gate|, whatever each member alone says
     summed = sum(get_importance("effective_weight")(e).exp() for e in masked[:3])
     assert summed[~a].max() <= summed[a].min()

@@ -45,22 +45,22 @@ def test_statistics_match_a_brute_force_recount():
 
 
 @pytest.mark.parametrize("regrow", [False, True])
-def test_churn_counts_exactly_the_flipped_keep_bits(regrow):
+def test_flips_count_exactly_the_flipped_keep_bits(regrow):
     _, masked = masked_model()
     selector = Selector(layer_floor=0.0, regrow=regrow)
     first = selector(masked, 0.3)
-    assert sum(v.item() for v in first.flipped.values()) == first.pruned  # all from the dense start
+    assert sum(v.item() for v in first.flips.values()) == first.pruned  # all from the dense start
     previous = [e.gate.keep.clone() for e in masked]
     with torch.no_grad():  # reshuffle importance so the next update moves entries around
         for e in masked:
             e.gate.scores.copy_(torch.randn_like(e.gate.scores) * 3)
     second = selector(masked, 0.6)
     recount = [int((p != e.gate.keep).sum()) for p, e in zip(previous, masked)]
-    assert [second.flipped[e.name].item() for e in masked] == recount
-    values = mask_stats(masked, second.flipped)
-    assert values["global/churn"].item() == sum(recount)
-    assert values["1.weight/churn"].item() == recount[1]
-    assert mask_stats(masked)["global/churn"].item() == 0
+    assert [second.flips[e.name].item() for e in masked] == recount
+    values = mask_stats(masked, second.flips)
+    assert values["global/flips"].item() == sum(recount)
+    assert values["1.weight/flips"].item() == recount[1]
+    assert mask_stats(masked)["global/flips"].item() == 0
 
 
 def test_histogram_and_layer_table():

@@ -183,7 +183,7 @@ class MaskPruningCallback(Callback):
         # this fit's lifecycle (plan.py)
         self.plan = Plan(self.schedule, selector.regrow)
         self.scores_initialized = False
-        self._churn: dict[str, torch.Tensor] = {}
+        self._flips: dict[str, torch.Tensor] = {}
         self._gate_cache: Optional[AbstractContextManager[None]] = None  # cached_gates(), entered, while evaluating
         self._logged_step: Optional[int] = None  # step of the last scalar log, not to log a step twice
         self._shown_sparsity: Optional[float] = None  # the progress bar's masks/sparsity, logged when it moves
@@ -226,7 +226,7 @@ class MaskPruningCallback(Callback):
         self.plan = self.plan.fresh()  # each fit starts a new lifecycle; a resume loads its state after setup
         self._fit_running = True
         self._shown_sparsity = self._logged_step = None
-        self._churn = {}
+        self._flips = {}
         if self.schedule.uses_fractions and unbounded(trainer):
             raise ValueError(
                 "the schedule's start/end are fractions of training, but training length is unbounded "
@@ -465,7 +465,7 @@ class MaskPruningCallback(Callback):
         select = self.selector.threshold if self.plan.by_threshold else self.selector
         self._reshard(trainer)
         with sharding.counting(trainer, self._masked):  # over every process's shards under FSDP2
-            pruned, threshold, self._churn = select(local_entries(self._masked), target)
+            pruned, threshold, self._flips = select(local_entries(self._masked), target)
         rows = sharding.layer_rows(self._masked)
         self.plan.record(t, target, pruned, threshold, [row["name"] for row in rows], [row["sparsity"] for row in rows])
         mask_copies(trainer, trainer.lightning_module)
@@ -513,7 +513,7 @@ class MaskPruningCallback(Callback):
         self._reshard(trainer)
         if self._logged_step != trainer.global_step:
             self._logged_step = trainer.global_step
-            fit_report.log_scalars(trainer, self._masked, self._churn, self.plan.target, self.plan.threshold,
+            fit_report.log_scalars(trainer, self._masked, self._flips, self.plan.target, self.plan.threshold,
                                    statistics=sharding.mask_stats)
         if histograms:
             values = sharding.histograms(self._masked) if sharded else fit_report.histograms(self._masked)

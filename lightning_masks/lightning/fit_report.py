@@ -102,11 +102,11 @@ def _left_dense(resolved: Targets, outputs: Sequence[str]) -> str:
     return "".join(f"; {part}" for part in parts)
 
 
-def log_scalars(trainer: pl.Trainer, masked: Sequence[MaskedTensor], churn: Mapping[str, torch.Tensor],
+def log_scalars(trainer: pl.Trainer, masked: Sequence[MaskedTensor], flips: Mapping[str, torch.Tensor],
                 target: float, threshold: float | None, *, statistics: Callable = stats.mask_stats) -> None:
     """The ``masks/...`` scalars (``statistics``: :func:`~lightning_masks.masking.stats.mask_stats`, or its version over
     every process's shards; the last update's target and cut) to every logger, with one host sync."""
-    values = statistics(masked, churn)
+    values = statistics(masked, flips)
     if not trainer.is_global_zero:  # a rank that only took part in counting its shards
         return
     numbers = torch.stack([v.float().cpu() for v in values.values()]).tolist()  # the one host sync

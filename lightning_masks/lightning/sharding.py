@@ -159,7 +159,7 @@ def layer_rows(masked: Sequence[MaskedTensor]) -> list[dict]:
              "sparsity": 1 - n / entry.numel} for row, entry, n in zip(rows, masked, kept.tolist())]
 
 
-_SUMS = ("total", "kept", "live", "gate_sum", "gate_sumsq", "undecided", "churn")
+_SUMS = ("total", "kept", "live", "gate_sum", "gate_sumsq", "undecided", "flips")
 
 
 def _reduce_moments(moments: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -178,13 +178,13 @@ def _reduce_moments(moments: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]
             for m, row, lo, hi in zip(moments, sums, low, high)]
 
 
-def mask_stats(masked: Sequence[MaskedTensor], churn: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def mask_stats(masked: Sequence[MaskedTensor], flips: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """:func:`~lightning_masks.masking.stats.mask_stats` over every process's shards (a collective call)."""
     if not is_sharded(masked):
-        return stats.mask_stats(masked, churn)
+        return stats.mask_stats(masked, flips)
     totals = [torch.tensor(float(entry.numel)) for entry in masked]  # the whole tensors' sizes
-    churn = {name: value.float() for name, value in churn.items()}
-    return stats.mask_stats(local_entries(masked), churn, combine=lambda moments: [
+    flips = {name: value.float() for name, value in flips.items()}
+    return stats.mask_stats(local_entries(masked), flips, combine=lambda moments: [
         {**m, "total": t} for m, t in zip(_reduce_moments(moments), totals)])
 
 

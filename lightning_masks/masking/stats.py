@@ -38,7 +38,7 @@ def live_gates(entry: MaskedTensor) -> Tensor:
     return gate_value(gate.scores.detach().float(), gate.temperature)[gate.keep]
 
 
-def _moments(entry: MaskedTensor, churned: Optional[Tensor]) -> dict[str, Tensor]:
+def _moments(entry: MaskedTensor, flips: Optional[Tensor]) -> dict[str, Tensor]:
     """Sums from which per-tensor and global statistics are both derived (0-dim tensors)."""
     keep = entry.gate.keep
     live = live_gates(entry)
@@ -53,7 +53,7 @@ def _moments(entry: MaskedTensor, churned: Optional[Tensor]) -> dict[str, Tensor
         "gate_min": live.min() if live.numel() else nan,
         "gate_max": live.max() if live.numel() else nan,
         "undecided": ((live > UNDECIDED[0]) & (live < UNDECIDED[1])).sum().float(),
-        "churn": churned.float() if churned is not None else zero,
+        "flips": flips.float() if flips is not None else zero,
     }
 
 
@@ -69,19 +69,22 @@ def _finish(m: Mapping[str, Tensor]) -> dict[str, Tensor]:
         "gate_min": m["gate_min"],
         "gate_max": m["gate_max"],
         "undecided": m["undecided"] / live,
-        "churn": m["churn"],
+        "flips": m["flips"],
     }
 
 
-def mask_stats(masked: Sequence[MaskedTensor], churned: Optional[Mapping[str, Tensor]] = None, *,
+def mask_stats(masked: Sequence[MaskedTensor], flips: Optional[Mapping[str, Tensor]] = None, *,
                combine: Optional[Callable[[list[dict[str, Tensor]]], list[dict[str, Tensor]]]] = None
                ) -> dict[str, Tensor]:
-    """Per-tensor statistics keyed ``"<name>/<stat>"`` and global ones keyed ``"global/<stat>"``.
+    """Per-tensor statistics keyed ``"<name>/<stat>"`` and global ones keyed ``"global/<stat>"``: ``sparsity``,
+    ``kept``, the live gates' ``gate_mean`` / ``gate_std`` / ``gate_min`` / ``gate_max``, the share ``undecided``,
+    and ``flips``, the keep bits the last update flipped (``flips``: per tensor name, from
+    :class:`~lightning_masks.selection.selector.Selection`; 0 where absent).
 
     ``combine`` maps the per-tensor moments (sums, min and max) before the statistics are derived from them, e.g. to
     sum the moments of every process's shards of sharded tensors."""
-    churned = churned or {}
-    moments = [_moments(entry, churned.get(entry.name)) for entry in masked]
+    flips = flips or {}
+    moments = [_moments(entry, flips.get(entry.name)) for entry in masked]
     if combine is not None:
         moments = combine(moments)
     result = {}

@@ -189,8 +189,8 @@ def refuse_nan(entry: Ranked, *tensors: Tensor) -> None:
                          "lower the learning rate or check the model for a divergence")
 
 
-def set_keep(entry: Ranked, keep: Tensor, flipped: dict[str, Tensor]) -> None:
+def set_keep(entry: Ranked, keep: Tensor, flips: dict[str, Tensor]) -> None:
     """Write ``keep`` into the mask (every member's, for tied tensors), counting the bits that change."""
     for member in members(entry):
-        flipped[member.name] = torch.ne(member.gate.keep.reshape(-1), keep.reshape(-1)).count_nonzero()  # no int64
+        flips[member.name] = torch.ne(member.gate.keep.reshape(-1), keep.reshape(-1)).count_nonzero()  # no int64
         member.gate.set_keep(keep)

@@ -41,13 +41,13 @@ class Selection(NamedTuple):
 
     ``threshold`` is the importance of the last pruned entry in linear scale (``|w * gate|`` or the gate)
     for global selection, the gate threshold for threshold schedules, and ``None`` where each tensor
-    has its own cut (per layer, N:M) or nothing was pruned. ``flipped`` maps each tensor's name to the
+    has its own cut (per layer, N:M) or nothing was pruned. ``flips`` maps each tensor's name to the
     number of its keep bits this update changed (0-dim tensors on its device: no host sync).
     """
 
     pruned: int
     threshold: Optional[float]
-    flipped: dict[str, Tensor]
+    flips: dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -228,13 +228,13 @@ class Selector:
 
     def _call(self, masked: Sequence[MaskedTensor], target: float) -> Selection:
         if self.grain.is_nm:
-            flipped: dict[str, Tensor] = {}
-            pruned = summed_counts([self._select_nm(entry, target, flipped) for entry in masked])
-            return Selection(sum(pruned), None, flipped)
+            flips: dict[str, Tensor] = {}
+            pruned = summed_counts([self._select_nm(entry, target, flips) for entry in masked])
+            return Selection(sum(pruned), None, flips)
         ranked = self.tied(masked)
         if self.mode == "layer":
             each = [self._select([entry], target, floor=0.0) for entry in ranked]
-            return Selection(sum(s.pruned for s in each), None, {k: v for s in each for k, v in s.flipped.items()})
+            return Selection(sum(s.pruned for s in each), None, {k: v for s in each for k, v in s.flips.items()})
         return self._select(ranked, target, floor=self.layer_floor)
 
     def _select(self, masked: Sequence[Ranked], target: float, floor: float) -> Selection:
@@ -253,14 +253,14 @@ class Selector:
                 f"target sparsity {target} needs {count} of {total} entries pruned, but layer_floor={floor} "
                 f"keeps {sum(floors)}; lower layer_floor or the target"
             )
-        flipped: dict[str, Tensor] = {}
+        flips: dict[str, Tensor] = {}
         if count == 0:
             for entry, n in zip(masked, local_alive):
                 if self.regrow or n < entry.units or isinstance(entry, TiedUnits):
-                    set_keep(entry, torch.ones_like(keep_of(entry)), flipped)
+                    set_keep(entry, torch.ones_like(keep_of(entry)), flips)
                 else:  # all kept already (a fit's first update): nothing to write
-                    flipped[entry.name] = torch.zeros((), dtype=torch.int64, device=entry.gate.scores.device)
-            return Selection(0, None, flipped)
+                    flips[entry.name] = torch.zeros((), dtype=torch.int64, device=entry.gate.scores.device)
+            return Selection(0, None, flips)
         # Without regrowth a mostly pruned tensor is ranked on its live units only (the pruned ones stay below
         # every key): importance, keys and histograms then cost a fraction of the tensor.
         # The choice is made on the counts over every shard, so that each process issues the same collectives.
@@ -277,8 +277,8 @@ class Selector:
             keys.protect({id(entry): top_of(keys.of(entry), f) for entry, f in zip(masked, floors) if f})
             key, keeps = self._cut(masked, count, ranked, keys)
         for entry, keep in zip(masked, keeps):
-            set_keep(entry, keep, flipped)
-        return Selection(count, 0.0 if key == PRUNED else math.exp(key_value(key)), flipped)
+            set_keep(entry, keep, flips)
+        return Selection(count, 0.0 if key == PRUNED else math.exp(key_value(key)), flips)
 
     def _ranked_values(self, entry: Ranked, index: Optional[Tensor]) -> Tensor:
         """The flat float32 importance of the entry's units at ``index`` (its live ones), or of all of them."""
@@ -308,7 +308,7 @@ class Selector:
             keeps.append(keep)
         return key, keeps
 
-    def _select_nm(self, entry: MaskedTensor, target: float, flipped: dict[str, Tensor]) -> int:
+    def _select_nm(self, entry: MaskedTensor, target: float, flips: dict[str, Tensor]) -> int:
         """Keep N of every M consecutive weights of each output unit (groups run along the input axes)."""
         n, m, sparsity = self.grain.n, self.grain.m, self.grain.sparsity
         assert sparsity is not None  # an N:M grain
@@ -322,10 +322,10 @@ class Selector:
             keep.scatter_(1, importance.topk(per_group, dim=1, largest=False).indices, False)
         keep = keep.view(rows).movedim(0, axis)
         if self.regrow:
-            set_keep(entry, keep, flipped)
+            set_keep(entry, keep, flips)
             return per_group * (entry.numel // m)
         keep &= keep_of(entry)  # pruned stays pruned (e.g. a one-shot mask the masks started from)
-        set_keep(entry, keep, flipped)
+        set_keep(entry, keep, flips)
         return entry.numel - int(keep.sum())
 
     @torch.no_grad()
@@ -335,7 +335,7 @@ class Selector:
             return self._threshold(masked, threshold)
 
     def _threshold(self, masked: Sequence[MaskedTensor], threshold: float) -> Selection:
-        pruned, flipped = 0, dict[str, Tensor]()
+        pruned, flips = 0, dict[str, Tensor]()
         for entry in self.tied(masked):
             current = keep_of(entry)
             keep = torch.ones_like(current)
@@ -344,6 +344,6 @@ class Selector:
                                     for m in members(entry)]).any(0).view_as(current)
             if not self.regrow:
                 keep &= current
-            set_keep(entry, keep, flipped)
+            set_keep(entry, keep, flips)
             pruned += int((~keep).sum())
-        return Selection(summed_counts([pruned])[0], threshold, flipped)
+        return Selection(summed_counts([pruned])[0], threshold, flips)
