@@ -22,7 +22,6 @@ from lightning_masks import (
     fold_checkpoint,
     masked_tensors,
 )
-from lightning_masks.lifecycle.plan import auto_interval
 from lightning_masks.lightning.trainer import check_strategy
 from lightning_masks.masking import gate as gate_module
 from lightning_masks.masking import masks
@@ -66,19 +65,6 @@ def test_digits_mlp_reaches_the_exact_sparsity_within_a_few_points_of_dense():
     assert zeros_and_total(dense)[0] == 0
 
 
-def test_default_schedule_is_cubic_to_0_9_over_the_first_two_thirds(tiny_module):
-    pruner = MaskPruningCallback(schedule=Schedule(update_every=1))
-    probe = Probe(pruner)
-    make_trainer(max_epochs=6, callbacks=[pruner, probe]).fit(tiny_module)
-    end = 16.0  # two thirds of 6 epochs of 4 steps
-    for step, position, target, pruned, total in probe.steps:
-        expected = 0.9 * (1 - (1 - min(step / end, 1)) ** 3)
-        assert position == step and target == pytest.approx(expected)
-        assert pruned == round(expected * total)
-    zeros, total = zeros_and_total(tiny_module)
-    assert zeros == round(0.9 * total)
-
-
 def test_the_default_cadence_of_a_short_fit_is_spaced_by_its_length(tiny_module):
     pruner = MaskPruningCallback()
     make_trainer(max_epochs=6, callbacks=[pruner]).fit(tiny_module)
@@ -86,143 +72,6 @@ def test_the_default_cadence_of_a_short_fit_is_spaced_by_its_length(tiny_module)
     assert pruner.plan.history["positions"] == [0, 8, 16]
     zeros, total = zeros_and_total(tiny_module)
     assert zeros == round(0.9 * total)
-
-
-def test_epoch_cadence_updates_as_each_epoch_starts(tiny_module):
-    pruner = MaskPruningCallback(schedule=Schedule(update_every="epoch"))
-    probe = Probe(pruner)
-    make_trainer(max_epochs=6, callbacks=[pruner, probe]).fit(tiny_module)
-    end = 4.0  # two thirds of 6 epochs
-    for epoch, (position, target, pruned, total) in enumerate(probe.epochs):
-        expected = 0.9 * (1 - (1 - min(epoch / end, 1)) ** 3)
-        assert position == epoch and target == pytest.approx(expected)
-        assert pruned == round(expected * total)
-
-
-def test_auto_cadence_is_planned_from_the_fit_length_and_ramp(tiny_module):
-    pruner = MaskPruningCallback(0.5, schedule=Schedule("linear", start=15, end=65))  # 4 steps an epoch: steps 60..260
-    probe = Probe(pruner)
-    make_trainer(max_epochs=75, callbacks=[pruner, probe]).fit(tiny_module)
-    assert pruner.plan.every == auto_interval(200, 300) == 14  # 300 steps: about 5% of them for 14 updates
-    assert len(pruner.plan.history["positions"]) == 1 + 15  # the first (empty) update, then the ramp's
-    for step, position, target, pruned, total in probe.steps:
-        assert position == step // 14 * 14
-        assert target == pytest.approx(0.5 * min(max(position - 60, 0) / 200, 1)) and pruned == round(target * total)
-
-
-def test_int_start_and_end_count_epochs_whatever_the_cadence(tiny_module):
-    pruner = MaskPruningCallback(0.5, schedule=Schedule("linear", start=1, end=3, update_every=2))
-    probe = Probe(pruner)
-    make_trainer(max_epochs=4, callbacks=[pruner, probe]).fit(tiny_module)
-    for step, position, target, pruned, total in probe.steps:
-        assert position == step // 2 * 2
-        assert target == pytest.approx(0.5 * min(max(position - 4, 0) / 8, 1))
-
-
-def test_update_every_n_steps_with_a_fractional_end(tiny_module):
-    pruner = MaskPruningCallback(0.5, schedule=Schedule("linear", end=1.0, update_every=3))
-    probe = Probe(pruner)
-    make_trainer(max_steps=10, callbacks=[pruner, probe]).fit(tiny_module)
-    positions = sorted({p for _, p, *_ in probe.steps})
-    assert positions == [0, 3, 6, 9]
-    for step, position, target, pruned, total in probe.steps:
-        assert position == step // 3 * 3
-        assert target == pytest.approx(0.5 * position / 9) and pruned == round(target * total)
-
-
-def test_scores_are_trained_by_the_unmodified_configure_optimizers(tiny_module):
-    pruner = MaskPruningCallback(fold_on_fit_end=False, optimizer=MaskOptimizer(lr=None))
-    trainer = make_trainer(max_steps=3, callbacks=[pruner])
-    initial, groups, twins = None, None, None
-
-    class Snapshot(Callback):
-        def on_train_start(self, trainer, pl_module):
-            nonlocal initial
-            initial = [e.gate.scores.detach().clone() for e in masked_tensors(pl_module)]
-
-        def on_train_end(self, trainer, pl_module):
-            nonlocal groups, twins
-            groups = [[id(p) for p in g["params"]] for g in trainer.optimizers[0].param_groups]
-            twins = pruner.score_optimizers
-
-    trainer.callbacks.append(Snapshot())
-    trainer.fit(tiny_module)
-    masked = masked_tensors(tiny_module)
-    assert len(groups) == 1  # with mask_lr=None, in the group of their weights
-    assert all(id(e.gate.scores) in groups[0] for e in masked) and twins == []
-    assert all(not torch.equal(a, e.gate.scores) for a, e in zip(initial, masked))
-
-
-class ScheduledModule(TinyModule):
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.05)
-        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
-
-
-def test_mask_lr_and_weight_decay_are_the_scores_own_whatever_the_schedule():
-    pl.seed_everything(0, verbose=False)
-    module = ScheduledModule()
-    pruner = MaskPruningCallback(fold_on_fit_end=False, optimizer=MaskOptimizer(lr=0.1, weight_decay=0.0))
-    seen = {}
-
-    class Spy(Callback):
-        def on_train_end(self, trainer, pl_module):
-            seen["user"], seen["twins"] = trainer.optimizers, pruner.score_optimizers
-
-    trainer = make_trainer(max_epochs=2, callbacks=[pruner, Spy()])
-    trainer.fit(module)
-    [optimizer], [twin] = seen["user"], seen["twins"]
-    [user] = optimizer.param_groups  # the scores ride in it, trained by the twin
-    [masks] = twin.param_groups
-    scores = {id(e.gate.scores) for e in masked_tensors(module)}
-    assert {id(p) for p in masks["params"]} == scores and type(twin) is torch.optim.AdamW
-    assert masks["weight_decay"] == 0.0 and user["weight_decay"] == 0.05
-    assert masks["lr"] == 0.1 and user["lr"] == pytest.approx(1e-2 * 0.5**2)
-    assert not {id(p) for p in user["params"]} & scores  # taken out again as the fit ends
-
-
-class TwoOptimizers(TinyModule):
-    """Manual optimization with one optimizer per sub-network (as in a GAN)."""
-
-    def __init__(self):
-        super().__init__()
-        self.automatic_optimization = False
-        self.other = nn.Linear(3, 3)
-
-    def training_step(self, batch, batch_idx):
-        first, second = self.optimizers()
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.other(self(x)), y)
-        first.zero_grad()
-        second.zero_grad()
-        self.manual_backward(loss)
-        first.step()
-        second.step()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.net.parameters(), lr=0.1), torch.optim.Adam(self.other.parameters(), lr=1e-2)
-
-
-def test_several_optimizers_each_train_the_scores_of_their_weights():
-    pl.seed_everything(0, verbose=False)
-    module = TwoOptimizers()
-    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False, optimizer=MaskOptimizer(lr=0.05))
-    twins = []
-
-    class Spy(Callback):
-        def on_train_end(self, trainer, pl_module):
-            twins.extend(pruner.score_optimizers)
-
-    trainer = make_trainer(max_epochs=3, callbacks=[pruner, Spy()])
-    trainer.fit(module)
-    net_scores = {id(e.gate.scores) for e in masked_tensors(module.net)}
-    other_scores = {id(e.gate.scores) for e in masked_tensors(module.other)}
-    first, second = twins
-    assert type(first) is torch.optim.SGD and type(second) is torch.optim.Adam
-    assert {id(p) for p in first.param_groups[0]["params"]} == net_scores
-    assert {id(p) for p in second.param_groups[0]["params"]} == other_scores
-    assert sum(int((~e.gate.keep).sum()) for e in masked_tensors(module)) == round(
-        0.5 * sum(e.numel for e in masked_tensors(module)))
 
 
 class AttentionClassifier(TinyModule):

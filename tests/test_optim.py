@@ -129,6 +129,102 @@ def test_the_fused_adam_switch_is_an_explicit_callback_setting(tiny_module):
         MaskPruningCallback(optimizer=MaskOptimizer(fused_adam="yes"))
 
 
+# ------------------------------------------------------------------------------------------------ in a fit
+def test_scores_are_trained_by_the_unmodified_configure_optimizers(tiny_module):
+    pruner = MaskPruningCallback(fold_on_fit_end=False, optimizer=MaskOptimizer(lr=None))
+    trainer = make_trainer(max_steps=3, callbacks=[pruner])
+    initial, groups, twins = None, None, None
+
+    class Snapshot(Callback):
+        def on_train_start(self, trainer, pl_module):
+            nonlocal initial
+            initial = [e.gate.scores.detach().clone() for e in masked_tensors(pl_module)]
+
+        def on_train_end(self, trainer, pl_module):
+            nonlocal groups, twins
+            groups = [[id(p) for p in g["params"]] for g in trainer.optimizers[0].param_groups]
+            twins = pruner.score_optimizers
+
+    trainer.callbacks.append(Snapshot())
+    trainer.fit(tiny_module)
+    masked = masked_tensors(tiny_module)
+    assert len(groups) == 1  # with mask_lr=None, in the group of their weights
+    assert all(id(e.gate.scores) in groups[0] for e in masked) and twins == []
+    assert all(not torch.equal(a, e.gate.scores) for a, e in zip(initial, masked))
+
+
+class ScheduledModule(TinyModule):
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.05)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
+
+
+def test_mask_lr_and_weight_decay_are_the_scores_own_whatever_the_schedule():
+    pl.seed_everything(0, verbose=False)
+    module = ScheduledModule()
+    pruner = MaskPruningCallback(fold_on_fit_end=False, optimizer=MaskOptimizer(lr=0.1, weight_decay=0.0))
+    seen = {}
+
+    class Spy(Callback):
+        def on_train_end(self, trainer, pl_module):
+            seen["user"], seen["twins"] = trainer.optimizers, pruner.score_optimizers
+
+    trainer = make_trainer(max_epochs=2, callbacks=[pruner, Spy()])
+    trainer.fit(module)
+    [optimizer], [twin] = seen["user"], seen["twins"]
+    [user] = optimizer.param_groups  # the scores ride in it, trained by the twin
+    [masks] = twin.param_groups
+    scores = {id(e.gate.scores) for e in masked_tensors(module)}
+    assert {id(p) for p in masks["params"]} == scores and type(twin) is torch.optim.AdamW
+    assert masks["weight_decay"] == 0.0 and user["weight_decay"] == 0.05
+    assert masks["lr"] == 0.1 and user["lr"] == pytest.approx(1e-2 * 0.5**2)
+    assert not {id(p) for p in user["params"]} & scores  # taken out again as the fit ends
+
+
+class TwoOptimizers(TinyModule):
+    """Manual optimization with one optimizer per sub-network (as in a GAN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.other = nn.Linear(3, 3)
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.other(self(x)), y)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.1), torch.optim.Adam(self.other.parameters(), lr=1e-2)
+
+
+def test_several_optimizers_each_train_the_scores_of_their_weights():
+    pl.seed_everything(0, verbose=False)
+    module = TwoOptimizers()
+    pruner = MaskPruningCallback(0.5, fold_on_fit_end=False, optimizer=MaskOptimizer(lr=0.05))
+    twins = []
+
+    class Spy(Callback):
+        def on_train_end(self, trainer, pl_module):
+            twins.extend(pruner.score_optimizers)
+
+    trainer = make_trainer(max_epochs=3, callbacks=[pruner, Spy()])
+    trainer.fit(module)
+    net_scores = {id(e.gate.scores) for e in masked_tensors(module.net)}
+    other_scores = {id(e.gate.scores) for e in masked_tensors(module.other)}
+    first, second = twins
+    assert type(first) is torch.optim.SGD and type(second) is torch.optim.Adam
+    assert {id(p) for p in first.param_groups[0]["params"]} == net_scores
+    assert {id(p) for p in second.param_groups[0]["params"]} == other_scores
+    assert sum(int((~e.gate.keep).sum()) for e in masked_tensors(module)) == round(
+        0.5 * sum(e.numel for e in masked_tensors(module)))
+
+
 # ------------------------------------------------------------------------------------------------ schedulers
 def _every_scheduler(optimizer: torch.optim.Optimizer, total: int) -> dict:
     """One instance of each scheduler class in ``torch.optim.lr_scheduler``, as its docs show it."""

@@ -7,13 +7,17 @@ from lightning_masks.lifecycle.plan import UPDATE_COST_STEPS, UPDATE_SHARE, Plan
 from lightning_masks.lifecycle.schedule import CallableSchedule
 
 
-def run(plan, epochs, steps_per_epoch):
-    """Drive the plan as the hooks do; return the updates made as (position, target)."""
-    plan.resolve(epochs * steps_per_epoch, steps_per_epoch)
+def run(plan, epochs, steps_per_epoch, steps=None):
+    """Drive the plan as the hooks do (over ``steps`` optimizer steps, or the epochs'); return the updates made as
+    (position, target)."""
+    total = epochs * steps_per_epoch if steps is None else steps
+    plan.resolve(total, steps_per_epoch)
     updates = []
     for epoch in range(epochs):
         for batch in range(-1, steps_per_epoch):  # -1: the epoch's start
             step = epoch * steps_per_epoch + max(batch, 0)
+            if step >= total:
+                return updates
             t = plan.due(epoch, step, epoch_start=batch == -1)
             target = plan.decide(t)
             if target is not None:
@@ -36,6 +40,9 @@ def test_auto_cadence_of_a_short_fit_keeps_updates_to_its_share_of_the_steps():
     assert plan.every == auto_interval(200, 300) == 14  # 200 / 14 updates of a step each: 5% of 300 steps
     assert [t for t, _ in updates][:3] == [0, 70, 84] and updates[-1] == (266, 0.5)
     assert (len(updates) - 1) * UPDATE_COST_STEPS <= UPDATE_SHARE * 300 and plan.shortfall() is None
+    assert len(updates) == 1 + 15  # the first (empty) update, then the ramp's
+    for position, target in updates:
+        assert position == position // 14 * 14 and target == pytest.approx(0.5 * min(max(position - 60, 0) / 200, 1))
     assert [auto_interval(ramp, total) for ramp, total in [(0, 10), (1, 10), (4, 6), (30, 45), (2000, 3000)]] == \
         [1, 1, 2, 14, 20]  # never wider than half the ramp
 
@@ -55,6 +62,42 @@ def test_epoch_cadence_and_callables_update_as_epochs_start():
     plan = Plan(CallableSchedule(lambda epoch: [0.0, 0.3, 0.7][epoch]))
     assert plan.cadence == "epoch" and run(plan, 3, 4) == [(0, 0.0), (1, 0.3), (2, 0.7)]
     assert plan.shortfall() is None  # a callable's final value is unknown
+
+
+def test_the_callbacks_default_ramp_is_cubic_to_0_9_over_the_first_two_thirds():
+    plan = MaskPruningCallback(schedule=Schedule(update_every=1)).plan
+    updates = run(plan, epochs=6, steps_per_epoch=4)
+    end = 16.0  # two thirds of 6 epochs of 4 steps
+    assert [position for position, _ in updates] == list(range(17))  # then the final target: nothing to change
+    for position, target in updates:
+        assert target == pytest.approx(0.9 * (1 - (1 - min(position / end, 1)) ** 3))
+    assert plan.shortfall() is None
+
+
+def test_epoch_cadence_follows_the_default_ramp_as_each_epoch_starts():
+    plan = MaskPruningCallback(schedule=Schedule(update_every="epoch")).plan
+    updates = run(plan, epochs=6, steps_per_epoch=4)
+    end = 4.0  # two thirds of 6 epochs
+    assert [epoch for epoch, _ in updates] == [0, 1, 2, 3, 4]
+    for epoch, target in updates:
+        assert target == pytest.approx(0.9 * (1 - (1 - min(epoch / end, 1)) ** 3))
+
+
+def test_int_start_and_end_count_epochs_whatever_the_cadence():
+    plan = Plan(Schedule("linear", final=0.5, start=1, end=3, update_every=2))
+    updates = run(plan, epochs=4, steps_per_epoch=4)
+    assert plan.cadence == "step" and updates[-1] == (12, 0.5)
+    for position, target in updates:
+        assert position == position // 2 * 2
+        assert target == pytest.approx(0.5 * min(max(position - 4, 0) / 8, 1))
+
+
+def test_update_every_n_steps_with_a_fractional_end():
+    plan = Plan(Schedule("linear", final=0.5, end=1.0, update_every=3))
+    updates = run(plan, epochs=3, steps_per_epoch=4, steps=10)  # max_steps=10: the ramp ends at the last update
+    assert [position for position, _ in updates] == [0, 3, 6, 9]
+    for position, target in updates:
+        assert target == pytest.approx(0.5 * position / 9)
 
 
 def test_equal_targets_are_skipped_unless_regrowing_or_thresholding():

@@ -10,6 +10,8 @@ from torch import nn
 
 from lightning_masks import Selector, attach, fold
 from lightning_masks.selection import importance as importance_module
+from lightning_masks.selection import kth as kth_module
+from lightning_masks.selection import ranked as ranked_module
 from lightning_masks.selection.importance import (
     effective_weight_importance,
     get_importance,
@@ -32,12 +34,6 @@ def brute_force_keep(masked, importance, target):
     keep = torch.ones(values.numel(), dtype=torch.bool)
     keep[order[:count]] = False
     return keep
-
-
-def test_keys_preserve_float_order():
-    values = torch.tensor([-math.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 7.5, math.inf])
-    keys = keys64(values)
-    assert torch.all(keys[1:] >= keys[:-1]) and keys.min() >= 0 and keys.max() < 2**32
 
 
 @pytest.mark.parametrize("importance", list_importances())
@@ -237,37 +233,6 @@ def test_channel_selection_prunes_whole_output_channels_exactly(mode):
         rows = layer.weight.reshape(layer.weight.shape[0], -1)
         assert torch.equal((rows == 0).all(1), ~entry.gate.keep.flatten())
         assert torch.equal(layer.bias == 0, ~entry.gate.keep.flatten())  # the whole channel, bias too
-
-
-# ------------------------------------------------------------------------------- int32 keys and the radix cut
-from lightning_masks.selection import kth as kth_module  # noqa: E402
-from lightning_masks.selection import ranked as ranked_module  # noqa: E402
-from lightning_masks.selection.kth import PROTECTED, PRUNED, float_keys, kth_key  # noqa: E402
-
-
-def test_int32_keys_are_the_int64_keys_shifted():
-    values = torch.tensor([-math.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 7.5, math.inf])
-    values = torch.cat([values, torch.randn(1000) * 10 ** torch.randint(-30, 30, (1000,)).float()])
-    assert torch.equal(float_keys(values).long(), keys64(values) - 2**31)
-    assert PRUNED < int(float_keys(torch.tensor([-math.inf])))
-    assert PROTECTED > int(float_keys(torch.tensor([math.inf])))
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_kth_key_matches_a_sort_with_ties_and_extremes(seed):
-    generator = torch.Generator().manual_seed(seed)
-    pieces = [torch.randint(-2**31, 2**31, (n,), generator=generator, dtype=torch.int64).to(torch.int32)
-              for n in (700, 1, 300)]
-    pieces[0][:200] = PRUNED  # the lowest possible key, bucket 0
-    pieces[2][:50] = PROTECTED  # the highest, bucket 2^16 - 1
-    pieces[1][:] = 12345
-    pieces[0][200:260] = 12345  # ties across tensors
-    pieces[2][50:60] = 12345 + 65536 * 3  # same low bits, another bucket
-    everything = torch.sort(torch.cat(pieces)).values
-    for k in (1, 150, 200, 201, 230, 400, 500, 950, 951, 1001):
-        key, below, equal = kth_key(lambda: iter(pieces), k)
-        assert key == int(everything[k - 1])
-        assert below == int((everything < key).sum()) and equal == int((everything == key).sum())
 
 
 def reference_keep(masked, importance, target, floor, regrow):
