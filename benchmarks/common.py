@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from lightning_masks import MaskLogging, MaskOptimizer, MaskPruningCallback, MaskState, Schedule
 from lightning_masks.masking import stats
-from lightning_masks.zoo import MLP, FashionMNISTDataModule, LeNet5, LeNet5Caffe
+from lightning_masks.zoo.data import FashionMNISTDataModule
+from lightning_masks.zoo.models import MLP, LeNet5, LeNet5Caffe
 
 __all__ = [
     "MODELS",

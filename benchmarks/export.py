@@ -49,10 +49,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_masks import MaskLogging, MaskPruningCallback, Schedule, Selector, attach, fold
-from lightning_masks.export.command import save_sparse, shrink
-from lightning_masks.selection.coupling import coupled_channels
-from lightning_masks.zoo import FashionMNISTDataModule, LeNet5, ResNet20
-from lightning_masks.zoo.data import FASHION_MNIST_ROOT
+from lightning_masks.export import save_sparse
+from lightning_masks.export.shrink import shrink
+from lightning_masks.selection import coupled_channels
+from lightning_masks.zoo.data import FASHION_MNIST_ROOT, FashionMNISTDataModule
+from lightning_masks.zoo.models import LeNet5, ResNet20
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -61,7 +61,7 @@ import quality
 from common import RESULTS, build_model, markdown_table, prunable, sparsity_counts
 
 import lightning_masks
-from lightning_masks.lightning.optim import ScoreOptimizers
+from lightning_masks.lightning import ScoreOptimizers
 
 SPARSITY = 0.9
 INPUT = {"lenet300": (784,), "lenet5": (1, 28, 28)}

@@ -67,9 +67,8 @@ def run_lightning_masks(size: int) -> dict:
     """Our global selection (gate importance) over the scores, as the callback runs it."""
     import torch
 
-    from lightning_masks.masking.bits import pack_rows
-    from lightning_masks.masking.masks import MaskedTensor, MaskGate
-    from lightning_masks.selection.selector import Selector
+    from lightning_masks import MaskGate, Selector
+    from lightning_masks.masking import MaskedTensor, pack_rows
 
     masked = []
     for index, scores in enumerate(_scores(size)):

@@ -30,9 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table
 from real_sizes import MODELS
 
-from lightning_masks import attach
-from lightning_masks.lifecycle.plan import UPDATE_COST_STEPS
-from lightning_masks.selection.selector import Selector
+from lightning_masks import Selector, attach
+from lightning_masks.lifecycle import UPDATE_COST_STEPS
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

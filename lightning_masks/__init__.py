@@ -1,53 +1,65 @@
 """lightning_masks: prune any LightningModule with learnable, weight-dependent masks."""
 
-from .export.checkpoints import fold_checkpoint, fold_state_dict
-from .lifecycle.schedule import CallableSchedule, Schedule, ThresholdSchedule, list_schedules, register_schedule
-from .lightning.callback import MaskPruningCallback
-from .lightning.fit_report import MaskLogging
-from .lightning.optim import MaskOptimizer
-from .lightning.sharding import full_state_dict, mask_before_sharding
-from .masking.gate import MaskGate
-from .masking.hiding import masks_hidden
-from .masking.initializers import Initializer, get_initializer, list_initializers, register_initializer
-from .masking.kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
-from .masking.masks import attach, fold, masked_tensors
-from .masking.plain import folded_state, plain_state_dict
-from .masking.state import MaskState
-from .selection.importance import list_importances, register_importance
-from .selection.selector import Selector
+from .export import fold_checkpoint, fold_state_dict
+from .lifecycle import CallableSchedule, Schedule, ThresholdSchedule, list_schedules, register_schedule
+from .lightning import MaskLogging, MaskOptimizer, MaskPruningCallback, full_state_dict, mask_before_sharding
+from .masking import (
+    Initializer,
+    LayerKind,
+    MaskGate,
+    MaskState,
+    attach,
+    fold,
+    folded_state,
+    get_initializer,
+    get_layer_kind,
+    list_initializers,
+    list_layer_kinds,
+    masked_tensors,
+    masks_hidden,
+    plain_state_dict,
+    register_initializer,
+    register_layer_kind,
+)
+from .selection import Selector, list_importances, register_importance
 
 __all__ = [
-    "CallableSchedule",
-    "Initializer",
-    "LayerKind",
-    "MaskGate",
-    "MaskLogging",
-    "MaskOptimizer",
+    # the callback and the strategy objects it composes
     "MaskPruningCallback",
-    "MaskState",
+    "Initializer",
     "Schedule",
-    "Selector",
     "ThresholdSchedule",
+    "CallableSchedule",
+    "Selector",
+    "MaskState",
+    "MaskOptimizer",
+    "MaskLogging",
+    # registries: initializers, schedule shapes, importance criteria, layer kinds
+    "get_initializer",
+    "list_initializers",
+    "register_initializer",
+    "list_schedules",
+    "register_schedule",
+    "list_importances",
+    "register_importance",
+    "LayerKind",
+    "get_layer_kind",
+    "list_layer_kinds",
+    "register_layer_kind",
+    # masks on any nn.Module, without Lightning
     "attach",
     "fold",
-    "fold_checkpoint",
-    "fold_state_dict",
-    "full_state_dict",
-    "folded_state",
-    "get_initializer",
-    "get_layer_kind",
-    "list_importances",
-    "list_initializers",
-    "list_layer_kinds",
-    "list_schedules",
-    "mask_before_sharding",
     "masked_tensors",
     "masks_hidden",
+    "MaskGate",
+    # plain weights and checkpoints
     "plain_state_dict",
-    "register_importance",
-    "register_initializer",
-    "register_layer_kind",
-    "register_schedule",
+    "folded_state",
+    "fold_checkpoint",
+    "fold_state_dict",
+    # sharded training (FSDP2)
+    "mask_before_sharding",
+    "full_state_dict",
 ]
 
 __version__ = "0.1.0"

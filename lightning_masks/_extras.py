@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["EXTRAS", "extra"]
+__all__ = ["extra"]
 
 #: what each extra of ``pip install "lightning-masks[...]"`` is for (the packages are in pyproject.toml)
 EXTRAS = {

@@ -30,12 +30,14 @@ from lightning_masks import (
     Schedule,
     Selector,
     attach,
+    full_state_dict,
     mask_before_sharding,
     masked_tensors,
 )
-from lightning_masks.lightning.sharding import full_state_dict, reshard
-from lightning_masks.masking.sharded import local_entries, mask_state_bytes, shard_with_weights
-from lightning_masks.selection.distributed import across_shards
+from lightning_masks.lightning.sharding import reshard
+from lightning_masks.masking import local_entries, shard_with_weights
+from lightning_masks.masking.sharded import mask_state_bytes
+from lightning_masks.selection import across_shards
 
 CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=32)

@@ -6,7 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_masks import attach
-from lightning_masks.masking.activations import input_norms
+from lightning_masks.masking import input_norms
 
 
 def rms(rows: torch.Tensor) -> torch.Tensor:

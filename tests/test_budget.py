@@ -8,11 +8,11 @@ import torch
 from helpers import TinyModule, make_trainer, zeros_and_total
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_masks import MaskPruningCallback, Schedule, Selector
+from lightning_masks import MaskPruningCallback, Schedule, Selector, register_importance
 from lightning_masks.lifecycle.budget import UpdateBudget
 from lightning_masks.lifecycle.plan import MIN_RAMP_UPDATES
 from lightning_masks.selection import importance as importance_module
-from lightning_masks.selection.importance import effective_weight_importance, register_importance
+from lightning_masks.selection.importance import effective_weight_importance
 
 
 def test_the_interval_keeps_updates_within_their_share():

@@ -24,8 +24,8 @@ from lightning_masks import (
 )
 from lightning_masks.lightning.trainer import check_strategy
 from lightning_masks.masking import gate as gate_module
-from lightning_masks.masking import masks
-from lightning_masks.zoo import MLP, DigitsDataModule
+from lightning_masks.zoo.data import DigitsDataModule
+from lightning_masks.zoo.models import MLP
 
 
 class Probe(Callback):
@@ -324,7 +324,7 @@ def test_gates_are_computed_once_per_evaluation_loop(tiny_module, stage, monkeyp
     pruner = MaskPruningCallback(0.5, fold_on_fit_end=False, schedule=Schedule(end=1))
     make_trainer(max_epochs=1, callbacks=[pruner], limit_val_batches=0).fit(tiny_module)
     calls = []
-    computed = masks.gated
+    computed = gate_module.gated
     monkeypatch.setattr(gate_module, "gated", lambda *args: calls.append(1) or computed(*args))
     getattr(make_trainer(callbacks=[pruner]), stage)(tiny_module)  # 4 batches
     assert len(calls) == 2  # one per masked tensor, not one per batch

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn.utils import parametrize
 
 from lightning_masks import MaskOptimizer, MaskPruningCallback, Schedule, fold_checkpoint, masked_tensors
-from lightning_masks.masking.layout import group_mask_keys, saved_keep
+from lightning_masks.masking import group_mask_keys, saved_keep
 
 
 class Scheduled(TinyModule):

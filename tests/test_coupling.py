@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_masks.selection.coupling import coupled_channels
-from lightning_masks.zoo import ResNet20
+from lightning_masks.selection import coupled_channels
+from lightning_masks.zoo.models import ResNet20
 
 
 def test_the_batchnorms_writing_each_residual_stream_of_a_projection_resnet():

@@ -15,7 +15,11 @@ from helpers import TinyModule, make_trainer
 from torch import nn
 
 from lightning_masks import MaskPruningCallback, Schedule, attach, fold_checkpoint, fold_state_dict
-from lightning_masks.export.command import load_checkpoint, load_sparse, main, save_program, save_sparse, shrink
+from lightning_masks.export import save_sparse
+from lightning_masks.export.checkpoints import load_checkpoint
+from lightning_masks.export.command import main, save_program
+from lightning_masks.export.shrink import shrink
+from lightning_masks.export.sparse_file import load_sparse
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

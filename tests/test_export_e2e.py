@@ -63,9 +63,10 @@ print("params", small_params, io["params"])
 
 @pytest.mark.parametrize("auto", [False, True])
 def test_tied_stream_masks_let_shrink_narrow_a_resnets_residual_streams(auto):
-    from lightning_masks.export.command import shrink
-    from lightning_masks.selection.coupling import coupled_channels
-    from lightning_masks.zoo import ResNet20, SyntheticDataModule
+    from lightning_masks.export.shrink import shrink
+    from lightning_masks.selection import coupled_channels
+    from lightning_masks.zoo.data import SyntheticDataModule
+    from lightning_masks.zoo.models import ResNet20
 
     pl.seed_everything(0, verbose=False)
     model = ResNet20(in_channels=1, num_classes=3, width=4, blocks=2, shortcut="projection")

@@ -7,15 +7,8 @@ from helpers import prune
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_masks import attach
-from lightning_masks.masking.gate import (
-    ChannelBias,
-    MaskGate,
-    binary_gated,
-    gate_value,
-    gated,
-    straight_through_gated,
-)
+from lightning_masks import MaskGate, attach
+from lightning_masks.masking.gate import ChannelBias, binary_gated, gate_value, gated, straight_through_gated
 
 
 def test_temperature_must_be_positive():

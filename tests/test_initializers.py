@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lightning_masks import get_initializer, list_initializers, register_initializer
-from lightning_masks.masking.initializers import _INITIALIZERS, Initializer, MagnitudeNoise
+from lightning_masks import Initializer, get_initializer, list_initializers, register_initializer
+from lightning_masks.masking.initializers import _INITIALIZERS, MagnitudeNoise
 
 WEIGHT = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
 GRAD = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))

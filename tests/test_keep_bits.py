@@ -12,9 +12,9 @@ from helpers import TinyModule, make_trainer
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 from torch import nn
 
-from lightning_masks import MaskPruningCallback, fold, masked_tensors
-from lightning_masks.masking.bits import pack_rows, packed_shape, unpack_rows
-from lightning_masks.selection.selector import Selector
+from lightning_masks import MaskPruningCallback, Selector, fold, masked_tensors
+from lightning_masks.masking import pack_rows, unpack_rows
+from lightning_masks.masking.bits import packed_shape
 
 TARGET = 0.8
 

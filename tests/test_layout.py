@@ -6,15 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_masks.masking.layout import (
-    GATE_FIELDS,
-    ORIGINAL,
-    REQUIRED_FIELDS,
-    group_mask_keys,
-    mask_key,
-    split_mask_key,
-)
-from lightning_masks.masking.masks import attach
+from lightning_masks import attach
+from lightning_masks.masking import GATE_FIELDS, ORIGINAL, REQUIRED_FIELDS, group_mask_keys, mask_key, split_mask_key
 
 
 @pytest.mark.parametrize("options", [{}, {"rescale": True}, {"rescale": True, "compact": True},

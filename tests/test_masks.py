@@ -8,8 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_masks import attach, fold, masked_tensors
-from lightning_masks.masking.loading import restore_masks_on_load
-from lightning_masks.masking.masks import gates_disabled
+from lightning_masks.masking import gates_disabled, restore_masks_on_load
 
 
 class Zoo(nn.Module):
@@ -162,7 +161,7 @@ def test_rescale_keeps_the_initial_function():
 
 # ------------------------------------------------------------------------------------------ binary masks
 def test_binary_mask_folds_to_the_original_weights_and_survives_a_state_dict_round_trip():
-    from lightning_masks.export.checkpoints import fold_state_dict
+    from lightning_masks import fold_state_dict
 
     torch.manual_seed(0)
     source = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))

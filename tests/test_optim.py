@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from lightning_masks import MaskOptimizer, MaskPruningCallback, MaskState, Schedule, Selector, attach, masked_tensors
-from lightning_masks.lightning.optim import ScoreOptimizers
+from lightning_masks.lightning import ScoreOptimizers
 
 
 def ids(params):

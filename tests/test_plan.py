@@ -2,9 +2,9 @@
 
 import pytest
 
-from lightning_masks import MaskPruningCallback, Schedule, ThresholdSchedule
-from lightning_masks.lifecycle.plan import UPDATE_COST_STEPS, UPDATE_SHARE, Plan, auto_interval
-from lightning_masks.lifecycle.schedule import CallableSchedule
+from lightning_masks import CallableSchedule, MaskPruningCallback, Schedule, ThresholdSchedule
+from lightning_masks.lifecycle import UPDATE_COST_STEPS, Plan
+from lightning_masks.lifecycle.plan import UPDATE_SHARE, auto_interval
 
 
 def run(plan, epochs, steps_per_epoch, steps=None):

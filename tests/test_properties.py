@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_masks import Schedule, Selector, attach, list_schedules
-from lightning_masks.selection.importance import get_importance, list_importances
+from lightning_masks import Schedule, Selector, attach, list_importances, list_schedules
+from lightning_masks.selection.importance import get_importance
 
 shapes = st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12)), min_size=1, max_size=4)
 targets = st.floats(0.0, 0.99, allow_nan=False)

@@ -25,10 +25,19 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from lightning_masks import MaskLogging, MaskPruningCallback, Schedule, attach, fold, masked_tensors
-from lightning_masks.masking.kinds import get_layer_kind, kind_of, list_layer_kinds, register_layer_kind
-from lightning_masks.masking.masks import resolve_targets
-from lightning_masks.selection.selector import Selector
+from lightning_masks import (
+    MaskLogging,
+    MaskPruningCallback,
+    Schedule,
+    Selector,
+    attach,
+    fold,
+    get_layer_kind,
+    list_layer_kinds,
+    masked_tensors,
+    register_layer_kind,
+)
+from lightning_masks.masking import kind_of, resolve_targets
 
 VOCAB = 100
 

@@ -9,8 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 from lightning_masks import MaskLogging, MaskPruningCallback, MaskState, Schedule, attach, masked_tensors
-from lightning_masks.masking.layout import group_mask_keys, saved_keep
-from lightning_masks.masking.masks import detach, resolve_targets
+from lightning_masks.masking import detach, group_mask_keys, resolve_targets, saved_keep
 
 
 @pytest.fixture

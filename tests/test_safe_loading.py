@@ -13,7 +13,8 @@ from helpers import TinyModule, make_trainer
 from omegaconf import DictConfig, ListConfig
 
 from lightning_masks import MaskPruningCallback, Schedule, fold_checkpoint
-from lightning_masks.export.command import load_checkpoint, main
+from lightning_masks.export.checkpoints import load_checkpoint
+from lightning_masks.export.command import main
 
 
 class Payload:

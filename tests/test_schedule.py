@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from lightning_masks import Schedule, ThresholdSchedule, list_schedules
+from lightning_masks import CallableSchedule, Schedule, ThresholdSchedule, list_schedules, register_schedule
+from lightning_masks.lifecycle import get_schedule
 from lightning_masks.lifecycle import schedule as schedule_module
-from lightning_masks.lifecycle.schedule import CallableSchedule, get_schedule, register_schedule
 
 
 def test_cubic_is_zhu_and_gupta():

@@ -8,16 +8,11 @@ from helpers import TiedLM, keep_all
 from helpers.oracles import keys64, kth_smallest
 from torch import nn
 
-from lightning_masks import Selector, attach, fold
+from lightning_masks import Selector, attach, fold, list_importances, register_importance
 from lightning_masks.selection import importance as importance_module
 from lightning_masks.selection import kth as kth_module
 from lightning_masks.selection import ranked as ranked_module
-from lightning_masks.selection.importance import (
-    effective_weight_importance,
-    get_importance,
-    list_importances,
-    register_importance,
-)
+from lightning_masks.selection.importance import effective_weight_importance, get_importance
 from lightning_masks.selection.selector import parse_granularity
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_masks import Selector, attach
-from lightning_masks.masking.masks import fold, masked_tensors
-from lightning_masks.masking.sharded import is_sharded, local_entries, mask_state_bytes, shard_with_weights
+from lightning_masks import Selector, attach, fold, masked_tensors
+from lightning_masks.masking import is_sharded, local_entries, shard_with_weights
+from lightning_masks.masking.sharded import mask_state_bytes
 
 
 def net():

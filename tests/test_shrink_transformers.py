@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import TokenModule, make_trainer
 
-from lightning_masks import MaskLogging, MaskPruningCallback, Schedule, Selector
-from lightning_masks.export.command import fold_checkpoint, main, shrink
-from lightning_masks.export.shrink import output_tensors
+from lightning_masks import MaskLogging, MaskPruningCallback, Schedule, Selector, fold_checkpoint
+from lightning_masks.export.command import main
+from lightning_masks.export.shrink import output_tensors, shrink
 
 
 def channel_pruned(arch: str, **callback) -> tuple[TokenModule, pl.Trainer]:

@@ -7,10 +7,19 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import lightning_masks
-from lightning_masks import MaskLogging, MaskPruningCallback, MaskState, Schedule, attach, fold, masked_tensors
-from lightning_masks.masking.loading import restore_masks_on_load
-from lightning_masks.masking.masks import MaskGate, gated, masked_value
-from lightning_masks.selection.selector import Selector
+from lightning_masks import (
+    MaskGate,
+    MaskLogging,
+    MaskPruningCallback,
+    MaskState,
+    Schedule,
+    Selector,
+    attach,
+    fold,
+    masked_tensors,
+)
+from lightning_masks.masking import masked_value, restore_masks_on_load
+from lightning_masks.masking.gate import gated
 
 
 class Wide(lightning_masks.lightning.callback.pl.LightningModule):
@@ -216,7 +225,7 @@ def test_regrowth_brings_back_a_pruned_entry_with_its_score():
 
 
 def test_keep_bits_are_cached_within_a_selection_until_they_change():
-    from lightning_masks.masking.masks import keep_bits_cached
+    from lightning_masks.masking import keep_bits_cached
 
     _, entry, keep = pruned_layer()
     gate = entry.gate

@@ -27,13 +27,13 @@ from lightning_masks import (
     MaskOptimizer,
     MaskPruningCallback,
     MaskState,
+    Schedule,
     Selector,
     get_initializer,
     list_initializers,
 )
 from lightning_masks.app.configs import CONFIG_DIR, list_recipes
 from lightning_masks.app.train import RESULT_FILE, run
-from lightning_masks.lifecycle.schedule import Schedule
 from lightning_masks.masking.stats import zero_rows
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]

@@ -9,19 +9,21 @@ import pytest
 import torch
 from helpers.datafiles import idx_bytes, write_cifar10, write_fashion_mnist
 
-from lightning_masks.zoo import (
-    MLP,
+from lightning_masks.zoo.data import (
     CIFAR10DataModule,
     DigitsDataModule,
     FashionMNISTDataModule,
+    SyntheticDataModule,
+    read_idx,
+)
+from lightning_masks.zoo.models import (
+    MLP,
     LeNet5,
     LeNet5Caffe,
     ResNet20,
-    SyntheticDataModule,
     TransferClassifier,
     TransformerClassifier,
     pretrained,
-    read_idx,
 )
 
 
@@ -137,8 +139,7 @@ def test_optimizer_and_scheduler_factories_are_used():
 
 
 def test_python_source_is_split_by_path_and_a_tiny_llama_learns_its_windows(tmp_path):
-    from lightning_masks.zoo import CausalLM, PythonSourceDataModule, tiny_llama
-    from lightning_masks.zoo.text import python_sources
+    from lightning_masks.zoo.text import CausalLM, PythonSourceDataModule, python_sources, tiny_llama
 
     train, held_out = python_sources("train"), python_sources("held_out")
     assert train and held_out and not set(train) & set(held_out)

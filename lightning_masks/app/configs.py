@@ -20,11 +20,11 @@ from omegaconf import OmegaConf
 
 import lightning_masks
 
-from ..masking.initializers import Initializer, get_initializer
+from ..masking import Initializer, get_initializer
 
-__all__ = ["CONFIG_DIR", "RECIPE_DIR", "initializer", "list_recipes", "register"]
+__all__ = ["CONFIG_DIR", "initializer", "list_recipes", "register"]
 
-PACKAGE_HEADER = "# @package"
+_PACKAGE_HEADER = "# @package"
 
 
 def _shipped(module: str, folder: str) -> Path:
@@ -37,7 +37,7 @@ def _shipped(module: str, folder: str) -> Path:
 
 #: The Hydra config tree (``conf/``) and the recipes (``recipes/``).
 CONFIG_DIR = _shipped("lightning_masks.conf", "conf")
-RECIPE_DIR = _shipped("lightning_masks.recipes", "recipes")
+_RECIPE_DIR = _shipped("lightning_masks.recipes", "recipes")
 
 
 def initializer(name: str, noise_scale: Optional[float] = None, **options: Any) -> Initializer:
@@ -61,14 +61,14 @@ def initializer(name: str, noise_scale: Optional[float] = None, **options: Any) 
 
 def list_recipes() -> list[str]:
     """Return the names of the shipped recipes (``recipe=NAME``)."""
-    return sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
+    return sorted(path.stem for path in _RECIPE_DIR.glob("*.yaml"))
 
 
 def _package(text: str) -> Optional[str]:
     """Return the ``# @package`` header of a config file, if any."""
     for line in text.splitlines():
-        if line.startswith(PACKAGE_HEADER):
-            return line[len(PACKAGE_HEADER):].strip()
+        if line.startswith(_PACKAGE_HEADER):
+            return line[len(_PACKAGE_HEADER):].strip()
     return None
 
 
@@ -99,7 +99,7 @@ def register() -> None:
     """
     store = ConfigStore.instance()
     for name in list_recipes():
-        text = (RECIPE_DIR / f"{name}.yaml").read_text()
+        text = (_RECIPE_DIR / f"{name}.yaml").read_text()
         store.store(name=name, node=OmegaConf.create(text), group="recipe", package=_package(text),
                     provider="lightning_masks")
     for resolver_name, resolver in (("lm.run_name", _run_name), ("lm.sweep_group", _sweep_group),

@@ -28,23 +28,22 @@ from scipy.stats import ttest_ind
 from .sweep_plot import plot_sweep
 from .train import RESULT_FILE
 
-__all__ = ["ALPHA", "COLUMNS", "CONFIG_COLUMNS", "collect", "configs_to_markdown", "expected_jobs", "group_seeds",
-           "main", "to_markdown", "write_csv"]
+__all__ = ["collect", "main"]
 
 #: The table's columns, in order.
-COLUMNS = ("job", "status", "overrides", "init", "noise_scale", "noise_used", "sparsity", "test_acc", "val_acc",
+_COLUMNS = ("job", "status", "overrides", "init", "noise_scale", "noise_used", "sparsity", "test_acc", "val_acc",
            "time_s", "error")
 #: The configuration table's columns, in order (``test_acc`` is the mean over seeds).
-CONFIG_COLUMNS = ("config", "init", "noise_scale", "sparsity", "seeds", "test_acc", "test_acc_std", "p_vs_best",
+_CONFIG_COLUMNS = ("config", "init", "noise_scale", "sparsity", "seeds", "test_acc", "test_acc_std", "p_vs_best",
                   "mark", "not_ok")
 #: Significance level of the Welch t-test against the best configuration.
-ALPHA = 0.05
-SEED_KEY = "seed"
+_ALPHA = 0.05
+_SEED_KEY = "seed"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 CONFIG = Path(".hydra") / "config.yaml"
 
 
-def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
+def _expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     """Return the override lists of every job a basic-sweeper sweep launches, or ``None`` when unknown.
 
     Expands the sweep's ``multirun.yaml`` as Hydra's basic sweeper does (command-line overrides and
@@ -112,7 +111,7 @@ def collect(sweep_dir: str | Path, metric: str = "test/acc") -> list[dict[str, A
                       key=lambda path: [int(p) if p.isdigit() else p for p in path.relative_to(sweep_dir).parts])
     rows = [_job_row(job_dir, sweep_dir, metric) for job_dir in job_dirs if job_dir != sweep_dir]
     seen = {frozenset(row["overrides"]) for row in rows}
-    for overrides in expected_jobs(sweep_dir) or []:
+    for overrides in _expected_jobs(sweep_dir) or []:
         if frozenset(overrides) not in seen:
             rows.append({"job": "-", "status": "missing", "overrides": overrides,
                          "init": _override(overrides, "masks/init") or "", "noise_scale": None, "noise_used": None,
@@ -123,10 +122,10 @@ def collect(sweep_dir: str | Path, metric: str = "test/acc") -> list[dict[str, A
 
 
 def _is_seed(override: str) -> bool:
-    return override.partition("=")[0].lstrip("+~") == SEED_KEY
+    return override.partition("=")[0].lstrip("+~") == _SEED_KEY
 
 
-def group_seeds(rows: Sequence[dict[str, Any]], alpha: float = ALPHA) -> list[dict[str, Any]]:
+def _group_seeds(rows: Sequence[dict[str, Any]], alpha: float = _ALPHA) -> list[dict[str, Any]]:
     """Group the jobs that differ only in ``seed`` into configurations, and mark those the best cannot be told from.
 
     Each configuration gets the mean and sample standard deviation of ``test_acc`` over its ok jobs
@@ -143,7 +142,7 @@ def group_seeds(rows: Sequence[dict[str, Any]], alpha: float = ALPHA) -> list[di
         alpha: the test's significance level.
 
     Returns:
-        One dict per configuration (keys :data:`CONFIG_COLUMNS`, plus ``overrides``: the job overrides
+        One dict per configuration (keys :data:`_CONFIG_COLUMNS`, plus ``overrides``: the job overrides
         without ``seed``, and ``values``: the accuracies), in order of first appearance.
     """
     groups: dict[frozenset, list[dict[str, Any]]] = {}
@@ -183,7 +182,7 @@ def group_seeds(rows: Sequence[dict[str, Any]], alpha: float = ALPHA) -> list[di
     return configs
 
 
-def configs_to_markdown(configs: Sequence[dict[str, Any]], alpha: float = ALPHA) -> str:
+def _configs_to_markdown(configs: Sequence[dict[str, Any]], alpha: float = _ALPHA) -> str:
     """Return the configurations as a markdown table: one row each, mean ± std over its seeds, and the marks."""
     common = (frozenset.intersection(*(frozenset(c["overrides"]) for c in configs)) if len(configs) > 1
               else frozenset())
@@ -223,14 +222,14 @@ def _with_series(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return named
 
 
-def write_configs_csv(configs: Sequence[dict[str, Any]], path: Path) -> None:
-    """Write the configurations, one row each (columns :data:`CONFIG_COLUMNS`), as CSV."""
+def _write_configs_csv(configs: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write the configurations, one row each (columns :data:`_CONFIG_COLUMNS`), as CSV."""
     with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CONFIG_COLUMNS)
+        writer = csv.DictWriter(file, fieldnames=_CONFIG_COLUMNS)
         writer.writeheader()
         for config in configs:
             writer.writerow({c: " ".join(config["overrides"]) if c == "config" else config.get(c)
-                             for c in CONFIG_COLUMNS})
+                             for c in _CONFIG_COLUMNS})
 
 
 def _cell(row: dict[str, Any], column: str, common: frozenset = frozenset()) -> str:
@@ -246,9 +245,9 @@ def _cell(row: dict[str, Any], column: str, common: frozenset = frozenset()) -> 
     return str(value)
 
 
-def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
+def _to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """Return the rows as a markdown table: overrides shared by every job are listed once above it, failures below."""
-    columns = [c for c in COLUMNS if c not in ("error", "noise_used")]
+    columns = [c for c in _COLUMNS if c not in ("error", "noise_used")]
     common = frozenset.intersection(*(frozenset(row["overrides"]) for row in rows)) if len(rows) > 1 else frozenset()
     lines = [f"Overrides of every job: `{' '.join(sorted(common))}`", ""] if common else []
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -261,13 +260,13 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Write the rows, every column, as CSV."""
     with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer = csv.DictWriter(file, fieldnames=_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: " ".join(row["overrides"]) if c == "overrides" else row.get(c) for c in COLUMNS})
+            writer.writerow({c: " ".join(row["overrides"]) if c == "overrides" else row.get(c) for c in _COLUMNS})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,8 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="the folder of a sweep (multirun/DATE/TIME)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep folder)")
     parser.add_argument("--metric", default="test/acc", help="the accuracy to report (default: test/acc)")
-    parser.add_argument("--alpha", type=float, default=ALPHA,
-                        help=f"significance level of the Welch t-test against the best (default {ALPHA})")
+    parser.add_argument("--alpha", type=float, default=_ALPHA,
+                        help=f"significance level of the Welch t-test against the best (default {_ALPHA})")
     args = parser.parse_args(argv)
     try:
         rows = collect(args.sweep_dir, args.metric)
@@ -285,12 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     out = args.out or args.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    configs = group_seeds(rows, args.alpha)
-    markdown = (f"## Configurations (jobs that differ only in `{SEED_KEY}` grouped)\n\n"
-                f"{configs_to_markdown(configs, args.alpha)}\n## Jobs\n\n{to_markdown(rows)}")
+    configs = _group_seeds(rows, args.alpha)
+    markdown = (f"## Configurations (jobs that differ only in `{_SEED_KEY}` grouped)\n\n"
+                f"{_configs_to_markdown(configs, args.alpha)}\n## Jobs\n\n{_to_markdown(rows)}")
     (out / "report.md").write_text(markdown)
-    write_csv(rows, out / "report.csv")
-    write_configs_csv(configs, out / "configs.csv")
+    _write_csv(rows, out / "report.csv")
+    _write_configs_csv(configs, out / "configs.csv")
     plot_sweep(_with_series(configs), out / "report.png", series="series",
                title=f"{args.sweep_dir} ({args.metric}, mean ± std over seeds)")
     print(markdown)

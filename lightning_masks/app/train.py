@@ -22,19 +22,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ..lightning.fit_report import accuracies
-from ..masking import stats
-from ..masking.masks import fold, masked_tensors
+from ..lightning import accuracies
+from ..masking import fold, masked_tensors, stats
 from .configs import CONFIG_DIR, register
 
-__all__ = ["RESULT_FILE", "format_result", "main", "run"]
+__all__ = ["RESULT_FILE", "main", "run"]
 
 RESULT_FILE = "result.json"
 
 register()
 
 
-def format_result(result: dict[str, Any]) -> str:
+def _format_result(result: dict[str, Any]) -> str:
     """The headline of a result: metrics, final sparsity, time (the callback has printed the per-layer table)."""
     pruned, total = stats.pruned_and_total(result["layers"])
     metrics = "  ".join(f"{key} {value:.4f}" for key, value in sorted(accuracies(result["metrics"]).items()))
@@ -113,7 +112,7 @@ def main(cfg: DictConfig) -> Optional[float]:
         raise
     _write(folder, result)
     _finish_wandb(failed=False)
-    rank_zero_only(print)(format_result(result))
+    rank_zero_only(print)(_format_result(result))
     return result["metrics"].get(cfg.get("optimized_metric"))
 
 

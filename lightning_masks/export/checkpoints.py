@@ -17,31 +17,32 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from ..masking.gate import along_bias, masked_value
-from ..masking.kinds import weight_name
-from ..masking.layout import (
+from ..masking import (
     GATE_FIELDS,
     ORIGINAL,
     REQUIRED_FIELDS,
+    along_bias,
     group_mask_keys,
     mask_key,
+    masked_value,
     saved_keep,
     split_mask_key,
+    weight_name,
 )
 from .files import atomic_write
 
-__all__ = ["SAFE_GLOBALS", "checkpoint_globals", "fold_checkpoint", "fold_state_dict", "load_checkpoint"]
+__all__ = ["fold_checkpoint", "fold_state_dict"]
 
 #: What a Lightning checkpoint holds beyond tensors and plain containers, allowed to ``torch.load(weights_only=True)``:
 #: hyperparameters given as an ``argparse.Namespace``, paths, and (when omegaconf is installed) the OmegaConf
 #: containers that Hydra passes as arguments, with the node and metadata classes and builtins they rebuild from.
 #: Each is data: unpickling one builds a container, it runs no code of the file's choosing.
-SAFE_GLOBALS: tuple = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+_SAFE_GLOBALS: tuple = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
                        pathlib.PureWindowsPath)
 _OMEGACONF_GLOBALS = ("listconfig.ListConfig", "dictconfig.DictConfig", "base.ContainerMetadata", "base.Metadata",
                       "nodes.AnyNode", "nodes.StringNode", "nodes.IntegerNode", "nodes.FloatNode",
                       "nodes.BooleanNode", "nodes.BytesNode", "nodes.PathNode")
-UNSAFE_FLAG = "trust_pickle=True"
+_UNSAFE_FLAG = "trust_pickle=True"
 
 def fold_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Return a copy of a masked state dict with every mask folded: ``<path>.<name> = w * gate * keep``.
@@ -98,7 +99,7 @@ def fold_checkpoint(source: Union[str, os.PathLike], destination: Union[str, os.
 
 
 def _safe_globals() -> list:
-    found = list(SAFE_GLOBALS)
+    found = list(_SAFE_GLOBALS)
     try:
         import omegaconf
     except ImportError:
@@ -114,13 +115,13 @@ def _safe_globals() -> list:
 @contextmanager
 def checkpoint_globals() -> Iterator[None]:
     """Within the block, ``torch.load(..., weights_only=True)`` (also Lightning's ``load_from_checkpoint``) accepts
-    the few types of :data:`SAFE_GLOBALS` that Lightning checkpoints hold, and nothing else that would run code."""
+    the few types of :data:`_SAFE_GLOBALS` that Lightning checkpoints hold, and nothing else that would run code."""
     with torch.serialization.safe_globals(_safe_globals()):
         yield
 
 
 def load_checkpoint(source: Union[str, os.PathLike], *, trust_pickle: bool = False) -> dict:
-    """Read a Lightning checkpoint onto the CPU, safely: tensors, plain containers and :data:`SAFE_GLOBALS` only.
+    """Read a Lightning checkpoint onto the CPU, safely: tensors, plain containers and :data:`_SAFE_GLOBALS` only.
 
     A checkpoint is a pickle, and unpickling an arbitrary object can run any code its author chose. It is read
     with ``torch.load(weights_only=True)``, which refuses every other type (torch's serialization notes).
@@ -146,7 +147,7 @@ def load_checkpoint(source: Union[str, os.PathLike], *, trust_pickle: bool = Fal
                              "pass a checkpoint file written by Lightning") from error
         raise ValueError(f"checkpoint {str(source)!r} holds objects other than tensors and plain data, and "
                          f"unpickling them could run code ({_refused_global(error)}); it was not loaded. If you trust "
-                         f"the file, load it with {UNSAFE_FLAG} (lightning-masks-export --unsafe-pickle)") from error
+                         f"the file, load it with {_UNSAFE_FLAG} (lightning-masks-export --unsafe-pickle)") from error
     except Exception as error:  # corrupt, truncated or not a checkpoint at all
         raise ValueError(f"could not read checkpoint {str(source)!r} ({type(error).__name__}: {error}); "
                          "pass a checkpoint file written by Lightning") from error

@@ -1,8 +1,6 @@
-"""The ``lightning-masks-export`` command: fold a masked checkpoint, save it sparse, optionally shrink it.
-
-It also re-exports the pieces (:mod:`~lightning_masks.export.checkpoints`, :mod:`~lightning_masks.export.sparse_file`,
-:mod:`~lightning_masks.export.shrink`) for ``from lightning_masks.export.command import ...``.
-"""
+"""The ``lightning-masks-export`` command: fold a masked checkpoint, save it sparse, optionally shrink it (the pieces
+are :mod:`~lightning_masks.export.checkpoints`, :mod:`~lightning_masks.export.sparse_file` and
+:mod:`~lightning_masks.export.shrink`; :mod:`lightning_masks.export` is their face)."""
 
 from __future__ import annotations
 
@@ -16,30 +14,16 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..masking.inputs import as_arguments
-from ..masking.masks import fold
+from ..masking import as_arguments
 from .checkpoints import checkpoint_globals, fold_checkpoint, fold_state_dict, load_checkpoint
 from .files import atomic_write
 from .shrink import ShrinkReport, shrink
-from .sparse_file import SparseFileInfo, load_sparse, save_sparse
+from .sparse_file import save_sparse
 
-__all__ = [
-    "ShrinkReport",
-    "SparseFileInfo",
-    "export_program",
-    "fold",
-    "fold_checkpoint",
-    "fold_state_dict",
-    "load_checkpoint",
-    "load_sparse",
-    "main",
-    "save_program",
-    "save_sparse",
-    "shrink",
-]
+__all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
 
 
-def export_program(model: nn.Module, example_inputs) -> torch.export.ExportedProgram:
+def _export_program(model: nn.Module, example_inputs) -> torch.export.ExportedProgram:
     """``model`` as a ``torch.export`` program whose batch size is free (not just the example's)."""
     args, kwargs = as_arguments(example_inputs)
     batch = tuple({0: torch.export.Dim.DYNAMIC} for _ in (*args, *kwargs))
@@ -49,7 +33,7 @@ def export_program(model: nn.Module, example_inputs) -> torch.export.ExportedPro
 def save_program(model: nn.Module, example_inputs, destination: Union[str, os.PathLike]) -> Path:
     """Save ``model`` as a ``torch.export`` program (batch size free): ``torch.export.load(path).module()`` runs it
     with no class of the model importable."""
-    program = export_program(model, example_inputs)
+    program = _export_program(model, example_inputs)
     return atomic_write(destination, lambda temporary: torch.export.save(program, temporary))
 
 
@@ -147,7 +131,7 @@ def _shrunk_program(args: argparse.Namespace, cls: type) -> tuple[torch.export.E
                          "give the shape and dtype it takes (token ids: --input-dtype long)") from error
     small, report = shrink(model, example)
     try:
-        return export_program(small, example), report
+        return _export_program(small, example), report
     except Exception as error:
         raise ValueError(f"torch.export could not export the shrunk {type(model).__name__} ({type(error).__name__}: "
                          f"{str(error).splitlines()[0]}); export it without --shrink") from error

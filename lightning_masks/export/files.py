@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Union
 
-__all__ = ["atomic_write"]
+__all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
 
 
 def atomic_write(destination: Union[str, os.PathLike], write: Callable[[str], object]) -> Path:

@@ -14,14 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from .._extras import extra
-from ..masking.inputs import call_with
-from ..masking.kinds import kind_of, output_axis
-from ..masking.layout import PARAMETRIZATION_MARK
+from ..masking import PARAMETRIZATION_MARK, call_with, kind_of, output_axis
 
 with extra("export"):
     import torch_pruning as tp
 
-__all__ = ["ShrinkReport", "output_tensors", "shrink"]
+__all__ = ["shrink"]
 
 _PRUNED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PASSED_THROUGH = (tp.ops._ElementWiseOp, tp.ops._ReshapeOp, tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._SliceOp,
@@ -99,7 +97,7 @@ class _RunawaySearch(Exception):
     """Torch-Pruning's search for a dependency group did not end."""
 
 
-RUNAWAY = "Torch-Pruning's dependency search does not end on it (e.g. a rotary position embedding's rotate-half)"
+_RUNAWAY = "Torch-Pruning's dependency search does not end on it (e.g. a rotary position embedding's rotate-half)"
 
 
 @contextmanager
@@ -229,7 +227,7 @@ def _shrink_layer(graph, name: str, layer: nn.Module, inputs: dict[nn.Module, Te
             removable = list(absorbs)
             group = graph.get_pruning_group(layer, _out_pruner(layer), idxs=removable) if removable else None
     except _RunawaySearch:
-        report.skipped[name] = f"{len(zero)} zero channels kept: {RUNAWAY}"
+        report.skipped[name] = f"{len(zero)} zero channels kept: {_RUNAWAY}"
         return
     reasons = sorted({plan for plan in plans.values() if isinstance(plan, str)})
     if reasons:

@@ -14,15 +14,15 @@ import torch
 from torch import Tensor
 
 from .._extras import extra
-from ..masking.bits import pack_rows, unpack_rows
+from ..masking import pack_rows, unpack_rows
 from .files import atomic_write
 
 with extra("export"):
     import safetensors.torch
 
-__all__ = ["SparseFileInfo", "dense_size", "load_sparse", "pack_bits", "save_sparse", "unpack_bits"]
+__all__ = ["save_sparse"]
 
-SPARSE_MARK = "::"
+_SPARSE_MARK = "::"
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -49,13 +49,13 @@ def _nonzero_bits(tensor: Tensor) -> Tensor:
     return flat != 0
 
 
-def pack_bits(mask: Tensor) -> Tensor:
+def _pack_bits(mask: Tensor) -> Tensor:
     """Pack a flat bool tensor into uint8, eight entries a byte, most significant bit first."""
     return pack_rows(mask.reshape(-1))
 
 
-def unpack_bits(bits: Tensor, count: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: the first ``count`` entries as a flat bool tensor."""
+def _unpack_bits(bits: Tensor, count: int) -> Tensor:
+    """Inverse of :func:`_pack_bits`: the first ``count`` entries as a flat bool tensor."""
     return unpack_rows(bits.reshape(-1), (count,))
 
 
@@ -68,8 +68,8 @@ def _encode(name: str, tensor: Tensor) -> dict[str, Tensor]:
     sparse_bytes = (keep.numel() + 7) // 8 + int(keep.sum()) * tensor.element_size() + 8 * tensor.dim()
     if sparse_bytes >= tensor.numel() * tensor.element_size():
         return {name: tensor.clone().contiguous()}
-    return {f"{name}{SPARSE_MARK}bits": pack_bits(keep), f"{name}{SPARSE_MARK}values": tensor.reshape(-1)[keep],
-            f"{name}{SPARSE_MARK}shape": torch.tensor(tensor.shape, dtype=torch.int64)}
+    return {f"{name}{_SPARSE_MARK}bits": _pack_bits(keep), f"{name}{_SPARSE_MARK}values": tensor.reshape(-1)[keep],
+            f"{name}{_SPARSE_MARK}shape": torch.tensor(tensor.shape, dtype=torch.int64)}
 
 
 def _check_state_dict(state_dict: dict) -> None:
@@ -77,12 +77,12 @@ def _check_state_dict(state_dict: dict) -> None:
         if not isinstance(value, Tensor):
             raise ValueError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor; save_sparse "
                              "stores tensors only: drop that entry or save it separately")
-        if SPARSE_MARK in key:
-            raise ValueError(f"state dict key {key!r} contains {SPARSE_MARK!r}, which marks sparse entries; "
+        if _SPARSE_MARK in key:
+            raise ValueError(f"state dict key {key!r} contains {_SPARSE_MARK!r}, which marks sparse entries; "
                              "rename the module")
 
 
-def dense_size(state_dict: dict[str, Tensor]) -> int:
+def _dense_size(state_dict: dict[str, Tensor]) -> int:
     """Bytes of ``torch.save(state_dict)``: the dense file a user would otherwise ship."""
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
@@ -108,8 +108,8 @@ def save_sparse(state_dict: dict[str, Tensor], destination: Union[str, os.PathLi
         encoded.update(_encode(name, tensor))
     data = safetensors.torch.save(encoded, metadata={"format": "pt", "lightning_masks": "sparse/1"})
     path = atomic_write(destination, lambda temporary: Path(temporary).write_bytes(data))
-    sparse_tensors = sum(key.endswith(f"{SPARSE_MARK}bits") for key in encoded)
-    return SparseFileInfo(path, len(data), dense_size(state_dict), sparse_tensors)
+    sparse_tensors = sum(key.endswith(f"{_SPARSE_MARK}bits") for key in encoded)
+    return SparseFileInfo(path, len(data), _dense_size(state_dict), sparse_tensors)
 
 
 def load_sparse(source: Union[str, os.PathLike]) -> dict[str, Tensor]:
@@ -128,12 +128,12 @@ def load_sparse(source: Union[str, os.PathLike]) -> dict[str, Tensor]:
                          "file written by save_sparse or lightning-masks-export") from error
     state: dict[str, Tensor] = {}
     for key, tensor in flat.items():
-        name, _, part = key.partition(SPARSE_MARK)
+        name, _, part = key.partition(_SPARSE_MARK)
         if not part:
             state[name] = tensor
         elif part == "values":
-            shape = flat[f"{name}{SPARSE_MARK}shape"].tolist()
-            keep = unpack_bits(flat[f"{name}{SPARSE_MARK}bits"], math.prod(shape))
+            shape = flat[f"{name}{_SPARSE_MARK}shape"].tolist()
+            keep = _unpack_bits(flat[f"{name}{_SPARSE_MARK}bits"], math.prod(shape))
             dense = torch.zeros(keep.numel(), dtype=tensor.dtype)
             dense[keep] = tensor
             state[name] = dense.reshape(shape)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_UPDATE_SHARE", "UpdateBudget"]
+__all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
 
 #: The share of a fit's training time that mask updates may take under ``update_every="auto"``.
-DEFAULT_UPDATE_SHARE = 0.05
+_DEFAULT_UPDATE_SHARE = 0.05
 #: The part of the share that is planned for: updates cost more or less than those so far (late in the ramp of a
 #: 50-step fit of a tiny GPT-2 they cost twice the first ones; planning for 80% of the share spent 5.4-5.7% there),
 #: so the interval aims at 60% of the share.
-PLANNED = 0.6
+_PLANNED = 0.6
 
 
 @dataclass
@@ -29,7 +29,7 @@ class UpdateBudget:
     (``total`` steps, ``done`` of them done) the updates already made count against the budget: the
     ``p / (1 - p) * total * S`` seconds the whole fit's updates may take, less the ``spent`` ones, buy
     ``allowed`` more updates of ``U``, spread over the ``total - done`` steps left. ``p`` is
-    ``PLANNED * share``, and ``U`` the larger of the measured updates' mean and the latest one: margins for updates
+    ``_PLANNED * share``, and ``U`` the larger of the measured updates' mean and the latest one: margins for updates
     that cost more than those so far (on small models an update late in the ramp cost up to twice an early one).
     ``S`` leaves out the first measured step once a second one is in: it carries the fit's one-off costs (memory
     allocation, kernel choice, the loader's start; 15-22 ms against 7-13 ms for the later steps of a tiny BERT),
@@ -59,7 +59,7 @@ class UpdateBudget:
         37
     """
 
-    share: float = DEFAULT_UPDATE_SHARE
+    share: float = _DEFAULT_UPDATE_SHARE
     update_seconds: float = 0.0
     updates: int = 0
     latest_seconds: float = 0.0
@@ -98,7 +98,7 @@ class UpdateBudget:
         update = max(self.update_seconds / self.updates, self.latest_seconds)
         step = self.step_seconds / self.steps if self.steps == 1 else \
             (self.step_seconds - self.first_step_seconds) / (self.steps - 1)
-        planned = PLANNED * self.share
+        planned = _PLANNED * self.share
         ratio = planned / (1.0 - planned)
         if math.isfinite(total):
             allowed = (ratio * total * step - self.spent_seconds) / update

@@ -11,10 +11,9 @@ from typing import Any, Optional, Union
 from .budget import UpdateBudget
 from .schedule import CallableSchedule, Schedule, Unit
 
-__all__ = ["AUTO_UPDATES", "MIN_RAMP_UPDATES", "UPDATE_COST_STEPS", "UPDATE_SHARE", "Plan", "Shortfall",
-           "auto_interval"]
+__all__ = ["Plan", "UPDATE_COST_STEPS"]
 
-AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto" (a finer ramp prunes better)
+_AUTO_UPDATES = 100  # mask updates spread over the ramp by update_every="auto" (a finer ramp prunes better)
 MIN_RAMP_UPDATES = 2  # neither the cost model nor the update budget spaces updates wider than half the ramp
 #: The cost of a mask update, in training steps, that the auto cadence plans for: an update costs about what one
 #: training step on a single example costs (0.35-1.21x of it on the six models of benchmarks/real_sizes.py:
@@ -25,7 +24,7 @@ UPDATE_SHARE = 0.05
 
 
 def auto_interval(ramp: float, total: float) -> int:
-    """The optimizer steps between mask updates under ``update_every="auto"``: about :data:`AUTO_UPDATES` updates
+    """The optimizer steps between mask updates under ``update_every="auto"``: about :data:`_AUTO_UPDATES` updates
     over a ramp of ``ramp`` steps, but no more than a fit of ``total`` steps affords, at :data:`UPDATE_COST_STEPS`
     a step an update, within :data:`UPDATE_SHARE` of it; never wider than 1 / :data:`MIN_RAMP_UPDATES` of the ramp.
 
@@ -39,7 +38,7 @@ def auto_interval(ramp: float, total: float) -> int:
     """
     if ramp <= 0:
         return 1
-    fine = round(ramp / AUTO_UPDATES)
+    fine = round(ramp / _AUTO_UPDATES)
     affordable = math.ceil(ramp * UPDATE_COST_STEPS / (UPDATE_SHARE * total) - 1e-9) if total > 0 else 1
     return max(1, min(max(fine, affordable), int(ramp) // MIN_RAMP_UPDATES))
 

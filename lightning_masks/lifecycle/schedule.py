@@ -13,15 +13,11 @@ from ..registry import Registry
 from .budget import UpdateBudget
 
 __all__ = [
-    "EARLY_END",
     "CallableSchedule",
     "Schedule",
     "ScheduleSpec",
     "ThresholdSchedule",
-    "Unit",
-    "cubic",
     "get_schedule",
-    "get_schedule_shape",
     "list_schedules",
     "register_schedule",
 ]
@@ -99,7 +95,7 @@ def exponential(p: float, initial: float, final: float) -> float:
 
 Position = Union[int, float]
 
-EARLY_END = ("warn", "final")  # what a fit that ends before its ramp does at the end
+_EARLY_END = ("warn", "final")  # what a fit that ends before its ramp does at the end
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,8 +134,8 @@ class _Cadence:
                              f"{self.update_every!r}")
         if self.update_budget is not None:
             UpdateBudget(self.update_budget)  # checks the share
-        if self.early_end not in EARLY_END:
-            raise ValueError(f"early_end must be one of {list(EARLY_END)}, got {self.early_end!r}")
+        if self.early_end not in _EARLY_END:
+            raise ValueError(f"early_end must be one of {list(_EARLY_END)}, got {self.early_end!r}")
 
 
 @dataclass(frozen=True)

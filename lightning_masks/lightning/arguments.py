@@ -7,21 +7,21 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Optional, TypeVar, Union, overload
 
 from .._checks import check_number, is_int
-from ..selection.selector import Selector
+from ..selection import Selector
 
-__all__ = ["FROZEN", "check_output_layers", "check_settings", "check_targets", "final_sparsity", "instance_of"]
+__all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
 
 #: what ``frozen`` may say of the tensors frozen at setup: left dense, binary masks (the kept weights kept bit for bit),
 #: or soft gates (the kept weights scaled by their learned gate when folded)
-FROZEN = ("skip", "mask", "gate")
+_FROZEN = ("skip", "mask", "gate")
 
 T = TypeVar("T")
 
 
 def check_settings(*, frozen: Any, seed: Any) -> None:
     """Check the callback's plain settings (see :class:`~lightning_masks.MaskPruningCallback` for their meaning)."""
-    if frozen not in FROZEN:
-        raise ValueError(f"frozen must be one of {list(FROZEN)}, got {frozen!r}: 'skip' leaves tensors frozen at "
+    if frozen not in _FROZEN:
+        raise ValueError(f"frozen must be one of {list(_FROZEN)}, got {frozen!r}: 'skip' leaves tensors frozen at "
                          "setup dense, 'mask' learns binary masks over them, 'gate' learns soft gates")
     if seed is not None and not is_int(seed):
         raise ValueError(f"seed must be an int or None, got {seed!r}")

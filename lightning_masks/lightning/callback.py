@@ -23,28 +23,32 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from .._checks import check_flags
-from ..lifecycle.plan import Plan
-from ..lifecycle.schedule import ScheduleSpec, get_schedule
-from ..masking.activations import input_norms
-from ..masking.gate import cached_gates, reduce_to
-from ..masking.hiding import masks_hidden
-from ..masking.initializers import InitSpec, get_initializer
-from ..masking.loading import restore_masks_on_load
-from ..masking.masks import (
+from ..lifecycle import Plan, ScheduleSpec, get_schedule
+from ..masking import (
+    InitSpec,
     MaskedTensor,
+    MaskState,
+    TargetSpec,
     attach,
+    cached_gates,
     detach,
     fold,
     gates_disabled,
+    get_initializer,
+    input_norms,
+    is_sharded,
+    kept_whole,
+    local_entries,
     masked_tensors,
+    masks_hidden,
+    plain_saves,
+    reduce_to,
+    remove_plain_saves,
+    resolve_targets,
+    restore_masks_on_load,
+    shard_with_weights,
 )
-from ..masking.outputs import kept_whole
-from ..masking.plain import plain_saves, remove_plain_saves
-from ..masking.sharded import is_sharded, local_entries, shard_with_weights
-from ..masking.state import MaskState
-from ..masking.targets import TargetSpec, resolve_targets
-from ..selection.coupling import ties_among
-from ..selection.selector import Selector
+from ..selection import Selector, ties_among
 from . import fit_report, loggers, sharding
 from .arguments import check_output_layers, check_settings, check_targets, final_sparsity, instance_of
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze, warn_inner_copies
@@ -68,7 +72,7 @@ from .trainer import (
 
 __all__ = ["MaskPruningCallback"]
 
-DEFAULT_SPARSITY = 0.9
+_DEFAULT_SPARSITY = 0.9
 
 
 class MaskPruningCallback(Callback):
@@ -161,7 +165,7 @@ class MaskPruningCallback(Callback):
         target_specs = check_targets("targets", targets, optional=True)
         exclude_specs = check_targets("exclude", exclude)
         selector = instance_of("selector", selector, Selector, "Selector(granularity='channel')")
-        final = final_sparsity(sparsity, selector, DEFAULT_SPARSITY)
+        final = final_sparsity(sparsity, selector, _DEFAULT_SPARSITY)
         check_settings(frozen=frozen, seed=seed)
         check_flags(fold_on_fit_end=fold_on_fit_end)
 

@@ -13,10 +13,9 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim.swa_utils import AveragedModel
 
-from ..masking.copies import follow_masks, mask_like
-from ..masking.masks import MaskedTensor, masked_tensors
+from ..masking import MaskedTensor, follow_masks, mask_like, masked_tensors
 
-__all__ = ["end_process_group_at_exit", "frozen_by_finetuning", "mask_copies", "refreeze", "warn_inner_copies"]
+__all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
 
 
 @contextmanager

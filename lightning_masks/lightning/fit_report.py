@@ -13,12 +13,10 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .._checks import check_flags, is_int
-from ..masking import stats
-from ..masking.masks import MaskedTensor
-from ..masking.targets import Targets
+from ..masking import MaskedTensor, Targets, stats
 from . import loggers
 
-__all__ = ["MaskLogging", "accuracies", "announce", "histograms", "log_scalars", "report_fit"]
+__all__ = ["MaskLogging", "accuracies"]
 
 
 @dataclass(frozen=True)

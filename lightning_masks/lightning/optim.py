@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
 from .._checks import check_flags, check_number
-from ..masking.masks import MaskedTensor
+from ..masking import MaskedTensor
 
 __all__ = ["MaskOptimizer", "ScoreOptimizers"]
 

@@ -9,20 +9,20 @@ import numpy as np
 
 from .._figures import save, subplots
 
-__all__ = ["MAX_FIGSIZE", "MAX_LINES", "gate_histograms", "sparsity_over_training"]
+__all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
 
 
 #: Bounds of :func:`sparsity_over_training`'s picture, in inches at the saved 100 dpi (1000 x 700 pixels at most).
 MAX_FIGSIZE = (10.0, 7.0)
 #: Up to this many layers are drawn as one line each; more are drawn as a heatmap (layers x training position).
-MAX_LINES = 12
+_MAX_LINES = 12
 
 
 def sparsity_over_training(layers: Sequence[str], history: Sequence[Sequence[float]], positions: Sequence[float],
                            path: Path, unit: str = "epoch") -> Path:
     """Write a PNG of each layer's sparsity over training, readable at any number of updates and layers.
 
-    Up to :data:`MAX_LINES` layers: one step line per layer (sparsity holds between two updates) against the
+    Up to :data:`_MAX_LINES` layers: one step line per layer (sparsity holds between two updates) against the
     update's position, legend outside the axes. More layers: a heatmap, layers (rows, first layer on top)
     against the position in training, with at most ~40 labelled rows. Either way the figure is at most
     :data:`MAX_FIGSIZE` (1000 x 700 pixels), whatever the number of updates.
@@ -43,7 +43,7 @@ def sparsity_over_training(layers: Sequence[str], history: Sequence[Sequence[flo
                          f"long, layers {len(layers)}: need updates x layers with one position per update")
     x = np.asarray(positions, dtype=float)
     xlabel = f"training position of the mask update ({unit})"
-    if len(layers) <= MAX_LINES:
+    if len(layers) <= _MAX_LINES:
         figure, axes = subplots(figsize=(8.0, 4.0))
         for j, name in enumerate(layers):
             axes.plot(x, 100 * data[:, j], drawstyle="steps-post", marker="." if len(x) <= 30 else None,

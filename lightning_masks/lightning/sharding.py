@@ -21,16 +21,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from ..masking import stats
-from ..masking.masks import MaskedTensor
-from ..masking.sharded import is_sharded, local_entries
-from ..masking.targets import resolve_targets
-from ..selection.distributed import across_shards
-from ..selection.selector import Selector
+from ..masking import MaskedTensor, is_sharded, local_entries, resolve_targets, stats
+from ..selection import Selector, across_shards
 
-__all__ = ["check_model_parallel", "check_shard_layout", "counting", "data_parallel_group", "full_state_dict",
-           "gate_histograms", "histograms", "layer_rows", "mask_before_sharding", "mask_stats", "model_parallel",
-           "refuse_unmasked_shards", "repoint_folded", "reshard", "warn_built_after_masking"]
+__all__ = ["full_state_dict", "mask_before_sharding"]
 
 
 def model_parallel(trainer: pl.Trainer) -> bool:
@@ -50,7 +44,7 @@ def check_model_parallel(strategy: ModelParallelStrategy) -> None:
         )
 
 
-def data_parallel_group(trainer: pl.Trainer) -> Any:
+def _data_parallel_group(trainer: pl.Trainer) -> Any:
     """The process group the shards are spread over (FSDP2's data-parallel mesh dimension)."""
     strategy = cast(ModelParallelStrategy, trainer.strategy)  # the one strategy that shards the masks
     return strategy.device_mesh["data_parallel"].get_group()
@@ -68,7 +62,7 @@ def reshard(pl_module: nn.Module) -> None:
 
 def counting(trainer: pl.Trainer, masked: Sequence[MaskedTensor]):
     """The block within which selection counts over every process's shards (a no-op when nothing is sharded)."""
-    return across_shards(data_parallel_group(trainer)) if is_sharded(masked) else nullcontext()
+    return across_shards(_data_parallel_group(trainer)) if is_sharded(masked) else nullcontext()
 
 
 def mask_before_sharding(pl_module: pl.LightningModule) -> None:

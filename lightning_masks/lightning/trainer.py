@@ -21,13 +21,11 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities import CombinedLoader
 
-from ..masking.inputs import call_with
-from ..selection.coupling import coupled_channels
+from ..masking import call_with
+from ..selection import coupled_channels
 from .sharding import check_model_parallel
 
-__all__ = ["after_configure_model", "check_strategy", "coupled_norms", "first_batch", "logging_disabled", "one_pass",
-           "restore_configure_model", "restore_configure_optimizers", "step_clock", "training_batches",
-           "training_length", "training_loss", "unbounded", "within_configure_optimizers"]
+__all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
 
 
 def check_strategy(strategy: Any) -> None:
@@ -78,7 +76,7 @@ def step_clock(trainer: pl.Trainer) -> int:
 
 
 @contextmanager
-def logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
+def _logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
     """Make ``self.log``/``self.log_dict`` no-ops on a module for a block (a step run outside the loop)."""
     def silent(*args: Any, **kwargs: Any) -> None:
         return None
@@ -189,7 +187,7 @@ def one_pass(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Cal
 
 def training_loss(pl_module: pl.LightningModule, batch: Any) -> Any:
     """The loss of one ``training_step`` on ``batch``, run outside the loop (its ``self.log`` calls are no-ops)."""
-    with logging_disabled(pl_module):
+    with _logging_disabled(pl_module):
         output = pl_module.training_step(batch, 0)
     return output["loss"] if isinstance(output, Mapping) else output
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .kinds import kind_of, output_axis
 
-__all__ = ["InputNorms", "input_norms"]
+__all__ = ["input_norms"]
 
 
 @dataclass

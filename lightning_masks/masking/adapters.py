@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from .gate import MaskGate, gated
 from .kinds import parametrization_list
 
-__all__ = ["adapter_layers", "adapter_tensors", "hold_adapter_updates", "merge_under_masks", "release_adapter_updates"]
+__all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
 
 _TUNER_LAYER = "peft.tuners.tuners_utils.BaseTunerLayer"
 _HOOK = "_masked_adapter_update_hook"  # the id of the layer's forward hook, on the layer
@@ -34,7 +34,7 @@ def _is_tuner_layer(module: nn.Module) -> bool:
     return any(f"{cls.__module__}.{cls.__qualname__}" == _TUNER_LAYER for cls in type(module).__mro__)
 
 
-def adapter_layers(model: nn.Module) -> Iterator[nn.Module]:
+def _adapter_layers(model: nn.Module) -> Iterator[nn.Module]:
     """The PEFT tuner layers of ``model`` (LoRA, IA3, ... layers wrapping a ``base_layer``)."""
     return (module for module in model.modules() if _is_tuner_layer(module))
 
@@ -42,7 +42,7 @@ def adapter_layers(model: nn.Module) -> Iterator[nn.Module]:
 def adapter_tensors(model: nn.Module) -> set[int] | None:
     """The ids of the adapters' own tensors (LoRA's ``lora_A``/``lora_B``, DoRA's magnitudes, ...): every parameter
     of a tuner layer outside its ``base_layer``; ``None`` when ``model`` holds no PEFT tuner layer."""
-    layers = list(adapter_layers(model))
+    layers = list(_adapter_layers(model))
     if not layers:
         return None
     base = {id(t) for layer in layers for t in _base_of(layer).parameters()}
@@ -75,7 +75,7 @@ def hold_adapter_updates(model: nn.Module) -> None:
     Raises:
         ValueError: a masked base under an adapter whose update is not ``B A`` (DoRA, or a non-LoRA tuner).
     """
-    for layer in adapter_layers(model):
+    for layer in _adapter_layers(model):
         if _gate_of(_base_of(layer)) is None or hasattr(layer, _HOOK):
             continue
         if not hasattr(layer, "lora_A") or any(getattr(layer, "use_dora", {}).values()):
@@ -86,7 +86,7 @@ def hold_adapter_updates(model: nn.Module) -> None:
 
 def release_adapter_updates(model: nn.Module) -> None:
     """Remove the hooks of :func:`hold_adapter_updates` from layers whose base weight is no longer masked."""
-    for layer in adapter_layers(model):
+    for layer in _adapter_layers(model):
         if hasattr(layer, _HOOK) and _gate_of(_base_of(layer)) is None:
             layer._forward_hooks.pop(getattr(layer, _HOOK), None)
             delattr(layer, _HOOK)
@@ -111,7 +111,7 @@ def _masked_update(layer: nn.Module, args: tuple, output: Tensor) -> Tensor | No
 def merge_under_masks(model: nn.Module) -> None:
     """Merge each active LoRA update into its masked base weight (``W <- W + dW``, before the mask is folded in) and
     zero the adapters' ``B`` factors, so that the folded model computes ``x ((W + dW) * G)^T`` with exact zeros."""
-    for layer in adapter_layers(model):
+    for layer in _adapter_layers(model):
         base = _base_of(layer)
         if _gate_of(base) is None:
             continue

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["pack_rows", "packed_shape", "unpack_rows"]
+__all__ = ["pack_rows", "unpack_rows"]
 
 _BIT_VALUES = (128, 64, 32, 16, 8, 4, 2, 1)
 

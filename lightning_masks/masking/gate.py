@@ -18,19 +18,7 @@ from torch import Tensor, nn
 
 from .bits import pack_rows, unpack_rows
 
-__all__ = [
-    "SCORE_DTYPES",
-    "ChannelBias",
-    "MaskGate",
-    "along_bias",
-    "binary_gated",
-    "cached_gates",
-    "gate_value",
-    "gated",
-    "local",
-    "masked_value",
-    "straight_through_gated",
-]
+__all__ = ["MaskGate", "along_bias", "cached_gates", "masked_value", "reduce_to", "temperature_divisor"]
 
 
 #: Dtypes the scores may be kept in (``None``: the weight's). float16 is left out: its range does not hold the scores'

@@ -12,23 +12,7 @@ from torch import Tensor
 
 from ..registry import Registry
 
-__all__ = [
-    "Constant",
-    "FromZeros",
-    "FunctionInitializer",
-    "Initializer",
-    "InitSpec",
-    "Kaiming",
-    "Magnitude",
-    "MagnitudeNoise",
-    "Snip",
-    "StdDev",
-    "Uniform",
-    "Wanda",
-    "get_initializer",
-    "list_initializers",
-    "register_initializer",
-]
+__all__ = ["InitSpec", "Initializer", "get_initializer", "list_initializers", "register_initializer"]
 
 _INITIALIZERS: Registry[Callable[..., "Initializer"]] = Registry(
     "initializer", hint="Pass one of these names, an Initializer, or a callable weight -> scores")

@@ -22,17 +22,10 @@ from ..registry import Registry
 
 __all__ = [
     "LayerKind",
-    "bias_name",
-    "channel_shape",
-    "declared_axis",
-    "fused_experts_kind",
     "get_layer_kind",
     "kind_of",
     "list_layer_kinds",
     "output_axis",
-    "own_tensor_names",
-    "parametrization_list",
-    "parametrized_names",
     "register_layer_kind",
     "undeclared_layout",
     "weight_name",
@@ -129,16 +122,16 @@ def get_layer_kind(layer: Union[type, str]) -> LayerKind:
 
 
 def kind_of(module: nn.Module) -> Optional[LayerKind]:
-    """The kind of a module instance (its most specific registered class, else :func:`fused_experts_kind`), or
+    """The kind of a module instance (its most specific registered class, else :func:`_fused_experts_kind`), or
     ``None``."""
     for cls in type(module).__mro__:
         kind = _KINDS.find(_dotted(cls))
         if kind is not None:
             return kind
-    return fused_experts_kind(module)
+    return _fused_experts_kind(module)
 
 
-def fused_experts_kind(module: nn.Module) -> Optional[LayerKind]:
+def _fused_experts_kind(module: nn.Module) -> Optional[LayerKind]:
     """The kind of transformers' fused experts (``@use_experts_implementation``: Mixtral, Qwen2-MoE, OLMoE, ...),
     or ``None`` for any other module.
 
@@ -156,7 +149,7 @@ def fused_experts_kind(module: nn.Module) -> Optional[LayerKind]:
 
 def _own_tensor(module: nn.Module, name: str) -> Optional[Tensor]:
     """``module.<name>``'s parameter (a parametrized one's ``original``), ``None`` for an empty slot."""
-    if name in parametrized_names(module):
+    if name in _parametrized_names(module):
         return parametrization_list(module, name).original
     return module._parameters[name]
 
@@ -224,7 +217,7 @@ def parametrization_list(module: nn.Module, tensor_name: str) -> parametrize.Par
     return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)[tensor_name])
 
 
-def parametrized_names(module: nn.Module) -> list[str]:
+def _parametrized_names(module: nn.Module) -> list[str]:
     """The names of ``module``'s parametrized tensors (none when it has no parametrization)."""
     return list(cast(nn.ModuleDict, module.parametrizations)) if parametrize.is_parametrized(module) else []
 
@@ -232,4 +225,4 @@ def parametrized_names(module: nn.Module) -> list[str]:
 def own_tensor_names(module: nn.Module) -> list[str]:
     """The names of ``module``'s own parameter slots, its parametrized tensors under their user-facing names."""
     names = list(module._parameters)
-    return names + [n for n in parametrized_names(module) if n not in names]
+    return names + [n for n in _parametrized_names(module) if n not in names]

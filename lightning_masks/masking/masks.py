@@ -2,9 +2,9 @@
 
 This module knows nothing of Lightning: :func:`attach` and :func:`fold` work on any ``nn.Module``. The gate and its
 math are in :mod:`lightning_masks.masking.gate`, what to mask in :mod:`lightning_masks.masking.targets` (which tensors
-are weights, and which of their axes holds output units, in :mod:`lightning_masks.masking.kinds`); their public names
-are re-exported here. Loading a masked state dict is in :mod:`lightning_masks.masking.loading`, its keys in
-:mod:`lightning_masks.masking.layout`.
+are weights, and which of their axes holds output units, in :mod:`lightning_masks.masking.kinds`). Loading a masked
+state dict is in :mod:`lightning_masks.masking.loading`, its keys in :mod:`lightning_masks.masking.layout`; the
+layer's face, :mod:`lightning_masks.masking`, exports what the other layers use.
 """
 
 from __future__ import annotations
@@ -23,51 +23,23 @@ from .gate import (
     SCORE_DTYPES,
     ChannelBias,
     MaskGate,
-    binary_gated,
-    cached_gates,
     channel_gate_args,
-    gate_value,
-    gated,
     local,
     local_view,
     masked_value,
     reduce_to,
-    straight_through_gated,
 )
 from .kinds import bias_name, channel_shape, declared_axis, parametrization_list, undeclared_layout
 from .targets import (
     Targets,
     TargetSpec,
-    find_targets,
     is_masked,
     nothing_to_mask,
     resolve_targets,
     tensor_slots,
 )
 
-__all__ = [
-    "SCORE_DTYPES",
-    "ChannelBias",
-    "MaskGate",
-    "MaskedTensor",
-    "TargetSpec",
-    "Targets",
-    "attach",
-    "cached_gates",
-    "channel_shape",
-    "detach",
-    "find_targets",
-    "fold",
-    "gate_value",
-    "binary_gated",
-    "gated",
-    "gates_disabled",
-    "keep_bits_cached",
-    "masked_tensors",
-    "masked_value",
-    "resolve_targets",
-    "straight_through_gated",
-]
+__all__ = ["MaskedTensor", "attach", "detach", "fold", "gates_disabled", "keep_bits_cached", "masked_tensors"]
 
 
 @dataclass
@@ -97,10 +69,10 @@ class MaskedTensor:
     @property
     def axis(self) -> int:
         """The weight axis that holds output units (its layer kind's; 0 for tensors of no kind)."""
-        return owners_axis(self.owners)
+        return _owners_axis(self.owners)
 
 
-def owners_axis(owners: list[tuple[nn.Module, str]]) -> int:
+def _owners_axis(owners: list[tuple[nn.Module, str]]) -> int:
     """The output axis of a tensor shared by ``owners``: the first one a layer kind declares (a tied LM head's
     Linear, not the Embedding listed before it), else 0."""
     declared = [declared_axis(module, name) for module, name in owners]
@@ -184,7 +156,7 @@ def attach(
             undeclared = undeclared_layout(name, owners, tuple(weight.shape), "channel")
             if undeclared:
                 raise ValueError(undeclared)
-            scores = reduce_to(scores, torch.Size(channel_shape(weight, owners_axis(owners))))
+            scores = reduce_to(scores, torch.Size(channel_shape(weight, _owners_axis(owners))))
         dtype = score_dtype if score_dtype is not None and score_dtype.itemsize <= weight.dtype.itemsize else None
         prepared.append((name, owners, MaskGate(scores.to(weight), temperature, rescale=rescale, score_dtype=dtype,
                                                 compact=compact, binary=name in binary)))

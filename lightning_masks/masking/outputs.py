@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .kinds import kind_of
 from .targets import TargetSpec, resolve_targets
 
-__all__ = ["kept_whole", "output_layers"]
+__all__ = ["kept_whole"]
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:

@@ -20,7 +20,7 @@ from .kinds import parametrization_list
 from .layout import PARAMETRIZATION_MARK
 from .masks import MaskedTensor, folded_bias, folded_value, gated_biases, masked_tensors
 
-__all__ = ["PlainSave", "folded_state", "plain_saves", "plain_state_dict", "remove_plain_saves"]
+__all__ = ["folded_state", "plain_saves", "plain_state_dict", "remove_plain_saves"]
 
 
 def plain_state_dict(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Tensor]:

@@ -18,7 +18,7 @@ from torch import nn
 from .gate import local, local_view
 from .masks import MaskedTensor
 
-__all__ = ["is_sharded", "local", "local_entries", "mask_state_bytes", "shard_with_weights"]
+__all__ = ["is_sharded", "local_entries", "shard_with_weights"]
 
 
 def is_sharded(masked: Sequence[MaskedTensor]) -> bool:

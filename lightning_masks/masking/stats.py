@@ -16,20 +16,10 @@ from .gate import gate_value
 from .masks import MaskedTensor
 from .targets import find_targets
 
-__all__ = [
-    "UNDECIDED",
-    "format_layer_table",
-    "histogram",
-    "layer_rows",
-    "live_gates",
-    "mask_stats",
-    "nonzero_counts",
-    "short_names",
-    "zero_rows",
-]
+__all__ = ["nonzero_counts"]
 
 #: A gate strictly between these is undecided.
-UNDECIDED = (0.1, 0.9)
+_UNDECIDED = (0.1, 0.9)
 
 
 def live_gates(entry: MaskedTensor) -> Tensor:
@@ -52,7 +42,7 @@ def _moments(entry: MaskedTensor, flips: Optional[Tensor]) -> dict[str, Tensor]:
         "gate_sumsq": (live * live).sum(),
         "gate_min": live.min() if live.numel() else nan,
         "gate_max": live.max() if live.numel() else nan,
-        "undecided": ((live > UNDECIDED[0]) & (live < UNDECIDED[1])).sum().float(),
+        "undecided": ((live > _UNDECIDED[0]) & (live < _UNDECIDED[1])).sum().float(),
         "flips": flips.float() if flips is not None else zero,
     }
 

@@ -17,7 +17,7 @@ from .adapters import adapter_tensors
 from .gate import MaskGate
 from .kinds import kind_of, output_axis, own_tensor_names, parametrization_list
 
-__all__ = ["TargetSpec", "Targets", "find_targets", "resolve_targets"]
+__all__ = ["TargetSpec", "Targets", "resolve_targets"]
 
 
 #: A target: a glob on fully-qualified module or tensor names, or a module type.

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["across_shards", "active", "preceding", "summed", "summed_counts"]
+__all__ = ["across_shards"]
 
 _GROUP: Optional[list[Any]] = None  # [process group] while counting across shards
 

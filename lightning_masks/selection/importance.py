@@ -16,11 +16,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..masking.gate import reduce_to, temperature_divisor
-from ..masking.masks import MaskedTensor
+from ..masking import MaskedTensor, reduce_to, temperature_divisor
 from ..registry import Registry
 
-__all__ = ["Criterion", "at", "get_importance", "list_importances", "log_sigmoid", "register_importance"]
+__all__ = ["list_importances", "register_importance"]
 
 #: ``(masked tensor, index=None) -> float32 importance`` of its units, or of its flat units at ``index``.
 Criterion = Callable[[MaskedTensor, Optional[Tensor]], Tensor]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .distributed import summed
 
-__all__ = ["PROTECTED", "PRUNED", "SLICE", "float_keys", "key_value", "kth_key", "mark_pruned", "top_mask"]
+__all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
 
 SLICE = 1 << 22  # keys histogrammed per bincount, at most
 PRUNED = -(1 << 31)  # int32 key of an entry that must stay pruned: below every float's key (-inf's included)

@@ -11,12 +11,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..masking.masks import MaskedTensor
+from ..masking import MaskedTensor
 from . import distributed, kth
 from .kth import PROTECTED, float_keys, kth_key, mark_pruned
 
-__all__ = ["CACHE_ELEMENTS", "Keys", "Ranked", "TiedUnits", "keep_above", "keep_of", "members", "refuse_nan",
-           "set_keep", "top_of"]
+__all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
 
 CACHE_ELEMENTS = 1 << 23  # importance keys kept between passes (32 MiB of int32), not more
 
@@ -50,7 +49,7 @@ class TiedUnits:
 Ranked = Union[MaskedTensor, TiedUnits]
 
 
-def keep_above(keys: Tensor, key: int, ties: int, equal: int) -> tuple[Tensor, int]:
+def _keep_above(keys: Tensor, key: int, ties: int, equal: int) -> tuple[Tensor, int]:
     """The keep of ``keys`` for a cut at ``key``: the keys above it, and those equal to it after the first ``ties``
     (``equal`` of them in all, these keys and the ones after); return it and the ties still to prune after these."""
     keep = torch.gt(keys, key)
@@ -139,15 +138,15 @@ class Keys:
             yield from self.of(entry).split(kth.SLICE)
 
     def above(self, key: int, ties: int, equal: int) -> list[Tensor]:
-        """Per entry, the keep of its ranked units for a cut at ``key`` (see :func:`keep_above`)."""
+        """Per entry, the keep of its ranked units for a cut at ``key`` (see :func:`_keep_above`)."""
         if distributed.active():
             return _above_across_shards([self.of(entry) for entry in self.masked], key, ties, equal)
         flat = self._flat()
         if flat is not None:
-            return list(keep_above(flat, key, ties, equal)[0].split(self.sizes))
+            return list(_keep_above(flat, key, ties, equal)[0].split(self.sizes))
         keeps = []
         for entry in self.masked:
-            keep, ties = keep_above(self.of(entry), key, ties, equal)
+            keep, ties = _keep_above(self.of(entry), key, ties, equal)
             keeps.append(keep)
         return keeps
 
@@ -156,9 +155,9 @@ def _above_across_shards(keys: Sequence[Tensor], key: int, ties: int, equal: int
     """:meth:`Keys.above` over shards: each shard prunes the equal keys the global order puts among the first
     ``ties`` (those on earlier tensors and lower ranks come first)."""
     if not 0 < ties < equal:
-        return [keep_above(k, key, ties, equal)[0] for k in keys]
+        return [_keep_above(k, key, ties, equal)[0] for k in keys]
     before = distributed.preceding([int((k == key).count_nonzero()) for k in keys])
-    return [keep_above(k, key, max(ties - b, 0), equal)[0] for k, b in zip(keys, before)]
+    return [_keep_above(k, key, max(ties - b, 0), equal)[0] for k, b in zip(keys, before)]
 
 
 def top_of(keys: Tensor, m: int) -> Tensor:

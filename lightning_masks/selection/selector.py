@@ -20,21 +20,13 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from ..masking.kinds import undeclared_layout
-from ..masking.masks import MaskedTensor, keep_bits_cached
-from ..masking.stats import nonzero_counts
+from ..masking import MaskedTensor, keep_bits_cached, nonzero_counts, undeclared_layout
 from .distributed import summed_counts
 from .importance import get_importance, list_importances, log_sigmoid
 from .kth import PRUNED, key_value, kth_key
 from .ranked import Keys, Ranked, TiedUnits, keep_of, members, refuse_nan, set_keep, top_of
 
-__all__ = [
-    "Granularity",
-    "Selection",
-    "Selector",
-    "TiedUnits",
-    "parse_granularity",
-]
+__all__ = ["Selector"]
 
 class Selection(NamedTuple):
     """What one mask update did: the entries now pruned, the cut, and the keep bits it flipped.

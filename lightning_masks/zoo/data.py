@@ -89,7 +89,7 @@ def split(inputs: Tensor, targets: Tensor, sizes: Sequence[int], seed: int) -> l
     return [TensorDataset(inputs[part], targets[part]) for part in order.split(sizes)]
 
 
-def standardize(images: Tensor, reference: Tensor) -> Tensor:
+def _standardize(images: Tensor, reference: Tensor) -> Tensor:
     """Scale ``images`` by the per-channel mean and std of ``reference`` (both ``N x C x H x W``)."""
     mean = reference.mean(dim=(0, 2, 3), keepdim=True)
     std = reference.std(dim=(0, 2, 3), keepdim=True)
@@ -228,7 +228,7 @@ class FashionMNISTDataModule(TensorDataModule):
 
     def load(self) -> Splits:
         (train_x, train_y), (test_x, test_y) = self._read("train"), self._read("test")
-        train_x, test_x = standardize(train_x, train_x), standardize(test_x, train_x)  # by all ten classes
+        train_x, test_x = _standardize(train_x, train_x), _standardize(test_x, train_x)  # by all ten classes
         (train_x, train_y), (test_x, test_y) = self._chosen(train_x, train_y), self._chosen(test_x, test_y)
         train, val = split(train_x, train_y, [-1, min(self.val_size, len(train_x) // 2)], self.seed)
         return train, val, TensorDataset(test_x, test_y)
@@ -303,6 +303,6 @@ class CIFAR10DataModule(TensorDataModule):
         folder = self._folder()
         train_x, train_y = self._read([folder / name for name in self.train_batches])
         test_x, test_y = self._read([folder / "test_batch"])
-        train_x, test_x = standardize(train_x, train_x), standardize(test_x, train_x)
+        train_x, test_x = _standardize(train_x, train_x), _standardize(test_x, train_x)
         train, val = split(train_x, train_y, [-1, min(self.val_size, len(train_x) // 2)], self.seed)
         return (_Augmented(train) if self.augment else train), val, TensorDataset(test_x, test_y)

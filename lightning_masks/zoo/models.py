@@ -20,7 +20,7 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 #: Constructor arguments that are factories, not values: kept out of the saved hyperparameters.
-NOT_HYPERPARAMETERS = ["optimizer", "scheduler"]
+_NOT_HYPERPARAMETERS = ["optimizer", "scheduler"]
 
 
 class Classifier(pl.LightningModule):
@@ -100,7 +100,7 @@ class MLP(Classifier):
             layers += [nn.Linear(width_in, width_out), nn.ReLU()]
         layers.append(nn.Linear(widths[-1], num_classes))
         super().__init__(nn.Sequential(*layers), num_classes, lr, weight_decay, **training)
-        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+        self.save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)
 
 
 class LeNet5(Classifier):
@@ -127,7 +127,7 @@ class LeNet5(Classifier):
             nn.Linear(16 * side * side, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
         )
         super().__init__(net, num_classes, **training)
-        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+        self.save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)
 
 
 class LeNet5Caffe(Classifier):
@@ -158,7 +158,7 @@ class LeNet5Caffe(Classifier):
             nn.Linear(50 * side * side, 500), nn.ReLU(), nn.Linear(500, num_classes),
         )
         super().__init__(net, num_classes, **training)
-        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+        self.save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)
 
 
 class _BasicBlock(nn.Module):
@@ -218,7 +218,7 @@ class ResNet20(Classifier):
                                           2 if first and stage > 0 else 1, shortcut))
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes)]
         super().__init__(nn.Sequential(*layers), num_classes, **training)
-        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+        self.save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)
 
 
 class _EncoderBlock(nn.Module):
@@ -278,7 +278,7 @@ class TransformerClassifier(Classifier):
                             *(_EncoderBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth)),
                             nn.LayerNorm(dim), _MeanPool(), nn.Linear(dim, num_classes))
         super().__init__(net, num_classes, **training)
-        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+        self.save_hyperparameters(ignore=_NOT_HYPERPARAMETERS)
 
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lightning_masks.masking.gate import MaskGate
+from lightning_masks import MaskGate
 
 
 def prune(gate: MaskGate, index: Any, flat: bool = False) -> None:
