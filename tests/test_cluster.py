@@ -11,7 +11,7 @@ import pytest
 @pytest.mark.slow
 def test_submitit_local_sweep_runs_both_jobs(tmp_path):
     command = [sys.executable, "-m", "lightning_masks.app.train", "-m", "hydra/launcher=submitit_local",
-               "masks/init=magnitude,stddev", "trainer.fast_dev_run=true", "logger=csv",
+               "masks/init=magnitude,stddev", "debug=fdr", "logger=csv",
                f"hydra.sweep.dir={tmp_path}", "hydra.launcher.timeout_min=5"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})

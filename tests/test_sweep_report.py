@@ -18,9 +18,8 @@ from lightning_masks.app.train import RESULT_FILE
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "masks.logging.plots=false",
          "masks.logging.histograms=false"]
-ONE_BATCH = ["trainer.fast_dev_run=true"]  # (fast_dev_run turns the loggers off)
-FEW_BATCHES = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-               "trainer.limit_test_batches=1"]
+ONE_BATCH = ["debug=fdr"]  # (fast_dev_run turns the loggers off)
+FEW_BATCHES = ["debug=limit", "trainer.max_epochs=1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

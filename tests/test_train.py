@@ -143,7 +143,7 @@ def test_wandb_runs_are_named_by_overrides_and_grouped_by_sweep(tmp_path, monkey
 
 # ------------------------------------------------------------------------------------- runs
 def run_config(overrides, tmp_path):
-    cfg = compose_config(["logger=csv", "trainer.fast_dev_run=true", *QUIET, *NO_PICTURES, *overrides], tmp_path)
+    cfg = compose_config(["logger=csv", "debug=fdr", *QUIET, *NO_PICTURES, *overrides], tmp_path)
     return run(cfg)
 
 
@@ -162,7 +162,7 @@ def test_every_recipe_runs(recipe, tmp_path):
     extra = [f"data.root={data_root[prefix]()}", "data.num_workers=0"] if prefix in data_root else []
     extra += ["trainer=cpu"] if prefix == "cifar10" else []
     extra += [f"model.source.path={tmp_path / 'pretrained.pt'}"] if "transfer" in recipe else []
-    cfg = compose_config([f"recipe={recipe}", "trainer.fast_dev_run=true", *QUIET, *NO_PICTURES, *extra], tmp_path)
+    cfg = compose_config([f"recipe={recipe}", "debug=fdr", *QUIET, *NO_PICTURES, *extra], tmp_path)
     result = run(cfg)
     check_result(result, cfg.masks.sparsity)
     names = {row["name"] for row in result["layers"]}
@@ -261,6 +261,22 @@ def test_every_init_yaml_default_equals_the_signatures(option):
     assert set(defaults) - {"seed", "generator"} <= set(fields)
 
 
+def test_the_trainer_yaml_sets_what_differs_from_lightnings_defaults_and_shows_three_switches():
+    node = compose_config().trainer
+    defaults = _defaults(pl.Trainer)
+    switches = {"enable_checkpointing", "enable_progress_bar", "enable_model_summary"}  # on (None) in Lightning
+    assert all(node[key] is True and defaults[key] is None for key in switches)
+    differing = {key for key in node if key != "_target_" and key not in switches and node[key] != defaults[key]}
+    assert set(node) - {"_target_"} - switches == differing == {"default_root_dir", "max_epochs", "min_epochs",
+                                                                "accelerator", "devices", "log_every_n_steps"}
+
+
+@pytest.mark.parametrize("option", options("debug"))
+def test_every_debug_option_shortens_the_trainer_it_builds(option, tmp_path):
+    trainer = instantiate(compose_config([f"debug={option}"], tmp_path).trainer)
+    assert trainer.fast_dev_run if option == "fdr" else (trainer.max_epochs, trainer.limit_train_batches) == (2, 4)
+
+
 def test_the_callback_yaml_carries_every_argument_at_its_default():
     node = compose_config().masks
     defaults = _defaults(MaskPruningCallback)
@@ -297,8 +313,6 @@ def test_every_selector_config_builds_the_callback_with_its_selector(option):
 def test_the_result_counts_the_tensors_the_fit_masked_as_the_callbacks_table_does(tmp_path):
     """Channel pruning keeps the output layer whole: the headline's sparsity is over the masked tensors, as the
     table printed above it, not diluted by the dense output layer."""
-    result = run_config(["masks/selector=channel", "trainer.fast_dev_run=false", "trainer.max_epochs=2",
-                         "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
-                         "trainer.limit_test_batches=1"], tmp_path)
+    result = run_config(["masks/selector=channel", "debug=limit"], tmp_path)
     assert result["sparsity"] == pytest.approx(0.9, abs=0.005)  # whole channels: 0.9023 (0.8684 with the head)
     assert result["layers"] and all(row["sparsity"] > 0.5 for row in result["layers"]), result["layers"]
