@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import warnings
@@ -42,11 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, append_jsonl, load_fashion_mnist, markdown_table, mean_std, read_jsonl
 from quality import Plan, accuracy, layer_zeros, model_pruning, parse_method, train_loader
 
-from lightning_masks import MaskPruningCallback, Selector
+from lightning_masks import MaskPruningCallback, Selector, get_initializer
 from lightning_masks.zoo import MLP, LeNet5
 
 SOURCE, TARGET = range(0, 5), range(5, 10)  # pretraining classes, fine-pruning classes
-KEY_FIELDS = ("model", "method", "weight_lr", "sparsity", "seed", "epochs", "end", "train_size")
+KEY_FIELDS = ("model", "method", "weight_lr", "sparsity", "seed", "epochs", "end", "train_size", "pretrain_epochs")
+PRETRAIN_EPOCHS = 3  # the pretraining length of records written before it was a field
 
 
 # ------------------------------------------------------------------------------------------------ data, models
@@ -131,12 +133,12 @@ def _preset(plan: Plan, end: float, **options: Any) -> list[Callback]:
     return [MaskPruningCallback.finetuning(sparsity=plan.final, exclude=["head"], **options)]
 
 
+MOVEMENT = Selector(importance="gate", straight_through=True, regrow=True)
 ARMS: dict[str, Any] = {
     "dense": lambda plan, end, **o: [],
     "gmp": lambda plan, end, **o: _masks(plan, end, mask_lr=0.0, **o),
     "masks": lambda plan, end, **o: _masks(plan, end, **o),
-    "movement": lambda plan, end, **o: _masks(plan, end, **{
-        "selector": Selector(importance="gate", straight_through=True, regrow=True), "init": "constant", **o}),
+    "movement": lambda plan, end, **o: _masks(plan, end, **{"selector": MOVEMENT, "init": "constant", **o}),
     "oneshot": lambda plan, end, **o: _masks(plan, end, schedule="one_shot", mask_lr=0.0, **o),
     "finetuning": _preset,
     "masks_soft": lambda plan, end, **o: _masks(plan, end, **o),
@@ -145,12 +147,24 @@ SOFT = {"masks_soft"}  # arms whose "frozen" backbone stays in the optimizer at 
 
 
 def callbacks_for(method: str, module: FinePruned, plan: Plan, end: float) -> list[Callback]:
-    name, options = parse_method(method) if "[" in method else (method, {})
+    name, options = parse_method(method, [*ARMS, "model_pruning"])
     if name == "model_pruning":
         return model_pruning(module.backbone, plan, **options)
-    if name not in ARMS:
-        raise ValueError(f"unknown method {method!r}; known: {sorted([*ARMS, 'model_pruning'])}")
-    return ARMS[name](plan, end, **options)
+    base = {"selector": MOVEMENT} if name == "movement" else {}
+    return ARMS[name](plan, **{"end": end, **callback_options({**base, **options})})
+
+
+def callback_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The callback's arguments from an arm's options: ``init=NAME,init.OPTION=VALUE`` as
+    ``init=get_initializer(NAME, OPTION=VALUE)`` (e.g. ``init.noise_scale``), and a :class:`Selector`'s fields
+    (``importance``, ``regrow``, ``straight_through``, ...) as ``selector=Selector(...)``."""
+    init_kwargs = {k.removeprefix("init."): options.pop(k) for k in [k for k in options if k.startswith("init.")]}
+    if init_kwargs:
+        options["init"] = get_initializer(options.get("init", "magnitude"), **init_kwargs)
+    selector_kwargs = {k: options.pop(k) for k in [k for k in options if k in Selector.__dataclass_fields__]}
+    if selector_kwargs:
+        options["selector"] = dataclasses.replace(options.get("selector", Selector()), **selector_kwargs)
+    return options
 
 
 def backbone_zeros(module: FinePruned) -> tuple[int, int]:
@@ -180,7 +194,7 @@ def run_one(config: dict[str, Any], data: dict, weights: dict[str, Tensor]) -> d
 
 # ------------------------------------------------------------------------------------------------ report
 def key(record: dict[str, Any]) -> tuple:
-    return tuple(record[field] for field in KEY_FIELDS)
+    return tuple(record.get(field, PRETRAIN_EPOCHS if field == "pretrain_epochs" else None) for field in KEY_FIELDS)
 
 
 def lr_name(lr: float) -> str:
@@ -203,7 +217,8 @@ def render(path: Path) -> Path:
         return f"{mean:.2f} ± {std:.2f} ({len(values)})" if len(values) > 1 else f"{mean:.2f} (1)"
 
     first = records[0] if records else {}
-    text = (f"# {path.stem}\n\nFine-pruning on Fashion-MNIST: {first.get('model')} pretrained on classes 0-4, its "
+    text = (f"# {path.stem}\n\nFine-pruning on Fashion-MNIST: {first.get('model')} pretrained on classes 0-4 "
+            f"({first.get('pretrain_epochs', PRETRAIN_EPOCHS)} epochs), its "
             f"backbone pruned on classes 5-9 under a new dense head; {first.get('epochs')} epochs on "
             f"{first.get('train_size') or 'all'} training images, ramp over the first {first.get('end')} of "
             f"training; test accuracy (%) on the 5k test images of classes 5-9, mean ± std (seeds). {len(records)} "
@@ -307,7 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=3, help="fine-pruning epochs")
     parser.add_argument("--end", type=float, default=2 / 3, help="fraction of training where the ramp ends")
-    parser.add_argument("--pretrain-epochs", type=int, default=3)
+    parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_EPOCHS)
     parser.add_argument("--train-size", type=int, default=None, help="fine-pruning training images (default all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -326,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         weights = pretrained(args.model, data, args.out / "cache", args.pretrain_epochs)
         target = task(data, TARGET, args.train_size)
         done = {key(r) for r in read_jsonl(path)}
-        common = {"model": args.model, "epochs": args.epochs, "end": round(args.end, 4), "train_size": args.train_size}
+        common = {"model": args.model, "epochs": args.epochs, "end": round(args.end, 4), "train_size": args.train_size,
+                  "pretrain_epochs": args.pretrain_epochs}
         todo = []
         for seed in args.seeds:
             for lr in args.weight_lrs:
