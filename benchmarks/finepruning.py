@@ -151,15 +151,19 @@ def callbacks_for(method: str, module: FinePruned, plan: Plan, end: float) -> li
     if name == "model_pruning":
         return model_pruning(module.backbone, plan, **options)
     base = {"selector": MOVEMENT} if name == "movement" else {}
-    return ARMS[name](plan, **{"end": end, **callback_options({**base, **options})})
+    shift = MaskPruningCallback.FINETUNING_SHIFT if name == "finetuning" else None  # the preset's, kept with init.*
+    return ARMS[name](plan, **{"end": end, **callback_options({**base, **options}, shift)})
 
 
-def callback_options(options: dict[str, Any]) -> dict[str, Any]:
+def callback_options(options: dict[str, Any], shift: float | None = None) -> dict[str, Any]:
     """The callback's arguments from an arm's options: ``init=NAME,init.OPTION=VALUE`` as
-    ``init=get_initializer(NAME, OPTION=VALUE)`` (e.g. ``init.noise_scale``), and a :class:`Selector`'s fields
-    (``importance``, ``regrow``, ``straight_through``, ...) as ``selector=Selector(...)``."""
+    ``init=get_initializer(NAME, OPTION=VALUE)`` (e.g. ``init.noise_scale``; ``shift`` is the default of
+    ``init.shift`` there), and a :class:`Selector`'s fields (``importance``, ``regrow``, ``straight_through``, ...) as
+    ``selector=Selector(...)``."""
     init_kwargs = {k.removeprefix("init."): options.pop(k) for k in [k for k in options if k.startswith("init.")]}
     if init_kwargs:
+        if shift is not None:
+            init_kwargs.setdefault("shift", shift)
         options["init"] = get_initializer(options.get("init", "magnitude"), **init_kwargs)
     selector_kwargs = {k: options.pop(k) for k in [k for k in options if k in Selector.__dataclass_fields__]}
     if selector_kwargs:
