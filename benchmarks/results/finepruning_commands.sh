@@ -39,3 +39,9 @@ PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --e
 # LeNet-5, the fine-pruning preset (gates from sigmoid(-3)) added, seed 0, 3 epochs:
 PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet5 --epochs 3 --seeds 0 --weight-lrs 0 1e-4 \
     --sparsities 0.98 0.995 --methods finetuning
+# The init sweep from the command line on the fine-pruning recipe (finepruning_init_sweep.md; shortened: 1 epoch of 60
+# batches), then its report:
+lightning-masks-train -m recipe=fashion_transfer_lenet300 masks.sparsity=0.995 masks/init=magnitude,stddev,magnitude_noise,snip,wanda \
+    masks.init.noise_scale=0.01 seed=0,1,2 trainer.max_epochs=1 trainer.limit_train_batches=60 logger=none masks.plots=false \
+    masks.log_histograms=false hydra.sweep.dir=sweep
+lightning-masks-report sweep
