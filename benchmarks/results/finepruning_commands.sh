@@ -45,3 +45,6 @@ lightning-masks-train -m recipe=fashion_transfer_lenet300 masks.sparsity=0.995 m
     masks.init.noise_scale=0.01 seed=0,1,2 trainer.max_epochs=1 trainer.limit_train_batches=60 logger=none masks.plots=false \
     masks.log_histograms=false hydra.sweep.dir=sweep
 lightning-masks-report sweep
+# Does pretraining length explain the dense figures? Dense fine-tuning from a backbone pretrained 10 epochs instead of 3:
+PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 8 --pretrain-epochs 10 \
+    --name finepruning_lenet300_pretrain10 --seeds 0 --weight-lrs 0 1e-4 --sparsities 0.98 --methods dense
