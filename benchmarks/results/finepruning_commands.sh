@@ -48,3 +48,8 @@ lightning-masks-report sweep
 # Does pretraining length explain the dense figures? Dense fine-tuning from a backbone pretrained 10 epochs instead of 3:
 PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 8 --pretrain-epochs 10 \
     --name finepruning_lenet300_pretrain10 --seeds 0 --weight-lrs 0 1e-4 --sparsities 0.98 --methods dense
+# The initializers under the fine-pruning preset (each named init shifted by -3), 8 epochs, 3 seeds at 99.5%:
+PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 8 --name finepruning_lenet300_init_e8 \
+    --weight-lrs 0 1e-4 --sparsities 0.995 --seeds 0 1 2 --methods finetuning "finetuning[init=stddev]" \
+    "finetuning[init=magnitude_noise]" "finetuning[init=magnitude_noise,init.noise_scale=0.1]" "finetuning[init=snip]" \
+    "finetuning[init=wanda]"
