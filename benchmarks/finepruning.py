@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, append_jsonl, load_fashion_mnist, markdown_table, mean_std, read_jsonl
 from quality import Plan, accuracy, layer_zeros, model_pruning, parse_method, train_loader
 
-from lightning_masks import MaskPruningCallback, Selector, get_initializer
+from lightning_masks import MaskPruningCallback, Selector, get_initializer, masked_tensors
+from lightning_masks.masking.gate import gate_value
 from lightning_masks.zoo import MLP, LeNet5
 
 SOURCE, TARGET = range(0, 5), range(5, 10)  # pretraining classes, fine-pruning classes
@@ -171,6 +172,30 @@ def callback_options(options: dict[str, Any], shift: float | None = None) -> dic
     return options
 
 
+class GateReport(Callback):
+    """At fit end, before the masks fold: the gated model's test accuracy and the soft gates' factors on the kept
+    weights (``sigmoid(s / T) * gate_scale``: 1 at the start with the rescale, at most ``gate_scale``). Placed before
+    the pruner, whose ``on_fit_end`` folds."""
+
+    def __init__(self, test: tuple[Tensor, Tensor]) -> None:
+        self.test = test
+        self.result: dict[str, Any] = {}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        masked = masked_tensors(pl_module)
+        if not masked:
+            return
+        entries = [e for e in masked if e.gate.binary is None]
+        self.result["accuracy_before_fold"] = accuracy(pl_module, *self.test)
+        if entries:
+            factors = torch.cat([gate_value(e.gate.scores, e.gate.temperature, e.gate.gate_scale)
+                                 .expand_as(e.gate.keep)[e.gate.keep].flatten() for e in entries])
+            ceiling = max(float(e.gate.gate_scale) if e.gate.gate_scale is not None else 1.0 for e in entries)
+            self.result.update(factor_mean=round(float(factors.mean()), 3), factor_max=round(float(factors.max()), 3),
+                               factor_above_2=round(float((factors > 2).float().mean()), 3),
+                               factor_ceiling=round(ceiling, 3))
+
+
 def backbone_zeros(module: FinePruned) -> tuple[int, int]:
     layers = layer_zeros(module.backbone)
     return sum(z for z, _ in layers.values()), sum(t for _, t in layers.values())
@@ -183,7 +208,8 @@ def run_one(config: dict[str, Any], data: dict, weights: dict[str, Tensor]) -> d
     module = FinePruned(network, config["weight_lr"], freeze=config["method"].split("[")[0] not in SOFT)
     epochs = config["epochs"]
     plan = Plan(config["sparsity"], 0, max(1, round(config["end"] * epochs)))
-    callbacks = callbacks_for(config["method"], module, plan, config["end"])
+    report = GateReport(data["test"])
+    callbacks = [report, *callbacks_for(config["method"], module, plan, config["end"])]
     began = time.perf_counter()
     trainer(epochs, callbacks).fit(module, train_dataloaders=train_loader(*data["train"], 128, config["seed"]))
     zeros, total = backbone_zeros(module)
@@ -193,7 +219,7 @@ def run_one(config: dict[str, Any], data: dict, weights: dict[str, Tensor]) -> d
         kept_equal = all(torch.equal(p[p != 0], w.to(p)[p != 0]) for p, w in pairs)
     return {**config, "accuracy": accuracy(module, *data["test"]), "zeros": zeros, "total": total,
             "target_zeros": round(config["sparsity"] * total), "kept_weights_unchanged": kept_equal,
-            "seconds": round(time.perf_counter() - began, 1)}
+            "seconds": round(time.perf_counter() - began, 1), **report.result}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -238,6 +264,7 @@ def render(path: Path) -> Path:
             ["arm", *(f"{100 * s:g}%" for s in sparsities)], rows) + "\n"
     for candidate in [m for m in ("masks", "masks_soft", "movement", "finetuning") if m in methods]:
         text += "\n" + gaps(groups, lrs, sparsities, candidate) + "\n"
+    text += gate_table(records)
     inexact = sorted({r["method"] for r in records if r["sparsity"] > 0 and r["zeros"] != r["target_zeros"]})
     changed = sorted({r["method"] for r in records if r.get("kept_weights_unchanged") is False
                       and r["method"].split("[")[0] not in SOFT})  # a soft gate scales them by design
@@ -250,6 +277,29 @@ def render(path: Path) -> Path:
     markdown.write_text(text)
     plot(groups, methods, lrs, sparsities, path.with_suffix(".png"))
     return markdown
+
+
+def gate_table(records: list[dict[str, Any]]) -> str:
+    """The soft gates at fit end (runs that recorded them): the gated and folded accuracy, the kept weights'
+    factors (mean, max, the fraction above 2) and their ceiling ``gate_scale``; means over seeds."""
+    rows: dict[tuple, list[dict]] = {}
+    for r in records:
+        if "factor_mean" in r:
+            rows.setdefault((r["method"], r["weight_lr"], r["sparsity"]), []).append(r)
+    if not rows:
+        return ""
+
+    def mean(group: list[dict], field: str, scale: float = 1.0) -> str:
+        return f"{scale * sum(r[field] for r in group) / len(group):.2f}"
+
+    table = markdown_table(
+        ["arm", "weight lr", "sparsity", "seeds", "accuracy gated", "folded", "factor mean", "max", "share > 2",
+         "ceiling"],
+        [[m, lr_name(lr), f"{100 * s:g}%", str(len(g)), mean(g, "accuracy_before_fold", 100), mean(g, "accuracy", 100),
+          mean(g, "factor_mean"), mean(g, "factor_max"), mean(g, "factor_above_2"), mean(g, "factor_ceiling")]
+         for (m, lr, s), g in rows.items()])
+    return ("\nSoft gates at fit end, before the fold (a kept weight's factor `sigmoid(s / T) * gate_scale` starts "
+            "near 1 and cannot pass `gate_scale`; binary masks have none):\n\n" + table + "\n")
 
 
 def gaps(groups: dict, lrs: list[float], sparsities: list[float], candidate: str = "masks") -> str:

@@ -53,3 +53,18 @@ PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --e
     --weight-lrs 0 1e-4 --sparsities 0.995 --seeds 0 1 2 --methods finetuning "finetuning[init=stddev]" \
     "finetuning[init=magnitude_noise]" "finetuning[init=magnitude_noise,init.noise_scale=0.1]" "finetuning[init=snip]" \
     "finetuning[init=wanda]"
+# The headline grid, 8 epochs (finepruning_lenet300_e8): seed 0 every arm at 98 / 99.5%, seeds 1 2 the main arms,
+# then seed 0 at 90 / 95 / 99% (run as three background jobs side by side, appending to the one file):
+PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 8 --name finepruning_lenet300_e8 \
+    --seeds 0 --weight-lrs 0 1e-4 1e-3 --sparsities 0.98 0.995 \
+    --methods dense gmp masks movement finetuning oneshot model_pruning
+PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 8 --name finepruning_lenet300_e8 \
+    --seeds 1 2 --weight-lrs 0 1e-4 1e-3 --sparsities 0.98 0.995 --methods dense gmp masks movement finetuning
+PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 8 --name finepruning_lenet300_e8 \
+    --seeds 0 --weight-lrs 0 1e-4 1e-3 --sparsities 0.9 0.95 0.99 --methods dense gmp masks movement finetuning
+PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 8 --name finepruning_lenet300_e8 \
+    --seeds 0 --weight-lrs 0 1e-4 1e-3 --sparsities 0.9 0.95 0.99 --methods oneshot model_pruning
+# The soft gates at fit end (finepruning_lenet300_gates): gated and folded accuracy, the kept weights' factors,
+# the defaults and the preset with gates from one half (init.shift=0) and from sigmoid(-3):
+PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 3 --name finepruning_lenet300_gates \
+    --seeds 0 --weight-lrs 0 1e-4 --sparsities 0.98 0.995 --methods masks "finetuning[init.shift=0]" finetuning
