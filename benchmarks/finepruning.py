@@ -8,7 +8,8 @@ arm sees the same pretrained backbone, head init, batches and cubic ramp (over t
 steps, or epochs for ModelPruning); only the pruning differs. Runs are appended to ``<out>/<name>.jsonl`` (runs
 there are skipped), and ``<name>.md`` / ``<name>.png`` are rendered from it.
 
-Arms (``--methods``, options as ``masks[k=v,...]`` like quality.py):
+Arms (``--methods``, options as ``masks[k=v,...]`` like quality.py: a callback argument, a :class:`Selector` field
+such as ``importance=gate``, or an initializer option as ``init.noise_scale=0.1`` / ``init.shift=-3``):
     dense          no pruning (fine-tuning only)
     gmp            gradual magnitude pruning by the callback: scores frozen (``mask_lr=0``), same cadence and ramp
     masks          MaskPruningCallback's defaults (``frozen="mask"``: binary masks over a frozen backbone)
@@ -16,7 +17,8 @@ Arms (``--methods``, options as ``masks[k=v,...]`` like quality.py):
     oneshot        one-shot global magnitude pruning to the final sparsity at the first step, then fine-tuning
                    with the mask fixed (the callback with ``schedule="one_shot"``, ``mask_lr=0``)
     model_pruning  Lightning's ModelPruning, global L1 over the backbone, at each epoch's end to the schedule
-    finetuning     MaskPruningCallback.finetuning(): the fine-pruning preset
+    finetuning     MaskPruningCallback.finetuning(): the fine-pruning preset (soft gates over frozen weights,
+                   gates from sigmoid(-3); with ``init.*`` options the init keeps the preset's shift)
     masks_soft     ``masks`` with the backbone left trainable in the optimizer at lr 0 where the grid says frozen
                    (the soft gate ``w * sigmoid(s) * keep`` then scales the kept weights: not a mask alone)
 
