@@ -19,32 +19,12 @@ PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --e
 # LeNet-5, seed 0:
 PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet5 --epochs 3 --seeds 0 --weight-lrs 0 1e-4 \
     --sparsities 0.98 0.995 --methods dense gmp masks movement masks_soft
-# The init sweep from the command line on the fine-pruning recipe (checked on a short run: 30 batches, 1 epoch):
-# lightning-masks-train -m recipe=fashion_transfer_lenet300 masks/init=magnitude,stddev seed=0,1 && lightning-masks-report multirun/...
-# Wanda added to the init study above (3 epochs, the defaults' binary masks frozen; the other rows ran on an earlier
-# commit of the same benchmark):
-PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 3 --name finepruning_lenet300_init \
-    --weight-lrs 0 1e-4 --sparsities 0.995 --seeds 0 1 2 --methods "masks[init=wanda]"
-# The gate-headroom study (the finetuning preset's shift of the initial scores; 3 epochs, seed 0) into the study file.
-# finetuning[init.shift=0] is the preset before the shift (gates start near one half):
-PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 3 --name finepruning_lenet300_study \
-    --seeds 0 --weight-lrs 1e-4 --sparsities 0.98 0.995 --methods gmp masks "masks[end=0.34]" "masks[temperature=0.5]" \
-    "masks[mask_lr=0.03]" "masks[init=wanda]" "masks[importance=gate,end=0.34]" "masks[importance=gate]" movement \
-    "finetuning[init.shift=0]" "masks[init.shift=-1]" "masks[init.shift=-2]" "masks[importance=gate,init.shift=-1]" \
-    "masks[importance=gate,straight_through=True,regrow=True]" "masks[importance=gate,regrow=True]" \
-    "movement[mask_lr=0.03]" "movement[init.shift=-1]"
-PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 3 --name finepruning_lenet300_study \
-    --seeds 0 --weight-lrs 1e-4 0 1e-3 --sparsities 0.98 0.995 --methods dense gmp "finetuning[init.shift=0]" \
-    "finetuning[init.shift=-2]" "finetuning[init.shift=-3]" "finetuning[init.shift=-4]" "finetuning[init.shift=-3,importance=gate]"
-# LeNet-5, the fine-pruning preset (gates from sigmoid(-3)) added, seed 0, 3 epochs:
-PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet5 --epochs 3 --seeds 0 --weight-lrs 0 1e-4 \
-    --sparsities 0.98 0.995 --methods finetuning
-# The init sweep from the command line on the fine-pruning recipe (finepruning_init_sweep.md; shortened: 1 epoch of 60
-# batches), then its report:
+# The init sweep from the command line on the fine-pruning recipe (finepruning_init_sweep.md; shortened to 1 epoch),
+# then its report:
 lightning-masks-train -m recipe=fashion_transfer_lenet300 masks.sparsity=0.995 masks/init=magnitude,stddev,magnitude_noise,snip,wanda \
-    masks.init.noise_scale=0.01 seed=0,1,2 trainer.max_epochs=1 trainer.limit_train_batches=60 logger=none masks.plots=false \
-    masks.log_histograms=false hydra.sweep.dir=sweep
-lightning-masks-report sweep
+    masks.init.noise_scale=0.01 seed=0,1,2 trainer.max_epochs=1 logger=none masks.plots=false masks.log_histograms=false \
+    hydra.sweep.dir=sweep1
+lightning-masks-report sweep1
 # Does pretraining length explain the dense figures? Dense fine-tuning from a backbone pretrained 10 epochs instead of 3:
 PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 8 --pretrain-epochs 10 \
     --name finepruning_lenet300_pretrain10 --seeds 0 --weight-lrs 0 1e-4 --sparsities 0.98 --methods dense
@@ -68,3 +48,6 @@ PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --e
 # the defaults and the preset with gates from one half (init.shift=0) and from sigmoid(-3):
 PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --epochs 3 --name finepruning_lenet300_gates \
     --seeds 0 --weight-lrs 0 1e-4 --sparsities 0.98 0.995 --methods masks "finetuning[init.shift=0]" finetuning
+# LeNet-5, 8 epochs, seed 0 (finepruning_lenet5_e8; the two weight lrs as two jobs side by side):
+PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet5 --epochs 8 --name finepruning_lenet5_e8 --seeds 0 \
+    --weight-lrs 0 1e-4 --sparsities 0.98 0.995 --methods dense gmp masks finetuning
