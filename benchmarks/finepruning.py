@@ -8,7 +8,8 @@ arm sees the same pretrained backbone, head init, batches and cubic ramp (over t
 steps, or epochs for ModelPruning); only the pruning differs. Runs are appended to ``<out>/<name>.jsonl`` (runs
 there are skipped), and ``<name>.md`` / ``<name>.png`` are rendered from it.
 
-Arms (``--methods``, options as ``masks[k=v,...]`` like quality.py):
+Arms (``--methods``, options as ``masks[k=v,...]`` like quality.py: a callback argument, a :class:`Selector` field
+such as ``importance=gate``, or an initializer option as ``init.noise_scale=0.1`` / ``init.shift=-3``):
     dense          no pruning (fine-tuning only)
     gmp            gradual magnitude pruning by the callback: scores frozen (``mask_lr=0``), same cadence and ramp
     masks          MaskPruningCallback's defaults (``frozen="mask"``: binary masks over a frozen backbone)
@@ -16,7 +17,8 @@ Arms (``--methods``, options as ``masks[k=v,...]`` like quality.py):
     oneshot        one-shot global magnitude pruning to the final sparsity at the first step, then fine-tuning
                    with the mask fixed (the callback with ``schedule="one_shot"``, ``mask_lr=0``)
     model_pruning  Lightning's ModelPruning, global L1 over the backbone, at each epoch's end to the schedule
-    finetuning     MaskPruningCallback.finetuning(): the fine-pruning preset
+    finetuning     MaskPruningCallback.finetuning(): the fine-pruning preset (soft gates over frozen weights,
+                   gates from sigmoid(-3); with ``init.*`` options the init keeps the preset's shift)
     masks_soft     ``masks`` with the backbone left trainable in the optimizer at lr 0 where the grid says frozen
                    (the soft gate ``w * sigmoid(s) * keep`` then scales the kept weights: not a mask alone)
 
@@ -27,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import warnings
@@ -42,11 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, append_jsonl, callback_arguments, load_fashion_mnist, markdown_table, mean_std, read_jsonl
 from quality import Plan, accuracy, layer_zeros, model_pruning, parse_method, train_loader
 
-from lightning_masks import MaskPruningCallback, Selector
+from lightning_masks import MaskPruningCallback, Selector, get_initializer, masked_tensors
+from lightning_masks.masking.gate import gate_value
 from lightning_masks.zoo import MLP, LeNet5
 
 SOURCE, TARGET = range(0, 5), range(5, 10)  # pretraining classes, fine-pruning classes
-KEY_FIELDS = ("model", "method", "weight_lr", "sparsity", "seed", "epochs", "end", "train_size")
+KEY_FIELDS = ("model", "method", "weight_lr", "sparsity", "seed", "epochs", "end", "train_size", "pretrain_epochs")
+PRETRAIN_EPOCHS = 3  # the pretraining length of records written before it was a field
 
 
 # ------------------------------------------------------------------------------------------------ data, models
@@ -131,12 +136,12 @@ def _preset(plan: Plan, end: float, **options: Any) -> list[Callback]:
     return [MaskPruningCallback.finetuning(**callback_arguments({"sparsity": plan.final, "exclude": ["head"], **options}))]
 
 
+MOVEMENT = Selector(importance="gate", straight_through=True, regrow=True)
 ARMS: dict[str, Any] = {
     "dense": lambda plan, end, **o: [],
     "gmp": lambda plan, end, **o: _masks(plan, end, mask_lr=0.0, **o),
     "masks": lambda plan, end, **o: _masks(plan, end, **o),
-    "movement": lambda plan, end, **o: _masks(plan, end, **{
-        "selector": Selector(importance="gate", straight_through=True, regrow=True), "init": "constant", **o}),
+    "movement": lambda plan, end, **o: _masks(plan, end, **{"selector": MOVEMENT, "init": "constant", **o}),
     "oneshot": lambda plan, end, **o: _masks(plan, end, schedule="one_shot", mask_lr=0.0, **o),
     "finetuning": _preset,
     "masks_soft": lambda plan, end, **o: _masks(plan, end, **o),
@@ -145,12 +150,52 @@ SOFT = {"masks_soft"}  # arms whose "frozen" backbone stays in the optimizer at 
 
 
 def callbacks_for(method: str, module: FinePruned, plan: Plan, end: float) -> list[Callback]:
-    name, options = parse_method(method) if "[" in method else (method, {})
+    name, options = parse_method(method, [*ARMS, "model_pruning"])
     if name == "model_pruning":
         return model_pruning(module.backbone, plan, **options)
-    if name not in ARMS:
-        raise ValueError(f"unknown method {method!r}; known: {sorted([*ARMS, 'model_pruning'])}")
-    return ARMS[name](plan, end, **options)
+    base = {"selector": MOVEMENT} if name == "movement" else {}
+    shift = MaskPruningCallback.FINETUNING_SHIFT if name == "finetuning" else None  # the preset's, kept with init.*
+    return ARMS[name](plan, **{"end": end, **callback_options({**base, **options}, shift)})
+
+
+def callback_options(options: dict[str, Any], shift: float | None = None) -> dict[str, Any]:
+    """The callback's arguments from an arm's options: ``init=NAME,init.OPTION=VALUE`` as
+    ``init=get_initializer(NAME, OPTION=VALUE)`` (e.g. ``init.noise_scale``; ``shift`` is the default of
+    ``init.shift`` there), and a :class:`Selector`'s fields (``importance``, ``regrow``, ``straight_through``, ...) as
+    ``selector=Selector(...)``."""
+    init_kwargs = {k.removeprefix("init."): options.pop(k) for k in [k for k in options if k.startswith("init.")]}
+    if init_kwargs:
+        if shift is not None:
+            init_kwargs.setdefault("shift", shift)
+        options["init"] = get_initializer(options.get("init", "magnitude"), **init_kwargs)
+    selector_kwargs = {k: options.pop(k) for k in [k for k in options if k in Selector.__dataclass_fields__]}
+    if selector_kwargs:
+        options["selector"] = dataclasses.replace(options.get("selector", Selector()), **selector_kwargs)
+    return options
+
+
+class GateReport(Callback):
+    """At fit end, before the masks fold: the gated model's test accuracy and the soft gates' factors on the kept
+    weights (``sigmoid(s / T) * gate_scale``: 1 at the start with the rescale, at most ``gate_scale``). Placed before
+    the pruner, whose ``on_fit_end`` folds."""
+
+    def __init__(self, test: tuple[Tensor, Tensor]) -> None:
+        self.test = test
+        self.result: dict[str, Any] = {}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        masked = masked_tensors(pl_module)
+        if not masked:
+            return
+        entries = [e for e in masked if e.gate.binary is None]
+        self.result["accuracy_before_fold"] = accuracy(pl_module, *self.test)
+        if entries:
+            factors = torch.cat([gate_value(e.gate.scores, e.gate.temperature, e.gate.gate_scale)
+                                 .expand_as(e.gate.keep)[e.gate.keep].flatten() for e in entries])
+            ceiling = max(float(e.gate.gate_scale) if e.gate.gate_scale is not None else 1.0 for e in entries)
+            self.result.update(factor_mean=round(float(factors.mean()), 3), factor_max=round(float(factors.max()), 3),
+                               factor_above_2=round(float((factors > 2).float().mean()), 3),
+                               factor_ceiling=round(ceiling, 3))
 
 
 def backbone_zeros(module: FinePruned) -> tuple[int, int]:
@@ -165,7 +210,8 @@ def run_one(config: dict[str, Any], data: dict, weights: dict[str, Tensor]) -> d
     module = FinePruned(network, config["weight_lr"], freeze=config["method"].split("[")[0] not in SOFT)
     epochs = config["epochs"]
     plan = Plan(config["sparsity"], 0, max(1, round(config["end"] * epochs)))
-    callbacks = callbacks_for(config["method"], module, plan, config["end"])
+    report = GateReport(data["test"])
+    callbacks = [report, *callbacks_for(config["method"], module, plan, config["end"])]
     began = time.perf_counter()
     trainer(epochs, callbacks).fit(module, train_dataloaders=train_loader(*data["train"], 128, config["seed"]))
     zeros, total = backbone_zeros(module)
@@ -175,12 +221,12 @@ def run_one(config: dict[str, Any], data: dict, weights: dict[str, Tensor]) -> d
         kept_equal = all(torch.equal(p[p != 0], w.to(p)[p != 0]) for p, w in pairs)
     return {**config, "accuracy": accuracy(module, *data["test"]), "zeros": zeros, "total": total,
             "target_zeros": round(config["sparsity"] * total), "kept_weights_unchanged": kept_equal,
-            "seconds": round(time.perf_counter() - began, 1)}
+            "seconds": round(time.perf_counter() - began, 1), **report.result}
 
 
 # ------------------------------------------------------------------------------------------------ report
 def key(record: dict[str, Any]) -> tuple:
-    return tuple(record[field] for field in KEY_FIELDS)
+    return tuple(record.get(field, PRETRAIN_EPOCHS if field == "pretrain_epochs" else None) for field in KEY_FIELDS)
 
 
 def lr_name(lr: float) -> str:
@@ -203,7 +249,8 @@ def render(path: Path) -> Path:
         return f"{mean:.2f} ± {std:.2f} ({len(values)})" if len(values) > 1 else f"{mean:.2f} (1)"
 
     first = records[0] if records else {}
-    text = (f"# {path.stem}\n\nFine-pruning on Fashion-MNIST: {first.get('model')} pretrained on classes 0-4, its "
+    text = (f"# {path.stem}\n\nFine-pruning on Fashion-MNIST: {first.get('model')} pretrained on classes 0-4 "
+            f"({first.get('pretrain_epochs', PRETRAIN_EPOCHS)} epochs), its "
             f"backbone pruned on classes 5-9 under a new dense head; {first.get('epochs')} epochs on "
             f"{first.get('train_size') or 'all'} training images, ramp over the first {first.get('end')} of "
             f"training; test accuracy (%) on the 5k test images of classes 5-9, mean ± std (seeds). {len(records)} "
@@ -219,6 +266,7 @@ def render(path: Path) -> Path:
             ["arm", *(f"{100 * s:g}%" for s in sparsities)], rows) + "\n"
     for candidate in [m for m in ("masks", "masks_soft", "movement", "finetuning") if m in methods]:
         text += "\n" + gaps(groups, lrs, sparsities, candidate) + "\n"
+    text += gate_table(records)
     inexact = sorted({r["method"] for r in records if r["sparsity"] > 0 and r["zeros"] != r["target_zeros"]})
     changed = sorted({r["method"] for r in records if r.get("kept_weights_unchanged") is False
                       and r["method"].split("[")[0] not in SOFT})  # a soft gate scales them by design
@@ -231,6 +279,29 @@ def render(path: Path) -> Path:
     markdown.write_text(text)
     plot(groups, methods, lrs, sparsities, path.with_suffix(".png"))
     return markdown
+
+
+def gate_table(records: list[dict[str, Any]]) -> str:
+    """The soft gates at fit end (runs that recorded them): the gated and folded accuracy, the kept weights'
+    factors (mean, max, the fraction above 2) and their ceiling ``gate_scale``; means over seeds."""
+    rows: dict[tuple, list[dict]] = {}
+    for r in records:
+        if "factor_mean" in r:
+            rows.setdefault((r["method"], r["weight_lr"], r["sparsity"]), []).append(r)
+    if not rows:
+        return ""
+
+    def mean(group: list[dict], field: str, scale: float = 1.0) -> str:
+        return f"{scale * sum(r[field] for r in group) / len(group):.2f}"
+
+    table = markdown_table(
+        ["arm", "weight lr", "sparsity", "seeds", "accuracy gated", "folded", "factor mean", "max", "share > 2",
+         "ceiling"],
+        [[m, lr_name(lr), f"{100 * s:g}%", str(len(g)), mean(g, "accuracy_before_fold", 100), mean(g, "accuracy", 100),
+          mean(g, "factor_mean"), mean(g, "factor_max"), mean(g, "factor_above_2"), mean(g, "factor_ceiling")]
+         for (m, lr, s), g in rows.items()])
+    return ("\nSoft gates at fit end, before the fold (a kept weight's factor `sigmoid(s / T) * gate_scale` starts "
+            "near 1 and cannot pass `gate_scale`; binary masks have none):\n\n" + table + "\n")
 
 
 def gaps(groups: dict, lrs: list[float], sparsities: list[float], candidate: str = "masks") -> str:
@@ -307,7 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=3, help="fine-pruning epochs")
     parser.add_argument("--end", type=float, default=2 / 3, help="fraction of training where the ramp ends")
-    parser.add_argument("--pretrain-epochs", type=int, default=3)
+    parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_EPOCHS)
     parser.add_argument("--train-size", type=int, default=None, help="fine-pruning training images (default all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -326,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         weights = pretrained(args.model, data, args.out / "cache", args.pretrain_epochs)
         target = task(data, TARGET, args.train_size)
         done = {key(r) for r in read_jsonl(path)}
-        common = {"model": args.model, "epochs": args.epochs, "end": round(args.end, 4), "train_size": args.train_size}
+        common = {"model": args.model, "epochs": args.epochs, "end": round(args.end, 4), "train_size": args.train_size,
+                  "pretrain_epochs": args.pretrain_epochs}
         todo = []
         for seed in args.seeds:
             for lr in args.weight_lrs:

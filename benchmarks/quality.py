@@ -35,7 +35,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -83,11 +83,13 @@ def callback_defaults() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """Split ``name[k=v,...]`` into the name and its options (values read as Python literals, else strings)."""
+def parse_method(spec: str, known: Iterable[str] | None = None) -> tuple[str, dict[str, Any]]:
+    """Split ``name[k=v,...]`` into the name (one of ``known``, default :data:`METHODS`) and its options (values read
+    as Python literals, else strings)."""
+    known = sorted(METHODS if known is None else known)
     match = re.fullmatch(r"(\w+)(?:\[(.*)\])?", spec.strip())
-    if not match or match[1] not in METHODS:
-        raise ValueError(f"unknown method {spec!r}; known: {sorted(METHODS)}, options as masks[init=stddev,...]")
+    if not match or match[1] not in known:
+        raise ValueError(f"unknown method {spec!r}; known: {known}, options as masks[init=stddev,...]")
     options = {}
     for item in filter(None, (match[2] or "").split(",")):
         key, _, value = item.partition("=")

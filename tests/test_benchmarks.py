@@ -111,3 +111,46 @@ def test_the_update_cost_benchmark_sets_an_update_against_a_step_on_one_example(
     assert record["units"] == 266200 and record["tensors"] == 3
     assert 0 < record["step_one_s"] <= record["step_batch_s"] and record["update_s"] > 0
     assert "| lenet300 | 3 | 0.27M |" in (tmp_path / "update_cost.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ finepruning.py
+def finepruning_commands() -> list[list[str]]:
+    """The arguments of every finepruning.py command in results/finepruning_commands.sh."""
+    import shlex
+
+    text = (Path(quality.__file__).parent / "results" / "finepruning_commands.sh").read_text().replace("\\\n", " ")
+    return [shlex.split(line.split("finepruning.py", 1)[1]) for line in text.splitlines()
+            if "finepruning.py" in line and not line.lstrip().startswith("#")]
+
+
+def test_every_listed_fine_pruning_command_builds_its_arms():
+    import finepruning
+
+    commands = finepruning_commands()
+    assert len(commands) >= 5
+    for arguments in commands:
+        args = finepruning.parse_args(arguments)
+        for method in args.methods:
+            module = finepruning.FinePruned(finepruning.build(args.model), 1e-4)
+            assert isinstance(finepruning.callbacks_for(method, module, quality.Plan(0.98, 0, 2), 2 / 3), list)
+
+
+def test_fine_pruning_arm_options_reach_the_initializer_and_the_selector():
+    import finepruning
+
+    from lightning_masks import MaskPruningCallback
+
+    module = finepruning.FinePruned(finepruning.build("lenet300"), 1e-4)
+    plan = quality.Plan(0.98, 0, 2)
+    (noisy,) = finepruning.callbacks_for("masks[init=magnitude_noise,init.noise_scale=0.1,importance=gate]", module,
+                                         plan, 2 / 3)
+    assert noisy.initializer.noise_scale == 0.1 and noisy.initializer.shift == 0.0
+    assert noisy.selector.importance == "gate" and noisy.frozen == "mask"
+    (movement,) = finepruning.callbacks_for("movement[regrow=True]", module, plan, 2 / 3)
+    assert movement.selector.straight_through and movement.selector.importance == "gate"
+    (preset,) = finepruning.callbacks_for("finetuning[init=magnitude_noise,init.noise_scale=0.1]", module, plan, 2 / 3)
+    assert preset.initializer.shift == MaskPruningCallback.FINETUNING_SHIFT and preset.frozen == "gate"
+    (unshifted,) = finepruning.callbacks_for("finetuning[init.shift=0]", module, plan, 2 / 3)
+    assert unshifted.initializer.shift == 0.0
+    with pytest.raises(ValueError, match="unknown method"):
+        finepruning.callbacks_for("masks_typo", module, plan, 2 / 3)

@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_masks import MaskPruningCallback, Schedule, fold, masked_tensors
+from lightning_masks import MaskPruningCallback, MaskState, Schedule, attach, fold, get_initializer, masked_tensors
+from lightning_masks.masking.initializers import Wanda
 
 
 def plain(module):
@@ -233,6 +234,28 @@ def test_finetuning_preset_learns_gates_over_a_frozen_backbone():
     weight = module.backbone[2].weight
     assert int((weight == 0).sum()) > 0.7 * weight.numel() and not torch.equal(weight[weight != 0], before[weight != 0])
     assert MaskPruningCallback.finetuning(frozen="mask").frozen == "mask"
+
+
+def test_finetuning_preset_starts_gates_low_so_kept_weights_have_room_to_grow():
+    """The rescaled gate starts at 1 (the pretrained function) but may reach ``1 / g0``: about 21 from
+    ``g0 = sigmoid(|w| - 3)``, not 2 from gates at one half."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    weight = layer.weight.detach().clone()
+    preset = MaskPruningCallback.finetuning(0.9)
+    [entry] = attach(layer, init=preset.initializer, rescale=preset.state.rescale_gate, compact=preset.state.compact)
+    torch.testing.assert_close(layer.weight, weight, rtol=0.1, atol=0)  # as it was (one rescale per tensor)
+    ceiling = float(entry.gate.gate_scale)
+    assert 19 < ceiling < 1 / torch.sigmoid(torch.tensor(-3.0)).item() + 1e-3
+    with torch.no_grad():
+        entry.gate.scores.fill_(30.0)  # every gate at its top
+    torch.testing.assert_close(layer.weight, weight * ceiling)
+
+    assert isinstance(MaskPruningCallback.finetuning(init="wanda").initializer, Wanda)
+    assert MaskPruningCallback.finetuning(init="wanda").initializer.shift == MaskPruningCallback.FINETUNING_SHIFT
+    assert MaskPruningCallback.finetuning(state=MaskState(rescale_gate=False)).initializer.shift == 0  # unrescaled: not shrunk
+    given = get_initializer("magnitude", shift=0.5)
+    assert MaskPruningCallback.finetuning(init=given).initializer is given
 
 
 def test_frozen_must_be_skip_mask_or_gate():
