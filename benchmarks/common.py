@@ -12,12 +12,21 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_masks import MaskLogging, MaskOptimizer, MaskPruningCallback, MaskState, Schedule
+from lightning_masks import (
+    MaskLogging,
+    MaskOptimizer,
+    MaskPruningCallback,
+    MaskState,
+    Schedule,
+    Selector,
+    get_initializer,
+)
 from lightning_masks.masking import stats
 from lightning_masks.zoo.data import FashionMNISTDataModule
 from lightning_masks.zoo.models import MLP, LeNet5, LeNet5Caffe
 
 __all__ = [
+    "callback_options",
     "MODELS",
     "RESULTS",
     "append_jsonl",
@@ -66,6 +75,22 @@ def callback_arguments(options: dict[str, Any]) -> dict[str, Any]:
             given = Schedule(given)
         arguments[argument] = STRATEGIES[argument](**values) if given is None else dataclasses.replace(given, **values)
     return arguments
+
+
+def callback_options(options: dict[str, Any], shift: float | None = None) -> dict[str, Any]:
+    """The callback's arguments from an arm's options: ``init=NAME,init.OPTION=VALUE`` as
+    ``init=get_initializer(NAME, OPTION=VALUE)`` (e.g. ``init.noise_scale``; ``shift`` is the default of
+    ``init.shift`` there), and a :class:`Selector`'s fields (``importance``, ``regrow``, ``straight_through``, ...) as
+    ``selector=Selector(...)``."""
+    init_kwargs = {k.removeprefix("init."): options.pop(k) for k in [k for k in options if k.startswith("init.")]}
+    if init_kwargs:
+        if shift is not None:
+            init_kwargs.setdefault("shift", shift)
+        options["init"] = get_initializer(options.get("init", "magnitude"), **init_kwargs)
+    selector_kwargs = {k: options.pop(k) for k in [k for k in options if k in Selector.__dataclass_fields__]}
+    if selector_kwargs:
+        options["selector"] = dataclasses.replace(options.get("selector", Selector()), **selector_kwargs)
+    return options
 
 
 def callback_defaults() -> dict[str, Any]:

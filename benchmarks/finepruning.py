@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 import warnings
@@ -42,10 +41,19 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_jsonl, callback_arguments, load_fashion_mnist, markdown_table, mean_std, read_jsonl
+from common import (
+    RESULTS,
+    append_jsonl,
+    callback_arguments,
+    callback_options,
+    load_fashion_mnist,
+    markdown_table,
+    mean_std,
+    read_jsonl,
+)
 from quality import Plan, accuracy, model_pruning, parse_method, train_loader
 
-from lightning_masks import MaskPruningCallback, Selector, get_initializer, masked_tensors
+from lightning_masks import MaskPruningCallback, Selector, masked_tensors
 from lightning_masks.masking.gate import gate_value
 from lightning_masks.zoo import MLP, LeNet5
 
@@ -156,22 +164,6 @@ def callbacks_for(method: str, module: FinePruned, plan: Plan, end: float) -> li
     base = {"selector": MOVEMENT} if name == "movement" else {}
     shift = MaskPruningCallback.FINETUNING_SHIFT if name == "finetuning" else None  # the preset's, kept with init.*
     return ARMS[name](plan, **{"end": end, **callback_options({**base, **options}, shift)})
-
-
-def callback_options(options: dict[str, Any], shift: float | None = None) -> dict[str, Any]:
-    """The callback's arguments from an arm's options: ``init=NAME,init.OPTION=VALUE`` as
-    ``init=get_initializer(NAME, OPTION=VALUE)`` (e.g. ``init.noise_scale``; ``shift`` is the default of
-    ``init.shift`` there), and a :class:`Selector`'s fields (``importance``, ``regrow``, ``straight_through``, ...) as
-    ``selector=Selector(...)``."""
-    init_kwargs = {k.removeprefix("init."): options.pop(k) for k in [k for k in options if k.startswith("init.")]}
-    if init_kwargs:
-        if shift is not None:
-            init_kwargs.setdefault("shift", shift)
-        options["init"] = get_initializer(options.get("init", "magnitude"), **init_kwargs)
-    selector_kwargs = {k: options.pop(k) for k in [k for k in options if k in Selector.__dataclass_fields__]}
-    if selector_kwargs:
-        options["selector"] = dataclasses.replace(options.get("selector", Selector()), **selector_kwargs)
-    return options
 
 
 class GateReport(Callback):

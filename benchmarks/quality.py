@@ -53,6 +53,7 @@ from common import (
     append_jsonl,
     build_model,
     callback_arguments,
+    callback_options,
     load_fashion_mnist,
     markdown_table,
     mean_std,
@@ -178,7 +179,7 @@ def wns(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
 def masks(model: nn.Module, plan: Plan, **options: Any) -> list[Callback]:
     """lightning_masks: the shipped defaults, with the common schedule and any options given."""
     return [MaskPruningCallback(**callback_arguments({"sparsity": plan.final, "start": plan.start, "end": plan.end,
-                                                      **options}))]
+                                                      **callback_options(options)}))]
 
 
 #: The methods that run MaskPruningCallback, with the options that define them (fixed, not overridable).

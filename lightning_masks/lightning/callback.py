@@ -224,9 +224,9 @@ class MaskPruningCallback(Callback):
         and dense fine-tuning's 96.09; backbone frozen, 95.85 / 95.51 against GMP's 70.47 / 64.15 (shifts of -2 to
         -4 in ``finepruning_lenet300_study.md``). An initializer built by the caller (an
         :class:`~lightning_masks.masking.initializers.Initializer` such as ``get_initializer("magnitude", shift=0)``,
-        or a callable) is used as it is. Without the
-        rescale (``state=MaskState(rescale_gate=False)``) the gates would scale the network down by ``g0``, so the scores are not
-        shifted then. Pass ``frozen="mask"`` to keep every kept weight of a frozen backbone bit for bit.
+        or a callable) is used as it is. Without the rescale (``state=MaskState(rescale_gate=False)``) the gates
+        would scale the network down by ``g0``, so the scores are not shifted then. Pass ``frozen="mask"`` to keep
+        every kept weight of a frozen backbone bit for bit.
 
         Args:
             sparsity: as for the callback.
