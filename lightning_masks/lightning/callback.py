@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from .._checks import check_flags
-from ..lifecycle import Plan, ScheduleSpec, get_schedule
+from ..lifecycle import Plan, Schedule, ScheduleSpec, get_schedule
 from ..masking import (
     InitSpec,
     MaskedTensor,
@@ -50,7 +50,15 @@ from ..masking import (
 )
 from ..selection import Selector, ties_among
 from . import fit_report, loggers, sharding
-from .arguments import check_output_layers, check_settings, check_targets, final_sparsity, instance_of
+from .arguments import (
+    check_output_layers,
+    check_settings,
+    check_targets,
+    final_sparsity,
+    instance_of,
+    refuse_flat_fields,
+    refuse_misplaced,
+)
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze, warn_inner_copies
 from .fit_report import MaskLogging
 from .optim import MaskOptimizer, ScoreOptimizers
@@ -73,6 +81,10 @@ from .trainer import (
 __all__ = ["MaskPruningCallback"]
 
 _DEFAULT_SPARSITY = 0.9
+
+#: the callback's arguments that take a strategy object, and its class
+_STRATEGIES = {"schedule": Schedule, "selector": Selector, "state": MaskState, "optimizer": MaskOptimizer,
+               "logging": MaskLogging}
 
 
 class MaskPruningCallback(Callback):
@@ -145,6 +157,7 @@ class MaskPruningCallback(Callback):
         >>> trainer = pl.Trainer(max_epochs=10, callbacks=[pruner])  # doctest: +SKIP
     """
 
+    @refuse_flat_fields(_STRATEGIES)
     def __init__(
         self,
         sparsity: Optional[float] = None,
@@ -168,6 +181,8 @@ class MaskPruningCallback(Callback):
         final = final_sparsity(sparsity, selector, _DEFAULT_SPARSITY)
         check_settings(frozen=frozen, seed=seed)
         check_flags(fold_on_fit_end=fold_on_fit_end)
+        refuse_misplaced("init", init, _STRATEGIES)
+        refuse_misplaced("schedule", schedule, _STRATEGIES)
 
         self.sparsity = final
         self.initializer = get_initializer(init)
