@@ -239,9 +239,9 @@ class MaskPruningCallback(Callback):
         and dense fine-tuning's 96.09; backbone frozen, 95.85 / 95.51 against GMP's 70.47 / 64.15 (shifts of -2 to
         -4 in ``finepruning_lenet300_study.md``). An initializer built by the caller (an
         :class:`~lightning_masks.masking.initializers.Initializer` such as ``get_initializer("magnitude", shift=0)``,
-        or a callable) is used as it is. Without the
-        rescale (``state=MaskState(rescale_gate=False)``) the gates would scale the network down by ``g0``, so the scores are not
-        shifted then. Pass ``frozen="mask"`` to keep every kept weight of a frozen backbone bit for bit.
+        or a callable) is used as it is, with a warning when it is unshifted. Without the rescale
+        (``state=MaskState(rescale_gate=False)``) the gates would scale the network down by ``g0``, so the scores are
+        not shifted then. Pass ``frozen="mask"`` to keep every kept weight of a frozen backbone bit for bit.
 
         Args:
             sparsity: as for the callback.
@@ -249,8 +249,15 @@ class MaskPruningCallback(Callback):
             overrides: any other argument of the callback.
         """
         state = overrides.get("state")
-        if isinstance(init, str) and (state is None or state.rescale_gate):
-            init = get_initializer(init, shift=cls.FINETUNING_SHIFT)
+        if state is None or state.rescale_gate:
+            if isinstance(init, str):
+                init = get_initializer(init, shift=cls.FINETUNING_SHIFT)
+            elif callable(init) and not isinstance(init, tuple(_STRATEGIES.values())) and (
+                    get_initializer(init).shift == 0):
+                rank_zero_warn(f"lightning_masks: finetuning() uses init={init!r} as it is, unshifted: its gates "
+                               "start near one half, so a kept weight may grow 2x, not 21x as under the preset's "
+                               f"shift. For the preset, pass a name (init='magnitude') or build it with "
+                               f"shift=MaskPruningCallback.FINETUNING_SHIFT ({cls.FINETUNING_SHIFT:g})")
         return cls(sparsity, init, **{"frozen": "gate", **overrides})
 
     # ----------------------------------------------------------------------------------------- setup
