@@ -25,14 +25,16 @@ def check_number(name: str, value: Any, low: float, high: float, *, low_open: bo
     if value is None and optional:
         return
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if number and (low < value if low_open else low <= value) and (value < high if high_open else value <= high):
+    finite = number and math.isfinite(value)  # an infinite lr or temperature is never meant, even where high is inf
+    if finite and (low < value if low_open else low <= value) and (value < high if high_open else value <= high):
         return
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if high == math.inf:
         interval = f"> {low:g}" if low_open else f">= {low:g}"
     else:
         interval = "in " + interval
-    given = repr(value) if number else f"{value!r}, a {type(value).__name__}: pass a number"
+    given = (repr(value) if finite or math.isnan(value) else f"{value!r}, not a finite number") if number else (
+        f"{value!r}, a {type(value).__name__}: pass a number")
     raise ValueError(f"{name} must be {interval}{' or None' if optional else ''}, got {given}"
                      f"{'; ' + hint if hint else ''}")
 

@@ -231,11 +231,32 @@ def test_state_dict_round_trip():
     ({"logging": {"plots": "no"}}, r"plots must be True or False, got 'no'"),
     ({"state": MaskOptimizer()},
      r"state must be a lightning_masks.MaskState \(e.g. state=MaskState\(temperature=0.5\)\), got MaskOptimizer"),
+    ({"optimizer": {"lr": float("inf")}}, r"lr must be >= 0 or None, got inf, not a finite number"),
+    ({"state": {"temperature": float("inf")}}, r"temperature must be > 0, got inf, not a finite number"),
+    ({"output_layers": 5}, r"output_layers must be 'auto', None or a list of globs on module names, got 5"),
+    ({"output_layers": ["head", 3]}, r"output_layers must be .* got \['head', 3\]; e.g. output_layers=\['head'\]"),
+    ({"schedule": Selector(mode="layer")}, r"schedule got a Selector, .* pass selector=Selector\(mode='layer'"),
+    ({"init": MaskLogging()}, r"init got a MaskLogging, .* pass logging=MaskLogging\("),
 ])
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MaskPruningCallback(**as_objects(kwargs))
 
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mask_lr": 0.01}, r"got mask_lr=0.01, a field of MaskOptimizer: pass optimizer=MaskOptimizer\(lr=0.01\)"),
+    ({"end": 0.5}, r"got end=0.5, a field of Schedule: pass schedule=Schedule\(end=0.5\)"),
+    ({"temperature": 0.5}, r"pass state=MaskState\(temperature=0.5\)"),
+    ({"granularity": "2:4"}, r"pass selector=Selector\(granularity='2:4'\)"),
+    ({"log_every_n_steps": 5}, r"pass logging=MaskLogging\(every_n_steps=5\)"),
+    ({"lr": 0.1}, r"pass optimizer=MaskOptimizer\(lr=0.1\)"),
+    ({"sparsty": 0.9}, r"unexpected keyword argument sparsty=0.9; its arguments are \['sparsity', 'init'"),
+])
+@pytest.mark.parametrize("build", [MaskPruningCallback, MaskPruningCallback.finetuning])
+def test_a_strategy_field_passed_flat_is_refused_naming_its_object(build, kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        build(0.9, **kwargs)
 
 #: the callback's strategy arguments, built from the fields a table row gives them
 STRATEGIES = {"selector": Selector, "schedule": Schedule, "state": MaskState, "optimizer": MaskOptimizer,

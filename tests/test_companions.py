@@ -259,6 +259,23 @@ def test_finetuning_preset_starts_gates_low_so_kept_weights_have_room_to_grow():
     assert MaskPruningCallback.finetuning(init=given).initializer is given
 
 
+
+@pytest.mark.parametrize("init", [get_initializer("magnitude_noise", noise_scale=0.01), lambda weight: weight.abs()])
+def test_the_preset_warns_when_an_initializer_you_built_is_left_unshifted(init):
+    """The preset's shift is what it adds; an initializer object (or callable) is used as it is, so one left at
+    shift 0 is named, with the fix."""
+    with pytest.warns(UserWarning, match=r"finetuning\(\) uses init=.* as it is, unshifted: .* pass a name "
+                                         r"\(init='magnitude'\) or build it with shift=MaskPruningCallback"):
+        preset = MaskPruningCallback.finetuning(0.9, init=init)
+    assert preset.initializer.shift == 0
+
+
+def test_the_preset_is_quiet_on_a_name_or_a_shifted_initializer(recwarn):
+    MaskPruningCallback.finetuning(0.9, init="magnitude_noise")
+    MaskPruningCallback.finetuning(0.9, init=get_initializer("magnitude_noise", shift=-2.0))
+    MaskPruningCallback.finetuning(0.9, init=get_initializer("magnitude_noise"), state=MaskState(rescale_gate=False))
+    assert not [w for w in recwarn if "unshifted" in str(w.message)]
+
 def test_frozen_must_be_skip_mask_or_gate():
     with pytest.raises(ValueError, match=r"frozen must be one of \['skip', 'mask', 'gate'\], got 'learn'"):
         MaskPruningCallback(frozen="learn")

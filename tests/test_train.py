@@ -172,6 +172,18 @@ def test_every_recipe_runs(recipe, tmp_path):
         assert any(row["shape"].count("x") == 3 for row in result["layers"])  # conv weights are masked
 
 
+
+@pytest.mark.parametrize("frozen", ["mask", "gate"])
+def test_a_frozen_backbone_is_counted_in_the_result(frozen, tmp_path):
+    """The result counts the zeros of every tensor the fit masked, frozen ones too (not 0 of 0, sparsity nan)."""
+    extra = [f"data.root={write_fashion_mnist(tmp_path / 'fashion')}", "data.num_workers=0",
+             f"model.source.path={tmp_path / 'pretrained.pt'}"]
+    cfg = compose_config(["recipe=fashion_transfer_lenet300", "model.backbone_lr=0", f"masks.frozen={frozen}",
+                          "debug=fdr", *QUIET, *NO_PICTURES, *extra], tmp_path)
+    result = run(cfg)
+    check_result(result, cfg.masks.sparsity)
+    assert {row["name"] for row in result["layers"]} == {"net.backbone.1.weight", "net.backbone.3.weight"}
+
 def test_unfolded_model_is_measured_through_its_masks(tmp_path):
     result = run_config(["masks.fold_on_fit_end=false", "masks.sparsity=0.75"], tmp_path)
     check_result(result, 0.75)
@@ -186,6 +198,16 @@ def test_the_rows_of_a_plain_model_count_exact_zeros():
     assert [(row["name"], row["kept"], row["total"]) for row in rows] == [("0.weight", 8, 12), ("2.weight", 6, 6)]
     assert rows[0]["sparsity"] == pytest.approx(1 / 3)
 
+
+
+def test_the_rows_of_named_tensors_count_frozen_ones():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    model[0].weight.data[1] = 0.0
+    rows = zero_rows(model, ["0.weight", "2.weight"])
+    assert [(row["name"], row["kept"], row["total"]) for row in rows] == [("0.weight", 8, 12), ("2.weight", 6, 6)]
 
 @pytest.mark.slow
 def test_default_command_trains_and_prints_accuracy_and_sparsity(tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any, Literal, Optional, TypeVar, Union, overload
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, Optional, TypeVar, Union, cast, overload
 
 from .._checks import check_number, is_int
 from ..selection import Selector
@@ -16,6 +18,54 @@ __all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
 _FROZEN = ("skip", "mask", "gate")
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: prefixes a strategy object's field may carry when passed to the callback flat (``mask_lr``: ``MaskOptimizer.lr``)
+_FLAT_PREFIXES = ("", "mask_", "log_")
+
+
+def refuse_flat_fields(strategies: Mapping[str, type]) -> Callable[[F], F]:
+    """Wrap ``__init__`` so that an unknown keyword raises a ``TypeError`` naming the fix before anything is built.
+
+    ``strategies`` maps each argument that takes a strategy object to its class (``{"optimizer": MaskOptimizer}``).
+    A keyword that is one of their fields, bare or with a prefix of ``_FLAT_PREFIXES`` (``end=0.5``,
+    ``mask_lr=0.01``), is refused naming the object that takes it (``optimizer=MaskOptimizer(lr=0.01)``); any other
+    unknown keyword is refused listing the arguments. The wrapped signature is ``__init__``'s own.
+    """
+    def wrap(init: F) -> F:
+        accepted = [name for name in inspect.signature(init).parameters if name != "self"]
+
+        @functools.wraps(init)
+        def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+            for name, value in kwargs.items():
+                if name not in accepted:
+                    raise TypeError(flat_field_message(type(self).__name__, name, value, strategies, accepted))
+            return init(self, *args, **kwargs)
+
+        return cast(F, checked)
+
+    return wrap
+
+
+def flat_field_message(owner: str, name: str, value: Any, strategies: Mapping[str, type], accepted: list) -> str:
+    """Why ``name=value`` is refused by ``owner``, and what to pass instead."""
+    for argument, kind in strategies.items():
+        fields = inspect.signature(kind).parameters
+        for prefix in _FLAT_PREFIXES:
+            field = name[len(prefix):] if name.startswith(prefix) else None
+            if field in fields:
+                return (f"{owner} got {name}={value!r}, a field of {kind.__name__}: pass "
+                        f"{argument}={kind.__name__}({field}={value!r})")
+    return f"{owner} got an unexpected keyword argument {name}={value!r}; its arguments are {accepted}"
+
+
+def refuse_misplaced(name: str, value: Any, strategies: Mapping[str, type]) -> None:
+    """Raise a ``ValueError`` when ``value``, given for argument ``name``, is the strategy object of another argument
+    (a ``Selector`` is callable, so ``schedule=Selector()`` would otherwise be taken as a schedule)."""
+    for argument, kind in strategies.items():
+        if argument != name and isinstance(value, kind):
+            raise ValueError(f"{name} got a {kind.__name__}, which is the {argument} argument's object: pass "
+                             f"{argument}={value!r}")
 
 
 def check_settings(*, frozen: Any, seed: Any) -> None:
@@ -69,7 +119,10 @@ def check_targets(name: str, value: Any, optional: bool = False) -> Optional[lis
 
 def check_output_layers(value: Any) -> Union[str, list, None]:
     """``output_layers`` as the callback keeps it: ``"auto"``, ``None`` or a list of globs."""
-    if isinstance(value, str) and value != "auto":
+    if value == "auto" or value is None:
+        return value
+    globs = list(value) if isinstance(value, Iterable) and not isinstance(value, (str, Mapping)) else None
+    if globs is None or not all(isinstance(glob, str) for glob in globs):
         raise ValueError(f"output_layers must be 'auto', None or a list of globs on module names, got {value!r}; "
                          "e.g. output_layers=['head']")
-    return value if value in ("auto", None) else list(value)
+    return globs

@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from .._checks import check_flags
-from ..lifecycle import Plan, ScheduleSpec, get_schedule
+from ..lifecycle import Plan, Schedule, ScheduleSpec, get_schedule
 from ..masking import (
     InitSpec,
     MaskedTensor,
@@ -50,7 +50,15 @@ from ..masking import (
 )
 from ..selection import Selector, ties_among
 from . import fit_report, loggers, sharding
-from .arguments import check_output_layers, check_settings, check_targets, final_sparsity, instance_of
+from .arguments import (
+    check_output_layers,
+    check_settings,
+    check_targets,
+    final_sparsity,
+    instance_of,
+    refuse_flat_fields,
+    refuse_misplaced,
+)
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze, warn_inner_copies
 from .fit_report import MaskLogging
 from .optim import MaskOptimizer, ScoreOptimizers
@@ -73,6 +81,10 @@ from .trainer import (
 __all__ = ["MaskPruningCallback"]
 
 _DEFAULT_SPARSITY = 0.9
+
+#: the callback's arguments that take a strategy object, and its class
+_STRATEGIES = {"schedule": Schedule, "selector": Selector, "state": MaskState, "optimizer": MaskOptimizer,
+               "logging": MaskLogging}
 
 
 class MaskPruningCallback(Callback):
@@ -145,6 +157,7 @@ class MaskPruningCallback(Callback):
         >>> trainer = pl.Trainer(max_epochs=10, callbacks=[pruner])  # doctest: +SKIP
     """
 
+    @refuse_flat_fields(_STRATEGIES)
     def __init__(
         self,
         sparsity: Optional[float] = None,
@@ -168,6 +181,8 @@ class MaskPruningCallback(Callback):
         final = final_sparsity(sparsity, selector, _DEFAULT_SPARSITY)
         check_settings(frozen=frozen, seed=seed)
         check_flags(fold_on_fit_end=fold_on_fit_end)
+        refuse_misplaced("init", init, _STRATEGIES)
+        refuse_misplaced("schedule", schedule, _STRATEGIES)
 
         self.sparsity = final
         self.initializer = get_initializer(init)
@@ -224,9 +239,9 @@ class MaskPruningCallback(Callback):
         and dense fine-tuning's 96.09; backbone frozen, 95.85 / 95.51 against GMP's 70.47 / 64.15 (shifts of -2 to
         -4 in ``finepruning_lenet300_study.md``). An initializer built by the caller (an
         :class:`~lightning_masks.masking.initializers.Initializer` such as ``get_initializer("magnitude", shift=0)``,
-        or a callable) is used as it is. Without the rescale (``state=MaskState(rescale_gate=False)``) the gates
-        would scale the network down by ``g0``, so the scores are not shifted then. Pass ``frozen="mask"`` to keep
-        every kept weight of a frozen backbone bit for bit.
+        or a callable) is used as it is, with a warning when it is unshifted. Without the rescale
+        (``state=MaskState(rescale_gate=False)``) the gates would scale the network down by ``g0``, so the scores are
+        not shifted then. Pass ``frozen="mask"`` to keep every kept weight of a frozen backbone bit for bit.
 
         Args:
             sparsity: as for the callback.
@@ -234,8 +249,15 @@ class MaskPruningCallback(Callback):
             overrides: any other argument of the callback.
         """
         state = overrides.get("state")
-        if isinstance(init, str) and (state is None or state.rescale_gate):
-            init = get_initializer(init, shift=cls.FINETUNING_SHIFT)
+        if state is None or state.rescale_gate:
+            if isinstance(init, str):
+                init = get_initializer(init, shift=cls.FINETUNING_SHIFT)
+            elif callable(init) and not isinstance(init, tuple(_STRATEGIES.values())) and (
+                    get_initializer(init).shift == 0):
+                rank_zero_warn(f"lightning_masks: finetuning() uses init={init!r} as it is, unshifted: its gates "
+                               "start near one half, so a kept weight may grow 2x, not 21x as under the preset's "
+                               f"shift. For the preset, pass a name (init='magnitude') or build it with "
+                               f"shift=MaskPruningCallback.FINETUNING_SHIFT ({cls.FINETUNING_SHIFT:g})")
         return cls(sparsity, init, **{"frozen": "gate", **overrides})
 
     # ----------------------------------------------------------------------------------------- setup

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .gate import gate_value
 from .masks import MaskedTensor
-from .targets import find_targets
+from .targets import resolve_targets
 
 __all__ = ["nonzero_counts"]
 
@@ -120,10 +120,10 @@ def _row(name: str, shape: Sequence[int], kept: int, total: int) -> dict:
 
 def zero_rows(model: nn.Module, targets: Optional[Sequence] = None, exclude: Sequence = ()) -> list[dict]:
     """:func:`layer_rows` of a plain (folded) model: its exact zeros in the tensors ``targets``/``exclude`` select
-    (:func:`~lightning_masks.masking.masks.find_targets`; the names of the tensors a fit masked, to count what it
-    pruned)."""
+    (:func:`~lightning_masks.masking.targets.resolve_targets`; the names of the tensors a fit masked, to count what it
+    pruned). Frozen tensors are counted too: a fit masks them with ``frozen="mask"`` or ``"gate"``."""
     rows = []
-    for name, owners in find_targets(model, targets, exclude).items():
+    for name, owners in resolve_targets(model, targets, exclude, mask_frozen=True).chosen.items():
         tensor = getattr(*owners[0])
         rows.append(_row(name, tensor.shape, int(tensor.count_nonzero()), tensor.numel()))
     return rows
