@@ -51,7 +51,7 @@ from common import (
     mean_std,
     read_jsonl,
 )
-from quality import Plan, accuracy, model_pruning, parse_method, train_loader
+from quality import Plan, accuracy, layer_zeros, model_pruning, parse_method, train_loader
 
 from lightning_masks import MaskPruningCallback, Selector, masked_tensors
 from lightning_masks.masking.gate import gate_value
@@ -191,10 +191,8 @@ class GateReport(Callback):
 
 
 def backbone_zeros(module: FinePruned) -> tuple[int, int]:
-    """Exact zeros and size of the backbone's Linear and Conv weights, frozen or not (the callback's target
-    listing skips frozen tensors, so it cannot count them)."""
-    weights = [m.weight for m in module.backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+    layers = layer_zeros(module.backbone)
+    return sum(z for z, _ in layers.values()), sum(t for _, t in layers.values())
 
 
 def run_one(config: dict[str, Any], data: dict, weights: dict[str, Tensor]) -> dict[str, Any]:
