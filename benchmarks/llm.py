@@ -240,13 +240,13 @@ def run_arm(path: Path, datamodule: PythonSourceDataModule, pattern: str, column
     frozen = None if column == "train" else column
     pl.seed_everything(seed, verbose=False)
     module = CausalLM(str(path), lr=lr if column == "train" else 0.0)
-    if frozen:
-        module.model.requires_grad_(False)
     started = time.perf_counter()
     if criterion and criterion.startswith("llmc-"):
         compressor_one_shot(module, pattern, criterion[5:], datamodule, path)
     elif criterion:
         one_shot(module, pattern, criterion, datamodule)
+    if frozen:
+        module.model.requires_grad_(False)
     # frozen weights with no mask (dense) or a held one (one-shot) would not change: evaluated as they are
     trains = column == "train" or callback not in (None, held)
     if trains:
@@ -268,15 +268,17 @@ def run(args: argparse.Namespace) -> None:
     if args.pretrain_only:
         return
     out = Path(args.out)
-    done = {(r["pattern"], r["arm"], r["column"], r["seed"]) for r in map(json.loads, out.open())} \
-        if out.exists() else set()
+    # the dense arm does not depend on the pattern: run once per column and seed, whatever the patterns asked
+    done = {(r["pattern"] if r["arm"] != "dense" else "any", r["arm"], r["column"], r["seed"])
+            for r in map(json.loads, out.open())} if out.exists() else set()
     for seed in args.seeds:
         for pattern in args.patterns:
             for column in args.columns:
                 for arm, spec in arms(pattern).items():
-                    if (pattern, arm, column, seed) in done or (args.arms and arm not in args.arms) or \
-                            (arm == "dense" and pattern != args.patterns[0]) or column not in spec.columns:
+                    key = (pattern if arm != "dense" else "any", arm, column, seed)
+                    if key in done or (args.arms and arm not in args.arms) or column not in spec.columns:
                         continue
+                    done.add(key)
                     record = run_arm(path, datamodule, pattern, column, arm, seed, args.steps, args.lr)
                     print(json.dumps(record), flush=True)
                     with out.open("a") as stream:
@@ -293,6 +295,39 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
+def targets(pattern: str, rows: list[dict]) -> list[str]:
+    """The issue's questions, per column: in the frozen columns the share of the gap between the best one-shot mask
+    and dense that each learned arm closes; where the weights train, whether each learned arm is below every one-shot
+    arm followed by masked fine-tuning beyond the seeds' spread (its mean + std under their mean - std)."""
+    def ppl(arm: str, column: str) -> list[float]:
+        return [r["ppl"] for r in rows if r["arm"] == arm and r["column"] == column]
+
+    learned = [arm for arm, spec in arms(pattern).items() if spec.callback not in (None, held)]
+    lines = [""]
+    for column in ("mask", "gate"):
+        one_shot = {arm: statistics.mean(v) for arm in ONE_SHOT.values() if (v := ppl(arm, column))}
+        dense = ppl("dense", column)
+        if not one_shot or not dense:
+            continue
+        best = min(one_shot, key=one_shot.__getitem__)
+        gap = one_shot[best] - statistics.mean(dense)
+        for arm in learned:
+            if values := ppl(arm, column):
+                closed = [(one_shot[best] - v) / gap for v in values]
+                lines.append(f"* {COLUMNS[column]}: {arm} closes {cell([100 * c for c in closed])}% of the gap "
+                             f"between {best} ({one_shot[best]:.2f}) and dense ({statistics.mean(dense):.2f})")
+    spread = {arm: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+              for arm in [*ONE_SHOT.values(), *learned] if (v := ppl(arm, "train"))}
+    for arm in learned:
+        if arm in spread and any(name in spread for name in ONE_SHOT.values()):
+            mean, std = spread[arm]
+            beaten = [name for name in ONE_SHOT.values() if name in spread and mean + std < spread[name][0] - spread[name][1]]
+            lines.append(f"* {COLUMNS['train']}: {arm} ({cell(ppl(arm, 'train'))}) is below {len(beaten)} of "
+                         f"{sum(name in spread for name in ONE_SHOT.values())} one-shot + fine-tuning arms beyond "
+                         f"the seeds' spread")
+    return lines
+
+
 def table(path: Path) -> None:
     """Write the markdown table beside ``path``: per pattern, each arm's perplexity in each column (mean ± std over
     seeds), its fine-tuning tokens and mean wall time per column."""
@@ -303,16 +338,18 @@ def table(path: Path) -> None:
             continue
         rows = [r for r in records if r["pattern"] == pattern or r["arm"] == "dense"]
         lines += [f"\n### {pattern} of the decoder Linears\n",
-                  "| arm | " + " | ".join(COLUMNS.values()) + " | tokens | wall s (" + " / ".join(COLUMNS) + ") |",
-                  "|---" * (len(COLUMNS) + 3) + "|"]
+                  "| arm | " + " | ".join(COLUMNS.values()) + " | fine-tuning tokens, wall s (" + " / ".join(COLUMNS)
+                  + ") |",
+                  "|---" * (len(COLUMNS) + 2) + "|"]
         for arm in arms(pattern):
-            cells, seconds, tokens = [], [], 0
+            cells, costs = [], []
             for column in COLUMNS:
                 hits = [r for r in rows if r["arm"] == arm and r["column"] == column]
                 cells.append(cell([r["ppl"] for r in hits]))
-                seconds.append(str(round(statistics.mean(r["seconds"] for r in hits))) if hits else "-")
-                tokens = max([tokens] + [r["tokens"] for r in hits])
-            lines.append(f"| {arm} | {' | '.join(cells)} | {tokens:,} | {' / '.join(seconds)} |")
+                costs.append(f"{hits[0]['tokens']:,}, {statistics.mean(r['seconds'] for r in hits):.0f} s" if hits
+                             else "-")
+            lines.append(f"| {arm} | {' | '.join(cells)} | {' / '.join(costs)} |")
+        lines += targets(pattern, rows)
     seeds = sorted({r["seed"] for r in records})
     steps = sorted({r["steps"] for r in records if r["steps"]})
     header = (f"# LLM pruning: held-out perplexity of a tiny Llama on Python source\n\n"
