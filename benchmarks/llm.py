@@ -217,6 +217,8 @@ def arms(pattern: str) -> dict[str, Arm]:
             **{**options, **from_step_0(pattern, "from_zeros")}), ("gate", "train")),
         "learned (wanda prior, final pattern from step 0, swaps)": Arm(None, lambda options: MaskPruningCallback(
             **{**options, **from_step_0(pattern, "wanda", swaps=True)})),
+        **{f"same, mask_lr={lr:g}": Arm(None, lambda options, lr=lr: MaskPruningCallback(
+            **{**options, **from_step_0(pattern, "wanda", swaps=True), "mask_lr": lr})) for lr in (1e-3, 3e-3, 0.05)},
         "GMP (mask_lr=0)": Arm(None, lambda options: MaskPruningCallback(mask_lr=0.0, **options), ("train",)),
     })
     return table
@@ -286,13 +288,13 @@ def run(args: argparse.Namespace) -> None:
     table(out)
 
 
-def cell(values: list[float]) -> str:
+def cell(values: list[float], unit: str = "") -> str:
     """``mean ± std`` (sample standard deviation over seeds) with the number of seeds, or ``-``."""
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+        return f"{values[0]:.2f}{unit}"
+    return f"{statistics.mean(values):.2f}{unit} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
 def targets(pattern: str, rows: list[dict]) -> list[str]:
@@ -314,17 +316,20 @@ def targets(pattern: str, rows: list[dict]) -> list[str]:
         for arm in learned:
             if values := ppl(arm, column):
                 closed = [(one_shot[best] - v) / gap for v in values]
-                lines.append(f"* {COLUMNS[column]}: {arm} closes {cell([100 * c for c in closed])}% of the gap "
+                lines.append(f"* {COLUMNS[column]}: {arm} closes {cell([100 * c for c in closed], '%')} of the gap "
                              f"between {best} ({one_shot[best]:.2f}) and dense ({statistics.mean(dense):.2f})")
-    spread = {arm: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
-              for arm in [*ONE_SHOT.values(), *learned] if (v := ppl(arm, "train"))}
+    # a spread needs two seeds at least
+    spread = {arm: (statistics.mean(v), statistics.stdev(v))
+              for arm in [*ONE_SHOT.values(), *learned] if len(v := ppl(arm, "train")) > 1}
+    held_arms = [name for name in ONE_SHOT.values() if name in spread]
     for arm in learned:
-        if arm in spread and any(name in spread for name in ONE_SHOT.values()):
+        if arm in spread and held_arms:
             mean, std = spread[arm]
-            beaten = [name for name in ONE_SHOT.values() if name in spread and mean + std < spread[name][0] - spread[name][1]]
-            lines.append(f"* {COLUMNS['train']}: {arm} ({cell(ppl(arm, 'train'))}) is below {len(beaten)} of "
-                         f"{sum(name in spread for name in ONE_SHOT.values())} one-shot + fine-tuning arms beyond "
-                         f"the seeds' spread")
+            beaten = [name for name in held_arms if mean + std < spread[name][0] - spread[name][1]]
+            best = min(held_arms, key=lambda name: spread[name][0])
+            lines.append(f"* {COLUMNS['train']}: {arm} ({cell(ppl(arm, 'train'))}) is below {len(beaten)} of the "
+                         f"{len(held_arms)} one-shot + fine-tuning arms with seeds beyond the seeds' spread (best: "
+                         f"{best}, {cell(ppl(best, 'train'))})")
     return lines
 
 

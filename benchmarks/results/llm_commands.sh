@@ -22,3 +22,8 @@ $B --seeds 1 2 --patterns 2:4 --columns mask --arms "${ONE_SHOT[@]}" "$SWAPS"
 $B --seeds 1 2 --patterns 2:4 --columns gate --arms "${ONE_SHOT[@]}" learned "$SWAPS" "$SGPT_GATES"
 $B --seeds 1 --patterns 2:4 --columns train --arms "${HELD[@]}" learned "$SWAPS"
 $B --seeds 2 --patterns 2:4 --columns train --arms "${HELD[@]}" learned "$SWAPS"
+# the swapping arm's score learning rate, seed 0
+$B --seeds 0 --patterns 2:4 --columns train --arms "same, mask_lr=0.001"
+$B --seeds 0 --patterns 2:4 --columns mask --arms "same, mask_lr=0.05" "same, mask_lr=0.003"
+# 50%, seeds 1 and 2: the learned arm against the best one-shot + fine-tuning arm of seed 0 (ours, Wanda)
+$B --seeds 1 2 --patterns 50% --columns train --arms "one-shot wanda" learned
