@@ -30,3 +30,7 @@ $B --seeds 1 2 --patterns 50% --columns train --arms "one-shot wanda" learned
 # the weights' learning rate: 1e-4 (dense fine-tuning at 3e-4 loses perplexity: 17.40 -> 17.91), seed 0
 $B --seeds 0 --patterns 2:4 --columns train --lr 1e-4 --out benchmarks/results/llm_lr1e-4.jsonl \
     --arms dense "one-shot SparseGPT (llm-compressor)" learned "learned gates over SparseGPT's mask (from_zeros prior)"
+# then, the machine being free, the same learning-rate grid for every 2:4 arm that trains, 3 seeds (two jobs side by side)
+$B --seeds 0 1 2 --patterns 2:4 --columns train --lr 1e-4 --out benchmarks/results/llm_lr1e-4.jsonl --arms "${HELD[@]}"
+$B --seeds 0 1 2 --patterns 2:4 --columns train --lr 1e-4 --out benchmarks/results/llm_lr1e-4.jsonl \
+    --arms learned "$SWAPS" "$SGPT_GATES"
