@@ -34,3 +34,6 @@ $B --seeds 0 --patterns 2:4 --columns train --lr 1e-4 --out benchmarks/results/l
 $B --seeds 0 1 2 --patterns 2:4 --columns train --lr 1e-4 --out benchmarks/results/llm_lr1e-4.jsonl --arms "${HELD[@]}"
 $B --seeds 0 1 2 --patterns 2:4 --columns train --lr 1e-4 --out benchmarks/results/llm_lr1e-4.jsonl \
     --arms learned "$SWAPS" "$SGPT_GATES"
+# (stopped at the deadline after seeds 0 and 1)
+$B --seeds 0 1 2 --patterns 50% --columns train --lr 1e-4 --out benchmarks/results/llm_lr1e-4.jsonl \
+    --arms "one-shot wanda" "one-shot SparseGPT (llm-compressor)" learned "$SGPT_GATES"
