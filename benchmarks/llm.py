@@ -1,10 +1,11 @@
-"""Learned masks against one-shot magnitude and Wanda on a tiny Llama, at 50% per layer and 2:4.
+"""Learned masks against one-shot magnitude, Wanda and SparseGPT on a tiny Llama, at 50% per layer and 2:4.
 
-A ``LlamaForCausalLM`` (4 layers, width 128, grouped-query attention, untied head) is pretrained once on the Python
-standard library's source (files split into train and held-out by path; byte-level BPE trained here) and cached in
-``benchmarks/.cache/llm``. Its decoder Linears are then pruned (embeddings and head dense) by each arm, with the same
-fine-tuning token budget, in two columns: the weights frozen (lr 0: only masks learn) and the weights training
-(AdamW lr 3e-4). Arms:
+A ``LlamaForCausalLM`` (4 layers, width 128, 4 heads over 2 key/value heads, untied head: 1.1M parameters) is
+pretrained once on the Python standard library's source (files split into train and held-out by path; byte-level BPE
+of 2048 tokens trained here; AdamW, warmup then cosine) and cached in ``benchmarks/.cache/llm``. Its decoder Linears
+are then pruned (embeddings and head dense) by each arm, with the same fine-tuning token budget, in three columns:
+the weights frozen (``requires_grad_(False)``) under the callback's binary masks (``frozen="mask"``) or soft gates
+(``frozen="gate"``), and the weights training (AdamW lr 3e-4). Arms:
 
 * ``dense``: no pruning (fine-tuned in the training column);
 * ``one-shot magnitude`` / ``one-shot wanda``: the mask of ``|w|`` per layer, or of Wanda's ``|w_ij| * ||x_j||``
@@ -16,28 +17,43 @@ fine-tuning token budget, in two columns: the weights frozen (lr 0: only masks l
   ``ignore=["lm_head"]`` still pruned the head here); then the same masked fine-tuning;
 * ``learned``: ``MaskPruningCallback`` defaults (magnitude init, cubic ramp over the first two thirds);
 * ``learned (wanda init)``: ``init="wanda"``;
-* ``GMP``: the same callback with ``mask_lr=0`` (gradual magnitude pruning).
+* ``learned gates over SparseGPT's mask``: SparseGPT's pruned weights, its zeros pruned from the first step
+  (``init="from_zeros"``, a constant schedule), the kept weights' gates learned;
+* ``learned (wanda prior, final pattern from step 0, swaps)``: the final pattern from the first step, from Wanda's
+  scores, reselected every 10 steps with regrowth and the straight-through estimator (kept and pruned entries trade
+  places); ``same, mask_lr=...``: that arm with the scores' learning rate 1e-3, 3e-3 or 0.05 (0.01 by default);
+* ``GMP``: the same callback with ``optimizer=MaskOptimizer(lr=0)`` (gradual magnitude pruning).
 
-Metric: held-out perplexity on fixed non-overlapping windows, with tokens and wall time per arm.
-
-    nice -n 10 python benchmarks/llm.py --steps 100 --seeds 0   # results/llm.jsonl, results/llm.md
+Metric: held-out perplexity on 512 fixed non-overlapping windows of 64 tokens, with tokens and wall time per arm.
+The commands that made ``results/llm.{jsonl,md}`` are in ``results/llm_commands.sh``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_masks import MaskLogging, MaskOptimizer, MaskPruningCallback, Selector, attach, get_initializer
+from lightning_masks import (
+    MaskLogging,
+    MaskOptimizer,
+    MaskPruningCallback,
+    Schedule,
+    Selector,
+    attach,
+    get_initializer,
+)
 from lightning_masks.masking.activations import input_norms
 from lightning_masks.masking.masks import detach, gates_disabled
 from lightning_masks.zoo import CausalLM, PythonSourceDataModule, tiny_llama
@@ -49,16 +65,17 @@ DECODER = ["model.model.layers.*"]  # the decoder Linears of a CausalLM (embeddi
 PATTERNS = {"50%": dict(selector=Selector(mode="layer"), sparsity=0.5), "2:4": dict(selector=Selector(granularity="2:4"))}
 
 
-def data(seq_len: int, batch_size: int, eval_windows: int) -> PythonSourceDataModule:
+def data(seq_len: int, batch_size: int, eval_windows: int, train_chars: int) -> PythonSourceDataModule:
     module = PythonSourceDataModule(cache_dir=str(CACHE / "data"), seq_len=seq_len, batch_size=batch_size,
-                                    eval_windows=eval_windows)
+                                    eval_windows=eval_windows, train_chars=train_chars)
     module.setup()
     return module
 
 
 def pretrained(datamodule: PythonSourceDataModule, steps: int, lr: float = 2e-3) -> Path:
     """Pretrain the tiny Llama once (plain loop, AdamW, warmup then cosine) and return its saved directory."""
-    path = CACHE / f"llama_{steps}x{datamodule.hparams.batch_size}x{datamodule.hparams.seq_len}"
+    hparams = datamodule.hparams
+    path = CACHE / f"llama_{steps}x{hparams.batch_size}x{hparams.seq_len}_{hparams.train_chars}"
     if (path / "config.json").exists():
         return path
     torch.manual_seed(0)
@@ -77,8 +94,10 @@ def pretrained(datamodule: PythonSourceDataModule, steps: int, lr: float = 2e-3)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        if step % 25 == 0:
-            print(f"pretrain step {step}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        if step % 500 == 0 or step == steps - 1:
+            print(f"pretrain step {step}: loss {loss.item():.3f}, held-out perplexity "
+                  f"{perplexity(CausalLM(model), datamodule):.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
+            model.train()
     model.save_pretrained(path)
     return path
 
@@ -164,23 +183,55 @@ def fine_tune(module: CausalLM, datamodule: PythonSourceDataModule, steps: int, 
     trainer.fit(module, datamodule=datamodule)
 
 
-def arms(pattern: str) -> dict:
-    """Name -> (one-shot criterion or None, callback factory or None)."""
-    options = dict(targets=DECODER, logging=MaskLogging(histograms=False, plots=False), **PATTERNS[pattern])
-    return {
-        "dense": (None, None),
-        "one-shot magnitude": ("magnitude", lambda: MaskPruningCallback(
-            init=get_initializer("from_zeros", fixed=True), **options)),
-        "one-shot wanda": ("wanda", lambda: MaskPruningCallback(
-            init=get_initializer("from_zeros", fixed=True), **options)),
-        "one-shot SparseGPT (llm-compressor)": ("llmc-sparsegpt", lambda: MaskPruningCallback(
-            init=get_initializer("from_zeros", fixed=True), **options)),
-        "one-shot Wanda (llm-compressor)": ("llmc-wanda", lambda: MaskPruningCallback(
-            init=get_initializer("from_zeros", fixed=True), **options)),
-        "learned": (None, lambda: MaskPruningCallback(**options)),
-        "learned (wanda init)": (None, lambda: MaskPruningCallback(init="wanda", **options)),
-        "GMP (mask_lr=0)": (None, lambda: MaskPruningCallback(optimizer=MaskOptimizer(lr=0.0), **options)),
-    }
+class Arm(NamedTuple):
+    """One arm: a one-shot pruning first (criterion, or ``None``), a fine-tuning callback factory taking the callback's
+    common options (``None``: plain fine-tuning), and the columns it runs in."""
+
+    criterion: Optional[str]
+    callback: Optional[Callable[[dict], MaskPruningCallback]]
+    columns: tuple = ("mask", "gate", "train")
+
+
+def held(options: dict) -> MaskPruningCallback:
+    """Masked fine-tuning under the one-shot mask left in the weights (held: no mask learning)."""
+    return MaskPruningCallback(init=get_initializer("from_zeros", fixed=True), **options)
+
+
+def from_step_0(pattern: str, init: str, swaps: bool = False) -> dict:
+    """The final pattern from the first step (no token spent on a denser model), from the prior ``init`` gives; with
+    ``swaps``, every 10 steps each layer (or group of 4) is selected afresh from the learned scores, whose pruned
+    entries keep learning through the straight-through estimator, so that kept and pruned entries can trade places."""
+    selector = PATTERNS[pattern]["selector"]
+    if swaps:
+        selector = dataclasses.replace(selector, regrow=True, straight_through=True)
+    schedule = Schedule("constant", start=0, **({"update_every": 10} if swaps else {}))
+    return dict(init=init, schedule=schedule, selector=selector)
+
+
+#: one-shot criterion -> arm name
+ONE_SHOT = {"magnitude": "one-shot magnitude", "wanda": "one-shot wanda",
+            "llmc-sparsegpt": "one-shot SparseGPT (llm-compressor)", "llmc-wanda": "one-shot Wanda (llm-compressor)"}
+
+
+def arms(pattern: str) -> dict[str, Arm]:
+    """The arms by name. The callbacks' options: the decoder's Linears to ``pattern``, and in a frozen column the
+    callback's ``frozen`` mode (``"mask"``: binary masks, ``"gate"``: soft gates)."""
+    table = {"dense": Arm(None, None)}
+    table.update({name: Arm(criterion, held) for criterion, name in ONE_SHOT.items()})
+    table.update({
+        "learned": Arm(None, lambda options: MaskPruningCallback(**options)),
+        "learned (wanda init)": Arm(None, lambda options: MaskPruningCallback(init="wanda", **options)),
+        # SparseGPT's zeros pruned from the first step; its kept weights' gates learn (binary, nothing would change)
+        "learned gates over SparseGPT's mask (from_zeros prior)": Arm("llmc-sparsegpt", lambda options: MaskPruningCallback(
+            **{**options, **from_step_0(pattern, "from_zeros")}), ("gate", "train")),
+        "learned (wanda prior, final pattern from step 0, swaps)": Arm(None, lambda options: MaskPruningCallback(
+            **{**options, **from_step_0(pattern, "wanda", swaps=True)})),
+        **{f"same, mask_lr={lr:g}": Arm(None, lambda options, lr=lr: MaskPruningCallback(
+            **{**options, **from_step_0(pattern, "wanda", swaps=True), "optimizer": MaskOptimizer(lr=lr)})) for lr in (1e-3, 3e-3, 0.05)},
+        "GMP (mask_lr=0)": Arm(None, lambda options: MaskPruningCallback(optimizer=MaskOptimizer(lr=0.0), **options),
+                                  ("train",)),
+    })
+    return table
 
 
 def zeros(module: nn.Module) -> float:
@@ -189,80 +240,156 @@ def zeros(module: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
+#: the table's columns: weights frozen under binary masks or soft gates (the callback's ``frozen``), or training
+COLUMNS = {"mask": "weights frozen, binary masks (frozen='mask')", "gate": "weights frozen, soft gates (frozen='gate')",
+           "train": "weights train (AdamW)"}
+
+
+def run_arm(path: Path, datamodule: PythonSourceDataModule, pattern: str, column: str, arm: str, seed: int,
+            steps: int, lr: float) -> dict:
+    """One arm of one column: its held-out perplexity, sparsity, fine-tuning tokens and wall time."""
+    criterion, callback, _ = arms(pattern)[arm]
+    frozen = None if column == "train" else column
+    pl.seed_everything(seed, verbose=False)
+    module = CausalLM(str(path), lr=lr if column == "train" else 0.0)
+    started = time.perf_counter()
+    if criterion and criterion.startswith("llmc-"):
+        compressor_one_shot(module, pattern, criterion[5:], datamodule, path)
+    elif criterion:
+        one_shot(module, pattern, criterion, datamodule)
+    if frozen:
+        module.model.requires_grad_(False)
+    # frozen weights with no mask (dense) or a held one (one-shot) would not change: evaluated as they are
+    trains = column == "train" or callback not in (None, held)
+    if trains:
+        options = dict(targets=DECODER, logging=MaskLogging(histograms=False, plots=False), **PATTERNS[pattern],
+                       **({"frozen": frozen} if frozen else {}))
+        fine_tune(module, datamodule, steps, callback(options) if callback else None)
+    hparams = datamodule.hparams
+    return dict(pattern=pattern, arm=arm, column=column, lr=lr if column == "train" else 0.0, seed=seed,
+                ppl=perplexity(module, datamodule), sparsity=zeros(module),
+                tokens=steps * hparams.batch_size * hparams.seq_len if trains else 0,
+                seconds=round(time.perf_counter() - started, 1), steps=steps if trains else 0,
+                pretrain_steps=int(path.name.split("_")[1].split("x")[0]))
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    datamodule = data(args.seq_len, args.batch_size, args.eval_windows)
+    datamodule = data(args.seq_len, args.batch_size, args.eval_windows, args.train_chars)
     path = pretrained(datamodule, args.pretrain_steps)
     if args.pretrain_only:
         return
     out = Path(args.out)
-    done = {(r["pattern"], r["arm"], r["lr"], r["seed"]) for r in map(json.loads, out.open())} if out.exists() else set()
-    tokens = args.steps * args.batch_size * args.seq_len
+    # the dense arm does not depend on the pattern: run once per column and seed, whatever the patterns asked
+    done = {(r["pattern"] if r["arm"] != "dense" else "any", r["arm"], r["column"], r["seed"])
+            for r in map(json.loads, out.open())} if out.exists() else set()
     for seed in args.seeds:
         for pattern in args.patterns:
-            for arm, (criterion, callback) in arms(pattern).items():
-                for lr in args.lrs:
-                    if (pattern, arm, lr, seed) in done or (arm == "dense" and pattern != args.patterns[0]):
+            for column in args.columns:
+                for arm, spec in arms(pattern).items():
+                    key = (pattern if arm != "dense" else "any", arm, column, seed)
+                    if key in done or (args.arms and arm not in args.arms) or column not in spec.columns:
                         continue
-                    pl.seed_everything(seed, verbose=False)
-                    module = CausalLM(str(path), lr=lr)
-                    started = time.perf_counter()
-                    if criterion and criterion.startswith("llmc-"):
-                        compressor_one_shot(module, pattern, criterion[5:], datamodule, path)
-                    elif criterion:
-                        one_shot(module, pattern, criterion, datamodule)
-                    trains = (lr > 0 or callback is not None) and not (criterion and lr == 0)
-                    if trains:  # a held mask over frozen weights would not change: evaluated as it is
-                        fine_tune(module, datamodule, args.steps, callback() if callback else None)
-                    record = dict(pattern=pattern, arm=arm, lr=lr, seed=seed, ppl=perplexity(module, datamodule),
-                                  sparsity=zeros(module), tokens=tokens if trains else 0,
-                                  seconds=round(time.perf_counter() - started, 1), pretrain_steps=args.pretrain_steps)
+                    done.add(key)
+                    record = run_arm(path, datamodule, pattern, column, arm, seed, args.steps, args.lr)
                     print(json.dumps(record), flush=True)
                     with out.open("a") as stream:
                         stream.write(json.dumps(record) + "\n")
     table(out)
 
 
+def cell(values: list[float], unit: str = "") -> str:
+    """``mean ± std`` (sample standard deviation over seeds) with the number of seeds, or ``-``."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}{unit}"
+    return f"{statistics.mean(values):.2f}{unit} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def targets(pattern: str, rows: list[dict]) -> list[str]:
+    """The issue's questions, per column: in the frozen columns the share of the gap between the best one-shot mask
+    and dense that each learned arm closes; where the weights train, whether each learned arm is below every one-shot
+    arm followed by masked fine-tuning beyond the seeds' spread (its mean + std under their mean - std)."""
+    def ppl(arm: str, column: str) -> list[float]:
+        return [r["ppl"] for r in rows if r["arm"] == arm and r["column"] == column]
+
+    learned = [arm for arm, spec in arms(pattern).items() if spec.callback not in (None, held)]
+    lines = [""]
+    for column in ("mask", "gate"):
+        one_shot = {arm: statistics.mean(v) for arm in ONE_SHOT.values() if (v := ppl(arm, column))}
+        dense = ppl("dense", column)
+        if not one_shot or not dense:
+            continue
+        best = min(one_shot, key=one_shot.__getitem__)
+        gap = one_shot[best] - statistics.mean(dense)
+        for arm in learned:
+            if values := ppl(arm, column):
+                closed = [(one_shot[best] - v) / gap for v in values]
+                lines.append(f"* {COLUMNS[column]}: {arm} closes {cell([100 * c for c in closed], '%')} of the gap "
+                             f"between {best} ({one_shot[best]:.2f}) and dense ({statistics.mean(dense):.2f})")
+    # a spread needs two seeds at least
+    spread = {arm: (statistics.mean(v), statistics.stdev(v))
+              for arm in [*ONE_SHOT.values(), *learned] if len(v := ppl(arm, "train")) > 1}
+    held_arms = [name for name in ONE_SHOT.values() if name in spread]
+    for arm in learned:
+        if arm in spread and held_arms:
+            mean, std = spread[arm]
+            beaten = [name for name in held_arms if mean + std < spread[name][0] - spread[name][1]]
+            best = min(held_arms, key=lambda name: spread[name][0])
+            lines.append(f"* {COLUMNS['train']}: {arm} ({cell(ppl(arm, 'train'))}) is below {len(beaten)} of the "
+                         f"{len(held_arms)} one-shot + fine-tuning arms with seeds beyond the seeds' spread (best: "
+                         f"{best}, {cell(ppl(best, 'train'))})")
+    return lines
+
+
 def table(path: Path) -> None:
-    """Write the markdown table beside ``path``."""
+    """Write the markdown table beside ``path``: per pattern, each arm's perplexity in each column (mean ± std over
+    seeds), its fine-tuning tokens and mean wall time per column."""
     records = [json.loads(line) for line in path.open()]
     lines = []
     for pattern in PATTERNS:
         if not any(r["pattern"] == pattern for r in records):
             continue
         rows = [r for r in records if r["pattern"] == pattern or r["arm"] == "dense"]
-        lines += [f"\n### {pattern} of the decoder Linears\n", "| arm | weights frozen (lr 0) | weights train (lr 3e-4) |"
-                  " tokens | wall s (lr 0 / 3e-4) |", "|---|---|---|---|---|"]
+        lines += [f"\n### {pattern} of the decoder Linears\n",
+                  "| arm | " + " | ".join(COLUMNS.values()) + " | fine-tuning tokens, wall s (" + " / ".join(COLUMNS)
+                  + ") |",
+                  "|---" * (len(COLUMNS) + 2) + "|"]
         for arm in arms(pattern):
-            cells, seconds, tokens = [], [], 0
-            for lr in (0.0, 3e-4):
-                hits = [r for r in rows if r["arm"] == arm and r["lr"] == lr]
-                ppl = [r["ppl"] for r in hits]
-                mean = sum(ppl) / len(ppl) if ppl else float("nan")
-                spread = (max(ppl) - min(ppl)) / 2 if len(ppl) > 1 else None
-                cells.append("-" if not ppl else f"{mean:.2f}" + (f" ± {spread:.2f}" if spread else ""))
-                seconds.append(str(round(sum(r["seconds"] for r in hits) / len(hits))) if hits else "-")
-                tokens = max([tokens] + [r["tokens"] for r in hits])
-            lines.append(f"| {arm} | {cells[0]} | {cells[1]} | {tokens:,} | {' / '.join(seconds)} |")
+            cells, costs = [], []
+            for column in COLUMNS:
+                hits = [r for r in rows if r["arm"] == arm and r["column"] == column]
+                cells.append(cell([r["ppl"] for r in hits]))
+                costs.append(f"{hits[0]['tokens']:,}, {statistics.mean(r['seconds'] for r in hits):.0f} s" if hits
+                             else "-")
+            lines.append(f"| {arm} | {' | '.join(cells)} | {' / '.join(costs)} |")
+        lines += targets(pattern, rows)
     seeds = sorted({r["seed"] for r in records})
+    steps = sorted({r["steps"] for r in records if r["steps"]})
+    lrs = sorted({r["lr"] for r in records if r["column"] == "train"})
     header = (f"# LLM pruning: held-out perplexity of a tiny Llama on Python source\n\n"
-              f"Generated by `benchmarks/llm.py`; seeds {seeds}; pretrained {records[0]['pretrain_steps']} steps. "
-              "Lower is better. See the module docstring for the arms.\n")
+              f"Generated by `benchmarks/llm.py` (commands: `llm_commands.sh`); seeds {seeds}; pretrained "
+              f"{records[0]['pretrain_steps']} steps; fine-tuning {steps} steps; the weights' learning rate where they train {lrs}. Lower is better; mean ± sample std "
+              "over the seeds run. See the module docstring for the arms.\n")
     path.with_suffix(".md").write_text(header + "\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=50, help="fine-tuning steps of every arm")
+    parser.add_argument("--pretrain-steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps of every arm")
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-windows", type=int, default=128, help="fixed held-out windows of seq-len tokens")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--train-chars", type=int, default=16_000_000, help="characters of training source read")
+    parser.add_argument("--eval-windows", type=int, default=512, help="fixed held-out windows of seq-len tokens")
     parser.add_argument("--pretrain-only", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.0, 3e-4])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS))
+    parser.add_argument("--lr", type=float, default=3e-4, help="the weights' AdamW learning rate where they train")
+    parser.add_argument("--arms", nargs="+", default=None, help="run only these arms (names as in the table)")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "llm.jsonl"), help="records (JSON lines); the table beside")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()

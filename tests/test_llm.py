@@ -295,3 +295,21 @@ def test_the_readme_llm_and_lora_examples_save_pretrained_models_with_exact_zero
     assert set(matrices) == set(decoder) | {"lm_head.weight"}
     for name, weight in matrices.items():  # 50% of each base Linear, the adapters' update merged under the mask
         assert (weight == 0).sum().item() == weight.numel() // 2, name
+
+
+def test_the_readme_swapping_example_keeps_exact_2_4_masks_over_the_frozen_weights_bit_for_bit():
+    from transformers import AutoModelForCausalLM
+    namespace: dict = {}
+    exec(readme_block("llm-example").split("pl.Trainer(")[0], namespace)  # the LM, the model's config, the data
+    torch.manual_seed(0)
+    exec(readme_block("llm-swaps-example"), namespace)
+    torch.manual_seed(0)
+    original = AutoModelForCausalLM.from_config(namespace["model"].config)
+    pruned = dict(namespace["model"].named_parameters())
+    decoder = [n for n, w in original.named_parameters() if ".layers." in n and w.dim() == 2]
+    assert len(decoder) == 2 * 7
+    for name in decoder:
+        weight, before = pruned[name].detach(), dict(original.named_parameters())[name].detach()
+        assert torch.all((weight.reshape(-1, 4) != 0).sum(1) == 2), name  # exact 2:4
+        kept = weight != 0
+        assert torch.equal(weight[kept], before[kept]), name  # frozen="mask": the kept weights bit for bit
