@@ -51,3 +51,8 @@ PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet300 --e
 # LeNet-5, 8 epochs, seed 0 (finepruning_lenet5_e8; the two weight lrs as two jobs side by side):
 PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet5 --epochs 8 --name finepruning_lenet5_e8 --seeds 0 \
     --weight-lrs 0 1e-4 --sparsities 0.98 0.995 --methods dense gmp masks finetuning
+# LeNet-5, 8 epochs, seeds 1 and 2 (the same file; the two weight lrs as two jobs side by side):
+PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet5 --epochs 8 --name finepruning_lenet5_e8 --seeds 1 2 \
+    --weight-lrs 0 --sparsities 0.98 0.995 --methods dense gmp masks finetuning
+PYTHONPATH=$PWD nice -n 10 python benchmarks/finepruning.py --model lenet5 --epochs 8 --name finepruning_lenet5_e8 --seeds 1 2 \
+    --weight-lrs 1e-4 --sparsities 0.98 0.995 --methods dense gmp masks finetuning
