@@ -33,7 +33,7 @@ from lightning_masks import (
     list_initializers,
 )
 from lightning_masks.app.configs import CONFIG_DIR, list_recipes
-from lightning_masks.app.train import RESULT_FILE, run
+from lightning_masks.app.train import RESULT_FILE, refuse_flat_overrides, run
 from lightning_masks.masking.stats import zero_rows
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -247,6 +247,26 @@ def test_bad_sparsity_fails_before_training_with_a_clear_message(tmp_path):
     (result_file,) = tmp_path.glob(f"outputs/*/*/{RESULT_FILE}")
     result = json.loads(result_file.read_text())
     assert result["status"] == "failed" and "1.5" in result["error"]
+
+
+@pytest.mark.parametrize("override, fix", [
+    ("masks.mask_lr=0.05", "masks.optimizer.lr=0.05"),
+    ("masks.end=0.5", "masks.schedule.end=0.5"),
+    ("masks.rescale_gate=false", "masks.state.rescale_gate=false"),
+    ("masks.log_histograms=false", "masks.logging.histograms=false"),
+    ("masks.granularity=2:4", "masks.selector.granularity=2:4"),
+    ("+masks.update_every=5", "masks.schedule.update_every=5"),
+])
+def test_a_strategy_field_set_on_masks_itself_names_its_key(override, fix):
+    with pytest.raises(SystemExit, match=f"write {fix}$"):
+        refuse_flat_overrides(["masks.sparsity=0.5", "masks.optimizer.lr=0.1", "seed=1", override])
+
+
+def test_the_command_refuses_a_flat_strategy_field_before_hydra(tmp_path):
+    done = command("masks.mask_lr=0.05", "logger=none", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "mask_lr is a field of masks.optimizer; write masks.optimizer.lr=0.05" in done.stderr
+    assert not list(tmp_path.glob("outputs/*"))  # refused before Hydra made a run folder
 
 
 # ------------------------------------------------------------------------------------- configs match the code

@@ -7,11 +7,14 @@ pruned to 90%; ``--help`` lists the config groups. Each run writes ``result.json
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
+import re
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +25,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ..lightning import accuracies
+from ..lightning import MaskPruningCallback, accuracies, flat_field_home
 from ..masking import fold, masked_tensors, stats
 from .configs import CONFIG_DIR, register
 
@@ -99,8 +102,32 @@ def _write(folder: str, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result, indent=2, default=str))
 
 
+def refuse_flat_overrides(argv: Sequence[str]) -> None:
+    """Exit naming the key to write when an override sets a strategy object's field on ``masks`` itself
+    (``masks.mask_lr=0.01`` is ``masks.optimizer.lr=0.01``), where Hydra would only say the key is not in struct.
+
+    Raises:
+        SystemExit: for the first such override, with its corrected spelling.
+    """
+    accepted = inspect.signature(MaskPruningCallback).parameters
+    for override in argv:
+        match = re.fullmatch(r"\+{0,2}masks\.(\w+)=(.*)", override)
+        if not match or match[1] in accepted:
+            continue
+        home = flat_field_home(match[1], MaskPruningCallback.STRATEGIES)
+        if home:
+            raise SystemExit(f"{override}: {match[1]} is a field of masks.{home[0]}; write "
+                             f"masks.{home[0]}.{home[1]}={match[2]}")
+
+
+def main() -> Optional[float]:
+    """The ``lightning-masks-train`` command: check the overrides, then run Hydra's :func:`run_job`."""
+    refuse_flat_overrides(sys.argv[1:])
+    return run_job()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
+def run_job(cfg: DictConfig) -> Optional[float]:
     """Run one job; write ``result.json`` (also when it fails) and return ``cfg.optimized_metric`` to a sweeper."""
     folder = cfg.paths.output_dir
     try:

@@ -2,6 +2,7 @@
 
 This is the face the other layers import; what is not listed here is the layer's own."""
 
+from .arguments import flat_field_home
 from .callback import MaskPruningCallback
 from .fit_report import MaskLogging, accuracies
 from .optim import MaskOptimizer, ScoreOptimizers
@@ -13,6 +14,7 @@ __all__ = [
     "MaskPruningCallback",
     "ScoreOptimizers",
     "accuracies",
+    "flat_field_home",
     "full_state_dict",
     "mask_before_sharding",
 ]

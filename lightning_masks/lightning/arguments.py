@@ -47,15 +47,25 @@ def refuse_flat_fields(strategies: Mapping[str, type]) -> Callable[[F], F]:
     return wrap
 
 
-def flat_field_message(owner: str, name: str, value: Any, strategies: Mapping[str, type], accepted: list) -> str:
-    """Why ``name=value`` is refused by ``owner``, and what to pass instead."""
+def flat_field_home(name: str, strategies: Mapping[str, type]) -> Optional[tuple[str, str]]:
+    """The ``(argument, field)`` that a keyword passed flat belongs to (``mask_lr``: ``("optimizer", "lr")``), bare
+    or with a prefix of ``_FLAT_PREFIXES``; ``None`` when it is no strategy object's field."""
     for argument, kind in strategies.items():
         fields = inspect.signature(kind).parameters
         for prefix in _FLAT_PREFIXES:
-            field = name[len(prefix):] if name.startswith(prefix) else None
-            if field in fields:
-                return (f"{owner} got {name}={value!r}, a field of {kind.__name__}: pass "
-                        f"{argument}={kind.__name__}({field}={value!r})")
+            field = name[len(prefix):]
+            if name.startswith(prefix) and field in fields:
+                return argument, field
+    return None
+
+
+def flat_field_message(owner: str, name: str, value: Any, strategies: Mapping[str, type], accepted: list) -> str:
+    """Why ``name=value`` is refused by ``owner``, and what to pass instead."""
+    home = flat_field_home(name, strategies)
+    if home:
+        argument, field = home
+        kind = strategies[argument].__name__
+        return f"{owner} got {name}={value!r}, a field of {kind}: pass {argument}={kind}({field}={value!r})"
     return f"{owner} got an unexpected keyword argument {name}={value!r}; its arguments are {accepted}"
 
 

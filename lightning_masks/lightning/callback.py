@@ -12,7 +12,7 @@ import dataclasses
 import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
-from typing import Any, Optional, Union, cast
+from typing import Any, ClassVar, Mapping, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -156,6 +156,9 @@ class MaskPruningCallback(Callback):
         ...                              optimizer=MaskOptimizer(lr=0.05))
         >>> trainer = pl.Trainer(max_epochs=10, callbacks=[pruner])  # doctest: +SKIP
     """
+
+    #: the arguments that take a strategy object, and its class (the app names them in its overrides' errors)
+    STRATEGIES: ClassVar[Mapping[str, type]] = _STRATEGIES
 
     @refuse_flat_fields(_STRATEGIES)
     def __init__(
