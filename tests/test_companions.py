@@ -224,6 +224,11 @@ def test_frozen_gate_learns_soft_gates_over_frozen_weights_and_folds_them_in(mon
                "(frozen='gate'): backbone.*.weight (x2)" in line for line in said)
 
 
+def test_the_preset_refuses_a_state_that_is_not_a_mask_state_with_the_callbacks_message():
+    with pytest.raises(ValueError, match=r"state must be a lightning_masks\.MaskState"):
+        MaskPruningCallback.finetuning(0.9, state={"rescale_gate": False})
+
+
 def test_finetuning_preset_learns_gates_over_a_frozen_backbone():
     pl.seed_everything(0, verbose=False)
     module = FrozenBackbone()

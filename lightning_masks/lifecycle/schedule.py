@@ -129,7 +129,7 @@ class _Cadence:
 
     def __post_init__(self) -> None:
         every = self.update_every
-        if every not in ("auto", "epoch") and not (isinstance(every, int) and is_int(every) and every > 0):
+        if every not in ("auto", "epoch") and not (is_int(every) and every > 0):
             raise ValueError(f"update_every must be 'auto', 'epoch' or a positive int (steps), got "
                              f"{self.update_every!r}")
         if self.update_budget is not None:

@@ -252,7 +252,7 @@ class MaskPruningCallback(Callback):
             overrides: any other argument of the callback.
         """
         state = overrides.get("state")
-        if state is None or state.rescale_gate:
+        if not (isinstance(state, MaskState) and not state.rescale_gate):  # another object: refused by __init__
             if isinstance(init, str):
                 init = get_initializer(init, shift=cls.FINETUNING_SHIFT)
             elif callable(init) and not isinstance(init, tuple(_STRATEGIES.values())) and (
