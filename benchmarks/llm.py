@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from lightning_masks import (
+    GumbelPatterns,
     MaskLogging,
     MaskOptimizer,
     MaskPruningCallback,
@@ -208,6 +209,15 @@ def from_step_0(pattern: str, init: str, swaps: bool = False) -> dict:
     return dict(init=init, schedule=schedule, selector=selector)
 
 
+def gumbel_patterns(init: str, **settings) -> dict:
+    """MaskLLM's choice among each group's six 2:4 patterns, sampled through a Gumbel-softmax in training (binary
+    masks otherwise), the scores starting from ``init``'s prior; every 10 steps the keep-masks take the most probable
+    patterns (as the fit ends too)."""
+    relaxation = GumbelPatterns(**settings)
+    return dict(init=init, schedule=Schedule("constant", start=0, update_every=10),
+                selector=Selector(granularity="2:4", relaxation=relaxation))
+
+
 #: one-shot criterion -> arm name
 ONE_SHOT = {"magnitude": "one-shot magnitude", "wanda": "one-shot wanda",
             "llmc-sparsegpt": "one-shot SparseGPT (llm-compressor)", "llmc-wanda": "one-shot Wanda (llm-compressor)"}
@@ -228,6 +238,8 @@ def arms(pattern: str) -> dict[str, Arm]:
             **{**options, **from_step_0(pattern, "wanda", swaps=True)})),
         **{f"same, mask_lr={lr:g}": Arm(None, lambda options, lr=lr: MaskPruningCallback(
             **{**options, **from_step_0(pattern, "wanda", swaps=True), "optimizer": MaskOptimizer(lr=lr)})) for lr in (1e-3, 3e-3, 0.05)},
+        **({"learned 2:4 patterns, Gumbel-softmax (MaskLLM; wanda prior)": Arm(None, lambda options: MaskPruningCallback(
+            **{**options, **gumbel_patterns("wanda")}), ("mask", "train"))} if pattern == "2:4" else {}),
         "GMP (mask_lr=0)": Arm(None, lambda options: MaskPruningCallback(optimizer=MaskOptimizer(lr=0.0), **options),
                                   ("train",)),
     })

@@ -4,6 +4,7 @@ from .export import fold_checkpoint, fold_state_dict
 from .lifecycle import CallableSchedule, Schedule, ThresholdSchedule, list_schedules, register_schedule
 from .lightning import MaskLogging, MaskOptimizer, MaskPruningCallback, full_state_dict, mask_before_sharding
 from .masking import (
+    GumbelPatterns,
     Initializer,
     LayerKind,
     MaskGate,
@@ -31,6 +32,7 @@ __all__ = [
     "ThresholdSchedule",
     "CallableSchedule",
     "Selector",
+    "GumbelPatterns",
     "MaskState",
     "MaskOptimizer",
     "MaskLogging",

@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from lightning_masks import (
+    GumbelPatterns,
     MaskLogging,
     MaskOptimizer,
     MaskPruningCallback,
@@ -342,14 +343,17 @@ def test_each_strategy_yaml_carries_every_field_at_its_default(group, strategy):
 
 @pytest.mark.parametrize("option", options("masks/selector"))
 def test_every_selector_config_builds_the_callback_with_its_selector(option):
-    overrides = [f"masks/selector={option}"] + (["masks.sparsity=null"] if option == "two_four" else [])
+    n_m = option.startswith("two_four")
+    overrides = [f"masks/selector={option}"] + (["masks.sparsity=null"] if n_m else []) + (
+        ["masks/schedule=constant"] if option == "two_four_gumbel" else [])
     node = compose_config(overrides).masks
     callback = instantiate(node)
     assert isinstance(callback.selector, Selector)
     defaults = {name: p.default for name, p in inspect.signature(Selector).parameters.items()}
     if option == "global":  # the base the others change: every field at the Selector's default
         assert {key: node.selector[key] for key in defaults} == {**defaults, "tie": []}
-    assert callback.sparsity == (0.5 if option == "two_four" else 0.9)
+    assert callback.sparsity == (0.5 if n_m else 0.9)
+    assert (callback.selector.relaxation == GumbelPatterns()) == (option == "two_four_gumbel")
 
 
 def test_the_result_counts_the_tensors_the_fit_masked_as_the_callbacks_table_does(tmp_path):

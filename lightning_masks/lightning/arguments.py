@@ -108,6 +108,17 @@ def final_sparsity(sparsity: Any, selector: Selector, default: float) -> float:
     return sparsity if sparsity is not None else (fixed if fixed is not None else default)
 
 
+def check_relaxed_schedule(selector: Selector, schedule: Any) -> None:
+    """A relaxation samples whole N:M patterns from the first step: refuse a schedule that ramps towards them."""
+    if selector.relaxation is None:
+        return
+    shape, start = getattr(schedule, "shape", None), getattr(schedule, "start", None)
+    if shape != "constant" or start != 0 or getattr(schedule, "by_threshold", False):
+        raise ValueError(f"relaxation={selector.relaxation!r} samples whole {selector.granularity} patterns from "
+                         f"the first step, so the keep-masks must be {selector.granularity} from it too, but the "
+                         f"schedule is {schedule!r}: pass schedule=Schedule('constant', start=0, update_every=10)")
+
+
 @overload
 def check_targets(name: str, value: Any, optional: Literal[False] = False) -> list: ...
 @overload

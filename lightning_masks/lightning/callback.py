@@ -25,9 +25,11 @@ from typing_extensions import override
 from .._checks import check_flags
 from ..lifecycle import Plan, Schedule, ScheduleSpec, get_schedule
 from ..masking import (
+    GumbelPatterns,
     InitSpec,
     MaskedTensor,
     MaskState,
+    RelaxedGroups,
     TargetSpec,
     attach,
     cached_gates,
@@ -47,11 +49,13 @@ from ..masking import (
     resolve_targets,
     restore_masks_on_load,
     shard_with_weights,
+    standardized,
 )
 from ..selection import Selector, ties_among
 from . import fit_report, loggers, sharding
 from .arguments import (
     check_output_layers,
+    check_relaxed_schedule,
     check_settings,
     check_targets,
     final_sparsity,
@@ -190,6 +194,7 @@ class MaskPruningCallback(Callback):
         self.sparsity = final
         self.initializer = get_initializer(init)
         self.schedule = get_schedule(schedule, final)
+        check_relaxed_schedule(selector, self.schedule)
         self.selector = selector
         self.state = instance_of("state", state, MaskState, "MaskState(temperature=0.5)")
         self.optimizer = instance_of("optimizer", optimizer, MaskOptimizer, "MaskOptimizer(lr=0.05)")
@@ -331,8 +336,12 @@ class MaskPruningCallback(Callback):
         with frozen_by_finetuning(trainer, pl_module) as thawed:  # a BaseFinetuning's frozen tensors are masked too
             self._masked = self._attach(trainer, pl_module, thawed) if attached else masked_tensors(pl_module)
         self._refreeze(self._masked, thawed)
+        relaxation, grain = cast(Optional[GumbelPatterns], self.selector.relaxation), self.selector.grain  # as built
         for entry in self._masked:
             entry.gate.straight_through = self.selector.straight_through
+            if relaxation is not None and grain.n is not None and grain.m is not None:
+                entry.gate.relaxation = RelaxedGroups(relaxation, grain.n, grain.m,
+                                                      entry.axis if entry.weight.dim() > 1 else 0)
             if self.initializer.fixed:  # a held mask: the scores do not learn
                 entry.gate.scores.requires_grad_(False)
         try:
@@ -372,11 +381,14 @@ class MaskPruningCallback(Callback):
         # FSDP2 gathers a module's trainable parameters in one dtype: the scores take their weight's
         state = self.state
         score_dtype = None if sharding.model_parallel(trainer) else cast(Optional[torch.dtype], state.score_dtype)
+        relaxed = list(resolved.chosen) if self.selector.relaxation is not None else []  # binary outside training
         masked = attach(pl_module, self.targets, resolved=resolved, init=init, temperature=state.temperature,
                         rescale=state.rescale_gate, per_channel=self.selector.grain.channel,
-                        score_dtype=score_dtype, compact=state.compact, frozen=self.frozen)
+                        score_dtype=score_dtype, compact=state.compact, frozen=self.frozen, binary=relaxed)
         self.scores_initialized = not from_batches
         self._start_from_initial_keep(masked)
+        if self.scores_initialized:
+            self._scores_ready(masked)
         goal = (f"gate threshold up to {self.schedule.final}" if self.schedule.by_threshold
                 else f"final sparsity {self.sparsity}")
         fit_report.announce(masked, resolved, exclude[len(self.exclude):], f"init={self.initializer!r}, {goal}")
@@ -396,6 +408,13 @@ class MaskPruningCallback(Callback):
                 held += int((~keep).sum())
         if self.initializer.fixed:
             self.plan.pruned = held
+
+    def _scores_ready(self, masked: list[MaskedTensor]) -> None:
+        """The initial scores are set: under a relaxation, standardise them per tensor, so that the pattern logits'
+        scale (``GumbelPatterns.scale``) means the same for every layer and initializer."""
+        if self.selector.relaxation is not None:
+            for entry in masked:
+                entry.gate.reset_scores(standardized(entry.gate.scores.detach()))
 
     def _outputs_kept_whole(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         """With channel masks, the layers whose output units are the model's outputs (see ``output_layers``)."""
@@ -454,6 +473,7 @@ class MaskPruningCallback(Callback):
             norms.squares[entry.name] = trainer.strategy.reduce(norms.squares[entry.name], reduce_op="sum")
             norms.rows[entry.name] = trainer.strategy.reduce(norms.rows[entry.name], reduce_op="sum")
             entry.gate.reset_scores(self.initializer(entry.weight.detach(), input_norm=norms.rms(entry.name)))
+        self._scores_ready(self._masked)
         self.scores_initialized = True
 
     def _score_from_one_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -472,6 +492,7 @@ class MaskPruningCallback(Callback):
         for entry, grad in zip(self._masked, grads):
             grad = torch.zeros_like(entry.weight) if grad is None else grad
             entry.gate.reset_scores(self.initializer(entry.weight.detach(), grad=grad))
+        self._scores_ready(self._masked)
         self.scores_initialized = True
 
     # ----------------------------------------------------------------------------------------- updates
@@ -484,9 +505,19 @@ class MaskPruningCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         started = time.perf_counter()
+        self._anneal(trainer)
         updated = self._update(trainer, self.plan.due(trainer.current_epoch, step_clock(trainer), epoch_start=False))
         if self.plan.budgeted:
             self._account(trainer, started, updated)
+
+    def _anneal(self, trainer: pl.Trainer) -> None:
+        """Under a relaxation, set the Gumbel-softmax temperature for this step (linear over the optimizer steps)."""
+        relaxation = cast(Optional[GumbelPatterns], self.selector.relaxation)  # a Selector builds its GumbelPatterns
+        if relaxation is not None:
+            tau = relaxation.tau(trainer.global_step / max(float(trainer.estimated_stepping_batches), 1.0))
+            for entry in self._masked:
+                if entry.gate.relaxation is not None:
+                    entry.gate.relaxation.tau = tau
 
     def _account(self, trainer: pl.Trainer, started: float, updated: bool) -> None:
         """The update budget: time the step just ended and the update just made; after an update or as the step
@@ -607,6 +638,9 @@ class MaskPruningCallback(Callback):
         self._fit_running = False
         if self._masked:
             self._end_short(trainer, jump=True)
+            if self.selector.relaxation is not None and self.plan.position is not None:
+                # the most probable patterns of the last scores, not those of the last update
+                self._select(trainer, self.plan.position, self.sparsity)
             self.final_layers = sharding.layer_rows(self._masked)
             plots = self.logging.plots
             gates = sharding.gate_histograms(self._masked) if plots and sharding.model_parallel(trainer) else None

@@ -33,6 +33,7 @@ from .layout import (
 from .loading import restore_masks_on_load
 from .masks import MaskedTensor, attach, detach, fold, gates_disabled, keep_bits_cached, masked_tensors
 from .outputs import kept_whole
+from .patterns import GumbelPatterns, RelaxedGroups, standardized
 from .plain import folded_state, plain_saves, plain_state_dict, remove_plain_saves
 from .sharded import is_sharded, local_entries, shard_with_weights
 from .state import MaskState
@@ -41,6 +42,7 @@ from .targets import Targets, TargetSpec, resolve_targets
 
 __all__ = [
     "GATE_FIELDS",
+    "GumbelPatterns",
     "InitSpec",
     "Initializer",
     "LayerKind",
@@ -50,6 +52,7 @@ __all__ = [
     "ORIGINAL",
     "PARAMETRIZATION_MARK",
     "REQUIRED_FIELDS",
+    "RelaxedGroups",
     "TargetSpec",
     "Targets",
     "along_bias",
@@ -92,6 +95,7 @@ __all__ = [
     "saved_keep",
     "shard_with_weights",
     "split_mask_key",
+    "standardized",
     "temperature_divisor",
     "undeclared_layout",
     "unpack_rows",

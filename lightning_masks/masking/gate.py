@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .bits import pack_rows, unpack_rows
+from .patterns import RelaxedGroups
 
 __all__ = ["MaskGate", "along_bias", "cached_gates", "masked_value", "reduce_to", "temperature_divisor"]
 
@@ -287,6 +288,7 @@ class MaskGate(nn.Module):
         self.register_buffer("binary", torch.ones((), dtype=torch.bool, device=scores.device) if binary else None)
         self.enabled = True
         self.straight_through = False  # pruned entries' scores get gradients (straight_through_gated)
+        self.relaxation: RelaxedGroups | None = None  # N:M patterns sampled in training (patterns.py), binary outside
         self._keep_cache: tuple[int, Tensor | None] | None = None  # (keep_bits' version, keep) under keep_bits_cached
         self.reset_scores(scores)
 
@@ -334,6 +336,8 @@ class MaskGate(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
+        if self.relaxation is not None and self.training and torch.is_grad_enabled() and not _tracing():
+            return weight * self.relaxation.keep(self.scores).to(weight.dtype)
         if self.is_binary:
             return binary_gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
         if self.straight_through and torch.is_grad_enabled() and not _tracing():

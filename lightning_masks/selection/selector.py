@@ -20,13 +20,33 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from ..masking import MaskedTensor, keep_bits_cached, nonzero_counts, undeclared_layout
+from ..masking import GumbelPatterns, MaskedTensor, keep_bits_cached, nonzero_counts, undeclared_layout
 from .distributed import summed_counts
 from .importance import get_importance, list_importances, log_sigmoid
 from .kth import PRUNED, key_value, kth_key
 from .ranked import Keys, Ranked, TiedUnits, keep_of, members, refuse_nan, set_keep, top_of
 
 __all__ = ["Selector"]
+
+
+def _relaxation(spec: Union[GumbelPatterns, str, dict, None], granularity: object) -> Optional[GumbelPatterns]:
+    """``relaxation`` as a :class:`GumbelPatterns` (``"gumbel"``: its defaults; a mapping: its fields) or ``None``;
+    raises ``ValueError`` for anything else, or for a relaxation without N:M granularity."""
+    if spec is None:
+        return None
+    if spec == "gumbel":
+        spec = GumbelPatterns()
+    elif isinstance(spec, dict):
+        spec = GumbelPatterns(**spec)
+    if not isinstance(spec, GumbelPatterns):
+        raise ValueError(f"relaxation must be None, 'gumbel' or a lightning_masks.GumbelPatterns, got {spec!r}; "
+                         "e.g. Selector(granularity='2:4', relaxation=GumbelPatterns(temperature=(4.0, 0.1)))")
+    grain = parse_granularity(granularity) if isinstance(granularity, str) else None
+    if grain is None or not grain.is_nm:
+        raise ValueError(f"relaxation={spec!r} learns the choice among each group's N:M patterns, but granularity is "
+                         f"{granularity!r}: pass an N:M granularity, e.g. Selector(granularity='2:4', "
+                         "relaxation='gumbel')")
+    return spec
 
 class Selection(NamedTuple):
     """What one mask update did: the entries now pruned, the cut, and the keep bits it flipped.
@@ -94,6 +114,12 @@ class Selector:
             unit (see :class:`TiedUnits`), e.g. ``[["stem.bn.weight", "stage1.*.bn2.weight"]]``. Members
             need the same number of units; not with N:M. ``"auto"``: the groups
             :class:`~lightning_masks.MaskPruningCallback` traces at setup (it replaces this with them).
+        relaxation: with N:M granularity, a :class:`~lightning_masks.masking.patterns.GumbelPatterns` (or
+            ``"gumbel"`` for its defaults): each group's pattern is learned as MaskLLM learns it, sampled in training
+            through a Gumbel-softmax over the group's ``C(M, N)`` patterns, the masks binary otherwise. Each update
+            then keeps the most probable pattern, each group's N highest scores, whatever ``importance`` says (a
+            pattern's logit is the sum of its scores); pruned entries come back when their scores rise, as with
+            ``regrow``. ``None`` (the default): the N:M selection ranks ``importance`` and the gate is the sigmoid.
 
     Example:
         >>> Selector(mode="layer", granularity="channel").grain.channel
@@ -107,8 +133,10 @@ class Selector:
     granularity: str = "element"
     tie: Union[str, Sequence[Sequence[str]]] = ()
     straight_through: bool = False
+    relaxation: Union[GumbelPatterns, str, None] = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "relaxation", _relaxation(self.relaxation, self.granularity))
         if self.mode not in ("global", "layer"):
             raise ValueError(f"mode must be 'global' or 'layer', got {self.mode!r}")
         if self.importance not in list_importances():
@@ -136,6 +164,12 @@ class Selector:
         if self.tie and grain.is_nm:
             raise ValueError(f"tie cannot be combined with N:M granularity ({self.granularity!r}): N:M keeps N of "
                              "every M inside each tensor; use 'element' or 'channel'")
+
+    @property
+    def regrows(self) -> bool:
+        """Whether pruned entries may come back: ``regrow``, or a relaxation (each update keeps the most probable
+        pattern)."""
+        return self.regrow or self.relaxation is not None
 
     @property
     def grain(self) -> Granularity:
@@ -211,6 +245,13 @@ class Selector:
         if not self.regrow:
             values = values.masked_fill(~entry.gate.keep, -math.inf)
         return values
+
+    @staticmethod
+    def _pattern_logits(entry: MaskedTensor) -> Tensor:
+        """Each entry's share of its patterns' logits under a relaxation: its score."""
+        scores = entry.gate.scores.detach().float()
+        refuse_nan(entry, scores)
+        return scores
 
     @torch.no_grad()
     def __call__(self, masked: Sequence[MaskedTensor], target: float) -> Selection:
@@ -310,10 +351,12 @@ class Selector:
         rows = [shape.pop(axis), *shape]  # output units first: a group never spans two of them
         keep = torch.ones((entry.numel // m, m), dtype=torch.bool, device=entry.weight.device)
         if per_group:
-            importance = self._importance(entry).movedim(axis, 0).reshape(-1, m)
+            # under a relaxation the most probable pattern: a pattern's logit is the sum of its scores
+            importance = self._pattern_logits(entry) if self.relaxation else self._importance(entry)
+            importance = importance.movedim(axis, 0).reshape(-1, m)
             keep.scatter_(1, importance.topk(per_group, dim=1, largest=False).indices, False)
         keep = keep.view(rows).movedim(0, axis)
-        if self.regrow:
+        if self.regrows:
             set_keep(entry, keep, flips)
             return per_group * (entry.numel // m)
         keep &= keep_of(entry)  # pruned stays pruned (e.g. a one-shot mask the masks started from)
