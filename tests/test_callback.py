@@ -221,7 +221,7 @@ def test_state_dict_round_trip():
      r"update_every must be 'auto', 'epoch' or a positive int \(steps\), got True"),
     ({"targets": 3}, r"targets must be a glob on qualified names, a module type, or a list of them or None, got 3"),
     ({"exclude": [1]}, r"exclude must be a glob .* got \[1\]"),
-    ({"mode": 1}, r"mode must be 'global' or 'layer', got 1"),
+    ({"mode": 1}, r"mode must be 'global', 'layer' or 'row', got 1"),
     ({"schedule": {"early_end": "jump"}}, r"early_end must be one of \['warn', 'final'\], got 'jump'"),
     ({"seed": 1.5}, r"seed must be an int or None, got 1.5"),
     ({"fold_on_fit_end": "no"}, r"fold_on_fit_end must be True or False, got 'no'"),

@@ -297,12 +297,13 @@ def test_the_readme_llm_and_lora_examples_save_pretrained_models_with_exact_zero
         assert (weight == 0).sum().item() == weight.numel() // 2, name
 
 
-def test_the_readme_swapping_example_keeps_exact_2_4_masks_over_the_frozen_weights_bit_for_bit():
+@pytest.mark.parametrize("marker", ["llm-swaps-example", "llm-gumbel-example"])
+def test_the_readme_learned_2_4_examples_keep_exact_2_4_masks_over_the_frozen_weights_bit_for_bit(marker):
     from transformers import AutoModelForCausalLM
     namespace: dict = {}
     exec(readme_block("llm-example").split("pl.Trainer(")[0], namespace)  # the LM, the model's config, the data
     torch.manual_seed(0)
-    exec(readme_block("llm-swaps-example"), namespace)
+    exec(readme_block(marker), namespace)
     torch.manual_seed(0)
     original = AutoModelForCausalLM.from_config(namespace["model"].config)
     pruned = dict(namespace["model"].named_parameters())

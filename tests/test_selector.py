@@ -175,7 +175,7 @@ def test_nan_scores_are_named():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"mode": "local"}, "mode must be 'global' or 'layer'"),
+    ({"mode": "local"}, "mode must be 'global', 'layer' or 'row'"),
     ({"importance": "taylor"}, r"unknown importance 'taylor'; known criteria: \['effective_weight', 'gate'\]"),
     ({"layer_floor": 1.5}, r"layer_floor must be in \[0, 1\], got 1.5"),
 ])
@@ -408,3 +408,37 @@ def test_a_criterion_that_takes_the_masked_tensor_alone_selects_like_the_built_i
         Selector(importance=importance)(masked, 0.9)  # mostly pruned: the live units are ranked
         picks.append(torch.cat([e.gate.keep.flatten() for e in masked]))
     assert torch.equal(*picks) and 0 < int(picks[0].sum()) < picks[0].numel()
+
+
+@pytest.mark.parametrize("target", [0.0, 0.3, 0.5, 0.9])
+def test_row_selection_prunes_each_output_units_least_important_weights(target):
+    """mode='row' (Wanda's comparison group): every row of every tensor prunes round(target * row) entries, its
+    least important by the selector's importance."""
+    _, masked = model_with_masks()
+    pruned, threshold, _ = Selector(mode="row")(masked, target)
+    total = 0
+    for entry in masked:
+        importance = get_importance("effective_weight")(entry)
+        for row_keep, row_importance in zip(entry.gate.keep, importance):
+            count = round(target * row_keep.numel())
+            expected = torch.ones_like(row_keep)
+            expected[row_importance.argsort()[:count]] = False
+            assert torch.equal(row_keep, expected)
+            total += count
+    assert pruned == total and threshold is None
+
+
+def test_row_selection_keeps_pruned_entries_pruned_without_regrowth():
+    _, masked = model_with_masks()
+    entry = masked[0]
+    entry.gate.set_keep(torch.arange(entry.numel).reshape(entry.weight.shape) % 5 != 0)  # a fifth of each row gone
+    before = entry.gate.keep.clone()
+    Selector(mode="row")(masked, 0.5)
+    assert not (entry.gate.keep & ~before).any()
+    assert torch.all((~entry.gate.keep).sum(1) == entry.weight.shape[1] // 2)  # half of each row, the fifth among them
+
+
+@pytest.mark.parametrize("granularity", ["channel", "2:4"])
+def test_row_selection_needs_element_granularity(granularity):
+    with pytest.raises(ValueError, match="mode='row' prunes each output unit's weights, so it needs granularity="):
+        Selector(mode="row", granularity=granularity)

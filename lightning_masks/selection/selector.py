@@ -48,6 +48,7 @@ def _relaxation(spec: Union[GumbelPatterns, str, dict, None], granularity: objec
                          "relaxation='gumbel')")
     return spec
 
+
 class Selection(NamedTuple):
     """What one mask update did: the entries now pruned, the cut, and the keep bits it flipped.
 
@@ -98,7 +99,10 @@ class Selector:
     """Sets the keep-masks for a target sparsity.
 
     Args:
-        mode: ``"global"`` ranks all masked tensors together; ``"layer"`` prunes each to the target.
+        mode: ``"global"`` ranks all masked tensors together; ``"layer"`` prunes each to the target; ``"row"``
+            prunes each output unit (a Linear's row) to the target, Wanda's comparison group (Sun et al. 2023,
+            https://arxiv.org/abs/2306.11695: per-output ranking prunes LLMs better than per-layer). Element
+            granularity only.
         importance: a registered criterion (:func:`~lightning_masks.selection.importance.list_importances`):
             ``"gate"`` or the weight-dependent ``"effective_weight"``.
         layer_floor: in global mode every tensor keeps at least ``ceil(layer_floor * (1 - target) * units)``
@@ -137,8 +141,8 @@ class Selector:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "relaxation", _relaxation(self.relaxation, self.granularity))
-        if self.mode not in ("global", "layer"):
-            raise ValueError(f"mode must be 'global' or 'layer', got {self.mode!r}")
+        if self.mode not in ("global", "layer", "row"):
+            raise ValueError(f"mode must be 'global', 'layer' or 'row', got {self.mode!r}")
         if self.importance not in list_importances():
             raise ValueError(f"unknown importance {self.importance!r}; known criteria: {list_importances()}. Add one "
                              "with lightning_masks.selection.importance.register_importance")
@@ -148,6 +152,9 @@ class Selector:
         grain = parse_granularity(self.granularity) if isinstance(self.granularity, str) else None
         if grain is None:
             raise ValueError(f"granularity must be a string ('element', 'channel' or 'N:M'), got {self.granularity!r}")
+        if self.mode == "row" and (grain.channel or grain.is_nm):
+            raise ValueError(f"mode='row' prunes each output unit's weights, so it needs granularity='element', got "
+                             f"{self.granularity!r}; N:M is per row already, and channels are rows themselves")
         for flag in ("regrow", "straight_through"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -260,9 +267,10 @@ class Selector:
             return self._call(masked, target)
 
     def _call(self, masked: Sequence[MaskedTensor], target: float) -> Selection:
-        if self.grain.is_nm:
+        if self.grain.is_nm or self.mode == "row":
             flips: dict[str, Tensor] = {}
-            pruned = summed_counts([self._select_nm(entry, target, flips) for entry in masked])
+            select = self._select_nm if self.grain.is_nm else self._select_rows
+            pruned = summed_counts([select(entry, target, flips) for entry in masked])
             return Selection(sum(pruned), None, flips)
         ranked = self.tied(masked)
         if self.mode == "layer":
@@ -345,8 +353,21 @@ class Selector:
         """Keep N of every M consecutive weights of each output unit (groups run along the input axes)."""
         n, m, sparsity = self.grain.n, self.grain.m, self.grain.sparsity
         assert sparsity is not None  # an N:M grain
-        per_group = round(min(target / sparsity, 1.0) * (m - n))
-        axis = entry.axis if entry.weight.dim() > 1 else 0
+        return self._select_groups(entry, m, round(min(target / sparsity, 1.0) * (m - n)), flips)
+
+    def _select_rows(self, entry: MaskedTensor, target: float, flips: dict[str, Tensor]) -> int:
+        """Prune ``target`` of each output unit's weights (``mode="row"``)."""
+        row = entry.numel // entry.weight.shape[self._axis(entry)]
+        return self._select_groups(entry, row, round(target * row), flips)
+
+    @staticmethod
+    def _axis(entry: MaskedTensor) -> int:
+        return entry.axis if entry.weight.dim() > 1 else 0
+
+    def _select_groups(self, entry: MaskedTensor, m: int, per_group: int, flips: dict[str, Tensor]) -> int:
+        """Prune the ``per_group`` least important of every ``m`` consecutive entries of each output unit (the
+        groups run along the input axes); return the number pruned."""
+        axis = self._axis(entry)
         shape = list(entry.gate.scores.shape)
         rows = [shape.pop(axis), *shape]  # output units first: a group never spans two of them
         keep = torch.ones((entry.numel // m, m), dtype=torch.bool, device=entry.weight.device)
