@@ -14,8 +14,12 @@ from torch import nn
 
 from lightning_masks import (
     MaskLogging,
+    MaskOptimizer,
     MaskPruningCallback,
+    Schedule,
     Selector,
+    attach,
+    fold,
     get_initializer,
     masked_tensors,
     register_layer_kind,
@@ -314,3 +318,65 @@ def test_the_readme_learned_2_4_examples_keep_exact_2_4_masks_over_the_frozen_we
         assert torch.all((weight.reshape(-1, 4) != 0).sum(1) == 2), name  # exact 2:4
         kept = weight != 0
         assert torch.equal(weight[kept], before[kept]), name  # frozen="mask": the kept weights bit for bit
+
+
+class OutlierFeatures(pl.LightningModule):
+    """A Linear whose input features differ in scale by up to 1000x (an LLM's outlier features): Wanda's mask
+    (|w_ij| * ||x_j||) and magnitude's part ways. Its weights train at lr 0, so the masks alone decide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.layer = nn.Linear(16, 8)
+        self.inputs = torch.randn(128, 16, generator=generator) * torch.logspace(-1.5, 1.5, 16)
+        self.targets = torch.randn(128, 8, generator=generator)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.layer(x), y)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.inputs, self.targets), batch_size=16)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("mode", ["global", "row"])
+def test_wanda_initialised_masks_prune_by_wandas_criterion_not_magnitudes(mode):
+    """init='wanda' ranks |w * gate| * ||x_j|| for the whole fit (the gate keeps the input norms): with the scores
+    held (lr 0) the final mask is Wanda's exactly, per layer or per output row, though magnitude's differs."""
+    pl.seed_everything(0, verbose=False)
+    module = OutlierFeatures()
+    weight = module.layer.weight.detach().clone()
+    wanda = weight.abs() * module.inputs.square().mean(0).sqrt()  # 8 batches of 16: every row is calibration
+    callback = MaskPruningCallback(0.5, init="wanda", selector=Selector(mode=mode), optimizer=MaskOptimizer(lr=0.0),
+                                   schedule=Schedule("linear", start=0, end=1.0, update_every=2))
+    make_trainer(max_epochs=2, callbacks=[callback]).fit(module)
+    kept = module.layer.weight != 0
+
+    def top_half(values):
+        if mode == "row":
+            return torch.zeros_like(values, dtype=torch.bool).scatter_(1, values.topk(8, dim=1).indices, True)
+        return torch.zeros(values.numel(), dtype=torch.bool).scatter_(0, values.flatten().topk(64).indices,
+                                                                      True).view_as(values)
+
+    assert torch.equal(kept, top_half(wanda))
+    assert (kept != top_half(weight.abs())).sum() > 20  # magnitude's mask is another one
+
+
+def test_the_input_norms_travel_with_the_masks_state_dict():
+    from lightning_masks.masking import restore_masks_on_load
+
+    layer = nn.Linear(6, 4)
+    (entry,) = attach(layer)
+    entry.gate.set_input_norm(torch.arange(1.0, 7.0).view(1, 6))
+    state = layer.state_dict()
+    assert torch.equal(state["parametrizations.weight.0.input_norm"], torch.arange(1.0, 7.0).view(1, 6))
+    fresh = nn.Linear(6, 4)
+    restore_masks_on_load(fresh)
+    fresh.load_state_dict(state)
+    (restored,) = masked_tensors(fresh)
+    assert torch.equal(restored.gate.input_norm, entry.gate.input_norm)
+    fold(fresh)
+    assert set(fresh.state_dict()) == {"weight", "bias"}

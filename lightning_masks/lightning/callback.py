@@ -472,7 +472,9 @@ class MaskPruningCallback(Callback):
         for entry in self._masked:
             norms.squares[entry.name] = trainer.strategy.reduce(norms.squares[entry.name], reduce_op="sum")
             norms.rows[entry.name] = trainer.strategy.reduce(norms.rows[entry.name], reduce_op="sum")
-            entry.gate.reset_scores(self.initializer(entry.weight.detach(), input_norm=norms.rms(entry.name)))
+            norm = norms.rms(entry.name)
+            entry.gate.reset_scores(self.initializer(entry.weight.detach(), input_norm=norm))
+            entry.gate.set_input_norm(norm)  # selection ranks |w * gate| * ||x||: Wanda's criterion, kept all fit
         self._scores_ready(self._masked)
         self.scores_initialized = True
 

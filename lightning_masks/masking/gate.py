@@ -286,6 +286,7 @@ class MaskGate(nn.Module):
         scale = None if not rescale else torch.ones((), device=scores.device) if compact else torch.ones_like(scores)
         self.register_buffer("gate_scale", scale)
         self.register_buffer("binary", torch.ones((), dtype=torch.bool, device=scores.device) if binary else None)
+        self.register_buffer("input_norm", None)  # set_input_norm: activation-aware masks (Wanda)
         self.enabled = True
         self.straight_through = False  # pruned entries' scores get gradients (straight_through_gated)
         self.relaxation: RelaxedGroups | None = None  # N:M patterns sampled in training (patterns.py), binary outside
@@ -308,6 +309,14 @@ class MaskGate(nn.Module):
     def set_keep(self, keep: Tensor) -> None:
         """Set the keep bits (a bool tensor with the scores' number of entries)."""
         self.keep_bits.copy_(pack_rows(keep.reshape(self.scores.shape).to(self.keep_bits.device)))
+
+    @torch.no_grad()
+    def set_input_norm(self, norm: Tensor) -> None:
+        """Keep ``norm``, the root mean square of each input feature over calibration batches (shaped to broadcast
+        against the weight, e.g. ``(1, in_features)`` for a Linear), as the buffer ``input_norm``: the
+        ``effective_weight`` importance then ranks ``|w * gate| * norm``, Wanda's criterion on the effective weight
+        (Sun et al. 2023, https://arxiv.org/abs/2306.11695), for the rest of the fit."""
+        self.register_buffer("input_norm", norm.detach().to(device=self.scores.device, dtype=torch.float32).clone())
 
     @torch.no_grad()
     def reset_scores(self, scores: Tensor) -> None:

@@ -194,8 +194,10 @@ class Wanda(Initializer):
     Wanda's score is ``|w_ij| * ||x_j||_2``; dividing the norm by the square root of the number of rows seen gives
     the same ranking at the scale of ``|w|`` (so the gates start as magnitude's do). The callback runs ``batches``
     training batches of the dense network in eval mode with forward hooks on the masked layers (summed over DDP
-    ranks) before the first step. Selection ranks ``|w * gate|`` by default, in which the gate carries the input
-    feature's share; ``importance="gate"`` ranks by the scores alone, so the first update is Wanda's own mask.
+    ranks) before the first step, and keeps the norms in each gate (``MaskGate.set_input_norm``), so that the default
+    ``importance="effective_weight"`` ranks ``|w * gate| * rms_j(x)``, Wanda's criterion on the effective weight, for
+    the whole fit: with the scores held the masks are Wanda's own. (Without the norms ``|w * gate|`` would rank as
+    magnitude: a gate ``sigmoid(s)`` of scores this small is close to one half everywhere.)
 
     Supported layers: ``nn.Linear`` (PEFT adapters' base layers included), transformers' ``Conv1D``, ungrouped
     ``ConvNd`` (one norm per input channel).

@@ -28,8 +28,8 @@ __all__ = [
 
 PARAMETRIZATION_MARK = ".parametrizations."
 ORIGINAL = "original"
-GATE_FIELDS = ("scores", "keep_bits", "temperature", "gate_scale", "binary")  # the tensors of MaskGate, its state dict
-REQUIRED_FIELDS = (ORIGINAL, "scores", "keep_bits", "temperature")  # gate_scale only with rescale, binary when binary
+GATE_FIELDS = ("scores", "keep_bits", "temperature", "gate_scale", "binary", "input_norm")  # MaskGate's state dict
+REQUIRED_FIELDS = (ORIGINAL, "scores", "keep_bits", "temperature")  # gate_scale with rescale, binary, input_norm: if set
 _GATE_INDEX = "0."  # our gate is the first (and only) parametrization of the tensor
 
 

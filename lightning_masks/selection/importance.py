@@ -81,8 +81,13 @@ def gate_importance(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tens
 
 @register_importance("effective_weight")
 def effective_weight_importance(entry: MaskedTensor, index: Optional[Tensor] = None) -> Tensor:
-    """Log of ``|w * gate|``, the weight-dependent criterion (per channel, the channel's mean ``|w|``)."""
+    """Log of ``|w * gate|``, the weight-dependent criterion (per channel, the channel's mean ``|w|``); where the masks
+    were initialised from input activations (the gate's ``input_norm``, set by ``init="wanda"``), of
+    ``|w * gate| * ||x_j||``, Wanda's criterion on the effective weight (Sun et al. 2023)."""
     weight = entry.weight.detach()
+    norm = entry.gate.input_norm
+    if norm is not None:
+        weight = weight.float() * norm  # a fresh float32 buffer of the weight's shape
     if entry.unit_size > 1:
         magnitude = at(reduce_to(weight.float().abs(), entry.gate.scores.shape), index)
     else:
