@@ -270,6 +270,7 @@ class MaskGate(nn.Module):
     keep_bits: Tensor  # buffer
     temperature: Tensor  # buffer
     gate_scale: Tensor | None  # buffer, None without ``rescale``
+    input_norm: Tensor | None  # buffer, None unless set_input_norm (activation-aware masks)
 
     def __init__(self, scores: Tensor, temperature: float = 1.0, *, rescale: bool = False,
                  score_dtype: torch.dtype | None = None, compact: bool = False, binary: bool = False) -> None:
