@@ -22,7 +22,13 @@ the weights frozen (``requires_grad_(False)``) under the callback's binary masks
 * ``learned (wanda prior, final pattern from step 0, swaps)``: the final pattern from the first step, from Wanda's
   scores, reselected every 10 steps with regrowth and the straight-through estimator (kept and pruned entries trade
   places); ``same, mask_lr=...``: that arm with the scores' learning rate 1e-3, 3e-3 or 0.05 (0.01 by default);
+* ``learned 2:4 patterns, Gumbel-softmax (MaskLLM; wanda prior)``: each group's pattern learned as a choice among
+  its six 2:4 patterns, sampled through a Gumbel-softmax in training (``Selector(relaxation=GumbelPatterns())``,
+  Fang et al. 2024), Wanda's scores as the prior, 2:4 from the first step, the most probable patterns kept every 10
+  steps; its settings are swept in ``llm_gumbel_sweep.py``;
 * ``GMP``: the same callback with ``optimizer=MaskOptimizer(lr=0)`` (gradual magnitude pruning).
+
+The arms with ``init="wanda"`` rank ``|w * gate| * rms(x_j)`` (the gates keep the calibration norms) for the whole fit.
 
 Metric: held-out perplexity on 512 fixed non-overlapping windows of 64 tokens, with tokens and wall time per arm.
 The commands that made ``results/llm.{jsonl,md}`` are in ``results/llm_commands.sh``.

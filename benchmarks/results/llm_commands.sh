@@ -37,3 +37,15 @@ $B --seeds 0 1 2 --patterns 2:4 --columns train --lr 1e-4 --out benchmarks/resul
 # (stopped at the deadline after seeds 0 and 1)
 $B --seeds 0 1 2 --patterns 50% --columns train --lr 1e-4 --out benchmarks/results/llm_lr1e-4.jsonl \
     --arms "one-shot wanda" "one-shot SparseGPT (llm-compressor)" learned "$SGPT_GATES"
+# Later session: init="wanda" now ranks |w * gate| * rms(x_j) (the gates keep the calibration norms; before, its
+# selection ranked as magnitude). Its arms' records were dropped and rerun (one job, the machine shared with tests):
+SWAPS="learned (wanda prior, final pattern from step 0, swaps)"
+$B --seeds 0 1 2 --patterns 2:4 --columns mask gate train --arms "$SWAPS"
+$B --seeds 0 1 2 --patterns 50% --columns train --arms "$SWAPS"
+$B --seeds 0 --patterns 2:4 50% --arms "learned (wanda init)"
+$B --seeds 0 --patterns 2:4 --columns train --arms "same, mask_lr=0.001"
+$B --seeds 0 --patterns 2:4 --columns mask --arms "same, mask_lr=0.05" "same, mask_lr=0.003"
+$B --seeds 0 1 2 --patterns 2:4 --columns train --lr 1e-4 --out benchmarks/results/llm_lr1e-4.jsonl --arms "$SWAPS"
+# MaskLLM's choice among the six 2:4 patterns (Gumbel-softmax), 3 seeds, and its settings (seed 0)
+$B --seeds 0 1 2 --patterns 2:4 --columns mask train --arms "learned 2:4 patterns, Gumbel-softmax (MaskLLM; wanda prior)"
+(cd benchmarks && nice -n 10 python llm_gumbel_sweep.py)   # results/llm_gumbel_sweep.{jsonl,md}
