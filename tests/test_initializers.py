@@ -51,10 +51,12 @@ def test_constant_uniform_kaiming_and_snip_definitions():
         get_initializer("snip")(WEIGHT)
 
 
-def test_wanda_is_the_magnitude_times_the_input_features_norm():
+def test_wandas_scores_start_on_the_weights_scale_its_norms_ranking_through_the_gate():
+    """The input norms rank through the gate's input_norm (test_llm.py); the scores start as magnitude's, so that
+    every gate starts alike."""
     wanda = get_initializer("wanda", batches=2)
     assert wanda.needs_inputs and not wanda.needs_grad and wanda.batches == 2
-    assert torch.equal(wanda(WEIGHT, input_norm=NORM), WEIGHT.abs() * NORM)
+    assert torch.equal(wanda(WEIGHT, input_norm=NORM), WEIGHT.abs())
     with pytest.raises(ValueError, match="needs the input features' norms"):
         wanda(WEIGHT)
     with pytest.raises(ValueError, match="batches must be an int >= 1"):

@@ -30,12 +30,13 @@ class Snapshot(Callback):
     """The scores and keep bits as training starts (after any data-dependent initialisation, before any update)."""
 
     def __init__(self) -> None:
-        self.scores, self.keep = [], []
+        self.scores, self.keep, self.norms = [], [], []
 
     def on_train_start(self, trainer, pl_module):
         if not self.scores:
             self.scores = [e.gate.scores.detach().float().clone() for e in masked_tensors(pl_module)]
             self.keep = [e.gate.keep.clone() for e in masked_tensors(pl_module)]
+            self.norms = [e.gate.input_norm for e in masked_tensors(pl_module)]
 
 
 def one_shot(module: nn.Module, sparsity: float = 0.5) -> dict[str, torch.Tensor]:
@@ -51,20 +52,21 @@ def one_shot(module: nn.Module, sparsity: float = 0.5) -> dict[str, torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------- wanda
-def test_wanda_scores_are_the_weights_times_the_dense_networks_input_rms_over_the_first_batches():
+def test_wanda_gates_keep_the_dense_networks_input_rms_over_the_first_batches():
     pl.seed_everything(0, verbose=False)
     module = TinyModule()
     dense = TinyModule()
     dense.load_state_dict(module.state_dict())
     inputs = torch.cat([x for x, _ in list(synthetic_loader())[:2]])
     hidden = dense.net[1](dense.net[0](inputs)).detach()
-    expected = [dense.net[0].weight.abs() * inputs.square().mean(0).sqrt(),
-                dense.net[2].weight.abs() * hidden.square().mean(0).sqrt()]
+    expected = [inputs.square().mean(0).sqrt(), hidden.square().mean(0).sqrt()]
     snapshot = Snapshot()
     make_trainer(max_steps=1, callbacks=[MaskPruningCallback(init=get_initializer("wanda", batches=2)),
                                          snapshot]).fit(module)
-    for got, want in zip(snapshot.scores, expected):
-        assert torch.allclose(got, want.detach().to(torch.bfloat16).float(), rtol=1e-2, atol=1e-6)
+    for got, want in zip(snapshot.norms, expected):
+        torch.testing.assert_close(got, want.detach().view(1, -1))
+    for got, layer in zip(snapshot.scores, (dense.net[0], dense.net[2])):  # the scores start as magnitude's
+        assert torch.equal(got, layer.weight.detach().abs().to(torch.bfloat16).float())
 
 
 # ----------------------------------------------------------------------------------------- one-shot zeros
@@ -345,11 +347,13 @@ class OutlierFeatures(pl.LightningModule):
 @pytest.mark.parametrize("mode", ["global", "row"])
 def test_wanda_initialised_masks_prune_by_wandas_criterion_not_magnitudes(mode):
     """init='wanda' ranks |w * gate| * ||x_j|| for the whole fit (the gate keeps the input norms): with the scores
-    held (lr 0) the final mask is Wanda's exactly, per layer or per output row, though magnitude's differs."""
+    held (lr 0) the final mask is Wanda's score of the effective weight, per layer or per output row, though
+    magnitude's mask differs. The gates start at sigmoid(|w|) (bfloat16 scores), as magnitude's do."""
     pl.seed_everything(0, verbose=False)
     module = OutlierFeatures()
     weight = module.layer.weight.detach().clone()
-    wanda = weight.abs() * module.inputs.square().mean(0).sqrt()  # 8 batches of 16: every row is calibration
+    gate = torch.sigmoid(weight.abs().to(torch.bfloat16).float())
+    wanda = weight.abs() * gate * module.inputs.square().mean(0).sqrt()  # 8 batches of 16: all rows calibrate
     callback = MaskPruningCallback(0.5, init="wanda", selector=Selector(mode=mode), optimizer=MaskOptimizer(lr=0.0),
                                    schedule=Schedule("linear", start=0, end=1.0, update_every=2))
     make_trainer(max_epochs=2, callbacks=[callback]).fit(module)

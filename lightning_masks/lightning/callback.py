@@ -414,7 +414,9 @@ class MaskPruningCallback(Callback):
         scale (``GumbelPatterns.scale``) means the same for every layer and initializer."""
         if self.selector.relaxation is not None:
             for entry in masked:
-                entry.gate.reset_scores(standardized(entry.gate.scores.detach()))
+                norm = entry.gate.input_norm  # activation-aware (Wanda): the prior is |w| * rms(x_j)
+                scores = entry.gate.scores.detach()
+                entry.gate.reset_scores(standardized(scores if norm is None else scores.float() * norm))
 
     def _outputs_kept_whole(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         """With channel masks, the layers whose output units are the model's outputs (see ``output_layers``)."""

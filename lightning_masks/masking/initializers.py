@@ -188,16 +188,18 @@ class Snip(Initializer):
 
 @register_initializer("wanda")
 class Wanda(Initializer):
-    """``scores = |w_ij| * rms_j(x)``: the weight's magnitude times the root mean square of its input feature over
-    calibration batches of the training data (Wanda, Sun et al. 2023, https://arxiv.org/abs/2306.11695).
+    """Wanda's criterion ``|w_ij| * rms_j(x)`` for the masks: the weight's magnitude times the root mean square of its
+    input feature over calibration batches of the training data (Wanda, Sun et al. 2023,
+    https://arxiv.org/abs/2306.11695; dividing ``||x_j||_2`` by the square root of the rows seen keeps its ranking).
 
-    Wanda's score is ``|w_ij| * ||x_j||_2``; dividing the norm by the square root of the number of rows seen gives
-    the same ranking at the scale of ``|w|`` (so the gates start as magnitude's do). The callback runs ``batches``
-    training batches of the dense network in eval mode with forward hooks on the masked layers (summed over DDP
-    ranks) before the first step, and keeps the norms in each gate (``MaskGate.set_input_norm``), so that the default
-    ``importance="effective_weight"`` ranks ``|w * gate| * rms_j(x)``, Wanda's criterion on the effective weight, for
-    the whole fit: with the scores held the masks are Wanda's own. (Without the norms ``|w * gate|`` would rank as
-    magnitude: a gate ``sigmoid(s)`` of scores this small is close to one half everywhere.)
+    The callback runs ``batches`` training batches of the dense network in eval mode with forward hooks on the
+    masked layers (summed over DDP ranks) before the first step, and keeps each layer's ``rms_j(x)`` in its gate
+    (``MaskGate.set_input_norm``): the default ``importance="effective_weight"`` then ranks ``|w * gate| * rms_j(x)``
+    for the whole fit, Wanda's score of the effective weight (with the scores held, Wanda's own masks). The scores
+    themselves start as magnitude's, ``|w|``, so that every gate starts alike: a gate ``sigmoid(|w| * rms_j(x))``
+    would start the network with its high-norm input features scaled up against the others (under a per-tensor
+    rescale, ``MaskState(compact=True)``), by up to 2x where LLMs have outlier features. Under
+    ``Selector(relaxation=...)`` the pattern logits start from ``|w| * rms_j(x)`` (Wanda's prior).
 
     Supported layers: ``nn.Linear`` (PEFT adapters' base layers included), transformers' ``Conv1D``, ungrouped
     ``ConvNd`` (one norm per input channel).
@@ -219,7 +221,7 @@ class Wanda(Initializer):
         if input_norm is None:
             raise ValueError("the wanda initializer needs the input features' norms (input_norm=..., see "
                              "lightning_masks.masking.activations.input_norms); MaskPruningCallback gathers them")
-        return weight.abs() * input_norm.to(weight)
+        return weight.abs()  # the norms rank through the gate's input_norm (see the class docstring)
 
 
 @register_initializer("from_zeros")

@@ -29,7 +29,7 @@ __all__ = [
 PARAMETRIZATION_MARK = ".parametrizations."
 ORIGINAL = "original"
 GATE_FIELDS = ("scores", "keep_bits", "temperature", "gate_scale", "binary", "input_norm")  # MaskGate's state dict
-REQUIRED_FIELDS = (ORIGINAL, "scores", "keep_bits", "temperature")  # gate_scale with rescale, binary, input_norm: if set
+REQUIRED_FIELDS = (ORIGINAL, "scores", "keep_bits", "temperature")  # the others only where set
 _GATE_INDEX = "0."  # our gate is the first (and only) parametrization of the tensor
 
 
