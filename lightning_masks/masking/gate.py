@@ -319,6 +319,15 @@ class MaskGate(nn.Module):
         (Sun et al. 2023, https://arxiv.org/abs/2306.11695), for the rest of the fit."""
         self.register_buffer("input_norm", norm.detach().to(device=self.scores.device, dtype=torch.float32).clone())
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A saved input_norm (init="wanda") loads into a gate made without one, as a resumed fit's gates are made.
+        norm = state_dict.get(prefix + "input_norm")
+        if norm is not None and self.input_norm is None:
+            self.set_input_norm(torch.zeros(norm.shape))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     @torch.no_grad()
     def reset_scores(self, scores: Tensor) -> None:
         """Set the scores (and, when rescaling, the gate's initial value) in place; pruned entries stay pruned.
