@@ -215,3 +215,12 @@ def test_relaxed_gates_are_binary_and_named_in_their_repr():
     for entry in masked_tensors(module):
         assert entry.gate.is_binary and isinstance(entry.gate.relaxation, RelaxedGroups)
         assert "2:4" in repr(entry.gate.relaxation)
+
+
+def test_a_relaxation_over_a_held_mask_is_refused_before_any_step():
+    """A fixed initializer holds its mask all fit; the relaxation would sample other patterns in training and
+    reselect as the fit ends: refused at construction, naming the prior to use instead."""
+    from lightning_masks import get_initializer
+    with pytest.raises(ValueError, match=r"holds its mask for the whole fit.*pass init='from_zeros' \(fixed=False\)"):
+        MaskPruningCallback(init=get_initializer("from_zeros", fixed=True), **RELAXED)
+    MaskPruningCallback(init="from_zeros", **RELAXED)  # the one-shot mask as the relaxation's prior

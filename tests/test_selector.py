@@ -442,3 +442,9 @@ def test_row_selection_keeps_pruned_entries_pruned_without_regrowth():
 def test_row_selection_needs_element_granularity(granularity):
     with pytest.raises(ValueError, match="mode='row' prunes each output unit's weights, so it needs granularity="):
         Selector(mode="row", granularity=granularity)
+
+
+@pytest.mark.parametrize("tie", [[["a.*", "b.*"]], "auto"])
+def test_row_selection_refuses_tie_which_it_would_ignore(tie):
+    with pytest.raises(ValueError, match="mode='row' prunes each output unit of each tensor on its own"):
+        Selector(mode="row", tie=tie)

@@ -119,6 +119,15 @@ def check_relaxed_schedule(selector: Selector, schedule: Any) -> None:
                          f"schedule is {schedule!r}: pass schedule=Schedule('constant', start=0, update_every=10)")
 
 
+def check_relaxed_init(selector: Selector, initializer: Any) -> None:
+    """A relaxation learns each group's pattern: refuse an initializer that holds its mask for the whole fit."""
+    if selector.relaxation is not None and getattr(initializer, "fixed", False):
+        raise ValueError(f"init={initializer!r} holds its mask for the whole fit, but relaxation="
+                         f"{selector.relaxation!r} learns each group's pattern (and its training forward would sample "
+                         "patterns the held mask does not have): pass init='from_zeros' (fixed=False) to start from "
+                         "that mask as the relaxation's prior, or drop the relaxation to hold it")
+
+
 @overload
 def check_targets(name: str, value: Any, optional: Literal[False] = False) -> list: ...
 @overload

@@ -55,6 +55,7 @@ from ..selection import Selector, ties_among
 from . import fit_report, loggers, sharding
 from .arguments import (
     check_output_layers,
+    check_relaxed_init,
     check_relaxed_schedule,
     check_settings,
     check_targets,
@@ -195,6 +196,7 @@ class MaskPruningCallback(Callback):
         self.initializer = get_initializer(init)
         self.schedule = get_schedule(schedule, final)
         check_relaxed_schedule(selector, self.schedule)
+        check_relaxed_init(selector, self.initializer)
         self.selector = selector
         self.state = instance_of("state", state, MaskState, "MaskState(temperature=0.5)")
         self.optimizer = instance_of("optimizer", optimizer, MaskOptimizer, "MaskOptimizer(lr=0.05)")

@@ -161,6 +161,9 @@ class Selector:
         if self.straight_through and not self.regrow:
             raise ValueError("straight_through=True needs regrow=True: without regrowth a pruned entry never comes "
                              "back, and its scores' gradients would change nothing")
+        if self.tie and self.mode == "row":
+            raise ValueError(f"tie={self.tie!r} prunes tensors together unit by unit, but mode='row' prunes each "
+                             "output unit of each tensor on its own: use mode='global' or 'layer' with tie, or drop tie")
         if self.tie == "auto":
             return
         if isinstance(self.tie, str) or any(isinstance(group, str) or not group or
