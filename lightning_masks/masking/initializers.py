@@ -200,7 +200,7 @@ class Wanda(Initializer):
     magnitude: a gate ``sigmoid(s)`` of scores this small is close to one half everywhere.)
 
     Supported layers: ``nn.Linear`` (PEFT adapters' base layers included), transformers' ``Conv1D``, ungrouped
-    ``ConvNd`` (one norm per input channel).
+    ``ConvNd`` and ``ConvTransposeNd`` (one norm per input channel).
 
     Args:
         batches: calibration batches, ``>= 1`` (Wanda used 128 sequences of 2048 tokens).
