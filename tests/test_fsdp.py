@@ -1,6 +1,6 @@
 """FSDP2 through ModelParallelStrategy on two CPU processes (gloo): the sharded masks choose the keep bits one
 process chooses on the same tensors, resume exactly, hold half the mask state a rank, log global counts, fold and
-export; layers sharded before masking and tensor parallelism are refused. One run of tests/fsdp_run.py serves every
+export; layers sharded before masking, tensor parallelism and inits from the inputs are refused. One run of tests/fsdp_run.py serves every
 check."""
 
 import csv
@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from lightning_masks import MaskPruningCallback
 from lightning_masks.lightning.trainer import check_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -155,3 +157,13 @@ def test_tensor_parallelism_is_refused_naming_what_works():
     with pytest.raises(ValueError, match="tensor_parallel_size='auto'"):
         check_strategy(ModelParallelStrategy())
     check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+
+
+def test_an_init_from_the_inputs_is_refused_naming_what_works():
+    """Wanda calibrates on training batches, which run only once the weights are sharded: refused at setup (before
+    it crashed at the first multiply of a plain input norm with a sharded weight)."""
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=2, logger=False,
+                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    callback = MaskPruningCallback(0.5, init="wanda")
+    with pytest.raises(ValueError, match=r"under ModelParallelStrategy.*init='magnitude'.*init='from_zeros'"):
+        callback.setup(trainer, TinyLlamaModule(), "fit")

@@ -297,6 +297,12 @@ class MaskPruningCallback(Callback):
                 raise ValueError(f"{self.initializer!r} scores one training step of the dense model, which "
                                  "ModelParallelStrategy shards only after the masks attach: pick an init computed "
                                  "from the weights (e.g. init='magnitude')")
+            if self.initializer.needs_inputs:
+                raise ValueError(f"{self.initializer!r} scores the weights from the dense model's inputs over "
+                                 "training batches, which under ModelParallelStrategy run only once the weights "
+                                 "are sharded, and its scores and input norms are not computed on shards: pick an "
+                                 "init computed from the weights (e.g. init='magnitude'), or start from a one-shot "
+                                 "Wanda mask with init='from_zeros'")
             before = lambda: self.mask_before_sharding(trainer, pl_module, required=False)  # noqa: E731
         after_configure_model(pl_module, lambda: self._mask(trainer, pl_module), before)
 
