@@ -224,3 +224,17 @@ def test_a_relaxation_over_a_held_mask_is_refused_before_any_step():
     with pytest.raises(ValueError, match=r"holds its mask for the whole fit.*pass init='from_zeros' \(fixed=False\)"):
         MaskPruningCallback(init=get_initializer("from_zeros", fixed=True), **RELAXED)
     MaskPruningCallback(init="from_zeros", **RELAXED)  # the one-shot mask as the relaxation's prior
+
+
+@pytest.mark.parametrize("init", ["constant", "stddev"])
+def test_an_init_that_gives_equal_scores_under_a_relaxation_is_named_in_a_warning(init):
+    torch.manual_seed(0)
+    module = TinyModule()
+    with pytest.warns(UserWarning, match=rf"init=.*gives 2 masked tensors equal scores \(net.0.weight, net.2.weight\)"):
+        make_trainer(max_steps=1, callbacks=[MaskPruningCallback(init=init, **RELAXED)]).fit(module)
+
+
+def test_a_ranking_init_under_a_relaxation_warns_of_no_equal_scores(recwarn):
+    torch.manual_seed(0)
+    make_trainer(max_steps=1, callbacks=[MaskPruningCallback(**RELAXED)]).fit(TinyModule())
+    assert not [w for w in recwarn if "equal scores" in str(w.message)]

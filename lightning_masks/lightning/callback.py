@@ -420,9 +420,20 @@ class MaskPruningCallback(Callback):
     def _scores_ready(self, masked: list[MaskedTensor]) -> None:
         """The initial scores are set: under a relaxation, standardise them per tensor, so that the pattern logits'
         scale (``GumbelPatterns.scale``) means the same for every layer and initializer."""
-        if self.selector.relaxation is not None:
-            for entry in masked:
-                entry.gate.reset_scores(standardized(entry.gate.scores.detach()))
+        if self.selector.relaxation is None:
+            return
+        flat = []
+        for entry in masked:
+            scores = standardized(entry.gate.scores.detach())
+            if entry.numel > 1 and not scores.any():  # all equal: every pattern as likely as the others
+                flat.append(entry.name)
+            entry.gate.reset_scores(scores)
+        if flat:
+            rank_zero_warn(f"lightning_masks: init={self.initializer!r} gives {len(flat)} masked tensors equal scores "
+                           f"({', '.join(flat[:4])}{', ...' if len(flat) > 4 else ''}): the relaxation starts them with "
+                           "no preferred pattern (each group's patterns equally likely, ties that a selection before the "
+                           "scores learn breaks by position); pick an init that ranks the weights, e.g. init='magnitude' or "
+                           "'wanda'")
 
     def _outputs_kept_whole(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         """With channel masks, the layers whose output units are the model's outputs (see ``output_layers``)."""
