@@ -1,7 +1,7 @@
 """FSDP2 through ModelParallelStrategy on two CPU processes (gloo): the sharded masks choose the keep bits one
 process chooses on the same tensors, resume exactly, hold half the mask state a rank, log global counts, fold and
-export; layers sharded before masking, tensor parallelism and inits from the inputs are refused. One run of tests/fsdp_run.py serves every
-check."""
+export; layers sharded before masking, tensor parallelism and inits from the inputs are refused. One run of
+tests/fsdp_run.py serves every check."""
 
 import csv
 import os

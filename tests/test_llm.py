@@ -282,8 +282,8 @@ def test_a_masked_lora_layer_computes_the_adapters_update_under_the_same_mask(ga
     expected = x @ gate.masked(entry.weight + delta).T
     assert torch.allclose(out, expected, atol=1e-5)
     if gate_kind != "relaxed":
-        assert torch.allclose(out, x @ ((entry.weight + delta) * (gate.keep if binary else gate(torch.ones_like(delta)))).T,
-                              atol=1e-5)
+        mask = gate.keep if binary else gate(torch.ones_like(delta))
+        assert torch.allclose(out, x @ ((entry.weight + delta) * mask).T, atol=1e-5)
     model.eval()  # outside training every kind is the fold's: binary masks are w * keep
     with torch.no_grad():
         want = x @ gate.folded(entry.weight + delta).T

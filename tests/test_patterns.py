@@ -230,7 +230,7 @@ def test_a_relaxation_over_a_held_mask_is_refused_before_any_step():
 def test_an_init_that_gives_equal_scores_under_a_relaxation_is_named_in_a_warning(init):
     torch.manual_seed(0)
     module = TinyModule()
-    with pytest.warns(UserWarning, match=rf"init=.*gives 2 masked tensors equal scores \(net.0.weight, net.2.weight\)"):
+    with pytest.warns(UserWarning, match=r"init=.*gives 2 masked tensors equal scores \(net.0.weight, net.2.weight\)"):
         make_trainer(max_steps=1, callbacks=[MaskPruningCallback(init=init, **RELAXED)]).fit(module)
 
 
@@ -238,3 +238,8 @@ def test_a_ranking_init_under_a_relaxation_warns_of_no_equal_scores(recwarn):
     torch.manual_seed(0)
     make_trainer(max_steps=1, callbacks=[MaskPruningCallback(**RELAXED)]).fit(TinyModule())
     assert not [w for w in recwarn if "equal scores" in str(w.message)]
+
+
+def test_frozen_gate_under_a_relaxation_warns_that_the_masks_are_binary():
+    with pytest.warns(UserWarning, match="frozen='gate' learns soft gates.*the masks are binary"):
+        MaskPruningCallback(frozen="gate", **RELAXED)

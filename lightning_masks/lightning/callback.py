@@ -63,6 +63,7 @@ from .arguments import (
     instance_of,
     refuse_flat_fields,
     refuse_misplaced,
+    warn_relaxed_gates,
 )
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze, warn_inner_copies
 from .fit_report import MaskLogging
@@ -197,6 +198,7 @@ class MaskPruningCallback(Callback):
         self.schedule = get_schedule(schedule, final)
         check_relaxed_schedule(selector, self.schedule)
         check_relaxed_init(selector, self.initializer)
+        warn_relaxed_gates(selector, frozen)
         self.selector = selector
         self.state = instance_of("state", state, MaskState, "MaskState(temperature=0.5)")
         self.optimizer = instance_of("optimizer", optimizer, MaskOptimizer, "MaskOptimizer(lr=0.05)")
@@ -429,11 +431,11 @@ class MaskPruningCallback(Callback):
                 flat.append(entry.name)
             entry.gate.reset_scores(scores)
         if flat:
-            rank_zero_warn(f"lightning_masks: init={self.initializer!r} gives {len(flat)} masked tensors equal scores "
-                           f"({', '.join(flat[:4])}{', ...' if len(flat) > 4 else ''}): the relaxation starts them with "
-                           "no preferred pattern (each group's patterns equally likely, ties that a selection before the "
-                           "scores learn breaks by position); pick an init that ranks the weights, e.g. init='magnitude' or "
-                           "'wanda'")
+            rank_zero_warn(f"lightning_masks: init={self.initializer!r} gives {len(flat)} masked tensors equal "
+                           f"scores ({', '.join(flat[:4])}{', ...' if len(flat) > 4 else ''}): the relaxation starts "
+                           "them with no preferred pattern (each group's patterns equally likely, ties that a "
+                           "selection before the scores learn breaks by position); pick an init that ranks the "
+                           "weights, e.g. init='magnitude' or 'wanda'")
 
     def _outputs_kept_whole(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         """With channel masks, the layers whose output units are the model's outputs (see ``output_layers``)."""

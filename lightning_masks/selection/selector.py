@@ -163,7 +163,8 @@ class Selector:
                              "back, and its scores' gradients would change nothing")
         if self.tie and self.mode == "row":
             raise ValueError(f"tie={self.tie!r} prunes tensors together unit by unit, but mode='row' prunes each "
-                             "output unit of each tensor on its own: use mode='global' or 'layer' with tie, or drop tie")
+                             "output unit of each tensor on its own: use mode='global' or 'layer' with tie, or drop "
+                             "tie")
         if self.tie == "auto":
             return
         if isinstance(self.tie, str) or any(isinstance(group, str) or not group or
