@@ -243,3 +243,13 @@ def test_a_ranking_init_under_a_relaxation_warns_of_no_equal_scores(recwarn):
 def test_frozen_gate_under_a_relaxation_warns_that_the_masks_are_binary():
     with pytest.warns(UserWarning, match="frozen='gate' learns soft gates.*the masks are binary"):
         MaskPruningCallback(frozen="gate", **RELAXED)
+
+
+def test_a_relaxation_in_a_fit_without_a_bound_on_its_steps_is_refused_before_any_step():
+    """The temperature anneals over the fit's steps; unbounded, it would stay at its start for good."""
+    torch.manual_seed(0)
+    callback = MaskPruningCallback(selector=RELAXED["selector"], schedule=Schedule("constant", start=0, end=1))
+    trainer = make_trainer(max_epochs=-1, max_steps=-1, max_time="00:00:00:03", callbacks=[callback])
+    with pytest.raises(ValueError, match="anneals its temperature over the fit's steps.*set max_steps or max_epochs"):
+        trainer.fit(TinyModule())
+    assert trainer.global_step == 0

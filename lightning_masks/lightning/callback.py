@@ -9,6 +9,7 @@ The hooks are thin: argument checks are in :mod:`~lightning_masks.lightning.argu
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
@@ -478,6 +479,10 @@ class MaskPruningCallback(Callback):
             else:
                 self._score_from_one_batch(trainer, pl_module)
         self.plan.resolve(*training_length(trainer))
+        if self.selector.relaxation is not None and not math.isfinite(trainer.estimated_stepping_batches):
+            raise ValueError(f"relaxation={self.selector.relaxation!r} anneals its temperature over the fit's "
+                             "steps, but this fit has no bound on them (max_epochs=-1 and max_steps=-1, or a "
+                             "dataloader without a length): set max_steps or max_epochs")
 
     def _score_from_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise activation-aware scores (e.g. Wanda) from the input norms of the dense network, in eval mode,
