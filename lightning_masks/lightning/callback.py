@@ -211,6 +211,7 @@ class MaskPruningCallback(Callback):
         self.fold_on_fit_end = fold_on_fit_end
         self.seed = seed
         self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
+        self._total_steps = 1.0  # this fit's optimizer steps (trainer.training_length), set as training starts
 
         # this fit's lifecycle (plan.py)
         self.plan = Plan(self.schedule, selector.regrow)
@@ -478,11 +479,12 @@ class MaskPruningCallback(Callback):
                 self._score_from_inputs(trainer, pl_module)
             else:
                 self._score_from_one_batch(trainer, pl_module)
-        self.plan.resolve(*training_length(trainer))
-        if self.selector.relaxation is not None and not math.isfinite(trainer.estimated_stepping_batches):
+        self._total_steps, per_epoch = training_length(trainer)
+        if self.selector.relaxation is not None and not math.isfinite(self._total_steps):
             raise ValueError(f"relaxation={self.selector.relaxation!r} anneals its temperature over the fit's "
                              "steps, but this fit has no bound on them (max_epochs=-1 and max_steps=-1, or a "
-                             "dataloader without a length): set max_steps or max_epochs")
+                             "dataloader without a length and no max_steps): set max_steps (or max_epochs)")
+        self.plan.resolve(self._total_steps, per_epoch)
 
     def _score_from_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise activation-aware scores (e.g. Wanda) from the input norms of the dense network, in eval mode,
@@ -539,10 +541,11 @@ class MaskPruningCallback(Callback):
             self._account(trainer, started, updated)
 
     def _anneal(self, trainer: pl.Trainer) -> None:
-        """Under a relaxation, set the Gumbel-softmax temperature for this step (linear over the optimizer steps)."""
+        """Under a relaxation, set the Gumbel-softmax temperature for this step (linear over the fit's optimizer steps,
+        counted as the schedule counts them: :func:`~lightning_masks.lightning.trainer.step_clock`)."""
         relaxation = cast(Optional[GumbelPatterns], self.selector.relaxation)  # a Selector builds its GumbelPatterns
         if relaxation is not None:
-            tau = relaxation.tau(trainer.global_step / max(float(trainer.estimated_stepping_batches), 1.0))
+            tau = relaxation.tau(step_clock(trainer) / max(self._total_steps, 1.0))
             for entry in self._masked:
                 if entry.gate.relaxation is not None:
                     entry.gate.relaxation.tau = tau
