@@ -480,10 +480,13 @@ class MaskPruningCallback(Callback):
             else:
                 self._score_from_one_batch(trainer, pl_module)
         self._total_steps, per_epoch = training_length(trainer)
+        if not math.isfinite(per_epoch):
+            raise ValueError("the training dataloader has no length (a stream) and max_steps is unset, so the fit's "
+                             "steps are unknown and the schedule cannot be placed on them: set max_steps")
         if self.selector.relaxation is not None and not math.isfinite(self._total_steps):
             raise ValueError(f"relaxation={self.selector.relaxation!r} anneals its temperature over the fit's "
-                             "steps, but this fit has no bound on them (max_epochs=-1 and max_steps=-1, or a "
-                             "dataloader without a length and no max_steps): set max_steps (or max_epochs)")
+                             "steps, but this fit has no bound on them (max_epochs=-1 and max_steps=-1): set "
+                             "max_steps (or max_epochs)")
         self.plan.resolve(self._total_steps, per_epoch)
 
     def _score_from_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
