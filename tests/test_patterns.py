@@ -253,3 +253,26 @@ def test_a_relaxation_in_a_fit_without_a_bound_on_its_steps_is_refused_before_an
     with pytest.raises(ValueError, match=r"anneals its temperature over the fit's steps.*set max_steps \(or max_ep"):
         trainer.fit(TinyModule())
     assert trainer.global_step == 0
+
+
+def test_a_resumed_relaxed_fit_draws_the_noise_the_uninterrupted_one_draws(tmp_path):
+    """The relaxation's noise comes from the callback's generator, saved in its checkpoints: resumed mid-fit, the
+    temperature, the samples and so the scores and masks go on as in the uninterrupted fit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        module = TinyModule()
+        callback = MaskPruningCallback(fold_on_fit_end=False, selector=RELAXED["selector"],
+                                       schedule=Schedule("constant", start=0, update_every=2))
+        saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+        make_trainer(max_epochs=3, callbacks=[callback, saver], enable_checkpointing=True,
+                     deterministic=True).fit(module, ckpt_path=ckpt_path)
+        return masked_tensors(module)
+
+    whole = fit()
+    resumed = fit(tmp_path / "epoch=0.ckpt")
+    for a, b in zip(whole, resumed):
+        assert a.gate.relaxation.tau == b.gate.relaxation.tau
+        assert torch.equal(a.gate.keep, b.gate.keep)
+        assert torch.equal(a.gate.scores, b.gate.scores) and torch.equal(a.weight, b.weight)

@@ -212,6 +212,8 @@ class MaskPruningCallback(Callback):
         self.seed = seed
         self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
         self._total_steps = 1.0  # this fit's optimizer steps (trainer.training_length), set as training starts
+        self._noise: dict[str, torch.Generator] = {}  # the relaxation's noise generators of this fit, by device
+        self._noise_states: Optional[dict[str, torch.Tensor]] = None  # their checkpointed states, until they exist
 
         # this fit's lifecycle (plan.py)
         self.plan = Plan(self.schedule, selector.regrow)
@@ -286,6 +288,7 @@ class MaskPruningCallback(Callback):
         self._fit_running = True
         self._shown_sparsity = self._logged_step = None
         self._flips = {}
+        self._noise = {}
         if self.schedule.uses_fractions and unbounded(trainer):
             raise ValueError(
                 "the schedule's start/end are fractions of training, but training length is unbounded "
@@ -353,7 +356,8 @@ class MaskPruningCallback(Callback):
             entry.gate.straight_through = self.selector.straight_through
             if relaxation is not None and grain.n is not None and grain.m is not None:
                 entry.gate.relaxation = RelaxedGroups(relaxation, grain.n, grain.m,
-                                                      entry.axis if entry.weight.dim() > 1 else 0)
+                                                      entry.axis if entry.weight.dim() > 1 else 0,
+                                                      self._noise_generator(entry.weight.device))
             if self.initializer.fixed:  # a held mask: the scores do not learn
                 entry.gate.scores.requires_grad_(False)
         try:
@@ -376,6 +380,15 @@ class MaskPruningCallback(Callback):
         # configure_optimizers groups what it sees by name and type (minGPT): show it the plain model
         within_configure_optimizers(pl_module, lambda: masks_hidden(pl_module))
         plain_saves(pl_module)  # a save_pretrained snapshot during fit saves the masked weights under plain keys
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        """This fit's generator of the relaxation's noise on ``device`` (seeded by ``seed``, else by torch's initial
+        seed: ``seed_everything`` repeats it); its state is in the callback's checkpoints."""
+        key = str(device)
+        if key not in self._noise:
+            seed = self.seed if self.seed is not None else torch.initial_seed()
+            self._noise[key] = torch.Generator(device=device).manual_seed(seed)
+        return self._noise[key]
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                 thawed: list[torch.Tensor]) -> list[MaskedTensor]:
@@ -480,6 +493,10 @@ class MaskPruningCallback(Callback):
             else:
                 self._score_from_one_batch(trainer, pl_module)
         self._total_steps, per_epoch = training_length(trainer)
+        for key, state in (self._noise_states or {}).items():  # a resume: the noise goes on as it would have
+            if key in self._noise:
+                self._noise[key].set_state(state)
+        self._noise_states = None
         if not math.isfinite(per_epoch):
             raise ValueError("the training dataloader has no length (a stream) and max_steps is unset, so the fit's "
                              "steps are unknown and the schedule cannot be placed on them: set max_steps")
@@ -739,12 +756,14 @@ class MaskPruningCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {**self.plan.state_dict(), "scores_initialized": self.scores_initialized,
-                "score_optimizers": self._scores.state_dict()}
+                "score_optimizers": self._scores.state_dict(),
+                "relaxation_noise": {key: generator.get_state() for key, generator in self._noise.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.plan.load_state_dict(state_dict)
         self.scores_initialized = state_dict["scores_initialized"]
+        self._noise_states = state_dict.get("relaxation_noise") or None
         states = state_dict.get("score_optimizers") or None
         if states is not None and self._scores.optimizers:
             self._scores.load_state_dict(states)
