@@ -308,6 +308,26 @@ def test_unbounded_training_with_fractional_schedule_is_refused(tiny_module):
                   tiny_module, max_epochs=-1, callbacks=[MaskPruningCallback()])
 
 
+class Streamed(TinyModule):
+    """TinyModule's data as a stream: a dataloader with no length."""
+
+    def train_dataloader(self):
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                generator = torch.Generator().manual_seed(0)
+                return iter([(torch.randn(8, generator=generator), torch.tensor(i % 3)) for i in range(32)])
+
+        return torch.utils.data.DataLoader(Stream(), batch_size=8)
+
+
+@pytest.mark.parametrize("schedule", ["cubic", Schedule("cubic", start=0, end=2)])
+def test_a_stream_without_max_steps_is_refused_naming_the_fix(schedule):
+    """A dataloader with no length and no max_steps: the fit's steps are unknown (they failed as a NaN)."""
+    fit_expecting(r"no length \(a stream\) and max_steps is unset.*set max_steps", Streamed(), max_epochs=2,
+                  callbacks=[MaskPruningCallback(0.5, schedule=schedule)])
+    make_trainer(max_steps=3, callbacks=[MaskPruningCallback(0.5)]).fit(Streamed())  # with max_steps: fine
+
+
 def test_nm_rows_not_divisible_are_refused_in_setup(tiny_module):
     fit_expecting(r"2:5 needs rows divisible by 5, but 'net.0.weight'", tiny_module, max_epochs=1,
                   callbacks=[MaskPruningCallback(selector=Selector(granularity="2:5"))])

@@ -30,9 +30,11 @@ def fit(tmp_path, max_epochs, ckpt_path=None, module_cls=TinyModule, update_ever
 
 
 @pytest.mark.parametrize("module_cls, options", [(TinyModule, {"optimizer": MaskOptimizer(lr=0.05)}),
-                                                 (Scheduled, {"optimizer": MaskOptimizer(lr=None, weight_decay=0.0)})])
+                                                 (Scheduled, {"optimizer": MaskOptimizer(lr=None, weight_decay=0.0)}),
+                                                 (TinyModule, {"init": "wanda"})])
 def test_resume_mid_schedule_reaches_the_same_masks_position_and_metrics(tmp_path, module_cls, options):
-    """The scores' optimizer resumes too: its state, and (``lr=None``) the scheduled lr it follows."""
+    """The scores' optimizer resumes too: its state, and (``lr=None``) the scheduled lr it follows; ``init="wanda"``'s
+    input norms, which the resumed fit's gates (made before the load) take from the checkpoint."""
     whole, whole_pruner, whole_trainer = fit(tmp_path / "whole", 6, module_cls=module_cls, update_every=1,
                                              **options)
     checkpoint = tmp_path / "whole" / "epoch=1.ckpt"
@@ -45,6 +47,8 @@ def test_resume_mid_schedule_reaches_the_same_masks_position_and_metrics(tmp_pat
         whole_pruner.plan.position, whole_pruner.plan.target, whole_pruner.plan.pruned)
     for a, b in zip(masked_tensors(whole), masked_tensors(resumed)):
         assert torch.equal(a.gate.keep, b.gate.keep)
+        assert (a.gate.input_norm is None) == ("init" not in options)
+        assert a.gate.input_norm is None or torch.equal(a.gate.input_norm, b.gate.input_norm)
         assert torch.allclose(a.gate.scores, b.gate.scores, atol=1e-6)
         assert torch.allclose(a.weight, b.weight, atol=1e-6)
     for key in ("train_loss", "val_loss"):

@@ -1,7 +1,7 @@
 """FSDP2 through ModelParallelStrategy on two CPU processes (gloo): the sharded masks choose the keep bits one
 process chooses on the same tensors, resume exactly, hold half the mask state a rank, log global counts, fold and
-export; layers sharded before masking and tensor parallelism are refused. One run of tests/fsdp_run.py serves every
-check."""
+export; layers sharded before masking, tensor parallelism and inits from the inputs are refused. One run of
+tests/fsdp_run.py serves every check."""
 
 import csv
 import os
@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from lightning_masks import MaskPruningCallback
 from lightning_masks.lightning.trainer import check_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -155,3 +157,46 @@ def test_tensor_parallelism_is_refused_naming_what_works():
     with pytest.raises(ValueError, match="tensor_parallel_size='auto'"):
         check_strategy(ModelParallelStrategy())
     check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+
+
+def test_an_init_from_the_inputs_is_refused_naming_what_works():
+    """Wanda calibrates on training batches, which run only once the weights are sharded: refused at setup (before
+    it crashed at the first multiply of a plain input norm with a sharded weight)."""
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=2, logger=False,
+                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    callback = MaskPruningCallback(0.5, init="wanda")
+    with pytest.raises(ValueError, match=r"under ModelParallelStrategy.*init='magnitude'.*init='from_zeros'"):
+        callback.setup(trainer, TinyLlamaModule(), "fit")
+
+
+SHARD_LAYOUT = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers.pytorch_utils import Conv1D
+from lightning_masks import Selector, attach, masked_tensors
+from lightning_masks.lightning.sharding import check_shard_layout
+from lightning_masks.masking import shard_with_weights
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+net = torch.nn.Sequential(torch.nn.Linear(8, 8), Conv1D(8, 8), torch.nn.LayerNorm(8))
+shard_with_weights(attach(net, [torch.nn.Linear, Conv1D, "2.weight"]))
+fully_shard(net, mesh=init_device_mesh("cpu", (1,)))
+for mode in ("layer", "row"):
+    try:
+        check_shard_layout(masked_tensors(net), Selector(mode=mode))
+        print(mode, "ok")
+    except ValueError as error:
+        print(mode, "refused:", error)
+dist.destroy_process_group()
+"""
+
+
+def test_row_selection_under_fsdp2_is_refused_where_a_shard_splits_rows(tmp_path):
+    """mode='row' ranks each output unit's weights: a dim-0 shard splits the rows of a Conv1D (outputs on dim 1)
+    and a 1-D tensor (one row), so each process would rank part of a row as if it were the whole."""
+    result = subprocess.run([sys.executable, "-c", SHARD_LAYOUT, str(tmp_path / "store")], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layer ok" in result.stdout
+    assert "row refused: mode='row' under FSDP2 needs whole output units on each shard" in result.stdout
+    assert "*.weight (x2) hold theirs on dim 1 or are 1-D" in result.stdout  # the Conv1D and the LayerNorm's

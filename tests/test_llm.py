@@ -255,21 +255,41 @@ def test_lora_prunes_the_frozen_base_under_the_adapters_and_merge_and_unload_kee
         assert torch.allclose(merged(input_ids=tokens).logits, trained, atol=1e-5)
 
 
-def test_a_masked_lora_layer_computes_the_adapters_update_under_the_same_mask():
-    from lightning_masks import attach
+@pytest.mark.parametrize("gate_kind", ["soft", "binary", "relaxed"])
+def test_a_masked_lora_layer_computes_the_adapters_update_under_the_same_mask(gate_kind):
+    """Soft gates, binary masks (frozen="mask") and a relaxation's sampled patterns (in training: the very sample
+    the base weight drew) mask the adapter's update as they mask the base weight, so the layer computes
+    ``x ((W + dW) * G)^T``, what the fold leaves."""
+    from lightning_masks import GumbelPatterns, attach
+    from lightning_masks.masking.patterns import RelaxedGroups
     model = lora(llama())
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_()  # a nonzero update (peft starts B at zero)
-    attach(model, ["*.q_proj.base_layer"], init=lambda w: torch.randn_like(w))
+    binary = [] if gate_kind == "soft" else [f"base_model.model.model.layers.{i}.self_attn.q_proj.base_layer.weight"
+                                             for i in range(2)]
+    attach(model, ["*.q_proj.base_layer"], init=lambda w: torch.randn_like(w), binary=binary)
     entry = masked_tensors(model)[0]
-    with torch.no_grad():
-        entry.gate.set_keep(torch.rand_like(entry.weight) > 0.5)
-    x = torch.randn(3, 16)
-    delta = layer.get_delta_weight("default")
     gate = entry.gate
-    expected = x @ (gate(entry.weight + delta)).T
-    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert gate.is_binary == bool(binary)
+    if gate_kind == "relaxed":
+        gate.relaxation = RelaxedGroups(GumbelPatterns(), 2, 4, axis=0)
+    with torch.no_grad():
+        gate.set_keep(torch.rand_like(entry.weight) > 0.5)
+    x = torch.randn(3, 16)
+    delta = layer.get_delta_weight("default").detach()
+    torch.manual_seed(1)
+    out = layer(x)
+    torch.manual_seed(1)  # the same Gumbel noise: the sample the layer's forward drew
+    expected = x @ gate.masked(entry.weight + delta).T
+    assert torch.allclose(out, expected, atol=1e-5)
+    if gate_kind != "relaxed":
+        mask = gate.keep if binary else gate(torch.ones_like(delta))
+        assert torch.allclose(out, x @ ((entry.weight + delta) * mask).T, atol=1e-5)
+    model.eval()  # outside training every kind is the fold's: binary masks are w * keep
+    with torch.no_grad():
+        want = x @ gate.folded(entry.weight + delta).T
+        assert torch.allclose(layer(x), want, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- the README's examples

@@ -215,3 +215,64 @@ def test_relaxed_gates_are_binary_and_named_in_their_repr():
     for entry in masked_tensors(module):
         assert entry.gate.is_binary and isinstance(entry.gate.relaxation, RelaxedGroups)
         assert "2:4" in repr(entry.gate.relaxation)
+
+
+def test_a_relaxation_over_a_held_mask_is_refused_before_any_step():
+    """A fixed initializer holds its mask all fit; the relaxation would sample other patterns in training and
+    reselect as the fit ends: refused at construction, naming the prior to use instead."""
+    from lightning_masks import get_initializer
+    with pytest.raises(ValueError, match=r"holds its mask for the whole fit.*pass init='from_zeros' \(fixed=False\)"):
+        MaskPruningCallback(init=get_initializer("from_zeros", fixed=True), **RELAXED)
+    MaskPruningCallback(init="from_zeros", **RELAXED)  # the one-shot mask as the relaxation's prior
+
+
+@pytest.mark.parametrize("init", ["constant", "stddev"])
+def test_an_init_that_gives_equal_scores_under_a_relaxation_is_named_in_a_warning(init):
+    torch.manual_seed(0)
+    module = TinyModule()
+    with pytest.warns(UserWarning, match=r"init=.*gives 2 masked tensors equal scores \(net.0.weight, net.2.weight\)"):
+        make_trainer(max_steps=1, callbacks=[MaskPruningCallback(init=init, **RELAXED)]).fit(module)
+
+
+def test_a_ranking_init_under_a_relaxation_warns_of_no_equal_scores(recwarn):
+    torch.manual_seed(0)
+    make_trainer(max_steps=1, callbacks=[MaskPruningCallback(**RELAXED)]).fit(TinyModule())
+    assert not [w for w in recwarn if "equal scores" in str(w.message)]
+
+
+def test_frozen_gate_under_a_relaxation_warns_that_the_masks_are_binary():
+    with pytest.warns(UserWarning, match="frozen='gate' learns soft gates.*the masks are binary"):
+        MaskPruningCallback(frozen="gate", **RELAXED)
+
+
+def test_a_relaxation_in_a_fit_without_a_bound_on_its_steps_is_refused_before_any_step():
+    """The temperature anneals over the fit's steps: unbounded, it stayed at its start for good."""
+    torch.manual_seed(0)
+    callback = MaskPruningCallback(selector=RELAXED["selector"], schedule=Schedule("constant", start=0, end=1))
+    trainer = make_trainer(max_epochs=-1, max_steps=-1, max_time="00:00:00:03", callbacks=[callback])
+    with pytest.raises(ValueError, match=r"anneals its temperature over the fit's steps.*set max_steps \(or max_ep"):
+        trainer.fit(TinyModule())
+    assert trainer.global_step == 0
+
+
+def test_a_resumed_relaxed_fit_draws_the_noise_the_uninterrupted_one_draws(tmp_path):
+    """The relaxation's noise comes from the callback's generator, saved in its checkpoints: resumed mid-fit, the
+    temperature, the samples and so the scores and masks go on as in the uninterrupted fit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        module = TinyModule()
+        callback = MaskPruningCallback(fold_on_fit_end=False, selector=RELAXED["selector"],
+                                       schedule=Schedule("constant", start=0, update_every=2))
+        saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+        make_trainer(max_epochs=3, callbacks=[callback, saver], enable_checkpointing=True,
+                     deterministic=True).fit(module, ckpt_path=ckpt_path)
+        return masked_tensors(module)
+
+    whole = fit()
+    resumed = fit(tmp_path / "epoch=0.ckpt")
+    for a, b in zip(whole, resumed):
+        assert a.gate.relaxation.tau == b.gate.relaxation.tau
+        assert torch.equal(a.gate.keep, b.gate.keep)
+        assert torch.equal(a.gate.scores, b.gate.scores) and torch.equal(a.weight, b.weight)

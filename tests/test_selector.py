@@ -442,3 +442,21 @@ def test_row_selection_keeps_pruned_entries_pruned_without_regrowth():
 def test_row_selection_needs_element_granularity(granularity):
     with pytest.raises(ValueError, match="mode='row' prunes each output unit's weights, so it needs granularity="):
         Selector(mode="row", granularity=granularity)
+
+
+@pytest.mark.parametrize("tie", [[["a.*", "b.*"]], "auto"])
+def test_row_selection_refuses_tie_which_it_would_ignore(tie):
+    with pytest.raises(ValueError, match="mode='row' prunes each output unit of each tensor on its own"):
+        Selector(mode="row", tie=tie)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9])
+def test_row_selection_takes_a_1d_tensor_as_one_row(target):
+    """A masked norm scale or bias has one entry per output unit: ranked as one row (as per layer), not pruned whole
+    as rows of one entry each would be."""
+    layer = nn.LayerNorm(20)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1.0, 21.0))
+    (entry,) = attach(layer, ["weight"])
+    Selector(mode="row")([entry], target)
+    assert torch.equal(entry.gate.keep, torch.arange(20) >= round(target * 20))

@@ -8,6 +8,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Optional, TypeVar, Union, cast, overload
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
 from .._checks import check_number, is_int
 from ..selection import Selector
 
@@ -117,6 +119,23 @@ def check_relaxed_schedule(selector: Selector, schedule: Any) -> None:
         raise ValueError(f"relaxation={selector.relaxation!r} samples whole {selector.granularity} patterns from "
                          f"the first step, so the keep-masks must be {selector.granularity} from it too, but the "
                          f"schedule is {schedule!r}: pass schedule=Schedule('constant', start=0, update_every=10)")
+
+
+def warn_relaxed_gates(selector: Selector, frozen: str) -> None:
+    """A relaxation's masks are binary: ``frozen="gate"`` (soft gates that scale the kept weights) does not apply."""
+    if selector.relaxation is not None and frozen == "gate":
+        rank_zero_warn("lightning_masks: frozen='gate' learns soft gates that scale the kept weights, but under "
+                       f"relaxation={selector.relaxation!r} the masks are binary (w * keep, the kept weights bit for "
+                       "bit): the frozen tensors get binary masks, as with frozen='mask'; pass frozen='mask' to say so")
+
+
+def check_relaxed_init(selector: Selector, initializer: Any) -> None:
+    """A relaxation learns each group's pattern: refuse an initializer that holds its mask for the whole fit."""
+    if selector.relaxation is not None and getattr(initializer, "fixed", False):
+        raise ValueError(f"init={initializer!r} holds its mask for the whole fit, but relaxation="
+                         f"{selector.relaxation!r} learns each group's pattern (and its training forward would sample "
+                         "patterns the held mask does not have): pass init='from_zeros' (fixed=False) to start from "
+                         "that mask as the relaxation's prior, or drop the relaxation to hold it")
 
 
 @overload

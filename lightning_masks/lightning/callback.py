@@ -9,6 +9,7 @@ The hooks are thin: argument checks are in :mod:`~lightning_masks.lightning.argu
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
@@ -55,6 +56,7 @@ from ..selection import Selector, ties_among
 from . import fit_report, loggers, sharding
 from .arguments import (
     check_output_layers,
+    check_relaxed_init,
     check_relaxed_schedule,
     check_settings,
     check_targets,
@@ -62,6 +64,7 @@ from .arguments import (
     instance_of,
     refuse_flat_fields,
     refuse_misplaced,
+    warn_relaxed_gates,
 )
 from .companions import end_process_group_at_exit, frozen_by_finetuning, mask_copies, refreeze, warn_inner_copies
 from .fit_report import MaskLogging
@@ -195,6 +198,8 @@ class MaskPruningCallback(Callback):
         self.initializer = get_initializer(init)
         self.schedule = get_schedule(schedule, final)
         check_relaxed_schedule(selector, self.schedule)
+        check_relaxed_init(selector, self.initializer)
+        warn_relaxed_gates(selector, frozen)
         self.selector = selector
         self.state = instance_of("state", state, MaskState, "MaskState(temperature=0.5)")
         self.optimizer = instance_of("optimizer", optimizer, MaskOptimizer, "MaskOptimizer(lr=0.05)")
@@ -206,6 +211,9 @@ class MaskPruningCallback(Callback):
         self.fold_on_fit_end = fold_on_fit_end
         self.seed = seed
         self._clock: Optional[float] = None  # when the last step started (after its update), for the budget
+        self._total_steps = 1.0  # this fit's optimizer steps (trainer.training_length), set as training starts
+        self._noise: dict[str, torch.Generator] = {}  # the relaxation's noise generators of this fit, by device
+        self._noise_states: Optional[dict[str, torch.Tensor]] = None  # their checkpointed states, until they exist
 
         # this fit's lifecycle (plan.py)
         self.plan = Plan(self.schedule, selector.regrow)
@@ -280,6 +288,7 @@ class MaskPruningCallback(Callback):
         self._fit_running = True
         self._shown_sparsity = self._logged_step = None
         self._flips = {}
+        self._noise = {}
         if self.schedule.uses_fractions and unbounded(trainer):
             raise ValueError(
                 "the schedule's start/end are fractions of training, but training length is unbounded "
@@ -295,6 +304,12 @@ class MaskPruningCallback(Callback):
                 raise ValueError(f"{self.initializer!r} scores one training step of the dense model, which "
                                  "ModelParallelStrategy shards only after the masks attach: pick an init computed "
                                  "from the weights (e.g. init='magnitude')")
+            if self.initializer.needs_inputs:
+                raise ValueError(f"{self.initializer!r} scores the weights from the dense model's inputs over "
+                                 "training batches, which under ModelParallelStrategy run only once the weights "
+                                 "are sharded, and its scores and input norms are not computed on shards: pick an "
+                                 "init computed from the weights (e.g. init='magnitude'), or start from a one-shot "
+                                 "Wanda mask with init='from_zeros'")
             before = lambda: self.mask_before_sharding(trainer, pl_module, required=False)  # noqa: E731
         after_configure_model(pl_module, lambda: self._mask(trainer, pl_module), before)
 
@@ -341,7 +356,8 @@ class MaskPruningCallback(Callback):
             entry.gate.straight_through = self.selector.straight_through
             if relaxation is not None and grain.n is not None and grain.m is not None:
                 entry.gate.relaxation = RelaxedGroups(relaxation, grain.n, grain.m,
-                                                      entry.axis if entry.weight.dim() > 1 else 0)
+                                                      entry.axis if entry.weight.dim() > 1 else 0,
+                                                      self._noise_generator(entry.weight.device))
             if self.initializer.fixed:  # a held mask: the scores do not learn
                 entry.gate.scores.requires_grad_(False)
         try:
@@ -364,6 +380,15 @@ class MaskPruningCallback(Callback):
         # configure_optimizers groups what it sees by name and type (minGPT): show it the plain model
         within_configure_optimizers(pl_module, lambda: masks_hidden(pl_module))
         plain_saves(pl_module)  # a save_pretrained snapshot during fit saves the masked weights under plain keys
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        """This fit's generator of the relaxation's noise on ``device`` (seeded by ``seed``, else by torch's initial
+        seed: ``seed_everything`` repeats it); its state is in the callback's checkpoints."""
+        key = str(device)
+        if key not in self._noise:
+            seed = self.seed if self.seed is not None else torch.initial_seed()
+            self._noise[key] = torch.Generator(device=device).manual_seed(seed)
+        return self._noise[key]
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                 thawed: list[torch.Tensor]) -> list[MaskedTensor]:
@@ -412,11 +437,22 @@ class MaskPruningCallback(Callback):
     def _scores_ready(self, masked: list[MaskedTensor]) -> None:
         """The initial scores are set: under a relaxation, standardise them per tensor, so that the pattern logits'
         scale (``GumbelPatterns.scale``) means the same for every layer and initializer."""
-        if self.selector.relaxation is not None:
-            for entry in masked:
-                norm = entry.gate.input_norm  # activation-aware (Wanda): the prior is |w| * rms(x_j)
-                scores = entry.gate.scores.detach()
-                entry.gate.reset_scores(standardized(scores if norm is None else scores.float() * norm))
+        if self.selector.relaxation is None:
+            return
+        flat = []
+        for entry in masked:
+            norm = entry.gate.input_norm  # activation-aware (Wanda): the prior is |w| * rms(x_j)
+            scores = entry.gate.scores.detach()
+            scores = standardized(scores if norm is None else scores.float() * norm)
+            if entry.numel > 1 and not scores.any():  # all equal: every pattern as likely as the others
+                flat.append(entry.name)
+            entry.gate.reset_scores(scores)
+        if flat:
+            rank_zero_warn(f"lightning_masks: init={self.initializer!r} gives {len(flat)} masked tensors equal "
+                           f"scores ({', '.join(flat[:4])}{', ...' if len(flat) > 4 else ''}): the relaxation starts "
+                           "them with no preferred pattern (each group's patterns equally likely, ties that a "
+                           "selection before the scores learn breaks by position); pick an init that ranks the "
+                           "weights, e.g. init='magnitude' or 'wanda'")
 
     def _outputs_kept_whole(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         """With channel masks, the layers whose output units are the model's outputs (see ``output_layers``)."""
@@ -458,7 +494,19 @@ class MaskPruningCallback(Callback):
                 self._score_from_inputs(trainer, pl_module)
             else:
                 self._score_from_one_batch(trainer, pl_module)
-        self.plan.resolve(*training_length(trainer))
+        self._total_steps, per_epoch = training_length(trainer)
+        for key, state in (self._noise_states or {}).items():  # a resume: the noise goes on as it would have
+            if key in self._noise:
+                self._noise[key].set_state(state)
+        self._noise_states = None
+        if not math.isfinite(per_epoch):
+            raise ValueError("the training dataloader has no length (a stream) and max_steps is unset, so the fit's "
+                             "steps are unknown and the schedule cannot be placed on them: set max_steps")
+        if self.selector.relaxation is not None and not math.isfinite(self._total_steps):
+            raise ValueError(f"relaxation={self.selector.relaxation!r} anneals its temperature over the fit's "
+                             "steps, but this fit has no bound on them (max_epochs=-1 and max_steps=-1): set "
+                             "max_steps (or max_epochs)")
+        self.plan.resolve(self._total_steps, per_epoch)
 
     def _score_from_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Initialise activation-aware scores (e.g. Wanda) from the input norms of the dense network, in eval mode,
@@ -515,10 +563,11 @@ class MaskPruningCallback(Callback):
             self._account(trainer, started, updated)
 
     def _anneal(self, trainer: pl.Trainer) -> None:
-        """Under a relaxation, set the Gumbel-softmax temperature for this step (linear over the optimizer steps)."""
+        """Under a relaxation, set the Gumbel-softmax temperature for this step (linear over the fit's optimizer steps,
+        counted as the schedule counts them: :func:`~lightning_masks.lightning.trainer.step_clock`)."""
         relaxation = cast(Optional[GumbelPatterns], self.selector.relaxation)  # a Selector builds its GumbelPatterns
         if relaxation is not None:
-            tau = relaxation.tau(trainer.global_step / max(float(trainer.estimated_stepping_batches), 1.0))
+            tau = relaxation.tau(step_clock(trainer) / max(self._total_steps, 1.0))
             for entry in self._masked:
                 if entry.gate.relaxation is not None:
                     entry.gate.relaxation.tau = tau
@@ -709,12 +758,14 @@ class MaskPruningCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {**self.plan.state_dict(), "scores_initialized": self.scores_initialized,
-                "score_optimizers": self._scores.state_dict()}
+                "score_optimizers": self._scores.state_dict(),
+                "relaxation_noise": {key: generator.get_state() for key, generator in self._noise.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.plan.load_state_dict(state_dict)
         self.scores_initialized = state_dict["scores_initialized"]
+        self._noise_states = state_dict.get("relaxation_noise") or None
         states = state_dict.get("score_optimizers") or None
         if states is not None and self._scores.optimizers:
             self._scores.load_state_dict(states)

@@ -107,8 +107,8 @@ def refuse_unmasked_shards(pl_module: pl.LightningModule) -> None:
 
 
 def check_shard_layout(masked: Sequence[MaskedTensor], selector: Selector) -> None:
-    """Raise if a masked weight is not sharded on dim 0 (``fully_shard`` missed it), or channel or N:M masks would not
-    follow FSDP2's dim-0 shards: a shard must hold whole output units
+    """Raise if a masked weight is not sharded on dim 0 (``fully_shard`` missed it), or channel, N:M or per-row
+    (``mode="row"``) masks would not follow FSDP2's dim-0 shards: a shard must hold whole output units
     (their rows), which it does where the layer kind's output axis is dim 0 (Linear, Conv), not where it is dim 1
     (ConvTranspose, transformers' ``Conv1D``: a dim-0 shard splits their channels and N:M groups)."""
     from torch.distributed.tensor import Shard
@@ -119,14 +119,18 @@ def check_shard_layout(masked: Sequence[MaskedTensor], selector: Selector) -> No
                          f"of the data-parallel mesh), but {stats.short_names(whole)} are not; call fully_shard on "
                          "the modules holding them (fully_shard on the root covers what no other call did), or "
                          "exclude them (exclude=[...])")
-    grain = selector.grain
-    if not (grain.channel or grain.is_nm):
+    grain, rows = selector.grain, selector.mode == "row"
+    if not (grain.channel or grain.is_nm or rows):
         return
-    across = [entry.name for entry in masked if entry.weight.dim() > 1 and entry.axis != 0]
+    # a row (mode='row') must lie whole in one shard too: a 1-D tensor is one row, which the shards split
+    across = [entry.name for entry in masked if entry.weight.dim() > 1 and entry.axis != 0 or
+              rows and entry.weight.dim() == 1]
     if across:
-        raise ValueError(f"granularity={selector.granularity!r} under FSDP2 needs output units on dim 0 (the dim "
-                         f"fully_shard splits), but {stats.short_names(across)} hold theirs on dim 1; exclude them "
-                         "(exclude=[...]) or use granularity='element'")
+        setting = "mode='row'" if rows else f"granularity={selector.granularity!r}"
+        fix = "mode='layer'" if rows else "granularity='element'"
+        raise ValueError(f"{setting} under FSDP2 needs whole output units on each shard (fully_shard splits dim 0), "
+                         f"but {stats.short_names(across)} hold theirs on dim 1 or are 1-D; exclude them "
+                         f"(exclude=[...]) or use {fix}")
 
 
 def warn_built_after_masking(pl_module: pl.LightningModule, targets: Any, exclude: Sequence) -> None:

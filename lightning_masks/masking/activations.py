@@ -39,23 +39,26 @@ class InputNorms:
         return (self.squares[name] / rows).sqrt().view(self.shapes[name])
 
 
-def _features(module: nn.Module, tensor_name: str, weight: Tensor) -> tuple[int, tuple[int, ...]]:
-    """The input's feature axis for ``module``, and the shape that broadcasts one value per feature on ``weight``.
+def _features(name: str, module: nn.Module, tensor_name: str, weight: Tensor) -> tuple[int, tuple[int, ...]]:
+    """The input's feature axis for ``module`` (whose ``tensor_name`` is the masked tensor ``name``), and the shape
+    that broadcasts one value per feature on ``weight``.
 
     Raises:
         ValueError: a layer whose inputs do not map to one weight axis (grouped convolutions, attention's packed
             projections, recurrent layers, fused experts).
     """
     if tensor_name == "weight" and weight.dim() >= 2:
-        axis = 1 - output_axis(module, tensor_name)  # Linear (out, in), Conv1D (in, out), ConvNd (out, in, *k)
+        # Linear (out, in), Conv1D (in, out), ConvNd (out, in, *k), ConvTransposeNd (in, out, *k)
+        axis = 1 - output_axis(module, tensor_name)
         shape = tuple(size if dim == axis else 1 for dim, size in enumerate(weight.shape))
-        if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1:
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:  # channels on the input's dim 1
             return 1, shape
         if weight.dim() == 2 and kind_of(module) is not None:  # a Linear-like layer: features on the last axis
             return -1, shape
-    raise ValueError(f"input norms are defined for Linear, transformers' Conv1D and ungrouped ConvNd weights, not "
-                     f"{type(module).__name__}.{tensor_name} {tuple(weight.shape)}; exclude it "
-                     "(exclude=[...]) or pick an initializer that needs no inputs")
+    raise ValueError(f"input norms are defined for Linear, transformers' Conv1D and ungrouped ConvNd and "
+                     f"ConvTransposeNd weights, not {name!r} ({type(module).__name__}.{tensor_name} "
+                     f"{tuple(weight.shape)}); exclude it (exclude=[{name!r}]) or pick an initializer that needs no "
+                     "inputs")
 
 
 @contextmanager
@@ -88,7 +91,7 @@ def input_norms(masked: Sequence) -> Iterator[InputNorms]:
             norms.squares[entry.name] = torch.zeros(entry.weight.shape[1 - entry.axis], device=entry.weight.device)
             norms.rows[entry.name] = torch.zeros((), device=entry.weight.device)
             for module, tensor_name in entry.owners:
-                axis, norms.shapes[entry.name] = _features(module, tensor_name, entry.weight)
+                axis, norms.shapes[entry.name] = _features(entry.name, module, tensor_name, entry.weight)
                 handles.append(module.register_forward_pre_hook(_accumulate(norms, entry.name, axis)))
         yield norms
     finally:

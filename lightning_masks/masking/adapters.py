@@ -4,7 +4,8 @@ Under a PEFT model the base model is frozen and the adapters' factors train; mas
 scores train) and the factors stay dense. A LoRA layer computes ``base(x) + x (B A)^T * scaling``; with its base
 weight masked that would be ``x (W * G)^T + x dW^T`` (``G = sigmoid(scores / T) * keep``), whose merge
 ``W * G + dW`` fills the pruned entries back in. So the layer gets a forward hook that adds ``x (dW * G - dW)^T``:
-it computes ``x ((W + dW) * G)^T``, the adapter's update masked by the same keep decision (with ``lora_dropout``
+it computes ``x ((W + dW) * G)^T``, the adapter's update masked by the same keep decision (``G`` as the gate takes it:
+``keep`` for binary masks, the very patterns the base weight sampled under a relaxation) (with ``lora_dropout``
 the hook's term sees the input before dropout, so the two agree exactly in eval mode and without dropout).
 :func:`merge_under_masks` (run by :func:`~lightning_masks.masking.masks.fold`) writes ``W + dW`` into the base
 weight before the fold multiplies by ``G``, and zeroes the factors' ``B``: the folded model computes what it trained
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from .gate import MaskGate, gated
+from .gate import MaskGate
 from .kinds import parametrization_list
 
 __all__: list[str] = []  # the layer's own: its face is the folder's __init__.py
@@ -82,6 +83,9 @@ def hold_adapter_updates(model: nn.Module) -> None:
             raise ValueError(f"masking the base weight of a {type(layer).__name__} adapter layer is supported for "
                              "LoRA (not DoRA or other tuners): exclude its base_layer, or use LoRA without DoRA")
         setattr(layer, _HOOK, layer.register_forward_hook(_masked_update).id)
+        gate = _gate_of(_base_of(layer))
+        assert gate is not None  # checked above
+        gate.shares_sample = True  # a relaxation's sample of the base weight masks the update too
 
 
 def release_adapter_updates(model: nn.Module) -> None:
@@ -100,7 +104,7 @@ def _masked_update(layer: nn.Module, args: tuple, output: Tensor) -> Tensor | No
     delta = _delta(layer)
     if delta is None:
         return None
-    correction = gated(delta, gate.scores, gate.keep, gate.temperature, gate.gate_scale) - delta
+    correction = gate.masked(delta) - delta  # binary, straight-through or sampled as the base weight is
     if getattr(layer, "fan_in_fan_out", False):  # the base weight is (in, out), as transformers' Conv1D
         correction = correction.T
     x = args[0]

@@ -291,6 +291,8 @@ class MaskGate(nn.Module):
         self.enabled = True
         self.straight_through = False  # pruned entries' scores get gradients (straight_through_gated)
         self.relaxation: RelaxedGroups | None = None  # N:M patterns sampled in training (patterns.py), binary outside
+        self.shares_sample = False  # keep the forward's sample for masked() (a LoRA layer's update over this weight)
+        self._last_sample: Tensor | None = None
         self._keep_cache: tuple[int, Tensor | None] | None = None  # (keep_bits' version, keep) under keep_bits_cached
         self.reset_scores(scores)
 
@@ -319,6 +321,15 @@ class MaskGate(nn.Module):
         (Sun et al. 2023, https://arxiv.org/abs/2306.11695), for the rest of the fit."""
         self.register_buffer("input_norm", norm.detach().to(device=self.scores.device, dtype=torch.float32).clone())
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A saved input_norm (init="wanda") loads into a gate made without one, as a resumed fit's gates are made.
+        norm = state_dict.get(prefix + "input_norm")
+        if norm is not None and self.input_norm is None:
+            self.set_input_norm(torch.zeros(norm.shape))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     @torch.no_grad()
     def reset_scores(self, scores: Tensor) -> None:
         """Set the scores (and, when rescaling, the gate's initial value) in place; pruned entries stay pruned.
@@ -343,20 +354,42 @@ class MaskGate(nn.Module):
         return masked_value(weight, self.scores, self.keep, self.temperature, self.gate_scale,
                             binary=self.is_binary)
 
+    def _sampling(self) -> bool:
+        """Whether the forward samples the relaxation's patterns (in training, with gradients, not traced)."""
+        return self.relaxation is not None and self.training and torch.is_grad_enabled() and not _tracing()
+
+    def masked(self, tensor: Tensor) -> Tensor:
+        """``tensor`` masked as this gate masks its weight, uncached: the weight itself, or a tensor of its layout
+        such as a LoRA adapter's update (:mod:`~lightning_masks.masking.adapters`). Under a relaxation in training,
+        the patterns the weight's last forward sampled when :attr:`shares_sample` is set (consumed here, so that the
+        weight and the update see one sample), else a fresh sample."""
+        if self._sampling():
+            assert self.relaxation is not None  # _sampling
+            sample, self._last_sample = self._last_sample, None
+            if sample is None:
+                sample = self.relaxation.keep(self.scores)
+            return tensor * sample.to(tensor.dtype)
+        if self.is_binary:
+            return binary_gated(tensor, self.scores, self.keep, self.temperature, self.gate_scale)
+        if self.straight_through and torch.is_grad_enabled() and not _tracing():
+            return straight_through_gated(tensor, self.scores, self.keep, self.temperature, self.gate_scale)
+        return gated(tensor, self.scores, self.keep, self.temperature, self.gate_scale)
+
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
-        if self.relaxation is not None and self.training and torch.is_grad_enabled() and not _tracing():
-            return weight * self.relaxation.keep(self.scores).to(weight.dtype)
-        if self.is_binary:
-            return binary_gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
-        if self.straight_through and torch.is_grad_enabled() and not _tracing():
-            return straight_through_gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
-        if _gate_cache is None or _tracing() or torch.compiler.is_compiling():
-            return gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
+        if self._sampling():
+            assert self.relaxation is not None  # _sampling
+            sample = self.relaxation.keep(self.scores)
+            if self.shares_sample:  # for the adapter's update, masked next by the same patterns (masked())
+                self._last_sample = sample
+            return weight * sample.to(weight.dtype)
+        if _gate_cache is None or _tracing() or torch.compiler.is_compiling() or self.is_binary or (
+                self.straight_through and torch.is_grad_enabled()):
+            return self.masked(weight)
         value = _gate_cache.get(self)
         if value is None:
-            value = gated(weight, self.scores, self.keep, self.temperature, self.gate_scale)
+            value = self.masked(weight)
             _gate_cache[self] = value
         return value
 

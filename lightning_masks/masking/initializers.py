@@ -202,7 +202,7 @@ class Wanda(Initializer):
     ``Selector(relaxation=...)`` the pattern logits start from ``|w| * rms_j(x)`` (Wanda's prior).
 
     Supported layers: ``nn.Linear`` (PEFT adapters' base layers included), transformers' ``Conv1D``, ungrouped
-    ``ConvNd`` (one norm per input channel).
+    ``ConvNd`` and ``ConvTransposeNd`` (one norm per input channel).
 
     Args:
         batches: calibration batches, ``>= 1`` (Wanda used 128 sequences of 2048 tokens).

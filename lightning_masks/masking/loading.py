@@ -52,10 +52,6 @@ def _restore_masks(module: nn.Module, state_dict: dict, prefix: str, metadata: d
     attached = [entry for (per_channel, compact, dtype), names in wanted.items()
                 for entry in attach(module, names, init=torch.zeros_like, rescale=rescale, per_channel=per_channel,
                                     score_dtype=dtype, compact=compact, binary=binary)]
-    for entry in attached:  # activation-aware masks: a buffer of the saved shape, for the load to fill
-        norm = saved[entry.name].get("input_norm")
-        if norm is not None:
-            entry.gate.set_input_norm(torch.zeros(norm.shape))
     try:
         if strict:
             _check_mask_keys(module, state_dict, prefix)

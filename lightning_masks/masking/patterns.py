@@ -76,7 +76,7 @@ def _patterns(n: int, m: int) -> Tensor:
 
 
 def relaxed_keep(scores: Tensor, n: int, m: int, axis: int, tau: float, scale: float, *, noise: bool = True,
-                 hard: bool = False) -> Tensor:
+                 hard: bool = False, generator: torch.Generator | None = None) -> Tensor:
     """The soft keep mask ``y @ patterns`` of a Gumbel-softmax sample over each group's N:M patterns.
 
     Args:
@@ -88,6 +88,7 @@ def relaxed_keep(scores: Tensor, n: int, m: int, axis: int, tau: float, scale: f
         scale: multiplies the pattern logits (each the sum of the pattern's kept scores).
         noise: add ``Gumbel(0, 1)`` noise (a sample); off, the softmax of the logits themselves.
         hard: the sampled pattern itself (0/1), with the soft sample's gradient (straight-through).
+        generator: draws the noise (on the scores' device); ``None``: torch's global generator.
 
     Returns:
         float32, the scores' shape: each entry's weight in the sampled mixture of patterns, in [0, 1]; each
@@ -97,7 +98,7 @@ def relaxed_keep(scores: Tensor, n: int, m: int, axis: int, tau: float, scale: f
     table = _patterns(n, m).to(scores.device)
     logits = (rows.reshape(-1, m).float() @ table.T) * scale
     if noise:
-        logits = logits - torch.empty_like(logits).exponential_().log()  # + Gumbel(0, 1)
+        logits = logits - torch.empty_like(logits).exponential_(generator=generator).log()  # + Gumbel(0, 1)
     sample = torch.softmax(logits / tau, dim=-1)
     if hard:
         chosen = torch.zeros_like(sample).scatter_(-1, sample.argmax(-1, keepdim=True), 1.0)
@@ -117,16 +118,20 @@ def standardized(scores: Tensor) -> Tensor:
 
 
 class RelaxedGroups:
-    """A gate's relaxation: its N:M groups (``n`` of ``m`` along the axes other than ``axis``), the settings and the
-    current temperature ``tau`` (set by the callback as the fit goes on)."""
+    """A gate's relaxation: its N:M groups (``n`` of ``m`` along the axes other than ``axis``), the settings, the
+    current temperature ``tau`` (set by the callback as the fit goes on) and the ``generator`` of its noise (``None``:
+    torch's global one; the callback's, saved in its checkpoints, so that a resumed fit draws what the uninterrupted
+    one would)."""
 
-    def __init__(self, patterns: GumbelPatterns, n: int, m: int, axis: int) -> None:
-        self.patterns, self.n, self.m, self.axis = patterns, n, m, axis
+    def __init__(self, patterns: GumbelPatterns, n: int, m: int, axis: int,
+                 generator: torch.Generator | None = None) -> None:
+        self.patterns, self.n, self.m, self.axis, self.generator = patterns, n, m, axis, generator
         self.tau = patterns.tau(0.0)
 
     def keep(self, scores: Tensor) -> Tensor:
         """A sampled soft keep mask of ``scores``' shape (see :func:`relaxed_keep`)."""
-        return relaxed_keep(scores, self.n, self.m, self.axis, self.tau, self.patterns.scale, hard=self.patterns.hard)
+        return relaxed_keep(scores, self.n, self.m, self.axis, self.tau, self.patterns.scale, hard=self.patterns.hard,
+                            generator=self.generator)
 
     def __repr__(self) -> str:
         return f"RelaxedGroups({self.n}:{self.m}, axis={self.axis}, tau={self.tau:g}, scale={self.patterns.scale:g})"

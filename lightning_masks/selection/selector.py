@@ -161,6 +161,10 @@ class Selector:
         if self.straight_through and not self.regrow:
             raise ValueError("straight_through=True needs regrow=True: without regrowth a pruned entry never comes "
                              "back, and its scores' gradients would change nothing")
+        if self.tie and self.mode == "row":
+            raise ValueError(f"tie={self.tie!r} prunes tensors together unit by unit, but mode='row' prunes each "
+                             "output unit of each tensor on its own: use mode='global' or 'layer' with tie, or drop "
+                             "tie")
         if self.tie == "auto":
             return
         if isinstance(self.tie, str) or any(isinstance(group, str) or not group or
@@ -356,8 +360,9 @@ class Selector:
         return self._select_groups(entry, m, round(min(target / sparsity, 1.0) * (m - n)), flips)
 
     def _select_rows(self, entry: MaskedTensor, target: float, flips: dict[str, Tensor]) -> int:
-        """Prune ``target`` of each output unit's weights (``mode="row"``)."""
-        row = entry.numel // entry.weight.shape[self._axis(entry)]
+        """Prune ``target`` of each output unit's weights (``mode="row"``); a 1-D tensor (a norm's scale, a bias: one
+        entry per output unit) is one row, not one row per entry, which a target >= 1/2 would prune whole."""
+        row = entry.numel // entry.weight.shape[self._axis(entry)] if entry.weight.dim() > 1 else entry.numel
         return self._select_groups(entry, row, round(target * row), flips)
 
     @staticmethod
