@@ -49,3 +49,6 @@ $B --seeds 0 1 2 --patterns 2:4 --columns train --lr 1e-4 --out benchmarks/resul
 # MaskLLM's choice among the six 2:4 patterns (Gumbel-softmax), 3 seeds, and its settings (seed 0)
 $B --seeds 0 1 2 --patterns 2:4 --columns mask train --arms "learned 2:4 patterns, Gumbel-softmax (MaskLLM; wanda prior)"
 (cd benchmarks && nice -n 10 python llm_gumbel_sweep.py)   # results/llm_gumbel_sweep.{jsonl,md}
+# The arms above that start from Wanda, and the Gumbel-softmax arm and sweep, were run once more with the same commands
+# after Wanda's scores moved to the weight's scale (its norms ranking through the gates alone) and the relaxation drew
+# its noise from its own generator; the records are those of that last run.
