@@ -49,6 +49,7 @@ from typing import Callable, NamedTuple, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
 from lightning_masks import (
@@ -271,10 +272,11 @@ def run_arm(path: Path, datamodule: PythonSourceDataModule, pattern: str, column
     pl.seed_everything(seed, verbose=False)
     module = CausalLM(str(path), lr=lr if column == "train" else 0.0)
     started = time.perf_counter()
-    if criterion and criterion.startswith("llmc-"):
-        compressor_one_shot(module, pattern, criterion[5:], datamodule, path)
-    elif criterion:
-        one_shot(module, pattern, criterion, datamodule)
+    with isolate_rng():  # the calibration draws leave every arm of a seed the same fine-tuning data order
+        if criterion and criterion.startswith("llmc-"):
+            compressor_one_shot(module, pattern, criterion[5:], datamodule, path)
+        elif criterion:
+            one_shot(module, pattern, criterion, datamodule)
     if frozen:
         module.model.requires_grad_(False)
     # frozen weights with no mask (dense) or a held one (one-shot) would not change: evaluated as they are

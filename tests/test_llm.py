@@ -404,3 +404,33 @@ def test_the_input_norms_travel_with_the_masks_state_dict():
     assert torch.equal(restored.gate.input_norm, entry.gate.input_norm)
     fold(fresh)
     assert set(fresh.state_dict()) == {"weight", "bias"}
+
+
+class BatchLog(Callback):
+    """The training batches a fit trains on, in order."""
+
+    def __init__(self) -> None:
+        self.batches: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch[0].clone())
+
+
+class ShuffledTiny(TinyModule):
+    def train_dataloader(self):
+        loader = synthetic_loader(features=self.hparams.features, classes=self.hparams.classes)
+        return torch.utils.data.DataLoader(loader.dataset, batch_size=16, shuffle=True)
+
+
+@pytest.mark.parametrize("init", ["wanda", "snip"])
+def test_calibration_batches_leave_the_fits_data_order_as_it_was(init):
+    """An initializer that reads training batches (Wanda's norms, SNIP's gradient) draws them from the shuffled
+    loader: the global RNG is restored after, so a seeded fit trains on the batches magnitude's fit trains on."""
+    orders = {}
+    for name in ("magnitude", init):
+        pl.seed_everything(0, verbose=False)
+        log = BatchLog()
+        make_trainer(max_epochs=2, callbacks=[MaskPruningCallback(init=name), log]).fit(ShuffledTiny())
+        orders[name] = log.batches
+    assert len(orders["magnitude"]) == 8
+    assert all(torch.equal(a, b) for a, b in zip(orders["magnitude"], orders[init]))

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
@@ -490,10 +491,13 @@ class MaskPruningCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.scores_initialized:
-            if self.initializer.needs_inputs:
-                self._score_from_inputs(trainer, pl_module)
-            else:
-                self._score_from_one_batch(trainer, pl_module)
+            # the calibration batches draw from the global RNG (a shuffled loader's order, dropout): restored after,
+            # so that the fit trains on the same data in the same order whatever the initializer
+            with isolate_rng():
+                if self.initializer.needs_inputs:
+                    self._score_from_inputs(trainer, pl_module)
+                else:
+                    self._score_from_one_batch(trainer, pl_module)
         self._total_steps, per_epoch = training_length(trainer)
         for key, state in (self._noise_states or {}).items():  # a resume: the noise goes on as it would have
             if key in self._noise:
