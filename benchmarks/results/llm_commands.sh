@@ -52,3 +52,8 @@ $B --seeds 0 1 2 --patterns 2:4 --columns mask train --arms "learned 2:4 pattern
 # The arms above that start from Wanda, and the Gumbel-softmax arm and sweep, were run once more with the same commands
 # after Wanda's scores moved to the weight's scale (its norms ranking through the gates alone) and the relaxation drew
 # its noise from its own generator; the records are those of that last run.
+# Then once more, after the calibration draws were isolated from the fine-tuning stream (every arm of a seed now
+# trains on the same data order): the same commands for every arm that calibrates (one-shot wanda in the training
+# columns, the Wanda-initialised, Wanda-reselected and Gumbel-softmax arms, the sweep), and
+$B --seeds 0 1 2 --patterns 2:4 --columns train --lr 1e-4 --out benchmarks/results/llm_lr1e-4.jsonl --arms "one-shot wanda"
+$B --seeds 0 1 --patterns 50% --columns train --lr 1e-4 --out benchmarks/results/llm_lr1e-4.jsonl --arms "one-shot wanda"
