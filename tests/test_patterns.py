@@ -18,7 +18,8 @@ from lightning_masks import (
     attach,
     masked_tensors,
 )
-from lightning_masks.masking.patterns import RelaxedGroups, relaxed_keep, standardized
+from lightning_masks.masking import standardized
+from lightning_masks.masking.patterns import RelaxedGroups, relaxed_keep
 
 RELAXED = dict(selector=Selector(granularity="2:4", relaxation="gumbel"),
                schedule=Schedule("constant", start=0, update_every=10))

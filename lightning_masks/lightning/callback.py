@@ -356,8 +356,7 @@ class MaskPruningCallback(Callback):
         for entry in self._masked:
             entry.gate.straight_through = self.selector.straight_through
             if relaxation is not None and grain.n is not None and grain.m is not None:
-                entry.gate.relaxation = RelaxedGroups(relaxation, grain.n, grain.m,
-                                                      entry.axis if entry.weight.dim() > 1 else 0,
+                entry.gate.relaxation = RelaxedGroups(relaxation, grain.n, grain.m, entry.unit_axis,
                                                       self._noise_generator(entry.weight.device))
             if self.initializer.fixed:  # a held mask: the scores do not learn
                 entry.gate.scores.requires_grad_(False)
@@ -443,8 +442,8 @@ class MaskPruningCallback(Callback):
         flat = []
         for entry in masked:
             norm = entry.gate.input_norm  # activation-aware (Wanda): the prior is |w| * rms(x_j)
-            scores = entry.gate.scores.detach()
-            scores = standardized(scores if norm is None else scores.float() * norm)
+            scores = entry.gate.scores.detach().float()  # standardised in float32, whatever the scores' dtype
+            scores = standardized(scores if norm is None else scores * norm)
             if entry.numel > 1 and not scores.any():  # all equal: every pattern as likely as the others
                 flat.append(entry.name)
             entry.gate.reset_scores(scores)

@@ -8,7 +8,14 @@ from .bits import pack_rows, unpack_rows
 from .copies import follow_masks, mask_like
 from .gate import MaskGate, along_bias, cached_gates, masked_value, reduce_to, temperature_divisor
 from .hiding import masks_hidden
-from .initializers import Initializer, InitSpec, get_initializer, list_initializers, register_initializer
+from .initializers import (
+    Initializer,
+    InitSpec,
+    get_initializer,
+    list_initializers,
+    register_initializer,
+    standardized,
+)
 from .inputs import as_arguments, call_with
 from .kinds import (
     LayerKind,
@@ -33,7 +40,7 @@ from .layout import (
 from .loading import restore_masks_on_load
 from .masks import MaskedTensor, attach, detach, fold, gates_disabled, keep_bits_cached, masked_tensors
 from .outputs import kept_whole
-from .patterns import GumbelPatterns, RelaxedGroups, standardized
+from .patterns import GumbelPatterns, RelaxedGroups
 from .plain import folded_state, plain_saves, plain_state_dict, remove_plain_saves
 from .sharded import is_sharded, local_entries, shard_with_weights
 from .state import MaskState

@@ -88,13 +88,19 @@ class Initializer:
         scores = self.raw(weight, grad=grad, generator=generator, **evidence).to(device=weight.device,
                                                                                  dtype=weight.dtype)
         if self.normalize:
-            centered = scores - scores.mean()
-            scores = centered / scores.std() if scores.max() > scores.min() else torch.zeros_like(scores)
+            scores = standardized(scores)
         return scores * self.scale + self.shift
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
+
+
+@torch.no_grad()
+def standardized(scores: Tensor) -> Tensor:
+    """``scores`` with zero mean and unit standard deviation over the tensor (all zeros where they are all equal)."""
+    centered = scores - scores.mean()
+    return centered / scores.std() if scores.max() > scores.min() else torch.zeros_like(scores)
 
 
 def _noise(weight: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -71,6 +71,12 @@ class MaskedTensor:
         """The weight axis that holds output units (its layer kind's; 0 for tensors of no kind)."""
         return _owners_axis(self.owners)
 
+    @property
+    def unit_axis(self) -> int:
+        """The axis whose entries are the output units that rows and N:M groups lie within: :attr:`axis`, or 0 for a
+        1-D tensor."""
+        return self.axis if self.weight.dim() > 1 else 0
+
 
 def _owners_axis(owners: list[tuple[nn.Module, str]]) -> int:
     """The output axis of a tensor shared by ``owners``: the first one a layer kind declares (a tied LM head's

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._checks import check_flags, check_number
 
-__all__ = ["GumbelPatterns", "RelaxedGroups", "relaxed_keep", "standardized"]
+__all__ = ["GumbelPatterns", "RelaxedGroups", "relaxed_keep"]
 
 
 @dataclass(frozen=True)
@@ -105,16 +105,6 @@ def relaxed_keep(scores: Tensor, n: int, m: int, axis: int, tau: float, scale: f
         sample = chosen + (sample - sample.detach())  # the values chosen's, the gradient the soft sample's
     mixture = sample @ table
     return mixture.reshape(rows.shape).movedim(0, axis)
-
-
-@torch.no_grad()
-def standardized(scores: Tensor) -> Tensor:
-    """``scores`` with zero mean and unit standard deviation over the tensor (all zeros where they are all equal)."""
-    values = scores.float()
-    spread = values.std() if values.numel() > 1 else values.new_zeros(())
-    if not spread > 0:
-        return torch.zeros_like(scores)
-    return ((values - values.mean()) / spread).to(scores.dtype)
 
 
 class RelaxedGroups:

@@ -362,17 +362,13 @@ class Selector:
     def _select_rows(self, entry: MaskedTensor, target: float, flips: dict[str, Tensor]) -> int:
         """Prune ``target`` of each output unit's weights (``mode="row"``); a 1-D tensor (a norm's scale, a bias: one
         entry per output unit) is one row, not one row per entry, which a target >= 1/2 would prune whole."""
-        row = entry.numel // entry.weight.shape[self._axis(entry)] if entry.weight.dim() > 1 else entry.numel
+        row = entry.numel // entry.weight.shape[entry.unit_axis] if entry.weight.dim() > 1 else entry.numel
         return self._select_groups(entry, row, round(target * row), flips)
-
-    @staticmethod
-    def _axis(entry: MaskedTensor) -> int:
-        return entry.axis if entry.weight.dim() > 1 else 0
 
     def _select_groups(self, entry: MaskedTensor, m: int, per_group: int, flips: dict[str, Tensor]) -> int:
         """Prune the ``per_group`` least important of every ``m`` consecutive entries of each output unit (the
         groups run along the input axes); return the number pruned."""
-        axis = self._axis(entry)
+        axis = entry.unit_axis
         shape = list(entry.gate.scores.shape)
         rows = [shape.pop(axis), *shape]  # output units first: a group never spans two of them
         keep = torch.ones((entry.numel // m, m), dtype=torch.bool, device=entry.weight.device)
